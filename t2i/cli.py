@@ -1,0 +1,52 @@
+"""The `t2i` command. Each subcommand lives beside the code it drives and registers itself here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (subcommand, module): each module defines `register(subparsers)`, which adds its parser and sets
+# `func` on it, so this file never grows with the subcommands' options.
+SUBCOMMANDS = [
+    ("generate", "t2i.generate_cli"),
+    ("data", "t2i.data.cli"),
+    ("train", "t2i.train.cli"),
+    ("eval", "t2i.eval.cli"),
+    ("convert", "t2i.checkpoints.cli"),
+    ("serve", "t2i.serve.cli"),
+]
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t2i", description="Text-to-image generation, training and evaluation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for _name, module in SUBCOMMANDS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:  # the subcommand is not built yet
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, FileNotFoundError, ValueError) as e:
+        print(f"t2i {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"t2i {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
