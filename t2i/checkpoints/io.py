@@ -1,0 +1,160 @@
+"""Reading and writing weight files safely.
+
+safetensors is the format we write and prefer to read. Pickled files (`.bin`, `.ckpt`, `.pt`)
+are only ever opened with `torch.load(weights_only=True)`, which refuses any pickle that
+wants to import or call something, so no code hidden in a checkpoint runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be read safely; the message names the file and the problem."""
+
+
+def check_safetensors_header(path: str | os.PathLike) -> dict:
+    """Validate a safetensors file's header against its size before any tensor is read.
+
+    A header that lies (offsets past the end of the file, overlapping or short tensors, sizes
+    that do not match dtype x shape) is refused with a CheckpointError. Returns the header.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100 * 2**20:
+            raise CheckpointError(f"{path}: safetensors header length {n} exceeds the file size {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    data_size = size - 8 - n
+    itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            numel = 1
+            for d in info["shape"]:
+                numel *= int(d)
+            expected = numel * itemsize[info["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        if not 0 <= start <= end <= data_size:
+            raise CheckpointError(f"{path}: tensor {name!r} points past the end of the file "
+                                  f"(bytes {start}..{end} of {data_size})")
+        if end - start != expected:
+            raise CheckpointError(f"{path}: tensor {name!r} holds {end - start} bytes but its dtype and "
+                                  f"shape need {expected}")
+        spans.append((start, end, name))
+    spans.sort()
+    for (_s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:], strict=False):
+        if s1 < e0:
+            raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap")
+    return header
+
+
+def check_finite(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse weights holding NaN or Inf: they would only ever produce black images."""
+    for name, t in state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{path}: tensor {name!r} contains NaN or Inf values")
+
+
+def load_state_dict(path: str | os.PathLike, check_values: bool = True) -> dict[str, torch.Tensor]:
+    """Read a weight file (safetensors, or a pickle through weights_only loading) into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file not found: {path}")
+    if path.suffix == ".safetensors":
+        check_safetensors_header(path)
+        try:
+            state = load_file(path)
+        except Exception as e:  # safetensors raises its own error types for corrupt data
+            raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+    elif path.suffix in PICKLE_SUFFIXES:
+        state = _load_pickle(path)
+    else:
+        raise CheckpointError(f"{path}: unknown weight file type {path.suffix!r} "
+                              "(expected .safetensors, .bin, .ckpt, .pt or .pth)")
+    if check_values:
+        check_finite(state, path)
+    return state
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except pickle.UnpicklingError as e:
+        # weights_only refused a global or a call: nothing of the file was executed.
+        first = str(e).strip().splitlines()
+        detail = next((ln for ln in first if "Unsupported" in ln or "global" in ln.lower()), first[0] if first else "")
+        raise CheckpointError(f"{path}: refused to load a pickle that wants to run code or import "
+                              f"objects ({detail.strip()}); only plain tensors are accepted") from None
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from None
+    # Original SD .ckpt files nest the weights under "state_dict".
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike,
+                    metadata: dict[str, str] | None = None) -> None:
+    """Write safetensors atomically: to a temporary name first, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def find_weights(folder: Path, stem: str, variant: str | None = None) -> list[Path]:
+    """The weight file(s) of one component folder, diffusers naming (`stem` e.g.
+    "diffusion_pytorch_model" or "model"): a single safetensors/bin file, or the shards listed in
+    a `.index.json`. safetensors wins over pickles when both exist."""
+    suffix = f".{variant}" if variant else ""
+    for ext in (".safetensors", ".bin"):
+        single = folder / f"{stem}{suffix}{ext}"
+        if single.is_file():
+            return [single]
+        index = folder / f"{stem}{suffix}{ext}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / s for s in shards]
+    raise FileNotFoundError(f"no weights in {folder} (looked for {stem}{suffix}.safetensors / .bin "
+                            "and sharded .index.json)")
+
+
+def load_component_weights(folder: Path, stem: str, variant: str | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of one diffusers component folder, shards merged."""
+    state: dict[str, torch.Tensor] = {}
+    for f in find_weights(folder, stem, variant):
+        state.update(load_state_dict(f))
+    return state

@@ -1,0 +1,117 @@
+"""Images in and out: tensors <-> PIL, and PNG files that carry their generation parameters.
+
+The `parameters` text chunk uses AUTOMATIC1111's format, which most image tools (A1111's PNG
+info tab, ComfyUI, civitai, image browsers) already read:
+
+    a red circle above a blue square
+    Negative prompt: blurry
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 1, Size: 64x64, Model: shapes
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+# Our sampler names -> the names A1111 writes, so its tools recognise them.
+A1111_SAMPLER_NAMES = {
+    "ddpm": "DDPM",
+    "ddim": "DDIM",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "dpmpp_2m": "DPM++ 2M",
+    "lcm": "LCM",
+}
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> list of RGB PIL images (rounded, not truncated)."""
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arr]
+
+
+def from_pil(image: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """RGB PIL image -> (1, 3, H, W) in [-1, 1]; resized to size=(W, H) with Lanczos if given."""
+    image = image.convert("RGB")
+    if size is not None and image.size != size:
+        image = image.resize(size, Image.LANCZOS)
+    arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return (arr.permute(2, 0, 1)[None].float() / 127.5) - 1
+
+
+def format_parameters(prompt: str, negative_prompt: str = "", **settings: object) -> str:
+    """A1111's `parameters` text. settings: steps, sampler (our name), schedule, guidance, seed,
+    width, height, model, and any extra key=value pairs (written as `Key: value`)."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    s = dict(settings)
+    fields: list[tuple[str, object]] = []
+    if "steps" in s:
+        fields.append(("Steps", s.pop("steps")))
+    if "sampler" in s:
+        name = str(s.pop("sampler"))
+        fields.append(("Sampler", A1111_SAMPLER_NAMES.get(name, name)))
+    schedule = s.pop("schedule", None)
+    if schedule and schedule != "default":
+        fields.append(("Schedule type", str(schedule).capitalize()))
+    if "guidance" in s:
+        fields.append(("CFG scale", s.pop("guidance")))
+    if "seed" in s:
+        fields.append(("Seed", s.pop("seed")))
+    if "width" in s and "height" in s:
+        fields.append(("Size", f"{s.pop('width')}x{s.pop('height')}"))
+    if "model" in s:
+        fields.append(("Model", s.pop("model")))
+    for k, v in s.items():
+        if v is not None:
+            fields.append((k.replace("_", " ").capitalize(), v))
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields))
+    return "\n".join(lines)
+
+
+def _quote(v: object) -> str:
+    text = str(v)
+    # A1111 quotes values that contain its separators.
+    return f'"{text}"' if ("," in text or ":" in text) and not text.startswith('"') else text
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    """Inverse of `format_parameters`: {"prompt", "negative_prompt", "Steps", "Sampler", ...}."""
+    lines = text.strip().split("\n")
+    settings_line = lines[-1] if len(lines) > 1 and re.match(r"^\w[\w ]*: ", lines[-1]) else ""
+    body = lines[:-1] if settings_line else lines
+    out: dict[str, str] = {"prompt": "", "negative_prompt": ""}
+    neg = [i for i, ln in enumerate(body) if ln.startswith("Negative prompt: ")]
+    if neg:
+        out["prompt"] = "\n".join(body[: neg[0]])
+        out["negative_prompt"] = "\n".join(body[neg[0]:])[len("Negative prompt: "):]
+    else:
+        out["prompt"] = "\n".join(body)
+    for m in re.finditer(r'\s*([\w ]+):\s*("(?:\\.|[^"])*"|[^,]*)(?:,|$)', settings_line):
+        value = m.group(2).strip()
+        out[m.group(1).strip()] = value[1:-1] if value.startswith('"') else value
+    return out
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None = None) -> None:
+    """Write a PNG with the A1111 `parameters` chunk; atomically, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    image.save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)
+
+
+def read_parameters(path: str | os.PathLike) -> str | None:
+    with Image.open(path) as im:
+        return im.info.get("parameters")
