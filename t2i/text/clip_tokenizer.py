@@ -1,0 +1,203 @@
+"""The CLIP byte-pair-encoding tokenizer (Radford et al. 2021), as Stable Diffusion uses it.
+
+The BPE itself is the `tokenizers` library's; this module sets it up the way transformers'
+`CLIPTokenizer` does, so ids match it token for token:
+
+- normalization: NFC, every run of whitespace becomes one space, lowercase (the ftfy-free
+  path; no HTML unescaping);
+- pre-tokenization: CLIP's regex (contractions, letter runs, single digits, runs of other
+  symbols; whitespace dropped), then the GPT-2 byte-to-unicode mapping;
+- BPE with `</w>` marking the end of a word;
+- `<|startoftext|>` ... `<|endoftext|>` around the text, then padding with the pad token of
+  the checkpoint (SD1: `<|endoftext|>` 49407; SD2's OpenCLIP tokenizer: `!`, id 0).
+
+A prompt longer than the window is cut to `max_length - 2` tokens and the cut is reported in
+`TokenizedBatch.truncated`; `token_ids` gives the full, uncut ids for A1111-style chunking.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
+ASSET = Path(__file__).resolve().parent.parent / "assets" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
+# CLIP keeps 49152 - 256 (bytes) - 2 (special tokens) merges of the file; the rest are unused.
+NUM_MERGES = 49152 - 256 - 2
+
+# CLIP's word splitter: special tokens, contractions, letter runs, one digit at a time, runs of
+# anything else. Whitespace is never matched, so it disappears between pieces.
+CLIP_PATTERN = (
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table, in CLIP's vocabulary order.
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes (control characters,
+    space, ...) map to code points 256, 257, ... in byte order, so BPE never sees whitespace.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+@lru_cache(maxsize=1)
+def default_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The 49,408-entry CLIP vocabulary and its 48,894 merges, derived from the shipped file.
+
+    Same derivation as CLIP's `SimpleTokenizer`: bytes, bytes + `</w>`, one token per merge,
+    then the two special tokens (ids 49406 and 49407).
+    """
+    lines = gzip.open(ASSET, "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]  # line 0 is a header
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [BOS, EOS]
+    return {t: i for i, t in enumerate(tokens)}, merges  # type: ignore[return-value]
+
+
+@dataclass
+class TokenizedBatch:
+    """Token ids of a batch of prompts, padded to one window.
+
+    ids: (B, max_length) int64, `<|startoftext|>` text `<|endoftext|>` then pad ids.
+    lengths: (B,) int64, tokens before padding, bos and eos included.
+    truncated: per prompt, whether text was cut to fit (the caller should say so).
+    """
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    truncated: list[bool]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, max_length) bool, True on real tokens (bos, text, eos)."""
+        return torch.arange(self.ids.shape[1])[None, :] < self.lengths[:, None]
+
+
+class CLIPTokenizer:
+    """CLIP BPE tokenizer with transformers-identical ids (see the module docstring)."""
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str = EOS) -> None:
+        for tok in (BOS, EOS, pad_token):
+            if tok not in vocab:
+                raise ValueError(f"CLIP vocabulary lacks the token {tok!r}")
+        bpe = BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=EOS, fuse_unk=False)
+        tok = Tokenizer(bpe)
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        )
+        tok.decoder = decoders.ByteLevel()
+        # transformers registers bos/eos/pad as special tokens matched in the raw text before
+        # BPE; we do the same so a literal "<|endoftext|>" (or SD2's "!") gives the same ids.
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys((BOS, EOS, pad_token))])
+        self._tok = tok
+        self._vocab = vocab
+        self._merges = merges
+        self.pad_token = pad_token
+        self.bos_id, self.eos_id, self.pad_id = vocab[BOS], vocab[EOS], vocab[pad_token]
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_files(cls, vocab: str | Path, merges: str | Path, pad_token: str = EOS) -> CLIPTokenizer:
+        """Read a `vocab.json` and a `merges.txt` (first line `#version: ...` is skipped)."""
+        vocab_map = json.loads(Path(vocab).read_text(encoding="utf-8"))
+        merge_list = []
+        for line in Path(merges).read_text(encoding="utf-8").split("\n"):
+            if line.startswith("#version") or not line.strip():
+                continue
+            merge_list.append(tuple(line.split()))
+        return cls(vocab_map, merge_list, pad_token=pad_token)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_folder(cls, path: str | Path) -> CLIPTokenizer:
+        """Read a checkpoint's `tokenizer/` folder: vocab.json, merges.txt and the pad token from
+        special_tokens_map.json or tokenizer_config.json (SD1: `<|endoftext|>`, SD2: `!`)."""
+        path = Path(path)
+        for name in ("vocab.json", "merges.txt"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name} not found: not a CLIP tokenizer folder")
+        return cls.from_files(path / "vocab.json", path / "merges.txt", pad_token=_read_pad_token(path))
+
+    @classmethod
+    def default(cls, pad_token: str = EOS) -> CLIPTokenizer:
+        """The real CLIP vocabulary shipped in t2i/assets/clip (no hub needed)."""
+        vocab, merges = default_vocab_and_merges()
+        return cls(vocab, merges, pad_token=pad_token)
+
+    def save(self, folder: str | Path) -> None:
+        """Write the diffusers `tokenizer/` layout: vocab.json, merges.txt and the two configs."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(self._vocab, ensure_ascii=False), encoding="utf-8")
+        merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self._merges)
+        (folder / "merges.txt").write_text(merges, encoding="utf-8")
+        special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": self.pad_token}
+        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+        config = {**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": 77}
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+    # ------------------------------------------------------------------ use
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Untruncated ids of each text, without bos/eos (for chunking long prompts)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def tokenize(self, texts: list[str], max_length: int = 77) -> TokenizedBatch:
+        """Tokenize, cut to `max_length` (bos + up to max_length - 2 tokens + eos) and pad.
+
+        A cut prompt is flagged in `truncated`, never dropped silently.
+        """
+        if isinstance(texts, str):
+            raise TypeError("tokenize takes a list of strings")
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        ids = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)
+        lengths, truncated = [], []
+        for i, toks in enumerate(self.token_ids(texts)):
+            body = toks[: max_length - 2]
+            row = [self.bos_id, *body, self.eos_id]
+            ids[i, : len(row)] = torch.tensor(row)
+            lengths.append(len(row))
+            truncated.append(len(toks) > len(body))
+        return TokenizedBatch(ids, torch.tensor(lengths, dtype=torch.long), truncated)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids, special tokens dropped, words separated by spaces."""
+        return self._tok.decode(ids, skip_special_tokens=True).replace("</w>", " ").strip()
+
+
+def _read_pad_token(folder: Path) -> str:
+    """The pad token named by a tokenizer folder, `<|endoftext|>` when none is named."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        file = folder / name
+        if file.is_file():
+            pad = json.loads(file.read_text(encoding="utf-8")).get("pad_token")
+            if isinstance(pad, dict):  # AddedToken serialized as {"content": "!", ...}
+                pad = pad.get("content")
+            if pad:
+                return pad
+    return EOS
