@@ -1,0 +1,89 @@
+"""`t2i generate`: prompt(s) in, PNG files with their parameters out."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate images from a prompt",
+                       description="Generate images from a text prompt. Settings left out take the model's "
+                                   "defaults (written in the PNG's parameters).")
+    p.add_argument("prompt", nargs="?", help="the text prompt (or use --prompts-file)")
+    p.add_argument("--model", default=None, help="model folder or file (default: the built-in shapes model)")
+    p.add_argument("--sampler", default=None, help="ddpm, ddim, euler, euler_a, heun, dpmpp_2m")
+    p.add_argument("--schedule", default=None, choices=["default", "karras"], help="sigma schedule")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--guidance-rescale", type=float, default=0.0)
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--out", default="image.png", help="output PNG; with several images, -0, -1, ... are added")
+    p.add_argument("--save-latents", default=None, metavar="FILE.safetensors",
+                   help="write the final latents (before VAE scaling is undone) under the key 'latents'")
+    p.add_argument("--prompts-file", default=None, help="one prompt per line; writes DIR/0000.png, ...")
+    p.add_argument("--out-dir", default=None, help="output folder for --prompts-file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from t2i.cli import UserError
+
+    if args.prompts_file is None and args.prompt is None:
+        raise UserError("give a PROMPT or --prompts-file FILE")
+    if args.prompts_file is not None and args.out_dir is None:
+        raise UserError("--prompts-file needs --out-dir DIR")
+    for name in ("width", "height"):
+        v = getattr(args, name)
+        if v is not None and (v <= 0 or v % 8):
+            raise UserError(f"--{name} must be a positive multiple of 8, got {v}")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.num_images < 1:
+        raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+    if args.save_latents and not args.save_latents.endswith(".safetensors"):
+        raise UserError("--save-latents must name a .safetensors file")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    import t2i
+    from t2i.imageio import save_png
+
+    pipe = t2i.load(args.model, precision=args.precision)
+    settings = dict(negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
+                    guidance=args.guidance, guidance_rescale=args.guidance_rescale, sampler=args.sampler,
+                    schedule=args.schedule, eta=args.eta, width=args.width, height=args.height,
+                    num_images=args.num_images, progress=not args.quiet)
+    if args.prompts_file is not None:
+        prompts = [ln.strip() for ln in Path(args.prompts_file).read_text().splitlines() if ln.strip()]
+        out_dir = Path(args.out_dir)
+        for i, prompt in enumerate(prompts):
+            result = pipe.generate(prompt, **settings)
+            for j, image in enumerate(result.images):
+                name = f"{i:04d}.png" if len(result.images) == 1 else f"{i:04d}-{j}.png"
+                save_png(image, out_dir / name, image.info.get("parameters"))
+        print(f"wrote {len(prompts)} prompt(s) to {out_dir}", file=sys.stderr)
+        return 0
+    result = pipe.generate(args.prompt, **settings)
+    for warning in result.warnings:
+        print(f"t2i generate: warning: {warning}", file=sys.stderr)
+    out = Path(args.out)
+    paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}-{j}{out.suffix}")
+                                                   for j in range(len(result.images))]
+    for path, image in zip(paths, result.images, strict=True):
+        save_png(image, path, image.info.get("parameters"))
+    if args.save_latents:
+        from t2i.checkpoints.io import save_state_dict
+
+        save_state_dict({"latents": result.latents.float().contiguous()}, args.save_latents)
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0
