@@ -46,7 +46,8 @@ def bytes_to_unicode() -> dict[int, str]:
     Printable Latin-1 bytes map to themselves; the other 68 bytes (control characters,
     space, ...) map to code points 256, 257, ... in byte order, so BPE never sees whitespace.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
     table = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
@@ -110,7 +111,8 @@ class CLIPTokenizer:
         tok.decoder = decoders.ByteLevel()
         # transformers registers bos/eos/pad as special tokens matched in the raw text before
         # BPE; we do the same so a literal "<|endoftext|>" (or SD2's "!") gives the same ids.
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys((BOS, EOS, pad_token))])
+        specials = dict.fromkeys((BOS, EOS, pad_token))  # ordered, without duplicates
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
         self._tok = tok
         self._vocab = vocab
         self._merges = merges

