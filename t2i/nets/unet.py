@@ -1,0 +1,315 @@
+"""The Stable Diffusion U-Net (SD 1.x, SD 2.x, SDXL), an eps/v-predicting latent denoiser.
+
+Rombach et al. 2022 (LDM) Sec. 3.3 and Fig. 3: a U-Net of ResBlocks with the timestep
+embedding added to every block, and spatial transformers that cross-attend to the text
+encoder's hidden states. SDXL (Podell et al. 2023) adds more transformer blocks on the
+deeper levels, drops attention on the first level and adds "micro-conditioning": the
+original size, crop offset and target size (`time_ids`) are embedded sinusoidally,
+concatenated with the pooled text embedding and added to the time embedding (Sec. 2.2).
+
+Parameter names equal diffusers' `UNet2DConditionModel` for the same configuration, so
+a diffusers `unet/` folder loads with `load_state_dict(strict=True)`; configs are
+translated in `t2i.checkpoints.diffusers_nets`. Weights use PyTorch's default init, as the
+reference does; nothing is zero-initialised.
+
+Read top to bottom: config, level builders, model, presets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from t2i.nets.blocks import (
+    DownBlock,
+    Downsample,
+    MidBlock,
+    ResBlock,
+    SinusoidalEmbedding,
+    SpatialTransformer,
+    TimestepEmbedding,
+    UpBlock,
+    Upsample,
+)
+
+
+@dataclass
+class UNetConfig:
+    """Shape of a U-Net. Per-level tuples are indexed from the highest resolution down;
+    the up path mirrors them.
+
+    Attributes:
+        in_channels: input channels (4 latents; 9 for inpainting: latents + mask + masked latents).
+        out_channels: output channels.
+        block_channels: feature width of each level.
+        layers_per_block: ResBlocks per level on the down path (the up path has one more).
+        attention: whether a level has spatial transformers after its ResBlocks.
+        num_heads: attention heads per level (head width = channels // heads).
+        transformer_depth: TransformerBlocks per spatial transformer, per level (SDXL: 1, 2, 10);
+            the mid block uses the last level's.
+        context_dim: width of the text tokens the transformers cross-attend to.
+        linear_projection: proj_in/proj_out are Linear on tokens (SD2, SDXL) instead of 1x1 convs.
+        only_cross_attention: per level, the first attention also reads the context.
+        mid_block: whether there is a bottleneck block; mid_attention: whether it has a
+            spatial transformer (False: a single ResBlock, diffusers' `UNetMidBlock2D`).
+        norm_groups, norm_eps: GroupNorm settings of the ResBlocks and output norm.
+        flip_sin_to_cos, freq_shift: sinusoidal timestep embedding layout.
+        time_embed_dim: width of the time embedding (None: 4 * block_channels[0]).
+        addition_time_embed_dim: SDXL micro-conditioning; width of each time id's sinusoidal
+            embedding (256), None when the model has no `text_time` embedding.
+        projection_class_embeddings_input_dim: input width of that embedding's MLP, pooled
+            text width + number of time ids * addition_time_embed_dim (SDXL 1280 + 6 * 256).
+        dropout: ResBlock and feed-forward dropout.
+        sample_size: default latent size the model was trained at (64 for SD1 at 512 px).
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    block_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: tuple[int, ...] = (2, 2, 2, 2)
+    attention: tuple[bool, ...] = (True, True, True, False)
+    num_heads: tuple[int, ...] = (8, 8, 8, 8)
+    transformer_depth: tuple[int, ...] = (1, 1, 1, 1)
+    context_dim: int = 768
+    linear_projection: bool = False
+    only_cross_attention: tuple[bool, ...] = (False, False, False, False)
+    mid_block: bool = True
+    mid_attention: bool = True
+    norm_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    time_embed_dim: int | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
+    dropout: float = 0.0
+    sample_size: int = 64
+
+    def __post_init__(self) -> None:
+        # JSON round-trips give lists; the dataclass holds tuples so configs compare equal.
+        self.block_channels = tuple(self.block_channels)
+        n = len(self.block_channels)
+        for name in _PER_LEVEL:
+            value = tuple(getattr(self, name))
+            if len(value) != n:
+                raise ValueError(f"UNetConfig.{name} needs one entry per level ({n}), got {value}")
+            setattr(self, name, value)
+        if (self.addition_time_embed_dim is None) != (self.projection_class_embeddings_input_dim is None):
+            raise ValueError(
+                "addition_time_embed_dim and projection_class_embeddings_input_dim go together "
+                "(SDXL text_time embedding)"
+            )
+
+
+_PER_LEVEL = ("layers_per_block", "attention", "num_heads", "transformer_depth", "only_cross_attention")
+
+
+# ---------------------------------------------------------------------------------------
+# Level builders
+# ---------------------------------------------------------------------------------------
+
+
+def _transformer(
+    cfg: UNetConfig, channels: int, level: int, depth: int, only_cross: bool | None = None
+) -> SpatialTransformer:
+    heads = cfg.num_heads[level]
+    return SpatialTransformer(
+        channels,
+        heads,
+        channels // heads,
+        cfg.context_dim,
+        depth=depth,
+        linear_projection=cfg.linear_projection,
+        only_cross_attention=cfg.only_cross_attention[level] if only_cross is None else only_cross,
+        groups=cfg.norm_groups,
+        dropout=cfg.dropout,
+    )
+
+
+def _resblock(cfg: UNetConfig, c_in: int, c_out: int, temb_dim: int) -> ResBlock:
+    return ResBlock(c_in, c_out, temb_dim, groups=cfg.norm_groups, eps=cfg.norm_eps, dropout=cfg.dropout)
+
+
+def _down_level(cfg: UNetConfig, level: int, c_in: int, temb_dim: int) -> DownBlock:
+    """Level `level` of the down path: layers_per_block ResBlocks (+ transformers), Downsample
+    unless it is the last level."""
+    c = cfg.block_channels[level]
+    n = cfg.layers_per_block[level]
+    resnets = [_resblock(cfg, c_in if j == 0 else c, c, temb_dim) for j in range(n)]
+    attentions = None
+    if cfg.attention[level]:
+        attentions = [_transformer(cfg, c, level, cfg.transformer_depth[level]) for _ in range(n)]
+    last = level == len(cfg.block_channels) - 1
+    return DownBlock(resnets, attentions, None if last else Downsample(c, padding=1))
+
+
+def _up_level(cfg: UNetConfig, i: int, c_prev: int, temb_dim: int) -> UpBlock:
+    """Up block i (0 = lowest resolution) mirrors down level L = n - 1 - i. Its ResBlocks take
+    the previous output concatenated with one skip each; the last skip comes from the level
+    below L (the output of its Downsample path, or of conv_in for L = 0)."""
+    n_levels = len(cfg.block_channels)
+    level = n_levels - 1 - i
+    c = cfg.block_channels[level]
+    c_skip_last = cfg.block_channels[max(level - 1, 0)]
+    n = cfg.layers_per_block[level] + 1
+    resnets = []
+    for j in range(n):
+        c_in = c_prev if j == 0 else c
+        c_skip = c_skip_last if j == n - 1 else c
+        resnets.append(_resblock(cfg, c_in + c_skip, c, temb_dim))
+    attentions = None
+    if cfg.attention[level]:
+        attentions = [_transformer(cfg, c, level, cfg.transformer_depth[level]) for _ in range(n)]
+    last = i == n_levels - 1
+    return UpBlock(resnets, attentions, None if last else Upsample(c))
+
+
+def _mid(cfg: UNetConfig, temb_dim: int) -> MidBlock:
+    c = cfg.block_channels[-1]
+    if not cfg.mid_attention:
+        return MidBlock([_resblock(cfg, c, c, temb_dim)])
+    # The reference mid block has no only_cross_attention option: always self + cross.
+    attn = _transformer(cfg, c, len(cfg.block_channels) - 1, cfg.transformer_depth[-1], only_cross=False)
+    return MidBlock([_resblock(cfg, c, c, temb_dim), _resblock(cfg, c, c, temb_dim)], [attn])
+
+
+# ---------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------
+
+
+class UNet(nn.Module):
+    """Conditional U-Net eps(x_t, t, text): the raw network, before any preconditioning.
+
+    forward(x, t, context, text_embeds=None, time_ids=None) -> (B, out_channels, h, w).
+    """
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.block_channels
+        temb_dim = cfg.time_embed_dim or 4 * ch[0]
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_proj = SinusoidalEmbedding(ch[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        self.time_embedding = TimestepEmbedding(ch[0], temb_dim)
+        self.add_time_proj: SinusoidalEmbedding | None = None
+        self.add_embedding: TimestepEmbedding | None = None
+        if cfg.addition_time_embed_dim is not None and cfg.projection_class_embeddings_input_dim is not None:
+            self.add_time_proj = SinusoidalEmbedding(
+                cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift
+            )
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb_dim)
+
+        self.down_blocks = nn.ModuleList()
+        c_in = ch[0]
+        for level, c in enumerate(ch):
+            self.down_blocks.append(_down_level(cfg, level, c_in, temb_dim))
+            c_in = c
+        self.mid_block = _mid(cfg, temb_dim) if cfg.mid_block else None
+        self.up_blocks = nn.ModuleList()
+        c_prev = ch[-1]
+        for i in range(len(ch)):
+            self.up_blocks.append(_up_level(cfg, i, c_prev, temb_dim))
+            c_prev = ch[len(ch) - 1 - i]
+
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch[0], eps=cfg.norm_eps)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def embed_time(
+        self,
+        t: torch.Tensor,
+        batch: int,
+        dtype: torch.dtype,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The (B, temb_dim) embedding every ResBlock receives.
+
+        t: (B,) or scalar timesteps (fractional allowed); text_embeds: (B, P) pooled text
+        embedding and time_ids: (B, K) micro-conditioning (SDXL: original h, w, crop top,
+        left, target h, w), both required iff the model has the `text_time` embedding.
+        """
+        t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
+        emb = self.time_embedding(self.time_proj(t).to(dtype))  # (B, temb_dim)
+        if self.add_embedding is not None and self.add_time_proj is not None:
+            if text_embeds is None or time_ids is None:
+                raise ValueError("this U-Net has SDXL micro-conditioning: pass text_embeds and time_ids")
+            ids = self.add_time_proj(time_ids.flatten()).reshape(batch, -1)  # (B, K * add_dim)
+            emb = emb + self.add_embedding(torch.cat([text_embeds, ids], dim=-1).to(dtype))
+        return emb
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (B, C_in, h, w) noisy latents; t: (B,) float timesteps in [0, 1000);
+        context: (B, T, context_dim) text hidden states; text_embeds: (B, P) and time_ids:
+        (B, 6) for SDXL. Returns (B, C_out, h, w), the eps (or v) prediction.
+
+        h and w need not be divisible by 2 ** (levels - 1): the up path resizes to the skips.
+        """
+        emb = self.embed_time(t, x.shape[0], x.dtype, text_embeds, time_ids)
+        h = self.conv_in(x)  # (B, C0, h, w)
+        skips = [h]
+        for block in self.down_blocks:
+            h, level_skips = block(h, emb, context)
+            skips.extend(level_skips)
+        if self.mid_block is not None:
+            h = self.mid_block(h, emb, context)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            level_skips, skips = skips[-n:], skips[:-n]
+            size = tuple(skips[-1].shape[-2:]) if skips else None
+            h = block(h, level_skips, emb, context, size)
+        return self.conv_out(self.conv_act(self.conv_norm_out(h)))  # (B, C_out, h, w)
+
+
+# ---------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------
+
+UNET_CONFIGS: dict[str, UNetConfig] = {
+    # SD 1.x (CompVis/runwayml v1-5): 8 heads everywhere, 1x1 conv projections, CLIP ViT-L/14 text.
+    "sd15": UNetConfig(),
+    # SD 1.5 inpainting: the same network on latents + mask + masked-image latents.
+    "sd15_inpaint": UNetConfig(in_channels=9),
+    # SD 2.x (768-v and 512-base): 64-wide heads, linear projections, OpenCLIP ViT-H/14 text.
+    "sd2": UNetConfig(
+        num_heads=(5, 10, 20, 20), context_dim=1024, linear_projection=True, sample_size=96
+    ),
+    # SDXL base 1.0: three levels, no attention at the first, 1/2/10 transformer blocks,
+    # both text encoders' hidden states (768 + 1280) and pooled text + 6 time ids.
+    "sdxl": UNetConfig(
+        block_channels=(320, 640, 1280),
+        layers_per_block=(2, 2, 2),
+        attention=(False, True, True),
+        num_heads=(5, 10, 20),
+        transformer_depth=(1, 2, 10),
+        context_dim=2048,
+        linear_projection=True,
+        only_cross_attention=(False, False, False),
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        sample_size=128,
+    ),
+    # A few-second test network: two levels, one with attention.
+    "tiny": UNetConfig(
+        block_channels=(32, 64),
+        layers_per_block=(1, 1),
+        attention=(True, False),
+        num_heads=(2, 2),
+        transformer_depth=(1, 1),
+        context_dim=32,
+        only_cross_attention=(False, False),
+        norm_groups=8,
+        sample_size=8,
+    ),
+}
