@@ -29,8 +29,13 @@ def minilm():
 def test_tiny_bert_parity_with_padding_and_segments() -> None:
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
-        vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-        max_position_embeddings=40, type_vocab_size=2,
+        vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=40,
+        type_vocab_size=2,
     )
     ref = transformers.BertModel(cfg).eval()
     with torch.no_grad():

@@ -24,8 +24,16 @@ def tiny(cls: type, act: str, eos: int, vocab: int = 1000, width: int = 32, proj
     so a swapped norm cannot hide behind weight 1 / bias 0)."""
     torch.manual_seed(seed)
     cfg = transformers.CLIPTextConfig(
-        vocab_size=vocab, hidden_size=width, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
-        max_position_embeddings=77, hidden_act=act, projection_dim=proj, eos_token_id=eos, bos_token_id=0,
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=proj,
+        eos_token_id=eos,
+        bos_token_id=0,
         pad_token_id=1,
     )
     model = cls(cfg).eval()
@@ -67,7 +75,9 @@ def test_clip_text_model_quick_gelu_legacy_argmax_pooling() -> None:
     flat = ref.state_dict()
     assert next(iter(flat)).startswith("embeddings.")  # transformers >= 5.6 layout
     ours = clip_text_model_from_transformers(ref.config.to_dict(), flat).eval()
-    assert ours.cfg.pooling == "argmax" and ours.cfg.activation == "quick_gelu" and ours.text_projection is None
+    assert (
+        ours.cfg.pooling == "argmax" and ours.cfg.activation == "quick_gelu" and ours.text_projection is None
+    )
     ids = ids_with_eos(eos=999, pad=999, vocab=999)
     compare(ref, ours, ids)
     # The older layout: every key under text_model.
@@ -100,8 +110,9 @@ def test_export_round_trip_and_unknown_keys() -> None:
     with torch.no_grad():
         assert torch.equal(rebuilt(ids).text_embeds, ref(ids).text_embeds)
     with pytest.raises(KeyError, match="unexpected"):
-        clip_state_dict_from_transformers({**ref.state_dict(), "text_model.encoder.layers.0.bogus.weight": back[
-            "text_projection.weight"]})
+        clip_state_dict_from_transformers(
+            {**ref.state_dict(), "text_model.encoder.layers.0.bogus.weight": back["text_projection.weight"]}
+        )
 
 
 def test_folders_and_encoders(tmp_path) -> None:
@@ -109,7 +120,9 @@ def test_folders_and_encoders(tmp_path) -> None:
     encoders read from saved folders, against transformers on the same ids."""
     tok = CLIPTokenizer.default()
     enc1 = tiny(transformers.CLIPTextModel, "quick_gelu", eos=2, vocab=49408, width=32, seed=1)
-    enc2 = tiny(transformers.CLIPTextModelWithProjection, "gelu", eos=2, vocab=49408, width=40, proj=16, seed=2)
+    enc2 = tiny(
+        transformers.CLIPTextModelWithProjection, "gelu", eos=2, vocab=49408, width=40, proj=16, seed=2
+    )
     enc1.save_pretrained(tmp_path / "sdxl" / "text_encoder")
     enc2.save_pretrained(tmp_path / "sdxl" / "text_encoder_2")
     tok.save(tmp_path / "sdxl" / "tokenizer")
@@ -144,4 +157,6 @@ def test_folders_and_encoders(tmp_path) -> None:
     f = tmp_path / "sd1" / "text_encoder" / "model.safetensors"
     save_file({f"text_model.{k}": v for k, v in load_file(f).items()}, f)
     assert next(iter(load_file(f))).startswith("text_model.")
-    torch.testing.assert_close(load_clip_text_folder(f.parent)(ids).last_hidden_state, sd1.encode(prompts).context)
+    torch.testing.assert_close(
+        load_clip_text_folder(f.parent)(ids).last_hidden_state, sd1.encode(prompts).context
+    )
