@@ -183,7 +183,13 @@ def _place(specs: list[tuple[str, str, str]], rng: np.random.Generator, accept=N
     placed: list[ShapeObject] = []
     for colour, shape, size in specs:
         lo, hi = SIZE_RANGES[size]
-        s = int(rng.integers(lo, hi + 1))
+        if shape == "cross":
+            # Arms of width s/3 with s a multiple of 3 fall on pixel boundaries at 64x64:
+            # a cut arm edge blends red and white into a 1 px pink line long enough to pass
+            # for an object under the contract's nearest-colour reading.
+            s = 3 * int(rng.integers(-(-lo // 3), hi // 3 + 1))
+        else:
+            s = int(rng.integers(lo, hi + 1))
         for x, y in rng.integers(0, CANVAS - s + 1, size=(tries, 2)).tolist():  # one draw per object
             obj = ShapeObject(shape, colour, size, x, y, s)
             if all(gap(obj, p) >= MIN_GAP for p in placed) and (accept is None or accept(obj, placed)):
