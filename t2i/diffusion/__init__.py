@@ -1,0 +1,1 @@
+"""Diffusion processes: noise schedules, the denoiser contract and its loss, guidance."""

@@ -1,0 +1,26 @@
+"""Samplers as plain functions over VE noise levels, and the plan that prepares a run."""
+
+from t2i.samplers.plan import SamplingPlan, prepare_sampling
+from t2i.samplers.sampling import (
+    SAMPLERS,
+    randn_like,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+)
+
+__all__ = [
+    "SAMPLERS",
+    "SamplingPlan",
+    "prepare_sampling",
+    "randn_like",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_dpmpp_2m",
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_heun",
+]

@@ -1,0 +1,203 @@
+"""The one denoiser contract, ``D(x, sigma, **cond) -> x0``, and the training loss.
+
+A discrete-time network ``net(x_vp, t, **cond)`` (the SD U-Net and friends) is trained on
+VP latents ``x_vp = sqrt(acp_t) x0 + sqrt(1 - acp_t) eps`` to predict eps, v or x0
+("sample"). ``DiscreteDenoiser`` puts it behind the VE contract used by every sampler
+(k-diffusion's ``DiscreteEpsDDPMDenoiser`` / EDM's preconditioning, Karras et al. 2022
+Table 1), with ``x = x0 + sigma * eps`` and ``sigma = sqrt((1 - acp) / acp)``:
+
+    c_in = 1 / sqrt(1 + sigma^2)            (x_vp = c_in * x)
+    eps:    D = x - sigma * out
+    v:      D = x / (1 + sigma^2) - sigma / sqrt(1 + sigma^2) * out
+    sample: D = out
+
+Which timestep the network sees for a noise level
+-------------------------------------------------
+diffusers feeds the network the scheduler's own timestep for each step: the discrete
+timestep (DDIM, DDPM, DPM, Euler with leading/trailing spacing), a fractional one whose
+sigma was made by *linear* interpolation in sigma (Euler/Heun "linspace"), a fractional one
+found by *log-sigma* interpolation (Euler/Heun Karras), or that value *rounded* (DPM Karras).
+No single interpolation inverts all of these (rounding cannot be inverted), so the t that
+belongs to each sigma of a run is carried alongside it: ``with_timesteps(sigmas, timesteps)``
+pins those pairs (the sampling plan provides them), and any other sigma falls back to
+log-sigma interpolation over the training table. This keeps the samplers pure functions of
+sigma while the network sees exactly the timesteps diffusers would give it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from t2i.diffusion.schedules import sigmas_from_alphas_cumprod
+
+Prediction = Literal["epsilon", "v_prediction", "sample"]
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+
+
+def _expand(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) or () sigma -> broadcastable against x (B, ...)."""
+    sigma = sigma.to(device=x.device, dtype=torch.float32)
+    if sigma.ndim == 0:
+        return sigma
+    return sigma.reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim))
+
+
+class DiscreteDenoiser(nn.Module):
+    """Wraps ``net(x_vp, t, **cond) -> eps | v | x0`` as ``D(x, sigma, **cond) -> x0``.
+
+    Args:
+        net: the discrete-time network; called with VP input (B, C, H, W) and t (B,) float32.
+        alphas_cumprod: (T,) the training schedule the network was trained with.
+        prediction_type: "epsilon", "v_prediction" or "sample".
+    """
+
+    def __init__(
+        self, net: nn.Module | Callable, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"
+    ):
+        super().__init__()
+        if prediction_type not in PREDICTIONS:
+            raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTIONS}")
+        self.net = net
+        self.prediction_type = prediction_type
+        acp = alphas_cumprod.detach().to(torch.float32).cpu()
+        self.register_buffer("alphas_cumprod", acp, persistent=False)
+        self.register_buffer("log_sigmas", sigmas_from_alphas_cumprod(acp).log(), persistent=False)
+        # pinned (sigma, t) pairs of the current run, float32 on CPU; empty = interpolate only
+        self.pinned_sigmas = torch.zeros(0)
+        self.pinned_timesteps = torch.zeros(0)
+
+    def with_timesteps(self, sigmas: torch.Tensor, timesteps: torch.Tensor) -> DiscreteDenoiser:
+        """A copy (sharing the network) that gives ``timesteps[i]`` to the network at ``sigmas[i]``.
+
+        Args:
+            sigmas: (N,) noise levels of a run (a zero final sigma is never evaluated).
+            timesteps: (N,) the network timestep for each of them.
+        """
+        if sigmas.shape[0] != timesteps.shape[0]:
+            raise ValueError(f"{sigmas.shape[0]} sigmas but {timesteps.shape[0]} timesteps")
+        other = DiscreteDenoiser(self.net, self.alphas_cumprod, self.prediction_type)
+        other.pinned_sigmas = sigmas.detach().to(torch.float32).cpu()
+        other.pinned_timesteps = timesteps.detach().to(torch.float32).cpu()
+        return other
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Network timestep for each noise level, (B,) -> (B,) float32 (see module docstring)."""
+        sigma = sigma.detach().to(torch.float32).cpu().reshape(-1)
+        log_sigma = sigma.clamp(min=1e-10).log()
+        log_sigmas = self.log_sigmas.cpu()
+        dists = log_sigma[None, :] - log_sigmas[:, None]  # (T, B)
+        low = (dists >= 0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.shape[0] - 2)
+        lo, hi = log_sigmas[low], log_sigmas[low + 1]
+        w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
+        t = (1 - w) * low + w * (low + 1)
+        if self.pinned_sigmas.numel():
+            # exact pinned pairs win; a relative 1e-6 tolerance absorbs dtype round trips
+            rel = (sigma[:, None] - self.pinned_sigmas[None, :]).abs() <= 1e-6 * self.pinned_sigmas[None, :]
+            hit = rel.any(dim=1)
+            idx = rel.float().argmax(dim=1)
+            t = torch.where(hit, self.pinned_timesteps[idx], t)
+        return t
+
+    def c_skip(self, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The part of D that is a multiple of x (k-diffusion's c_skip), broadcast to x.
+        Guidance rescale uses it to measure the network's own output space."""
+        s = _expand(torch.as_tensor(sigma), x)
+        if self.prediction_type == "epsilon":
+            return torch.ones_like(s)
+        if self.prediction_type == "v_prediction":
+            return 1 / (s**2 + 1)
+        return torch.zeros_like(s)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: torch.Tensor) -> torch.Tensor:
+        """Denoise.
+
+        Args:
+            x: (B, C, H, W) VE latents at noise level sigma.
+            sigma: () or (B,) noise levels.
+            cond: passed to the network unchanged (e.g. encoder_hidden_states (B, T, D)).
+        Returns:
+            (B, C, H, W) x0 estimate, float32.
+        """
+        sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        t = self.sigma_to_t(sigma).to(x.device)  # (B,)
+        s = _expand(sigma, x)
+        # the operations are ordered as in diffusers' Euler scheduler so that float32 rounding
+        # agrees too (it matters where sigma is huge: cosine or zero-terminal-SNR schedules)
+        root = (s**2 + 1) ** 0.5
+        out = self.net(x / root, t, **cond).to(torch.float32)  # c_in = 1 / sqrt(sigma^2 + 1)
+        if self.prediction_type == "epsilon":
+            return x - s * out
+        if self.prediction_type == "v_prediction":
+            return out * (-s / root) + x / (s**2 + 1)
+        return out
+
+
+class DiffusionLoss:
+    """The denoising objective (DDPM "simple" loss generalised to eps/v/x0 targets).
+
+    ``loss(model, x0, cond, generator) -> scalar``: draws t ~ U{0..T-1} and eps ~ N(0, I)
+    per sample from ``generator``, noises in VP form and regresses the network output onto
+    the target of its parameterisation (eps; v = sqrt(acp) eps - sqrt(1 - acp) x0; x0).
+    ``min_snr_gamma`` applies Min-SNR-gamma weighting (Hang et al. 2023) normalised so that
+    each objective keeps its usual scale: eps weight min(snr, g)/snr, v weight
+    min(snr, g)/(snr + 1), x0 weight min(snr, g).
+
+    Args:
+        alphas_cumprod: (T,) the training schedule.
+        prediction_type: what the network predicts.
+        min_snr_gamma: None for the plain (unweighted) MSE.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
+                 min_snr_gamma: float | None = None):
+        if prediction_type not in PREDICTIONS:
+            raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTIONS}")
+        self.alphas_cumprod = alphas_cumprod.detach().to(torch.float32)
+        self.prediction_type = prediction_type
+        self.min_snr_gamma = min_snr_gamma
+
+    def weights(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) per-sample loss weights for integer timesteps t (B,)."""
+        acp = self.alphas_cumprod.to(t.device)[t]
+        if self.min_snr_gamma is None:
+            return torch.ones_like(acp)
+        snr = acp / (1 - acp)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        if self.prediction_type == "epsilon":
+            return clipped / snr
+        if self.prediction_type == "v_prediction":
+            return clipped / (snr + 1)
+        return clipped
+
+    def __call__(self, model: nn.Module | Callable, x0: torch.Tensor, cond: dict | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Args:
+            model: the raw network ``net(x_vp, t, **cond)`` or a DiscreteDenoiser around it.
+            x0: (B, C, H, W) clean latents.
+            cond: network keyword arguments, batched like x0.
+            generator: RNG for t and noise (drawn on CPU, then moved to x0's device).
+        Returns:
+            () the weighted mean squared error.
+        """
+        net = model.net if isinstance(model, DiscreteDenoiser) else model
+        b = x0.shape[0]
+        T = self.alphas_cumprod.shape[0]
+        t = torch.randint(0, T, (b,), generator=generator).to(x0.device)  # (B,)
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+        acp = self.alphas_cumprod.to(x0.device)[t].reshape(b, *([1] * (x0.ndim - 1)))
+        x_t = acp.sqrt() * x0 + (1 - acp).sqrt() * noise  # (B, C, H, W) VP
+        out = net(x_t, t.to(torch.float32), **(cond or {}))
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = acp.sqrt() * noise - (1 - acp).sqrt() * x0
+        else:
+            target = x0
+        per_sample = ((out.float() - target.float()) ** 2).mean(dim=tuple(range(1, x0.ndim)))  # (B,)
+        return (self.weights(t) * per_sample).mean()

@@ -1,0 +1,272 @@
+"""Preparing a sampling run from a model's schedule: ``prepare_sampling`` -> ``SamplingPlan``.
+
+A plan holds everything a sampler run needs besides the network: the VE noise levels, the
+network timestep that belongs to each of them, how to make the starting latents from the
+seed noise, and how to hand back the latents diffusers would hold at the end. It reproduces
+the diffusers scheduler each sampler mirrors:
+
+    ddim -> DDIMScheduler            ddpm     -> DDPMScheduler
+    euler -> EulerDiscreteScheduler  euler_a  -> EulerAncestralDiscreteScheduler
+    heun -> HeunDiscreteScheduler    dpmpp_2m -> DPMSolverMultistepScheduler (dpmsolver++, order 2)
+
+VP and VE latents, in one place
+-------------------------------
+Our samplers walk VE latents ``x = x0 + sigma * noise``. diffusers' DDIM, DDPM and DPM hold
+VP latents ``x_vp = x / sqrt(1 + sigma^2)``, its Euler-family schedulers hold VE latents.
+``start`` and ``finish`` are the only conversions:
+
+* ``start(noise)``: diffusers multiplies the seed noise by ``init_noise_sigma``: 1 for the VP
+  schedulers (x_vp = noise, so x = noise * sqrt(1 + sigma_max^2)); for Euler/Heun sigma_max
+  with "linspace"/"trailing" spacing but sqrt(1 + sigma_max^2) with "leading". The plan's
+  ``init_noise_scale`` is that factor in VE terms. With ``init_latents`` (img2img) it is
+  ``init_latents + sigma_start * noise`` for every scheduler (diffusers' add_noise).
+* ``finish(x)``: at sigma 0 both forms agree; a VP scheduler ending at sigma_min > 0 (DDIM
+  without set_alpha_to_one, DPM with final_sigmas_type "sigma_min") holds
+  ``x / sqrt(1 + sigma_last^2)``, which is what finish returns (``output_scale``).
+
+Starting or stopping part-way: ``from_strength`` (img2img, SDEdit) keeps the last
+``int(steps * strength)`` steps as diffusers' img2img pipelines do; ``split(fraction)`` cuts
+the schedule where the timestep falls below ``round(T * (1 - fraction))``, diffusers'
+``denoising_end``/``denoising_start`` (SDXL base -> refiner hand-off). The latents are handed
+over in VE form, unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from t2i.diffusion.denoiser import DiscreteDenoiser
+from t2i.diffusion.guidance import ClipDenoised, DynamicThresholding
+from t2i.diffusion.schedules import (
+    ScheduleConfig,
+    dpm_timesteps,
+    karras_sigmas,
+    sigma_to_t,
+    sigmas_from_alphas_cumprod,
+    spaced_timesteps,
+)
+from t2i.samplers.sampling import SAMPLERS, Generator
+
+VP_SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+EULER_FAMILY = ("euler", "euler_a", "heun")
+
+# diffusers' per-class defaults for the settings whose default differs between schedulers
+_DEFAULT_SPACING = {"ddim": "leading", "ddpm": "leading"}  # others: "linspace"
+_DEFAULT_CLIP = {"ddim": True, "ddpm": True}  # others: False
+
+
+@dataclass
+class SamplingPlan:
+    """One sampler run, in VE form.
+
+    Attributes:
+        sampler: name in SAMPLERS.
+        sigmas: (N+1,) float32 descending noise levels; N steps.
+        timesteps: (N,) float32 network timestep for sigmas[:N].
+        init_noise_scale: x_T = noise * init_noise_scale when starting from pure noise.
+        output_scale: final latents = x * output_scale (1 unless a VP scheduler ends above 0).
+        alphas_cumprod: (T,) the model's training schedule.
+        prediction_type: "epsilon", "v_prediction" or "sample".
+        sampler_kwargs: extra options for the sampler function (eta, sigmas_to, lower_order_final).
+        x0_limit: ("clip", range) or ("threshold", ratio, max_value) from the config, or None.
+        total_steps: the step count the schedule was made for (before any cut).
+    """
+
+    sampler: str
+    sigmas: torch.Tensor
+    timesteps: torch.Tensor
+    init_noise_scale: float
+    output_scale: float
+    alphas_cumprod: torch.Tensor
+    prediction_type: str
+    sampler_kwargs: dict[str, Any] = field(default_factory=dict)
+    x0_limit: tuple | None = None
+    total_steps: int = 0
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    def denoiser(self, net: torch.nn.Module | Callable) -> DiscreteDenoiser:
+        """The network behind the denoiser contract, seeing this plan's timesteps."""
+        den = DiscreteDenoiser(net, self.alphas_cumprod, self.prediction_type)
+        return den.with_timesteps(self.sigmas[: self.steps], self.timesteps)
+
+    def limit_x0(self, denoiser: Callable) -> Callable:
+        """Wrap the (guided) denoiser with the config's clip_sample / thresholding, if any."""
+        if self.x0_limit is None:
+            return denoiser
+        if self.x0_limit[0] == "clip":
+            return ClipDenoised(denoiser, self.x0_limit[1])
+        return DynamicThresholding(denoiser, self.x0_limit[1], self.x0_limit[2])
+
+    def start(self, noise: torch.Tensor, init_latents: torch.Tensor | None = None) -> torch.Tensor:
+        """Starting VE latents (B, C, h, w) from the seed noise (and img2img latents)."""
+        if init_latents is None:
+            return noise.to(torch.float32) * self.init_noise_scale
+        return init_latents.to(torch.float32) + self.sigmas[0] * noise.to(torch.float32)
+
+    def run(self, denoiser: Callable, x: torch.Tensor, extra_args: dict | None = None,
+            callback: Callable | None = None, generator: Generator = None) -> torch.Tensor:
+        """Call the sampler on this plan's sigmas with its options."""
+        if self.steps == 0:
+            return x
+        return SAMPLERS[self.sampler](denoiser, x, self.sigmas, extra_args, callback, generator,
+                                      **self.sampler_kwargs)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """The latents diffusers' scheduler would hold at the end of this plan."""
+        return x if self.output_scale == 1.0 else x * self.output_scale
+
+    def _slice(self, start: int, stop: int, ends_schedule: bool) -> SamplingPlan:
+        kwargs = dict(self.sampler_kwargs)
+        if "sigmas_to" in kwargs:
+            kwargs["sigmas_to"] = kwargs["sigmas_to"][start:stop]
+        if "lower_order_final" in kwargs and not ends_schedule:
+            kwargs["lower_order_final"] = False
+        sigmas = self.sigmas[start : stop + 1]
+        scale = self.output_scale if ends_schedule else 1.0
+        return dataclasses.replace(self, sigmas=sigmas, timesteps=self.timesteps[start:stop],
+                                   sampler_kwargs=kwargs, output_scale=scale)
+
+    def from_strength(self, strength: float) -> SamplingPlan:
+        """img2img: the last int(steps * strength) steps (strength 0: none, start = input)."""
+        n = self.steps
+        t_start = max(n - min(int(n * strength), n), 0)
+        return self._slice(t_start, n, True)
+
+    def split(self, fraction: float) -> tuple[SamplingPlan, SamplingPlan]:
+        """Cut at denoising fraction f in (0, 1): steps whose timestep >= round(T (1 - f)) go
+        to the first plan (diffusers' denoising_end), the rest to the second (denoising_start)."""
+        T = self.alphas_cumprod.shape[0]
+        cutoff = int(round(T - fraction * T))
+        n = int((self.timesteps >= cutoff).sum())
+        return self._slice(0, n, n == self.steps), self._slice(n, self.steps, True)
+
+
+def _check_supported(cfg: ScheduleConfig, sampler: str) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if cfg.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"unsupported prediction_type {cfg.prediction_type!r}")
+    if sampler == "ddpm" and cfg.variance_type not in (None, "fixed_small", "fixed_small_log"):
+        raise ValueError(f"ddpm supports variance_type fixed_small only, not {cfg.variance_type!r}")
+
+
+def _table(acp: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The training sigmas and their logs as float32 numpy, as diffusers holds them."""
+    sig = sigmas_from_alphas_cumprod(acp).numpy()
+    return sig, np.log(sig)
+
+
+def _acp_sigma(acp: torch.Tensor | float) -> float:
+    """sigma of one alphas_cumprod value, computed in float32 as diffusers does."""
+    acp = torch.as_tensor(acp, dtype=torch.float32)
+    return float(((1 - acp) / acp) ** 0.5)
+
+
+def prepare_sampling(cfg: ScheduleConfig, sampler: str, steps: int, karras: bool | None = None,
+                     eta: float = 0.0) -> SamplingPlan:
+    """Everything a run needs from a model's schedule config, matching diffusers.
+
+    Args:
+        cfg: the model's schedule (``t2i.checkpoints.diffusers_scheduler.read_scheduler_config``).
+        sampler: one of SAMPLERS.
+        steps: number of sampler steps N (network calls: N, or 2N - 1 for heun).
+        karras: Karras sigmas (rho 7); None takes the config's use_karras_sigmas. Not defined
+            for ddim/ddpm. For euler_a (no Karras option in diffusers) they are made as Euler's.
+        eta: DDIM's eta (ddim only).
+    Returns:
+        The SamplingPlan.
+    """
+    _check_supported(cfg, sampler)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    T = cfg.num_train_timesteps
+    if steps > T:
+        raise ValueError(f"steps ({steps}) cannot exceed num_train_timesteps ({T})")
+    karras = cfg.use_karras_sigmas if karras is None else karras
+    if karras and sampler in ("ddim", "ddpm"):
+        raise ValueError(f"Karras sigmas are not available for {sampler}; use euler, euler_a, heun, dpmpp_2m")
+    if eta and sampler != "ddim":
+        raise ValueError("eta applies to the ddim sampler only")
+    spacing = cfg.timestep_spacing or _DEFAULT_SPACING.get(sampler, "linspace")
+    acp = cfg.alphas_cumprod()
+    table, log_table = _table(acp)
+    kwargs: dict[str, Any] = {}
+    output_scale = 1.0
+
+    if sampler in EULER_FAMILY:
+        ts = spaced_timesteps(spacing, T, steps, cfg.steps_offset, integer=False)
+        sig = np.interp(ts, np.arange(T), table)
+        if karras:
+            smin = cfg.sigma_min if cfg.sigma_min is not None and sampler == "euler" else sig[-1].item()
+            smax = cfg.sigma_max if cfg.sigma_max is not None and sampler == "euler" else sig[0].item()
+            sig = karras_sigmas(smin, smax, steps)
+            ts = sigma_to_t(sig, log_table)
+        final = _acp_sigma(acp[0]) if sampler == "euler" and cfg.final_sigmas_type == "sigma_min" else 0.0
+        sigmas = torch.from_numpy(np.concatenate([sig, [final]]).astype(np.float32))
+        smax32 = sigmas.max()
+        init = smax32 if spacing in ("linspace", "trailing") else (smax32**2 + 1) ** 0.5
+    elif sampler == "dpmpp_2m":
+        last = T
+        if cfg.lambda_min_clipped > -np.inf:
+            lam = torch.log(acp.sqrt()) - torch.log((1 - acp).sqrt())
+            last = T - int(torch.searchsorted(torch.flip(lam, [0]), cfg.lambda_min_clipped))
+        ts = dpm_timesteps(spacing, T, steps, cfg.steps_offset, last)
+        if karras:
+            sig = karras_sigmas(float(table[0]), float(table[-1]), steps)
+            ts = sigma_to_t(sig, log_table)
+            if cfg.beta_schedule not in ("squaredcos_cap_v2", "cosine"):
+                ts = ts.round()
+        else:
+            sig = np.interp(ts, np.arange(T), table)
+        final = _acp_sigma(acp[0]) if cfg.final_sigmas_type == "sigma_min" else 0.0
+        sigmas = torch.from_numpy(np.concatenate([sig, [final]]).astype(np.float32))
+        kwargs["lower_order_final"] = bool(cfg.euler_at_final or (cfg.lower_order_final and steps < 15))
+        init = (sigmas[0] ** 2 + 1) ** 0.5
+        output_scale = float((sigmas[-1] ** 2 + 1) ** -0.5)
+    else:  # ddim, ddpm: integer timesteps, VP latents
+        ts = spaced_timesteps(spacing, T, steps, cfg.steps_offset, integer=True)
+        if sampler == "ddim":
+            final_acp = 1.0 if (cfg.set_alpha_to_one is None or cfg.set_alpha_to_one) else acp[0]
+            prev = ts - T // steps
+        else:
+            final_acp = 1.0
+            prev = np.concatenate([ts[1:], [-1]])
+        final = _acp_sigma(final_acp)
+        sig_to = np.array([table[p] if p >= 0 else final for p in prev], dtype=np.float32)
+        sigmas = torch.from_numpy(np.concatenate([table[ts], [final]]).astype(np.float32))
+        if sampler == "ddim":
+            kwargs["eta"] = eta
+            if not np.array_equal(sig_to, sigmas[1:].numpy()):
+                kwargs["sigmas_to"] = torch.from_numpy(sig_to)
+        init = (sigmas[0] ** 2 + 1) ** 0.5
+        output_scale = float((sigmas[-1] ** 2 + 1) ** -0.5)
+
+    x0_limit = None
+    if sampler in ("ddim", "ddpm", "dpmpp_2m") and cfg.thresholding:
+        x0_limit = ("threshold", cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+    elif sampler in ("ddim", "ddpm", "heun"):
+        clip = cfg.clip_sample if cfg.clip_sample is not None else _DEFAULT_CLIP.get(sampler, False)
+        if clip:
+            x0_limit = ("clip", cfg.clip_sample_range)
+
+    return SamplingPlan(
+        sampler=sampler,
+        sigmas=sigmas,
+        timesteps=torch.from_numpy(np.asarray(ts).astype(np.float32)),
+        init_noise_scale=float(init),
+        output_scale=output_scale,
+        alphas_cumprod=acp,
+        prediction_type=cfg.prediction_type,
+        sampler_kwargs=kwargs,
+        x0_limit=x0_limit,
+        total_steps=steps,
+    )
