@@ -95,8 +95,8 @@ def _resblock(cfg: AutoencoderKLConfig, c_in: int, c_out: int) -> ResBlock:
 
 
 def _mid(cfg: AutoencoderKLConfig, c: int) -> MidBlock:
-    if not cfg.mid_attention:
-        return MidBlock([_resblock(cfg, c, c)])
+    if not cfg.mid_attention:  # both ResBlocks stay, as in the reference
+        return MidBlock([_resblock(cfg, c, c), _resblock(cfg, c, c)])
     attn = SpatialSelfAttention(c, heads=1, groups=cfg.norm_groups, eps=1e-6)
     return MidBlock([_resblock(cfg, c, c), _resblock(cfg, c, c)], [attn])
 

@@ -454,22 +454,24 @@ class UpBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """The bottleneck: ResBlock, then [spatial attention, ResBlock] per attention module
-    (one attention in SD; none in a resnet-only mid block)."""
+    """The bottleneck: ResBlock, then [spatial attention, ResBlock] per attention module (one
+    attention in SD). With attentions=None the ResBlocks just run in sequence (the VAE mid
+    block without attention keeps both of its ResBlocks; diffusers' `UNetMidBlock2D` has one)."""
 
     def __init__(self, resnets: list[nn.Module], attentions: list[nn.Module] | None = None) -> None:
         super().__init__()
-        attentions = attentions or []
-        if len(resnets) != len(attentions) + 1:
+        if attentions is not None and len(resnets) != len(attentions) + 1:
             raise ValueError("a MidBlock needs one more ResBlock than attentions")
         self.resnets = nn.ModuleList(resnets)
-        self.attentions = nn.ModuleList(attentions)
+        self.attentions = nn.ModuleList(attentions) if attentions is not None else None
 
     def forward(
         self, x: torch.Tensor, temb: torch.Tensor | None = None, context: torch.Tensor | None = None
     ) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W)."""
         x = self.resnets[0](x, temb)
-        for attn, resnet in zip(self.attentions, self.resnets[1:], strict=True):
-            x = resnet(attn(x, context), temb)
+        for i, resnet in enumerate(self.resnets[1:]):
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+            x = resnet(x, temb)
         return x
