@@ -98,3 +98,12 @@ def test_minilm_encoder_interface_and_truncation(minilm) -> None:
     wide = MiniLMTextEncoder(tok, model, max_length=40).encode(["a red circle"])
     torch.testing.assert_close(wide.context[0, :5], out.context[0, :5], atol=1e-5, rtol=0)
     torch.testing.assert_close(wide.pooled[0], out.pooled[0], atol=1e-5, rtol=0)
+    assert wide.context[0, 5:].abs().max() == 0 and out.context[0, 5:].abs().max() == 0
+    # Same numbers as the plain tower over the full window, and as encoding the prompt alone.
+    batch = tok.tokenize(["a red circle"], max_length=12)
+    with torch.no_grad():
+        full = model(batch.ids, batch.attention_mask)
+    torch.testing.assert_close(out.context[0, :5], full[0, :5], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.pooled[:1], mean_pool(full, batch.attention_mask), atol=1e-5, rtol=0)
+    alone = enc.encode(["a red circle"])
+    torch.testing.assert_close(alone.context[0], out.context[0], atol=1e-5, rtol=0)

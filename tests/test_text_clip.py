@@ -151,6 +151,14 @@ def test_folders_and_encoders(tmp_path) -> None:
     torch.testing.assert_close(out.pooled, r2.text_embeds, atol=TOL, rtol=0)
     assert out.context.shape == (3, 77, 72) and out.truncated == [False, False, True]
 
+    # The SDXL refiner: only the 2nd tower, its penultimate states and text_embeds.
+    (tmp_path / "refiner").mkdir()
+    for name in ("text_encoder_2", "tokenizer_2"):
+        (tmp_path / "refiner" / name).symlink_to(tmp_path / "sdxl" / name)
+    refiner = load_diffusers_text_encoder(tmp_path / "refiner").encode(prompts)
+    torch.testing.assert_close(refiner.context, r2.hidden_states[-2], atol=TOL, rtol=0)
+    torch.testing.assert_close(refiner.pooled, r2.text_embeds, atol=TOL, rtol=0)
+
     # The older prefixed layout on disk loads to the same numbers.
     from safetensors.torch import load_file, save_file
 

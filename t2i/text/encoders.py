@@ -103,10 +103,12 @@ class SDXLTextEncoder(nn.Module):
 
 
 class MiniLMTextEncoder(nn.Module):
-    """all-MiniLM-L6-v2 token states for t2i's default model, padded to a fixed `max_length`.
+    """all-MiniLM-L6-v2 token states for t2i's default model, in a fixed window of `max_length`.
 
-    context (B, max_length, 384) with mask (B, max_length): the states at padding positions are
-    not meaningful, so a consumer should mask them. pooled: (B, 384) masked mean (not normalized).
+    context (B, max_length, 384) with mask (B, max_length). The tower runs only over the longest
+    prompt of the batch (cheap: shape captions are ~10 tokens) and padding positions are zero, so
+    a prompt's context is the same whatever it is batched with. pooled: (B, 384), masked mean
+    of the token states (not L2-normalized).
     """
 
     def __init__(self, tokenizer: WordPieceTokenizer, model: BertModel, max_length: int = 64) -> None:
@@ -125,8 +127,11 @@ class MiniLMTextEncoder(nn.Module):
         batch = self.tokenizer.tokenize(prompts, self.max_length)
         device = self.model.token_embedding.weight.device
         ids, mask = batch.ids.to(device), batch.attention_mask.to(device)
-        states = self.model(ids, mask)  # (B, T, D)
-        return TextEncoding(states, mean_pool(states, mask), mask, batch.truncated)
+        n = int(batch.lengths.max())  # real tokens never see padding, so drop the common tail
+        states = self.model(ids[:, :n], mask[:, :n]) * mask[:, :n, None]  # (B, n, D), zero on padding
+        context = states.new_zeros(len(prompts), self.max_length, states.shape[-1])
+        context[:, :n] = states  # (B, max_length, D)
+        return TextEncoding(context, mean_pool(states, mask[:, :n]), mask, batch.truncated)
 
     forward = encode
 
