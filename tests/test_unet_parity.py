@@ -100,7 +100,9 @@ def _inputs(cfg: dict, hw: tuple[int, int], seed: int = 0) -> dict:
     if cfg.get("addition_embed_type") == "text_time":
         out["text_embeds"] = torch.randn(batch, 16, generator=g)
         # original size, crop top-left, target size, as SDXL pipelines pass them
-        out["time_ids"] = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0], [768.0, 512.0, 32.0, 8.0, 512.0, 512.0]])
+        out["time_ids"] = torch.tensor(
+            [[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0], [768.0, 512.0, 32.0, 8.0, 512.0, 512.0]]
+        )
     return out
 
 
@@ -177,7 +179,8 @@ def test_presets_have_diffusers_layout(name: str) -> None:
     with torch.device("meta"):
         ref = UNet2DConditionModel.from_config(unet_config_to_diffusers(cfg))
         ours = UNet(cfg)
-    assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    shapes = {k: v.shape for k, v in ours.state_dict().items()}
+    assert {k: v.shape for k, v in ref.state_dict().items()} == shapes
 
 
 @pytest.mark.parametrize(

@@ -140,7 +140,8 @@ def test_presets_have_diffusers_layout(name: str) -> None:
     with torch.device("meta"):
         ref = DiffusersAutoencoderKL.from_config(vae_config_to_diffusers(cfg))
         ours = AutoencoderKL(cfg)
-    assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    shapes = {k: v.shape for k, v in ours.state_dict().items()}
+    assert {k: v.shape for k, v in ref.state_dict().items()} == shapes
 
 
 @pytest.mark.parametrize(

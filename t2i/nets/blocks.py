@@ -191,7 +191,8 @@ class Downsample(nn.Module):
             self.conv = nn.AvgPool2d(2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) -> (B, C_out, ceil(H / 2), ceil(W / 2)) for the conv, floor for pooling."""
+        """x: (B, C, H, W) -> (B, C_out, H', W'): H' = ceil(H / 2) with padding=1, floor(H / 2)
+        with padding=0 or pooling (the same for even sizes)."""
         if self.padding == 0 and isinstance(self.conv, nn.Conv2d):
             x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
