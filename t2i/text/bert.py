@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from t2i.nets.attention import Attention
-from t2i.text.clip_tokenizer import TokenizedBatch
+from t2i.text.clip_tokenizer import TokenizedBatch, pack
 
 
 @dataclass
@@ -127,14 +127,9 @@ class WordPieceTokenizer:
 
     def tokenize(self, texts: list[str], max_length: int = 64) -> TokenizedBatch:
         """ids (B, max_length): [CLS] + up to max_length - 2 tokens + [SEP], then [PAD]."""
-        ids = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)
-        lengths, truncated = [], []
-        for i, toks in enumerate(self.token_ids(texts)):
-            row = [self.cls_id, *toks[: max_length - 2], self.sep_id]
-            ids[i, : len(row)] = torch.tensor(row)
-            lengths.append(len(row))
-            truncated.append(len(toks) > max_length - 2)
-        return TokenizedBatch(ids, torch.tensor(lengths, dtype=torch.long), truncated)
+        if isinstance(texts, str):
+            raise TypeError("tokenize takes a list of strings")
+        return pack(self.token_ids(texts), self.cls_id, self.sep_id, self.pad_id, max_length)
 
 
 # ---------------------------------------------------------------------------- MiniLM weights

@@ -90,6 +90,20 @@ class TokenizedBatch:
         return torch.arange(self.ids.shape[1])[None, :] < self.lengths[:, None]
 
 
+def pack(token_lists: list[list[int]], bos: int, eos: int, pad: int, max_length: int) -> TokenizedBatch:
+    """bos + tokens cut to max_length - 2 + eos, padded with `pad`; cuts are flagged, not hidden."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    ids = torch.full((len(token_lists), max_length), pad, dtype=torch.long)
+    lengths, truncated = [], []
+    for i, toks in enumerate(token_lists):
+        row = [bos, *toks[: max_length - 2], eos]
+        ids[i, : len(row)] = torch.tensor(row)
+        lengths.append(len(row))
+        truncated.append(len(toks) > max_length - 2)
+    return TokenizedBatch(ids, torch.tensor(lengths, dtype=torch.long), truncated)
+
+
 class CLIPTokenizer:
     """CLIP BPE tokenizer with transformers-identical ids (see the module docstring)."""
 
@@ -175,17 +189,7 @@ class CLIPTokenizer:
         """
         if isinstance(texts, str):
             raise TypeError("tokenize takes a list of strings")
-        if max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {max_length}")
-        ids = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)
-        lengths, truncated = [], []
-        for i, toks in enumerate(self.token_ids(texts)):
-            body = toks[: max_length - 2]
-            row = [self.bos_id, *body, self.eos_id]
-            ids[i, : len(row)] = torch.tensor(row)
-            lengths.append(len(row))
-            truncated.append(len(toks) > len(body))
-        return TokenizedBatch(ids, torch.tensor(lengths, dtype=torch.long), truncated)
+        return pack(self.token_ids(texts), self.bos_id, self.eos_id, self.pad_id, max_length)
 
     def decode(self, ids: list[int]) -> str:
         """Text of token ids, special tokens dropped, words separated by spaces."""
