@@ -39,7 +39,8 @@ class AnalyticNet:
     """eps / v "network" of (x_vp, t) for Gaussian data; records the timesteps it is given."""
 
     def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str):
-        self.table = ((1 - alphas_cumprod) / alphas_cumprod).double() ** 0.5  # (T,)
+        acp = alphas_cumprod.double().clamp(min=2.0**-24)  # zero terminal SNR: keep sigma finite
+        self.table = ((1 - acp) / acp) ** 0.5  # (T,)
         g = torch.Generator().manual_seed(7)
         self.mu = torch.randn(SHAPE[1:], generator=g, dtype=torch.float64) * 0.5
         self.s = torch.rand(SHAPE[1:], generator=g, dtype=torch.float64) * 0.8 + 0.3
@@ -154,3 +155,95 @@ def test_parity_cosine_and_linear_betas():
     check("dpmpp_2m", dict(SD2, beta_schedule="squaredcos_cap_v2"), 10)
     check("ddim", dict(SD2, beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing"), 10)
     check("ddim", dict(SD1, beta_schedule="linear", beta_start=0.0001, beta_end=0.02), 10)
+
+
+def test_zero_terminal_snr_ddim_ddpm_known_gap():
+    """diffusers' DDIM/DDPM keep alphas_cumprod[-1] = 0 under zero terminal SNR (sigma_max = inf,
+    not representable in VE form); we use 2**-24 as diffusers' own Euler/DPM do. With v-prediction
+    the final latents then differ by a few 1e-4 of their std (eps-prediction is NaN in diffusers)."""
+    cfg = dict(SD2, timestep_spacing="trailing", rescale_betas_zero_snr=True, beta_schedule="linear",
+               beta_start=0.0001, beta_end=0.02)
+    assert check("ddim", cfg, 10, tol=1e-3) > 1e-5
+    assert check("ddpm", cfg, 10, tol=1e-3) > 1e-5
+
+
+def _diffusers_partial(sampler, config, steps, t_start, stop=None, init=None, latents=None, karras=False):
+    """diffusers' img2img / denoising_start loop: begin at index t_start (times the scheduler's
+    order), optionally noise init latents with add_noise, and stop after `stop` timesteps."""
+    cls = getattr(diffusers, CLASSES[sampler])
+    extra = {"use_karras_sigmas": True} if karras else {}
+    sched = cls.from_config(config, **extra)
+    sched.set_timesteps(steps)
+    begin = t_start * sched.order
+    timesteps = sched.timesteps[begin:]
+    if hasattr(sched, "set_begin_index"):  # as the pipelines do (DDIM steps by timestep value)
+        sched.set_begin_index(begin)
+    net = AnalyticNet(sched.alphas_cumprod, config["prediction_type"])
+    g = torch.Generator().manual_seed(SEED)
+    if latents is None:
+        noise = torch.randn(SHAPE, generator=g)
+        if init is not None:
+            latents = sched.add_noise(init, noise, timesteps[:1])
+        else:
+            latents = noise * sched.init_noise_sigma
+    for t in timesteps[:stop]:
+        out = net(sched.scale_model_input(latents, t), t)
+        kwargs = {} if sampler == "heun" else {"generator": g}
+        latents = sched.step(out, t, latents, **kwargs).prev_sample
+    return latents, net.seen
+
+
+def _ours(plan, cfg, noise_seed_latents=None, init=None):
+    net = AnalyticNet(plan.alphas_cumprod, cfg.prediction_type)
+    g = torch.Generator().manual_seed(SEED)
+    if noise_seed_latents is None:
+        x = plan.start(torch.randn(SHAPE, generator=g), init)
+    else:
+        x = noise_seed_latents
+    return plan.run(plan.denoiser(net), x, generator=g), net.seen
+
+
+@pytest.mark.parametrize("sampler,karras", [("euler", False), ("euler_a", False), ("heun", False),
+                                            ("ddim", False), ("dpmpp_2m", False), ("dpmpp_2m", True)])
+@pytest.mark.parametrize("strength", [0.0, 0.35, 0.8, 1.0])
+def test_img2img_strength_parity(sampler, karras, strength):
+    config = dict(SD1, timestep_spacing="leading")
+    steps = 10
+    init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(99))
+    cfg = ScheduleConfig(**config)
+    plan = prepare_sampling(cfg, sampler, steps, karras=karras).from_strength(strength)
+    ours, our_t = _ours(plan, cfg, init=init)
+    assert plan.steps == int(steps * strength)
+    if plan.steps == 0:
+        assert torch.equal(plan.finish(ours), init)  # strength 0 returns the input
+        return
+    ref, ref_t = _diffusers_partial(sampler, config, steps, steps - plan.steps, init=init, karras=karras)
+    assert our_t == ref_t
+    err = ((plan.finish(ours) - ref).abs().max() / ref.std()).item()
+    assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("sampler,karras", [("euler", False), ("euler", True), ("euler_a", False),
+                                            ("ddim", False), ("dpmpp_2m", False), ("dpmpp_2m", True)])
+@pytest.mark.parametrize("fraction", [0.5, 0.8])
+def test_refiner_handoff_parity(sampler, karras, fraction):
+    """SDXL base (denoising_end) -> refiner (denoising_start) at a fraction of the schedule."""
+    config = dict(SD1, timestep_spacing="trailing")
+    steps = 12
+    cfg = ScheduleConfig(**config)
+    head, tail = prepare_sampling(cfg, sampler, steps, karras=karras).split(fraction)
+    assert head.steps + tail.steps == steps and 0 < head.steps < steps
+    x_mid, t_head = _ours(head, cfg)
+    held = head.finish(x_mid)  # the latents diffusers' base pipeline returns
+    ours, t_tail = _ours(tail, cfg, noise_seed_latents=tail.resume(held))
+
+    ref_mid, ref_t_head = _diffusers_partial(sampler, config, steps, 0, stop=head.steps, karras=karras)
+    cutoff = int(round(1000 - fraction * 1000))
+    sched = getattr(diffusers, CLASSES[sampler]).from_config(config, use_karras_sigmas=karras)
+    sched.set_timesteps(steps)
+    assert int((sched.timesteps >= cutoff).sum()) == head.steps  # diffusers' denoising_end count
+    ref, ref_t_tail = _diffusers_partial(sampler, config, steps, head.steps, latents=ref_mid, karras=karras)
+    assert t_head == ref_t_head and t_tail == ref_t_tail
+    assert ((held - ref_mid).abs().max() / ref_mid.std()).item() < 1e-5
+    err = ((tail.finish(ours) - ref).abs().max() / ref.std()).item()
+    assert err < 1e-5, err

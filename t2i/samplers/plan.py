@@ -22,7 +22,7 @@ VP latents ``x_vp = x / sqrt(1 + sigma^2)``, its Euler-family schedulers hold VE
   ``init_latents + sigma_start * noise`` for every scheduler (diffusers' add_noise).
 * ``finish(x)``: at sigma 0 both forms agree; a VP scheduler ending at sigma_min > 0 (DDIM
   without set_alpha_to_one, DPM with final_sigmas_type "sigma_min") holds
-  ``x / sqrt(1 + sigma_last^2)``, which is what finish returns (``output_scale``).
+  ``x / sqrt(1 + sigma_last^2)``, which is what finish returns (``resume`` is its inverse).
 
 Starting or stopping part-way: ``from_strength`` (img2img, SDEdit) keeps the last
 ``int(steps * strength)`` steps as diffusers' img2img pipelines do; ``split(fraction)`` cuts
@@ -70,7 +70,6 @@ class SamplingPlan:
         sigmas: (N+1,) float32 descending noise levels; N steps.
         timesteps: (N,) float32 network timestep for sigmas[:N].
         init_noise_scale: x_T = noise * init_noise_scale when starting from pure noise.
-        output_scale: final latents = x * output_scale (1 unless a VP scheduler ends above 0).
         alphas_cumprod: (T,) the model's training schedule.
         prediction_type: "epsilon", "v_prediction" or "sample".
         sampler_kwargs: extra options for the sampler function (eta, sigmas_to, lower_order_final).
@@ -82,7 +81,6 @@ class SamplingPlan:
     sigmas: torch.Tensor
     timesteps: torch.Tensor
     init_noise_scale: float
-    output_scale: float
     alphas_cumprod: torch.Tensor
     prediction_type: str
     sampler_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -92,6 +90,11 @@ class SamplingPlan:
     @property
     def steps(self) -> int:
         return len(self.timesteps)
+
+    def held_scale(self, sigma: torch.Tensor) -> float:
+        """VP factor of the latents diffusers' scheduler holds at sigma: 1 / sqrt(1 + sigma^2)
+        for ddim/ddpm/dpmpp_2m, 1 for the Euler family (which holds VE latents)."""
+        return float((sigma**2 + 1) ** -0.5) if self.sampler in VP_SAMPLERS else 1.0
 
     def denoiser(self, net: torch.nn.Module | Callable) -> DiscreteDenoiser:
         """The network behind the denoiser contract, seeing this plan's timesteps."""
@@ -121,8 +124,16 @@ class SamplingPlan:
                                       **self.sampler_kwargs)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        """The latents diffusers' scheduler would hold at the end of this plan."""
-        return x if self.output_scale == 1.0 else x * self.output_scale
+        """The latents diffusers' scheduler would hold at the end of this plan (VE x unchanged
+        at sigma 0; VP x / sqrt(1 + sigma_last^2) for a VP scheduler stopping above 0)."""
+        scale = self.held_scale(self.sigmas[-1])
+        return x if scale == 1.0 else x * scale
+
+    def resume(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``finish`` at this plan's first sigma: continue from latents another plan
+        handed over in diffusers' form (e.g. the refiner after ``split``)."""
+        scale = self.held_scale(self.sigmas[0])
+        return latents.to(torch.float32) if scale == 1.0 else latents.to(torch.float32) / scale
 
     def _slice(self, start: int, stop: int, ends_schedule: bool) -> SamplingPlan:
         kwargs = dict(self.sampler_kwargs)
@@ -131,14 +142,17 @@ class SamplingPlan:
         if "lower_order_final" in kwargs and not ends_schedule:
             kwargs["lower_order_final"] = False
         sigmas = self.sigmas[start : stop + 1]
-        scale = self.output_scale if ends_schedule else 1.0
-        return dataclasses.replace(self, sigmas=sigmas, timesteps=self.timesteps[start:stop],
-                                   sampler_kwargs=kwargs, output_scale=scale)
+        timesteps = self.timesteps[start:stop]
+        return dataclasses.replace(self, sigmas=sigmas, timesteps=timesteps, sampler_kwargs=kwargs)
 
     def from_strength(self, strength: float) -> SamplingPlan:
-        """img2img: the last int(steps * strength) steps (strength 0: none, start = input)."""
+        """img2img: the last int(steps * strength) steps, as diffusers' img2img pipelines.
+        Strength 0 leaves no step: the plan is the single sigma 0 and returns the input."""
         n = self.steps
         t_start = max(n - min(int(n * strength), n), 0)
+        if t_start == n:
+            return dataclasses.replace(self, sigmas=self.sigmas.new_zeros(1), timesteps=self.timesteps[:0],
+                                       sampler_kwargs={})
         return self._slice(t_start, n, True)
 
     def split(self, fraction: float) -> tuple[SamplingPlan, SamplingPlan]:
@@ -200,7 +214,6 @@ def prepare_sampling(cfg: ScheduleConfig, sampler: str, steps: int, karras: bool
     acp = cfg.alphas_cumprod()
     table, log_table = _table(acp)
     kwargs: dict[str, Any] = {}
-    output_scale = 1.0
 
     if sampler in EULER_FAMILY:
         ts = spaced_timesteps(spacing, T, steps, cfg.steps_offset, integer=False)
@@ -231,7 +244,6 @@ def prepare_sampling(cfg: ScheduleConfig, sampler: str, steps: int, karras: bool
         sigmas = torch.from_numpy(np.concatenate([sig, [final]]).astype(np.float32))
         kwargs["lower_order_final"] = bool(cfg.euler_at_final or (cfg.lower_order_final and steps < 15))
         init = (sigmas[0] ** 2 + 1) ** 0.5
-        output_scale = float((sigmas[-1] ** 2 + 1) ** -0.5)
     else:  # ddim, ddpm: integer timesteps, VP latents
         ts = spaced_timesteps(spacing, T, steps, cfg.steps_offset, integer=True)
         if sampler == "ddim":
@@ -248,7 +260,6 @@ def prepare_sampling(cfg: ScheduleConfig, sampler: str, steps: int, karras: bool
             if not np.array_equal(sig_to, sigmas[1:].numpy()):
                 kwargs["sigmas_to"] = torch.from_numpy(sig_to)
         init = (sigmas[0] ** 2 + 1) ** 0.5
-        output_scale = float((sigmas[-1] ** 2 + 1) ** -0.5)
 
     x0_limit = None
     if sampler in ("ddim", "ddpm", "dpmpp_2m") and cfg.thresholding:
@@ -263,7 +274,6 @@ def prepare_sampling(cfg: ScheduleConfig, sampler: str, steps: int, karras: bool
         sigmas=sigmas,
         timesteps=torch.from_numpy(np.asarray(ts).astype(np.float32)),
         init_noise_scale=float(init),
-        output_scale=output_scale,
         alphas_cumprod=acp,
         prediction_type=cfg.prediction_type,
         sampler_kwargs=kwargs,
