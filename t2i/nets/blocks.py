@@ -370,6 +370,15 @@ class SpatialSelfAttention(Attention):
 # ---------------------------------------------------------------------------------------
 
 
+def _paired_attentions(resnets: list[nn.Module], attentions: list[nn.Module] | None) -> nn.ModuleList | None:
+    """One attention per ResBlock (as a ModuleList), or None for a level without attention."""
+    if attentions is None:
+        return None
+    if len(attentions) != len(resnets):
+        raise ValueError(f"a level needs one attention per ResBlock: {len(attentions)} for {len(resnets)}")
+    return nn.ModuleList(attentions)
+
+
 class DownBlock(nn.Module):
     """One encoder level: [ResBlock (-> spatial attention)] * n, then an optional Downsample.
 
@@ -387,12 +396,7 @@ class DownBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(resnets)
-        if attentions is not None:
-            if len(attentions) != len(resnets):
-                raise ValueError("a DownBlock needs one attention per ResBlock")
-            self.attentions = nn.ModuleList(attentions)
-        else:
-            self.attentions = None
+        self.attentions = _paired_attentions(resnets, attentions)
         self.downsamplers = nn.ModuleList([downsample]) if downsample is not None else None
 
     def forward(
@@ -424,12 +428,7 @@ class UpBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(resnets)
-        if attentions is not None:
-            if len(attentions) != len(resnets):
-                raise ValueError("an UpBlock needs one attention per ResBlock")
-            self.attentions = nn.ModuleList(attentions)
-        else:
-            self.attentions = None
+        self.attentions = _paired_attentions(resnets, attentions)
         self.upsamplers = nn.ModuleList([upsample]) if upsample is not None else None
 
     def forward(
