@@ -82,3 +82,17 @@ def test_short_window_truncation_is_reported(shipped: CLIPTokenizer) -> None:
     assert batch.truncated == [True, False] and batch.lengths.tolist() == [5, 4]
     with pytest.raises(TypeError):
         shipped.tokenize("not a list")  # type: ignore[arg-type]
+
+
+def test_from_folder_saved_by_transformers(tmp_path, shipped: CLIPTokenizer) -> None:
+    """transformers >= 5 saves only tokenizer.json + tokenizer_config.json: read that too."""
+    shipped.save(tmp_path / "src")
+    ref = transformers.CLIPTokenizer.from_pretrained(str(tmp_path / "src"), pad_token="!")
+    ref.save_pretrained(str(tmp_path / "saved"))
+    assert not (tmp_path / "saved" / "vocab.json").exists()
+    tok = CLIPTokenizer.from_folder(tmp_path / "saved")
+    assert tok.pad_id == 0
+    expected = ref(
+        TRICKY, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
+    assert torch.equal(tok.tokenize(TRICKY).ids, expected)

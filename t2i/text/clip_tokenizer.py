@@ -147,13 +147,23 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, path: str | Path) -> CLIPTokenizer:
-        """Read a checkpoint's `tokenizer/` folder: vocab.json, merges.txt and the pad token from
-        special_tokens_map.json or tokenizer_config.json (SD1: `<|endoftext|>`, SD2: `!`)."""
+        """Read a checkpoint's `tokenizer/` folder: vocab.json + merges.txt, or else tokenizer.json
+        (transformers >= 5 saves only that), and the pad token from special_tokens_map.json or
+        tokenizer_config.json (SD1: `<|endoftext|>`, SD2: `!`)."""
         path = Path(path)
-        for name in ("vocab.json", "merges.txt"):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path / name} not found: not a CLIP tokenizer folder")
-        return cls.from_files(path / "vocab.json", path / "merges.txt", pad_token=_read_pad_token(path))
+        pad = _read_pad_token(path)
+        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            return cls.from_files(path / "vocab.json", path / "merges.txt", pad_token=pad)
+        if (path / "tokenizer.json").is_file():
+            model = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+            if model.get("type") != "BPE":
+                raise ValueError(f"{path / 'tokenizer.json'}: a {model.get('type')} model, not CLIP's BPE")
+            # merges are "a b" strings in older files, [a, b] pairs in newer ones.
+            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+            return cls(model["vocab"], merges, pad_token=pad)  # type: ignore[arg-type]
+        raise FileNotFoundError(
+            f"{path}: no vocab.json + merges.txt or tokenizer.json: not a CLIP tokenizer folder"
+        )
 
     @classmethod
     def default(cls, pad_token: str = EOS) -> CLIPTokenizer:
