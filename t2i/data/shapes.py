@@ -11,6 +11,8 @@ render time; the caption rules (regions, relations) are read on those 64x64 unit
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
 from collections import Counter
@@ -288,8 +290,11 @@ def shape_coverage(shape: str, box: tuple[float, float, float, float], height: i
     c0, c1 = max(int(np.floor(x0)), 0), min(int(np.ceil(x1)), width)
     r0, r1 = max(int(np.floor(y0)), 0), min(int(np.ceil(y1)), height)
     k = supersample
-    xs = c0 + (np.arange((c1 - c0) * k, dtype=np.float32) + 0.5) / k
-    ys = r0 + (np.arange((r1 - r0) * k, dtype=np.float32) + 0.5) / k
+    # Sample points sit a hair off the regular grid so points exactly on an edge (the
+    # diamond's 45-degree sides cross grid points) fall in on one side and out on the
+    # other, instead of all in: coverage then integrates to the true area.
+    xs = c0 + (np.arange((c1 - c0) * k, dtype=np.float32) + 0.5) / k + 1.1e-3
+    ys = r0 + (np.arange((r1 - r0) * k, dtype=np.float32) + 0.5) / k + 0.7e-3
     u = ((xs - x0) / (x1 - x0))[None, :]  # (1, w*k) in box units
     v = ((ys - y0) / (y1 - y0))[:, None]  # (h*k, 1)
     inside = (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
@@ -429,7 +434,7 @@ def captions(scene: Scene, rng: np.random.Generator) -> list[str]:
     objs = scene.objects
     out = [_primary(scene, rng)]
     i = int(rng.integers(len(objs)))
-    out += [_single(objs[i], rng), _region(objs[i], rng)]
+    out += [_single(objs[i], rng), _region(objs[i], rng), _single(objs[i], rng)]
     if len(objs) >= 2:
         a, b = (int(v) for v in rng.choice(len(objs), 2, replace=False))
         out += [_binding([objs[a], objs[b]], rng), _relation(objs[a], objs[b], rng)]
@@ -437,10 +442,13 @@ def captions(scene: Scene, rng: np.random.Generator) -> list[str]:
     kinds = sorted(counts, key=lambda k: -counts[k])
     if counts[kinds[0]] >= 2:
         out.append(_counting(scene, kinds[: 1 + int(len(kinds) > 1 and rng.random() < 0.5)], rng))
+    elif len(kinds) == 1:
+        out.append(_counting(scene, kinds, rng))  # 'one yellow cross': exact, and true
     return list(dict.fromkeys(lang.with_background(c, scene.background) for c in out if c))
 
 
 # ----------------------------------------------------------------------------- datasets
+@functools.lru_cache(maxsize=1)
 def default_exclude() -> frozenset[str]:
     """The judge's held-out prompts, which training data never shows."""
     from t2i.eval.prompts import heldout_prompts  # eval depends on data, not the reverse
@@ -448,13 +456,16 @@ def default_exclude() -> frozenset[str]:
     return frozenset(p for _, p in heldout_prompts())
 
 
-def shapes_example(seed: int, index: int, exclude: frozenset[str] | set[str] = frozenset(),
+def shapes_example(seed: int, index: int, exclude: frozenset[str] | set[str] | None = None,
                    max_attempts: int = 100) -> tuple[Scene, str]:
     """Scene `index` of `seed` and its training caption; a pure function of (seed, index).
 
     The caption is the scene's primary one with probability PRIMARY_P, else another true
-    caption; captions in `exclude` are never returned (the scene is redrawn if all are).
+    caption; captions in `exclude` (default: the judge's held-out prompts) are never
+    returned (the scene is redrawn if all are).
     """
+    if exclude is None:
+        exclude = default_exclude()
     for attempt in range(max_attempts):
         rng = np.random.default_rng([seed, index, attempt])
         scene = sample_scene(rng)
@@ -500,15 +511,16 @@ class ShapesStream(IterableDataset):
 
     Resumable: the state is the next index (`state_dict()` / `load_state_dict()`, or pass
     `start`). Under DDP give rank/world_size: rank r takes indices start + r, start + r + W,
-    ...; DataLoader workers split a rank's sequence round-robin, which a DataLoader yields
-    back in order, so after k items a rank has consumed exactly its first k indices
-    (`index_after(k)`). `state_dict()` tracks the position only with num_workers=0.
+    .... With DataLoader workers set worker_chunk to the DataLoader's batch_size: workers
+    then take whole batches round-robin, which the DataLoader yields back in order, so
+    after k items a rank has consumed exactly its first k indices (`index_after(k)`).
+    `state_dict()` tracks the position only with num_workers=0.
     """
 
     def __init__(self, seed: int = 0, size: int = CANVAS, start: int = 0,
                  exclude: Iterable[str] | None = None, rank: int = 0, world_size: int = 1,
-                 tensor: bool = True) -> None:
-        self.seed, self.size, self.tensor = seed, size, tensor
+                 tensor: bool = True, worker_chunk: int = 1) -> None:
+        self.seed, self.size, self.tensor, self.worker_chunk = seed, size, tensor, worker_chunk
         self.index = start  # next global index this rank's sequence starts from (before rank offset)
         self.rank, self.world_size = rank, world_size
         self.exclude = default_exclude() if exclude is None else frozenset(exclude)
@@ -523,19 +535,25 @@ class ShapesStream(IterableDataset):
     def load_state_dict(self, state: dict) -> None:
         self.seed, self.index = int(state["seed"]), int(state["index"])
 
-    def __iter__(self) -> Iterator:
+    def _positions(self) -> Iterator[int]:
+        """This process's positions j in the rank's sequence: all of them, or with W
+        DataLoader workers, worker w's chunks [w*c, w*c + c), [(w+W)*c, ...) for c = worker_chunk."""
         info = get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        j = worker
+        if info is None:
+            yield from itertools.count()
+            return
+        c = self.worker_chunk
+        for block in itertools.count(info.id, info.num_workers):
+            yield from range(block * c, block * c + c)
+
+    def __iter__(self) -> Iterator:
         start = self.index
-        while True:
+        for j in self._positions():
             i = start + self.rank + j * self.world_size
             scene, caption = shapes_example(self.seed, i, self.exclude)
             image = render_array(scene, self.size)
-            if info is None:
-                self.index = start + (j + 1) * self.world_size
+            self.index = start + (j + 1) * self.world_size  # meaningful in the main process only
             yield (to_tensor(image) if self.tensor else image), caption
-            j += n_workers
 
 
 def write_shapes_dataset(n: int, out_dir: str, seed: int = 0, size: int = CANVAS, layout: str = "folder",
