@@ -48,7 +48,11 @@ def test_resblock_matches_diffusers(scale_shift: bool) -> None:
 
     torch.manual_seed(0)
     ref = ResnetBlock2D(
-        in_channels=8, out_channels=16, temb_channels=12, groups=4, eps=1e-5,
+        in_channels=8,
+        out_channels=16,
+        temb_channels=12,
+        groups=4,
+        eps=1e-5,
         time_embedding_norm="scale_shift" if scale_shift else "default",
     ).eval()
     ours = ResBlock(8, 16, 12, groups=4, eps=1e-5, scale_shift=scale_shift).eval()
@@ -88,8 +92,15 @@ def test_spatial_transformer_matches_diffusers(linear: bool) -> None:
 
     torch.manual_seed(0)
     # 3 heads of 10 on 32 channels: the inner width differs from the channel count.
-    ref = Transformer2DModel(3, 10, in_channels=32, num_layers=2, cross_attention_dim=12,
-                             norm_num_groups=8, use_linear_projection=linear).eval()
+    ref = Transformer2DModel(
+        3,
+        10,
+        in_channels=32,
+        num_layers=2,
+        cross_attention_dim=12,
+        norm_num_groups=8,
+        use_linear_projection=linear,
+    ).eval()
     ours = SpatialTransformer(32, 3, 10, 12, depth=2, linear_projection=linear, groups=8).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     x, ctx = torch.randn(2, 32, 4, 3), torch.randn(2, 5, 12)

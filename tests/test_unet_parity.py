@@ -203,3 +203,120 @@ def test_mismatched_up_blocks_rejected() -> None:
     bad = {**SD1, "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
     with pytest.raises(ValueError, match="up_block_types"):
         unet_config_from_diffusers(bad)
+
+
+# config.json files as published (abridged to the fields they carry).
+SD15_JSON = {
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": "0.6.0",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": [
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SD21_JSON = {
+    **SD15_JSON,
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "sample_size": 96,
+    "use_linear_projection": True,
+    "upcast_attention": True,
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "resnet_time_scale_shift": "default",
+}
+SDXL_JSON = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,
+    "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+
+@pytest.mark.parametrize(("config", "preset"), [(SD15_JSON, "sd15"), (SD21_JSON, "sd2"), (SDXL_JSON, "sdxl")])
+def test_published_configs_give_presets(config: dict, preset: str) -> None:
+    assert unet_config_from_diffusers(copy.deepcopy(config)) == UNET_CONFIGS[preset]
+
+
+def test_sdxl_refiner_layout() -> None:
+    """The SDXL refiner: attention only on the middle two of four levels, 4 transformer blocks,
+    5 time ids (aesthetic score instead of target size)."""
+    refiner = {
+        **SDXL_JSON,
+        "attention_head_dim": [6, 12, 24, 24],
+        "block_out_channels": [384, 768, 1536, 1536],
+        "cross_attention_dim": 1280,
+        "projection_class_embeddings_input_dim": 2560,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "transformer_layers_per_block": 4,
+    }
+    cfg = unet_config_from_diffusers(copy.deepcopy(refiner))
+    assert cfg.attention == (False, True, True, False) and cfg.transformer_depth == (4, 4, 4, 4)
+    with torch.device("meta"):
+        ref = UNet2DConditionModel(**{k: v for k, v in refiner.items() if not k.startswith("_")})
+        ours = UNet(cfg)
+    shapes = {k: v.shape for k, v in ours.state_dict().items()}
+    assert {k: v.shape for k, v in ref.state_dict().items()} == shapes

@@ -31,8 +31,13 @@ TINY = {
 }
 CASES = {
     "sd_like": TINY,
-    "no_attention_no_quant": {**TINY, "mid_block_add_attention": False, "use_quant_conv": False,
-                              "use_post_quant_conv": False, "shift_factor": 0.1},
+    "no_attention_no_quant": {
+        **TINY,
+        "mid_block_add_attention": False,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+        "shift_factor": 0.1,
+    },
 }
 
 
@@ -151,3 +156,29 @@ def test_presets_have_diffusers_layout(name: str) -> None:
 def test_unsupported_options_are_named(option: str, value: object) -> None:
     with pytest.raises(ValueError, match=option):
         vae_config_from_diffusers({**TINY, option: value})
+
+
+SD_VAE_JSON = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+
+@pytest.mark.parametrize(
+    ("config", "preset"),
+    [
+        (SD_VAE_JSON, "sd"),  # no scaling_factor field: diffusers' default 0.18215
+        ({**SD_VAE_JSON, "scaling_factor": 0.13025, "sample_size": 1024, "force_upcast": True}, "sdxl"),
+    ],
+)
+def test_published_configs_give_presets(config: dict, preset: str) -> None:
+    assert vae_config_from_diffusers(copy.deepcopy(config)) == AUTOENCODER_KL_CONFIGS[preset]

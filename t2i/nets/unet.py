@@ -282,9 +282,7 @@ UNET_CONFIGS: dict[str, UNetConfig] = {
     # SD 1.5 inpainting: the same network on latents + mask + masked-image latents.
     "sd15_inpaint": UNetConfig(in_channels=9),
     # SD 2.x (768-v and 512-base): 64-wide heads, linear projections, OpenCLIP ViT-H/14 text.
-    "sd2": UNetConfig(
-        num_heads=(5, 10, 20, 20), context_dim=1024, linear_projection=True, sample_size=96
-    ),
+    "sd2": UNetConfig(num_heads=(5, 10, 20, 20), context_dim=1024, linear_projection=True, sample_size=96),
     # SDXL base 1.0: three levels, no attention at the first, 1/2/10 transformer blocks,
     # both text encoders' hidden states (768 + 1280) and pooled text + 6 time ids.
     "sdxl": UNetConfig(
