@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from t2i.checkpoints.diffusers_nets import unet_config_from_diffusers, unet_config_to_diffusers
-from t2i.nets.unet import UNET_CONFIGS, UNet
+from t2i.nets.unet import UNET_CONFIGS, UNet, UNetConfig
 
 diffusers = pytest.importorskip("diffusers")
 UNet2DConditionModel = diffusers.UNet2DConditionModel
@@ -320,3 +320,13 @@ def test_sdxl_refiner_layout() -> None:
         ours = UNet(cfg)
     shapes = {k: v.shape for k, v in ours.state_dict().items()}
     assert {k: v.shape for k, v in ref.state_dict().items()} == shapes
+
+
+@pytest.mark.parametrize("name", list(UNET_CONFIGS))
+def test_config_survives_json(name: str) -> None:
+    """Configs are saved as JSON inside checkpoints: asdict -> json -> UNetConfig(**d) is exact."""
+    import dataclasses
+    import json
+
+    cfg = UNET_CONFIGS[name]
+    assert UNetConfig(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
