@@ -66,9 +66,11 @@ def _as_array(image) -> np.ndarray:
 def segment(image) -> tuple[np.ndarray, str]:
     """Nearest-colour labels (H, W) int (0-7 palette in PALETTE order, 8+ backgrounds) and
     the background name (the most common background label)."""
-    arr = _as_array(image).astype(np.float32)
-    d = ((arr[:, :, None, :] - _REFS) ** 2).sum(-1)  # (H, W, 11)
-    labels = d.argmin(-1)
+    arr = _as_array(image)
+    h, w, _ = arr.shape
+    # squared distance to each reference colour, minus the |pixel|^2 all of them share
+    d = (_REFS**2).sum(-1) - 2.0 * arr.reshape(-1, 3).astype(np.float32) @ _REFS.T  # (H*W, 11)
+    labels = d.argmin(-1).reshape(h, w)
     bg_counts = np.bincount(labels.ravel(), minlength=len(_NAMES))[_N_COLOURS:]
     return labels, _NAMES[_N_COLOURS + int(bg_counts.argmax())]
 
