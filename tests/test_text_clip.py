@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from t2i.checkpoints.transformers_text import (
+    clip_config_from_transformers,
     clip_config_to_transformers,
     clip_state_dict_from_transformers,
     clip_state_dict_to_transformers,
     clip_text_model_from_transformers,
     load_clip_text_folder,
 )
+from t2i.text.clip import CLIP_TEXT_PRESETS
 from t2i.text.clip_tokenizer import CLIPTokenizer
 from t2i.text.encoders import CLIPTextEncoder, SDXLTextEncoder, load_diffusers_text_encoder
 
@@ -168,3 +170,53 @@ def test_folders_and_encoders(tmp_path) -> None:
     torch.testing.assert_close(
         load_clip_text_folder(f.parent)(ids).last_hidden_state, sd1.encode(prompts).context
     )
+
+
+# The text_encoder(_2)/config.json of the released SD 1.5, SD 2.1 and SDXL base pipelines
+# (fields that matter; the rest are dropout and init settings).
+COMMON = {
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "vocab_size": 49408,
+    "model_type": "clip_text_model",
+}
+PUBLISHED = {
+    "openai-vit-l-14": {
+        "architectures": ["CLIPTextModel"],
+        "hidden_act": "quick_gelu",
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_attention_heads": 12,
+        "num_hidden_layers": 12,
+        "projection_dim": 768,
+        **COMMON,
+    },
+    "openclip-vit-h-14-sd2": {
+        "architectures": ["CLIPTextModel"],
+        "hidden_act": "gelu",
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 23,
+        "projection_dim": 512,
+        **COMMON,
+    },
+    "openclip-vit-bigg-14": {
+        "architectures": ["CLIPTextModelWithProjection"],
+        "hidden_act": "gelu",
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_attention_heads": 20,
+        "num_hidden_layers": 32,
+        "projection_dim": 1280,
+        **COMMON,
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_configs_map_to_presets(name: str) -> None:
+    assert clip_config_from_transformers(PUBLISHED[name]) == CLIP_TEXT_PRESETS[name]

@@ -129,14 +129,16 @@ class CLIPTextModel(nn.Module):
         return (ids == self.cfg.eos_token_id).int().argmax(dim=-1)
 
 
-# Named presets: the towers of the released Stable Diffusion checkpoints.
+# Named presets: the towers of the released Stable Diffusion checkpoints, as their published
+# text_encoder(_2)/config.json files translate (those say eos_token_id 2, hence argmax pooling).
+_RELEASED = {"eos_token_id": 2, "pooling": "argmax"}
 CLIP_TEXT_PRESETS: dict[str, CLIPTextConfig] = {
-    "openai-vit-l-14": CLIPTextConfig(),  # SD 1.x, SDXL encoder 1
+    "openai-vit-l-14": CLIPTextConfig(**_RELEASED),  # SD 1.x, SDXL encoder 1
     # SD 2.x: OpenCLIP ViT-H/14 with its last of 24 layers dropped, as the checkpoints ship it.
     "openclip-vit-h-14-sd2": CLIPTextConfig(
-        width=1024, layers=23, heads=16, mlp_dim=4096, activation="gelu", projection_dim=None
+        width=1024, layers=23, heads=16, mlp_dim=4096, activation="gelu", projection_dim=None, **_RELEASED
     ),
-    "openclip-vit-bigg-14": CLIPTextConfig(  # SDXL encoder 2
-        width=1280, layers=32, heads=20, mlp_dim=5120, activation="gelu", projection_dim=1280
+    "openclip-vit-bigg-14": CLIPTextConfig(  # SDXL encoder 2 (base and refiner)
+        width=1280, layers=32, heads=20, mlp_dim=5120, activation="gelu", projection_dim=1280, **_RELEASED
     ),
 }
