@@ -254,3 +254,31 @@ def test_evaluate_and_grid(tmp_path):
     assert tuple(grid[1, 1]) == (30, 170, 60)  # first tile framed green
     assert tuple(grid[1, cw + 1]) == (220, 20, 20)  # second framed red
     assert (grid[64 + 8 + 2:ch, :cw] < 100).any()  # the prompt text is drawn under the tile
+
+
+def test_run_shapes_eval_with_a_perfect_and_a_blank_generator(tmp_path):
+    """A generator that renders a true scene for each prompt scores 1; a blank one 0."""
+    pairs = [(f, p) for f, p in P.heldout_prompts()[::25]]
+    truth = {}
+    for k, family in enumerate(P.FAMILIES):  # recreate the scenes the held-out prompts came from
+        for i in range(400):
+            rng = np.random.default_rng([P.HELDOUT_SEED, k, i])
+            scene = sample_scene(rng, family=family, background=None if family == "background" else "white")
+            truth.setdefault(captions(scene, rng)[0], scene)
+
+    def perfect(batch):
+        return [render(truth[p]) for p in batch]
+
+    def blank(batch):
+        return [np.full((64, 64, 3), 255, np.uint8) for _ in batch]
+
+    result = P_run(perfect, pairs, str(tmp_path))
+    assert result["overall"] == 1.0 and set(result["accuracy"]) == set(P.FAMILIES)
+    assert (tmp_path / "results.json").exists() and (tmp_path / "grid.png").exists()
+    assert P_run(blank, pairs, None)["overall"] == 0.0
+
+
+def P_run(gen, pairs, out):
+    from t2i.eval.shapes_judge import run_shapes_eval
+
+    return run_shapes_eval(gen, pairs, out, batch_size=5)
