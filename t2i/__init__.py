@@ -1,0 +1,47 @@
+"""t2i: text-to-image systems in plain PyTorch.
+
+    import t2i
+    pipe = t2i.load()                      # the built-in shapes model
+    images = pipe("a red circle above a blue square", seed=1)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "default"
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def load(path: str | Path | None = None, precision: str = "fp32"):
+    """Load a model for generation: a diffusers folder, or t2i's built-in model when path is None.
+
+    Returns a pipeline: `pipe(prompt, seed=..., steps=...) -> list[PIL.Image]`, and
+    `pipe.generate(...)` for the latents and metadata too.
+    """
+    import torch
+
+    from t2i.checkpoints.diffusers_folder import is_diffusers_folder, load_diffusers_pipeline
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if path is None:
+        from t2i.systems.shapes_ldm import load_default_model
+
+        return load_default_model(dtype=dtype)
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path}")
+    if is_diffusers_folder(path):
+        return load_diffusers_pipeline(path, dtype=dtype)
+    if path.is_dir():
+        from t2i.systems.shapes_ldm import is_t2i_model, load_t2i_model
+
+        if is_t2i_model(path):
+            return load_t2i_model(path, dtype=dtype)
+        raise ValueError(f"{path}: not a model folder (no model_index.json, no t2i model files)")
+    raise ValueError(f"{path}: single-file checkpoints are not supported yet; give a diffusers folder")
