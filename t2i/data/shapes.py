@@ -202,16 +202,18 @@ def _place(specs: list[tuple[str, str, str]], rng: np.random.Generator, accept=N
     return placed
 
 
-def _extras(rng: np.random.Generator, p: float, room: int, avoid: set) -> list[tuple[str, str, str]]:
+def _extras(rng: np.random.Generator, p: float, room: int, avoid: set) -> list[tuple[str, str]]:
+    """With probability p, 1 to `room` objects of kinds other than `avoid` (a partial caption
+    leaves them out)."""
     n = int(rng.integers(1, room + 1)) if room > 0 and rng.random() < p else 0
-    return [(*_random_kind(rng, avoid), "") for _ in range(n)]
+    return [_random_kind(rng, avoid) for _ in range(n)]
 
 
 def _scene_specs(family: str, rng: np.random.Generator):
-    """Object specs (colour, shape, size) for a family, the number in focus, and a constraint."""
+    """Object kinds (colour, shape) for a family, how many lead in focus, and a placement constraint."""
     if family in ("single", "region"):
         kind = _random_kind(rng)
-        specs = [(*kind, "")] + _extras(rng, 0.2, 2, {kind})
+        specs = [kind] + _extras(rng, 0.2, 2, {kind})
         accept = None
         if family == "region":
             target = list(lang.REGION_PHRASES)[rng.integers(len(lang.REGION_PHRASES))]
@@ -227,7 +229,7 @@ def _scene_specs(family: str, rng: np.random.Generator):
         kinds: list[tuple[str, str]] = []
         for _ in range(n):
             kinds.append(_random_kind(rng, kinds))
-        return [(*k, "") for k in kinds], n, None
+        return kinds, n, None
     if family == "relation":
         a = _random_kind(rng)
         b = _random_kind(rng, [a])
@@ -235,17 +237,17 @@ def _scene_specs(family: str, rng: np.random.Generator):
 
         def accept(obj, placed, rel=rel):
             return len(placed) != 1 or relation_holds(rel, placed[0].centre, obj.centre, CAPTION_SAFETY)
-        return [(*a, ""), (*b, "")] + _extras(rng, 0.15, 1, {a, b}), 2, accept
+        return [a, b] + _extras(rng, 0.15, 1, {a, b}), 2, accept
     if family == "counting":
         n_a = int(rng.choice([2, 3, 4], p=[0.45, 0.35, 0.2]))
         a = _random_kind(rng)
-        specs = [(*a, "")] * n_a
+        specs = [a] * n_a
         if n_a < 4 and rng.random() < 0.5:
             b = _random_kind(rng, [a])
             n_b = int(rng.integers(1, 4 - n_a + 1))
-            specs += [(*b, "")] * n_b
+            specs += [b] * n_b
         n_focus = len(specs)
-        specs += _extras(rng, 0.1, 4 - n_focus, {k[:2] for k in specs})
+        specs += _extras(rng, 0.1, 4 - n_focus, set(specs))
         return specs, n_focus, None
     raise ValueError(f"unknown family {family!r}")
 
@@ -268,7 +270,7 @@ def sample_scene(rng: np.random.Generator, family: str | None = None, background
         # Objects of one kind in a counting group share a size word (the caption names none).
         sizes: dict[tuple[str, str], str] = {}
         full = []
-        for i, (colour, shape, _) in enumerate(specs):
+        for i, (colour, shape) in enumerate(specs):
             key = (colour, shape) if family == "counting" and i < n_focus else (colour, shape, i)
             size = sizes.setdefault(key, _random_size(rng, len(specs)))
             full.append((colour, shape, size))
