@@ -19,6 +19,16 @@ from t2i.nets.blocks import (
 diffusers = pytest.importorskip("diffusers")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: one intra-op thread is as fast on an idle machine and avoids
+    the 10-100x slow-down of spinning worker threads on a shared, loaded one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_timestep_embedding_golden() -> None:
     """dim 4, shift 0: freqs 1 and 10000 ** (-1/2) = 0.01; cos first when flipped."""
     t = torch.tensor([0.0, 50.0])
