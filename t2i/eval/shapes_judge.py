@@ -3,10 +3,16 @@
 detect: every pixel takes the nearest of the 8 palette colours and the 3 background
 colours; the most common background colour is the image's background; connected
 components (4-neighbour) of one palette colour with at least 12 pixels on 64x64 (scaled
-by area) are objects, classified by IoU against the five shape templates drawn in their
-bounding box. judge: checks a prompt's claims (background, presence, colour-shape
-binding, exact counts, regions, relations) against the detections. Positions and sizes
-are read in 64x64 canvas units whatever the image size.
+by area) are the objects. Each is classified by template IoU: the five shape templates
+are drawn in a square box and compared with the component. The box is fitted rather than
+read off the hard mask: the component's pixels (and the 1 px anti-aliased rim around
+them) are turned into coverage by projecting each pixel onto the background -> colour
+line, and the box side and centre come from that coverage's area and centroid. This reads
+sizes and centres to a fraction of a pixel, where the hard mask's bounding box loses a
+pixel at a diamond's tips or a triangle's apex (enough to call a 16 px diamond small).
+judge: checks a prompt's claims (background, presence, colour-shape binding, exact
+counts, regions, relations) against the detections. Positions and sizes are read in
+64x64 canvas units whatever the (square) image size.
 """
 
 from __future__ import annotations
