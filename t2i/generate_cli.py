@@ -24,6 +24,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--init-image", default=None, help="img2img / inpainting input image")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img: how much of the schedule to run over the input (0 keeps it, 1 ignores it)")
+    p.add_argument("--mask", default=None, help="inpainting mask (white = repaint), with --init-image")
+    p.add_argument("--outpaint", default=None, metavar="L,T,R,B",
+                   help="pad --init-image by these pixels on each side and paint the padding")
+    p.add_argument("--refiner", default=None, help="SDXL refiner model; takes over at --refiner-start")
+    p.add_argument("--refiner-start", type=float, default=0.8, help="fraction of the schedule run by the base")
     p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
     p.add_argument("--out", default="image.png", help="output PNG; with several images, -0, -1, ... are added")
     p.add_argument("--save-latents", default=None, metavar="FILE.safetensors",
@@ -49,8 +57,47 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     if args.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+    if args.mask is not None and args.init_image is None:
+        raise UserError("--mask needs --init-image")
+    if args.outpaint is not None:
+        if args.init_image is None or args.mask is not None:
+            raise UserError("--outpaint needs --init-image (and no --mask: the padding is the mask)")
+        parts = args.outpaint.split(",")
+        if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+            raise UserError(f"--outpaint takes four pixel counts L,T,R,B, got {args.outpaint!r}")
+    if args.strength is not None and not 0.0 <= args.strength <= 1.0:
+        raise UserError(f"--strength must be between 0 and 1, got {args.strength}")
+    if not 0.0 < args.refiner_start < 1.0:
+        raise UserError(f"--refiner-start must be between 0 and 1, got {args.refiner_start}")
     if args.save_latents and not args.save_latents.endswith(".safetensors"):
         raise UserError("--save-latents must name a .safetensors file")
+
+
+def _open_image(path: str, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    from t2i.cli import UserError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB") if what != "--mask" else im.convert("L")
+    except FileNotFoundError:
+        raise UserError(f"{what} file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"{what} {path} is not a readable image ({e})") from None
+
+
+def _input_images(args: argparse.Namespace) -> dict:
+    """init_image / mask / strength for generate(), from --init-image, --mask and --outpaint."""
+    if args.init_image is None:
+        return {}
+    init = _open_image(args.init_image, "--init-image")
+    mask = _open_image(args.mask, "--mask") if args.mask else None
+    if args.outpaint is not None:
+        from t2i.systems.latent_diffusion import outpaint_canvas
+
+        init, mask = outpaint_canvas(init, *(int(p) for p in args.outpaint.split(",")))
+    return {"init_image": init, "mask": mask, "strength": args.strength}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
     from t2i.imageio import save_png
 
     pipe = t2i.load(args.model, precision=args.precision)
-    settings = dict(negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
+    images = _input_images(args)
+    refiner = t2i.load(args.refiner, precision=args.precision) if args.refiner else None
+    settings = dict(**images, refiner=refiner, refiner_start=args.refiner_start,
+                    negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
                     guidance=args.guidance, guidance_rescale=args.guidance_rescale, sampler=args.sampler,
                     schedule=args.schedule, eta=args.eta, width=args.width, height=args.height,
                     num_images=args.num_images, progress=not args.quiet)

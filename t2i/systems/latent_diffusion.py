@@ -7,19 +7,23 @@ in the components; this file only wires them.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from t2i.autoencoders.kl import AutoencoderKL
 from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.schedules import ScheduleConfig
-from t2i.imageio import format_parameters, to_pil
+from t2i.imageio import format_parameters, from_pil, to_pil
 from t2i.nets.unet import UNet
-from t2i.samplers.plan import prepare_sampling
+from t2i.samplers.plan import SamplingPlan, prepare_sampling
 from t2i.samplers.sampling import SAMPLERS
 from t2i.text.encoders import TextEncoder, TextEncoding
 
@@ -81,21 +85,30 @@ class LatentDiffusionPipeline:
         self.micro_conditioning = micro_conditioning
         self.zero_empty_negative = zero_empty_negative
         self.vae_scale = vae.cfg.downsample_factor
-        self.latent_channels = unet.cfg.in_channels
+        self.latent_channels = vae.cfg.latent_channels
+        # The SDXL refiner conditions on an aesthetic score instead of the target size: its
+        # added embedding then takes 5 time ids, not 6.
+        self.aesthetic_conditioning = bool(
+            micro_conditioning and unet.cfg.projection_class_embeddings_input_dim is not None
+            and text_encoder.pooled_dim is not None and unet.cfg.addition_time_embed_dim is not None
+            and unet.cfg.projection_class_embeddings_input_dim - text_encoder.pooled_dim
+            == 5 * unet.cfg.addition_time_embed_dim)
 
     # ------------------------------------------------------------------ conditioning
 
-    def _cond(self, enc: TextEncoding, height: int, width: int) -> dict[str, torch.Tensor]:
+    def _cond(self, enc: TextEncoding, height: int, width: int, aesthetic: float) -> dict[str, torch.Tensor]:
         """Network keyword arguments for a batch of encoded prompts."""
         cond = {"context": enc.context}
         if self.micro_conditioning:
             if enc.pooled is None:
                 raise ValueError("micro-conditioning needs a text encoder with a pooled output")
             b = enc.context.shape[0]
-            # original size, crop top-left, target size, as (h, w) pairs (SDXL paper, sec. 2.2)
-            ids = torch.tensor([height, width, 0, 0, height, width], dtype=torch.float32)
+            # SDXL paper sec. 2.2: original size and crop top-left as (h, w) pairs, then the target
+            # size (base) or an aesthetic score (refiner).
+            tail = [aesthetic] if self.aesthetic_conditioning else [height, width]
+            ids = torch.tensor([height, width, 0, 0, *tail], dtype=torch.float32)
             cond["text_embeds"] = enc.pooled
-            cond["time_ids"] = ids.expand(b, 6)
+            cond["time_ids"] = ids.expand(b, ids.shape[0])
         return cond
 
     def encode_prompts(self, prompt: str, negative_prompt: str, n: int, height: int, width: int,
@@ -111,32 +124,45 @@ class LatentDiffusionPipeline:
             mask = None if enc.mask is None else enc.mask[i: i + 1].expand(n, -1)
             return TextEncoding(enc.context[i: i + 1].expand(n, -1, -1), pooled, mask, [])
 
-        cond = self._cond(pick(0), height, width)
+        cond = self._cond(pick(0), height, width, aesthetic=6.0)
         if not guided:
             return cond, None, warnings
         neg = pick(1)
         if self.zero_empty_negative and not negative_prompt:
             neg = replace(neg, context=torch.zeros_like(neg.context),
                           pooled=None if neg.pooled is None else torch.zeros_like(neg.pooled))
-        return cond, self._cond(neg, height, width), warnings
+        return cond, self._cond(neg, height, width, aesthetic=2.5), warnings
+
+    # ------------------------------------------------------------------ images <-> latents
+
+    def encode_image(self, image: Image.Image, width: int, height: int) -> torch.Tensor:
+        """PIL image -> (1, C, h, w) diffusion latents (posterior mode, resized to width x height)."""
+        x = from_pil(image, (width, height)).to(self._vae_dtype())
+        return self.vae.scale(self.vae.encode(x).mode().float())
+
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """(N, C, h, w) diffusion latents -> N PIL images."""
+        return to_pil(self.vae.decode(self.vae.unscale(latents.float()).to(self._vae_dtype())))
+
+    def _vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def _latent_mask(self, mask: Image.Image, h: int, w: int) -> torch.Tensor:
+        """White = repaint. -> (1, 1, h, w) in {0, 1} at latent resolution (nearest, as diffusers)."""
+        m = from_pil(mask.convert("L").convert("RGB"), (w * self.vae_scale, h * self.vae_scale))[:, :1]
+        m = (m > 0).float()  # from_pil maps [0, 255] to [-1, 1]: > 0 is the upper half
+        return F.interpolate(m, size=(h, w), mode="nearest")
 
     # ------------------------------------------------------------------ generation
 
-    @torch.no_grad()
-    def generate(self, prompt: str, negative_prompt: str = "", *, seed: int = 0, steps: int | None = None,
-                 guidance: float | None = None, guidance_rescale: float = 0.0, sampler: str | None = None,
-                 schedule: str | None = None, eta: float | None = None, width: int | None = None,
-                 height: int | None = None, num_images: int = 1, progress: bool = False,
-                 callback: Callable[[int, int], None] | None = None) -> GenerationResult:
-        """Generate num_images images for one prompt. Unset settings take `self.defaults`.
-
-        callback(step, total) is called after each sampler step (for progress reporting).
-        """
+    def _resolve(self, steps, guidance, sampler, schedule, width, height, init_image):
         d = self.defaults
-        steps = steps or d.steps
-        guidance = d.guidance if guidance is None else guidance
-        sampler = sampler or d.sampler
-        schedule = schedule or d.schedule
+        if init_image is not None and (width is None or height is None):
+            # img2img keeps the input's size, rounded down to what the autoencoder can take
+            width = width or init_image.width // self.vae_scale * self.vae_scale
+            height = height or init_image.height // self.vae_scale * self.vae_scale
+        steps, guidance = steps or d.steps, d.guidance if guidance is None else guidance
+        sampler, schedule = sampler or d.sampler, schedule or d.schedule
         width, height = width or d.width, height or d.height
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -145,25 +171,101 @@ class LatentDiffusionPipeline:
         for what, v in (("width", width), ("height", height)):
             if v <= 0 or v % self.vae_scale:
                 raise ValueError(f"{what} must be a positive multiple of {self.vae_scale}, got {v}")
-        if not torch.isfinite(torch.tensor(guidance)):
+        if not math.isfinite(guidance):
             raise ValueError(f"guidance must be a finite number, got {guidance}")
+        return steps, guidance, sampler, schedule, width, height
+
+    def plan(self, sampler: str, steps: int, schedule: str, eta: float | None = None) -> SamplingPlan:
+        """The full sampling plan for these settings on this model's schedule."""
+        karras = True if schedule == "karras" else (False if sampler in ("ddim", "ddpm") else None)
+        return prepare_sampling(self.schedule, sampler, steps, karras=karras, eta=eta or 0.0)
+
+    @torch.no_grad()
+    def generate(self, prompt: str, negative_prompt: str = "", *, seed: int = 0, steps: int | None = None,
+                 guidance: float | None = None, guidance_rescale: float = 0.0, sampler: str | None = None,
+                 schedule: str | None = None, eta: float | None = None, width: int | None = None,
+                 height: int | None = None, num_images: int = 1, init_image: Image.Image | None = None,
+                 strength: float | None = None, mask: Image.Image | None = None,
+                 refiner: LatentDiffusionPipeline | None = None, refiner_start: float = 0.8,
+                 progress: bool = False, callback: Callable[[int, int], None] | None = None) -> GenerationResult:
+        """Generate num_images images for one prompt. Unset settings take `self.defaults`.
+
+        init_image + strength: img2img (SDEdit): the last int(steps * strength) steps run from the
+        noised image latents (strength 0 returns the input, 1 ignores it; default 0.8, or 1.0 with
+        a mask). mask (white = repaint): inpainting; 9-channel U-Nets also see the mask and the
+        masked image, and every model keeps the unmasked latents (blended into each x0 estimate).
+        refiner + refiner_start: the base runs the first refiner_start of the schedule, the refiner
+        the rest on the same latents (SDXL's ensemble of expert denoisers).
+        callback(step, total) is called after each sampler step (for progress reporting).
+        """
+        steps, guidance, sampler, schedule, width, height = self._resolve(
+            steps, guidance, sampler, schedule, width, height, init_image)
+        if mask is not None and init_image is None:
+            raise ValueError("a mask needs an init image")
+        if self.unet.cfg.in_channels != self.latent_channels and mask is None:
+            raise ValueError("this is an inpainting model: give an init image and a mask")
+        strength = (1.0 if mask is not None else 0.8) if strength is None else strength
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
         start = time.perf_counter()
+        h, w = height // self.vae_scale, width // self.vae_scale
 
         guided = guidance > 1.0
         cond, uncond, warnings = self.encode_prompts(prompt, negative_prompt, num_images, height, width, guided)
-        karras = True if schedule == "karras" else (None if sampler in ("euler", "euler_a", "heun", "dpmpp_2m")
-                                                       else False)
-        plan = prepare_sampling(self.schedule, sampler, steps, karras=karras, eta=eta or 0.0)
-        denoiser = CFGDenoiser(plan.denoiser(self.unet), guidance, guidance_rescale)
-        denoiser = plan.limit_x0(denoiser)
+        plan = self.plan(sampler, steps, schedule, eta)
+        refiner_plan = None
+        if refiner is not None:
+            plan, _ = plan.split(refiner_start)
+            refiner_plan = refiner.plan(sampler, steps, schedule, eta).split(refiner_start)[1]
+        net: nn.Module = self.unet
+        init = keep = None
+        if init_image is not None:
+            init = self.encode_image(init_image, width, height).expand(num_images, -1, -1, -1)
+            plan = plan.from_strength(strength)
+        if mask is not None:
+            keep = 1 - self._latent_mask(mask, h, w)  # (1, 1, h, w), 1 where the input stays
+            if self.unet.cfg.in_channels == 2 * self.latent_channels + 1:
+                masked = self.encode_image(_masked_image(init_image, mask, width, height), width, height)
+                net = ConcatChannels(self.unet, torch.cat([1 - keep, masked], dim=1))
 
-        h, w = height // self.vae_scale, width // self.vae_scale
         noise = seed_noise(seed, num_images, (self.latent_channels, h, w))
-        x = plan.start(noise)
+        x = plan.start(noise, init)
+        denoiser = plan.limit_x0(CFGDenoiser(plan.denoiser(net), guidance, guidance_rescale))
+        if keep is not None:
+            denoiser = KeepUnmasked(denoiser, init, keep)
+        x = self._run(plan, denoiser, x, cond, uncond, seed, progress, callback)
+        latents = plan.finish(x)
+        if refiner is not None and refiner_plan is not None:
+            r_cond, r_uncond, r_warn = refiner.encode_prompts(prompt, negative_prompt, num_images, height, width,
+                                                              guided)
+            warnings += r_warn
+            r_den = refiner_plan.limit_x0(CFGDenoiser(refiner_plan.denoiser(refiner.unet), guidance,
+                                                      guidance_rescale))
+            x = refiner._run(refiner_plan, r_den, refiner_plan.resume(latents), r_cond, r_uncond, seed + 1,
+                             progress, callback)
+            latents = refiner_plan.finish(x)
+
+        images = self.decode(latents)
+        extra = {}
+        if init_image is not None:
+            extra["denoising_strength"] = strength
+        if refiner is not None:
+            extra.update(refiner=refiner.name, refiner_switch_at=refiner_start)
+        params = format_parameters(prompt, negative_prompt, steps=steps, sampler=sampler, schedule=schedule,
+                                   guidance=guidance, seed=seed, width=width, height=height, model=self.name,
+                                   **extra)
+        for i, im in enumerate(images):
+            im.info["parameters"] = params if i == 0 else params.replace(f"Seed: {seed},", f"Seed: {seed + i},")
+        return GenerationResult(images, latents, [seed + i for i in range(num_images)], warnings,
+                                time.perf_counter() - start)
+
+    def _run(self, plan: SamplingPlan, denoiser: Callable, x: torch.Tensor, cond: dict, uncond: dict | None,
+             seed: int, progress: bool, callback: Callable[[int, int], None] | None) -> torch.Tensor:
         bar = _progress(plan.steps, progress)
 
         def on_step(info: dict) -> None:
-            bar.update(1) if bar is not None else None
+            if bar is not None:
+                bar.update(1)
             if callback is not None:
                 callback(info["i"] + 1, plan.steps)
 
@@ -172,22 +274,55 @@ class LatentDiffusionPipeline:
         x = plan.run(denoiser, x, {"cond": cond, "uncond": uncond}, on_step, generator)
         if bar is not None:
             bar.close()
-        latents = plan.finish(x)
-        images = self.decode(latents)
-        params = format_parameters(prompt, negative_prompt, steps=steps, sampler=sampler, schedule=schedule,
-                                   guidance=guidance, seed=seed, width=width, height=height, model=self.name)
-        for i, im in enumerate(images):
-            im.info["parameters"] = params if i == 0 else params.replace(f"Seed: {seed},", f"Seed: {seed + i},")
-        return GenerationResult(images, latents, [seed + i for i in range(num_images)], warnings,
-                                time.perf_counter() - start)
-
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        """(N, C, h, w) diffusion latents -> N PIL images."""
-        return to_pil(self.vae.decode(self.vae.unscale(latents.to(torch.float32))))
+        return x
 
     def __call__(self, prompt: str, negative_prompt: str = "", **settings) -> list[Image.Image]:
         """The images only; see `generate` for the settings."""
         return self.generate(prompt, negative_prompt, **settings).images
+
+
+class ConcatChannels(nn.Module):
+    """An inpainting U-Net's extra input channels (mask, masked-image latents; seed 002) appended to
+    the noisy latents, unscaled, as the network was trained: net(cat[x, extra], t, ...)."""
+
+    def __init__(self, net: nn.Module, extra: torch.Tensor) -> None:
+        super().__init__()
+        self.net, self.extra = net, extra  # extra: (1, E, h, w)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        extra = self.extra.to(x.dtype).expand(x.shape[0], -1, -1, -1)
+        return self.net(torch.cat([x, extra], dim=1), t, **cond)
+
+
+class KeepUnmasked(nn.Module):
+    """Inpainting by latent blending: x0 estimates keep the input latents where keep = 1, so the
+    sampler walks the unmasked region straight back to the input."""
+
+    def __init__(self, denoiser: Callable, init: torch.Tensor, keep: torch.Tensor) -> None:
+        super().__init__()
+        self.inner, self.init, self.keep = denoiser, init, keep
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.keep * self.init + (1 - self.keep) * self.inner(x, sigma, **kwargs)
+
+
+def _masked_image(image: Image.Image, mask: Image.Image, width: int, height: int) -> Image.Image:
+    """The input with the region to repaint blanked to mid-gray (0 in [-1, 1]), as diffusers does."""
+    img = np.asarray(image.convert("RGB").resize((width, height), Image.LANCZOS)).astype(np.float32)
+    m = np.asarray(mask.convert("L").resize((width, height), Image.NEAREST)) >= 128
+    img[m] = 127.5
+    return Image.fromarray(img.round().astype(np.uint8))
+
+
+def outpaint_canvas(image: Image.Image, left: int = 0, top: int = 0, right: int = 0,
+                    bottom: int = 0) -> tuple[Image.Image, Image.Image]:
+    """Outpainting as inpainting: the image padded with gray on each side, and the mask of the padding."""
+    w, h = image.width + left + right, image.height + top + bottom
+    canvas = Image.new("RGB", (w, h), (127, 127, 127))
+    canvas.paste(image.convert("RGB"), (left, top))
+    mask = Image.new("L", (w, h), 255)
+    mask.paste(0, (left, top, left + image.width, top + image.height))
+    return canvas, mask
 
 
 def _progress(total: int, enabled: bool):
