@@ -243,3 +243,14 @@ def test_prepare_sampling_errors_and_defaults():
     plan = prepare_sampling(cfg, "euler", 10)
     assert plan.timesteps[0].item() == 999.0 and plan.init_noise_scale == pytest.approx(plan.sigmas[0].item())
     assert plan.x0_limit is None
+
+
+def test_reads_a_saved_dpm_config(tmp_path):
+    sched = diffusers.DPMSolverMultistepScheduler(use_karras_sigmas=True, final_sigmas_type="sigma_min", **SD)
+    sched.save_config(tmp_path)
+    cfg = read_scheduler_config(tmp_path / "scheduler_config.json")
+    assert cfg.lambda_min_clipped is None  # diffusers wrote -Infinity
+    assert cfg.use_karras_sigmas and cfg.final_sigmas_type == "sigma_min" and cfg.lower_order_final
+    plan = prepare_sampling(cfg, "dpmpp_2m", 10)
+    sched.set_timesteps(10)
+    assert torch.equal(plan.sigmas, sched.sigmas) and plan.timesteps.tolist() == sched.timesteps.tolist()

@@ -49,8 +49,8 @@ def scheduler_config_from_dict(raw: dict[str, Any], source: str = "scheduler con
                 f"{source}: {key}={raw[key]!r} is not supported by t2i (supported: {allowed})"
             )
     kwargs = {k: v for k, v in raw.items() if k in _FIELDS}
-    if kwargs.get("lambda_min_clipped") is None:
-        kwargs.pop("lambda_min_clipped", None)
+    if kwargs.get("lambda_min_clipped") is not None and math.isinf(kwargs["lambda_min_clipped"]):
+        kwargs["lambda_min_clipped"] = None  # diffusers writes -Infinity for "no clipping"
     for key in ("num_train_timesteps", "steps_offset"):
         if key in kwargs and not isinstance(kwargs[key], int):
             raise SchedulerConfigError(f"{source}: {key} must be an integer, got {kwargs[key]!r}")

@@ -228,7 +228,7 @@ class ScheduleConfig:
     final_sigmas_type: str | None = None
     lower_order_final: bool = True
     euler_at_final: bool = False
-    lambda_min_clipped: float = -math.inf
+    lambda_min_clipped: float | None = None  # DPM-Solver: None (or -inf) means no clipping
     variance_type: str | None = None
 
     def betas(self) -> torch.Tensor:

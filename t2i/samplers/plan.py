@@ -193,8 +193,9 @@ def prepare_sampling(cfg: ScheduleConfig, sampler: str, steps: int, karras: bool
         cfg: the model's schedule (``t2i.checkpoints.diffusers_scheduler.read_scheduler_config``).
         sampler: one of SAMPLERS.
         steps: number of sampler steps N (network calls: N, or 2N - 1 for heun).
-        karras: Karras sigmas (rho 7); None takes the config's use_karras_sigmas. Not defined
-            for ddim/ddpm. For euler_a (no Karras option in diffusers) they are made as Euler's.
+        karras: Karras sigmas (rho 7); None takes the config's use_karras_sigmas (ignored by
+            ddim/ddpm, as in diffusers; an explicit True is an error there). For euler_a (no
+            Karras option in diffusers) they are made as Euler's.
         eta: DDIM's eta (ddim only).
     Returns:
         The SamplingPlan.
@@ -205,7 +206,8 @@ def prepare_sampling(cfg: ScheduleConfig, sampler: str, steps: int, karras: bool
     T = cfg.num_train_timesteps
     if steps > T:
         raise ValueError(f"steps ({steps}) cannot exceed num_train_timesteps ({T})")
-    karras = cfg.use_karras_sigmas if karras is None else karras
+    if karras is None:  # the config's choice; diffusers' DDIM/DDPM have no Karras option and ignore it
+        karras = cfg.use_karras_sigmas and sampler not in ("ddim", "ddpm")
     if karras and sampler in ("ddim", "ddpm"):
         raise ValueError(f"Karras sigmas are not available for {sampler}; use euler, euler_a, heun, dpmpp_2m")
     if eta and sampler != "ddim":
@@ -229,7 +231,7 @@ def prepare_sampling(cfg: ScheduleConfig, sampler: str, steps: int, karras: bool
         init = smax32 if spacing in ("linspace", "trailing") else (smax32**2 + 1) ** 0.5
     elif sampler == "dpmpp_2m":
         last = T
-        if cfg.lambda_min_clipped > -np.inf:
+        if cfg.lambda_min_clipped is not None and cfg.lambda_min_clipped > -np.inf:
             lam = torch.log(acp.sqrt()) - torch.log((1 - acp).sqrt())
             last = T - int(torch.searchsorted(torch.flip(lam, [0]), cfg.lambda_min_clipped))
         ts = dpm_timesteps(spacing, T, steps, cfg.steps_offset, last)
