@@ -69,7 +69,7 @@ class AutoencoderLossConfig:
     kl_weight: float = 1e-6  # KL is summed over the latent, reconstruction over pixels
     disc_weight: float = 0.5  # scale on top of the adaptive weight
     disc_start: int = 2000  # step at which the adversarial terms switch on
-    disc_channels: int = 64
+    disc_channels: int = 32
     disc_layers: int = 2
     logvar_init: float = 0.0  # learned output log-variance of the Gaussian likelihood
 

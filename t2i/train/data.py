@@ -1,0 +1,49 @@
+"""Training data by random access: item i -> ((3, S, S) image in [-1, 1], caption).
+
+Every source is indexed, so a run's data position (samples consumed, over all ranks) is
+all that is needed to resume it exactly (`t2i.train.loop.batch_indices`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from t2i.train.distributed import DistInfo
+from t2i.train.loop import batch_indices
+
+
+class IndexedData(Protocol):
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]: ...
+
+
+class TrainData:
+    """A source and its length (None: the endless shapes stream, read in index order)."""
+
+    def __init__(self, source: IndexedData, length: int | None, seed: int) -> None:
+        self.source, self.length, self.seed = source, length, seed
+
+    def batch(self, position: int, batch_size: int, info: DistInfo) -> tuple[torch.Tensor, list[str], list[int]]:
+        """This rank's share of the global batch at `position`: images (B, 3, S, S), captions, indices."""
+        idx = batch_indices(position, batch_size, info, self.length, self.seed)
+        items = [self.source[i] for i in idx]
+        return torch.stack([im for im, _ in items]), [c for _, c in items], idx
+
+
+def open_data(kind: str, path: str | None, size: int, seed: int,
+              log: Callable[[str], None] = print) -> TrainData:
+    """kind: "shapes" (the endless world of `seed`), "folder" (images + .txt sidecars under
+    `path`) or "jsonl" (a manifest at `path`)."""
+    if kind == "shapes":
+        from t2i.data.shapes import ShapesDataset
+
+        # ShapesDataset is random access by index; an effectively endless one is the stream.
+        return TrainData(ShapesDataset(2**62, seed=seed, size=size), None, seed)
+    from t2i.data.folder import image_folder, jsonl_manifest
+
+    if path is None:
+        raise ValueError(f"--data {kind} needs --data-path")
+    ds = image_folder(path, size, log) if kind == "folder" else jsonl_manifest(path, size, log)
+    return TrainData(ds, len(ds), seed)
