@@ -246,6 +246,10 @@ class LatentDiffusionPipeline:
             latents = refiner_plan.finish(x)
 
         images = self.decode(latents)
+        if mask is not None and init_image is not None:
+            # The decoder's attention mixes every latent into every pixel, so the unmasked region is
+            # pasted back from the input, as A1111 and diffusers' overlay do.
+            images = [_overlay(init_image, im, mask) for im in images]
         extra = {}
         if init_image is not None:
             extra["denoising_strength"] = strength
@@ -312,6 +316,16 @@ def _masked_image(image: Image.Image, mask: Image.Image, width: int, height: int
     m = np.asarray(mask.convert("L").resize((width, height), Image.NEAREST)) >= 128
     img[m] = 127.5
     return Image.fromarray(img.round().astype(np.uint8))
+
+
+def _overlay(original: Image.Image, generated: Image.Image, mask: Image.Image) -> Image.Image:
+    """generated where the mask is white, the original elsewhere (both at the generated size)."""
+    size = generated.size
+    keep = mask.convert("L").resize(size, Image.NEAREST).point(lambda v: 255 if v < 128 else 0)
+    out = generated.copy()
+    out.paste(original.convert("RGB").resize(size, Image.LANCZOS), (0, 0), keep)
+    out.info = dict(generated.info)
+    return out
 
 
 def outpaint_canvas(image: Image.Image, left: int = 0, top: int = 0, right: int = 0,
