@@ -26,6 +26,7 @@ from t2i.nets.unet import UNet
 from t2i.samplers.plan import SamplingPlan, prepare_sampling
 from t2i.samplers.sampling import SAMPLERS
 from t2i.text.encoders import TextEncoder, TextEncoding
+from t2i.text.prompt_syntax import encode_prompts
 
 
 @dataclass
@@ -115,9 +116,15 @@ class LatentDiffusionPipeline:
                        guided: bool) -> tuple[dict, dict | None, list[str]]:
         """(cond, uncond or None, warnings), each tensor batched to n images."""
         texts = [prompt, negative_prompt] if guided else [prompt]
-        enc = self.text_encoder.encode(texts)
+        # A1111 prompt syntax: (word:1.3) emphasis, BREAK, and prompts longer than one window
+        # encoded in 75-token chunks; plain short prompts encode exactly as diffusers does.
+        enc = encode_prompts(self.text_encoder, texts)
         warnings = [f"{which} was cut to the text encoder's {self.text_encoder.max_length} tokens"
                     for which, cut in zip(("prompt", "negative prompt"), enc.truncated, strict=False) if cut]
+        window = getattr(self.text_encoder, "max_length", 77)
+        if enc.mask is None and enc.context.shape[1] > window:
+            warnings.append(f"long prompt: encoded in {enc.context.shape[1] // window} chunks of "
+                            f"{window - 2} tokens (A1111 style)")
 
         def pick(i: int) -> TextEncoding:
             pooled = None if enc.pooled is None else enc.pooled[i: i + 1].expand(n, -1)
