@@ -157,7 +157,7 @@ def prompt_chunks(
         nonlocal last_comma
         chunks.append(chunk)
         last_comma = -1
-        return rest or PromptChunk()
+        return rest if rest is not None else PromptChunk()
 
     for item in weighted_tokens(tokenizer, parse_prompt_attention(text)):
         if item is None:
