@@ -17,7 +17,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def load(path: str | Path | None = None, precision: str = "fp32"):
-    """Load a model for generation: a diffusers folder, or t2i's built-in model when path is None.
+    """Load a model for generation: a diffusers folder, a single-file SD checkpoint (.safetensors,
+    .ckpt), or t2i's built-in model when path is None.
 
     Returns a pipeline: `pipe(prompt, seed=..., steps=...) -> list[PIL.Image]`, and
     `pipe.generate(...)` for the latents and metadata too.
@@ -44,4 +45,9 @@ def load(path: str | Path | None = None, precision: str = "fp32"):
         if is_t2i_model(path):
             return load_t2i_model(path, dtype=dtype)
         raise ValueError(f"{path}: not a model folder (no model_index.json, no t2i model files)")
-    raise ValueError(f"{path}: single-file checkpoints are not supported yet; give a diffusers folder")
+    from t2i.checkpoints.single_file import is_single_file, load_single_file
+
+    if is_single_file(path):
+        return load_single_file(path, dtype=dtype)
+    raise ValueError(f"{path}: not a model (expected a diffusers folder, a t2i model folder, "
+                     "or a .safetensors/.ckpt single file)")

@@ -1,0 +1,148 @@
+"""Writing a LatentDiffusionPipeline out: as one file in the original SD key layout, or as a
+diffusers folder. Both keep the weights' values and dtype exactly; nothing is cast.
+
+The single file carries its resolved configs in the safetensors metadata (`t2i_sd_config`),
+so t2i reads it back without guessing; other tools (diffusers' `from_single_file`,
+AUTOMATIC1111, ComfyUI) read the keys. The folder is what `save_pretrained` writes:
+model_index.json, unet/ vae/ text_encoder(_2)/ tokenizer(_2)/ scheduler/.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from t2i.checkpoints.diffusers_nets import unet_config_to_diffusers, vae_config_to_diffusers
+from t2i.checkpoints.diffusers_scheduler import write_scheduler_config
+from t2i.checkpoints.io import save_state_dict
+from t2i.checkpoints.single_file import (
+    METADATA_KEY,
+    TEXT_SLOTS,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    SingleFileConfig,
+    identity_openclip_layer,
+    text_from_ours,
+    unet_to_original,
+    vae_to_original,
+)
+from t2i.checkpoints.transformers_text import clip_config_to_transformers, clip_state_dict_to_transformers
+from t2i.systems.latent_diffusion import LatentDiffusionPipeline
+from t2i.text.encoders import CLIPTextEncoder, SDXLTextEncoder
+
+# Our default sampler -> the diffusers scheduler class written into scheduler_config.json.
+SAMPLER_SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+}
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in module.state_dict().items()}
+
+
+def text_encoders(pipe: LatentDiffusionPipeline) -> list[CLIPTextEncoder]:
+    enc = pipe.text_encoder
+    if isinstance(enc, CLIPTextEncoder):
+        return [enc]
+    if isinstance(enc, SDXLTextEncoder):
+        return list(enc.encoders)
+    raise ValueError(f"cannot export a {type(enc).__name__}: only CLIP-conditioned SD 1/2/XL pipelines")
+
+
+def pipeline_family(pipe: LatentDiffusionPipeline) -> str:
+    """"sd1" / "sd2" / "sdxl" / "sdxl_refiner" from the text encoders: one quick-GELU tower is
+    OpenAI CLIP (SD1), one GELU tower OpenCLIP (SD2); SDXL has two, its refiner only the 2nd."""
+    encs = text_encoders(pipe)
+    if isinstance(pipe.text_encoder, SDXLTextEncoder):
+        return "sdxl" if len(encs) == 2 else "sdxl_refiner"
+    return "sd2" if encs[0].model.cfg.activation == "gelu" else "sd1"
+
+
+def single_file_config(pipe: LatentDiffusionPipeline) -> SingleFileConfig:
+    encs = text_encoders(pipe)
+    return SingleFileConfig(pipeline_family(pipe), pipe.unet.cfg, pipe.vae.cfg, [e.model.cfg for e in encs],
+                            [e.tokenizer.pad_token for e in encs], pipe.schedule, pipe.defaults,
+                            pipe.zero_empty_negative)
+
+
+def to_original_state_dict(pipe: LatentDiffusionPipeline) -> dict[str, torch.Tensor]:
+    """The pipeline's weights under the original single-file keys (see single_file.py)."""
+    family = pipeline_family(pipe)
+    state = {UNET_PREFIX + k: v for k, v in unet_to_original(_state(pipe.unet), pipe.unet.cfg).items()}
+    state.update({VAE_PREFIX + k: v for k, v in vae_to_original(_state(pipe.vae), pipe.vae.cfg).items()})
+    for slot, enc in zip(TEXT_SLOTS[family], text_encoders(pipe), strict=True):
+        text = text_from_ours(_state(enc.model), slot.layout)
+        if slot.cut_last:  # SD2: append the identity block that "penultimate" readers skip
+            text.update(identity_openclip_layer(enc.model.cfg.layers, text))
+        state.update({slot.prefix + k: v for k, v in text.items()})
+    return state
+
+
+def save_single_file(pipe: LatentDiffusionPipeline, path: str | Path) -> Path:
+    """Write `pipe` as one `.safetensors` in the original SD layout, configs in the metadata."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: single files are written as .safetensors only")
+    save_state_dict(to_original_state_dict(pipe), path,
+                    metadata={METADATA_KEY: single_file_config(pipe).to_json(), "format": "pt"})
+    return path
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def save_diffusers_folder(pipe: LatentDiffusionPipeline, folder: str | Path) -> Path:
+    """Write `pipe` as a diffusers folder that `DiffusionPipeline.from_pretrained` and t2i read.
+
+    The folder is built next to the target and renamed into place, so a failure leaves no
+    half-written model; an existing target is refused."""
+    folder = Path(folder)
+    if folder.exists():
+        raise FileExistsError(f"{folder} exists; choose a new folder")
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    family = pipeline_family(pipe)
+    dtype = str(next(pipe.unet.parameters()).dtype).removeprefix("torch.")
+
+    _write_json(tmp / "unet" / "config.json", unet_config_to_diffusers(pipe.unet.cfg))
+    save_state_dict(_state(pipe.unet), tmp / "unet" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    _write_json(tmp / "vae" / "config.json", vae_config_to_diffusers(pipe.vae.cfg))
+    save_state_dict(_state(pipe.vae), tmp / "vae" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+
+    suffixes = {"sd1": [""], "sd2": [""], "sdxl": ["", "_2"], "sdxl_refiner": ["_2"]}[family]
+    components: dict[str, list] = {}
+    for s, enc in zip(suffixes, text_encoders(pipe), strict=True):
+        config = {**clip_config_to_transformers(enc.model.cfg), "dtype": dtype}
+        _write_json(tmp / f"text_encoder{s}" / "config.json", config)
+        weights = clip_state_dict_to_transformers(_state(enc.model), prefixed=True)
+        save_state_dict(weights, tmp / f"text_encoder{s}" / "model.safetensors", {"format": "pt"})
+        enc.tokenizer.save(tmp / f"tokenizer{s}")
+        components[f"text_encoder{s}"] = ["transformers", config["architectures"][0]]
+        components[f"tokenizer{s}"] = ["transformers", "CLIPTokenizer"]
+
+    scheduler = SAMPLER_SCHEDULERS.get(pipe.defaults.sampler, "EulerDiscreteScheduler")
+    write_scheduler_config(pipe.schedule, tmp / "scheduler", scheduler)
+    index: dict = {"_class_name": {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
+                                   "sdxl": "StableDiffusionXLPipeline",
+                                   "sdxl_refiner": "StableDiffusionXLImg2ImgPipeline"}[family],
+                   "scheduler": ["diffusers", scheduler], "unet": ["diffusers", "UNet2DConditionModel"],
+                   "vae": ["diffusers", "AutoencoderKL"], **components}
+    if family in ("sd1", "sd2"):
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    else:
+        index.update(force_zeros_for_empty_prompt=pipe.zero_empty_negative)
+        if family == "sdxl_refiner":
+            index.update(text_encoder=[None, None], tokenizer=[None, None], requires_aesthetics_score=True)
+    _write_json(tmp / "model_index.json", index)
+    tmp.rename(folder)
+    return folder
