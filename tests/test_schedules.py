@@ -98,8 +98,9 @@ def test_sigma_to_t_matches_diffusers_and_the_denoiser_fallback():
     # near-integer at table sigmas (float32 log table vs float64 sigma: not exact, hence the pins)
     np.testing.assert_allclose(ours[-4:], [0, 1, 500, 999], atol=1e-5)
     den = DiscreteDenoiser(lambda x, t: x, sched.alphas_cumprod)
+    # the torch fallback of the denoiser agrees up to the float32 rounding of sigma
     torch.testing.assert_close(den.sigma_to_t(torch.from_numpy(sig).float()), torch.from_numpy(ours).float(),
-                               atol=2e-3, rtol=0)
+                               atol=2e-4, rtol=0)
 
 
 def test_pinned_timesteps_win_over_interpolation():

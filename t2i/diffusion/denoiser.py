@@ -87,13 +87,14 @@ class DiscreteDenoiser(nn.Module):
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
         """Network timestep for each noise level, (B,) -> (B,) float32 (see module docstring)."""
         sigma = sigma.detach().to(torch.float32).cpu().reshape(-1)
-        log_sigma = sigma.clamp(min=1e-10).log()
-        log_sigmas = self.log_sigmas.cpu()
+        # float64 interpolation over the float32 log table, as diffusers' numpy _sigma_to_t
+        log_sigma = sigma.double().clamp(min=1e-10).log()
+        log_sigmas = self.log_sigmas.cpu().double()
         dists = log_sigma[None, :] - log_sigmas[:, None]  # (T, B)
         low = (dists >= 0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.shape[0] - 2)
         lo, hi = log_sigmas[low], log_sigmas[low + 1]
         w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
-        t = (1 - w) * low + w * (low + 1)
+        t = ((1 - w) * low + w * (low + 1)).float()
         if self.pinned_sigmas.numel():
             # exact pinned pairs win; a relative 1e-6 tolerance absorbs dtype round trips
             rel = (sigma[:, None] - self.pinned_sigmas[None, :]).abs() <= 1e-6 * self.pinned_sigmas[None, :]

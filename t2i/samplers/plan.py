@@ -27,8 +27,24 @@ VP latents ``x_vp = x / sqrt(1 + sigma^2)``, its Euler-family schedulers hold VE
 Starting or stopping part-way: ``from_strength`` (img2img, SDEdit) keeps the last
 ``int(steps * strength)`` steps as diffusers' img2img pipelines do; ``split(fraction)`` cuts
 the schedule where the timestep falls below ``round(T * (1 - fraction))``, diffusers'
-``denoising_end``/``denoising_start`` (SDXL base -> refiner hand-off). The latents are handed
-over in VE form, unchanged.
+``denoising_end``/``denoising_start`` (SDXL base -> refiner hand-off). Hand the latents over
+as ``tail.resume(head.finish(x))`` (the identity when both plans hold the same form).
+
+Where diffusers cannot be matched (measured in tests/test_samplers_parity.py)
+----------------------------------------------------------------------------
+* ddim/ddpm with rescale_betas_zero_snr: diffusers' DDIM/DDPM keep alphas_cumprod[-1] = 0
+  (sigma_max = inf, not representable in VE form); we use 2**-24 as diffusers' own Euler and
+  DPM do. Final latents differ by 3e-4 (ddim) / 6e-4 (ddpm) of their std with v-prediction
+  (with eps-prediction diffusers itself produces NaN).
+* heun with ``split``: diffusers counts the duplicated timesteps of its interleaved Heun
+  schedule and can stop the base in the middle of a Heun step, restarting the refiner from
+  the earlier sigma; we always split at whole steps.
+* heun ignores rescale_betas_zero_snr in diffusers and defaults beta_start/beta_end to
+  0.00085/0.012 when the keys are missing; the model's schedule (ScheduleConfig) is used for
+  every sampler here.
+* one generator for a batch: diffusers draws the whole (B, ...) noise from it at once; t2i's
+  convention is one generator per image (seed + i), which equals diffusers given a list of
+  generators.
 """
 
 from __future__ import annotations
