@@ -72,7 +72,7 @@ class LDMTrainConfig:
     bf16: bool = False
     seed: int = 0
     log_every: int = 25
-    image_every: int = 250
+    image_every: int = 250  # sample grids; 0: none
     ckpt_every: int = 250
     export_every: int = 500
     keep: int = 2
@@ -85,12 +85,12 @@ class LDMTrainConfig:
 
 @torch.no_grad()
 def latent_scale(vae: torch.nn.Module, data, n: int = 256, batch: int = 32) -> float:
-    """1 / std of the autoencoder's posterior means over the first n items (LDM's scaling
-    factor, so diffusion latents have unit variance)."""
-    zs = []
+    """1 / std of posterior samples of the first n items (LDM's scaling factor: the latents the
+    U-Net trains on, which are posterior samples, get unit variance)."""
+    zs, gen = [], torch.Generator().manual_seed(0)
     for pos in range(0, n, batch):
         x, _, _ = data.batch(pos, batch, DistInfo())
-        zs.append(vae.encode(x).mean)
+        zs.append(vae.encode(x).sample(gen))
     return float(1.0 / torch.cat(zs).std())
 
 
@@ -192,7 +192,7 @@ def train_ldm(cfg: LDMTrainConfig, resume: bool = False, text_encoder: torch.nn.
                                    "time/data_s": t_data / cfg.log_every, "time/step_s": t_step / cfg.log_every,
                                    "text_cache/hit_rate": text.hits / max(1, text.hits + text.misses)})
                 t_data = t_step = 0.0
-            if info.is_main and (step % cfg.image_every == 0 or step == cfg.steps):
+            if info.is_main and cfg.image_every > 0 and (step % cfg.image_every == 0 or step == cfg.steps):
                 sample_grid(ema, system, text.encoder, out / "samples" / f"samples_{step:08d}.png", cfg.sample_steps)
             stopping = broadcast_flag(stop.signum is not None, info)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stopping:
