@@ -361,10 +361,14 @@ def infer_unet_config(unet: dict[str, torch.Tensor], family: str, prediction: st
         if blocks:
             level["attn"], level["depth"] = True, len(blocks)
     channels = [lv["c"] for lv in levels]
+    mid_depth = len(_indices(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\."))
+    if not levels[-1]["attn"] and mid_depth:  # the mid block takes the last level's depth
+        levels[-1]["depth"] = mid_depth
     to_k = next(v for k, v in unet.items() if k.endswith("attn2.to_k.weight"))
     proj_in = next(v for k, v in unet.items() if k.endswith(".1.proj_in.weight"))
     heads = [8] * len(channels) if family == "sd1" else [max(c // 64, 1) for c in channels]
     label = unet.get("label_emb.0.0.weight")
+    temb = unet["time_embed.0.weight"].shape[0]
     size = {"sd1": 64, "sd2": 96 if prediction == "v_prediction" else 64}.get(family, 128)
     return UNetConfig(
         in_channels=unet["input_blocks.0.0.weight"].shape[1],
@@ -379,7 +383,7 @@ def infer_unet_config(unet: dict[str, torch.Tensor], family: str, prediction: st
         only_cross_attention=(False,) * len(channels),
         mid_block=any(k.startswith("middle_block.") for k in keys),
         mid_attention="middle_block.1.proj_in.weight" in unet,
-        time_embed_dim=unet["time_embed.0.weight"].shape[0],
+        time_embed_dim=None if temb == 4 * channels[0] else temb,  # None: the usual 4 x width
         # SDXL: time ids are embedded 256 wide each (pooled text + 6 or 5 ids go into label_emb)
         addition_time_embed_dim=None if label is None else 256,
         projection_class_embeddings_input_dim=None if label is None else label.shape[1],
