@@ -34,7 +34,7 @@ from t2i.nets.unet import UNet, UNetConfig
 # latents' standard deviation when the LDM training starts.
 VAE_PRESETS: dict[str, AutoencoderKLConfig] = {
     "shapes_f4": AutoencoderKLConfig(block_channels=(16, 32, 64), layers_per_block=1, latent_channels=4,
-                                     norm_groups=16, scaling_factor=1.0, sample_size=64),
+                                     norm_groups=8, scaling_factor=1.0, sample_size=64),
     "tiny": AutoencoderKLConfig(block_channels=(8, 16, 16), layers_per_block=1, latent_channels=4,
                                 norm_groups=8, mid_attention=False, scaling_factor=1.0, sample_size=16),
 }

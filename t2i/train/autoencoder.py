@@ -61,7 +61,7 @@ class AETrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 25
-    image_every: int = 250
+    image_every: int = 250  # reconstruction grids; 0: none
     ckpt_every: int = 250
     keep: int = 2
 
@@ -170,7 +170,7 @@ def train_autoencoder(cfg: AETrainConfig, resume: bool = False) -> int:
             log.advance({"l1": logs["ae/l1"]})
             if step % cfg.log_every == 0:
                 log.scalars(step, logs)
-            if info.is_main and (step % cfg.image_every == 0 or step == cfg.steps):
+            if info.is_main and cfg.image_every > 0 and (step % cfg.image_every == 0 or step == cfg.steps):
                 with torch.no_grad():
                     rec = vae(fixed_x, sample_posterior=False)[0]
                 save_grid(torch.cat([fixed_x, rec]), out / "samples" / f"recon_{step:08d}.png", nrow=8)
