@@ -106,6 +106,7 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
         # weights_only refused a global or a call: nothing of the file was executed.
         first = str(e).strip().splitlines()
         detail = next((ln for ln in first if "Unsupported" in ln or "global" in ln.lower()), first[0] if first else "")
+        detail = detail.split(" Please use")[0]  # torch's advice to allowlist the global is not ours to give
         raise CheckpointError(f"{path}: refused to load a pickle that wants to run code or import "
                               f"objects ({detail.strip()}); only plain tensors are accepted") from None
     except (RuntimeError, EOFError) as e:
