@@ -47,6 +47,8 @@ def load_any(src: Path, prediction: str | None = None, config: Path | None = Non
 def convert(src: str | Path, dst: str | Path, prediction: str | None = None, config: str | Path | None = None) -> Path:
     """Convert SRC (folder or single file) to DST (`.safetensors` file, else a new folder)."""
     src, dst = Path(src), Path(dst)
+    if dst.exists():
+        raise ValueError(f"{dst} exists; choose a new name (convert never overwrites)")
     pipe = load_any(src, prediction, None if config is None else Path(config))
     if dst.suffix == ".safetensors":
         return save_single_file(pipe, dst)

@@ -107,8 +107,8 @@ def save_diffusers_folder(pipe: LatentDiffusionPipeline, folder: str | Path) -> 
     The folder is built next to the target and renamed into place, so a failure leaves no
     half-written model; an existing target is refused."""
     folder = Path(folder)
-    if folder.exists():
-        raise FileExistsError(f"{folder} exists; choose a new folder")
+    if folder.exists():  # ValueError: the CLI reports it as a one-line user error
+        raise ValueError(f"{folder} exists; choose a new folder")
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     family = pipeline_family(pipe)
