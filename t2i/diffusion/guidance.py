@@ -106,10 +106,14 @@ class DynamicThresholding(nn.Module):
         self.inner, self.ratio, self.max_value = denoiser, ratio, max_value
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
-        x0 = self.inner(x, sigma, **cond)  # (B, C, H, W)
-        flat = x0.float().reshape(x0.shape[0], -1)  # (B, C*H*W)
-        s = torch.quantile(flat.abs(), self.ratio, dim=1).clamp(min=1, max=self.max_value)[:, None]  # (B, 1)
-        return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(x0.dtype)
+        return dynamic_threshold(self.inner(x, sigma, **cond), self.ratio, self.max_value)
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
+    """Imagen's dynamic thresholding of one x0 estimate (B, ...) -> same shape."""
+    flat = x0.float().reshape(x0.shape[0], -1)  # (B, C*H*W)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value)[:, None]  # (B, 1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(x0.dtype)
 
 
 class ClipDenoised(nn.Module):

@@ -50,6 +50,7 @@ Where diffusers cannot be matched (measured in tests/test_samplers_parity.py)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,7 +59,7 @@ import numpy as np
 import torch
 
 from t2i.diffusion.denoiser import DiscreteDenoiser
-from t2i.diffusion.guidance import ClipDenoised, DynamicThresholding
+from t2i.diffusion.guidance import ClipDenoised, DynamicThresholding, dynamic_threshold
 from t2i.diffusion.schedules import (
     ScheduleConfig,
     dpm_timesteps,
@@ -117,9 +118,19 @@ class SamplingPlan:
         den = DiscreteDenoiser(net, self.alphas_cumprod, self.prediction_type)
         return den.with_timesteps(self.sigmas[: self.steps], self.timesteps)
 
-    def limit_x0(self, denoiser: Callable) -> Callable:
-        """Wrap the (guided) denoiser with the config's clip_sample / thresholding, if any."""
+    def x0_limiter(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The config's clip_sample / thresholding as a function of x0, or None."""
         if self.x0_limit is None:
+            return None
+        if self.x0_limit[0] == "clip":
+            limit = self.x0_limit[1]
+            return lambda x0: x0.clamp(-limit, limit)
+        return functools.partial(dynamic_threshold, ratio=self.x0_limit[1], max_value=self.x0_limit[2])
+
+    def limit_x0(self, denoiser: Callable) -> Callable:
+        """Wrap the (guided) denoiser with the config's clip_sample / thresholding, if any.
+        DDIM is left unwrapped: it limits x0 inside its step (see `sample_ddim`)."""
+        if self.x0_limit is None or self.sampler == "ddim":
             return denoiser
         if self.x0_limit[0] == "clip":
             return ClipDenoised(denoiser, self.x0_limit[1])
@@ -136,8 +147,10 @@ class SamplingPlan:
         """Call the sampler on this plan's sigmas with its options."""
         if self.steps == 0:
             return x
-        return SAMPLERS[self.sampler](denoiser, x, self.sigmas, extra_args, callback, generator,
-                                      **self.sampler_kwargs)
+        kwargs = dict(self.sampler_kwargs)
+        if self.sampler == "ddim" and self.x0_limit is not None:
+            kwargs["limit_x0"] = self.x0_limiter()
+        return SAMPLERS[self.sampler](denoiser, x, self.sigmas, extra_args, callback, generator, **kwargs)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """The latents diffusers' scheduler would hold at the end of this plan (VE x unchanged

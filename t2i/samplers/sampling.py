@@ -124,7 +124,8 @@ def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra
 @torch.no_grad()
 def sample_ddim(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                 callback: Callback | None = None, generator: Generator = None, eta: float = 0.0,
-                sigmas_to: torch.Tensor | None = None) -> torch.Tensor:
+                sigmas_to: torch.Tensor | None = None,
+                limit_x0: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12). With eta = 0 it is exactly an Euler step in sigma
     space, x_next = x0 + sigma_next * eps; eta > 0 adds fresh noise of std eta * sigma_up and
     draws it at every step, as diffusers' DDIMScheduler does.
@@ -137,16 +138,21 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra
             the next step reinterprets the VP latents at its own noise level. Passing the
             targets here reproduces that: step to sigmas_to[i], then carry the VP latents
             over, x *= sqrt(1 + sigmas[i+1]^2) / sqrt(1 + sigmas_to[i]^2).
+        limit_x0: clip_sample / thresholding applied to x0 only: as in diffusers' DDIM (without
+            use_clipped_model_output) the step keeps the direction of the unclipped estimate.
     """
     extra_args = extra_args or {}
     for i in range(len(sigmas) - 1):
         target = sigmas[i + 1] if sigmas_to is None else sigmas_to[i]
         denoised = denoiser(x, _batch(sigmas[i], x), **extra_args)
+        direction = x - denoised  # sigma * eps
+        if limit_x0 is not None:
+            denoised = limit_x0(denoised)
         if eta > 0:
             sigma_down, sigma_up = ancestral_step(sigmas[i], target, eta)
         else:
             sigma_down, sigma_up = target, None
-        x = denoised + (x - denoised) * (sigma_down / sigmas[i])
+        x = denoised + direction * (sigma_down / sigmas[i])
         if sigma_up is not None:
             x = x + randn_like(x, generator) * sigma_up
         if sigmas_to is not None and target != sigmas[i + 1]:
