@@ -41,3 +41,14 @@ def test_images_are_independent_of_batch(models):
     assert err < 1e-4
     assert both.seeds == [7, 8]
     assert "Seed: 8," in both.images[1].info["parameters"]
+
+
+def test_a_batch_of_prompts_equals_each_prompt_alone(models):
+    _family, _reference, ours = models
+    settings = dict(steps=2, sampler="euler_a", width=16, height=16, guidance=3.0)
+    batch = ours.generate(["a red circle", "two blue squares"], ["", "blurry"], seed=[4, 9], **settings)
+    alone = ours.generate("two blue squares", "blurry", seed=9, **settings)
+    err = ((batch.latents[1:] - alone.latents).abs().max() / alone.latents.std()).item()
+    assert err < 1e-4  # float rounding of another batch shape only
+    assert batch.seeds == [4, 9]
+    assert "Negative prompt: blurry" in batch.images[1].info["parameters"]

@@ -54,11 +54,16 @@ class GenerationResult:
     seconds: float = 0.0
 
 
-def seed_noise(seed: int, n: int, shape: tuple[int, int, int]) -> torch.Tensor:
-    """(n, C, h, w) starting noise: image i from its own CPU generator seeded with seed + i, so an
-    image never depends on the batch it is in, and image 0 matches diffusers' CPU-generator draw."""
-    return torch.cat([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(seed + i))
-                      for i in range(n)])
+def seed_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image. Each draws its image's starting noise and then any noise the
+    sampler needs (ancestral steps), so an image never depends on the batch it is in, and for
+    batch 1 the draws are diffusers' (one CPU generator through prepare_latents and step)."""
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
+def seed_noise(generators: list[torch.Generator], shape: tuple[int, int, int]) -> torch.Tensor:
+    """(n, C, h, w) starting noise, image i = torch.randn((1, C, h, w), generator=generators[i])."""
+    return torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
 
 
 class LatentDiffusionPipeline:
@@ -112,32 +117,35 @@ class LatentDiffusionPipeline:
             cond["time_ids"] = ids.expand(b, ids.shape[0])
         return cond
 
-    def encode_prompts(self, prompt: str, negative_prompt: str, n: int, height: int, width: int,
+    def encode_prompts(self, prompts: list[str], negative_prompts: list[str], height: int, width: int,
                        guided: bool) -> tuple[dict, dict | None, list[str]]:
-        """(cond, uncond or None, warnings), each tensor batched to n images."""
-        texts = [prompt, negative_prompt] if guided else [prompt]
+        """(cond, uncond or None, warnings) for one prompt and negative prompt per image."""
+        # Every distinct text once, in one call so long prompts share one chunk count.
+        texts = list(dict.fromkeys(prompts + (negative_prompts if guided else [])))
         # A1111 prompt syntax: (word:1.3) emphasis, BREAK, and prompts longer than one window
         # encoded in 75-token chunks; plain short prompts encode exactly as diffusers does.
         enc = encode_prompts(self.text_encoder, texts)
-        warnings = [f"{which} was cut to the text encoder's {self.text_encoder.max_length} tokens"
-                    for which, cut in zip(("prompt", "negative prompt"), enc.truncated, strict=False) if cut]
-        window = getattr(self.text_encoder, "max_length", 77)
+        window = self.text_encoder.max_length
+        warnings = [f"prompt {t[:40]!r} was cut to the text encoder's {window} tokens"
+                    for t, cut in zip(texts, enc.truncated, strict=True) if cut]
         if enc.mask is None and enc.context.shape[1] > window:
             warnings.append(f"long prompt: encoded in {enc.context.shape[1] // window} chunks of "
                             f"{window - 2} tokens (A1111 style)")
 
-        def pick(i: int) -> TextEncoding:
-            pooled = None if enc.pooled is None else enc.pooled[i: i + 1].expand(n, -1)
-            mask = None if enc.mask is None else enc.mask[i: i + 1].expand(n, -1)
-            return TextEncoding(enc.context[i: i + 1].expand(n, -1, -1), pooled, mask, [])
+        def pick(batch: list[str]) -> TextEncoding:
+            idx = torch.tensor([texts.index(t) for t in batch])
+            pooled = None if enc.pooled is None else enc.pooled[idx]
+            mask = None if enc.mask is None else enc.mask[idx]
+            return TextEncoding(enc.context[idx], pooled, mask, [])
 
-        cond = self._cond(pick(0), height, width, aesthetic=6.0)
+        cond = self._cond(pick(prompts), height, width, aesthetic=6.0)
         if not guided:
             return cond, None, warnings
-        neg = pick(1)
-        if self.zero_empty_negative and not negative_prompt:
-            neg = replace(neg, context=torch.zeros_like(neg.context),
-                          pooled=None if neg.pooled is None else torch.zeros_like(neg.pooled))
+        neg = pick(negative_prompts)
+        if self.zero_empty_negative:
+            empty = torch.tensor([not n for n in negative_prompts])
+            neg = replace(neg, context=torch.where(empty[:, None, None], 0.0, neg.context),
+                          pooled=None if neg.pooled is None else torch.where(empty[:, None], 0.0, neg.pooled))
         return cond, self._cond(neg, height, width, aesthetic=2.5), warnings
 
     # ------------------------------------------------------------------ images <-> latents
@@ -188,14 +196,18 @@ class LatentDiffusionPipeline:
         return prepare_sampling(self.schedule, sampler, steps, karras=karras, eta=eta or 0.0)
 
     @torch.no_grad()
-    def generate(self, prompt: str, negative_prompt: str = "", *, seed: int = 0, steps: int | None = None,
+    def generate(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
+                 seed: int | list[int] = 0, steps: int | None = None,
                  guidance: float | None = None, guidance_rescale: float = 0.0, sampler: str | None = None,
                  schedule: str | None = None, eta: float | None = None, width: int | None = None,
                  height: int | None = None, num_images: int = 1, init_image: Image.Image | None = None,
                  strength: float | None = None, mask: Image.Image | None = None,
                  refiner: LatentDiffusionPipeline | None = None, refiner_start: float = 0.8,
                  progress: bool = False, callback: Callable[[int, int], None] | None = None) -> GenerationResult:
-        """Generate num_images images for one prompt. Unset settings take `self.defaults`.
+        """Generate num_images images per prompt. Unset settings take `self.defaults`.
+
+        prompt, negative_prompt and seed may be lists (one entry per prompt: a batch of requests
+        sharing the other settings); image i of a prompt with seed s starts from seed s + i.
 
         init_image + strength: img2img (SDEdit): the last int(steps * strength) steps run from the
         noised image latents (strength 0 returns the input, 1 ignores it; default 0.8, or 1.0 with
@@ -217,8 +229,10 @@ class LatentDiffusionPipeline:
         start = time.perf_counter()
         h, w = height // self.vae_scale, width // self.vae_scale
 
+        prompts, negatives, seeds = _per_image(prompt, negative_prompt, seed, num_images)
         guided = guidance > 1.0
-        cond, uncond, warnings = self.encode_prompts(prompt, negative_prompt, num_images, height, width, guided)
+        cond, uncond, warnings = self.encode_prompts(prompts, negatives, height, width, guided)
+        n = len(prompts)
         plan = self.plan(sampler, steps, schedule, eta)
         refiner_plan = None
         if refiner is not None:
@@ -227,7 +241,7 @@ class LatentDiffusionPipeline:
         net: nn.Module = self.unet
         init = keep = None
         if init_image is not None:
-            init = self.encode_image(init_image, width, height).expand(num_images, -1, -1, -1)
+            init = self.encode_image(init_image, width, height).expand(n, -1, -1, -1)
             plan = plan.from_strength(strength)
         if mask is not None:
             keep = 1 - self._latent_mask(mask, h, w)  # (1, 1, h, w), 1 where the input stays
@@ -235,20 +249,20 @@ class LatentDiffusionPipeline:
                 masked = self.encode_image(_masked_image(init_image, mask, width, height), width, height)
                 net = ConcatChannels(self.unet, torch.cat([1 - keep, masked], dim=1))
 
-        noise = seed_noise(seed, num_images, (self.latent_channels, h, w))
+        generators = seed_generators(seeds)
+        noise = seed_noise(generators, (self.latent_channels, h, w))
         x = plan.start(noise, init)
         denoiser = plan.limit_x0(CFGDenoiser(plan.denoiser(net), guidance, guidance_rescale))
         if keep is not None:
             denoiser = KeepUnmasked(denoiser, init, keep)
-        x = self._run(plan, denoiser, x, cond, uncond, seed, progress, callback)
+        x = self._run(plan, denoiser, x, cond, uncond, generators, progress, callback)
         latents = plan.finish(x)
         if refiner is not None and refiner_plan is not None:
-            r_cond, r_uncond, r_warn = refiner.encode_prompts(prompt, negative_prompt, num_images, height, width,
-                                                              guided)
+            r_cond, r_uncond, r_warn = refiner.encode_prompts(prompts, negatives, height, width, guided)
             warnings += r_warn
             r_den = refiner_plan.limit_x0(CFGDenoiser(refiner_plan.denoiser(refiner.unet), guidance,
                                                       guidance_rescale))
-            x = refiner._run(refiner_plan, r_den, refiner_plan.resume(latents), r_cond, r_uncond, seed + 1,
+            x = refiner._run(refiner_plan, r_den, refiner_plan.resume(latents), r_cond, r_uncond, generators,
                              progress, callback)
             latents = refiner_plan.finish(x)
 
@@ -262,16 +276,15 @@ class LatentDiffusionPipeline:
             extra["denoising_strength"] = strength
         if refiner is not None:
             extra.update(refiner=refiner.name, refiner_switch_at=refiner_start)
-        params = format_parameters(prompt, negative_prompt, steps=steps, sampler=sampler, schedule=schedule,
-                                   guidance=guidance, seed=seed, width=width, height=height, model=self.name,
-                                   **extra)
-        for i, im in enumerate(images):
-            im.info["parameters"] = params if i == 0 else params.replace(f"Seed: {seed},", f"Seed: {seed + i},")
-        return GenerationResult(images, latents, [seed + i for i in range(num_images)], warnings,
-                                time.perf_counter() - start)
+        for im, p, neg, sd in zip(images, prompts, negatives, seeds, strict=True):
+            im.info["parameters"] = format_parameters(
+                p, neg, steps=steps, sampler=sampler, schedule=schedule, guidance=guidance, seed=sd, width=width,
+                height=height, model=self.name, **extra)
+        return GenerationResult(images, latents, seeds, warnings, time.perf_counter() - start)
 
     def _run(self, plan: SamplingPlan, denoiser: Callable, x: torch.Tensor, cond: dict, uncond: dict | None,
-             seed: int, progress: bool, callback: Callable[[int, int], None] | None) -> torch.Tensor:
+             generators: list[torch.Generator], progress: bool,
+             callback: Callable[[int, int], None] | None) -> torch.Tensor:
         bar = _progress(plan.steps, progress)
 
         def on_step(info: dict) -> None:
@@ -280,9 +293,7 @@ class LatentDiffusionPipeline:
             if callback is not None:
                 callback(info["i"] + 1, plan.steps)
 
-        # The ancestral samplers draw their step noise from the request's seed.
-        generator = torch.Generator("cpu").manual_seed(seed)
-        x = plan.run(denoiser, x, {"cond": cond, "uncond": uncond}, on_step, generator)
+        x = plan.run(denoiser, x, {"cond": cond, "uncond": uncond}, on_step, generators)
         if bar is not None:
             bar.close()
         return x
@@ -290,6 +301,22 @@ class LatentDiffusionPipeline:
     def __call__(self, prompt: str, negative_prompt: str = "", **settings) -> list[Image.Image]:
         """The images only; see `generate` for the settings."""
         return self.generate(prompt, negative_prompt, **settings).images
+
+
+def _per_image(prompt: str | list[str], negative: str | list[str], seed: int | list[int],
+               num_images: int) -> tuple[list[str], list[str], list[int]]:
+    """Prompt, negative prompt and seed of every image: prompt-major, seeds s, s + 1, ..."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+    seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
+    if not prompts or len(negatives) != len(prompts) or len(seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts, {len(negatives)} negative prompts and {len(seeds)} seeds: "
+                         "give one of each per prompt")
+    if num_images < 1:
+        raise ValueError(f"num_images must be at least 1, got {num_images}")
+    prompts = [p for p in prompts for _ in range(num_images)]
+    negatives = [n for n in negatives for _ in range(num_images)]
+    return prompts, negatives, [s + i for s in seeds for i in range(num_images)]
 
 
 class ConcatChannels(nn.Module):
