@@ -22,12 +22,12 @@ from t2i.autoencoders.kl import AutoencoderKL
 from t2i.checkpoints.diffusers_nets import unet_config_from_diffusers, vae_config_from_diffusers
 from t2i.checkpoints.export import save_single_file, to_original_state_dict
 from t2i.checkpoints.io import load_state_dict, save_state_dict
+from t2i.checkpoints.openclip import identity_openclip_layer
 from t2i.checkpoints.single_file import (
     TEXT_SLOTS,
     UNET_PREFIX,
     _text_state,
     detect_family,
-    identity_openclip_layer,
     infer_clip_config,
     infer_unet_config,
     infer_vae_config,

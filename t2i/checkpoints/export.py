@@ -18,13 +18,13 @@ import torch
 from t2i.checkpoints.diffusers_nets import unet_config_to_diffusers, vae_config_to_diffusers
 from t2i.checkpoints.diffusers_scheduler import write_scheduler_config
 from t2i.checkpoints.io import save_state_dict
+from t2i.checkpoints.openclip import identity_openclip_layer
 from t2i.checkpoints.single_file import (
     METADATA_KEY,
     TEXT_SLOTS,
     UNET_PREFIX,
     VAE_PREFIX,
     SingleFileConfig,
-    identity_openclip_layer,
     text_from_ours,
     unet_to_original,
     vae_to_original,
