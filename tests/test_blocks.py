@@ -19,14 +19,7 @@ from t2i.nets.blocks import (
 diffusers = pytest.importorskip("diffusers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is as fast on an idle machine and avoids
-    the 10-100x slow-down of spinning worker threads on a shared, loaded one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_timestep_embedding_golden() -> None:

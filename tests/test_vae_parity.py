@@ -18,14 +18,7 @@ DiffusersAutoencoderKL = diffusers.AutoencoderKL
 TOL = 1e-4  # max |ours - ref| / std(ref)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is as fast on an idle machine and avoids
-    the 10-100x slow-down of spinning worker threads on a shared, loaded one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = {
     "in_channels": 3,
