@@ -162,6 +162,10 @@ class LatentDiffusionPipeline:
     def _vae_dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
 
+    def _sampling_net(self) -> nn.Module:
+        """The U-Net as the float32 samplers call it."""
+        return self.unet if next(self.unet.parameters()).dtype == torch.float32 else CastInputs(self.unet)
+
     def _latent_mask(self, mask: Image.Image, h: int, w: int) -> torch.Tensor:
         """White = repaint. -> (1, 1, h, w) in {0, 1} at latent resolution (nearest, as diffusers)."""
         m = from_pil(mask.convert("L").convert("RGB"), (w * self.vae_scale, h * self.vae_scale))[:, :1]
@@ -238,7 +242,7 @@ class LatentDiffusionPipeline:
         if refiner is not None:
             plan, _ = plan.split(refiner_start)
             refiner_plan = refiner.plan(sampler, steps, schedule, eta).split(refiner_start)[1]
-        net: nn.Module = self.unet
+        net = self._sampling_net()
         init = keep = None
         if init_image is not None:
             init = self.encode_image(init_image, width, height).expand(n, -1, -1, -1)
@@ -247,7 +251,7 @@ class LatentDiffusionPipeline:
             keep = 1 - self._latent_mask(mask, h, w)  # (1, 1, h, w), 1 where the input stays
             if self.unet.cfg.in_channels == 2 * self.latent_channels + 1:
                 masked = self.encode_image(_masked_image(init_image, mask, width, height), width, height)
-                net = ConcatChannels(self.unet, torch.cat([1 - keep, masked], dim=1))
+                net = ConcatChannels(net, torch.cat([1 - keep, masked], dim=1))
 
         generators = seed_generators(seeds)
         noise = seed_noise(generators, (self.latent_channels, h, w))
@@ -260,7 +264,7 @@ class LatentDiffusionPipeline:
         if refiner is not None and refiner_plan is not None:
             r_cond, r_uncond, r_warn = refiner.encode_prompts(prompts, negatives, height, width, guided)
             warnings += r_warn
-            r_den = refiner_plan.limit_x0(CFGDenoiser(refiner_plan.denoiser(refiner.unet), guidance,
+            r_den = refiner_plan.limit_x0(CFGDenoiser(refiner_plan.denoiser(refiner._sampling_net()), guidance,
                                                       guidance_rescale))
             x = refiner._run(refiner_plan, r_den, refiner_plan.resume(latents), r_cond, r_uncond, generators,
                              progress, callback)
@@ -317,6 +321,20 @@ def _per_image(prompt: str | list[str], negative: str | list[str], seed: int | l
     prompts = [p for p in prompts for _ in range(num_images)]
     negatives = [n for n in negatives for _ in range(num_images)]
     return prompts, negatives, [s + i for s in seeds for i in range(num_images)]
+
+
+class CastInputs(nn.Module):
+    """Runs a reduced-precision network (bf16 weights) on float32 samplers: floating inputs are cast
+    to the weights' dtype on the way in; the denoiser casts the output back to float32."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.dtype = next(net.parameters()).dtype
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        cond = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in cond.items()}
+        return self.net(x.to(self.dtype), t, **cond)
 
 
 class ConcatChannels(nn.Module):
