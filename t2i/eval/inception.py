@@ -297,10 +297,11 @@ def resize_clean(image: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
 
 def _tf1_axis(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Source indices and weights of TF 1.x bilinear resizing along one axis (no half-pixel centres)."""
-    src = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)  # (n_out,)
+    # float32 positions, as TF computes them (float64 moves values by up to 1e-3 of 255).
+    src = torch.arange(n_out, dtype=torch.float32) * torch.tensor(n_in / n_out, dtype=torch.float32)  # (n_out,)
     i0 = src.floor().long().clamp(max=n_in - 1)
     i1 = (i0 + 1).clamp(max=n_in - 1)
-    return i0, i1, (src - i0).float()
+    return i0, i1, src - i0
 
 
 def resize_tf1(x: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
@@ -310,9 +311,11 @@ def resize_tf1(x: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
     half-pixel-centred bilinear), interpolating rows then columns.
     """
     h0, h1, wh = _tf1_axis(x.shape[-2], size)
-    x = x[..., h0, :] + (x[..., h1, :] - x[..., h0, :]) * wh.to(x.dtype)[:, None]  # (B, C, size, W)
+    wh = wh.to(x.dtype)[:, None]
+    x = x[..., h0, :] * (1 - wh) + x[..., h1, :] * wh  # (B, C, size, W)
     w0, w1, ww = _tf1_axis(x.shape[-1], size)
-    return x[..., w0] + (x[..., w1] - x[..., w0]) * ww.to(x.dtype)  # (B, C, size, size)
+    ww = ww.to(x.dtype)
+    return x[..., w0] * (1 - ww) + x[..., w1] * ww  # (B, C, size, size)
 
 
 def preprocess(images: Sequence[Image.Image | np.ndarray], resize: str = "clean") -> torch.Tensor:
