@@ -1,0 +1,54 @@
+"""`t2i serve`: the HTTP API and web page for one model, on 127.0.0.1 by default."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI and AUTOMATIC1111 APIs, web page)",
+                       description="Serve a model: OpenAI Images API (/v1/images/generations), "
+                                   "AUTOMATIC1111 API (/sdapi/v1/...), a job API and a web page at /.")
+    p.add_argument("--model", default=None, help="model folder or file (default: the built-in shapes model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-queue", type=int, default=16, help="waiting jobs allowed; more get 429 + Retry-After")
+    p.add_argument("--max-batch", type=int, default=4,
+                   help="images per model call when merging compatible requests (1: no batching)")
+    p.add_argument("--batch-wait", type=float, default=0.0,
+                   help="seconds to wait for more requests before starting a batch")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health and the page's files")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow cross-origin requests from ORIGIN (repeatable; '*' for any)")
+    p.add_argument("--max-size", type=int, default=1024, help="largest width and height accepted, in pixels")
+    p.add_argument("--max-steps", type=int, default=150)
+    p.add_argument("--max-images", type=int, default=8, help="images per request")
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from t2i.cli import UserError
+
+    try:
+        import uvicorn
+    except ModuleNotFoundError:
+        raise UserError("t2i serve needs FastAPI and uvicorn: pip install 't2i[serve]'") from None
+    for name in ("max_queue", "max_batch", "max_size", "max_steps", "max_images"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    import t2i
+    from t2i.serve.app import create_app
+    from t2i.serve.config import Limits, ServeConfig
+
+    pipe = t2i.load(args.model, precision=args.precision)
+    limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
+                    max_images=args.max_images)
+    config = ServeConfig(max_queue=args.max_queue, max_batch=args.max_batch, batch_wait=args.batch_wait,
+                         api_key=args.api_key, cors_origins=args.cors_origin, limits=limits)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        print(f"t2i serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    uvicorn.run(create_app(pipe, config), host=args.host, port=args.port, log_level="info")
+    return 0
