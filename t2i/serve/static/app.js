@@ -1,0 +1,127 @@
+// The t2i page: submits a job (POST /v1/jobs), polls it (GET /v1/jobs/{id}) for the progress bar,
+// and adds the finished images with their A1111 parameters to the gallery. Plain JS, no build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const POLL_MS = 250;
+let current = null; // id of the job being generated
+
+function headers(json) {
+  const h = {};
+  if (json) h["Content-Type"] = "application/json";
+  const key = $("api_key").value || localStorage.getItem("t2i_api_key") || "";
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+async function api(method, path, body) {
+  const res = await fetch(path, { method, headers: headers(body !== undefined),
+                                  body: body === undefined ? undefined : JSON.stringify(body) });
+  const data = await res.json().catch(() => ({}));
+  if (!res.ok) {
+    if (res.status === 401) $("key-box").open = true;
+    const err = new Error((data.error && data.error.message) || data.detail || res.statusText);
+    err.status = res.status;
+    err.retryAfter = res.headers.get("Retry-After");
+    throw err;
+  }
+  return data;
+}
+
+function setStatus(text, isError) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "muted";
+}
+
+async function loadInfo() {
+  try {
+    const info = await api("GET", "/v1/info");
+    $("model").textContent = "model: " + info.model;
+    const d = info.defaults;
+    $("width").value = d.width; $("height").value = d.height;
+    $("steps").value = d.steps; $("guidance").value = d.guidance;
+    for (const id of ["width", "height"]) {
+      $(id).step = info.size_multiple; $(id).min = info.size_multiple;
+      $(id).max = id === "width" ? info.limits.max_width : info.limits.max_height;
+    }
+    $("steps").max = info.limits.max_steps;
+    $("sampler").replaceChildren(...info.samplers.map((s) => {
+      const o = document.createElement("option");
+      o.value = s.name; o.textContent = s.label; o.selected = s.name === d.sampler;
+      return o;
+    }));
+    setStatus("");
+  } catch (e) {
+    setStatus(e.status === 401 ? "This server needs an API key (below)." : "Could not reach the server: " + e.message,
+              true);
+  }
+}
+
+function request() {
+  const num = (id) => ($(id).value === "" ? undefined : Number($(id).value));
+  return { prompt: $("prompt").value, negative_prompt: $("negative_prompt").value, width: num("width"),
+           height: num("height"), steps: num("steps"), guidance: num("guidance"),
+           seed: num("seed") ?? -1, sampler: $("sampler").value || undefined };
+}
+
+function addToGallery(image) {
+  const fig = document.createElement("figure");
+  const img = document.createElement("img");
+  img.src = "data:image/png;base64," + image.b64_json;
+  img.alt = image.parameters.split("\n")[0];
+  img.className = "result";
+  const cap = document.createElement("figcaption");
+  const pre = document.createElement("pre");
+  pre.textContent = image.parameters;
+  cap.append(pre);
+  fig.append(img, cap);
+  $("gallery").prepend(fig);
+}
+
+function busy(on) {
+  $("generate").disabled = on;
+  $("cancel").disabled = !on;
+  $("progress").hidden = !on;
+  if (on) $("progress").value = 0;
+}
+
+async function generate(ev) {
+  ev.preventDefault();
+  if ($("api_key").value) localStorage.setItem("t2i_api_key", $("api_key").value);
+  busy(true);
+  setStatus("queued");
+  try {
+    let job = await api("POST", "/v1/jobs", request());
+    current = job.id;
+    while (job.status === "queued" || job.status === "running") {
+      await new Promise((r) => setTimeout(r, POLL_MS));
+      job = await api("GET", "/v1/jobs/" + current);
+      $("progress").value = job.progress;
+      setStatus(job.status === "queued" ? `queued (position ${job.position})`
+                : `step ${job.step}/${job.steps}` + (job.eta_seconds != null ? `, ${job.eta_seconds.toFixed(1)} s left` : ""));
+    }
+    if (job.status === "done") {
+      job.images.forEach(addToGallery);
+      setStatus(`done: seed ${job.seed}` + (job.warnings.length ? " (" + job.warnings.join("; ") + ")" : ""));
+    } else {
+      setStatus(job.status + (job.error ? ": " + job.error : ""), job.status === "failed");
+    }
+  } catch (e) {
+    const wait = e.retryAfter ? ` (retry in ${e.retryAfter} s)` : "";
+    setStatus(e.message + wait, true);
+  } finally {
+    current = null;
+    busy(false);
+  }
+}
+
+async function cancel() {
+  if (!current) return;
+  try { await api("DELETE", "/v1/jobs/" + current); } catch (e) { setStatus(e.message, true); }
+}
+
+$("api_key").value = localStorage.getItem("t2i_api_key") || "";
+$("form").addEventListener("submit", generate);
+$("cancel").addEventListener("click", cancel);
+$("api_key").addEventListener("change", () => { localStorage.setItem("t2i_api_key", $("api_key").value); loadInfo(); });
+loadInfo();
