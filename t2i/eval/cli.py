@@ -1,10 +1,13 @@
-"""`t2i eval shapes`: score a model with the shapes judge on its held-out prompts."""
+"""`t2i eval`: shapes (the shapes judge on held-out prompts), fid (FID/IS/KID/precision-recall
+with the FID Inception), clip-score (a CLIP the user has), suite (DrawBench / PartiPrompts
+files: grids per category, metrics, sweeps, JSON + HTML report)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--sampler", default=None)
     s.add_argument("--limit", type=int, default=None, help="only the first N prompts (a quick look)")
     s.set_defaults(func=run_shapes)
+    _register_fid(kinds)
+    _register_clip_score(kinds)
+    _register_suite(kinds)
 
 
 def run_shapes(args: argparse.Namespace) -> int:
@@ -44,3 +50,210 @@ def run_shapes(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out}/results.json and {args.out}/grid.png", file=sys.stderr)
     return 0
+
+
+# ---------------------------------------------------------------------------- fid
+
+
+def _register_fid(kinds: argparse._SubParsersAction) -> None:
+    f = kinds.add_parser("fid", help="FID (and IS, KID, precision/recall) between two image folders or .npz stats")
+    f.add_argument("paths", nargs="+", help="1 or 2 of: a folder of images, or pytorch-fid .npz statistics")
+    f.add_argument("--inception", default=None, help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth)")
+    f.add_argument("--resize", default="clean", choices=("clean", "tf1", "pytorch"),
+                   help="resizing to 299: clean-fid's PIL bicubic (default), TF1 bilinear, or pytorch-fid's")
+    f.add_argument("--save-stats", default=None, help="write the first path's mu/sigma to this .npz")
+    f.add_argument("--isc", action="store_true", help="also the Inception Score of the first folder")
+    f.add_argument("--kid", action="store_true", help="also KID (folders only)")
+    f.add_argument("--prc", action="store_true", help="also precision/recall (folders only)")
+    f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--json", default=None, help="write the numbers to this JSON file")
+    f.set_defaults(func=run_fid)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def _open_rgb(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def run_fid(args: argparse.Namespace) -> int:
+    from t2i.eval import fid
+    from t2i.eval.inception import extract_features, load_fid_inception
+
+    if len(args.paths) > 2:
+        raise SystemExit("t2i eval fid takes one or two paths")
+    paths = [Path(p) for p in args.paths]
+    needs_net = any(p.is_dir() for p in paths)
+    model = load_fid_inception(args.inception) if needs_net else None
+    feats, stats = [], []
+    for p in paths:
+        if p.suffix == ".npz":
+            stats.append(fid.load_stats(p))
+            feats.append(None)
+        elif p.is_dir():
+            files = _image_files(p)
+            print(f"{p}: {len(files)} images", file=sys.stderr)
+            pool, logits = extract_features(model, (_open_rgb(f) for f in files), args.batch_size, args.resize)
+            feats.append((pool, logits))
+            stats.append(fid.feature_statistics(pool))
+        else:
+            raise FileNotFoundError(f"{p}: neither a folder of images nor a .npz statistics file")
+    out: dict = {"resize": args.resize}
+    if args.save_stats:
+        fid.save_stats(args.save_stats, *stats[0])
+        print(f"wrote {args.save_stats}", file=sys.stderr)
+    if len(stats) == 2:
+        out["fid"] = fid.frechet_distance(*stats[0], *stats[1])
+    if args.isc:
+        if feats[0] is None:
+            raise SystemExit("--isc needs a folder of images as the first path")
+        out["inception_score"], out["inception_score_std"] = fid.inception_score(
+            feats[0][1], splits=min(10, len(feats[0][1])))
+    if args.kid or args.prc:
+        if len(feats) != 2 or None in feats:
+            raise SystemExit("--kid/--prc need two folders of images")
+        if args.kid:
+            out["kid"], out["kid_std"] = fid.kernel_inception_distance(feats[0][0], feats[1][0])
+        if args.prc:
+            out["precision"], out["recall"] = fid.precision_recall(feats[0][0], feats[1][0])
+    print(json.dumps(out, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2), encoding="utf-8")
+    return 0
+
+
+# ---------------------------------------------------------------------------- clip-score
+
+
+def _register_clip_score(kinds: argparse._SubParsersAction) -> None:
+    c = kinds.add_parser("clip-score", help="CLIP score of a folder of images against their prompts")
+    c.add_argument("images", help="folder of images; prompts from each PNG's `parameters` text unless --prompts")
+    c.add_argument("--clip", required=True, help="CLIP checkpoint folder in the transformers layout")
+    c.add_argument("--prompts", default=None, help="one prompt a line, matched to the images in name order")
+    c.add_argument("--json", default=None, help="write per-image scores and the mean to this JSON file")
+    c.set_defaults(func=run_clip_score)
+
+
+def _png_prompt(path: Path) -> str:
+    """The prompt of a t2i / A1111 PNG: the first line of its `parameters` text chunk."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        params = im.info.get("parameters")
+    if not params:
+        raise ValueError(f"{path}: no `parameters` text chunk; give the prompts with --prompts FILE")
+    return params.split("\n", 1)[0].strip()
+
+
+def run_clip_score(args: argparse.Namespace) -> int:
+    from t2i.eval.clip_score import clip_scores, load_clip
+
+    files = _image_files(Path(args.images))
+    if args.prompts:
+        texts = [t for t in Path(args.prompts).read_text(encoding="utf-8").splitlines() if t.strip()]
+        if len(texts) != len(files):
+            raise SystemExit(f"{len(texts)} prompts for {len(files)} images")
+    else:
+        texts = [_png_prompt(f) for f in files]
+    model = load_clip(args.clip)
+    scores = []
+    for i in range(0, len(files), 16):
+        scores += clip_scores(model, [_open_rgb(f) for f in files[i : i + 16]], texts[i : i + 16]).tolist()
+    out = {"clip_score": sum(scores) / len(scores), "n": len(scores),
+           "images": [{"file": f.name, "prompt": t, "clip_score": s} for f, t, s in zip(files, texts, scores,
+                                                                                         strict=True)]}
+    print(json.dumps({k: out[k] for k in ("clip_score", "n")}, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1), encoding="utf-8")
+    return 0
+
+
+# ---------------------------------------------------------------------------- suite
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _register_suite(kinds: argparse._SubParsersAction) -> None:
+    s = kinds.add_parser("suite", help="a prompt suite (DrawBench CSV, PartiPrompts TSV, or one prompt a line): "
+                                       "grids per category, scores, sweeps, report.json + report.html")
+    s.add_argument("--prompts", required=True, help="the suite file (DrawBench CSV, PartiPrompts TSV, or text)")
+    s.add_argument("--model", default=None, help="model (default: the built-in shapes model)")
+    s.add_argument("--out", default="eval-suite", help="output folder")
+    s.add_argument("--images-per-prompt", type=int, default=1)
+    s.add_argument("--limit", type=int, default=None, help="at most N prompts per category")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--guidance", type=float, default=None)
+    s.add_argument("--sampler", default=None)
+    s.add_argument("--sweep-guidance", type=_floats, default=None, metavar="G1,G2,...",
+                   help="also score at each guidance weight (a plot of each metric against it)")
+    s.add_argument("--sweep-steps", type=_floats, default=None, metavar="N1,N2,...",
+                   help="also score at each number of sampler steps")
+    s.add_argument("--clip", default=None, help="CLIP folder (transformers layout) for CLIP score")
+    s.add_argument("--inception", default=None, help="FID Inception weights, with --fid-ref")
+    s.add_argument("--fid-ref", default=None, help="reference statistics .npz (pytorch-fid layout) for FID")
+    s.set_defaults(func=run_suite_cli)
+
+
+def run_suite_cli(args: argparse.Namespace) -> int:
+    import t2i
+    from t2i.eval.suites import clip_scorer, read_suite, run_suite, shapes_judge_scorer
+
+    prompts = read_suite(args.prompts)
+    if not prompts:
+        raise SystemExit(f"{args.prompts}: no prompts")
+    scorers: dict = {}
+    if args.clip:
+        from t2i.eval.clip_score import load_clip
+
+        scorers["clip_score"] = clip_scorer(load_clip(args.clip))
+    judge = shapes_judge_scorer([p.text for p in prompts])
+    if judge is not None:
+        scorers["shapes_judge"] = judge
+    set_metrics: dict = {}
+    if args.fid_ref or args.inception:
+        if not (args.fid_ref and args.inception):
+            raise SystemExit("FID needs both --inception and --fid-ref")
+        set_metrics["fid"] = _fid_metric(args.inception, args.fid_ref)
+    pipe = t2i.load(args.model)
+    base = {"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler}
+
+    def generate(texts: list[str], overrides: dict) -> list[list]:
+        kw = {**base, **overrides}
+        if kw["steps"] is not None:
+            kw["steps"] = int(kw["steps"])
+        return [pipe.generate(t, seed=args.seed, num_images=args.images_per_prompt, **kw).images for t in texts]
+
+    sweeps = {k: v for k, v in (("guidance", args.sweep_guidance), ("steps", args.sweep_steps)) if v}
+    settings = {**base, "seed": args.seed, "images_per_prompt": args.images_per_prompt, "prompts": args.prompts}
+    report = run_suite(generate, prompts, args.out, scorers, set_metrics, sweeps, args.limit,
+                       title=f"t2i suite: {args.prompts}", model=str(args.model or "default"), settings=settings)
+    print(json.dumps(report["metrics"], indent=2))
+    print(f"wrote {args.out}/report.json, {args.out}/report.html and {args.out}/grids/", file=sys.stderr)
+    return 0
+
+
+def _fid_metric(inception: str, ref: str):
+    from t2i.eval import fid
+    from t2i.eval.inception import extract_features, load_fid_inception
+
+    model, (mu_ref, sigma_ref) = load_fid_inception(inception), fid.load_stats(ref)
+
+    def metric(images: list) -> float:
+        pool, _ = extract_features(model, images)
+        return fid.frechet_distance(*fid.feature_statistics(pool), mu_ref, sigma_ref)
+
+    return metric
