@@ -23,12 +23,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TEXTS = ["a red circle", "two blue squares on a white background", "a cat", "a green triangle above a star"]
 
 
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory):
-    """A tiny random transformers CLIPModel saved as a folder, with the real CLIP tokenizer."""
+def build_tiny_clip(folder, seed: int = 0):
+    """A tiny random transformers CLIPModel saved as a folder, with the real CLIP tokenizer and a
+    preprocessor config (48 px, non-default mean/std). Returns the transformers model."""
     from transformers import CLIPConfig, CLIPModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = CLIPConfig(
         text_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                          max_position_embeddings=77, hidden_act="quick_gelu"),
@@ -41,13 +41,18 @@ def clip_folder(tmp_path_factory):
         for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(3.0)
-    folder = tmp_path_factory.mktemp("clip")
     model.save_pretrained(folder)
     CLIPTokenizer.default().save(folder)
     pre = {"size": {"shortest_edge": 48}, "crop_size": {"height": 48, "width": 48}, "do_resize": True,
            "do_center_crop": True, "resample": 3, "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]}
     (folder / "preprocessor_config.json").write_text(json.dumps(pre))
-    return folder, model
+    return model
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clip")
+    return folder, build_tiny_clip(folder)
 
 
 def _images(n: int) -> list[Image.Image]:
@@ -79,7 +84,7 @@ def test_clip_score_matches_transformers_by_hand(clip_folder) -> None:
     norm = torch.nn.functional.normalize
     torch.testing.assert_close(norm(ours.embed_texts(TEXTS), dim=-1), out.text_embeds[:4], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(norm(ours.embed_images(images), dim=-1), out.image_embeds[::4], rtol=1e-5, atol=1e-5)
-    assert ours.logit_scale == pytest.approx(float(ref.logit_scale.exp()), rel=1e-6)
+    assert ours.logit_scale == pytest.approx(float(ref.logit_scale.detach().exp()), rel=1e-6)
 
 
 def test_preprocessing_matches_transformers_image_processor(clip_folder) -> None:
