@@ -69,7 +69,8 @@ def create_app(pipe, config: ServeConfig | None = None) -> FastAPI:
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": ("body",), "msg": "invalid request"}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        field = ".".join(loc) or "body"
+        # A JSON syntax error's loc is ("body", character offset): the field is the body itself.
+        field = "body" if first.get("type") == "json_invalid" else ".".join(loc) or "body"
         return error(422, f"{field}: {first.get('msg')}", param=field)
 
     @app.exception_handler(FieldError)
