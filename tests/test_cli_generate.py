@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import load_file
 from sd_oracles import build_sd1
@@ -46,7 +45,8 @@ def test_generate_writes_png_with_parameters_and_latents(sd1_folder, tmp_path):
 
     again = t2i.load(sd1_folder).generate("a red circle", "blurry, dark", seed=5, steps=3, guidance=4,
                                           sampler="dpmpp_2m", schedule="karras", width=24, height=16)
-    torch.testing.assert_close(latents, again.latents)
+    # equal up to float rounding: the subprocess may run on another number of threads
+    assert ((latents - again.latents).abs().max() / again.latents.std()).item() < 1e-4
 
 
 def test_num_images_writes_numbered_files(sd1_folder, tmp_path):
