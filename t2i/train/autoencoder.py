@@ -64,6 +64,9 @@ class AETrainConfig:
     image_every: int = 250  # reconstruction grids; 0: none
     ckpt_every: int = 250
     keep: int = 2
+    init_logvar: float | None = -8.0  # initial posterior log-variance (bias of quant_conv); None: default init
+    init_from: str | None = None  # start from these autoencoder weights (a vae.safetensors)
+    decoder_only: bool = False  # freeze the encoder: improves decoding without moving the latent space
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,9 +118,24 @@ def train_autoencoder(cfg: AETrainConfig, resume: bool = False) -> int:
         cfg.steps = max(cfg.steps, steps)
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(cfg.vae)
+    if vae.quant_conv is not None and cfg.init_logvar is not None:
+        # Start from a nearly deterministic posterior. With the default init its std is ~1, which
+        # drowns the weak signals (colour) in the latent for hundreds of steps; the KL term still
+        # pulls the posterior towards N(0, I) from here.
+        with torch.no_grad():
+            vae.quant_conv.bias[cfg.vae.latent_channels:] = cfg.init_logvar
+    if cfg.init_from is not None:
+        vae.load_state_dict(load_vae(cfg.init_from).state_dict())
+    trained = [*vae.parameters()]
+    if cfg.decoder_only:
+        # An LDM trained on this encoder's latents stays valid (SD's "ft-MSE" decoder fine-tuning).
+        vae.encoder.requires_grad_(False)
+        if vae.quant_conv is not None:
+            vae.quant_conv.requires_grad_(False)
+        trained = [p for p in vae.parameters() if p.requires_grad]
     loss_fn = AutoencoderLoss(cfg.loss, cfg.vae.in_channels)
     betas = (0.5, 0.9)  # the GAN setting of LDM's first stage
-    opt_g = torch.optim.AdamW([*vae.parameters(), loss_fn.logvar], lr=cfg.lr, betas=betas, weight_decay=0.0)
+    opt_g = torch.optim.AdamW([*trained, loss_fn.logvar], lr=cfg.lr, betas=betas, weight_decay=0.0)
     opt_d = torch.optim.AdamW(loss_fn.discriminator.parameters(), lr=cfg.lr, betas=betas, weight_decay=0.0)
     modules = {"vae": vae, "loss": loss_fn}
     optimizers = {"opt_g": opt_g, "opt_d": opt_d}
@@ -154,7 +172,7 @@ def train_autoencoder(cfg: AETrainConfig, resume: bool = False) -> int:
             opt_g.zero_grad(set_to_none=True)
             loss.backward()
             _average_grad(loss_fn.logvar, info)
-            gnorm = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+            gnorm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
             check_finite_loss(gnorm, step, "autoencoder gradient norm")
             opt_g.step()
             if step >= cfg.loss.disc_start:

@@ -41,8 +41,13 @@ def _run_autoencoder(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown autoencoder preset {args.preset!r}; choose from {sorted(VAE_PRESETS)}")
     loss = AutoencoderLossConfig(kl_weight=args.kl_weight, disc_weight=args.disc_weight,
                                  disc_start=args.disc_start)
-    cfg = AETrainConfig(out=args.out, vae=dataclasses.replace(VAE_PRESETS[args.preset]), loss=loss,
-                        **_shared(args))
+    vae = dataclasses.replace(VAE_PRESETS[args.preset])
+    if args.init_from:  # the starting weights decide the shape
+        from t2i.train.autoencoder import load_vae
+
+        vae = load_vae(args.init_from).cfg
+    cfg = AETrainConfig(out=args.out, vae=vae, loss=loss, init_from=args.init_from,
+                        decoder_only=args.decoder_only, **_shared(args))
     return train_autoencoder(cfg, resume=args.resume)
 
 
@@ -80,6 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ae.add_argument("--kl-weight", type=float, default=1e-6)
     ae.add_argument("--disc-weight", type=float, default=0.5)
     ae.add_argument("--disc-start", type=int, default=2000, help="step at which the adversarial loss starts")
+    ae.add_argument("--init-from", help="start from a vae.safetensors (e.g. to fine-tune its decoder)")
+    ae.add_argument("--decoder-only", action="store_true",
+                    help="train only the decoder: the latent space (and any LDM trained on it) stays valid")
     ae.set_defaults(func=_run_autoencoder)
 
     ldm = sub.add_parser("ldm", help="latent diffusion U-Net on a frozen autoencoder and MiniLM text encoder")
