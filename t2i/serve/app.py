@@ -250,7 +250,8 @@ def create_app(pipe, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": pipe.name, "queued": len(queue.pending), "running": len(queue.running)}
+        return {"status": "ok", "model": pipe.name, "queued": len(queue.pending),
+                "running": sum(j.active for j in queue.running)}
 
     @app.get("/")
     async def index():
