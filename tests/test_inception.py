@@ -36,6 +36,9 @@ def weights_file(tmp_path_factory) -> str:
     return str(path)
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def test_pool_features_and_logits_match_torch_fidelity(weights_file: str) -> None:
     o = oracles()
     oracle = o.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased", "logits"],
