@@ -89,7 +89,7 @@ def test_eval_clip_score_cli_reads_prompts_from_png_parameters(tmp_path) -> None
     from t2i.eval.clip_score import clip_scores, load_clip
 
     (tmp_path / "clip").mkdir()
-    build_tiny_clip(tmp_path / "clip")
+    build_tiny_clip(tmp_path / "clip", seed=2)  # a seed whose scores for these pairs are both > 0
     from PIL.PngImagePlugin import PngInfo
 
     texts = ["a red circle", "a blue square"]
@@ -105,3 +105,4 @@ def test_eval_clip_score_cli_reads_prompts_from_png_parameters(tmp_path) -> None
     expected = clip_scores(load_clip(tmp_path / "clip"), images, texts)
     assert [r["clip_score"] for r in out["images"]] == pytest.approx(expected.tolist(), rel=1e-6)
     assert out["clip_score"] == pytest.approx(float(expected.mean()), rel=1e-6)
+    assert (expected > 1.0).all()
