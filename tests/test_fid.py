@@ -28,6 +28,9 @@ def test_frechet_distance_matches_pytorch_fid_and_torch_fidelity() -> None:
     assert ours == pytest.approx(ref, rel=1e-6)
     assert ours == pytest.approx(ref_tf["frechet_inception_distance"], rel=1e-6)
     assert ours > 1.0  # the shift alone adds 32 * 0.09 = 2.9
+    fast = fid.frechet_distance(mu1, s1, mu2, s2, method="eigvals")
+    assert fast == pytest.approx(ref_tf["frechet_inception_distance"], rel=1e-9)
+    assert fast == pytest.approx(ours, rel=1e-6)
     # Statistics as pytorch-fid computes them: np.mean and np.cov(rowvar=False).
     np.testing.assert_array_equal(s1, np.cov(a, rowvar=False))
     assert fid.fid_from_features(a, a) == pytest.approx(0.0, abs=1e-8)

@@ -46,8 +46,9 @@ def test_eval_fid_cli_matches_library(tmp_path, monkeypatch) -> None:
     # test_fid's business: here, check the command passes the right statistics and prints the result.
     calls = []
 
-    def distance(mu1, sigma1, mu2, sigma2):
+    def distance(mu1, sigma1, mu2, sigma2, method="sqrtm"):
         calls.append((mu1, sigma1, mu2, sigma2))
+        assert method == "sqrtm"
         return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) - np.trace(sigma2))
 
     monkeypatch.setattr(fid, "frechet_distance", distance)

@@ -34,10 +34,13 @@ class _Placeholder(types.ModuleType):
         return cls
 
 
-def _install_torchvision_placeholder() -> None:
+def _install_torchvision_placeholder() -> list[str]:
+    """Placeholders for the torchvision modules; returns the names installed."""
+    if "torchvision" in sys.modules:
+        return []
     try:
         importlib.import_module("torchvision")
-        return  # a working torchvision: nothing to do
+        return []  # a working torchvision: nothing to do
     except Exception:
         pass
     for name in _STUBS:
@@ -48,6 +51,7 @@ def _install_torchvision_placeholder() -> None:
         parent, _, child = name.rpartition(".")
         if parent:
             setattr(sys.modules[parent], child, module)
+    return list(_STUBS)
 
 
 def oracles() -> types.SimpleNamespace:
@@ -55,14 +59,20 @@ def oracles() -> types.SimpleNamespace:
     missing = [name for name in ("torch_fidelity", "pytorch_fid") if importlib.util.find_spec(name) is None]
     if missing:
         pytest.skip(f"oracles not installed: {missing}; pip install --no-deps torch-fidelity pytorch-fid")
-    _install_torchvision_placeholder()
-    from pytorch_fid.fid_score import calculate_frechet_distance
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
-    from torch_fidelity.metric_fid import fid_statistics_to_metric
-    from torch_fidelity.metric_isc import isc_features_to_metric
-    from torch_fidelity.metric_kid import kid_features_to_metric
-    from torch_fidelity.metric_prc import calculate_precision_recall_full
+    installed = _install_torchvision_placeholder()
+    try:
+        from pytorch_fid.fid_score import calculate_frechet_distance
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+        from torch_fidelity.metric_fid import fid_statistics_to_metric
+        from torch_fidelity.metric_isc import isc_features_to_metric
+        from torch_fidelity.metric_kid import kid_features_to_metric
+        from torch_fidelity.metric_prc import calculate_precision_recall_full
+    finally:
+        # The oracles hold their references; take the placeholders away again so that other
+        # code probing for torchvision (transformers, diffusers) finds none, as before.
+        for name in installed:
+            sys.modules.pop(name, None)
 
     return types.SimpleNamespace(**{f.__name__: f for f in (
         calculate_frechet_distance, FeatureExtractorInceptionV3, interpolate_bilinear_2d_like_tensorflow1x,

@@ -61,6 +61,9 @@ def _register_fid(kinds: argparse._SubParsersAction) -> None:
     f.add_argument("--inception", default=None, help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth)")
     f.add_argument("--resize", default="clean", choices=("clean", "tf1", "pytorch"),
                    help="resizing to 299: clean-fid's PIL bicubic (default), TF1 bilinear, or pytorch-fid's")
+    f.add_argument("--fid-method", default="sqrtm", choices=("sqrtm", "eigvals"),
+                   help="trace of the covariance square root: scipy sqrtm (pytorch-fid, default) or "
+                        "eigenvalues (torch-fidelity; ~3x faster at 2048 dims, same value to ~1e-12)")
     f.add_argument("--save-stats", default=None, help="write the first path's mu/sigma to this .npz")
     f.add_argument("--isc", action="store_true", help="also the Inception Score of the first folder")
     f.add_argument("--kid", action="store_true", help="also KID (folders only)")
@@ -114,7 +117,7 @@ def run_fid(args: argparse.Namespace) -> int:
         fid.save_stats(args.save_stats, *stats[0])
         print(f"wrote {args.save_stats}", file=sys.stderr)
     if len(stats) == 2:
-        out["fid"] = fid.frechet_distance(*stats[0], *stats[1])
+        out["fid"] = fid.frechet_distance(*stats[0], *stats[1], method=args.fid_method)
     if args.isc:
         if feats[0] is None:
             raise SystemExit("--isc needs a folder of images as the first path")

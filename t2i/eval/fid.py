@@ -39,14 +39,25 @@ def _sqrtm(a: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2); mu (D,), sigma (D, D)."""
+                     eps: float = 1e-6, method: str = "sqrtm") -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2); mu (D,), sigma (D, D).
+
+    method "sqrtm": Tr((S1 S2)^(1/2)) from scipy's sqrtm, pytorch-fid's path (the standard).
+    "eigvals": the same trace as the sum of the square roots of the eigenvalues of S1 S2,
+    torch-fidelity's path: about 3x faster at D = 2048 (18 s against 59 s on a loaded 2-core
+    machine), agreeing to ~1e-12 relative on well-conditioned statistics.
+    """
+    if method not in ("sqrtm", "eigvals"):
+        raise ValueError(f"method must be 'sqrtm' or 'eigvals', got {method!r}")
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics differ in size: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
     diff = mu1 - mu2
+    if method == "eigvals":
+        eig = np.linalg.eigvals(sigma1 @ sigma2).astype(np.complex128)
+        return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(eig).real.sum())
     covmean = _sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         # A singular product (fewer samples than dimensions): regularize both covariances.
