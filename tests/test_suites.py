@@ -16,6 +16,7 @@ from t2i.eval.suites import (
     read_suite,
     run_suite,
     shapes_judge_scorer,
+    shapes_suite,
     slug,
 )
 
@@ -106,6 +107,15 @@ def test_run_suite_scores_grids_and_sweeps(tmp_path) -> None:
     assert grid.size == (200 + 2 * 132 + 4, 2 * 132 + 4)  # two prompt rows of two 128 px tiles
     assert json.loads((tmp_path / "report.json").read_text())["metrics"]["b"] == pytest.approx(133 / 6)
     assert (tmp_path / "report.html").is_file()
+
+
+def test_shapes_suite_is_the_heldout_set_by_family() -> None:
+    from t2i.eval.prompts import FAMILIES, heldout_prompts
+
+    suite = shapes_suite()
+    assert [(p.category, p.text) for p in suite] == heldout_prompts()
+    assert list(by_category(suite)) == list(FAMILIES)
+    assert shapes_judge_scorer([p.text for p in suite]) is not None
 
 
 def test_shapes_judge_scorer() -> None:

@@ -192,7 +192,8 @@ def _floats(text: str) -> list[float]:
 def _register_suite(kinds: argparse._SubParsersAction) -> None:
     s = kinds.add_parser("suite", help="a prompt suite (DrawBench CSV, PartiPrompts TSV, or one prompt a line): "
                                        "grids per category, scores, sweeps, report.json + report.html")
-    s.add_argument("--prompts", required=True, help="the suite file (DrawBench CSV, PartiPrompts TSV, or text)")
+    s.add_argument("--prompts", default=None, help="the suite file (DrawBench CSV, PartiPrompts TSV, or text); "
+                                                   "default: the shapes judge's held-out prompts by family")
     s.add_argument("--model", default=None, help="model (default: the built-in shapes model)")
     s.add_argument("--out", default="eval-suite", help="output folder")
     s.add_argument("--images-per-prompt", type=int, default=1)
@@ -213,9 +214,9 @@ def _register_suite(kinds: argparse._SubParsersAction) -> None:
 
 def run_suite_cli(args: argparse.Namespace) -> int:
     import t2i
-    from t2i.eval.suites import clip_scorer, read_suite, run_suite, shapes_judge_scorer
+    from t2i.eval.suites import clip_scorer, read_suite, run_suite, shapes_judge_scorer, shapes_suite
 
-    prompts = read_suite(args.prompts)
+    prompts = read_suite(args.prompts) if args.prompts else shapes_suite()
     if not prompts:
         raise SystemExit(f"{args.prompts}: no prompts")
     scorers: dict = {}
@@ -241,9 +242,10 @@ def run_suite_cli(args: argparse.Namespace) -> int:
         return [pipe.generate(t, seed=args.seed, num_images=args.images_per_prompt, **kw).images for t in texts]
 
     sweeps = {k: v for k, v in (("guidance", args.sweep_guidance), ("steps", args.sweep_steps)) if v}
-    settings = {**base, "seed": args.seed, "images_per_prompt": args.images_per_prompt, "prompts": args.prompts}
+    suite_name = args.prompts or "shapes held-out prompts"
+    settings = {**base, "seed": args.seed, "images_per_prompt": args.images_per_prompt, "prompts": suite_name}
     report = run_suite(generate, prompts, args.out, scorers, set_metrics, sweeps, args.limit,
-                       title=f"t2i suite: {args.prompts}", model=str(args.model or "default"), settings=settings)
+                       title=f"t2i suite: {suite_name}", model=str(args.model or "default"), settings=settings)
     print(json.dumps(report["metrics"], indent=2))
     print(f"wrote {args.out}/report.json, {args.out}/report.html and {args.out}/grids/", file=sys.stderr)
     return 0

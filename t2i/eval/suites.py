@@ -81,6 +81,13 @@ def read_suite(path: str | Path) -> list[SuitePrompt]:
     return [SuitePrompt(t.strip(), "all") for t in lines if t.strip() and not t.startswith("#")]
 
 
+def shapes_suite() -> list[SuitePrompt]:
+    """The shapes judge's held-out prompts as a suite, one category per caption family."""
+    from t2i.eval.prompts import heldout_prompts
+
+    return [SuitePrompt(text, family) for family, text in heldout_prompts()]
+
+
 def by_category(prompts: Sequence[SuitePrompt], limit: int | None = None) -> dict[str, list[SuitePrompt]]:
     """Prompts grouped by category in order of first appearance; at most `limit` per category."""
     groups: dict[str, list[SuitePrompt]] = {}
