@@ -46,6 +46,64 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or dim, inner, bias=qkv_bias)
         # A Sequential so the weights are `to_out.0.*`, as in the reference layout.
         self.to_out = nn.Sequential(nn.Linear(inner, dim, bias=out_bias))
+        self.is_cross = context_dim is not None
+        # Inference-only speed-ups, off until `fuse_projections()` / `cache_context = True`:
+        # fused: [to_q; to_k; to_v] (self-attention) or [to_k; to_v] (cross-attention) stacked
+        # into one weight so one GEMM reads the input once; kept out of the state dict so
+        # checkpoints keep the reference names.
+        self.fused_weight: torch.Tensor | None = None
+        self.fused_bias: torch.Tensor | None = None
+        # cache_context: cross-attention keeps the K/V of the last context it saw; sampling
+        # passes the same text tokens at every step, so they are projected once per image.
+        self.cache_context = False
+        self._kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.unfuse_projections())
+
+    def fuse_projections(self) -> None:
+        """Stack the input projections into one inference weight (call after loading weights;
+        loading a state dict again undoes it). Used only when autograd is off, so training
+        always runs the separate, trainable projections."""
+        parts = [self.to_k, self.to_v] if self.is_cross else [self.to_q, self.to_k, self.to_v]
+        self.fused_weight = torch.cat([p.weight.detach() for p in parts])  # (n * inner, in)
+        has_bias = parts[0].bias is not None
+        self.fused_bias = torch.cat([p.bias.detach() for p in parts]) if has_bias else None  # type: ignore[misc]
+
+    def unfuse_projections(self) -> None:
+        """Drop the fused weight and any cached K/V (weights changed, or to save memory)."""
+        self.fused_weight = self.fused_bias = None
+        self._kv_cache = None
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # `.to(dtype)` / `.to(device)` must move the fused copy with the parameters.
+        super()._apply(fn, recurse)
+        if self.fused_weight is not None:
+            self.fused_weight = fn(self.fused_weight)
+            self.fused_bias = None if self.fused_bias is None else fn(self.fused_bias)
+        self._kv_cache = None
+        return self
+
+    def _project(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(q, k, v), each (B, N or M, inner), through the fused weight when there is one."""
+        fused = self.fused_weight is not None and not torch.is_grad_enabled()
+        if not self.is_cross and context is x:
+            if fused:
+                return F.linear(x, self.fused_weight, self.fused_bias).chunk(3, dim=-1)
+            return self.to_q(x), self.to_k(x), self.to_v(x)
+        q = self.to_q(x)
+        if not self.is_cross:  # a self-attention module given separate tokens: no fused K/V for them
+            return q, self.to_k(context), self.to_v(context)
+        cache = self.cache_context and not torch.is_grad_enabled()
+        if cache and self._kv_cache is not None:
+            ctx, k, v = self._kv_cache
+            if ctx.shape == context.shape and ctx.dtype == context.dtype and torch.equal(ctx, context):
+                return q, k, v
+        if fused:
+            k, v = F.linear(context, self.fused_weight, self.fused_bias).chunk(2, dim=-1)
+        else:
+            k, v = self.to_k(context), self.to_v(context)
+        if cache:
+            self._kv_cache = (context.clone(), k, v)
+        return q, k, v
 
     def forward(
         self,
@@ -63,7 +121,7 @@ class Attention(nn.Module):
         if causal and mask is not None:
             raise ValueError("pass either a mask or causal=True, not both")
         context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = self._project(x, context)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, N, Dh)
         if mask is not None and mask.dtype == torch.bool and mask.dim() == 2:
             mask = mask[:, None, None, :]  # (B, 1, 1, M)

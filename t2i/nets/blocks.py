@@ -37,7 +37,10 @@ def sinusoidal_frequencies(
     all you need" geometric ladder; shift 1 is the original DDPM spacing, 0 the LDM one.
     """
     half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32) / (half - downscale_freq_shift)
+    # An explicit CPU device: modules built under `torch.device("meta")` (fast loading) still get
+    # a real table, since it is not in the state dict and nothing would fill it later.
+    steps = torch.arange(half, dtype=torch.float32, device="cpu")
+    exponent = -math.log(max_period) * steps / (half - downscale_freq_shift)
     return torch.exp(exponent)
 
 

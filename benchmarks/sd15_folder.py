@@ -1,0 +1,68 @@
+"""The real Stable Diffusion 1.5 architecture with random weights, saved as a diffusers folder.
+
+Speed does not depend on the weights' values, so the benchmark builds SD 1.5's exact shapes
+(U-Net 320/640/1280/1280 with 8 heads, CLIP ViT-L/14 text encoder, the SD VAE) locally with
+diffusers and transformers' default initialisation; nothing is downloaded. The folder
+(about 4 GB) goes under /tmp and is reused by later runs; it is never committed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+DEFAULT_FOLDER = Path("/tmp/t2i_bench_sd15")
+
+# SD 1.5's component configs (runwayml/stable-diffusion-v1-5), written out so nothing is fetched.
+UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=32, norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
+)
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=0.18215,
+)
+CLIP_CONFIG = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+    bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+SCHEDULER_CONFIG = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    steps_offset=1, set_alpha_to_one=False, skip_prk_steps=True, prediction_type="epsilon",
+)
+
+
+def build_sd15_folder(folder: Path = DEFAULT_FOLDER, seed: int = 0) -> Path:
+    """Write the random SD 1.5 folder unless it is already complete; returns its path."""
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        return folder
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTokenizer as HFCLIPTokenizer
+
+    from t2i.text.clip_tokenizer import CLIPTokenizer
+
+    torch.manual_seed(seed)
+    tmp = folder.with_name(folder.name + ".partial")
+    CLIPTokenizer.default(pad_token="<|endoftext|>").save(tmp / "tokenizer")
+    tokenizer = HFCLIPTokenizer(str(tmp / "tokenizer" / "vocab.json"), str(tmp / "tokenizer" / "merges.txt"),
+                                pad_token="<|endoftext|>", model_max_length=77)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**VAE_CONFIG), text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_CONFIG)),
+        tokenizer=tokenizer, unet=UNet2DConditionModel(**UNET_CONFIG), scheduler=PNDMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(folder)
+    return folder
+
+
+if __name__ == "__main__":
+    print(build_sd15_folder(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_FOLDER))
