@@ -84,6 +84,9 @@ def test_clip_score_matches_transformers_by_hand(clip_folder) -> None:
     norm = torch.nn.functional.normalize
     torch.testing.assert_close(norm(ours.embed_texts(TEXTS), dim=-1), out.text_embeds[:4], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(norm(ours.embed_images(images), dim=-1), out.image_embeds[::4], rtol=1e-5, atol=1e-5)
+    # Batching does not change embeddings (4 images in batches of 3, 16 texts in batches of 5).
+    torch.testing.assert_close(ours.embed_images(images, batch_size=3), ours.embed_images(images))
+    torch.testing.assert_close(ours.embed_texts(pair_texts, batch_size=5), ours.embed_texts(pair_texts))
     assert ours.logit_scale == pytest.approx(float(ref.logit_scale.detach().exp()), rel=1e-6)
 
 

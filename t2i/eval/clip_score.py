@@ -130,17 +130,22 @@ class CLIP(nn.Module):
         self.logit_scale = logit_scale
 
     @torch.no_grad()
-    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """(N, P) image embeddings (projected, not normalized)."""
-        pixels = self.preprocess(images).to(self.vision.patch_embedding.weight.dtype)
-        return self.vision(pixels).image_embeds.float()
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> torch.Tensor:
+        """(N, P) image embeddings (projected, not normalized), in batches of batch_size."""
+        dtype = self.vision.patch_embedding.weight.dtype
+        out = [self.vision(self.preprocess(images[i : i + batch_size]).to(dtype)).image_embeds.float()
+               for i in range(0, len(images), batch_size)]
+        return torch.cat(out)
 
     @torch.no_grad()
-    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
         """(N, P) text embeddings (projected, not normalized); texts longer than the
         window are cut, as every CLIP score implementation does."""
-        ids = self.tokenizer.tokenize(list(texts), max_length=self.text.cfg.max_positions).ids
-        return self.text(ids).text_embeds.float()
+        out = []
+        for i in range(0, len(texts), batch_size):
+            ids = self.tokenizer.tokenize(list(texts[i : i + batch_size]), max_length=self.text.cfg.max_positions).ids
+            out.append(self.text(ids).text_embeds.float())
+        return torch.cat(out)
 
 
 # ---------------------------------------------------------------------------- transformers layout
