@@ -109,6 +109,15 @@ def test_run_suite_scores_grids_and_sweeps(tmp_path) -> None:
     assert (tmp_path / "report.html").is_file()
 
 
+def test_run_suite_without_metrics_still_reports(tmp_path) -> None:
+    """No scorer applies (no --clip, not shapes prompts): grids and a report that says why."""
+    report = run_suite(lambda texts, o: [[_solid(9)] for _ in texts], [SuitePrompt("x", "A")], tmp_path,
+                       sweeps={"steps": [1, 2]})
+    assert report["metrics"] == {} and report["sweeps"]["steps"] == {"x": [1, 2], "metrics": {}}
+    assert "--clip" in report["notes"][0]
+    assert (tmp_path / "report.html").is_file() and (tmp_path / "grids" / "a.png").is_file()
+
+
 def test_shapes_suite_is_the_heldout_set_by_family() -> None:
     from t2i.eval.prompts import FAMILIES, heldout_prompts
 

@@ -60,8 +60,8 @@ def _num(path: list, value: float | int) -> str:
 
 def write_plots(report: dict, out_dir: Path) -> list[str]:
     """Draw one PNG per sweep into out_dir/plots, record its path in the sweep. Returns the paths."""
-    sweeps = report.get("sweeps") or {}
-    if not sweeps:
+    sweeps = {name: sw for name, sw in (report.get("sweeps") or {}).items() if sw["metrics"]}
+    if not sweeps:  # nothing measured: nothing to draw
         return []
     plt = require_matplotlib()
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
