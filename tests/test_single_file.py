@@ -38,7 +38,7 @@ from t2i.checkpoints.single_file import (
     vae_to_original,
 )
 from t2i.nets.unet import UNet
-from t2i.text.clip import CLIP_TEXT_PRESETS, CLIPLayer, CLIPTextModel
+from t2i.text.clip import CLIP_TEXT_PRESETS, CLIPTextModel, clip_layer
 
 diffusers = pytest.importorskip("diffusers")
 TOLERANCE = 2e-4  # max |ours - diffusers| relative to the std of diffusers' latents (as in issue 2)
@@ -233,7 +233,7 @@ def test_sd2_export_has_identity_last_layer(case):
     extra = {k: v for k, v in state.items() if k.startswith(f"cond_stage_model.model.transformer.resblocks.{n}.")}
     assert len(extra) == 12 and all(not v.any() for v in extra.values())
     # the identity block really is one: running it changes nothing
-    block = CLIPLayer(ours.text_encoder.model.cfg)
+    block = clip_layer(ours.text_encoder.model.cfg)
     block.load_state_dict({k: torch.zeros_like(v) for k, v in block.state_dict().items()})
     x = torch.randn(1, 5, ours.text_encoder.model.cfg.width)
     assert torch.equal(block(x), x)

@@ -3,7 +3,7 @@
 Patches -> linear embedding, a learned class token in front, learned positions, a LayerNorm
 before the transformer (CLIP's `ln_pre`), pre-norm blocks with full (non-causal) attention,
 and a LayerNorm on the class token's final state. An optional bias-free projection maps it
-into the joint image-text space. Blocks reuse the shared `Attention` and CLIP's `MLP`; the
+into the joint image-text space. Blocks are t2i.nets.transformer's pre-norm blocks; the
 transformers names (`vision_model.pre_layrnorm`, ...) are mapped in `t2i.eval.clip_score`.
 """
 
@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from t2i.nets.attention import Attention
-from t2i.text.clip import MLP
+from t2i.nets.transformer import PreNormBlock
 
 
 @dataclass
@@ -44,21 +43,6 @@ class ViTOutput:
     image_embeds: torch.Tensor | None
 
 
-class ViTLayer(nn.Module):
-    """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x)); every token sees every token."""
-
-    def __init__(self, cfg: ViTConfig) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.attn = Attention(cfg.width, cfg.heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg.width, cfg.mlp_dim, cfg.activation)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))  # (B, 1 + N, D)
-        return x + self.mlp(self.norm2(x))
-
-
 class VisionTransformer(nn.Module):
     """CLIP's image tower: pixels (B, C, H, W) at cfg.image_size -> ViTOutput."""
 
@@ -72,7 +56,10 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(torch.randn(cfg.width) * cfg.width**-0.5)
         self.position_embedding = nn.Embedding(n_patches + 1, cfg.width)
         self.pre_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.layers = nn.ModuleList(ViTLayer(cfg) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(
+            PreNormBlock(cfg.width, cfg.heads, cfg.mlp_dim, cfg.activation, cfg.layer_norm_eps)
+            for _ in range(cfg.layers)
+        )
         self.post_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False) if cfg.projection_dim else None
 

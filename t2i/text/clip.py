@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from t2i.nets.attention import Attention
+from t2i.nets.transformer import PreNormBlock
 
 
 @dataclass
@@ -50,42 +49,9 @@ class CLIPTextOutput:
     text_embeds: torch.Tensor | None
 
 
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    """OpenAI CLIP's sigmoid approximation of GELU, x * sigmoid(1.702 x)."""
-    return x * torch.sigmoid(1.702 * x)
-
-
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
-
-
-class MLP(nn.Module):
-    """Position-wise feed-forward: width -> mlp_dim -> width."""
-
-    def __init__(self, width: int, mlp_dim: int, activation: str) -> None:
-        super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
-        self.fc1 = nn.Linear(width, mlp_dim)
-        self.fc2 = nn.Linear(mlp_dim, width)
-        self.act = ACTIVATIONS[activation]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class CLIPLayer(nn.Module):
-    """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
-
-    def __init__(self, cfg: CLIPTextConfig) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.attn = Attention(cfg.width, cfg.heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg.width, cfg.mlp_dim, cfg.activation)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), causal=True)  # (B, T, D)
-        return x + self.mlp(self.norm2(x))
+def clip_layer(cfg: CLIPTextConfig) -> PreNormBlock:
+    """One layer of the text tower: causal self-attention, so a token sees only those before it."""
+    return PreNormBlock(cfg.width, cfg.heads, cfg.mlp_dim, cfg.activation, cfg.layer_norm_eps, causal=True)
 
 
 class CLIPTextModel(nn.Module):
@@ -98,7 +64,7 @@ class CLIPTextModel(nn.Module):
         self.cfg = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
-        self.layers = nn.ModuleList(CLIPLayer(cfg) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(clip_layer(cfg) for _ in range(cfg.layers))
         self.final_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.text_projection = (
             nn.Linear(cfg.width, cfg.projection_dim, bias=False) if cfg.projection_dim else None
