@@ -1,4 +1,4 @@
-"""`t2i train autoencoder|ldm ...`: the training subcommands (registered by t2i/cli.py).
+"""`t2i train autoencoder|ldm|clip ...`: the training subcommands (registered by t2i/cli.py).
 
 The same command runs on one process or, unchanged, under
 `torchrun --nproc_per_node N -m t2i.cli train ...` (DDP over gloo on CPU).
@@ -65,6 +65,18 @@ def _run_ldm(args: argparse.Namespace) -> int:
     return train_ldm(cfg, resume=args.resume)
 
 
+def _run_clip(args: argparse.Namespace) -> int:
+    from t2i.eval.shapes_clip import ShapesCLIPConfig
+    from t2i.train.clip import CLIPTrainConfig, train_clip
+
+    model = ShapesCLIPConfig(vision_width=args.width, text_width=args.width, vision_layers=args.vision_layers,
+                             text_layers=args.text_layers, embed_dim=args.width)
+    cfg = CLIPTrainConfig(out=args.out, model=model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                          warmup=args.warmup, seed=args.seed, threads=args.threads, log_every=args.log_every,
+                          eval_every=args.eval_every, ckpt_every=args.ckpt_every, keep=args.keep)
+    return train_clip(cfg, resume=args.resume)
+
+
 def _shared(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,3 +117,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ldm.add_argument("--export-every", type=int, default=500,
                      help="write the EMA model as model.safetensors every N steps")
     ldm.set_defaults(func=_run_ldm)
+
+    clip = sub.add_parser("clip", help="the small shapes CLIP (t2i.eval.shapes_clip) on the shapes world")
+    clip.add_argument("--out", required=True, help="run directory (checkpoints/, log.txt, shapes_clip.safetensors)")
+    clip.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in --out")
+    clip.add_argument("--steps", type=int, default=1000)
+    clip.add_argument("--batch-size", type=int, default=128)
+    clip.add_argument("--lr", type=float, default=1e-3)
+    clip.add_argument("--warmup", type=int, default=100)
+    clip.add_argument("--width", type=int, default=128, help="width of both towers and of the joint space")
+    clip.add_argument("--vision-layers", type=int, default=4)
+    clip.add_argument("--text-layers", type=int, default=3)
+    clip.add_argument("--seed", type=int, default=0, help="shapes stream seed (and init seed)")
+    clip.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    clip.add_argument("--log-every", type=int, default=25)
+    clip.add_argument("--eval-every", type=int, default=100, help="held-out ranking accuracy every N steps")
+    clip.add_argument("--ckpt-every", type=int, default=100)
+    clip.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    clip.set_defaults(func=_run_clip)
