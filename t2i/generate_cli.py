@@ -39,6 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts-file", default=None, help="one prompt per line; writes DIR/0000.png, ...")
     p.add_argument("--out-dir", default=None, help="output folder for --prompts-file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--rerank", type=int, default=1, metavar="K",
+                   help="sample-and-rank: draw K candidates per image, keep the best by CLIP score")
+    p.add_argument("--rerank-clip", default=None, metavar="PATH",
+                   help="CLIP for --rerank: a transformers CLIP folder or a shapes CLIP .safetensors "
+                        "(default: the shipped shapes CLIP)")
     p.set_defaults(func=run)
 
 
@@ -57,6 +62,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     if args.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+    if args.rerank < 1:
+        raise UserError(f"--rerank must be at least 1, got {args.rerank}")
     if args.mask is not None and args.init_image is None:
         raise UserError("--mask needs --init-image")
     if args.outpaint is not None:
@@ -113,17 +120,24 @@ def run(args: argparse.Namespace) -> int:
                     guidance=args.guidance, guidance_rescale=args.guidance_rescale, sampler=args.sampler,
                     schedule=args.schedule, eta=args.eta, width=args.width, height=args.height,
                     num_images=args.num_images, progress=not args.quiet)
+    generate = pipe.generate
+    if args.rerank > 1:
+        from functools import partial
+
+        from t2i.eval.rerank import generate_reranked, load_embedder
+
+        generate = partial(generate_reranked, pipe, rerank=args.rerank, embedder=load_embedder(args.rerank_clip))
     if args.prompts_file is not None:
         prompts = [ln.strip() for ln in Path(args.prompts_file).read_text().splitlines() if ln.strip()]
         out_dir = Path(args.out_dir)
         for i, prompt in enumerate(prompts):
-            result = pipe.generate(prompt, **settings)
+            result = generate(prompt, **settings)
             for j, image in enumerate(result.images):
                 name = f"{i:04d}.png" if len(result.images) == 1 else f"{i:04d}-{j}.png"
                 save_png(image, out_dir / name, image.info.get("parameters"))
         print(f"wrote {len(prompts)} prompt(s) to {out_dir}", file=sys.stderr)
         return 0
-    result = pipe.generate(args.prompt, **settings)
+    result = generate(args.prompt, **settings)
     for warning in result.warnings:
         print(f"t2i generate: warning: {warning}", file=sys.stderr)
     out = Path(args.out)
