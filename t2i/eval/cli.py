@@ -1,5 +1,6 @@
 """`t2i eval`: shapes (the shapes judge on held-out prompts), fid (FID/IS/KID/precision-recall
-with the FID Inception), clip-score (a CLIP the user has), suite (DrawBench / PartiPrompts
+with the FID Inception), clip-score (a CLIP the user has), shapes-fid (Frechet distance in
+the shipped shapes CLIP's feature space), suite (DrawBench / PartiPrompts
 files: grids per category, metrics, sweeps, JSON + HTML report)."""
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_fid(kinds)
     _register_clip_score(kinds)
     _register_suite(kinds)
+    _register_shapes_fid(kinds)
 
 
 def run_shapes(args: argparse.Namespace) -> int:
@@ -130,6 +132,37 @@ def run_fid(args: argparse.Namespace) -> int:
             out["kid"], out["kid_std"] = fid.kernel_inception_distance(feats[0][0], feats[1][0])
         if args.prc:
             out["precision"], out["recall"] = fid.precision_recall(feats[0][0], feats[1][0])
+    print(json.dumps(out, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2), encoding="utf-8")
+    return 0
+
+
+# ---------------------------------------------------------------------------- shapes-fid
+
+
+def _register_shapes_fid(kinds: argparse._SubParsersAction) -> None:
+    f = kinds.add_parser("shapes-fid", help="Frechet distance in the shapes CLIP's image-feature space")
+    f.add_argument("paths", nargs="+", help="a folder of images (against rendered ground truth), or two folders")
+    f.add_argument("--clip", default=None, help="shapes CLIP .safetensors (default: the shipped one)")
+    f.add_argument("--ref-seed", type=int, default=1, help="shapes seed of the rendered ground truth")
+    f.add_argument("--ref-count", type=int, default=None, help="ground-truth images (default: as many as given)")
+    f.add_argument("--json", default=None, help="write the numbers to this JSON file")
+    f.set_defaults(func=run_shapes_fid)
+
+
+def run_shapes_fid(args: argparse.Namespace) -> int:
+    from t2i.eval.shapes_clip import ShapesCLIP, ground_truth_images, shapes_fid
+
+    if len(args.paths) > 2:
+        raise SystemExit("t2i eval shapes-fid takes one or two folders")
+    sets = [[_open_rgb(f) for f in _image_files(Path(p))] for p in args.paths]
+    out: dict = {"paths": list(args.paths)}
+    if len(sets) == 1:
+        n = args.ref_count or len(sets[0])
+        sets.append(ground_truth_images(n, args.ref_seed))
+        out.update(reference="shapes ground truth", ref_seed=args.ref_seed, ref_count=n)
+    out["shapes_fid"] = shapes_fid(sets[0], sets[1], ShapesCLIP.load(args.clip))
     print(json.dumps(out, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2), encoding="utf-8")

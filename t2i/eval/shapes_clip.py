@@ -325,3 +325,12 @@ def shapes_fid(images1: Sequence[Image.Image], images2: Sequence[Image.Image],
     f1 = model.image_features(list(images1)).double().numpy()  # (N1, D)
     f2 = model.image_features(list(images2)).double().numpy()  # (N2, D)
     return fid_from_features(f1, f2)
+
+
+def ground_truth_images(n: int, seed: int, size: int = 64) -> list[Image.Image]:
+    """n rendered shapes scenes of `seed` (the training distribution; held-out prompts excluded):
+    the reference set of shapes FID. Use a seed other than the one the model under test trained on."""
+    from t2i.data.shapes import ShapesDataset
+
+    data = ShapesDataset(n, seed=seed, size=size, tensor=False)
+    return [Image.fromarray(data[i][0]) for i in range(n)]

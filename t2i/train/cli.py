@@ -73,7 +73,8 @@ def _run_clip(args: argparse.Namespace) -> int:
                              text_layers=args.text_layers, embed_dim=args.width)
     cfg = CLIPTrainConfig(out=args.out, model=model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           warmup=args.warmup, seed=args.seed, threads=args.threads, log_every=args.log_every,
-                          eval_every=args.eval_every, ckpt_every=args.ckpt_every, keep=args.keep)
+                          eval_every=args.eval_every, eval_scenes=args.eval_scenes, ckpt_every=args.ckpt_every,
+                          keep=args.keep)
     return train_clip(cfg, resume=args.resume)
 
 
@@ -132,6 +133,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     clip.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     clip.add_argument("--log-every", type=int, default=25)
     clip.add_argument("--eval-every", type=int, default=100, help="held-out ranking accuracy every N steps")
+    clip.add_argument("--eval-scenes", type=int, default=300, help="held-out scenes in that measurement")
     clip.add_argument("--ckpt-every", type=int, default=100)
     clip.add_argument("--keep", type=int, default=2, help="checkpoints kept")
     clip.set_defaults(func=_run_clip)
