@@ -16,18 +16,20 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "default"
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def native_bf16() -> bool:
+def native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16, from /proc/cpuinfo).
 
     Without them PyTorch emulates bf16 matmuls and convolutions, which is far slower than fp32
     (measured on an AVX2-only Zen 3: a 2048x2048 matmul ran at 0.1 GFLOP/s in bf16 against
-    40 in fp32), so `precision="auto"` must not pick bf16 there.
+    40 in fp32), so `precision="auto"` must not pick bf16 there. cpuinfo: the text to read
+    instead of /proc/cpuinfo (tests).
     """
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -116,6 +116,39 @@ class TimestepEmbedding(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 
+class Conv2d(nn.Conv2d):
+    """`nn.Conv2d` (same parameters, same state dict) with a faster inference path for small maps.
+
+    On small feature maps (the SD U-Net's 1280-channel levels at 4x4 and 8x8 latents for a 256 px
+    image) PyTorch's oneDNN convolution runs far below the machine's GEMM rate; unfolding the
+    input (im2col) and doing one GEMM with the weight as stored was 2-3x faster there (single
+    thread, fp32, AVX2: 1280 ch at 4x4 64 -> 22 ms, at 8x8 127 -> 72 ms) and slower from 16x16 up
+    (640 ch: 49 -> 63 ms). So: the GEMM when there are at most `SMALL_MAP` output pixels, at
+    least `WIDE_INPUT` inputs per output (C_in * kh * kw; the win comes from wide layers, and
+    narrow ones keep the library's exact rounding) and autograd is off; the library convolution
+    otherwise. Results agree to float rounding (summation order).
+    """
+
+    SMALL_MAP = 64
+    WIDE_INPUT = 4096
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C_in, H, W) -> (B, C_out, H', W')."""
+        if (torch.is_grad_enabled() or self.groups != 1 or self.padding_mode != "zeros"
+                or isinstance(self.padding, str) or self.kernel_size == (1, 1) or x.dim() != 4):
+            return super().forward(x)
+        b, _, h, w = x.shape
+        (kh, kw), (ph, pw), (sh, sw), (dh, dw) = self.kernel_size, self.padding, self.stride, self.dilation
+        ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if ho * wo > self.SMALL_MAP or x.shape[1] * kh * kw < self.WIDE_INPUT:
+            return super().forward(x)
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (B, C_in*kh*kw, H'W')
+        out = torch.matmul(self.weight.flatten(1), cols)  # (B, C_out, H'W')
+        if self.bias is not None:
+            out = out + self.bias[:, None]
+        return out.view(b, -1, ho, wo)
+
+
 class ResBlock(nn.Module):
     """Residual block: GroupNorm-SiLU-conv3x3, (+ time embedding), GroupNorm-SiLU-dropout-conv3x3.
 
@@ -147,18 +180,16 @@ class ResBlock(nn.Module):
         out_channels = out_channels or in_channels
         self.scale_shift = scale_shift
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = None
         if temb_dim is not None:
             self.time_emb_proj = nn.Linear(temb_dim, out_channels * (2 if scale_shift else 1))
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = None
         if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(
-                in_channels, out_channels, shortcut_kernel, padding=shortcut_kernel // 2
-            )
+            self.conv_shortcut = Conv2d(in_channels, out_channels, shortcut_kernel, padding=shortcut_kernel // 2)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C_in, H, W); temb: (B, temb_dim) or None -> (B, C_out, H, W)."""
@@ -189,7 +220,7 @@ class Downsample(nn.Module):
         super().__init__()
         self.padding = padding
         if use_conv:
-            self.conv: nn.Module = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=padding)
+            self.conv: nn.Module = Conv2d(channels, out_channels or channels, 3, stride=2, padding=padding)
         else:
             self.conv = nn.AvgPool2d(2, stride=2)
 
@@ -206,7 +237,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int, out_channels: int | None = None, use_conv: bool = True) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1) if use_conv else None
+        self.conv = Conv2d(channels, out_channels or channels, 3, padding=1) if use_conv else None
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C_out, 2H, 2W), or (B, C_out, *size) when the skip connection

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from t2i.nets.attention import Attention
 from t2i.nets.blocks import (
     DownBlock,
     Downsample,
@@ -218,6 +219,19 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch[0], eps=cfg.norm_eps)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def fuse_projections(self, cache_context: bool = True) -> UNet:
+        """Inference option: every attention's input projections as one GEMM (q/k/v for
+        self-attention, k/v for cross-attention) and, with cache_context, the text tokens' K/V
+        kept between calls that pass the same context (every step of one sampling run). The state
+        dict keeps the reference names. Measured on SD 1.5 at 256 px, fp32, AVX2: no gain beyond
+        noise (the projections are a small share of the U-Net), so the pipeline does not turn
+        it on. Returns self."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fuse_projections()
+                module.cache_context = cache_context
+        return self
 
     def embed_time(
         self,

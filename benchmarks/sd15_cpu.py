@@ -1,0 +1,344 @@
+"""t2i against diffusers (and OpenVINO when installed) on the SD 1.5 architecture, on this CPU.
+
+    python benchmarks/sd15_cpu.py                           # everything, 256 and 512
+    python benchmarks/sd15_cpu.py --size 256 --only unet    # one part, one size
+    python benchmarks/sd15_cpu.py --size 256 --only command --repeats 1
+
+The model is SD 1.5's exact architecture with random weights (`sd15_folder.py`, built once under
+/tmp): speed does not depend on the weights' values. The job is batch 1 with classifier-free
+guidance (the U-Net runs on a batch of 2), 20 steps of DPM++ 2M, guidance 7.5.
+
+Parts (--only, comma-separated):
+  matmul   fp32 and bf16 2048x2048 matmul rates, the yardsticks for the U-Net's FLOP/s
+  text     text encoding of a prompt and the empty negative
+  unet     one guided U-Net step (batch 2), t2i's sampling network against diffusers' U-Net;
+           achieved FLOP/s (torch.utils.flop_counter) as a fraction of the matmul rates
+  vae      VAE decode of one latent
+  load     a whole process that imports and loads the model, each side
+  command  `t2i generate` against `diffusers_generate.py`, each a whole process, alternated:
+           wall time, peak RSS, and the final latents compared with diffusers' fp32 result
+           (and with diffusers' modules cast to bf16, the fairness yardstick, where bf16 is native)
+  openvino the same job through optimum-intel, when it is installed
+
+Machines are noisy (other jobs share the cores): every comparison alternates the two sides
+and prints medians and ratios from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sd15_folder import DEFAULT_FOLDER, build_sd15_folder  # noqa: E402
+
+PROMPT = "a photograph of an astronaut riding a horse"
+PARTS = ("matmul", "text", "unet", "vae", "load", "command", "openvino")
+HERE = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------------------------------
+# Timing helpers
+# ---------------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def alternate(sides: dict[str, Callable[[], object]], repeats: int, warmup: bool = True) -> dict[str, float]:
+    """Median seconds of each side, the sides run in turn (A B A B ...) so load changes hit both."""
+    if warmup:
+        for fn in sides.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            times[name].append(timed(fn))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def report(title: str, medians: dict[str, float], base: str = "diffusers fp32") -> None:
+    print(f"  {title}")
+    for name, s in medians.items():
+        ratio = f"  ({s / medians[base]:.2f} of {base})" if base in medians and name != base else ""
+        print(f"    {name:<22} {s:8.3f} s{ratio}")
+
+
+def matmul_rate(dtype: torch.dtype, n: int, repeats: int = 3) -> float:
+    """GFLOP/s of an n x n matmul in dtype (median of repeats after one warm-up)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    s = alternate({"mm": lambda: a @ b}, repeats)["mm"]
+    return 2 * n**3 / s / 1e9
+
+
+# ---------------------------------------------------------------------------------------
+# Loading both sides in this process
+# ---------------------------------------------------------------------------------------
+
+
+class Sides:
+    """The t2i pipeline and the diffusers pipeline, loaded on first use."""
+
+    def __init__(self, folder: Path, precision: str) -> None:
+        import t2i
+
+        self.folder, self.precision = folder, precision
+        self.label = f"t2i {t2i.resolve_precision(precision)}" + (" (auto)" if precision == "auto" else "")
+        self._t2i = self._diffusers = self._diffusers_bf16 = None
+
+    @property
+    def t2i(self):
+        if self._t2i is None:
+            import t2i
+
+            self._t2i = t2i.load(self.folder, precision=self.precision)
+        return self._t2i
+
+    def diffusers(self, bf16: bool = False):
+        from diffusers import StableDiffusionPipeline
+
+        if bf16:
+            if self._diffusers_bf16 is None:
+                self._diffusers_bf16 = StableDiffusionPipeline.from_pretrained(
+                    self.folder, safety_checker=None, local_files_only=True, torch_dtype=torch.bfloat16)
+            return self._diffusers_bf16
+        if self._diffusers is None:
+            self._diffusers = StableDiffusionPipeline.from_pretrained(self.folder, safety_checker=None,
+                                                                      local_files_only=True)
+        return self._diffusers
+
+
+def unet_flops(folder: Path, latent: int) -> int:
+    """FLOPs of one U-Net forward on a batch of 2 (guidance) at latent x latent, counted by
+    torch.utils.flop_counter on the meta device (shapes only, no arithmetic)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from t2i.checkpoints.diffusers_nets import unet_config_from_diffusers
+    from t2i.nets.unet import UNet
+
+    cfg = unet_config_from_diffusers(json.loads((folder / "unet" / "config.json").read_text()))
+    with torch.device("meta"):
+        net = UNet(cfg)
+        x, t, ctx = torch.randn(2, 4, latent, latent), torch.full((2,), 500.0), torch.randn(2, 77, 768)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(x, t, ctx)
+    return counter.get_total_flops()
+
+
+# ---------------------------------------------------------------------------------------
+# Parts
+# ---------------------------------------------------------------------------------------
+
+
+def part_matmul(state: dict, args) -> None:
+    native = state["native_bf16"]
+    state["fp32_rate"] = matmul_rate(torch.float32, 2048)
+    # Without native bf16 a 2048^3 bf16 matmul is emulated and takes minutes: measure a 512 one.
+    n = 2048 if native else 512
+    state["bf16_rate"] = matmul_rate(torch.bfloat16, n, repeats=1 if not native else 3)
+    print(f"  matmul 2048x2048 fp32: {state['fp32_rate']:.1f} GFLOP/s; bf16 ({n}x{n}): "
+          f"{state['bf16_rate']:.1f} GFLOP/s{'' if native else ' (no native bf16 on this CPU)'}")
+
+
+def part_text(state: dict, args, sides: Sides) -> None:
+    pipe, ref = sides.t2i, sides.diffusers()
+    with torch.no_grad():
+        medians = alternate({
+            "t2i": lambda: pipe.text_encoder.encode([PROMPT, ""]),
+            "diffusers fp32": lambda: ref.encode_prompt(PROMPT, "cpu", 1, True, ""),
+        }, args.repeats)
+    report("text encoding (prompt + empty negative)", medians)
+
+
+def part_unet(state: dict, args, sides: Sides, size: int) -> None:
+    latent = size // 8
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, latent, latent, generator=g)
+    t = torch.full((2,), 500.0)
+    ctx = torch.randn(2, 77, 768, generator=g)
+    net = sides.t2i._sampling_net()  # exactly what generate() calls
+    ref = sides.diffusers().unet
+    runs = {sides.label: lambda: net(x, t, context=ctx),
+            "diffusers fp32": lambda: ref(x, t, encoder_hidden_states=ctx)}
+    if state["native_bf16"] or args.force_bf16:
+        ref16 = sides.diffusers(bf16=True).unet
+        runs["diffusers bf16"] = lambda: ref16(x.bfloat16(), t, encoder_hidden_states=ctx.bfloat16())
+    with torch.no_grad():
+        medians = alternate(runs, args.repeats)
+    report(f"U-Net step, batch 2 (guidance), {size}x{size}", medians)
+    flops = unet_flops(sides.folder, latent)
+    print(f"    U-Net FLOPs per step: {flops / 1e9:.0f} GFLOP")
+    for name, s in medians.items():
+        rate = flops / s / 1e9
+        line = f"    {name:<22} {rate:7.1f} GFLOP/s"
+        if "fp32_rate" in state:
+            line += (f" = {rate / state['fp32_rate']:.0%} of the fp32 matmul, "
+                     f"{rate / state['bf16_rate']:.0%} of the bf16 matmul")
+        print(line)
+
+
+def part_vae(state: dict, args, sides: Sides, size: int) -> None:
+    latent = size // 8
+    z = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0))
+    pipe, ref = sides.t2i, sides.diffusers()
+    with torch.no_grad():
+        medians = alternate({
+            sides.label: lambda: pipe.decode(z),
+            "diffusers fp32": lambda: ref.vae.decode(z / ref.vae.config.scaling_factor),
+        }, args.repeats)
+    report(f"VAE decode {size}x{size}", medians)
+
+
+def run_process(cmd: list[str]) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS in GB, output) of one whole process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-2000:]}")
+    return wall, usage.ru_maxrss / 2**20, out  # ru_maxrss is in KiB on Linux
+
+
+def part_load(state: dict, args, folder: Path) -> None:
+    code_t2i = f"import t2i; t2i.load({str(folder)!r}, precision={args.precision!r})"
+    code_diff = ("from diffusers import StableDiffusionPipeline; StableDiffusionPipeline.from_pretrained("
+                 f"{str(folder)!r}, safety_checker=None, local_files_only=True)")
+    results: dict[str, list[tuple[float, float]]] = {"t2i": [], "diffusers fp32": []}
+    for _ in range(args.repeats):
+        for name, code in (("t2i", code_t2i), ("diffusers fp32", code_diff)):
+            wall, rss, _ = run_process([sys.executable, "-c", code])
+            results[name].append((wall, rss))
+    medians = {k: statistics.median(w for w, _ in v) for k, v in results.items()}
+    report("load: a process that imports and loads the pipeline", medians)
+    for k, v in results.items():
+        print(f"    {k:<22} peak RSS {max(r for _, r in v):.2f} GB")
+
+
+def _latent_error(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |a - ref| relative to the reference's standard deviation."""
+    return ((a - ref).abs().max() / ref.std()).item()
+
+
+def part_command(state: dict, args, folder: Path, size: int) -> None:
+    from safetensors.torch import load_file
+
+    tmp = Path(tempfile.mkdtemp(prefix="t2i_bench_"))
+    job = ["--steps", "20", "--guidance", "7.5", "--width", str(size), "--height", str(size), "--seed", "0"]
+    t2i_cmd = [sys.executable, "-m", "t2i.cli", "generate", PROMPT, "--model", str(folder), "--sampler",
+               "dpmpp_2m", *job, "--precision", args.precision, "--quiet", "--out", str(tmp / "t2i.png"),
+               "--save-latents", str(tmp / "t2i.safetensors")]
+    diff_cmd = [sys.executable, str(HERE / "diffusers_generate.py"), PROMPT, "--model", str(folder), *job,
+                "--out", str(tmp / "diffusers.png"), "--save-latents", str(tmp / "diffusers.safetensors")]
+    print(f"  t2i command:       {' '.join(t2i_cmd[2:])}")
+    print(f"  diffusers command: {' '.join(diff_cmd[1:])}")
+    runs: dict[str, list[tuple[float, float]]] = {f"t2i {args.precision}": [], "diffusers fp32": []}
+    for _ in range(args.repeats):
+        for name, cmd in zip(runs, (t2i_cmd, diff_cmd), strict=True):
+            wall, rss, out = run_process(cmd)
+            runs[name].append((wall, rss))
+            print(f"    {name:<22} {wall:8.1f} s  peak RSS {rss:.2f} GB  {out.strip().splitlines()[-1:] or ''}",
+                  flush=True)
+    medians = {k: statistics.median(w for w, _ in v) for k, v in runs.items()}
+    report(f"whole command {size}x{size}, 20 steps dpmpp_2m, guidance 7.5 (median)", medians)
+    for k, v in runs.items():
+        print(f"    {k:<22} peak RSS {max(r for _, r in v):.2f} GB")
+    ours = load_file(tmp / "t2i.safetensors")["latents"]
+    ref = load_file(tmp / "diffusers.safetensors")["latents"]
+    print(f"  final latents, max |t2i - diffusers fp32| / std: {_latent_error(ours, ref):.2e}")
+    if state["native_bf16"] or args.force_bf16:
+        wall, _, _ = run_process([*diff_cmd[:-4], "--out", str(tmp / "d16.png"),
+                                  "--save-latents", str(tmp / "d16.safetensors"), "--bf16"])
+        yard = load_file(tmp / "d16.safetensors")["latents"]
+        print(f"  yardstick, max |diffusers bf16 - diffusers fp32| / std: {_latent_error(yard, ref):.2e} "
+              f"({wall:.0f} s)")
+    else:
+        print("  yardstick (diffusers cast to bf16) skipped: no native bf16 here, it would take hours; "
+              "--force-bf16 runs it")
+
+
+def part_openvino(state: dict, args, folder: Path, size: int) -> None:
+    try:
+        import optimum.intel  # noqa: F401
+    except ImportError:
+        print("  OpenVINO skipped: optimum-intel is not installed (pip install optimum-intel openvino)")
+        return
+    from optimum.intel import OVStableDiffusionPipeline
+
+    start = time.perf_counter()
+    pipe = OVStableDiffusionPipeline.from_pretrained(folder, export=True, compile=True)
+    loaded = time.perf_counter() - start
+    kwargs = dict(num_inference_steps=20, guidance_scale=7.5, width=size, height=size)
+    warm = alternate({"ov": lambda: pipe(PROMPT, **kwargs)}, args.repeats)["ov"]
+    print(f"  OpenVINO: export + compile {loaded:.1f} s, warm image {warm:.1f} s at {size}x{size}")
+
+
+# ---------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="256,512", help="image sizes, comma-separated (default 256,512)")
+    p.add_argument("--only", default=",".join(PARTS), help=f"parts to run, from {', '.join(PARTS)}")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per side (after one warm-up)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="t2i's precision")
+    p.add_argument("--folder", type=Path, default=DEFAULT_FOLDER, help="where the random SD 1.5 folder lives")
+    p.add_argument("--force-bf16", action="store_true",
+                   help="run the diffusers bf16 yardstick even without native bf16 (very slow there)")
+    args = p.parse_args(argv)
+    parts = [s.strip() for s in args.only.split(",") if s.strip()]
+    for part in parts:
+        if part not in PARTS:
+            p.error(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
+    sizes = [int(s) for s in args.size.split(",")]
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    import t2i
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    state: dict = {"native_bf16": t2i.native_bf16()}
+    print(f"t2i {t2i.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"native bf16: {state['native_bf16']}, t2i precision {args.precision} -> "
+          f"{t2i.resolve_precision(args.precision)}")
+    folder = build_sd15_folder(args.folder)
+    sides = Sides(folder, args.precision)
+    if "matmul" in parts:
+        part_matmul(state, args)
+    if "text" in parts:
+        part_text(state, args, sides)
+    if "load" in parts:
+        part_load(state, args, folder)
+    for size in sizes:
+        print(f"== {size}x{size}")
+        if "unet" in parts:
+            part_unet(state, args, sides, size)
+        if "vae" in parts:
+            part_vae(state, args, sides, size)
+        if "command" in parts:
+            part_command(state, args, folder, size)
+        if "openvino" in parts:
+            part_openvino(state, args, folder, size)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The CPU fast paths compute what the plain paths compute (issue 7); no timings are asserted.
+
+- `blocks.Conv2d`: im2col + GEMM on small maps equals `nn.Conv2d`, and is really taken there.
+- `Attention.fuse_projections` / `cache_context`: same outputs, a cache that misses when the
+  context changes, training never on the fused copy, loading or casting keeps it consistent.
+- Meta-device loading: the sinusoidal table is real; the fast NaN/Inf check refuses like io's.
+- precision "auto": bf16 only with native bf16 flags.
+- bf16 U-Net: no further from diffusers' fp32 output than diffusers' own U-Net cast to bf16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import t2i
+from t2i.checkpoints.diffusers_folder import _check_finite_fast
+from t2i.checkpoints.io import CheckpointError
+from t2i.nets import blocks
+from t2i.nets.attention import Attention
+from t2i.nets.blocks import Conv2d, SinusoidalEmbedding, sinusoidal_frequencies
+from t2i.nets.unet import UNET_CONFIGS, UNet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.float() - ref.float()).abs().max() / ref.float().std()).item()
+
+
+@pytest.mark.parametrize("c_in,c_out,size,stride,padding,bias", [
+    (512, 24, 4, 1, 1, True), (456, 16, 8, 1, 1, False), (512, 12, 9, 2, 0, True), (520, 8, 7, 2, 1, True),
+    (640, 20, 3, 1, 1, True)])
+def test_small_map_conv_matches_nn_conv2d(monkeypatch, c_in, c_out, size, stride, padding, bias):
+    torch.manual_seed(0)
+    ref = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=padding, bias=bias)
+    ours = Conv2d(c_in, c_out, 3, stride=stride, padding=padding, bias=bias)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, c_in, size, size)
+    calls = []
+    unfold = F.unfold
+    monkeypatch.setattr(blocks.F, "unfold", lambda *a, **k: calls.append(1) or unfold(*a, **k))
+    with torch.no_grad():
+        expected, got = ref(x), ours(x)
+    assert calls, "the im2col path was not taken on a small map"
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-5
+    # With autograd on, the library convolution runs (bit-identical, and trainable).
+    calls.clear()
+    assert torch.equal(ours(x), ref(x)) and not calls
+
+
+@pytest.mark.parametrize("c_in,size", [(512, 9), (32, 4)])
+def test_large_map_or_narrow_conv_is_the_library_conv(c_in, size):
+    """81 output pixels > SMALL_MAP, or 32 * 9 inputs < WIDE_INPUT: bit-identical to nn.Conv2d."""
+    torch.manual_seed(0)
+    ref = nn.Conv2d(c_in, 8, 3, padding=1)
+    ours = Conv2d(c_in, 8, 3, padding=1)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(1, c_in, size, size)
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x))
+
+
+def _attention_pair(cross: bool) -> tuple[Attention, Attention]:
+    torch.manual_seed(0)
+    a = Attention(32, 4, context_dim=24 if cross else None, qkv_bias=True)
+    b = Attention(32, 4, context_dim=24 if cross else None, qkv_bias=True)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_fused_projections_same_output(cross):
+    plain, fused = _attention_pair(cross)
+    fused.fuse_projections()
+    fused.cache_context = True
+    x = torch.randn(2, 10, 32)
+    ctx = torch.randn(2, 7, 24) if cross else None
+    with torch.no_grad():
+        expected = plain(x, ctx)
+        first, second = fused(x, ctx), fused(x, None if ctx is None else ctx.clone())
+    assert _rel(first, expected) < 1e-6 and torch.equal(first, second)
+    assert set(fused.state_dict()) == set(plain.state_dict())  # reference names only
+    if cross:
+        assert fused._kv_cache is not None
+        ctx2 = ctx + 0.5  # a new context must not be served from the cache
+        with torch.no_grad():
+            assert _rel(fused(x, ctx2), plain(x, ctx2)) < 1e-6
+            assert _rel(fused(x, ctx2), plain(x, ctx)) > 1e-2
+
+
+def test_fused_copy_never_used_for_training_and_follows_loads_and_casts():
+    plain, fused = _attention_pair(cross=False)
+    fused.fuse_projections()
+    x = torch.randn(1, 5, 32)
+    out = fused(x)  # autograd on: the separate, trainable projections
+    out.sum().backward()
+    assert fused.to_q.weight.grad is not None
+    # New weights through load_state_dict drop the stale fused copy.
+    torch.manual_seed(1)
+    other = Attention(32, 4, qkv_bias=True)
+    fused.load_state_dict(other.state_dict())
+    assert fused.fused_weight is None
+    fused.fuse_projections()
+    fused.to(torch.float64)
+    assert fused.fused_weight is not None and fused.fused_weight.dtype == torch.float64
+    with torch.no_grad():
+        assert _rel(fused(x.double()), other.double()(x.double())) < 1e-12
+
+
+def test_unet_fuse_projections_same_output():
+    torch.manual_seed(0)
+    cfg = UNET_CONFIGS["tiny"]
+    a, b = UNet(cfg).eval(), UNet(cfg).eval()
+    b.load_state_dict(a.state_dict())
+    b.fuse_projections()
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), torch.randn(2, 5, cfg.context_dim)
+    with torch.no_grad():
+        assert _rel(b(x, t, ctx), a(x, t, ctx)) < 1e-5
+        assert _rel(b(x, t + 1, ctx), a(x, t + 1, ctx)) < 1e-5  # second step: cached K/V
+
+
+def test_meta_built_embedding_has_its_table():
+    with torch.device("meta"):
+        emb = SinusoidalEmbedding(320)
+    assert emb.freqs.device.type == "cpu"
+    assert torch.equal(emb.freqs, sinusoidal_frequencies(320))
+    assert emb.freqs[1].item() == pytest.approx(10000 ** (-1 / 160), rel=1e-6)
+
+
+def test_fast_finite_check(tmp_path):
+    ok = {"w": torch.randn(10), "huge": torch.full((4,), 3e38)}  # finite, but the sum overflows
+    _check_finite_fast(ok, tmp_path / "ok.safetensors")
+    for bad_value in (float("nan"), float("inf")):
+        bad = {"w": torch.randn(10), "b": torch.tensor([1.0, bad_value])}
+        with pytest.raises(CheckpointError, match="'b' contains NaN or Inf"):
+            _check_finite_fast(bad, tmp_path / "bad.safetensors")
+
+
+def test_precision_auto(monkeypatch):
+    zen3 = "processor\t: 0\nflags\t\t: fpu sse avx2 fma f16c\n"
+    zen4 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
+    spr = "flags\t\t: avx512f amx_bf16 amx_tile\n"
+    assert not t2i.native_bf16(zen3)
+    assert t2i.native_bf16(zen4) and t2i.native_bf16(spr)
+    monkeypatch.setattr(t2i, "native_bf16", lambda cpuinfo=None: False)
+    assert t2i.resolve_precision("auto") == "fp32"
+    monkeypatch.setattr(t2i, "native_bf16", lambda cpuinfo=None: True)
+    assert t2i.resolve_precision("auto") == "bf16"
+    assert t2i.resolve_precision("fp32") == "fp32"
+    with pytest.raises(ValueError):
+        t2i.resolve_precision("fp16")
+
+
+def test_bf16_unet_within_the_diffusers_bf16_yardstick():
+    diffusers = pytest.importorskip("diffusers")
+    from t2i.checkpoints.diffusers_nets import unet_config_from_diffusers
+
+    config = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=[32, 64, 64],
+                  down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], layers_per_block=2,
+                  cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8)
+    torch.manual_seed(0)
+    ref = diffusers.UNet2DConditionModel(**config).eval()
+    ours = UNet(unet_config_from_diffusers(ref.config)).eval()
+    ours.load_state_dict(ref.state_dict())
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([999.0, 20.0]), torch.randn(2, 7, 24, generator=g)
+    with torch.no_grad():
+        exact = ref(x, t, encoder_hidden_states=ctx).sample
+        yard = ref.to(torch.bfloat16)(x.bfloat16(), t, encoder_hidden_states=ctx.bfloat16()).sample
+        got = ours.to(torch.bfloat16)(x.bfloat16(), t, ctx.bfloat16())
+    yardstick, err = _rel(yard, exact), _rel(got, exact)
+    assert 1e-3 < yardstick < 0.2  # bf16 rounding is visible, and the reference is sane
+    assert err <= 1.25 * yardstick, (err, yardstick)
