@@ -66,12 +66,12 @@ def load(path: str | Path | None = None, precision: str = "fp32"):
         raise FileNotFoundError(f"model not found: {path}")
     if is_diffusers_folder(path):
         return load_diffusers_pipeline(path, dtype=dtype)
-    if path.is_dir():
-        from t2i.systems.shapes_ldm import is_t2i_model, load_t2i_model
+    from t2i.systems.shapes_ldm import is_t2i_model, load_t2i_model
 
-        if is_t2i_model(path):
-            return load_t2i_model(path, dtype=dtype)
-        raise ValueError(f"{path}: not a model folder (no model_index.json, no t2i model files)")
+    if is_t2i_model(path):
+        return load_t2i_model(path, dtype=dtype)
+    if path.is_dir():
+        raise ValueError(f"{path}: not a model folder (no model_index.json, no t2i model.safetensors)")
     from t2i.checkpoints.single_file import is_single_file, load_single_file
 
     if is_single_file(path):

@@ -29,6 +29,8 @@ from t2i.checkpoints.io import load_state_dict, save_state_dict
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.nets.unet import UNet, UNetConfig
 
+DEFAULT_MODEL_FILE = Path(__file__).resolve().parent.parent / "assets" / "default" / "model.safetensors"
+
 # Presets, named as DiT names its models. The f=4 autoencoder is small because the shapes
 # world is flat colours and sharp edges; the scaling factor is set from the trained
 # latents' standard deviation when the LDM training starts.
@@ -165,3 +167,41 @@ class ShapesLDM(nn.Module):
                                       width=c.image_size, height=c.image_size)
         return LatentDiffusionPipeline(self.unet, self.vae, text_encoder or load_text_encoder(c), c.schedule,
                                        name=name, defaults=defaults)
+
+
+def _model_file(path: str | Path) -> Path:
+    path = Path(path)
+    return path / "model.safetensors" if path.is_dir() else path
+
+
+def is_t2i_model(path: str | Path) -> bool:
+    """A file written by `ShapesLDM.save` (or a folder holding one as model.safetensors)."""
+    file = _model_file(path)
+    if file.suffix != ".safetensors" or not file.is_file():
+        return False
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return (f.metadata() or {}).get("t2i_system") == "shapes_ldm"
+    except Exception:  # not a readable safetensors file: not ours, let other loaders judge it
+        return False
+
+
+def load_t2i_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """A t2i shapes-LDM file or folder -> LatentDiffusionPipeline (text encoder: frozen MiniLM)."""
+    file = _model_file(path)
+    model = ShapesLDM.load(file)
+    name = "t2i-shapes" if file == DEFAULT_MODEL_FILE else file.parent.name if file.name == "model.safetensors" \
+        else file.stem
+    pipe = model.pipeline(name=name)
+    if dtype != torch.float32:
+        pipe.unet.to(dtype)
+        pipe.vae.to(dtype)
+    return pipe
+
+
+def load_default_model(dtype: torch.dtype = torch.float32):
+    """The built-in shapes model shipped in t2i/assets/default."""
+    if not DEFAULT_MODEL_FILE.is_file():
+        raise FileNotFoundError(f"the built-in model is missing ({DEFAULT_MODEL_FILE}); reinstall t2i or "
+                                "give --model PATH")
+    return load_t2i_model(DEFAULT_MODEL_FILE, dtype)
