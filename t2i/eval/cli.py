@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--steps", type=int, default=None)
     s.add_argument("--guidance", type=float, default=None)
     s.add_argument("--sampler", default=None)
-    s.add_argument("--limit", type=int, default=None, help="only the first N prompts (a quick look)")
+    s.add_argument("--limit", type=int, default=None, help="at most N prompts per family (a quick look)")
     s.set_defaults(func=run_shapes)
     _register_fid(kinds)
     _register_clip_score(kinds)
@@ -41,11 +41,18 @@ def run_shapes(args: argparse.Namespace) -> int:
     if args.limit is not None:
         from t2i.eval.prompts import heldout_prompts
 
-        prompts = (prompts or heldout_prompts())[: args.limit]
+        taken: dict[str, int] = {}
+        kept = []
+        for family, text in prompts or heldout_prompts():
+            taken[family] = taken.get(family, 0) + 1
+            if taken[family] <= args.limit:
+                kept.append((family, text))
+        prompts = kept
 
     def generate(texts: list[str]) -> list:
-        return [pipe.generate(t, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                              sampler=args.sampler).images[0] for t in texts]
+        # one batched call per chunk of prompts, every prompt with the same seed
+        return pipe.generate(texts, seed=[args.seed] * len(texts), steps=args.steps, guidance=args.guidance,
+                             sampler=args.sampler).images
 
     report = run_shapes_eval(generate, prompts, args.out)
     summary = {k: report[k] for k in ("overall", "n", "accuracy")}
