@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from t2i.cli import main
-from t2i.data.shapes import shapes_example
+from t2i.data.shapes import render, shapes_example
 from t2i.eval.clip_score import ImageTextEmbedder, clip_scores
 from t2i.eval.shapes_clip import (
     BOS,
@@ -29,6 +29,7 @@ from t2i.eval.shapes_clip import (
     contrastive_loss,
     ground_truth_images,
     heldout_scenes,
+    one_word_edits,
     ranking_accuracy,
     ranking_set,
     shapes_fid,
@@ -36,7 +37,7 @@ from t2i.eval.shapes_clip import (
 )
 from t2i.eval.shapes_judge import judge
 from t2i.train.checkpoint import checkpoint_path, load_state_dict
-from t2i.train.clip import CLIPTrainConfig, cosine_lr, train_clip
+from t2i.train.clip import CLIPTrainConfig, cosine_lr, hard_negatives, train_clip
 
 TINY = ShapesCLIPConfig(vision_width=32, vision_layers=1, vision_heads=2, text_width=32, text_layers=1,
                         text_heads=2, embed_dim=16)
@@ -88,6 +89,32 @@ def test_contrastive_loss_by_hand():
         by_hand -= sum(lp_row[i, j] for j in js) / len(js) / 4 / 2
         by_hand -= sum(lp_col[j, i] for j in js) / len(js) / 4 / 2
     assert contrastive_loss(logits, dup).item() == pytest.approx(float(by_hand), abs=1e-6)
+
+
+def test_contrastive_loss_with_hard_negatives_by_hand():
+    torch.manual_seed(1)
+    captions = ["a red circle", "a blue square", "a pink diamond"]
+    texts = captions + ["a green circle", "a pink diamond"]  # the last one equals caption 2: a positive
+    logits = torch.randn(3, 5) * 3
+    lp_row, lp_col = logits.log_softmax(1), logits[:, :3].log_softmax(0)
+    img = -(lp_row[0, 0] + lp_row[1, 1] + (lp_row[2, 2] + lp_row[2, 4]) / 2) / 3
+    txt = -(lp_col[0, 0] + lp_col[1, 1] + lp_col[2, 2]) / 3
+    assert contrastive_loss(logits, captions, texts).item() == pytest.approx(float(img + txt) / 2, abs=1e-6)
+
+
+def test_hard_negatives_are_one_word_edits_the_judge_rejects():
+    pairs = [shapes_example(5, i) for i in range(40)]
+    scenes, captions = [p[0] for p in pairs], [p[1] for p in pairs]
+    negs = hard_negatives(scenes, captions, seed=5, position=0)
+    assert negs == hard_negatives(scenes, captions, seed=5, position=0)  # a resumed run draws the same
+    assert negs != hard_negatives(scenes, captions, seed=5, position=64)
+    assert len(negs) >= 38
+    by_caption = {c: s for s, c in pairs}
+    for neg in negs:
+        caption = next(c for c in captions if neg in one_word_edits(c))
+        assert sum(a != b for a, b in zip(neg.split(), caption.split(), strict=True)) == 1
+        assert not judge(render(by_caption[caption]), neg).ok  # false on the pixels too
+        assert judge(render(by_caption[caption]), caption).ok
 
 
 def test_save_load_roundtrip(tmp_path):

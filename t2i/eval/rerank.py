@@ -92,3 +92,25 @@ def generate_reranked(pipe, prompt: str | list[str], rerank: int, embedder: Imag
     result.latents = result.latents[torch.tensor(keep)]
     result.seeds = [result.seeds[i] for i in keep]
     return result
+
+
+def judge_rerank_gain(pipe, prompts: Sequence[str], k: int, embedder: ImageTextEmbedder | None = None, *,
+                      seed: int = 0, **settings) -> dict:
+    """Shapes-judge accuracy of `--rerank 1` against `--rerank k` on the same draws.
+
+    Each prompt gets k candidates (seeds seed .. seed + k - 1): candidate 0 is exactly what
+    rerank 1 returns, the CLIP's best is what rerank k returns. Returns {"n", "k",
+    "rerank_1", "rerank_k"} (shares of prompts the judge accepts) and per-prompt verdicts.
+    """
+    from t2i.eval.shapes_judge import judge
+
+    embedder = embedder or default_embedder()
+    plain, best, rows = 0, 0, []
+    for prompt in prompts:
+        images = pipe.generate(prompt, seed=seed, num_images=k, **settings).images
+        r = rank(embedder, images, prompt)
+        ok = [judge(im, prompt).ok for im in images]
+        plain, best = plain + ok[0], best + ok[r.best]
+        rows.append({"prompt": prompt, "candidates_ok": ok, "kept": r.best, "cosines": r.cosines})
+    n = len(prompts)
+    return {"n": n, "k": k, "rerank_1": plain / n, "rerank_k": best / n, "per_prompt": rows}

@@ -223,19 +223,24 @@ class ShapesCLIP(nn.Module):
         return model.eval()
 
 
-def contrastive_loss(logits: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
-    """Symmetric InfoNCE (CLIP's loss): cross-entropy over texts for each image and over
-    images for each text, averaged. logits: (B, B), pair i on the diagonal.
+def contrastive_loss(logits: torch.Tensor, captions: Sequence[str], texts: Sequence[str] | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP's loss): cross-entropy over texts for each image and over images
+    for each caption, averaged. logits: (B, M) of B images against M texts, where the first B
+    texts are the images' own captions (pair i on the diagonal) and any further M - B texts are
+    extra negatives (hard negatives: they enter only the image -> text direction).
 
-    The shapes world repeats captions ("a red circle" of two different scenes): identical
-    captions in a batch are all counted as positives (targets spread evenly over them)
+    The shapes world repeats captions ("a red circle" of two different scenes): every text equal
+    to an image's caption counts as a positive of that image (targets spread evenly over them)
     rather than pushing a true caption away as a negative.
     """
-    keys = [" ".join(split_words(c)) for c in captions]
-    same = torch.tensor([[a == b for b in keys] for a in keys], dtype=logits.dtype)  # (B, B)
-    targets = same / same.sum(dim=1, keepdim=True)  # symmetric matrix, rows sum to 1
-    loss_i = -(targets * logits.log_softmax(dim=1)).sum(1).mean()  # image -> texts
-    loss_t = -(targets * logits.log_softmax(dim=0)).sum(0).mean()  # text -> images
+    texts = list(captions) if texts is None else list(texts)
+    b = len(captions)
+    keys = [" ".join(split_words(c)) for c in texts]
+    same = torch.tensor([[keys[i] == k for k in keys] for i in range(b)], dtype=logits.dtype)  # (B, M)
+    to_texts = same / same.sum(dim=1, keepdim=True)  # (B, M) rows sum to 1
+    to_images = same[:, :b] / same[:, :b].sum(dim=0, keepdim=True)  # (B, B) columns sum to 1
+    loss_i = -(to_texts * logits.log_softmax(dim=1)).sum(1).mean()  # image -> all texts
+    loss_t = -(to_images * logits[:, :b].log_softmax(dim=0)).sum(0).mean()  # caption -> images
     return (loss_i + loss_t) / 2
 
 
@@ -295,6 +300,48 @@ def ranking_set(pairs: Sequence[tuple[object, str]], n_candidates: int = 8,
                 chosen.append(c)
             if len(chosen) == n_candidates - 1:
                 break
+        images.append(image)
+        candidates.append([caption, *chosen])
+    return images, candidates
+
+
+# One-word edits that change what a caption claims (plurals follow their singular).
+_SWAPS: dict[str, tuple[str, ...]] = {
+    **{c: tuple(o for o in lang.COLOURS if o != c) for c in lang.COLOURS},
+    **{s: tuple(o for o in lang.SHAPES if o != s) for s in lang.SHAPES},
+    **{p: tuple(o for o in lang.PLURALS.values() if o != p) for p in lang.PLURALS.values()},
+    "small": ("large",), "large": ("small",), "above": ("below",), "below": ("above",),
+    "left": ("right",), "right": ("left",), "top": ("bottom",), "bottom": ("top",),
+    "two": ("three", "four"), "three": ("two", "four"), "four": ("two", "three"),
+    "black": ("gray", "white"), "gray": ("black", "white"),
+}
+
+
+def one_word_edits(caption: str) -> list[str]:
+    """Every caption that differs from `caption` in one swappable word (colour, shape, size, count,
+    side, relation, background), in order of position; some may still be true of the scene."""
+    words = caption.split(" ")
+    out = [" ".join(words[:i] + [alt + ("," if w.endswith(",") else "")] + words[i + 1:])
+           for i, w in enumerate(words) for alt in _SWAPS.get(w.rstrip(","), ())]
+    return list(dict.fromkeys(out))
+
+
+def hard_ranking_set(pairs: Sequence[tuple[object, str]], n_candidates: int = 4,
+                     seed: int = 0) -> tuple[list[Image.Image], list[list[str]]]:
+    """Like `ranking_set`, but the distractors are the true caption with ONE word changed (a colour,
+    shape, size, count, side or relation) and checked FALSE by the judge: the binding, counting
+    and spatial distinctions a bag of words cannot make. Scenes with too few such edits are skipped."""
+    from t2i.data.shapes import render
+    from t2i.eval.shapes_judge import judge
+
+    rng = np.random.default_rng(seed)
+    images, candidates = [], []
+    for scene, caption in pairs:
+        image = render(scene)
+        edits = [e for e in one_word_edits(caption) if not judge(image, e).ok]
+        if len(edits) < n_candidates - 1:
+            continue
+        chosen = [edits[j] for j in rng.choice(len(edits), n_candidates - 1, replace=False)]
         images.append(image)
         candidates.append([caption, *chosen])
     return images, candidates

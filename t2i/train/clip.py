@@ -20,16 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from t2i.data.shapes import Scene, shapes_example
+from t2i.eval.prompts import parse_prompt
 from t2i.eval.shapes_clip import (
     ShapesCLIP,
     ShapesCLIPConfig,
     contrastive_loss,
     heldout_scenes,
+    one_word_edits,
     ranking_accuracy,
     ranking_set,
 )
+from t2i.eval.shapes_judge import Detection, check
 from t2i.train.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
@@ -64,6 +69,11 @@ class CLIPTrainConfig:
     eval_scenes: int = 300  # of the judge's 300 held-out scenes
     ckpt_every: int = 100
     keep: int = 2
+    # Per image, one extra negative caption: its own caption with one word changed and judged false
+    # for it (NegCLIP's idea, Yuksekgonul et al. 2023): random in-batch captions differ in almost
+    # everything, so without these the model can pass as a bag of words; the reranker must tell
+    # apart candidates that differ in one colour, side or count.
+    hard_negatives: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,6 +90,28 @@ def cosine_lr(step: int, cfg: CLIPTrainConfig) -> float:
         return warmup_lr(step, cfg.lr, cfg.warmup)
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def scene_truth(scene: Scene) -> tuple[str, list[Detection]]:
+    """A scene's ground truth in the judge's terms (background, detections), for checking captions
+    without rendering and detecting: exact, and ~100x cheaper than the judge on pixels."""
+    return scene.background, [Detection(o.colour, o.shape, o.size, tuple(float(v) for v in o.box), o.centre,
+                                        o.s * o.s, 1.0) for o in scene.objects]
+
+
+def hard_negatives(scenes: list[Scene], captions: list[str], seed: int, position: int) -> list[str]:
+    """For each scene, a one-word edit of its caption that is false of it (tried in an order drawn
+    from (seed, position), so a resumed run draws the same); scenes whose edits are all true (rare)
+    get none."""
+    out = []
+    for i, (scene, caption) in enumerate(zip(scenes, captions, strict=True)):
+        background, detections = scene_truth(scene)
+        edits = one_word_edits(caption)
+        for j in np.random.default_rng([seed, position, i]).permutation(len(edits)):
+            if not check(parse_prompt(edits[j]), background, detections).ok:
+                out.append(edits[j])
+                break
+    return out
 
 
 def _param_groups(model: ShapesCLIP, weight_decay: float) -> list[dict[str, Any]]:
@@ -135,9 +167,14 @@ def train_clip(cfg: CLIPTrainConfig, resume: bool = False) -> int:
         prune_checkpoints(out, cfg.keep)
         model.save(out / "shapes_clip.safetensors")
 
-    def prepare(position: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        x, captions, _ = data.batch(position, cfg.batch_size, info)  # (B, 3, S, S) in [-1, 1]
-        return x, model.tokenizer.encode(captions), captions
+    def prepare(position: int) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
+        x, captions, idx = data.batch(position, cfg.batch_size, info)  # (B, 3, S, S) in [-1, 1]
+        negatives = []
+        if cfg.hard_negatives:
+            scenes = [shapes_example(cfg.seed, i, data.source.exclude)[0] for i in idx]
+            negatives = hard_negatives(scenes, captions, cfg.seed, position)
+        texts = captions + negatives
+        return x, model.tokenizer.encode(texts), captions, texts
 
     # The next batch is rendered in a thread while this step trains (numpy and torch release
     # the GIL), so the one training thread is not kept waiting on the renderer.
@@ -148,13 +185,13 @@ def train_clip(cfg: CLIPTrainConfig, resume: bool = False) -> int:
         pending = prefetch.submit(prepare, position)
         while step < cfg.steps:
             t0 = time.perf_counter()
-            x, ids, captions = pending.result()
+            x, ids, captions, texts = pending.result()
             if step + 1 < cfg.steps:
                 pending = prefetch.submit(prepare, position + cfg.batch_size)
             t1 = time.perf_counter()
             lr = cosine_lr(step, cfg)
             set_lr(opt, lr)
-            loss = contrastive_loss(model(x, ids), captions)
+            loss = contrastive_loss(model(x, ids), captions, texts)  # logits (B, len(texts))
             check_finite_loss(loss, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
