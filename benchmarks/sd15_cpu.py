@@ -247,7 +247,7 @@ def part_command(state: dict, args, folder: Path, size: int) -> None:
                 "--out", str(tmp / "diffusers.png"), "--save-latents", str(tmp / "diffusers.safetensors")]
     print(f"  t2i command:       {' '.join(t2i_cmd[2:])}")
     print(f"  diffusers command: {' '.join(diff_cmd[1:])}")
-    runs: dict[str, list[tuple[float, float]]] = {f"t2i {args.precision}": [], "diffusers fp32": []}
+    runs: dict[str, list[tuple[float, float]]] = {Sides(folder, args.precision).label: [], "diffusers fp32": []}
     for _ in range(args.repeats):
         for name, cmd in zip(runs, (t2i_cmd, diff_cmd), strict=True):
             wall, rss, out = run_process(cmd)
