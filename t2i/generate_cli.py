@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="pad --init-image by these pixels on each side and paint the padding")
     p.add_argument("--refiner", default=None, help="SDXL refiner model; takes over at --refiner-start")
     p.add_argument("--refiner-start", type=float, default=0.8, help="fraction of the schedule run by the base")
-    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 where the CPU computes it natively, else fp32")
     p.add_argument("--out", default="image.png", help="output PNG; with several images, -0, -1, ... are added")
     p.add_argument("--save-latents", default=None, metavar="FILE.safetensors",
                    help="write the final latents (before VAE scaling is undone) under the key 'latents'")
