@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import t2i
-from t2i.checkpoints.diffusers_folder import _check_finite_fast
-from t2i.checkpoints.io import CheckpointError
+from t2i.checkpoints.io import CheckpointError, check_finite
 from t2i.nets import blocks
 from t2i.nets.attention import Attention
 from t2i.nets.blocks import Conv2d, SinusoidalEmbedding, sinusoidal_frequencies
@@ -133,11 +132,11 @@ def test_meta_built_embedding_has_its_table():
 
 def test_fast_finite_check(tmp_path):
     ok = {"w": torch.randn(10), "huge": torch.full((4,), 3e38)}  # finite, but the sum overflows
-    _check_finite_fast(ok, tmp_path / "ok.safetensors")
+    check_finite(ok, tmp_path / "ok.safetensors")
     for bad_value in (float("nan"), float("inf")):
         bad = {"w": torch.randn(10), "b": torch.tensor([1.0, bad_value])}
         with pytest.raises(CheckpointError, match="'b' contains NaN or Inf"):
-            _check_finite_fast(bad, tmp_path / "bad.safetensors")
+            check_finite(bad, tmp_path / "bad.safetensors")
 
 
 def test_precision_auto(monkeypatch):

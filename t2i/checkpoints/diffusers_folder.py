@@ -23,7 +23,7 @@ import torch
 from t2i.autoencoders.kl import AutoencoderKL
 from t2i.checkpoints.diffusers_nets import unet_config_from_diffusers, vae_config_from_diffusers
 from t2i.checkpoints.diffusers_scheduler import read_scheduler_config
-from t2i.checkpoints.io import CheckpointError, check_finite, find_weights, load_state_dict
+from t2i.checkpoints.io import CheckpointError, find_weights, load_state_dict
 from t2i.nets.unet import UNet
 from t2i.systems.latent_diffusion import GenerationDefaults, LatentDiffusionPipeline
 from t2i.text.encoders import load_diffusers_text_encoder
@@ -74,23 +74,12 @@ def _load_module(module: torch.nn.Module, state: dict[str, torch.Tensor], where:
 M = TypeVar("M", bound=torch.nn.Module)
 
 
-def _check_finite_fast(state: dict[str, torch.Tensor], file: Path) -> None:
-    """io's NaN/Inf refusal at a quarter of its cost: one float32 sum per tensor (NaN and Inf always
-    make it non-finite; no boolean copy of the weights), and io's exact check, with its message,
-    only when a sum says something is wrong (or a huge finite sum overflowed)."""
-    for t in state.values():
-        if t.is_floating_point() and not torch.isfinite(t.sum(dtype=torch.float32)):
-            check_finite(state, file)
-
-
 def _build_and_load(build: Callable[[], M], folder: Path, dtype: torch.dtype, variant: str | None) -> M:
     """Build a module on the meta device (no random init: for the SD U-Net that alone took most of
     the load time) and fill it with the folder's weights, cast to dtype."""
     state: dict[str, torch.Tensor] = {}
     for file in find_weights(folder, "diffusion_pytorch_model", variant):
-        part = load_state_dict(file, check_values=False)  # safetensors: memory-mapped, read lazily
-        _check_finite_fast(part, file)
-        state.update(part)
+        state.update(load_state_dict(file))  # safetensors: memory-mapped; NaN/Inf refused
     with torch.device("meta"):
         module = build()
     _load_module(module, {k: v.to(dtype) for k, v in state.items()}, folder)

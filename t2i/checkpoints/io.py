@@ -72,10 +72,15 @@ def check_safetensors_header(path: str | os.PathLike) -> dict:
 
 
 def check_finite(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Refuse weights holding NaN or Inf: they would only ever produce black images."""
+    """Refuse weights holding NaN or Inf: they would only ever produce black images.
+
+    One float32 sum per tensor first (NaN and Inf always make it non-finite, and it needs no
+    boolean copy of the weights: a quarter of the cost on the SD U-Net); the element-wise check
+    runs only on a tensor whose sum is not finite, since a huge finite tensor can overflow it."""
     for name, t in state.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"{path}: tensor {name!r} contains NaN or Inf values")
+        if t.is_floating_point() and not torch.isfinite(t.sum(dtype=torch.float32)):
+            if not torch.isfinite(t).all():
+                raise CheckpointError(f"{path}: tensor {name!r} contains NaN or Inf values")
 
 
 def load_state_dict(path: str | os.PathLike, check_values: bool = True) -> dict[str, torch.Tensor]:
