@@ -19,6 +19,7 @@ from t2i.eval import rerank as rerank_mod
 from t2i.eval.rerank import generate_reranked, rank
 from t2i.imageio import parse_parameters
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SETTINGS = dict(steps=2, guidance=3.0, sampler="euler", width=16, height=16)
 
 

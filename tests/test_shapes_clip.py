@@ -39,6 +39,7 @@ from t2i.eval.shapes_judge import judge
 from t2i.train.checkpoint import checkpoint_path, load_state_dict
 from t2i.train.clip import CLIPTrainConfig, cosine_lr, hard_negatives, train_clip
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ShapesCLIPConfig(vision_width=32, vision_layers=1, vision_heads=2, text_width=32, text_layers=1,
                         text_heads=2, embed_dim=16)
 
@@ -225,3 +226,25 @@ def test_cli_train_clip(tmp_path):
     model = ShapesCLIP.load(tmp_path / "shapes_clip.safetensors")
     assert (model.cfg.vision_width, model.cfg.vision_layers, model.cfg.text_layers) == (32, 1, 1)
     assert (tmp_path / "metrics.jsonl").read_text().count("heldout_rank1_of_8") == 1
+
+
+def test_cli_shapes_fid_equals_the_library(shipped, tmp_path):
+    import json
+
+    gt = ground_truth_images(200, seed=7)
+    rng = np.random.default_rng(1)
+    noise = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(200)]
+    for name, images in (("gt", gt), ("noise", noise)):
+        (tmp_path / name).mkdir()
+        for i, im in enumerate(images):
+            im.save(tmp_path / name / f"{i:04d}.png")
+    assert main(["eval", "shapes-fid", str(tmp_path / "gt"), "--ref-seed", "8",
+                 "--json", str(tmp_path / "a.json")]) == 0
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert (a["ref_seed"], a["ref_count"]) == (8, 200)
+    assert a["shapes_fid"] == pytest.approx(shapes_fid(gt, ground_truth_images(200, seed=8), shipped), rel=1e-9)
+    assert main(["eval", "shapes-fid", str(tmp_path / "gt"), str(tmp_path / "noise"),
+                 "--json", str(tmp_path / "b.json")]) == 0
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["shapes_fid"] == pytest.approx(shapes_fid(gt, noise, shipped), rel=1e-9)
+    assert b["shapes_fid"] > 20 * a["shapes_fid"]
