@@ -238,14 +238,13 @@ def family_of(prompt: str | Claims) -> str:
 
 
 # ----------------------------------------------------------------------------- held-out set
-def make_heldout_prompts(seed: int = HELDOUT_SEED,
-                         per_family: int = HELDOUT_PER_FAMILY) -> list[tuple[str, str]]:
-    """(family, prompt) pairs, per_family of each family, drawn from the generator's own
-    scenes and paraphrase templates with a fixed seed. Every prompt is satisfiable (it is
-    the primary caption of a real scene)."""
+def heldout_draws(seed: int = HELDOUT_SEED, per_family: int = HELDOUT_PER_FAMILY) -> list[tuple[str, object, str]]:
+    """(family, Scene, prompt) triples, per_family of each family, drawn from the generator's own
+    scenes and paraphrase templates with a fixed seed: the held-out prompts with the scenes they
+    are the primary captions of."""
     from t2i.data.shapes import captions, sample_scene
 
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, object, str]] = []
     seen: set[str] = set()
     for k, family in enumerate(FAMILIES):
         n, i = 0, 0
@@ -257,9 +256,16 @@ def make_heldout_prompts(seed: int = HELDOUT_SEED,
             if prompt in seen or family_of(prompt) != family:
                 continue
             seen.add(prompt)
-            out.append((family, prompt))
+            out.append((family, scene, prompt))
             n += 1
     return out
+
+
+def make_heldout_prompts(seed: int = HELDOUT_SEED,
+                         per_family: int = HELDOUT_PER_FAMILY) -> list[tuple[str, str]]:
+    """(family, prompt) pairs, per_family of each family. Every prompt is satisfiable (it is
+    the primary caption of a real scene)."""
+    return [(family, prompt) for family, _scene, prompt in heldout_draws(seed, per_family)]
 
 
 def write_heldout_prompts(path: str = HELDOUT_PATH) -> None:

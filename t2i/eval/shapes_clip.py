@@ -251,12 +251,12 @@ def heldout_scenes(n: int | None = None, fresh_seed: int | None = None) -> list[
     """Scenes never trained on, each with a true caption: (Scene, caption) pairs.
 
     fresh_seed None: the scenes the judge's held-out prompts were drawn from (the same rng
-    calls as `t2i.eval.prompts.make_heldout_prompts`), captioned by those prompts, which no
+    draws as `t2i.eval.prompts.heldout_draws`), captioned by those prompts, which no
     training caption equals. An int: scenes of that seed (pick one no run trains on) with
     their primary caption.
     """
     from t2i.data.shapes import captions, sample_scene
-    from t2i.eval.prompts import FAMILIES, HELDOUT_PER_FAMILY, HELDOUT_SEED, family_of
+    from t2i.eval.prompts import heldout_draws
 
     out: list[tuple[object, str]] = []
     if fresh_seed is not None:
@@ -265,18 +265,7 @@ def heldout_scenes(n: int | None = None, fresh_seed: int | None = None) -> list[
             scene = sample_scene(rng)
             out.append((scene, captions(scene, rng)[0]))
         return out
-    for k, family in enumerate(FAMILIES):
-        got, seen, i = 0, set(), 0
-        while got < HELDOUT_PER_FAMILY:
-            rng = np.random.default_rng([HELDOUT_SEED, k, i])
-            i += 1
-            scene = sample_scene(rng, family=family, background=None if family == "background" else "white")
-            prompt = captions(scene, rng)[0]
-            if prompt in seen or family_of(prompt) != family:
-                continue
-            seen.add(prompt)
-            out.append((scene, prompt))
-            got += 1
+    out = [(scene, prompt) for _family, scene, prompt in heldout_draws()]
     return out[:n] if n is not None else out
 
 
