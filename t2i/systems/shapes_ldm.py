@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,40 +80,6 @@ class ShapesLDMConfig:
 def preset_config(vae: str = "shapes_f4", unet: str = "shapes_s") -> ShapesLDMConfig:
     """A config from the named presets (copies: the presets themselves are never mutated)."""
     return ShapesLDMConfig(vae=dataclasses.replace(VAE_PRESETS[vae]), unet=dataclasses.replace(UNET_PRESETS[unet]))
-
-
-class CachedTextEncoder(nn.Module):
-    """The frozen MiniLM with an LRU cache of caption -> context (T, 384).
-
-    Each caption is encoded on its own (batch of one), so its context is bitwise the same
-    whether it comes from the cache or not and whatever it was batched with: a resumed
-    training run sees exactly the numbers an uninterrupted one saw.
-    """
-
-    def __init__(self, encoder: nn.Module, max_items: int = 50_000) -> None:
-        super().__init__()
-        self.encoder = encoder  # t2i.text.encoders.MiniLMTextEncoder (or a stand-in with .encode)
-        self.max_items = max_items
-        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.hits = self.misses = 0
-
-    @torch.no_grad()
-    def forward(self, captions: list[str]) -> torch.Tensor:
-        """captions (B,) -> context (B, T, D) float32."""
-        out = []
-        for c in captions:
-            ctx = self.cache.get(c)
-            if ctx is None:
-                self.misses += 1
-                ctx = self.encoder.encode([c]).context[0].float()  # (T, D)
-                self.cache[c] = ctx
-                if len(self.cache) > self.max_items:
-                    self.cache.popitem(last=False)
-            else:
-                self.hits += 1
-                self.cache.move_to_end(c)
-            out.append(ctx)
-        return torch.stack(out)  # (B, T, D)
 
 
 def load_text_encoder(cfg: ShapesLDMConfig) -> nn.Module:
