@@ -141,3 +141,36 @@ def test_judge_rerank_gain_with_the_shipped_clip():
     assert out["rerank_1"] == sum(r["candidates_ok"][0] for r in out["per_prompt"]) / n
     assert out["rerank_1"] < 0.2
     assert out["rerank_k"] >= 0.7  # same-family neighbours: harder than ranking captions (0.84 at step 300)
+
+
+def test_eval_shapes_rerank_reports_both_sides_per_family(tmp_path, monkeypatch, capsys):
+    """`t2i eval shapes --rerank 4` on a stand-in model whose third candidate is the prompt's own
+    scene: rerank 1 (candidate 0, another scene) fails, rerank 4 keeps the true scene; rerank.json
+    holds the same numbers per family as stdout."""
+    import json
+    from types import SimpleNamespace
+
+    import t2i
+    from t2i.cli import main
+    from t2i.data.shapes import render
+    from t2i.eval.prompts import heldout_draws
+
+    draws = heldout_draws(per_family=2)
+    scene_of = {p: s for _f, s, p in draws}
+    others = {p: render(draws[(i + 5) % len(draws)][1]) for i, (_f, _s, p) in enumerate(draws)}
+
+    class Candidates:
+        def generate(self, prompt, seed=0, num_images=1, **settings):
+            assert num_images == 4 and seed == 0
+            return SimpleNamespace(images=[others[prompt], others[prompt], render(scene_of[prompt]), others[prompt]])
+
+    monkeypatch.setattr(t2i, "load", lambda model=None: Candidates())
+    code = main(["eval", "shapes", "--limit", "2", "--rerank", "4", "--out", str(tmp_path)])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((tmp_path / "rerank.json").read_text())
+    assert printed["n"] == 12 and saved["rerank_4"] == printed["rerank_4"]
+    assert set(printed["rerank_4"]) == {"overall", "single", "region", "binding", "relation", "counting", "background"}
+    assert printed["rerank_1"]["overall"] < 0.5
+    assert printed["rerank_4"]["overall"] >= 0.9
+    assert [r["kept"] for r in saved["per_prompt"]].count(2) >= 11

@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--guidance", type=float, default=None)
     s.add_argument("--sampler", default=None)
     s.add_argument("--limit", type=int, default=None, help="at most N prompts per family (a quick look)")
+    s.add_argument("--rerank", type=int, default=1, metavar="K",
+                   help="also judge sample-and-rank: K candidates per prompt (seeds seed..seed+K-1), the shapes "
+                        "CLIP keeps one; reports --rerank 1 (the first candidate) against --rerank K on the same draws")
     s.set_defaults(func=run_shapes)
     _register_fid(kinds)
     _register_clip_score(kinds)
@@ -33,14 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_shapes(args: argparse.Namespace) -> int:
     import t2i
-    from t2i.eval.prompts import read_prompt_file
+    from t2i.eval.prompts import heldout_prompts, read_prompt_file
     from t2i.eval.shapes_judge import run_shapes_eval
 
     pipe = t2i.load(args.model)
     prompts = read_prompt_file(args.prompts) if args.prompts else None
     if args.limit is not None:
-        from t2i.eval.prompts import heldout_prompts
-
         taken: dict[str, int] = {}
         kept = []
         for family, text in prompts or heldout_prompts():
@@ -54,10 +55,36 @@ def run_shapes(args: argparse.Namespace) -> int:
         return pipe.generate(texts, seed=[args.seed] * len(texts), steps=args.steps, guidance=args.guidance,
                              sampler=args.sampler).images
 
+    if args.rerank > 1:
+        return _run_shapes_rerank(pipe, prompts or heldout_prompts(), args)
     report = run_shapes_eval(generate, prompts, args.out)
     summary = {k: report[k] for k in ("overall", "n", "accuracy")}
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out}/results.json and {args.out}/grid.png", file=sys.stderr)
+    return 0
+
+
+def _run_shapes_rerank(pipe, prompts: list[tuple[str, str]], args: argparse.Namespace) -> int:
+    """Judge accuracy of the first of K candidates against the shapes CLIP's pick, per family."""
+    from t2i.eval.rerank import judge_rerank_gain
+
+    gain = judge_rerank_gain(pipe, [p for _, p in prompts], args.rerank, seed=args.seed, steps=args.steps,
+                             guidance=args.guidance, sampler=args.sampler, progress=False)
+    families = [f for f, _ in prompts]
+    summary: dict = {"n": gain["n"], "k": args.rerank, "rerank_1": {}, f"rerank_{args.rerank}": {}}
+    for key, pick in (("rerank_1", lambda row: row["candidates_ok"][0]),
+                      (f"rerank_{args.rerank}", lambda row: row["candidates_ok"][row["kept"]])):
+        oks = [(f, pick(row)) for f, row in zip(families, gain["per_prompt"], strict=True)]
+        summary[key]["overall"] = sum(ok for _, ok in oks) / len(oks)
+        for family in dict.fromkeys(families):
+            mine = [ok for f, ok in oks if f == family]
+            summary[key][family] = sum(mine) / len(mine)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{"family": f, **row} for f, row in zip(families, gain["per_prompt"], strict=True)]
+    (out / "rerank.json").write_text(json.dumps({**summary, "per_prompt": rows}, indent=2))
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out}/rerank.json", file=sys.stderr)
     return 0
 
 
