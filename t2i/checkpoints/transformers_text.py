@@ -137,6 +137,31 @@ def clip_state_dict_to_transformers(
     return out
 
 
+# transformers' defaults (CLIPTextConfig, CLIPVisionConfig) for the fields both CLIP towers share.
+CLIP_TOWER_DEFAULTS = {
+    "text": {"hidden_size": 512, "num_hidden_layers": 12, "num_attention_heads": 8, "intermediate_size": 2048},
+    "vision": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+}
+
+
+def clip_tower_fields(d: dict, tower: str) -> dict:
+    """The transformer shape both CLIP towers share (width, layers, heads, mlp_dim, activation,
+    layer_norm_eps), read from a transformers text or vision config dict with the defaults of
+    `tower` ("text" or "vision"). Refuses activations our blocks do not implement."""
+    act = d.get("hidden_act", "quick_gelu")
+    if act not in ("quick_gelu", "gelu"):
+        raise ValueError(f"unsupported CLIP {tower} activation {act!r}")
+    f = {**CLIP_TOWER_DEFAULTS[tower], **d}  # the config's own fields over transformers' defaults
+    return {
+        "width": f["hidden_size"],
+        "layers": f["num_hidden_layers"],
+        "heads": f["num_attention_heads"],
+        "mlp_dim": f["intermediate_size"],
+        "activation": act,
+        "layer_norm_eps": d.get("layer_norm_eps", 1e-5),
+    }
+
+
 def clip_config_from_transformers(d: dict, with_projection: bool | None = None) -> CLIPTextConfig:
     """A transformers `CLIPTextConfig` dict (or a `CLIPConfig` with `text_config`) -> ours.
 
@@ -151,19 +176,11 @@ def clip_config_from_transformers(d: dict, with_projection: bool | None = None) 
         }
     if with_projection is None:
         with_projection = any(a in ("CLIPTextModelWithProjection", "CLIPModel") for a in arch)
-    act = d.get("hidden_act", "quick_gelu")
-    if act not in ("quick_gelu", "gelu"):
-        raise ValueError(f"unsupported CLIP text activation {act!r}")
     eos = d.get("eos_token_id", 49407)
     return CLIPTextConfig(
+        **clip_tower_fields(d, "text"),
         vocab_size=d.get("vocab_size", 49408),
-        width=d.get("hidden_size", 512),
-        layers=d.get("num_hidden_layers", 12),
-        heads=d.get("num_attention_heads", 8),
-        mlp_dim=d.get("intermediate_size", 2048),
         max_positions=d.get("max_position_embeddings", 77),
-        activation=act,
-        layer_norm_eps=d.get("layer_norm_eps", 1e-5),
         projection_dim=d.get("projection_dim", 512) if with_projection else None,
         eos_token_id=eos,
         # transformers keeps argmax pooling for configs written before eos_token_id was fixed.

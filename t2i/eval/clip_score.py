@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from t2i.checkpoints.io import load_component_weights
+from t2i.checkpoints.transformers_text import clip_text_model_from_transformers, clip_tower_fields
 from t2i.nets.vit import VisionTransformer, ViTConfig
 from t2i.text.clip import CLIPTextModel
 from t2i.text.clip_tokenizer import CLIPTokenizer
@@ -202,19 +204,11 @@ def vision_state_dict_from_transformers(state: dict[str, torch.Tensor]) -> dict[
 def vision_config_from_transformers(d: dict) -> ViTConfig:
     """A transformers `CLIPConfig` dict (its `vision_config` and `projection_dim`) -> ViTConfig."""
     v = d.get("vision_config", d)
-    act = v.get("hidden_act", "quick_gelu")
-    if act not in ("quick_gelu", "gelu"):
-        raise ValueError(f"unsupported CLIP vision activation {act!r}")
     return ViTConfig(
+        **clip_tower_fields(v, "vision"),
         image_size=v.get("image_size", 224),
         patch_size=v.get("patch_size", 32),
         channels=v.get("num_channels", 3),
-        width=v.get("hidden_size", 768),
-        layers=v.get("num_hidden_layers", 12),
-        heads=v.get("num_attention_heads", 12),
-        mlp_dim=v.get("intermediate_size", 3072),
-        activation=act,
-        layer_norm_eps=v.get("layer_norm_eps", 1e-5),
         projection_dim=d.get("projection_dim", v.get("projection_dim", 512)),
     )
 
@@ -224,9 +218,6 @@ def load_clip(folder: str | Path, dtype: torch.dtype = torch.float32) -> CLIP:
 
     The tokenizer is read from the folder itself or its `tokenizer/` subfolder.
     """
-    from t2i.checkpoints.io import load_component_weights
-    from t2i.checkpoints.transformers_text import clip_text_model_from_transformers
-
     folder = Path(folder)
     config_file = folder / "config.json"
     if not config_file.is_file():

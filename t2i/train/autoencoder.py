@@ -23,20 +23,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from t2i.autoencoders.kl import AutoencoderKL, AutoencoderKLConfig
 from t2i.autoencoders.losses import AutoencoderLoss, AutoencoderLossConfig
 from t2i.checkpoints.io import load_state_dict, save_state_dict
-from t2i.train.checkpoint import (
-    checkpoint_path,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    read_metadata,
-    save_checkpoint,
-)
+from t2i.train.checkpoint import restore, resume_run, save_and_prune
 from t2i.train.data import open_data
-from t2i.train.distributed import DistInfo, broadcast_flag, cleanup, init_distributed
+from t2i.train.distributed import DistInfo, broadcast_flag, init_distributed
 from t2i.train.loop import (
     RunLog,
     StopSignal,
     check_finite_loss,
+    finish_run,
     save_grid,
     set_lr,
     step_generator,
@@ -109,13 +103,7 @@ def train_autoencoder(cfg: AETrainConfig, resume: bool = False) -> int:
     """Run (or, with resume, continue) an autoencoder training. Returns the process exit code."""
     info = init_distributed()
     out = Path(cfg.out)
-    ckpt = latest_checkpoint(out) if resume else None
-    if resume and ckpt is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
-    if ckpt is not None:  # the run's own config wins, except for how long it should run
-        steps = cfg.steps
-        cfg = AETrainConfig.from_dict(read_metadata(ckpt)["config"])
-        cfg.steps = max(cfg.steps, steps)
+    cfg, ckpt = resume_run(cfg, resume)
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(cfg.vae)
     if vae.quant_conv is not None and cfg.init_logvar is not None:
@@ -139,10 +127,7 @@ def train_autoencoder(cfg: AETrainConfig, resume: bool = False) -> int:
     opt_d = torch.optim.AdamW(loss_fn.discriminator.parameters(), lr=cfg.lr, betas=betas, weight_decay=0.0)
     modules = {"vae": vae, "loss": loss_fn}
     optimizers = {"opt_g": opt_g, "opt_d": opt_d}
-    step, position = 0, 0
-    if ckpt is not None:
-        meta = load_checkpoint(ckpt, modules=modules, optimizers=optimizers)
-        step, position = meta["step"], meta["data_position"]
+    step, position = restore(ckpt, modules, optimizers)
     log = RunLog(out, info, step, cfg.steps)
     log.text(f"autoencoder run {out}: step {step}/{cfg.steps}" + (f", resumed from {ckpt}" if ckpt else ""))
     data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, log.text)
@@ -154,10 +139,8 @@ def train_autoencoder(cfg: AETrainConfig, resume: bool = False) -> int:
 
     def save() -> None:
         if info.is_main:
-            save_checkpoint(checkpoint_path(out, step), step=step, data_position=position,
-                            config=cfg.to_dict(), modules=modules, optimizers=optimizers)
+            save_and_prune(out, cfg, step=step, data_position=position, modules=modules, optimizers=optimizers)
             save_vae(vae, out / "vae.safetensors")
-            prune_checkpoints(out, cfg.keep)
 
     with StopSignal() as stop:
         while step < cfg.steps:
@@ -198,7 +181,4 @@ def train_autoencoder(cfg: AETrainConfig, resume: bool = False) -> int:
             if stopping:
                 log.text(f"stopped by signal at step {step}; checkpoint saved, continue with --resume")
                 break
-    log.text(f"done at step {step}")
-    log.close()
-    cleanup(info)
-    return 0 if stop.signum is None else 128 + stop.signum
+    return finish_run(log, stop, step, info)

@@ -17,7 +17,7 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +26,22 @@ from safetensors import safe_open
 from t2i.checkpoints.io import check_finite, load_state_dict, save_state_dict
 
 _NAME = re.compile(r"^step_(\d{8})\.safetensors$")
+
+
+class RunConfig(Protocol):
+    """What the helpers at the end of this file need of a training loop's config dataclass."""
+
+    out: str
+    steps: int
+    keep: int
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any: ...
+
+
+C = TypeVar("C", bound=RunConfig)
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -134,3 +150,42 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)))
     for _, p in found[:-max(keep, 1)]:
         p.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- what every training loop does with these
+
+
+def resume_run(cfg: C, resume: bool) -> tuple[C, Path | None]:
+    """The config to run with and the checkpoint to continue from (None: a fresh run).
+
+    With `resume`: the newest checkpoint under `cfg.out` (FileNotFoundError if there is none, rather
+    than silently starting over) and the run's own saved config, which wins (a resumed run must train
+    the same model on the same data) except for how long it runs: the longer `steps`.
+    """
+    if not resume:
+        return cfg, None
+    ckpt = latest_checkpoint(cfg.out)
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {Path(cfg.out) / 'checkpoints'}")
+    saved = type(cfg).from_dict(read_metadata(ckpt)["config"])
+    saved.steps = max(saved.steps, cfg.steps)
+    return saved, ckpt
+
+
+def restore(ckpt: Path | None, modules: dict[str, torch.nn.Module],
+            optimizers: dict[str, torch.optim.Optimizer]) -> tuple[int, int]:
+    """Load `ckpt` into the modules and optimizers and return its (step, data position); (0, 0) for a
+    fresh run. It also restores the global RNG states, so call it after the models are built (their
+    random init is overwritten anyway) and before anything else draws."""
+    if ckpt is None:
+        return 0, 0
+    meta = load_checkpoint(ckpt, modules=modules, optimizers=optimizers)
+    return meta["step"], meta["data_position"]
+
+
+def save_and_prune(run_dir: str | Path, cfg: RunConfig, *, step: int, data_position: int,
+                   modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    """Write the run's checkpoint for `step` (with its config), then keep only the newest `cfg.keep`."""
+    save_checkpoint(checkpoint_path(run_dir, step), step=step, data_position=data_position, config=cfg.to_dict(),
+                    modules=modules, optimizers=optimizers)
+    prune_checkpoints(run_dir, cfg.keep)

@@ -35,17 +35,10 @@ from t2i.eval.shapes_clip import (
     ranking_set,
 )
 from t2i.eval.shapes_judge import Detection, check
-from t2i.train.checkpoint import (
-    checkpoint_path,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    read_metadata,
-    save_checkpoint,
-)
+from t2i.train.checkpoint import restore, resume_run, save_and_prune
 from t2i.train.data import open_data
 from t2i.train.distributed import DistInfo
-from t2i.train.loop import RunLog, StopSignal, check_finite_loss, set_lr, warmup_lr
+from t2i.train.loop import RunLog, StopSignal, check_finite_loss, finish_run, set_lr, warmup_lr
 
 
 @dataclass
@@ -125,13 +118,7 @@ def _param_groups(model: ShapesCLIP, weight_decay: float) -> list[dict[str, Any]
 def train_clip(cfg: CLIPTrainConfig, resume: bool = False) -> int:
     """Run (or, with resume, continue) a shapes CLIP training. Returns the exit code."""
     out = Path(cfg.out)
-    ckpt = latest_checkpoint(out) if resume else None
-    if resume and ckpt is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
-    if ckpt is not None:  # the run's own config wins, except for how long it should run
-        steps = cfg.steps
-        cfg = CLIPTrainConfig.from_dict(read_metadata(ckpt)["config"])
-        cfg.steps = max(cfg.steps, steps)
+    cfg, ckpt = resume_run(cfg, resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -141,12 +128,8 @@ def train_clip(cfg: CLIPTrainConfig, resume: bool = False) -> int:
     model = ShapesCLIP(cfg.model)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     modules, optimizers = {"model": model}, {"opt": opt}
-    step, position = 0, 0
-    if ckpt is not None:
-        meta = load_checkpoint(ckpt, modules=modules, optimizers=optimizers)
-        step, position = meta["step"], meta["data_position"]
-    if log.bar is not None:
-        log.bar.n = log.bar.last_print_n = step
+    step, position = restore(ckpt, modules, optimizers)
+    log.resumed_at(step)
     n_params = sum(p.numel() for p in model.parameters())
     log.text(f"clip run {out}: step {step}/{cfg.steps}, {n_params / 1e6:.2f}M parameters"
              + (f", resumed from {ckpt}" if ckpt else ""))
@@ -162,9 +145,7 @@ def train_clip(cfg: CLIPTrainConfig, resume: bool = False) -> int:
         return acc
 
     def save() -> None:
-        save_checkpoint(checkpoint_path(out, step), step=step, data_position=position,
-                        config=cfg.to_dict(), modules=modules, optimizers=optimizers)
-        prune_checkpoints(out, cfg.keep)
+        save_and_prune(out, cfg, step=step, data_position=position, modules=modules, optimizers=optimizers)
         model.save(out / "shapes_clip.safetensors")
 
     def prepare(position: int) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
@@ -216,6 +197,4 @@ def train_clip(cfg: CLIPTrainConfig, resume: bool = False) -> int:
                 log.text(f"stopped by signal at step {step}; checkpoint saved, continue with --resume")
                 break
     prefetch.shutdown(cancel_futures=True)
-    log.text(f"done at step {step}")
-    log.close()
-    return 0 if stop.signum is None else 128 + stop.signum
+    return finish_run(log, stop, step, info)

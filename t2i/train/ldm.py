@@ -25,18 +25,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from t2i.diffusion.denoiser import DiffusionLoss
 from t2i.systems.shapes_ldm import UNET_PRESETS, ShapesLDM, ShapesLDMConfig, load_text_encoder
 from t2i.train.autoencoder import load_vae
-from t2i.train.checkpoint import (
-    checkpoint_path,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    read_metadata,
-    save_checkpoint,
-)
+from t2i.train.checkpoint import restore, resume_run, save_and_prune
 from t2i.train.data import open_data
-from t2i.train.distributed import DistInfo, broadcast_flag, cleanup, init_distributed
+from t2i.train.distributed import DistInfo, broadcast_flag, init_distributed
 from t2i.train.ema import ema_decay, make_ema, update_ema
-from t2i.train.loop import RunLog, StopSignal, check_finite_loss, save_grid, set_lr, step_generator, warmup_lr
+from t2i.train.loop import (
+    RunLog,
+    StopSignal,
+    check_finite_loss,
+    finish_run,
+    save_grid,
+    set_lr,
+    step_generator,
+    warmup_lr,
+)
 
 # Prompts of the periodic sample grids: one per judge family.
 SAMPLE_PROMPTS = [
@@ -83,6 +85,10 @@ class LDMTrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LDMTrainConfig:
+        return cls(**d)
+
 
 @torch.no_grad()
 def latent_scale(vae: torch.nn.Module, data, n: int = 256, batch: int = 32) -> float:
@@ -111,13 +117,7 @@ def train_ldm(cfg: LDMTrainConfig, resume: bool = False, text_encoder: torch.nn.
     """
     info = init_distributed()
     out = Path(cfg.out)
-    ckpt = latest_checkpoint(out) if resume else None
-    if resume and ckpt is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
-    if ckpt is not None:  # the run's own config wins, except for how long it should run
-        steps = cfg.steps
-        cfg = LDMTrainConfig(**read_metadata(ckpt)["config"])
-        cfg.steps = max(cfg.steps, steps)
+    cfg, ckpt = resume_run(cfg, resume)
     torch.manual_seed(cfg.seed)
     vae = load_vae(cfg.vae_path)
     log = RunLog(out, info, 0, cfg.steps)
@@ -135,12 +135,8 @@ def train_ldm(cfg: LDMTrainConfig, resume: bool = False, text_encoder: torch.nn.
     ema = make_ema(unet)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     modules, optimizers = {"unet": unet, "ema": ema}, {"opt": opt}
-    step, position = 0, 0
-    if ckpt is not None:
-        meta = load_checkpoint(ckpt, modules=modules, optimizers=optimizers)
-        step, position = meta["step"], meta["data_position"]
-    if log.bar is not None:
-        log.bar.n = log.bar.last_print_n = step
+    step, position = restore(ckpt, modules, optimizers)
+    log.resumed_at(step)
     n_params = sum(p.numel() for p in unet.parameters())
     log.text(f"ldm run {out}: step {step}/{cfg.steps}, U-Net {n_params / 1e6:.2f}M parameters, latent scale "
              f"{model_cfg.vae.scaling_factor:.4f}" + (f", resumed from {ckpt}" if ckpt else ""))
@@ -150,9 +146,7 @@ def train_ldm(cfg: LDMTrainConfig, resume: bool = False, text_encoder: torch.nn.
 
     def save() -> None:
         if info.is_main:
-            save_checkpoint(checkpoint_path(out, step), step=step, data_position=position,
-                            config=cfg.to_dict(), modules=modules, optimizers=optimizers)
-            prune_checkpoints(out, cfg.keep)
+            save_and_prune(out, cfg, step=step, data_position=position, modules=modules, optimizers=optimizers)
 
     def export() -> None:
         if info.is_main:
@@ -216,10 +210,7 @@ def train_ldm(cfg: LDMTrainConfig, resume: bool = False, text_encoder: torch.nn.
                 log.text(f"stopped by signal at step {step}; checkpoint saved, continue with --resume")
                 break
     prefetch.shutdown(cancel_futures=True)
-    log.text(f"done at step {step}")
-    log.close()
-    cleanup(info)
-    return 0 if stop.signum is None else 128 + stop.signum
+    return finish_run(log, stop, step, info)
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """What every training loop here shares: stop signals, the non-finite-loss guard, the
-learning-rate warm-up, which samples a step reads, and the run's log (text, TensorBoard, PNG)."""
+learning-rate warm-up, which samples a step reads, the run's log (text, TensorBoard, PNG) and its exit code."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from t2i.train.distributed import DistInfo
+from t2i.train.distributed import DistInfo, cleanup
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -149,6 +149,11 @@ class RunLog:
                 self.tb.add_scalar(k, v, step)
         self.file.write(f"step {step} " + " ".join(f"{k}={v:.5g}" for k, v in values.items()) + "\n")
 
+    def resumed_at(self, step: int) -> None:
+        """Move the bar to `step`: for a log opened before the checkpoint was read."""
+        if self.bar is not None:
+            self.bar.n = self.bar.last_print_n = step
+
     def advance(self, postfix: dict[str, float]) -> None:
         if self.bar is not None:
             self.bar.update(1)
@@ -161,3 +166,12 @@ class RunLog:
             if self.tb is not None:
                 self.tb.close()
             self.file.close()
+
+
+def finish_run(log: RunLog, stop: StopSignal, step: int, info: DistInfo) -> int:
+    """Close the run's log and leave the process group. Returns the exit code: 0, or 128 + the signal
+    number after a stop by SIGINT/SIGTERM (as a shell reports a job killed by that signal)."""
+    log.text(f"done at step {step}")
+    log.close()
+    cleanup(info)
+    return 0 if stop.signum is None else 128 + stop.signum
