@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="pad --init-image by these pixels on each side and paint the padding")
     p.add_argument("--refiner", default=None, help="SDXL refiner model; takes over at --refiner-start")
     p.add_argument("--refiner-start", type=float, default=0.8, help="fraction of the schedule run by the base")
+    p.add_argument("--deepcache", type=int, default=1, metavar="N",
+                   help="DeepCache: the full U-Net every N-th step, only its first level between (faster; 1: off)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 where the CPU computes it natively, else fp32")
     p.add_argument("--out", default="image.png", help="output PNG; with several images, -0, -1, ... are added")
@@ -77,6 +79,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--strength must be between 0 and 1, got {args.strength}")
     if not 0.0 < args.refiner_start < 1.0:
         raise UserError(f"--refiner-start must be between 0 and 1, got {args.refiner_start}")
+    if args.deepcache < 1:
+        raise UserError(f"--deepcache must be at least 1, got {args.deepcache}")
     if args.save_latents and not args.save_latents.endswith(".safetensors"):
         raise UserError("--save-latents must name a .safetensors file")
 
@@ -120,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
                     negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
                     guidance=args.guidance, guidance_rescale=args.guidance_rescale, sampler=args.sampler,
                     schedule=args.schedule, eta=args.eta, width=args.width, height=args.height,
-                    num_images=args.num_images, progress=not args.quiet)
+                    num_images=args.num_images, deepcache=args.deepcache, progress=not args.quiet)
     generate = pipe.generate
     if args.rerank > 1:
         from functools import partial

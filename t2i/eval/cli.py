@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--guidance", type=float, default=None)
     s.add_argument("--sampler", default=None)
     s.add_argument("--limit", type=int, default=None, help="at most N prompts per family (a quick look)")
+    s.add_argument("--deepcache", type=int, default=1, metavar="N", help="DeepCache interval (1: off)")
     s.add_argument("--rerank", type=int, default=1, metavar="K",
                    help="also judge sample-and-rank: K candidates per prompt (seeds seed..seed+K-1), the shapes "
                         "CLIP keeps one; reports --rerank 1 (the first candidate) against --rerank K on the same draws")
@@ -53,7 +54,7 @@ def run_shapes(args: argparse.Namespace) -> int:
     def generate(texts: list[str]) -> list:
         # one batched call per chunk of prompts, every prompt with the same seed
         return pipe.generate(texts, seed=[args.seed] * len(texts), steps=args.steps, guidance=args.guidance,
-                             sampler=args.sampler).images
+                             sampler=args.sampler, deepcache=args.deepcache).images
 
     if args.rerank > 1:
         return _run_shapes_rerank(pipe, prompts or heldout_prompts(), args)
@@ -69,7 +70,7 @@ def _run_shapes_rerank(pipe, prompts: list[tuple[str, str]], args: argparse.Name
     from t2i.eval.rerank import judge_rerank_gain
 
     gain = judge_rerank_gain(pipe, [p for _, p in prompts], args.rerank, seed=args.seed, steps=args.steps,
-                             guidance=args.guidance, sampler=args.sampler, progress=False)
+                             guidance=args.guidance, sampler=args.sampler, deepcache=args.deepcache, progress=False)
     families = [f for f, _ in prompts]
     summary: dict = {"n": gain["n"], "k": args.rerank, "rerank_1": {}, f"rerank_{args.rerank}": {}}
     for key, pick in (("rerank_1", lambda row: row["candidates_ok"][0]),

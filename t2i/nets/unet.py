@@ -263,27 +263,73 @@ class UNet(nn.Module):
         context: torch.Tensor,
         text_embeds: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
+        feature_cache: DeepFeatureCache | None = None,
     ) -> torch.Tensor:
         """x: (B, C_in, h, w) noisy latents; t: (B,) float timesteps in [0, 1000);
         context: (B, T, context_dim) text hidden states; text_embeds: (B, P) and time_ids:
         (B, 6) for SDXL. Returns (B, C_out, h, w), the eps (or v) prediction.
+
+        feature_cache (DeepCache): when given, the input of the last up block is stored in it on a
+        full pass, and with `feature_cache.reuse` set only the first level runs (conv_in, its
+        ResBlocks, the last up block) on top of the stored deep features.
 
         h and w need not be divisible by 2 ** (levels - 1): the up path resizes to the skips.
         """
         emb = self.embed_time(t, x.shape[0], x.dtype, text_embeds, time_ids)
         h = self.conv_in(x)  # (B, C0, h, w)
         skips = [h]
-        for block in self.down_blocks:
+        reuse = feature_cache is not None and feature_cache.reuse
+        for block in self.down_blocks[:1] if reuse else self.down_blocks:
             h, level_skips = block(h, emb, context)
             skips.extend(level_skips)
-        if self.mid_block is not None:
+        up_blocks = list(self.up_blocks)
+        if reuse:
+            assert feature_cache is not None and feature_cache.features is not None
+            skips = skips[: len(up_blocks[-1].resnets)]  # conv_in + level-0 ResBlocks (not its Downsample)
+            h, up_blocks = feature_cache.features, up_blocks[-1:]
+        elif self.mid_block is not None:
             h = self.mid_block(h, emb, context)
-        for block in self.up_blocks:
+        for block in up_blocks:
             n = len(block.resnets)
             level_skips, skips = skips[-n:], skips[:-n]
             size = tuple(skips[-1].shape[-2:]) if skips else None
+            if feature_cache is not None and not reuse and not skips:
+                feature_cache.features = h  # the deep features the next cheap steps reuse
             h = block(h, level_skips, emb, context, size)
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))  # (B, C_out, h, w)
+
+
+@dataclass
+class DeepFeatureCache:
+    """DeepCache (Ma et al. 2023): between neighbouring sampler steps the U-Net's deep features
+    change little, so a full pass stores the input of the last (highest-resolution) up block and
+    the next steps recompute only the first level around it. `reuse` is set by the caller."""
+
+    features: torch.Tensor | None = None
+    reuse: bool = False
+
+
+class DeepCacheUNet(nn.Module):
+    """A U-Net that runs in full every `interval`-th call and on cached deep features between
+    (uniform DeepCache). Calls are counted from construction: make one per sampling run. The
+    call pattern must repeat its batch (conditional and unconditional halves in one batch)."""
+
+    def __init__(self, unet: UNet, interval: int) -> None:
+        super().__init__()
+        if interval < 1:
+            raise ValueError(f"DeepCache interval must be at least 1, got {interval}")
+        if len(unet.down_blocks) < 2:
+            raise ValueError("DeepCache needs a U-Net with at least two levels")
+        self.unet, self.interval = unet, interval
+        self.cache, self.calls = DeepFeatureCache(), 0
+        self.cfg = unet.cfg
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.cache.reuse = self.calls % self.interval != 0
+        if self.cache.reuse and (self.cache.features is None or self.cache.features.shape[0] != x.shape[0]):
+            self.cache.reuse = False  # a batch the cache was not built for (e.g. guidance switched off)
+        self.calls += 1
+        return self.unet(x, t, context, feature_cache=self.cache, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------

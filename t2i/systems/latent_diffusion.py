@@ -22,7 +22,7 @@ from t2i.autoencoders.kl import AutoencoderKL
 from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.imageio import format_parameters, from_pil, to_pil
-from t2i.nets.unet import UNet
+from t2i.nets.unet import DeepCacheUNet, UNet
 from t2i.samplers.plan import SamplingPlan, prepare_sampling
 from t2i.samplers.sampling import SAMPLERS
 from t2i.text.encoders import TextEncoder, TextEncoding
@@ -162,9 +162,10 @@ class LatentDiffusionPipeline:
     def _vae_dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
 
-    def _sampling_net(self) -> nn.Module:
-        """The U-Net as the float32 samplers call it."""
-        return self.unet if next(self.unet.parameters()).dtype == torch.float32 else CastInputs(self.unet)
+    def _sampling_net(self, deepcache: int = 1) -> nn.Module:
+        """The U-Net as the float32 samplers call it (deepcache > 1: a DeepCacheUNet for one run)."""
+        net: nn.Module = DeepCacheUNet(self.unet, deepcache) if deepcache > 1 else self.unet
+        return net if next(self.unet.parameters()).dtype == torch.float32 else CastInputs(net)
 
     def _latent_mask(self, mask: Image.Image, h: int, w: int) -> torch.Tensor:
         """White = repaint. -> (1, 1, h, w) in {0, 1} at latent resolution (nearest, as diffusers)."""
@@ -207,7 +208,8 @@ class LatentDiffusionPipeline:
                  height: int | None = None, num_images: int = 1, init_image: Image.Image | None = None,
                  strength: float | None = None, mask: Image.Image | None = None,
                  refiner: LatentDiffusionPipeline | None = None, refiner_start: float = 0.8,
-                 progress: bool = False, callback: Callable[[int, int], None] | None = None) -> GenerationResult:
+                 deepcache: int = 1, progress: bool = False,
+                 callback: Callable[[int, int], None] | None = None) -> GenerationResult:
         """Generate num_images images per prompt. Unset settings take `self.defaults`.
 
         prompt, negative_prompt and seed may be lists (one entry per prompt: a batch of requests
@@ -219,6 +221,8 @@ class LatentDiffusionPipeline:
         masked image, and every model keeps the unmasked latents (blended into each x0 estimate).
         refiner + refiner_start: the base runs the first refiner_start of the schedule, the refiner
         the rest on the same latents (SDXL's ensemble of expert denoisers).
+        deepcache N > 1: the U-Net runs in full every N-th call and otherwise only its first level on
+        the deep features of the last full call (DeepCache; faster, slightly different images).
         callback(step, total) is called after each sampler step (for progress reporting).
         """
         steps, guidance, sampler, schedule, width, height = self._resolve(
@@ -230,6 +234,8 @@ class LatentDiffusionPipeline:
         strength = (1.0 if mask is not None else 0.8) if strength is None else strength
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if deepcache < 1:
+            raise ValueError(f"deepcache must be at least 1, got {deepcache}")
         start = time.perf_counter()
         h, w = height // self.vae_scale, width // self.vae_scale
 
@@ -242,7 +248,7 @@ class LatentDiffusionPipeline:
         if refiner is not None:
             plan, _ = plan.split(refiner_start)
             refiner_plan = refiner.plan(sampler, steps, schedule, eta).split(refiner_start)[1]
-        net = self._sampling_net()
+        net = self._sampling_net(deepcache)
         init = keep = None
         if init_image is not None:
             init = self.encode_image(init_image, width, height).expand(n, -1, -1, -1)
@@ -280,6 +286,8 @@ class LatentDiffusionPipeline:
             extra["denoising_strength"] = strength
         if refiner is not None:
             extra.update(refiner=refiner.name, refiner_switch_at=refiner_start)
+        if deepcache > 1:
+            extra["deepcache_interval"] = deepcache
         for im, p, neg, sd in zip(images, prompts, negatives, seeds, strict=True):
             im.info["parameters"] = format_parameters(
                 p, neg, steps=steps, sampler=sampler, schedule=schedule, guidance=guidance, seed=sd, width=width,
