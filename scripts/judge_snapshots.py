@@ -1,0 +1,69 @@
+"""The curve of judge score against training: judge EMA snapshots of an LDM run on held-out prompts.
+
+    python scripts/judge_snapshots.py runs/snap/*.safetensors --decoder runs/dec/vae.safetensors \
+        --limit 10 --csv runs/curve.csv
+
+Each snapshot (a `ShapesLDM` file, e.g. copies of runs/ldm/model.safetensors taken during
+training and named ldm_<step>_<HHMM>.safetensors) is judged with its default sampler, steps and
+guidance on the first `--limit` held-out prompts of each family (seed 0), with the autoencoder
+swapped for `--decoder` (the decoder-only fine-tune: same encoder, so the same latent space)
+so that every point is decoded alike. Appends one CSV row per snapshot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import torch
+
+from t2i.eval.prompts import heldout_prompts
+from t2i.eval.shapes_judge import run_shapes_eval
+from t2i.systems.shapes_ldm import ShapesLDM, load_text_encoder
+from t2i.train.autoencoder import load_vae
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("snapshots", nargs="+")
+    p.add_argument("--decoder", default=None, help="autoencoder to decode with (default: the snapshot's own)")
+    p.add_argument("--limit", type=int, default=10, help="held-out prompts per family")
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--csv", default=None, help="append rows here")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    taken: dict[str, int] = {}
+    prompts = []
+    for family, text in heldout_prompts():
+        taken[family] = taken.get(family, 0) + 1
+        if taken[family] <= args.limit:
+            prompts.append((family, text))
+    text_encoder = load_text_encoder(ShapesLDM.load(args.snapshots[0]).cfg)
+    decoder = load_vae(args.decoder).state_dict() if args.decoder else None
+    for path in args.snapshots:
+        model = ShapesLDM.load(path)
+        if decoder is not None:
+            model.vae.load_state_dict(decoder)
+        pipe = model.pipeline(text_encoder)
+        start = time.perf_counter()
+        report = run_shapes_eval(
+            lambda texts, pipe=pipe: pipe.generate(texts, seed=[0] * len(texts), guidance=args.guidance).images,
+            prompts)
+        row = {"snapshot": Path(path).name, "n": report["n"], "overall": round(report["overall"], 4),
+               **{f: round(a, 4) for f, a in report["accuracy"].items()},
+               "eval_s": round(time.perf_counter() - start, 1)}
+        print(row, flush=True)
+        if args.csv:
+            new = not Path(args.csv).exists()
+            with open(args.csv, "a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(row))
+                if new:
+                    w.writeheader()
+                w.writerow(row)
+
+
+if __name__ == "__main__":
+    main()
