@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -139,6 +140,31 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike,
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_with_config(state: dict[str, torch.Tensor], path: str | os.PathLike, config: dict, system: str) -> None:
+    """A self-describing t2i weight file: `save_state_dict` with the resolved config as JSON under
+    "t2i_config" and what the file is under "t2i_system" in the metadata."""
+    save_state_dict(state, path, metadata={"t2i_config": json.dumps(config), "t2i_system": system})
+
+
+def read_config(path: str | os.PathLike, what: str, system: str | None = None) -> dict:
+    """The "t2i_config" JSON of a file written by `save_with_config`; with `system`, its "t2i_system"
+    must be that. `what` names the kind of file in the errors (FileNotFoundError, or ValueError for
+    a file that is not one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # safetensors' own error types: not a safetensors file at all
+        raise ValueError(f"{path}: not {what} (not a readable safetensors file)") from None
+    if "t2i_config" not in meta:
+        raise ValueError(f"{path}: not {what} (no 't2i_config' metadata)")
+    if system is not None and meta.get("t2i_system") != system:
+        raise ValueError(f"{path}: not {what} (its t2i_system is {meta.get('t2i_system')!r})")
+    return json.loads(meta["t2i_config"])
 
 
 def find_weights(folder: Path, stem: str, variant: str | None = None) -> list[Path]:

@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 from t2i.autoencoders.kl import AutoencoderKL
+from t2i.autoencoders.preview import PreviewDecoder
 from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.imageio import format_parameters, from_pil, to_pil
@@ -90,6 +91,7 @@ class LatentDiffusionPipeline:
         self.defaults = defaults or GenerationDefaults()
         self.micro_conditioning = micro_conditioning
         self.zero_empty_negative = zero_empty_negative
+        self.preview_decoder: PreviewDecoder | None = None  # set by the user; generate(preview=True) decodes with it
         self.vae_scale = vae.cfg.downsample_factor
         self.latent_channels = vae.cfg.latent_channels
         # The SDXL refiner conditions on an aesthetic score instead of the target size: its
@@ -155,9 +157,23 @@ class LatentDiffusionPipeline:
         x = from_pil(image, (width, height)).to(self._vae_dtype())
         return self.vae.scale(self.vae.encode(x).mode().float())
 
-    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        """(N, C, h, w) diffusion latents -> N PIL images."""
-        return to_pil(self.vae.decode(self.vae.unscale(latents.float()).to(self._vae_dtype())))
+    def decode(self, latents: torch.Tensor, preview: bool = False) -> list[Image.Image]:
+        """(N, C, h, w) diffusion latents -> N PIL images; preview: with `self.preview_decoder`."""
+        z = self.vae.unscale(latents.float())
+        if preview:
+            decoder = self._checked_preview_decoder()
+            return to_pil(decoder(z.to(next(decoder.parameters()).dtype)))
+        return to_pil(self.vae.decode(z.to(self._vae_dtype())))
+
+    def _checked_preview_decoder(self) -> PreviewDecoder:
+        d = self.preview_decoder
+        if d is None:
+            raise ValueError("preview decoding needs a preview decoder: set pipe.preview_decoder = "
+                             "PreviewDecoder.load(PATH)")
+        if (d.cfg.latent_channels, d.cfg.downsample_factor) != (self.latent_channels, self.vae_scale):
+            raise ValueError(f"the preview decoder takes {d.cfg.latent_channels}-channel latents at factor "
+                             f"{d.cfg.downsample_factor}; this model's are {self.latent_channels} at {self.vae_scale}")
+        return d
 
     def _vae_dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
@@ -208,7 +224,7 @@ class LatentDiffusionPipeline:
                  height: int | None = None, num_images: int = 1, init_image: Image.Image | None = None,
                  strength: float | None = None, mask: Image.Image | None = None,
                  refiner: LatentDiffusionPipeline | None = None, refiner_start: float = 0.8,
-                 deepcache: int = 1, progress: bool = False,
+                 deepcache: int = 1, preview: bool = False, progress: bool = False,
                  callback: Callable[[int, int], None] | None = None) -> GenerationResult:
         """Generate num_images images per prompt. Unset settings take `self.defaults`.
 
@@ -223,6 +239,7 @@ class LatentDiffusionPipeline:
         the rest on the same latents (SDXL's ensemble of expert denoisers).
         deepcache N > 1: the U-Net runs in full every N-th call and otherwise only its first level on
         the deep features of the last full call (DeepCache; faster, slightly different images).
+        preview: decode with `self.preview_decoder` (a PreviewDecoder) instead of the VAE decoder.
         callback(step, total) is called after each sampler step (for progress reporting).
         """
         steps, guidance, sampler, schedule, width, height = self._resolve(
@@ -236,6 +253,8 @@ class LatentDiffusionPipeline:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         if deepcache < 1:
             raise ValueError(f"deepcache must be at least 1, got {deepcache}")
+        if preview:
+            self._checked_preview_decoder()  # refuse before sampling, not after
         start = time.perf_counter()
         h, w = height // self.vae_scale, width // self.vae_scale
 
@@ -276,7 +295,7 @@ class LatentDiffusionPipeline:
                              progress, callback)
             latents = refiner_plan.finish(x)
 
-        images = self.decode(latents)
+        images = self.decode(latents, preview)
         if mask is not None and init_image is not None:
             # The decoder's attention mixes every latent into every pixel, so the unmasked region is
             # pasted back from the input, as A1111 and diffusers' overlay do.
@@ -288,6 +307,8 @@ class LatentDiffusionPipeline:
             extra.update(refiner=refiner.name, refiner_switch_at=refiner_start)
         if deepcache > 1:
             extra["deepcache_interval"] = deepcache
+        if preview:
+            extra["decoder"] = "preview"
         for im, p, neg, sd in zip(images, prompts, negatives, seeds, strict=True):
             im.info["parameters"] = format_parameters(
                 p, neg, steps=steps, sampler=sampler, schedule=schedule, guidance=guidance, seed=sd, width=width,

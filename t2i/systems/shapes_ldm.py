@@ -14,7 +14,6 @@ self-describing. The text encoder is not in the file: it is the frozen pretraine
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from safetensors import safe_open
 from torch import nn
 
 from t2i.autoencoders.kl import AutoencoderKL, AutoencoderKLConfig
-from t2i.checkpoints.io import load_state_dict, save_state_dict
+from t2i.checkpoints.io import load_state_dict, read_config, save_with_config
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.nets.unet import UNet, UNetConfig
 
@@ -105,20 +104,12 @@ class ShapesLDM(nn.Module):
         with the resolved config in the metadata."""
         state = {f"vae.{k}": v.detach().float() for k, v in self.vae.state_dict().items()}
         state.update({f"unet.{k}": v.detach().to(dtype) for k, v in self.unet.state_dict().items()})
-        save_state_dict(state, path, metadata={"t2i_config": json.dumps(self.cfg.to_dict()),
-                                               "t2i_system": "shapes_ldm"})
+        save_with_config(state, path, self.cfg.to_dict(), "shapes_ldm")
 
     @classmethod
     def load(cls, path: str | Path) -> ShapesLDM:
         """Rebuild from a file written by `save`; weights come back as float32."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"model file not found: {path}")
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("t2i_config")
-        if raw is None:
-            raise ValueError(f"{path}: not a shapes LDM file (no 't2i_config' metadata)")
-        model = cls(ShapesLDMConfig.from_dict(json.loads(raw)))
+        model = cls(ShapesLDMConfig.from_dict(read_config(path, "a shapes LDM model file", "shapes_ldm")))
         state = {k: v.float() for k, v in load_state_dict(path).items()}
         model.load_state_dict(state)
         return model.eval().requires_grad_(False)

@@ -10,19 +10,17 @@ also exports `vae.safetensors`, the weights the LDM training reads.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from t2i.autoencoders.kl import AutoencoderKL, AutoencoderKLConfig
 from t2i.autoencoders.losses import AutoencoderLoss, AutoencoderLossConfig
-from t2i.checkpoints.io import load_state_dict, save_state_dict
+from t2i.checkpoints.io import load_state_dict, read_config, save_with_config
 from t2i.train.checkpoint import restore, resume_run, save_and_prune
 from t2i.train.data import open_data
 from t2i.train.distributed import DistInfo, broadcast_flag, init_distributed
@@ -74,20 +72,12 @@ class AETrainConfig:
 def save_vae(vae: AutoencoderKL, path: str | Path) -> None:
     """The autoencoder's weights with its config in the metadata (atomic)."""
     state = {k: v.detach().float() for k, v in vae.state_dict().items()}
-    save_state_dict(state, path, metadata={"t2i_config": json.dumps(dataclasses.asdict(vae.cfg)),
-                                           "t2i_system": "autoencoder_kl"})
+    save_with_config(state, path, dataclasses.asdict(vae.cfg), "autoencoder_kl")
 
 
 def load_vae(path: str | Path) -> AutoencoderKL:
     """An autoencoder written by `save_vae`, frozen."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"autoencoder file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("t2i_config")
-    if raw is None:
-        raise ValueError(f"{path}: not an autoencoder file written by `t2i train autoencoder`")
-    vae = AutoencoderKL(AutoencoderKLConfig(**json.loads(raw)))
+    vae = AutoencoderKL(AutoencoderKLConfig(**read_config(path, "an autoencoder file", "autoencoder_kl")))
     vae.load_state_dict(load_state_dict(path))
     return vae.eval().requires_grad_(False)
 

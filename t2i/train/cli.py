@@ -1,4 +1,4 @@
-"""`t2i train autoencoder|ldm|clip ...`: the training subcommands (registered by t2i/cli.py).
+"""`t2i train autoencoder|ldm|preview|clip ...`: the training subcommands (registered by t2i/cli.py).
 
 The same command runs on one process or, unchanged, under
 `torchrun --nproc_per_node N -m t2i.cli train ...` (DDP over gloo on CPU).
@@ -78,6 +78,17 @@ def _run_clip(args: argparse.Namespace) -> int:
     return train_clip(cfg, resume=args.resume)
 
 
+def _run_preview(args: argparse.Namespace) -> int:
+    from t2i.autoencoders.preview import PreviewDecoderConfig
+    from t2i.train.preview import PreviewTrainConfig, train_preview
+
+    # Only the shape is taken from here: channels, upsamplings and latent scaling come from the model's VAE.
+    decoder = PreviewDecoderConfig(width=args.width, blocks=args.blocks, final_blocks=args.final_blocks)
+    cfg = PreviewTrainConfig(out=args.out, model=args.model, decoder=decoder, mse_weight=args.mse_weight,
+                             **_shared(args))
+    return train_preview(cfg, resume=args.resume)
+
+
 def _shared(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,6 +129,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ldm.add_argument("--export-every", type=int, default=500,
                      help="write the EMA model as model.safetensors every N steps")
     ldm.set_defaults(func=_run_ldm)
+
+    preview = sub.add_parser("preview", help="distil a tiny TAESD-like preview decoder from a model's VAE decoder")
+    _common(preview, steps=2000, batch=16, lr=1e-3)
+    preview.add_argument("--model", help="shapes-LDM model file (or a vae.safetensors) whose VAE is the teacher "
+                                         "(default: the built-in model)")
+    preview.add_argument("--width", type=int, default=64, help="channels of every convolution (TAESD: 64)")
+    preview.add_argument("--blocks", type=int, default=3, help="residual blocks before each upsampling")
+    preview.add_argument("--final-blocks", type=int, default=1, help="residual blocks at full resolution")
+    preview.add_argument("--mse-weight", type=float, default=1.0, help="loss = L1 + w * MSE to the VAE decode")
+    preview.set_defaults(func=_run_preview)
 
     clip = sub.add_parser("clip", help="the small shapes CLIP (t2i.eval.shapes_clip) on the shapes world")
     clip.add_argument("--out", required=True, help="run directory (checkpoints/, log.txt, shapes_clip.safetensors)")
