@@ -1,8 +1,10 @@
 """t2i against diffusers (and OpenVINO when installed) on the SD 1.5 architecture, on this CPU.
 
-    python benchmarks/sd15_cpu.py                           # everything, 256 and 512
+    python benchmarks/sd15_cpu.py                           # the default parts, 256 and 512
     python benchmarks/sd15_cpu.py --size 256 --only unet    # one part, one size
     python benchmarks/sd15_cpu.py --size 256 --only command --repeats 1
+    python benchmarks/sd15_cpu.py --size 512 --only deepcache,fewstep   # the step-saving paths (issue 7)
+    python benchmarks/sd15_cpu.py --size 64 --only fewstep --repeats 1 --threads 1   # a smoke run
 
 The model is SD 1.5's exact architecture with random weights (`sd15_folder.py`, built once under
 /tmp): speed does not depend on the weights' values. The job is batch 1 with classifier-free
@@ -19,6 +21,12 @@ Parts (--only, comma-separated):
            wall time, peak RSS, and the final latents compared with diffusers' fp32 result
            (and with diffusers' modules cast to bf16, the fairness yardstick, where bf16 is native)
   openvino the same job through optimum-intel, when it is installed
+
+Not in the default run (each times whole 20-step generations, several minutes at 512); name them in --only:
+  deepcache t2i's whole guided generate with deepcache=1 (plain) against deepcache=2 and 3: seconds,
+           speed-up, and how far the final latents move from the plain run's
+  fewstep  4 steps without guidance + the preview decoder against the default 20-step job, then the
+           decode alone, VAE decoder against preview decoder: seconds and FLOPs of each decoder
 
 Machines are noisy (other jobs share the cores): every comparison alternates the two sides
 and prints medians and ratios from the same run.
@@ -43,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sd15_folder import DEFAULT_FOLDER, build_sd15_folder  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
-PARTS = ("matmul", "text", "unet", "vae", "load", "command", "openvino")
+DEFAULT_PARTS = ("matmul", "text", "unet", "vae", "load", "command", "openvino")
+PARTS = (*DEFAULT_PARTS, "deepcache", "fewstep")
 HERE = Path(__file__).resolve().parent
 
 
@@ -70,10 +79,14 @@ def alternate(sides: dict[str, Callable[[], object]], repeats: int, warmup: bool
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def report(title: str, medians: dict[str, float], base: str = "diffusers fp32") -> None:
+def report(title: str, medians: dict[str, float], base: str = "diffusers fp32", speedup: bool = False) -> None:
+    """One line per side; the others' time as a fraction of base's (and as a speed-up factor)."""
     print(f"  {title}")
     for name, s in medians.items():
-        ratio = f"  ({s / medians[base]:.2f} of {base})" if base in medians and name != base else ""
+        ratio = ""
+        if base in medians and name != base:
+            faster = f", {medians[base] / s:.2f}x faster" if speedup else ""
+            ratio = f"  ({s / medians[base]:.2f} of {base}{faster})"
         print(f"    {name:<22} {s:8.3f} s{ratio}")
 
 
@@ -121,21 +134,24 @@ class Sides:
         return self._diffusers
 
 
-def unet_flops(folder: Path, latent: int) -> int:
-    """FLOPs of one U-Net forward on a batch of 2 (guidance) at latent x latent, counted by
-    torch.utils.flop_counter on the meta device (shapes only, no arithmetic)."""
+def meta_flops(run: Callable[[], object]) -> int:
+    """FLOPs of run(), which builds a network and calls it, counted by torch.utils.flop_counter on
+    the meta device (shapes only: no weights, no arithmetic, so even the SD VAE counts in a moment)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    with torch.device("meta"), FlopCounterMode(display=False) as counter, torch.no_grad():
+        run()
+    return counter.get_total_flops()
+
+
+def unet_flops(folder: Path, latent: int) -> int:
+    """FLOPs of one U-Net forward on a batch of 2 (guidance) at latent x latent."""
     from t2i.checkpoints.diffusers_nets import unet_config_from_diffusers
     from t2i.nets.unet import UNet
 
     cfg = unet_config_from_diffusers(json.loads((folder / "unet" / "config.json").read_text()))
-    with torch.device("meta"):
-        net = UNet(cfg)
-        x, t, ctx = torch.randn(2, 4, latent, latent), torch.full((2,), 500.0), torch.randn(2, 77, 768)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        net(x, t, ctx)
-    return counter.get_total_flops()
+    return meta_flops(lambda: UNet(cfg)(torch.randn(2, 4, latent, latent), torch.full((2,), 500.0),
+                                        torch.randn(2, 77, 768)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -288,6 +304,68 @@ def part_openvino(state: dict, args, folder: Path, size: int) -> None:
     print(f"  OpenVINO: export + compile {loaded:.1f} s, warm image {warm:.1f} s at {size}x{size}")
 
 
+def part_deepcache(state: dict, args, sides: Sides, size: int) -> None:
+    pipe = sides.t2i
+    latents: dict[str, torch.Tensor] = {}
+
+    def job(name: str, interval: int) -> Callable[[], None]:
+        def run() -> None:
+            # The same seed every call, so each side's latents are the same on every repeat.
+            latents[name] = pipe.generate(PROMPT, steps=20, guidance=7.5, sampler="dpmpp_2m", width=size,
+                                          height=size, seed=0, deepcache=interval).latents
+        return run
+
+    base = "deepcache 1 (plain)"
+    runs = {base: job(base, 1), "deepcache 2": job("deepcache 2", 2), "deepcache 3": job("deepcache 3", 3)}
+    medians = alternate(runs, args.repeats)
+    report(f"{sides.label} generate {size}x{size}, 20 steps dpmpp_2m, guidance 7.5 (text, sampling, VAE decode)",
+           medians, base=base, speedup=True)
+    # DeepCache skips the deep levels on most steps, so the image changes; on random weights the size of
+    # the change says little about a trained model's, but a blow-up would show here.
+    for name in list(runs)[1:]:
+        print(f"    {name:<22} final latents, max |difference from plain| / std: "
+              f"{_latent_error(latents[name], latents[base]):.2e}")
+
+
+def part_fewstep(state: dict, args, sides: Sides, size: int) -> None:
+    from t2i.autoencoders.kl import AutoencoderKL
+    from t2i.autoencoders.preview import PREVIEW_DECODER_CONFIGS, PreviewDecoder
+
+    pipe = sides.t2i
+    cfg = PREVIEW_DECODER_CONFIGS["sd"]
+    if pipe.preview_decoder is None:
+        # Random weights, float32 as `--preview-decoder` loads a trained one: speed does not depend on the values.
+        pipe.preview_decoder = PreviewDecoder(cfg).eval().requires_grad_(False)
+    common = dict(sampler="dpmpp_2m", width=size, height=size, seed=0)
+    base = "20 steps guided + VAE"
+    medians = alternate({
+        base: lambda: pipe.generate(PROMPT, steps=20, guidance=7.5, **common),
+        # guidance 1.0 skips the unconditional half: the U-Net runs on a batch of 1.
+        "4 steps + preview": lambda: pipe.generate(PROMPT, steps=4, guidance=1.0, preview=True, **common),
+    }, args.repeats)
+    report(f"{sides.label} generate {size}x{size}, dpmpp_2m: 20 steps, guidance 7.5, VAE decode against "
+           "4 steps, no guidance, preview decode", medians, base=base, speedup=True)
+
+    latent = size // 8
+    z = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0))
+    vae_dtype = next(pipe.vae.parameters()).dtype
+    vae_name = f"VAE decoder {'bf16' if vae_dtype == torch.bfloat16 else 'fp32'}"
+    with torch.no_grad():
+        medians = alternate({
+            vae_name: lambda: pipe.decode(z),
+            "preview decoder fp32": lambda: pipe.decode(z, preview=True),
+        }, args.repeats)
+    report(f"decode alone {size}x{size} (to PIL)", medians, base=vae_name, speedup=True)
+    print("    (preview decoder: PreviewDecoder, the 'sd' preset (TAESD's shape), random weights: speed does "
+          "not depend on their values)")
+    flops = {vae_name: meta_flops(lambda: AutoencoderKL(pipe.vae.cfg).decode(torch.randn(1, 4, latent, latent))),
+             "preview decoder fp32": meta_flops(lambda: PreviewDecoder(cfg)(torch.randn(1, 4, latent, latent)))}
+    print(f"  decoder FLOPs per {size}x{size} image (torch.utils.flop_counter, free of machine noise)")
+    for name, f in flops.items():
+        ratio = f"  ({f / flops[vae_name]:.3f} of {vae_name})" if name != vae_name else ""
+        print(f"    {name:<22} {f / 1e9:8.1f} GFLOP{ratio}")
+
+
 # ---------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------
@@ -296,9 +374,12 @@ def part_openvino(state: dict, args, folder: Path, size: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="256,512", help="image sizes, comma-separated (default 256,512)")
-    p.add_argument("--only", default=",".join(PARTS), help=f"parts to run, from {', '.join(PARTS)}")
+    p.add_argument("--only", default=",".join(DEFAULT_PARTS),
+                   help=f"parts to run, from {', '.join(PARTS)} (default: all but deepcache and fewstep)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per side (after one warm-up)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="t2i's precision")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads here and OMP_NUM_THREADS in the processes started (default: torch's own)")
     p.add_argument("--folder", type=Path, default=DEFAULT_FOLDER, help="where the random SD 1.5 folder lives")
     p.add_argument("--force-bf16", action="store_true",
                    help="run the diffusers bf16 yardstick even without native bf16 (very slow there)")
@@ -308,6 +389,9 @@ def main(argv: list[str] | None = None) -> None:
         if part not in PARTS:
             p.error(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
     sizes = [int(s) for s in args.size.split(",")]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the `load` and `command` processes
 
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -334,6 +418,10 @@ def main(argv: list[str] | None = None) -> None:
             part_unet(state, args, sides, size)
         if "vae" in parts:
             part_vae(state, args, sides, size)
+        if "deepcache" in parts:
+            part_deepcache(state, args, sides, size)
+        if "fewstep" in parts:
+            part_fewstep(state, args, sides, size)
         if "command" in parts:
             part_command(state, args, folder, size)
         if "openvino" in parts:
