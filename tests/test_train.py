@@ -89,6 +89,18 @@ def test_tiny_ldm_run_lowers_its_loss(tmp_path, vae_file):
     shipped = ShapesLDM.load(tmp_path / "run" / "model.safetensors")
     assert shipped.cfg == model_cfg
 
+    # A warm start from that file (how training continues on a machine that kept only the shipped
+    # model): same config and autoencoder, and it starts from the file's U-Net, whose loss is the low one.
+    warm_cfg = _ldm_cfg(tmp_path / "warm", "", init_from=str(tmp_path / "run" / "model.safetensors"), steps=1,
+                        lr=1e-9, warmup=0, seed=1)
+    assert train_ldm(warm_cfg, text_encoder=HashText()) == 0
+    warm_ckpt = latest_checkpoint(tmp_path / "warm")
+    assert ShapesLDMConfig.from_dict(read_metadata(warm_ckpt)["config"]["model"]) == model_cfg
+    warm = ShapesLDM(model_cfg).unet
+    warm.load_state_dict({k[5:]: v for k, v in load_file(warm_ckpt).items() if k.startswith("unet.")})
+    torch.testing.assert_close(warm.state_dict(), shipped.unet.state_dict(), rtol=0, atol=1e-6)
+    assert _eval_loss(warm, model_cfg, vae_file) < 0.8 * before
+
 
 def test_tiny_autoencoder_run_lowers_reconstruction_error(tmp_path):
     torch.manual_seed(0)
@@ -162,3 +174,10 @@ def test_ranks_read_disjoint_slices_and_epochs_are_permutations():
     epoch = [i for pos in range(0, 10, 5) for i in batch_indices(pos, 5, DistInfo(), length=10, seed=3)]
     assert sorted(epoch) == list(range(10)) and epoch != list(range(10))
     assert batch_indices(10, 5, DistInfo(), length=10, seed=3) != epoch[:5]  # a new order each epoch
+
+
+def test_train_ldm_needs_a_vae_or_a_model_to_start_from(tmp_path, capsys):
+    from t2i.cli import main
+
+    assert main(["train", "ldm", "--out", str(tmp_path / "r")]) != 0
+    assert "exactly one of --vae" in capsys.readouterr().err

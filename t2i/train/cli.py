@@ -57,7 +57,9 @@ def _run_ldm(args: argparse.Namespace) -> int:
 
     if args.preset not in UNET_PRESETS:
         raise ValueError(f"unknown U-Net preset {args.preset!r}; choose from {sorted(UNET_PRESETS)}")
-    cfg = LDMTrainConfig(out=args.out, vae_path=args.vae, unet_preset=args.preset,
+    if (args.vae is None) == (args.init_from is None) and not args.resume:
+        raise ValueError("give exactly one of --vae (a new model) and --init-from (a warm start)")
+    cfg = LDMTrainConfig(out=args.out, vae_path=args.vae or "", init_from=args.init_from, unet_preset=args.preset,
                          prediction_type=args.prediction, caption_dropout=args.caption_dropout,
                          ema_decay=args.ema_decay, weight_decay=args.weight_decay, bf16=args.bf16,
                          min_snr_gamma=args.min_snr_gamma, sample_steps=args.sample_steps,
@@ -116,7 +118,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     ldm = sub.add_parser("ldm", help="latent diffusion U-Net on a frozen autoencoder and MiniLM text encoder")
     _common(ldm, steps=20000, batch=32, lr=3e-4)
-    ldm.add_argument("--vae", required=True, help="vae.safetensors written by `t2i train autoencoder`")
+    ldm.add_argument("--vae", help="vae.safetensors written by `t2i train autoencoder` (a new model)")
+    ldm.add_argument("--init-from", help="warm start from a model file (e.g. the built-in "
+                     "t2i/assets/default/model.safetensors): its config, autoencoder and U-Net; a fresh optimizer")
     ldm.add_argument("--preset", default="shapes_s", help="U-Net shape (t2i.systems.shapes_ldm.UNET_PRESETS)")
     ldm.add_argument("--prediction", choices=("epsilon", "v_prediction"), default="v_prediction")
     ldm.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions (for CFG)")

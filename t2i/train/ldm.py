@@ -80,6 +80,10 @@ class LDMTrainConfig:
     export_every: int = 500
     keep: int = 2
     sample_steps: int = 20
+    # Warm start from a shipped model file (ShapesLDM): its config, autoencoder and U-Net (as both the
+    # trained and the EMA weights; the optimizer starts afresh). How training continues across
+    # machines that keep nothing but the repository. vae_path may then be empty.
+    init_from: str | None = None
     model: dict[str, Any] | None = None  # the resolved ShapesLDMConfig
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,11 +123,12 @@ def train_ldm(cfg: LDMTrainConfig, resume: bool = False, text_encoder: torch.nn.
     out = Path(cfg.out)
     cfg, ckpt = resume_run(cfg, resume)
     torch.manual_seed(cfg.seed)
-    vae = load_vae(cfg.vae_path)
+    init = ShapesLDM.load(cfg.init_from) if cfg.init_from else None
+    vae = init.vae if init is not None else load_vae(cfg.vae_path)
     log = RunLog(out, info, 0, cfg.steps)
     data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, log.text)
     if cfg.model is None:
-        cfg.model = resolve_model_config(cfg, vae, data).to_dict()
+        cfg.model = (init.cfg if init is not None else resolve_model_config(cfg, vae, data)).to_dict()
     model_cfg = ShapesLDMConfig.from_dict(cfg.model)
     vae.cfg.scaling_factor = model_cfg.vae.scaling_factor
     text = text_encoder or load_text_encoder(model_cfg)
@@ -132,6 +137,8 @@ def train_ldm(cfg: LDMTrainConfig, resume: bool = False, text_encoder: torch.nn.
     system.vae.load_state_dict(vae.state_dict())
     system.vae.requires_grad_(False).eval()
     unet = system.unet
+    if init is not None:
+        unet.load_state_dict(init.unet.state_dict())
     ema = make_ema(unet)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     modules, optimizers = {"unet": unet, "ema": ema}, {"opt": opt}
@@ -139,7 +146,8 @@ def train_ldm(cfg: LDMTrainConfig, resume: bool = False, text_encoder: torch.nn.
     log.resumed_at(step)
     n_params = sum(p.numel() for p in unet.parameters())
     log.text(f"ldm run {out}: step {step}/{cfg.steps}, U-Net {n_params / 1e6:.2f}M parameters, latent scale "
-             f"{model_cfg.vae.scaling_factor:.4f}" + (f", resumed from {ckpt}" if ckpt else ""))
+             f"{model_cfg.vae.scaling_factor:.4f}" + (f", resumed from {ckpt}" if ckpt else "")
+             + (f", warm start from {cfg.init_from}" if init is not None and ckpt is None else ""))
     loss_fn = DiffusionLoss(model_cfg.schedule.alphas_cumprod(), cfg.prediction_type, cfg.min_snr_gamma or None)
     net = DDP(unet) if info.enabled else unet
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
