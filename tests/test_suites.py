@@ -166,3 +166,22 @@ def test_eval_suite_cli_end_to_end(tmp_path) -> None:
         assert any("matplotlib" in n for n in report["notes"])
     else:
         assert (out / report["sweeps"]["guidance"]["plot"]).is_file()
+
+
+
+def test_eval_suite_scores_shapes_prompts_with_the_shipped_shapes_clip(tmp_path) -> None:
+    """Shapes prompts and no --clip: the judge and the shipped shapes CLIP's score are both reported."""
+    from sd_oracles import build_sd1
+
+    from t2i.cli import main
+
+    build_sd1(tmp_path / "sd")
+    suite = tmp_path / "shapes.txt"
+    suite.write_text("a red circle\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["eval", "suite", "--prompts", str(suite), "--model", str(tmp_path / "sd"), "--steps", "2",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["metrics"]) == {"shapes_judge", "shapes_clip_score"}
+    score = report["metrics"]["shapes_clip_score"]  # max(100 x cosine, 0): a random model draws no red circle
+    assert 0.0 <= score < 50.0

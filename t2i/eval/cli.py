@@ -274,7 +274,8 @@ def _register_suite(kinds: argparse._SubParsersAction) -> None:
                    help="also score at each guidance weight (a plot of each metric against it)")
     s.add_argument("--sweep-steps", type=_floats, default=None, metavar="N1,N2,...",
                    help="also score at each number of sampler steps")
-    s.add_argument("--clip", default=None, help="CLIP folder (transformers layout) for CLIP score")
+    s.add_argument("--clip", default=None, help="CLIP for CLIP score: a transformers-layout folder or a shapes CLIP "
+                   "file (default for shapes prompts: the shipped shapes CLIP)")
     s.add_argument("--inception", default=None, help="FID Inception weights, with --fid-ref")
     s.add_argument("--fid-ref", default=None, help="reference statistics .npz (pytorch-fid layout) for FID")
     s.set_defaults(func=run_suite_cli)
@@ -287,14 +288,16 @@ def run_suite_cli(args: argparse.Namespace) -> int:
     prompts = read_suite(args.prompts) if args.prompts else shapes_suite()
     if not prompts:
         raise SystemExit(f"{args.prompts}: no prompts")
+    from t2i.eval.rerank import load_embedder
+
     scorers: dict = {}
     if args.clip:
-        from t2i.eval.clip_score import load_clip
-
-        scorers["clip_score"] = clip_scorer(load_clip(args.clip))
+        scorers["clip_score"] = clip_scorer(load_embedder(args.clip))
     judge = shapes_judge_scorer([p.text for p in prompts])
     if judge is not None:
         scorers["shapes_judge"] = judge
+        if not args.clip:  # shapes prompts: our shipped shapes CLIP scores them out of the box
+            scorers["shapes_clip_score"] = clip_scorer(load_embedder(None))
     set_metrics: dict = {}
     if args.fid_ref or args.inception:
         if not (args.fid_ref and args.inception):
