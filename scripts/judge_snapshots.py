@@ -7,7 +7,8 @@ Each snapshot (a `ShapesLDM` file, e.g. copies of runs/ldm/model.safetensors tak
 training and named ldm_<step>_<HHMM>.safetensors) is judged with its default sampler, steps and
 guidance on the first `--limit` held-out prompts of each family (seed 0), with the autoencoder
 swapped for `--decoder` (the decoder-only fine-tune: same encoder, so the same latent space)
-so that every point is decoded alike. Appends one CSV row per snapshot.
+so that every point is decoded alike. Appends one CSV row per snapshot; with --plot, draws the
+whole CSV (accuracy per family against the LDM step in the snapshots' names) as a PNG.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from t2i.train.autoencoder import load_vae
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("snapshots", nargs="+")
+    p.add_argument("snapshots", nargs="*")
     p.add_argument("--decoder", default=None, help="autoencoder to decode with (default: the snapshot's own)")
     p.add_argument("--limit", type=int, default=10, help="held-out prompts per family")
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--csv", default=None, help="append rows here")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--plot", default=None, help="draw the --csv file's curve into this PNG")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     taken: dict[str, int] = {}
@@ -41,7 +43,9 @@ def main() -> None:
         taken[family] = taken.get(family, 0) + 1
         if taken[family] <= args.limit:
             prompts.append((family, text))
-    text_encoder = load_text_encoder(ShapesLDM.load(args.snapshots[0]).cfg)
+    if args.plot and not args.csv:
+        p.error("--plot draws the --csv file: give both")
+    text_encoder = load_text_encoder(ShapesLDM.load(args.snapshots[0]).cfg) if args.snapshots else None
     decoder = load_vae(args.decoder).state_dict() if args.decoder else None
     for path in args.snapshots:
         model = ShapesLDM.load(path)
@@ -63,6 +67,31 @@ def main() -> None:
                 if new:
                     w.writeheader()
                 w.writerow(row)
+    if args.plot:
+        plot_curve(args.csv, args.plot)
+
+
+def plot_curve(csv_path: str, png_path: str) -> None:
+    """Judge accuracy per family (and overall) against the LDM step of each snapshot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path, newline="") as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: int(r["snapshot"].split("_")[1]))
+    steps = [int(r["snapshot"].split("_")[1]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for key in ("overall", "single", "region", "binding", "relation", "counting", "background"):
+        ax.plot(steps, [float(r[key]) for r in rows], marker="o" if key == "overall" else ".",
+                linewidth=2.5 if key == "overall" else 1, label=key)
+    ax.set(xlabel="LDM training step (batch 32)", ylabel="judge accuracy", ylim=(-0.02, 1.02),
+           title=f"shapes judge, {rows[0]['n']} held-out prompts per point")
+    ax.axhline(0.9, color="gray", linestyle=":", linewidth=1)
+    ax.axhline(0.8, color="gray", linestyle="--", linewidth=1)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png_path)
 
 
 if __name__ == "__main__":
