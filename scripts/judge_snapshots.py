@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from t2i.eval.prompts import heldout_prompts
+from t2i.eval.prompts import first_per_family, heldout_prompts
 from t2i.eval.shapes_judge import run_shapes_eval
 from t2i.systems.shapes_ldm import ShapesLDM, load_text_encoder
 from t2i.train.autoencoder import load_vae
@@ -37,12 +37,7 @@ def main() -> None:
     p.add_argument("--plot", default=None, help="draw the --csv file's curve into this PNG")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    taken: dict[str, int] = {}
-    prompts = []
-    for family, text in heldout_prompts():
-        taken[family] = taken.get(family, 0) + 1
-        if taken[family] <= args.limit:
-            prompts.append((family, text))
+    prompts = first_per_family(heldout_prompts(), args.limit)
     if args.plot and not args.csv:
         p.error("--plot draws the --csv file: give both")
     text_encoder = load_text_encoder(ShapesLDM.load(args.snapshots[0]).cfg) if args.snapshots else None

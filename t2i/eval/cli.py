@@ -37,19 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_shapes(args: argparse.Namespace) -> int:
     import t2i
-    from t2i.eval.prompts import heldout_prompts, read_prompt_file
+    from t2i.eval.prompts import first_per_family, heldout_prompts, read_prompt_file
     from t2i.eval.shapes_judge import run_shapes_eval
 
     pipe = t2i.load(args.model)
     prompts = read_prompt_file(args.prompts) if args.prompts else None
     if args.limit is not None:
-        taken: dict[str, int] = {}
-        kept = []
-        for family, text in prompts or heldout_prompts():
-            taken[family] = taken.get(family, 0) + 1
-            if taken[family] <= args.limit:
-                kept.append((family, text))
-        prompts = kept
+        prompts = first_per_family(prompts or heldout_prompts(), args.limit)
 
     def generate(texts: list[str]) -> list:
         # one batched call per chunk of prompts, every prompt with the same seed
@@ -68,18 +62,17 @@ def run_shapes(args: argparse.Namespace) -> int:
 def _run_shapes_rerank(pipe, prompts: list[tuple[str, str]], args: argparse.Namespace) -> int:
     """Judge accuracy of the first of K candidates against the shapes CLIP's pick, per family."""
     from t2i.eval.rerank import judge_rerank_gain
+    from t2i.eval.shapes_judge import accuracy_by_family
 
     gain = judge_rerank_gain(pipe, [p for _, p in prompts], args.rerank, seed=args.seed, steps=args.steps,
                              guidance=args.guidance, sampler=args.sampler, deepcache=args.deepcache, progress=False)
     families = [f for f, _ in prompts]
-    summary: dict = {"n": gain["n"], "k": args.rerank, "rerank_1": {}, f"rerank_{args.rerank}": {}}
-    for key, pick in (("rerank_1", lambda row: row["candidates_ok"][0]),
-                      (f"rerank_{args.rerank}", lambda row: row["candidates_ok"][row["kept"]])):
-        oks = [(f, pick(row)) for f, row in zip(families, gain["per_prompt"], strict=True)]
-        summary[key]["overall"] = sum(ok for _, ok in oks) / len(oks)
-        for family in dict.fromkeys(families):
-            mine = [ok for f, ok in oks if f == family]
-            summary[key][family] = sum(mine) / len(mine)
+    summary: dict = {"n": gain["n"], "k": args.rerank}
+    first = [row["candidates_ok"][0] for row in gain["per_prompt"]]
+    kept = [row["candidates_ok"][row["kept"]] for row in gain["per_prompt"]]
+    for key, oks in (("rerank_1", first), (f"rerank_{args.rerank}", kept)):
+        overall, acc, _ = accuracy_by_family(families, oks)
+        summary[key] = {"overall": overall, **acc}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [{"family": f, **row} for f, row in zip(families, gain["per_prompt"], strict=True)]

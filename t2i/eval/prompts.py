@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -297,6 +298,17 @@ def _heldout() -> tuple[tuple[str, str], ...]:
     if os.path.exists(HELDOUT_PATH):
         return tuple(read_prompt_file(HELDOUT_PATH))
     return tuple(make_heldout_prompts())  # e.g. an install that left the .txt behind
+
+
+def first_per_family(pairs: Sequence[tuple[str, str]], n: int) -> list[tuple[str, str]]:
+    """The first n (family, prompt) pairs of each family, in their order (a quick look at a set)."""
+    taken: dict[str, int] = {}
+    kept = []
+    for family, text in pairs:
+        taken[family] = taken.get(family, 0) + 1
+        if taken[family] <= n:
+            kept.append((family, text))
+    return kept
 
 
 def heldout_prompts() -> list[tuple[str, str]]:

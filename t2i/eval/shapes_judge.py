@@ -259,13 +259,19 @@ def evaluate(images: Sequence, prompts: Sequence[str], families: Sequence[str] |
         family = families[i] if families is not None else family_of(claims)
         v = judge(image, claims)
         results.append({"prompt": prompt, "family": family, "ok": v.ok, "reasons": v.reasons})
+    overall, acc, cnt = accuracy_by_family([r["family"] for r in results], [r["ok"] for r in results])
+    return {"overall": overall, "n": len(results), "accuracy": acc, "count": cnt, "results": results}
+
+
+def accuracy_by_family(families: Sequence[str], oks: Sequence[bool]) -> tuple[float, dict[str, float], dict[str, int]]:
+    """(overall share of oks, share per family, count per family); the judge's families first, in
+    their order, then any others sorted."""
     acc, cnt = {}, {}
-    for f in FAMILIES + tuple(sorted({r["family"] for r in results} - set(FAMILIES))):
-        rs = [r["ok"] for r in results if r["family"] == f]
+    for f in FAMILIES + tuple(sorted(set(families) - set(FAMILIES))):
+        rs = [ok for fam, ok in zip(families, oks, strict=True) if fam == f]
         if rs:
             acc[f], cnt[f] = sum(rs) / len(rs), len(rs)
-    overall = sum(r["ok"] for r in results) / len(results) if results else 0.0
-    return {"overall": overall, "n": len(results), "accuracy": acc, "count": cnt, "results": results}
+    return (sum(oks) / len(oks) if oks else 0.0), acc, cnt
 
 
 def save_grid(images: Sequence, prompts: Sequence[str], verdicts: Sequence[Verdict | bool | dict], path: str,
@@ -317,5 +323,5 @@ def run_shapes_eval(generate: Callable[[list[str]], Sequence],
     return result
 
 
-__all__ = ["Detection", "PromptError", "Verdict", "analyse", "check", "detect", "evaluate", "family_of",
-           "heldout_prompts", "judge", "parse_prompt", "run_shapes_eval", "save_grid", "segment"]
+__all__ = ["Detection", "PromptError", "Verdict", "accuracy_by_family", "analyse", "check", "detect", "evaluate",
+           "family_of", "heldout_prompts", "judge", "parse_prompt", "run_shapes_eval", "save_grid", "segment"]

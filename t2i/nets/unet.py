@@ -322,7 +322,6 @@ class DeepCacheUNet(nn.Module):
             raise ValueError("DeepCache needs a U-Net with at least two levels")
         self.unet, self.interval = unet, interval
         self.cache, self.calls = DeepFeatureCache(), 0
-        self.cfg = unet.cfg
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **kwargs) -> torch.Tensor:
         self.cache.reuse = self.calls % self.interval != 0
