@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from t2i.autoencoders.kl import AutoencoderKL, AutoencoderKLConfig
@@ -133,13 +132,13 @@ def _model_file(path: str | Path) -> Path:
 def is_t2i_model(path: str | Path) -> bool:
     """A file written by `ShapesLDM.save` (or a folder holding one as model.safetensors)."""
     file = _model_file(path)
-    if file.suffix != ".safetensors" or not file.is_file():
+    if file.suffix != ".safetensors":
         return False
     try:
-        with safe_open(str(file), framework="pt") as f:
-            return (f.metadata() or {}).get("t2i_system") == "shapes_ldm"
-    except Exception:  # not a readable safetensors file: not ours, let other loaders judge it
+        read_config(file, "a shapes LDM file", "shapes_ldm")
+    except (FileNotFoundError, ValueError):  # not ours: let other loaders judge it
         return False
+    return True
 
 
 def load_t2i_model(path: str | Path, dtype: torch.dtype = torch.float32):
