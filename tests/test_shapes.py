@@ -30,6 +30,7 @@ from t2i.data.shapes import (
 )
 from t2i.eval.prompts import family_of, heldout_prompts, parse_prompt
 from t2i.eval.shapes_judge import Detection, check, size_word
+from t2i.train.data import open_data
 
 
 def _scenes(n: int, seed: int = 3):
@@ -180,6 +181,23 @@ def test_training_stream_family_balance():
     assert set(counts) == set(world.FAMILIES)
     assert all(0.08 < c / n < 0.35 for c in counts.values()), counts
 
+
+
+def test_background_share_can_be_weighted_for_training():
+    """background_p moves only the share of dark scenes; their captions still name the background."""
+    n = 400
+    default = sum(shapes_example(3, i)[0].background != "white" for i in range(n)) / n
+    assert 0.15 < default < 0.35, default  # the world's own 0.25
+    examples = [shapes_example(3, i, background_p=1.0) for i in range(n)]
+    assert all(scene.background in ("black", "gray") for scene, _ in examples)
+    assert all(scene.background in caption for scene, caption in examples)
+    assert all(shapes_example(3, i, background_p=0.0)[0].background == "white" for i in range(n))
+    with pytest.raises(ValueError, match="background_p"):
+        ShapesDataset(10, background_p=1.5)
+    with pytest.raises(ValueError, match="--data shapes only"):
+        open_data("folder", "/nonexistent", 64, 0, background_p=0.5)
+    data = open_data("shapes", None, 64, 3, background_p=1.0)
+    assert data.source[0][1] == shapes_example(3, 0, background_p=1.0)[1]
 
 def test_size_words_round_trip():
     for word, (lo, hi) in SIZE_RANGES.items():

@@ -252,10 +252,12 @@ def _scene_specs(family: str, rng: np.random.Generator):
     raise ValueError(f"unknown family {family!r}")
 
 
-def sample_scene(rng: np.random.Generator, family: str | None = None, background: str | None = None) -> Scene:
+def sample_scene(rng: np.random.Generator, family: str | None = None, background: str | None = None,
+                 background_p: float = BACKGROUND_P) -> Scene:
     """Draws a scene aimed at a caption family (chosen by FAMILY_WEIGHTS when None).
 
-    family 'background' means a non-white background with any of the other families.
+    family 'background' means a non-white background with any of the other families;
+    otherwise the background is black or gray with probability background_p.
     """
     if family == "background":
         family, background = None, background or ("black" if rng.random() < 0.5 else "gray")
@@ -264,7 +266,7 @@ def sample_scene(rng: np.random.Generator, family: str | None = None, background
         p = np.asarray([FAMILY_WEIGHTS[k] for k in names])
         family = names[rng.choice(len(names), p=p / p.sum())]
     if background is None:
-        background = ("black" if rng.random() < 0.5 else "gray") if rng.random() < BACKGROUND_P else "white"
+        background = ("black" if rng.random() < 0.5 else "gray") if rng.random() < background_p else "white"
     while True:
         specs, n_focus, accept = _scene_specs(family, rng)
         # Objects of one kind in a counting group share a size word (the caption names none).
@@ -459,18 +461,19 @@ def default_exclude() -> frozenset[str]:
 
 
 def shapes_example(seed: int, index: int, exclude: frozenset[str] | set[str] | None = None,
-                   max_attempts: int = 100) -> tuple[Scene, str]:
+                   max_attempts: int = 100, background_p: float = BACKGROUND_P) -> tuple[Scene, str]:
     """Scene `index` of `seed` and its training caption; a pure function of (seed, index).
 
     The caption is the scene's primary one with probability PRIMARY_P, else another true
     caption; captions in `exclude` (default: the judge's held-out prompts) are never
-    returned (the scene is redrawn if all are).
+    returned (the scene is redrawn if all are). background_p: share of black/gray
+    backgrounds (training may weight them up; the world's own share is BACKGROUND_P).
     """
     if exclude is None:
         exclude = default_exclude()
     for attempt in range(max_attempts):
         rng = np.random.default_rng([seed, index, attempt])
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, background_p=background_p)
         caps = captions(scene, rng)
         if rng.random() >= PRIMARY_P:
             caps = [caps[i] for i in rng.permutation(len(caps))]
@@ -490,11 +493,14 @@ class ShapesDataset(Dataset):
 
     image: (3, size, size) float32 in [-1, 1] when tensor=True, else (size, size, 3) uint8.
     exclude: captions never used (default: the judge's held-out prompts).
+    background_p: share of black/gray backgrounds (default: the world's BACKGROUND_P).
     """
 
     def __init__(self, n: int, seed: int = 0, size: int = CANVAS, exclude: Iterable[str] | None = None,
-                 tensor: bool = True) -> None:
-        self.n, self.seed, self.size, self.tensor = n, seed, size, tensor
+                 tensor: bool = True, background_p: float = BACKGROUND_P) -> None:
+        if not 0.0 <= background_p <= 1.0:
+            raise ValueError(f"background_p must be in [0, 1], got {background_p}")
+        self.n, self.seed, self.size, self.tensor, self.background_p = n, seed, size, tensor, background_p
         self.exclude = default_exclude() if exclude is None else frozenset(exclude)
 
     def __len__(self) -> int:
@@ -503,7 +509,7 @@ class ShapesDataset(Dataset):
     def __getitem__(self, i: int):
         if not 0 <= i < self.n:
             raise IndexError(i)
-        scene, caption = shapes_example(self.seed, i, self.exclude)
+        scene, caption = shapes_example(self.seed, i, self.exclude, background_p=self.background_p)
         image = render_array(scene, self.size)
         return (to_tensor(image) if self.tensor else image), caption
 

@@ -46,6 +46,7 @@ class AETrainConfig:
     data: str = "shapes"  # shapes | folder | jsonl
     data_path: str | None = None
     image_size: int = 64
+    background_p: float | None = None  # shapes data: share of black/gray backgrounds (None: the world's 0.25)
     steps: int = 3000
     batch_size: int = 16  # per rank
     lr: float = 2e-4
@@ -120,7 +121,7 @@ def train_autoencoder(cfg: AETrainConfig, resume: bool = False) -> int:
     step, position = restore(ckpt, modules, optimizers)
     log = RunLog(out, info, step, cfg.steps)
     log.text(f"autoencoder run {out}: step {step}/{cfg.steps}" + (f", resumed from {ckpt}" if ckpt else ""))
-    data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, log.text)
+    data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, log.text, cfg.background_p)
     fixed = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed + 1, log.text)
     fixed_x, _, _ = fixed.batch(0, 8, DistInfo())  # the same 8 images in every reconstruction grid
     vae_ddp = DDP(vae) if info.enabled else vae

@@ -19,6 +19,8 @@ def _common(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> No
                    help="the endless shapes world, an image folder with .txt captions, or a JSONL manifest")
     p.add_argument("--data-path", help="folder or manifest for --data folder/jsonl")
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--background-p", type=float, help="shapes data: share of black/gray backgrounds "
+                   "(default: the world's 0.25; more helps a first stage learn dark scenes)")
     p.add_argument("--steps", type=int, default=steps, help="total optimizer steps of the run")
     p.add_argument("--batch-size", type=int, default=batch, help="per process")
     p.add_argument("--lr", type=float, default=lr)
@@ -94,7 +96,8 @@ def _run_preview(args: argparse.Namespace) -> int:
 def _shared(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    return dict(data=args.data, data_path=args.data_path, image_size=args.image_size, steps=args.steps,
+    return dict(data=args.data, data_path=args.data_path, image_size=args.image_size,
+                background_p=args.background_p, steps=args.steps,
                 batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,
                 seed=args.seed, log_every=args.log_every, image_every=args.image_every,
                 ckpt_every=args.ckpt_every, keep=args.keep)

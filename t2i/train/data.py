@@ -33,14 +33,18 @@ class TrainData:
 
 
 def open_data(kind: str, path: str | None, size: int, seed: int,
-              log: Callable[[str], None] = print) -> TrainData:
+              log: Callable[[str], None] = print, background_p: float | None = None) -> TrainData:
     """kind: "shapes" (the endless world of `seed`), "folder" (images + .txt sidecars under
-    `path`) or "jsonl" (a manifest at `path`)."""
+    `path`) or "jsonl" (a manifest at `path`). background_p: the shapes world's share of
+    black/gray backgrounds (None: the world's own)."""
     if kind == "shapes":
-        from t2i.data.shapes import ShapesDataset
+        from t2i.data.shapes import BACKGROUND_P, ShapesDataset
 
         # ShapesDataset is random access by index; an effectively endless one is the stream.
-        return TrainData(ShapesDataset(2**62, seed=seed, size=size), None, seed)
+        p = BACKGROUND_P if background_p is None else background_p
+        return TrainData(ShapesDataset(2**62, seed=seed, size=size, background_p=p), None, seed)
+    if background_p is not None:
+        raise ValueError(f"--background-p applies to --data shapes only, not --data {kind}")
     from t2i.data.folder import image_folder, jsonl_manifest
 
     if path is None:

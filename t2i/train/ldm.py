@@ -65,6 +65,7 @@ class LDMTrainConfig:
     data: str = "shapes"
     data_path: str | None = None
     image_size: int = 64
+    background_p: float | None = None  # shapes data: share of black/gray backgrounds (None: the world's 0.25)
     steps: int = 20000
     batch_size: int = 32  # per rank
     lr: float = 3e-4
@@ -126,7 +127,7 @@ def train_ldm(cfg: LDMTrainConfig, resume: bool = False, text_encoder: torch.nn.
     init = ShapesLDM.load(cfg.init_from) if cfg.init_from else None
     vae = init.vae if init is not None else load_vae(cfg.vae_path)
     log = RunLog(out, info, 0, cfg.steps)
-    data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, log.text)
+    data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, log.text, cfg.background_p)
     if cfg.model is None:
         cfg.model = (init.cfg if init is not None else resolve_model_config(cfg, vae, data)).to_dict()
     model_cfg = ShapesLDMConfig.from_dict(cfg.model)

@@ -52,6 +52,7 @@ class PreviewTrainConfig:
     data: str = "shapes"
     data_path: str | None = None
     image_size: int = 64
+    background_p: float | None = None  # shapes data: share of black/gray backgrounds (None: the world's 0.25)
     steps: int = 2000
     batch_size: int = 16  # per rank
     lr: float = 1e-3
@@ -105,7 +106,7 @@ def train_preview(cfg: PreviewTrainConfig, resume: bool = False) -> int:
     log.text(f"preview decoder run {out}: step {step}/{cfg.steps}, {n_params / 1e6:.3f}M parameters, "
              f"f={cfg.decoder.downsample_factor}, teacher {cfg.model or DEFAULT_MODEL_FILE}"
              + (f", resumed from {ckpt}" if ckpt else ""))
-    data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, log.text)
+    data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, log.text, cfg.background_p)
     held_out = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed + 1, log.text)
     eval_x, _, _ = held_out.batch(0, cfg.eval_images, DistInfo())  # the same images at every checkpoint
     net = DDP(decoder) if info.enabled else decoder
