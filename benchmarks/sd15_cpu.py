@@ -20,7 +20,8 @@ Parts (--only, comma-separated):
   command  `t2i generate` against `diffusers_generate.py`, each a whole process, alternated:
            wall time, peak RSS, and the final latents compared with diffusers' fp32 result
            (and with diffusers' modules cast to bf16, the fairness yardstick, where bf16 is native)
-  openvino the same job through optimum-intel, when it is installed
+  openvino t2i's warm image against OpenVINO's (optimum-intel, `openvino_generate.py`), the latter in
+           --openvino-python when given: export, load + compile, first and warm image, peak RSS
 
 Not in the default run (each times whole 20-step generations, several minutes at 512); name them in --only:
   deepcache t2i's whole guided generate with deepcache=1 (plain) against deepcache=2 and 3: seconds,
@@ -288,20 +289,44 @@ def part_command(state: dict, args, folder: Path, size: int) -> None:
               "--force-bf16 runs it")
 
 
-def part_openvino(state: dict, args, folder: Path, size: int) -> None:
-    try:
-        import optimum.intel  # noqa: F401
-    except ImportError:
-        print("  OpenVINO skipped: optimum-intel is not installed (pip install optimum-intel openvino)")
-        return
-    from optimum.intel import OVStableDiffusionPipeline
+def part_openvino(state: dict, args, sides: Sides, size: int) -> None:
+    """t2i's warm image against OpenVINO's (optimum-intel, `openvino_generate.py` in --openvino-python):
+    t2i's warm images are timed here before and after the OpenVINO process, so both see the same load."""
+    from safetensors.torch import load_file
 
-    start = time.perf_counter()
-    pipe = OVStableDiffusionPipeline.from_pretrained(folder, export=True, compile=True)
-    loaded = time.perf_counter() - start
-    kwargs = dict(num_inference_steps=20, guidance_scale=7.5, width=size, height=size)
-    warm = alternate({"ov": lambda: pipe(PROMPT, **kwargs)}, args.repeats)["ov"]
-    print(f"  OpenVINO: export + compile {loaded:.1f} s, warm image {warm:.1f} s at {size}x{size}")
+    python = args.openvino_python or sys.executable
+    probe = subprocess.run([python, "-c", "import optimum.intel, openvino"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        print(f"  OpenVINO skipped: {python} cannot import optimum.intel and openvino (install them there: "
+              "pip install 'optimum-intel[openvino]'; it pins its own transformers, so a venv of its own and "
+              "--openvino-python suit it best)")
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="t2i_bench_ov_"))
+    job = dict(steps=20, guidance=7.5, sampler="dpmpp_2m", width=size, height=size, seed=0)
+    latents: dict[str, torch.Tensor] = {}
+
+    def t2i_image() -> None:
+        latents["t2i"] = sides.t2i.generate(PROMPT, **job).latents
+
+    cmd = [python, str(HERE / "openvino_generate.py"), PROMPT, "--model", str(sides.folder), "--steps", "20",
+           "--guidance", "7.5", "--width", str(size), "--height", str(size), "--seed", "0",
+           "--repeats", str(args.repeats), "--out", str(tmp / "openvino.png"),
+           "--save-latents", str(tmp / "openvino.safetensors")]
+    print(f"  OpenVINO command: {' '.join(cmd[1:])}", flush=True)
+    before = alternate({"t2i": t2i_image}, args.repeats)["t2i"]
+    wall, rss, out = run_process(cmd)
+    after = alternate({"t2i": t2i_image}, args.repeats, warmup=False)["t2i"]
+    ov = json.loads(out.strip().splitlines()[-1])
+    if ov["export_s"]:
+        print(f"    (first use: exported the folder to OpenVINO IR in {ov['export_s']:.0f} s, cached beside it)")
+    medians = {f"{sides.label} (before)": before, "openvino": ov["warm_image_s"], f"{sides.label} (after)": after}
+    report(f"warm image {size}x{size}, 20 steps dpmpp_2m, guidance 7.5 (median of {args.repeats})", medians,
+           base="openvino")
+    print(f"    openvino process: {ov['process_s']:.1f} s for one image (import {ov['import_s']:.1f} s, "
+          f"load + reshape + compile {ov['load_compile_s']:.1f} s, first image {ov['first_image_s']:.1f} s), "
+          f"peak RSS {rss:.2f} GB")
+    ref = load_file(tmp / "openvino.safetensors")["latents"]
+    print(f"  final latents, max |t2i - openvino| / std: {_latent_error(latents['t2i'], ref):.2e}")
 
 
 def part_deepcache(state: dict, args, sides: Sides, size: int) -> None:
@@ -381,6 +406,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads here and OMP_NUM_THREADS in the processes started (default: torch's own)")
     p.add_argument("--folder", type=Path, default=DEFAULT_FOLDER, help="where the random SD 1.5 folder lives")
+    p.add_argument("--openvino-python", default=None,
+                   help="python of an environment with optimum-intel and openvino (default: this one)")
     p.add_argument("--force-bf16", action="store_true",
                    help="run the diffusers bf16 yardstick even without native bf16 (very slow there)")
     args = p.parse_args(argv)
@@ -425,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
         if "command" in parts:
             part_command(state, args, folder, size)
         if "openvino" in parts:
-            part_openvino(state, args, folder, size)
+            part_openvino(state, args, sides, size)
 
 
 if __name__ == "__main__":

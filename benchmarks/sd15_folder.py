@@ -60,8 +60,22 @@ def build_sd15_folder(folder: Path = DEFAULT_FOLDER, seed: int = 0) -> Path:
         tokenizer=tokenizer, unet=UNet2DConditionModel(**UNET_CONFIG), scheduler=PNDMScheduler(**SCHEDULER_CONFIG),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    prefix_text_encoder_keys(tmp / "text_encoder" / "model.safetensors")
     tmp.rename(folder)
     return folder
+
+
+def prefix_text_encoder_keys(path: Path) -> None:
+    """Recent transformers save CLIPTextModel flat (`encoder.layers...`); SD 1.5's own folder has
+    `text_model.encoder.layers...`, the names every transformers version reads (optimum-intel pins an
+    older one, which would silently re-initialise a flat text encoder), so write those."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path)
+    if any(k.startswith("text_model.") for k in state):
+        return
+    save_file({k if k.startswith("text_projection") else f"text_model.{k}": v for k, v in state.items()}, path,
+              metadata={"format": "pt"})
 
 
 if __name__ == "__main__":
