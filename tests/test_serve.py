@@ -333,9 +333,12 @@ def test_progress_and_cancel_by_job_id(server):
     assert code == 200 and len(ok["images"]) == 1
 
 
-def test_interrupt_and_cancel_a_waiting_request(server):
-    long = {"prompt": "slow", "steps": 200, "width": 64, "height": 64}
-    with ThreadPoolExecutor(2) as pool:
+def test_interrupt_and_cancel_a_waiting_request(pipe):
+    # Long enough that the first run is still going when the interrupt arrives, on a fast machine
+    # too (200 steps of the tiny model could end first); the interrupt ends it early.
+    limits = Limits(max_width=64, max_height=64, max_steps=500, max_images=4, max_body_bytes=200_000)
+    long = {"prompt": "slow", "steps": 500, "width": 64, "height": 64}
+    with serve(pipe, max_queue=8, max_batch=4, limits=limits) as server, ThreadPoolExecutor(2) as pool:
         first = pool.submit(request, "POST", server.url + "/sdapi/v1/txt2img", long)
         wait_for(lambda: server.queue.running and server.queue.running[0].step >= 1, what="the run")
         second = pool.submit(request, "POST", server.url + "/sdapi/v1/txt2img", {**long, "seed": 9},
@@ -348,7 +351,7 @@ def test_interrupt_and_cancel_a_waiting_request(server):
         assert code == 200 and len(answer["interrupted"]) == 1
         code, _, answer = first.result(timeout=30)
         assert code == 409 and "cancelled" in answer["detail"]
-    assert request("POST", server.url + "/v1/jobs", {"prompt": "x"}, headers={"X-Job-Id": "bad id!"})[0] == 422
+        assert request("POST", server.url + "/v1/jobs", {"prompt": "x"}, headers={"X-Job-Id": "bad id!"})[0] == 422
 
 
 # ---------------------------------------------------------------------- batching
