@@ -136,6 +136,13 @@ def test_distillation_lowers_the_l1_to_the_vae_decoder_and_resumes_exactly(tmp_p
     assert train_preview(_train_cfg(tmp_path / "b", steps=40), resume=True) == 0
     a, b = (load_file(tmp_path / run / "preview.safetensors") for run in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # a later resume may lower the learning rate (and only that): the saved config carries it on
+    assert train_preview(_train_cfg(tmp_path / "b", steps=50), resume=True, resume_lr=1e-4) == 0
+    meta = read_metadata(latest_checkpoint(tmp_path / "b"))
+    assert meta["step"] == 50 and meta["config"]["lr"] == 1e-4 and meta["config"]["steps"] == 50
+    assert "step 50 " in (log := (tmp_path / "b" / "log.txt").read_text()) and "lr=0.0001" in log.split("step 50 ")[1]
+    with pytest.raises(ValueError, match="--resume-lr only applies with --resume"):
+        train_preview(_train_cfg(tmp_path / "c"), resume_lr=1e-4)
 
 
 def test_train_preview_command_writes_a_preview_decoder(tmp_path, tiny_model):

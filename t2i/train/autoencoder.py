@@ -90,11 +90,11 @@ def _average_grad(param: torch.Tensor, info: DistInfo) -> None:
         param.grad /= info.world_size
 
 
-def train_autoencoder(cfg: AETrainConfig, resume: bool = False) -> int:
+def train_autoencoder(cfg: AETrainConfig, resume: bool = False, resume_lr: float | None = None) -> int:
     """Run (or, with resume, continue) an autoencoder training. Returns the process exit code."""
     info = init_distributed()
     out = Path(cfg.out)
-    cfg, ckpt = resume_run(cfg, resume)
+    cfg, ckpt = resume_run(cfg, resume, lr=resume_lr)
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(cfg.vae)
     if vae.quant_conv is not None and cfg.init_logvar is not None:

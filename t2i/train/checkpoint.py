@@ -155,20 +155,25 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
 # ---------------------------------------------------------------- what every training loop does with these
 
 
-def resume_run(cfg: C, resume: bool) -> tuple[C, Path | None]:
+def resume_run(cfg: C, resume: bool, lr: float | None = None) -> tuple[C, Path | None]:
     """The config to run with and the checkpoint to continue from (None: a fresh run).
 
     With `resume`: the newest checkpoint under `cfg.out` (FileNotFoundError if there is none, rather
     than silently starting over) and the run's own saved config, which wins (a resumed run must train
-    the same model on the same data) except for how long it runs: the longer `steps`.
+    the same model on the same data) except for how long it runs (the longer `steps`) and, when `lr` is
+    given, its learning rate from here on (lowering it late in a long constant-rate run is the point).
     """
     if not resume:
+        if lr is not None:
+            raise ValueError("--resume-lr only applies with --resume (a new run takes --lr)")
         return cfg, None
     ckpt = latest_checkpoint(cfg.out)
     if ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {Path(cfg.out) / 'checkpoints'}")
     saved = type(cfg).from_dict(read_metadata(ckpt)["config"])
     saved.steps = max(saved.steps, cfg.steps)
+    if lr is not None:
+        saved.lr = lr
     return saved, ckpt
 
 

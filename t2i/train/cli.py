@@ -15,6 +15,8 @@ import torch
 def _common(p: argparse.ArgumentParser, steps: int, batch: int, lr: float) -> None:
     p.add_argument("--out", required=True, help="run directory (checkpoints/, samples/, tb/, log.txt)")
     p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in --out")
+    p.add_argument("--resume-lr", type=float, help="with --resume: the learning rate from here on (e.g. lower, "
+                   "late in a long run); everything else comes from the run's saved config")
     p.add_argument("--data", choices=("shapes", "folder", "jsonl"), default="shapes",
                    help="the endless shapes world, an image folder with .txt captions, or a JSONL manifest")
     p.add_argument("--data-path", help="folder or manifest for --data folder/jsonl")
@@ -50,7 +52,7 @@ def _run_autoencoder(args: argparse.Namespace) -> int:
         vae = load_vae(args.init_from).cfg
     cfg = AETrainConfig(out=args.out, vae=vae, loss=loss, init_from=args.init_from,
                         decoder_only=args.decoder_only, **_shared(args))
-    return train_autoencoder(cfg, resume=args.resume)
+    return train_autoencoder(cfg, resume=args.resume, resume_lr=args.resume_lr)
 
 
 def _run_ldm(args: argparse.Namespace) -> int:
@@ -66,7 +68,7 @@ def _run_ldm(args: argparse.Namespace) -> int:
                          ema_decay=args.ema_decay, weight_decay=args.weight_decay, bf16=args.bf16,
                          min_snr_gamma=args.min_snr_gamma, sample_steps=args.sample_steps,
                          export_every=args.export_every, **_shared(args))
-    return train_ldm(cfg, resume=args.resume)
+    return train_ldm(cfg, resume=args.resume, resume_lr=args.resume_lr)
 
 
 def _run_clip(args: argparse.Namespace) -> int:
@@ -79,7 +81,7 @@ def _run_clip(args: argparse.Namespace) -> int:
                           warmup=args.warmup, seed=args.seed, threads=args.threads, log_every=args.log_every,
                           eval_every=args.eval_every, eval_scenes=args.eval_scenes, ckpt_every=args.ckpt_every,
                           keep=args.keep)
-    return train_clip(cfg, resume=args.resume)
+    return train_clip(cfg, resume=args.resume, resume_lr=args.resume_lr)
 
 
 def _run_preview(args: argparse.Namespace) -> int:
@@ -90,7 +92,7 @@ def _run_preview(args: argparse.Namespace) -> int:
     decoder = PreviewDecoderConfig(width=args.width, blocks=args.blocks, final_blocks=args.final_blocks)
     cfg = PreviewTrainConfig(out=args.out, model=args.model, decoder=decoder, mse_weight=args.mse_weight,
                              **_shared(args))
-    return train_preview(cfg, resume=args.resume)
+    return train_preview(cfg, resume=args.resume, resume_lr=args.resume_lr)
 
 
 def _shared(args: argparse.Namespace) -> dict:
@@ -150,6 +152,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     clip = sub.add_parser("clip", help="the small shapes CLIP (t2i.eval.shapes_clip) on the shapes world")
     clip.add_argument("--out", required=True, help="run directory (checkpoints/, log.txt, shapes_clip.safetensors)")
     clip.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in --out")
+    clip.add_argument("--resume-lr", type=float, help="with --resume: the learning rate from here on")
     clip.add_argument("--steps", type=int, default=1000)
     clip.add_argument("--batch-size", type=int, default=128)
     clip.add_argument("--lr", type=float, default=1e-3)

@@ -115,10 +115,10 @@ def _param_groups(model: ShapesCLIP, weight_decay: float) -> list[dict[str, Any]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def train_clip(cfg: CLIPTrainConfig, resume: bool = False) -> int:
+def train_clip(cfg: CLIPTrainConfig, resume: bool = False, resume_lr: float | None = None) -> int:
     """Run (or, with resume, continue) a shapes CLIP training. Returns the exit code."""
     out = Path(cfg.out)
-    cfg, ckpt = resume_run(cfg, resume)
+    cfg, ckpt = resume_run(cfg, resume, lr=resume_lr)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

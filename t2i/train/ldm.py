@@ -115,14 +115,15 @@ def resolve_model_config(cfg: LDMTrainConfig, vae: torch.nn.Module, data) -> Sha
     return model_cfg
 
 
-def train_ldm(cfg: LDMTrainConfig, resume: bool = False, text_encoder: torch.nn.Module | None = None) -> int:
+def train_ldm(cfg: LDMTrainConfig, resume: bool = False, resume_lr: float | None = None,
+              text_encoder: torch.nn.Module | None = None) -> int:
     """Run (or, with resume, continue) a latent diffusion training. Returns the exit code.
 
     text_encoder: an object with .encode(list[str]) -> TextEncoding; default the config's MiniLM.
     """
     info = init_distributed()
     out = Path(cfg.out)
-    cfg, ckpt = resume_run(cfg, resume)
+    cfg, ckpt = resume_run(cfg, resume, lr=resume_lr)
     torch.manual_seed(cfg.seed)
     init = ShapesLDM.load(cfg.init_from) if cfg.init_from else None
     vae = init.vae if init is not None else load_vae(cfg.vae_path)

@@ -88,11 +88,11 @@ def distill_l1(decoder: torch.nn.Module, teacher: AutoencoderKL, x: torch.Tensor
     return (decoder(z) - teacher.decode(z)).abs().mean().item()
 
 
-def train_preview(cfg: PreviewTrainConfig, resume: bool = False) -> int:
+def train_preview(cfg: PreviewTrainConfig, resume: bool = False, resume_lr: float | None = None) -> int:
     """Run (or, with resume, continue) a preview decoder distillation. Returns the exit code."""
     info = init_distributed()
     out = Path(cfg.out)
-    cfg, ckpt = resume_run(cfg, resume)
+    cfg, ckpt = resume_run(cfg, resume, lr=resume_lr)
     teacher = load_teacher(cfg.model)
     d = cfg.decoder
     cfg.decoder = PreviewDecoderConfig.for_vae(teacher.cfg, d.width, d.blocks, d.final_blocks)
