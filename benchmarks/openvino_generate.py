@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=0, help="warm images after the first one")
     p.add_argument("--out", default="openvino.png")
     p.add_argument("--save-latents", default=None)
+    p.add_argument("--threads", type=int, default=None, help="OpenVINO's INFERENCE_NUM_THREADS (default: its own)")
     args = p.parse_args()
     start = time.perf_counter()
     import torch
@@ -52,7 +53,9 @@ def main() -> None:
         del exported
         export_s = time.perf_counter() - t
     t_load = time.perf_counter()
-    pipe = OVStableDiffusionPipeline.from_pretrained(ir, compile=False)
+    # OpenVINO runs its own thread pool: OMP_NUM_THREADS does not reach it, this property does
+    ov_config = {"INFERENCE_NUM_THREADS": str(args.threads)} if args.threads else {}
+    pipe = OVStableDiffusionPipeline.from_pretrained(ir, compile=False, ov_config=ov_config)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.reshape(batch_size=1, height=args.height, width=args.width, num_images_per_prompt=1)
     pipe.compile()

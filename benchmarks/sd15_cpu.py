@@ -106,11 +106,12 @@ def matmul_rate(dtype: torch.dtype, n: int, repeats: int = 3) -> float:
 class Sides:
     """The t2i pipeline and the diffusers pipeline, loaded on first use."""
 
-    def __init__(self, folder: Path, precision: str) -> None:
+    def __init__(self, folder: Path, precision: str, compile: bool = False) -> None:
         import t2i
 
-        self.folder, self.precision = folder, precision
-        self.label = f"t2i {t2i.resolve_precision(precision)}" + (" (auto)" if precision == "auto" else "")
+        self.folder, self.precision, self.compile = folder, precision, compile
+        self.label = (f"t2i {t2i.resolve_precision(precision)}" + (" (auto)" if precision == "auto" else "")
+                      + (" compiled" if compile else ""))
         self._t2i = self._diffusers = self._diffusers_bf16 = None
 
     @property
@@ -119,6 +120,8 @@ class Sides:
             import t2i
 
             self._t2i = t2i.load(self.folder, precision=self.precision)
+            if self.compile:
+                self._t2i.compile()  # compiled on the first call: the warm-up run of each part
         return self._t2i
 
     def diffusers(self, bf16: bool = False):
@@ -312,6 +315,8 @@ def part_openvino(state: dict, args, sides: Sides, size: int) -> None:
            "--guidance", "7.5", "--width", str(size), "--height", str(size), "--seed", "0",
            "--repeats", str(args.repeats), "--out", str(tmp / "openvino.png"),
            "--save-latents", str(tmp / "openvino.safetensors")]
+    if args.threads is not None:
+        cmd += ["--threads", str(args.threads)]
     print(f"  OpenVINO command: {' '.join(cmd[1:])}", flush=True)
     before = alternate({"t2i": t2i_image}, args.repeats)["t2i"]
     wall, rss, out = run_process(cmd)
@@ -403,6 +408,8 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"parts to run, from {', '.join(PARTS)} (default: all but deepcache and fewstep)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per side (after one warm-up)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="t2i's precision")
+    p.add_argument("--compile", action="store_true", help="t2i's in-process parts (unet, openvino, deepcache, "
+                   "fewstep) with pipe.compile(): torch.compile'd U-Net, compiled in each part's warm-up run")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads here and OMP_NUM_THREADS in the processes started (default: torch's own)")
     p.add_argument("--folder", type=Path, default=DEFAULT_FOLDER, help="where the random SD 1.5 folder lives")
@@ -432,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
           f"native bf16: {state['native_bf16']}, t2i precision {args.precision} -> "
           f"{t2i.resolve_precision(args.precision)}")
     folder = build_sd15_folder(args.folder)
-    sides = Sides(folder, args.precision)
+    sides = Sides(folder, args.precision, compile=args.compile)
     if "matmul" in parts:
         part_matmul(state, args)
     if "text" in parts:

@@ -175,3 +175,30 @@ def test_bf16_unet_within_the_diffusers_bf16_yardstick():
     yardstick, err = _rel(yard, exact), _rel(got, exact)
     assert 1e-3 < yardstick < 0.2  # bf16 rounding is visible, and the reference is sane
     assert err <= 1.25 * yardstick, (err, yardstick)
+
+
+def test_compiled_unet_generates_what_the_eager_one_does(tmp_path):
+    """`t2i generate --compile`: the U-Net runs through torch.compile (frozen weights) and the final
+    latents stay within float32 rounding of the eager run's."""
+    from sd_oracles import build_sd1
+
+    from t2i.cli import main
+
+    folder = tmp_path / "sd1"
+    build_sd1(folder)
+    job = ["generate", "a red circle", "--model", str(folder), "--steps", "3", "--width", "32", "--height", "32",
+           "--seed", "2", "--precision", "fp32", "--quiet"]
+    assert main([*job, "--out", str(tmp_path / "eager.png"),
+                 "--save-latents", str(tmp_path / "eager.safetensors")]) == 0
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert main([*job, "--compile", "--out", str(tmp_path / "compiled.png"),
+                 "--save-latents", str(tmp_path / "compiled.safetensors")]) == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the compiled U-Net really ran
+    from safetensors.torch import load_file
+
+    eager, compiled = (load_file(tmp_path / f"{n}.safetensors")["latents"] for n in ("eager", "compiled"))
+    assert _rel(compiled, eager) < 2e-4
+    pipe = t2i.load(folder, precision="fp32")
+    pipe.compile()
+    assert pipe._sampling_net() is not pipe.unet and pipe._sampling_net(deepcache=2).unet is pipe.unet
