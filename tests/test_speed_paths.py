@@ -199,6 +199,15 @@ def test_compiled_unet_generates_what_the_eager_one_does(tmp_path):
 
     eager, compiled = (load_file(tmp_path / f"{n}.safetensors")["latents"] for n in ("eager", "compiled"))
     assert _rel(compiled, eager) < 2e-4
+    # Frozen: the weights are constants of the compiled graph (what makes it faster on CPU), so a
+    # change to them reaches the eager U-Net but not the compiled one until compile() is called again.
     pipe = t2i.load(folder, precision="fp32")
     pipe.compile()
     assert pipe._sampling_net() is not pipe.unet and pipe._sampling_net(deepcache=2).unet is pipe.unet
+    settings = dict(steps=2, width=32, height=32, seed=2)
+    before = pipe.generate("a red circle", **settings).latents
+    with torch.no_grad():
+        pipe.unet.conv_out.bias.add_(1.0)
+    assert torch.equal(pipe.generate("a red circle", **settings).latents, before)
+    pipe._compiled_unet = None
+    assert not torch.allclose(pipe.generate("a red circle", **settings).latents, before)

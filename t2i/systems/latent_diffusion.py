@@ -67,6 +67,23 @@ def seed_noise(generators: list[torch.Generator], shape: tuple[int, int, int]) -
     return torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
 
 
+class _FrozenCompiled(nn.Module):
+    """A torch.compile'd module whose compiles (the first call's and any recompile) run with inductor's
+    `freezing` on. Inductor reads that flag from its global config while compiling, which happens
+    lazily inside a call; `torch.compile(options={"freezing": True})` did not reach it (measured:
+    the same step time as without freezing), a config patch around the call does."""
+
+    def __init__(self, compiled: nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args, **kwargs):
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return self.compiled(*args, **kwargs)
+
+
 class LatentDiffusionPipeline:
     """A text encoder, a U-Net and a KL autoencoder with the schedule the U-Net was trained on.
 
@@ -189,7 +206,7 @@ class LatentDiffusionPipeline:
         process compiles faster. Frozen weights: call it again after changing the U-Net's weights.
         DeepCache runs (deepcache > 1) use the eager U-Net.
         """
-        self._compiled_unet = torch.compile(self.unet, options={"freezing": True})
+        self._compiled_unet = _FrozenCompiled(torch.compile(self.unet))
 
     def _sampling_net(self, deepcache: int = 1) -> nn.Module:
         """The U-Net as the float32 samplers call it (deepcache > 1: a DeepCacheUNet for one run)."""
