@@ -4,6 +4,7 @@
     python benchmarks/sd15_cpu.py --size 256 --only unet    # one part, one size
     python benchmarks/sd15_cpu.py --size 256 --only command --repeats 1
     python benchmarks/sd15_cpu.py --size 512 --only deepcache,fewstep   # the step-saving paths (issue 7)
+    python benchmarks/sd15_cpu.py --size 256 --only compile --repeats 3 --threads 1   # torch.compile against eager
     python benchmarks/sd15_cpu.py --size 64 --only fewstep --repeats 1 --threads 1   # a smoke run
 
 The model is SD 1.5's exact architecture with random weights (`sd15_folder.py`, built once under
@@ -28,6 +29,8 @@ Not in the default run (each times whole 20-step generations, several minutes at
            speed-up, and how far the final latents move from the plain run's
   fewstep  4 steps without guidance + the preview decoder against the default 20-step job, then the
            decode alone, VAE decoder against preview decoder: seconds and FLOPs of each decoder
+  compile  t2i's whole guided generate, eager against `pipe.compile()` (torch.compile, frozen
+           weights), alternated in one process: the compile's cost, seconds, and the latents' difference
 
 Machines are noisy (other jobs share the cores): every comparison alternates the two sides
 and prints medians and ratios from the same run.
@@ -53,7 +56,7 @@ from sd15_folder import DEFAULT_FOLDER, build_sd15_folder  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 DEFAULT_PARTS = ("matmul", "text", "unet", "vae", "load", "command", "openvino")
-PARTS = (*DEFAULT_PARTS, "deepcache", "fewstep")
+PARTS = (*DEFAULT_PARTS, "deepcache", "fewstep", "compile")
 HERE = Path(__file__).resolve().parent
 
 
@@ -357,6 +360,27 @@ def part_deepcache(state: dict, args, sides: Sides, size: int) -> None:
               f"{_latent_error(latents[name], latents[base]):.2e}")
 
 
+def part_compile(state: dict, args, sides: Sides, size: int) -> None:
+    import t2i
+
+    eager, compiled = sides.t2i, t2i.load(sides.folder, precision=sides.precision)
+    compiled.compile()
+    job = dict(steps=20, guidance=7.5, sampler="dpmpp_2m", width=size, height=size, seed=0)
+    latents: dict[str, torch.Tensor] = {}
+    start = time.perf_counter()
+    latents["compiled"] = compiled.generate(PROMPT, **job).latents
+    print(f"  first compiled image {size}x{size} (compiles the U-Net): {time.perf_counter() - start:.1f} s")
+
+    def run(name: str, pipe) -> Callable[[], None]:
+        return lambda: latents.__setitem__(name, pipe.generate(PROMPT, **job).latents)
+
+    medians = alternate({"eager": run("eager", eager), "compiled": run("compiled", compiled)}, args.repeats)
+    report(f"{sides.label} generate {size}x{size}, 20 steps dpmpp_2m, guidance 7.5", medians, base="eager",
+           speedup=True)
+    error = _latent_error(latents["compiled"], latents["eager"])
+    print(f"    final latents, max |compiled - eager| / std: {error:.2e}")
+
+
 def part_fewstep(state: dict, args, sides: Sides, size: int) -> None:
     from t2i.autoencoders.kl import AutoencoderKL
     from t2i.autoencoders.preview import PREVIEW_DECODER_CONFIGS, PreviewDecoder
@@ -405,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="256,512", help="image sizes, comma-separated (default 256,512)")
     p.add_argument("--only", default=",".join(DEFAULT_PARTS),
-                   help=f"parts to run, from {', '.join(PARTS)} (default: all but deepcache and fewstep)")
+                   help=f"parts to run, from {', '.join(PARTS)} (default: all but deepcache, fewstep, compile)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per side (after one warm-up)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="t2i's precision")
     p.add_argument("--compile", action="store_true", help="t2i's in-process parts (unet, openvino, deepcache, "
@@ -456,6 +480,8 @@ def main(argv: list[str] | None = None) -> None:
             part_deepcache(state, args, sides, size)
         if "fewstep" in parts:
             part_fewstep(state, args, sides, size)
+        if "compile" in parts:
+            part_compile(state, args, sides, size)
         if "command" in parts:
             part_command(state, args, folder, size)
         if "openvino" in parts:

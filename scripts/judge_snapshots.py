@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--csv", default=None, help="append rows here")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--plot", default=None, help="draw the --csv file's curve into this PNG")
+    p.add_argument("--also", default=None, metavar="CSV", help="with --plot: draw this CSV's overall score too "
+                   "(e.g. a later run judged on more prompts or with another decoder), labelled by its name")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     prompts = first_per_family(heldout_prompts(), args.limit)
@@ -63,18 +65,23 @@ def main() -> None:
                     w.writeheader()
                 w.writerow(row)
     if args.plot:
-        plot_curve(args.csv, args.plot)
+        plot_curve(args.csv, args.plot, also=args.also)
 
 
-def plot_curve(csv_path: str, png_path: str) -> None:
-    """Judge accuracy per family (and overall) against the LDM step of each snapshot."""
+def _rows(csv_path: str) -> list[dict]:
+    with open(csv_path, newline="") as f:
+        return sorted(csv.DictReader(f), key=lambda r: int(r["snapshot"].split("_")[1]))
+
+
+def plot_curve(csv_path: str, png_path: str, also: str | None = None) -> None:
+    """Judge accuracy per family (and overall) against the LDM step of each snapshot; `also`: another
+    CSV's overall score on the same axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(csv_path, newline="") as f:
-        rows = sorted(csv.DictReader(f), key=lambda r: int(r["snapshot"].split("_")[1]))
+    rows = _rows(csv_path)
     steps = [int(r["snapshot"].split("_")[1]) for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     for key in ("overall", "single", "region", "binding", "relation", "counting", "background"):
@@ -82,6 +89,10 @@ def plot_curve(csv_path: str, png_path: str) -> None:
                 linewidth=2.5 if key == "overall" else 1, label=key)
     ax.set(xlabel="LDM training step (batch 32)", ylabel="judge accuracy", ylim=(-0.02, 1.02),
            title=f"shapes judge, {rows[0]['n']} held-out prompts per point")
+    if also:
+        more = _rows(also)
+        ax.plot([int(r["snapshot"].split("_")[1]) for r in more], [float(r["overall"]) for r in more], marker="s",
+                linewidth=2.5, color="black", linestyle="--", label=f"overall, {Path(also).stem} ({more[0]['n']})")
     ax.axhline(0.9, color="gray", linestyle=":", linewidth=1)
     ax.axhline(0.8, color="gray", linestyle="--", linewidth=1)
     ax.legend(fontsize=7, ncol=2)
