@@ -143,6 +143,8 @@ def test_distillation_lowers_the_l1_to_the_vae_decoder_and_resumes_exactly(tmp_p
     assert "step 50 " in (log := (tmp_path / "b" / "log.txt").read_text()) and "lr=0.0001" in log.split("step 50 ")[1]
     with pytest.raises(ValueError, match="--resume-lr only applies with --resume"):
         train_preview(_train_cfg(tmp_path / "c"), resume_lr=1e-4)
+    with pytest.raises(ValueError, match="--resume-lr must be a positive learning rate, got -0.001"):
+        train_preview(_train_cfg(tmp_path / "b", steps=60), resume=True, resume_lr=-1e-3)
 
 
 def test_train_preview_command_writes_a_preview_decoder(tmp_path, tiny_model):

@@ -14,6 +14,7 @@ worst a hidden `.tmp-*` file that `latest_checkpoint` never looks at.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -163,6 +164,8 @@ def resume_run(cfg: C, resume: bool, lr: float | None = None) -> tuple[C, Path |
     the same model on the same data) except for how long it runs (the longer `steps`) and, when `lr` is
     given, its learning rate from here on (lowering it late in a long constant-rate run is the point).
     """
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"--resume-lr must be a positive learning rate, got {lr}")
     if not resume:
         if lr is not None:
             raise ValueError("--resume-lr only applies with --resume (a new run takes --lr)")
