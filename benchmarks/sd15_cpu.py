@@ -58,6 +58,18 @@ PROMPT = "a photograph of an astronaut riding a horse"
 DEFAULT_PARTS = ("matmul", "text", "unet", "vae", "load", "command", "openvino")
 PARTS = (*DEFAULT_PARTS, "deepcache", "fewstep", "compile")
 HERE = Path(__file__).resolve().parent
+JOB = dict(steps=20, guidance=7.5, sampler="dpmpp_2m", seed=0)  # the issue's job, at each --size
+
+
+def job(size: int, **changes) -> dict:
+    """generate() keyword arguments of the benchmark's job at size x size (with `changes` applied)."""
+    return {**JOB, "width": size, "height": size, **changes}
+
+
+def job_flags(size: int) -> list[str]:
+    """The same job as command-line flags, but the sampler (each command names its own or has one)."""
+    return ["--steps", str(JOB["steps"]), "--guidance", str(JOB["guidance"]), "--width", str(size),
+            "--height", str(size), "--seed", str(JOB["seed"])]
 
 
 # ---------------------------------------------------------------------------------------
@@ -262,11 +274,11 @@ def part_command(state: dict, args, folder: Path, size: int) -> None:
     from safetensors.torch import load_file
 
     tmp = Path(tempfile.mkdtemp(prefix="t2i_bench_"))
-    job = ["--steps", "20", "--guidance", "7.5", "--width", str(size), "--height", str(size), "--seed", "0"]
+    flags = job_flags(size)
     t2i_cmd = [sys.executable, "-m", "t2i.cli", "generate", PROMPT, "--model", str(folder), "--sampler",
-               "dpmpp_2m", *job, "--precision", args.precision, "--quiet", "--out", str(tmp / "t2i.png"),
+               JOB["sampler"], *flags, "--precision", args.precision, "--quiet", "--out", str(tmp / "t2i.png"),
                "--save-latents", str(tmp / "t2i.safetensors")]
-    diff_cmd = [sys.executable, str(HERE / "diffusers_generate.py"), PROMPT, "--model", str(folder), *job,
+    diff_cmd = [sys.executable, str(HERE / "diffusers_generate.py"), PROMPT, "--model", str(folder), *flags,
                 "--out", str(tmp / "diffusers.png"), "--save-latents", str(tmp / "diffusers.safetensors")]
     print(f"  t2i command:       {' '.join(t2i_cmd[2:])}")
     print(f"  diffusers command: {' '.join(diff_cmd[1:])}")
@@ -308,14 +320,13 @@ def part_openvino(state: dict, args, sides: Sides, size: int) -> None:
               "--openvino-python suit it best)")
         return
     tmp = Path(tempfile.mkdtemp(prefix="t2i_bench_ov_"))
-    job = dict(steps=20, guidance=7.5, sampler="dpmpp_2m", width=size, height=size, seed=0)
     latents: dict[str, torch.Tensor] = {}
 
     def t2i_image() -> None:
-        latents["t2i"] = sides.t2i.generate(PROMPT, **job).latents
+        latents["t2i"] = sides.t2i.generate(PROMPT, **job(size)).latents
 
-    cmd = [python, str(HERE / "openvino_generate.py"), PROMPT, "--model", str(sides.folder), "--steps", "20",
-           "--guidance", "7.5", "--width", str(size), "--height", str(size), "--seed", "0",
+    # openvino_generate.py always samples with DPM++ 2M, the job's sampler
+    cmd = [python, str(HERE / "openvino_generate.py"), PROMPT, "--model", str(sides.folder), *job_flags(size),
            "--repeats", str(args.repeats), "--out", str(tmp / "openvino.png"),
            "--save-latents", str(tmp / "openvino.safetensors")]
     if args.threads is not None:
@@ -341,15 +352,15 @@ def part_deepcache(state: dict, args, sides: Sides, size: int) -> None:
     pipe = sides.t2i
     latents: dict[str, torch.Tensor] = {}
 
-    def job(name: str, interval: int) -> Callable[[], None]:
+    def with_interval(name: str, interval: int) -> Callable[[], None]:
         def run() -> None:
             # The same seed every call, so each side's latents are the same on every repeat.
-            latents[name] = pipe.generate(PROMPT, steps=20, guidance=7.5, sampler="dpmpp_2m", width=size,
-                                          height=size, seed=0, deepcache=interval).latents
+            latents[name] = pipe.generate(PROMPT, **job(size, deepcache=interval)).latents
         return run
 
     base = "deepcache 1 (plain)"
-    runs = {base: job(base, 1), "deepcache 2": job("deepcache 2", 2), "deepcache 3": job("deepcache 3", 3)}
+    runs = {base: with_interval(base, 1), "deepcache 2": with_interval("deepcache 2", 2),
+            "deepcache 3": with_interval("deepcache 3", 3)}
     medians = alternate(runs, args.repeats)
     report(f"{sides.label} generate {size}x{size}, 20 steps dpmpp_2m, guidance 7.5 (text, sampling, VAE decode)",
            medians, base=base, speedup=True)
@@ -365,14 +376,13 @@ def part_compile(state: dict, args, sides: Sides, size: int) -> None:
 
     eager, compiled = sides.t2i, t2i.load(sides.folder, precision=sides.precision)
     compiled.compile()
-    job = dict(steps=20, guidance=7.5, sampler="dpmpp_2m", width=size, height=size, seed=0)
     latents: dict[str, torch.Tensor] = {}
     start = time.perf_counter()
-    latents["compiled"] = compiled.generate(PROMPT, **job).latents
+    latents["compiled"] = compiled.generate(PROMPT, **job(size)).latents
     print(f"  first compiled image {size}x{size} (compiles the U-Net): {time.perf_counter() - start:.1f} s")
 
     def run(name: str, pipe) -> Callable[[], None]:
-        return lambda: latents.__setitem__(name, pipe.generate(PROMPT, **job).latents)
+        return lambda: latents.__setitem__(name, pipe.generate(PROMPT, **job(size)).latents)
 
     medians = alternate({"eager": run("eager", eager), "compiled": run("compiled", compiled)}, args.repeats)
     report(f"{sides.label} generate {size}x{size}, 20 steps dpmpp_2m, guidance 7.5", medians, base="eager",
@@ -390,12 +400,11 @@ def part_fewstep(state: dict, args, sides: Sides, size: int) -> None:
     if pipe.preview_decoder is None:
         # Random weights, float32 as `--preview-decoder` loads a trained one: speed does not depend on the values.
         pipe.preview_decoder = PreviewDecoder(cfg).eval().requires_grad_(False)
-    common = dict(sampler="dpmpp_2m", width=size, height=size, seed=0)
     base = "20 steps guided + VAE"
     medians = alternate({
-        base: lambda: pipe.generate(PROMPT, steps=20, guidance=7.5, **common),
+        base: lambda: pipe.generate(PROMPT, **job(size)),
         # guidance 1.0 skips the unconditional half: the U-Net runs on a batch of 1.
-        "4 steps + preview": lambda: pipe.generate(PROMPT, steps=4, guidance=1.0, preview=True, **common),
+        "4 steps + preview": lambda: pipe.generate(PROMPT, **job(size, steps=4, guidance=1.0, preview=True)),
     }, args.repeats)
     report(f"{sides.label} generate {size}x{size}, dpmpp_2m: 20 steps, guidance 7.5, VAE decode against "
            "4 steps, no guidance, preview decode", medians, base=base, speedup=True)
