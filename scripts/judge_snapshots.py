@@ -68,9 +68,14 @@ def main() -> None:
         plot_curve(args.csv, args.plot, also=args.also)
 
 
+def _step(row: dict) -> int:
+    """The LDM step in a row's snapshot name (ldm_<step>_<HHMM>.safetensors)."""
+    return int(row["snapshot"].split("_")[1])
+
+
 def _rows(csv_path: str) -> list[dict]:
     with open(csv_path, newline="") as f:
-        return sorted(csv.DictReader(f), key=lambda r: int(r["snapshot"].split("_")[1]))
+        return sorted(csv.DictReader(f), key=_step)
 
 
 def plot_curve(csv_path: str, png_path: str, also: str | None = None) -> None:
@@ -82,7 +87,7 @@ def plot_curve(csv_path: str, png_path: str, also: str | None = None) -> None:
     import matplotlib.pyplot as plt
 
     rows = _rows(csv_path)
-    steps = [int(r["snapshot"].split("_")[1]) for r in rows]
+    steps = [_step(r) for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     for key in ("overall", "single", "region", "binding", "relation", "counting", "background"):
         ax.plot(steps, [float(r[key]) for r in rows], marker="o" if key == "overall" else ".",
@@ -91,7 +96,7 @@ def plot_curve(csv_path: str, png_path: str, also: str | None = None) -> None:
            title=f"shapes judge, {rows[0]['n']} held-out prompts per point")
     if also:
         more = _rows(also)
-        ax.plot([int(r["snapshot"].split("_")[1]) for r in more], [float(r["overall"]) for r in more], marker="s",
+        ax.plot([_step(r) for r in more], [float(r["overall"]) for r in more], marker="s",
                 linewidth=2.5, color="black", linestyle="--", label=f"overall, {Path(also).stem} ({more[0]['n']})")
     ax.axhline(0.9, color="gray", linestyle=":", linewidth=1)
     ax.axhline(0.8, color="gray", linestyle="--", linewidth=1)
