@@ -6,10 +6,11 @@
     python benchmarks/sd15_cpu.py --size 512 --only deepcache,fewstep   # the step-saving paths (issue 7)
     python benchmarks/sd15_cpu.py --size 256 --only compile --repeats 3 --threads 1   # torch.compile against eager
     python benchmarks/sd15_cpu.py --size 64 --only fewstep --repeats 1 --threads 1   # a smoke run
+    python benchmarks/sd15_cpu.py --size 512 --only command --repeats 1 --steps 2   # peak RSS at 512 sooner
 
 The model is SD 1.5's exact architecture with random weights (`sd15_folder.py`, built once under
 /tmp): speed does not depend on the weights' values. The job is batch 1 with classifier-free
-guidance (the U-Net runs on a batch of 2), 20 steps of DPM++ 2M, guidance 7.5.
+guidance (the U-Net runs on a batch of 2), 20 steps of DPM++ 2M, guidance 7.5 (--steps changes the steps).
 
 Parts (--only, comma-separated):
   matmul   fp32 and bf16 2048x2048 matmul rates, the yardsticks for the U-Net's FLOP/s
@@ -59,6 +60,11 @@ DEFAULT_PARTS = ("matmul", "text", "unet", "vae", "load", "command", "openvino")
 PARTS = (*DEFAULT_PARTS, "deepcache", "fewstep", "compile")
 HERE = Path(__file__).resolve().parent
 JOB = dict(steps=20, guidance=7.5, sampler="dpmpp_2m", seed=0)  # the issue's job, at each --size
+
+
+def job_title(size: int) -> str:
+    """The job in words, for the reports."""
+    return f"{size}x{size}, {JOB['steps']} steps {JOB['sampler']}, guidance {JOB['guidance']}"
 
 
 def job(size: int, **changes) -> dict:
@@ -290,7 +296,7 @@ def part_command(state: dict, args, folder: Path, size: int) -> None:
             print(f"    {name:<22} {wall:8.1f} s  peak RSS {rss:.2f} GB  {out.strip().splitlines()[-1:] or ''}",
                   flush=True)
     medians = {k: statistics.median(w for w, _ in v) for k, v in runs.items()}
-    report(f"whole command {size}x{size}, 20 steps dpmpp_2m, guidance 7.5 (median)", medians)
+    report(f"whole command {job_title(size)} (median)", medians)
     for k, v in runs.items():
         print(f"    {k:<22} peak RSS {max(r for _, r in v):.2f} GB")
     ours = load_file(tmp / "t2i.safetensors")["latents"]
@@ -339,7 +345,7 @@ def part_openvino(state: dict, args, sides: Sides, size: int) -> None:
     if ov["export_s"]:
         print(f"    (first use: exported the folder to OpenVINO IR in {ov['export_s']:.0f} s, cached beside it)")
     medians = {f"{sides.label} (before)": before, "openvino": ov["warm_image_s"], f"{sides.label} (after)": after}
-    report(f"warm image {size}x{size}, 20 steps dpmpp_2m, guidance 7.5 (median of {args.repeats})", medians,
+    report(f"warm image {job_title(size)} (median of {args.repeats})", medians,
            base="openvino")
     print(f"    openvino process: {ov['process_s']:.1f} s for one image (import {ov['import_s']:.1f} s, "
           f"load + reshape + compile {ov['load_compile_s']:.1f} s, first image {ov['first_image_s']:.1f} s), "
@@ -362,7 +368,7 @@ def part_deepcache(state: dict, args, sides: Sides, size: int) -> None:
     runs = {base: with_interval(base, 1), "deepcache 2": with_interval("deepcache 2", 2),
             "deepcache 3": with_interval("deepcache 3", 3)}
     medians = alternate(runs, args.repeats)
-    report(f"{sides.label} generate {size}x{size}, 20 steps dpmpp_2m, guidance 7.5 (text, sampling, VAE decode)",
+    report(f"{sides.label} generate {job_title(size)} (text, sampling, VAE decode)",
            medians, base=base, speedup=True)
     # DeepCache skips the deep levels on most steps, so the image changes; on random weights the size of
     # the change says little about a trained model's, but a blow-up would show here.
@@ -385,7 +391,7 @@ def part_compile(state: dict, args, sides: Sides, size: int) -> None:
         return lambda: latents.__setitem__(name, pipe.generate(PROMPT, **job(size)).latents)
 
     medians = alternate({"eager": run("eager", eager), "compiled": run("compiled", compiled)}, args.repeats)
-    report(f"{sides.label} generate {size}x{size}, 20 steps dpmpp_2m, guidance 7.5", medians, base="eager",
+    report(f"{sides.label} generate {job_title(size)}", medians, base="eager",
            speedup=True)
     error = _latent_error(latents["compiled"], latents["eager"])
     print(f"    final latents, max |compiled - eager| / std: {error:.2e}")
@@ -400,13 +406,13 @@ def part_fewstep(state: dict, args, sides: Sides, size: int) -> None:
     if pipe.preview_decoder is None:
         # Random weights, float32 as `--preview-decoder` loads a trained one: speed does not depend on the values.
         pipe.preview_decoder = PreviewDecoder(cfg).eval().requires_grad_(False)
-    base = "20 steps guided + VAE"
+    base = f"{JOB['steps']} steps guided + VAE"
     medians = alternate({
         base: lambda: pipe.generate(PROMPT, **job(size)),
         # guidance 1.0 skips the unconditional half: the U-Net runs on a batch of 1.
         "4 steps + preview": lambda: pipe.generate(PROMPT, **job(size, steps=4, guidance=1.0, preview=True)),
     }, args.repeats)
-    report(f"{sides.label} generate {size}x{size}, dpmpp_2m: 20 steps, guidance 7.5, VAE decode against "
+    report(f"{sides.label} generate {job_title(size)}, VAE decode against "
            "4 steps, no guidance, preview decode", medians, base=base, speedup=True)
 
     latent = size // 8
@@ -448,6 +454,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--folder", type=Path, default=DEFAULT_FOLDER, help="where the random SD 1.5 folder lives")
     p.add_argument("--openvino-python", default=None,
                    help="python of an environment with optimum-intel and openvino (default: this one)")
+    p.add_argument("--steps", type=int, default=JOB["steps"],
+                   help="the job's sampling steps (default 20, the issue's job); fewer still measure load, decode "
+                   "and peak RSS, which do not grow with the steps, in less time")
     p.add_argument("--force-bf16", action="store_true",
                    help="run the diffusers bf16 yardstick even without native bf16 (very slow there)")
     args = p.parse_args(argv)
@@ -456,6 +465,9 @@ def main(argv: list[str] | None = None) -> None:
         if part not in PARTS:
             p.error(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
     sizes = [int(s) for s in args.size.split(",")]
+    if args.steps < 1:
+        p.error("--steps must be at least 1")
+    JOB["steps"] = args.steps
     if args.threads is not None:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the `load` and `command` processes

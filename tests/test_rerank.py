@@ -146,7 +146,7 @@ def test_judge_rerank_gain_with_the_shipped_clip():
 def test_eval_shapes_rerank_reports_both_sides_per_family(tmp_path, monkeypatch, capsys):
     """`t2i eval shapes --rerank 4` on a stand-in model whose third candidate is the prompt's own
     scene: rerank 1 (candidate 0, another scene) fails, rerank 4 keeps the true scene; rerank.json
-    holds the same numbers per family as stdout."""
+    holds the same numbers per family as stdout; --precision reaches the loader and the report."""
     import json
     from types import SimpleNamespace
 
@@ -164,10 +164,12 @@ def test_eval_shapes_rerank_reports_both_sides_per_family(tmp_path, monkeypatch,
             assert num_images == 4 and seed == 0
             return SimpleNamespace(images=[others[prompt], others[prompt], render(scene_of[prompt]), others[prompt]])
 
-    monkeypatch.setattr(t2i, "load", lambda model=None: Candidates())
-    code = main(["eval", "shapes", "--limit", "2", "--rerank", "4", "--out", str(tmp_path)])
+    asked = []
+    monkeypatch.setattr(t2i, "load", lambda model=None, precision="fp32": asked.append(precision) or Candidates())
+    code = main(["eval", "shapes", "--limit", "2", "--rerank", "4", "--precision", "fp32", "--out", str(tmp_path)])
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
+    assert asked == ["fp32"] and printed["precision"] == "fp32"
     saved = json.loads((tmp_path / "rerank.json").read_text())
     assert printed["n"] == 12 and saved["rerank_4"] == printed["rerank_4"]
     assert set(printed["rerank_4"]) == {"overall", "single", "region", "binding", "relation", "counting", "background"}

@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--sampler", default=None)
     s.add_argument("--limit", type=int, default=None, help="at most N prompts per family (a quick look)")
     s.add_argument("--deepcache", type=int, default=1, metavar="N", help="DeepCache interval (1: off)")
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="as in `t2i generate` (default auto: bf16 where the CPU computes it natively)")
     s.add_argument("--rerank", type=int, default=1, metavar="K",
                    help="also judge sample-and-rank: K candidates per prompt (seeds seed..seed+K-1), the shapes "
                         "CLIP keeps one; reports --rerank 1 (the first candidate) against --rerank K on the same draws")
@@ -40,7 +42,7 @@ def run_shapes(args: argparse.Namespace) -> int:
     from t2i.eval.prompts import first_per_family, heldout_prompts, read_prompt_file
     from t2i.eval.shapes_judge import run_shapes_eval
 
-    pipe = t2i.load(args.model)
+    pipe = t2i.load(args.model, precision=args.precision)
     prompts = read_prompt_file(args.prompts) if args.prompts else None
     if args.limit is not None:
         prompts = first_per_family(prompts or heldout_prompts(), args.limit)
@@ -54,6 +56,7 @@ def run_shapes(args: argparse.Namespace) -> int:
         return _run_shapes_rerank(pipe, prompts or heldout_prompts(), args)
     report = run_shapes_eval(generate, prompts, args.out)
     summary = {k: report[k] for k in ("overall", "n", "accuracy")}
+    summary["precision"] = t2i.resolve_precision(args.precision)
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out}/results.json and {args.out}/grid.png", file=sys.stderr)
     return 0
@@ -61,13 +64,14 @@ def run_shapes(args: argparse.Namespace) -> int:
 
 def _run_shapes_rerank(pipe, prompts: list[tuple[str, str]], args: argparse.Namespace) -> int:
     """Judge accuracy of the first of K candidates against the shapes CLIP's pick, per family."""
+    from t2i import resolve_precision
     from t2i.eval.rerank import judge_rerank_gain
     from t2i.eval.shapes_judge import accuracy_by_family
 
     gain = judge_rerank_gain(pipe, [p for _, p in prompts], args.rerank, seed=args.seed, steps=args.steps,
                              guidance=args.guidance, sampler=args.sampler, deepcache=args.deepcache, progress=False)
     families = [f for f, _ in prompts]
-    summary: dict = {"n": gain["n"], "k": args.rerank}
+    summary: dict = {"n": gain["n"], "k": args.rerank, "precision": resolve_precision(args.precision)}
     first = [row["candidates_ok"][0] for row in gain["per_prompt"]]
     kept = [row["candidates_ok"][row["kept"]] for row in gain["per_prompt"]]
     for key, oks in (("rerank_1", first), (f"rerank_{args.rerank}", kept)):
