@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,6 +63,72 @@ def test_large_map_or_narrow_conv_is_the_library_conv(c_in, size):
     x = torch.randn(1, c_in, size, size)
     with torch.no_grad():
         assert torch.equal(ours(x), ref(x))
+
+
+def _upsample_reference(x: torch.Tensor, up: blocks.Upsample) -> torch.Tensor:
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), up.conv.weight, up.conv.bias, padding=1)
+
+
+@pytest.mark.parametrize("shape,bias", [((2, 8, 16, 16), True), ((1, 6, 17, 23), False), ((1, 4, 1, 1), True)])
+def test_nearest2x_conv3x3_is_upsample_then_conv(shape, bias):
+    """The four-phase 2x2 convolutions give interpolate + 3x3 conv, borders included (odd sizes,
+    a 1x1 map), in value and in gradients."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(shape[1], 5, 3, padding=1, bias=bias)
+    x = torch.randn(*shape, requires_grad=True)
+    expected = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), conv.weight, conv.bias, padding=1)
+    got = blocks.nearest2x_conv3x3(x, conv.weight, conv.bias)
+    exact = blocks.nearest2x_conv3x3(x.double(), conv.weight.double(), None if conv.bias is None else
+                                     conv.bias.double())
+    exact_reference = F.conv2d(F.interpolate(x.double(), scale_factor=2.0, mode="nearest"), conv.weight.double(),
+                               None if conv.bias is None else conv.bias.double(), padding=1)
+    assert _rel(exact, exact_reference) < 1e-12  # the same function, not just close
+    # float32: as close to the float64 result as the library's own interpolate + conv (both ~1e-6)
+    assert got.shape == expected.shape and _rel(got, exact_reference) < 3e-6 and _rel(expected, exact_reference) < 3e-6
+    g = torch.randn_like(expected)
+    grads = torch.autograd.grad(expected, (x, conv.weight), g)
+    grads_ours = torch.autograd.grad(got, (x, conv.weight), g)
+    for a, b in zip(grads_ours, grads, strict=True):
+        assert _rel(a, b) < 1e-5
+
+
+def test_upsample_takes_the_phase_path_on_large_maps_only(monkeypatch):
+    """Upsample agrees with interpolate + conv on both sides of PHASE_MIN_PIXELS, in fp32 and bf16,
+    and the phase path is the one taken from PHASE_MIN_PIXELS input pixels on."""
+    torch.manual_seed(0)
+    up = blocks.Upsample(16, 8)
+    calls = []
+    phase = blocks.nearest2x_conv3x3
+    monkeypatch.setattr(blocks, "nearest2x_conv3x3", lambda *a: calls.append(a[0].shape) or phase(*a))
+    side = math.isqrt(blocks.Upsample.PHASE_MIN_PIXELS)
+    for size in (side // 2, side):  # a quarter of PHASE_MIN_PIXELS: plain path; PHASE_MIN_PIXELS: phases
+        x = torch.randn(2, 16, size, size)
+        with torch.no_grad():
+            assert _rel(up(x), _upsample_reference(x, up)) < 5e-6  # float32 summation order
+            # bf16: no further from the float32 result on the same bf16 values than the library's
+            # bf16 interpolate + conv
+            up16, x16 = blocks.Upsample(16, 8).to(torch.bfloat16), x.bfloat16()
+            up16.load_state_dict(up.state_dict())
+            w, b = up16.conv.weight.float(), up16.conv.bias.float()
+            truth = F.conv2d(F.interpolate(x16.float(), scale_factor=2.0, mode="nearest"), w, b, padding=1)
+            err, err_library = _rel(up16(x16), truth), _rel(_upsample_reference(x16, up16), truth)
+            assert err < 1.5 * err_library, (err, err_library)
+    assert calls == [torch.Size([2, 16, side, side])] * 2
+
+
+def test_resblock_inference_path_is_the_training_path():
+    """Without autograd the ResBlock's activations and residual run in place: same output."""
+    torch.manual_seed(0)
+    for block in (blocks.ResBlock(16, 32, temb_dim=8, groups=4), blocks.ResBlock(16, temb_dim=8, groups=4,
+                                                                                 scale_shift=True)):
+        x, temb = torch.randn(2, 16, 8, 8), torch.randn(2, 8)
+        x_before, temb_before = x.clone(), temb.clone()
+        with torch.enable_grad():
+            expected = block(x, temb)
+        with torch.inference_mode():
+            got = block(x, temb)
+        assert torch.equal(got, expected.detach())
+        assert torch.equal(x, x_before) and torch.equal(temb, temb_before)  # the inputs are never written
 
 
 def _attention_pair(cross: bool) -> tuple[Attention, Attention]:
