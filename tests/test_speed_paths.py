@@ -129,6 +129,12 @@ def test_resblock_inference_path_is_the_training_path():
             got = block(x, temb)
         assert torch.equal(got, expected.detach())
         assert torch.equal(x, x_before) and torch.equal(temb, temb_before)  # the inputs are never written
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 convs + a float32 identity skip: promoted
+            with torch.enable_grad():
+                expected = block(x, temb)
+            with torch.inference_mode():
+                got = block(x, temb)
+        assert got.dtype == expected.dtype and torch.equal(got, expected.detach())
 
 
 def _attention_pair(cross: bool) -> tuple[Attention, Attention]:

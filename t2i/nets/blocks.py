@@ -208,7 +208,8 @@ class ResBlock(nn.Module):
             h = self.norm2(h if t is None else h + t)
         h = self.conv2(self.dropout(F.silu(h, inplace=in_place)))
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return h.add_(skip) if in_place else skip + h
+        # (not under autocast, where a bf16 h + a float32 skip promotes to float32)
+        return h.add_(skip) if in_place and h.dtype == skip.dtype else skip + h
 
 
 class Downsample(nn.Module):
