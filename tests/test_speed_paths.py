@@ -285,3 +285,16 @@ def test_compiled_unet_generates_what_the_eager_one_does(tmp_path):
     assert torch.equal(pipe.generate("a red circle", **settings).latents, before)
     pipe._compiled_unet = None
     assert not torch.allclose(pipe.generate("a red circle", **settings).latents, before)
+
+
+def test_release_freed_memory_trims_the_glibc_heap_before_the_decode(monkeypatch):
+    """Where the C library is glibc, `malloc_trim` is found and called (before each VAE decode)."""
+    import platform
+
+    from t2i.systems import latent_diffusion
+
+    assert latent_diffusion.release_freed_memory() is (platform.libc_ver()[0] == "glibc")
+    calls = []
+    monkeypatch.setattr(latent_diffusion, "release_freed_memory", lambda: calls.append(1) or True)
+    t2i.load().generate("a red circle", steps=2)
+    assert calls == [1]
