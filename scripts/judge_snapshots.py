@@ -86,7 +86,7 @@ def plot_curve(csv_path: str, png_path: str, also: str | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = _rows(csv_path)
+    rows = sorted(_rows(csv_path), key=_step)  # rows are appended as snapshots get judged, in any order
     steps = [_step(r) for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     for key in ("overall", "single", "region", "binding", "relation", "counting", "background"):
@@ -95,7 +95,7 @@ def plot_curve(csv_path: str, png_path: str, also: str | None = None) -> None:
     ax.set(xlabel="LDM training step (batch 32)", ylabel="judge accuracy", ylim=(-0.02, 1.02),
            title=f"shapes judge, {rows[0]['n']} held-out prompts per point")
     if also:
-        more = _rows(also)
+        more = sorted(_rows(also), key=_step)
         ax.plot([_step(r) for r in more], [float(r["overall"]) for r in more], marker="s",
                 linewidth=2.5, color="black", linestyle="--", label=f"overall, {Path(also).stem} ({more[0]['n']})")
     ax.axhline(0.9, color="gray", linestyle=":", linewidth=1)
