@@ -209,6 +209,31 @@ def test_generate_command_takes_a_preview_decoder(tmp_path, tiny_model, pipe):
                  "--out", str(tmp_path / "x.png")]) == 2
 
 
+def test_eval_shapes_judges_the_preview_decoders_images(tmp_path, tiny_model, pipe, monkeypatch):
+    """`t2i eval shapes --preview-decoder` judges exactly the images generate(preview=True) makes."""
+    from t2i.eval import shapes_judge
+
+    decoder = _random(PreviewDecoder(PreviewDecoderConfig.for_vae(pipe.vae.cfg, **TINY)))
+    decoder.save(tmp_path / "preview.safetensors")
+    judged = []
+
+    def fake_eval(generate, prompts, out):
+        judged.extend(generate(["a red circle"]))
+        return {"overall": 0.0, "n": 1, "accuracy": {}}
+
+    monkeypatch.setattr(shapes_judge, "run_shapes_eval", fake_eval)
+    assert main(["eval", "shapes", "--model", tiny_model, "--limit", "1", "--steps", "2", "--guidance", "3",
+                 "--precision", "fp32", "--preview-decoder", str(tmp_path / "preview.safetensors"),
+                 "--out", str(tmp_path / "eval")]) == 0
+    pipe.preview_decoder = decoder
+    try:
+        expected = pipe.generate(["a red circle"], seed=[0], steps=2, guidance=3.0, preview=True).images[0]
+    finally:
+        pipe.preview_decoder = None
+    assert judged[0].tobytes() == expected.tobytes()
+    assert judged[0].info["parameters"].endswith("Decoder: preview")
+
+
 def _flops(fn, x: torch.Tensor) -> int:
     with FlopCounterMode(display=False) as counter:
         fn(x)

@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--sampler", default=None)
     s.add_argument("--limit", type=int, default=None, help="at most N prompts per family (a quick look)")
     s.add_argument("--deepcache", type=int, default=1, metavar="N", help="DeepCache interval (1: off)")
+    s.add_argument("--preview-decoder", default=None, metavar="PATH",
+                   help="decode with this preview decoder (`t2i train preview`) instead of the VAE")
     s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="as in `t2i generate` (default auto: bf16 where the CPU computes it natively)")
     s.add_argument("--rerank", type=int, default=1, metavar="K",
@@ -43,6 +45,10 @@ def run_shapes(args: argparse.Namespace) -> int:
     from t2i.eval.shapes_judge import run_shapes_eval
 
     pipe = t2i.load(args.model, precision=args.precision)
+    if args.preview_decoder:
+        from t2i.autoencoders.preview import PreviewDecoder
+
+        pipe.preview_decoder = PreviewDecoder.load(args.preview_decoder)
     prompts = read_prompt_file(args.prompts) if args.prompts else None
     if args.limit is not None:
         prompts = first_per_family(prompts or heldout_prompts(), args.limit)
@@ -50,7 +56,8 @@ def run_shapes(args: argparse.Namespace) -> int:
     def generate(texts: list[str]) -> list:
         # one batched call per chunk of prompts, every prompt with the same seed
         return pipe.generate(texts, seed=[args.seed] * len(texts), steps=args.steps, guidance=args.guidance,
-                             sampler=args.sampler, deepcache=args.deepcache).images
+                             sampler=args.sampler, deepcache=args.deepcache,
+                             preview=bool(args.preview_decoder)).images
 
     if args.rerank > 1:
         return _run_shapes_rerank(pipe, prompts or heldout_prompts(), args)
@@ -69,7 +76,8 @@ def _run_shapes_rerank(pipe, prompts: list[tuple[str, str]], args: argparse.Name
     from t2i.eval.shapes_judge import accuracy_by_family
 
     gain = judge_rerank_gain(pipe, [p for _, p in prompts], args.rerank, seed=args.seed, steps=args.steps,
-                             guidance=args.guidance, sampler=args.sampler, deepcache=args.deepcache, progress=False)
+                             guidance=args.guidance, sampler=args.sampler, deepcache=args.deepcache,
+                             preview=bool(args.preview_decoder), progress=False)
     families = [f for f, _ in prompts]
     summary: dict = {"n": gain["n"], "k": args.rerank, "precision": resolve_precision(args.precision)}
     first = [row["candidates_ok"][0] for row in gain["per_prompt"]]
