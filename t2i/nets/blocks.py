@@ -194,8 +194,8 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C_in, H, W); temb: (B, temb_dim) or None -> (B, C_out, H, W)."""
         # Without an autograd graph (sampling, decoding) the activations overwrite the fresh norm
-        # outputs and the residual adds into the conv output: the SD VAE decoder's widest block at
-        # 512x512 (256 -> 128 channels) then holds two 268 MB maps fewer at its peak.
+        # outputs and the residual adds into the conv output: two fewer full-size temporaries per
+        # block (the 512x512 decode's peak, set elsewhere, did not move: README "CPU speed").
         in_place = not torch.is_grad_enabled()
         h = self.conv1(F.silu(self.norm1(x), inplace=in_place))  # (B, C_out, H, W)
         t = None
