@@ -74,6 +74,7 @@ def _step(row: dict) -> int:
 
 
 def _rows(csv_path: str) -> list[dict]:
+    """A CSV's rows in step order (rows are appended as snapshots get judged, in any order)."""
     with open(csv_path, newline="") as f:
         return sorted(csv.DictReader(f), key=_step)
 
@@ -86,7 +87,7 @@ def plot_curve(csv_path: str, png_path: str, also: str | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted(_rows(csv_path), key=_step)  # rows are appended as snapshots get judged, in any order
+    rows = _rows(csv_path)
     steps = [_step(r) for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     for key in ("overall", "single", "region", "binding", "relation", "counting", "background"):
@@ -95,7 +96,7 @@ def plot_curve(csv_path: str, png_path: str, also: str | None = None) -> None:
     ax.set(xlabel="LDM training step (batch 32)", ylabel="judge accuracy", ylim=(-0.02, 1.02),
            title=f"shapes judge, {rows[0]['n']} held-out prompts per point")
     if also:
-        more = sorted(_rows(also), key=_step)
+        more = _rows(also)
         ax.plot([_step(r) for r in more], [float(r["overall"]) for r in more], marker="s",
                 linewidth=2.5, color="black", linestyle="--", label=f"overall, {Path(also).stem} ({more[0]['n']})")
     ax.axhline(0.9, color="gray", linestyle=":", linewidth=1)

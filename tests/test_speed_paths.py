@@ -65,8 +65,9 @@ def test_large_map_or_narrow_conv_is_the_library_conv(c_in, size):
         assert torch.equal(ours(x), ref(x))
 
 
-def _upsample_reference(x: torch.Tensor, up: blocks.Upsample) -> torch.Tensor:
-    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), up.conv.weight, up.conv.bias, padding=1)
+def _upsample_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The library's nearest 2x interpolation, then the 3x3 conv."""
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
 
 
 @pytest.mark.parametrize("shape,bias", [((2, 8, 16, 16), True), ((1, 6, 17, 23), False), ((1, 4, 1, 1), True)])
@@ -76,12 +77,11 @@ def test_nearest2x_conv3x3_is_upsample_then_conv(shape, bias):
     torch.manual_seed(0)
     conv = nn.Conv2d(shape[1], 5, 3, padding=1, bias=bias)
     x = torch.randn(*shape, requires_grad=True)
-    expected = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), conv.weight, conv.bias, padding=1)
+    expected = _upsample_reference(x, conv.weight, conv.bias)
     got = blocks.nearest2x_conv3x3(x, conv.weight, conv.bias)
-    exact = blocks.nearest2x_conv3x3(x.double(), conv.weight.double(), None if conv.bias is None else
-                                     conv.bias.double())
-    exact_reference = F.conv2d(F.interpolate(x.double(), scale_factor=2.0, mode="nearest"), conv.weight.double(),
-                               None if conv.bias is None else conv.bias.double(), padding=1)
+    w64, b64 = conv.weight.double(), None if conv.bias is None else conv.bias.double()
+    exact = blocks.nearest2x_conv3x3(x.double(), w64, b64)
+    exact_reference = _upsample_reference(x.double(), w64, b64)
     assert _rel(exact, exact_reference) < 1e-12  # the same function, not just close
     # float32: as close to the float64 result as the library's own interpolate + conv (both ~1e-6)
     assert got.shape == expected.shape and _rel(got, exact_reference) < 3e-6 and _rel(expected, exact_reference) < 3e-6
@@ -104,14 +104,14 @@ def test_upsample_takes_the_phase_path_on_large_maps_only(monkeypatch):
     for size in (side // 2, side):  # a quarter of PHASE_MIN_PIXELS: plain path; PHASE_MIN_PIXELS: phases
         x = torch.randn(2, 16, size, size)
         with torch.no_grad():
-            assert _rel(up(x), _upsample_reference(x, up)) < 5e-6  # float32 summation order
+            assert _rel(up(x), _upsample_reference(x, up.conv.weight, up.conv.bias)) < 5e-6  # summation order
             # bf16: no further from the float32 result on the same bf16 values than the library's
             # bf16 interpolate + conv
             up16, x16 = blocks.Upsample(16, 8).to(torch.bfloat16), x.bfloat16()
             up16.load_state_dict(up.state_dict())
-            w, b = up16.conv.weight.float(), up16.conv.bias.float()
-            truth = F.conv2d(F.interpolate(x16.float(), scale_factor=2.0, mode="nearest"), w, b, padding=1)
-            err, err_library = _rel(up16(x16), truth), _rel(_upsample_reference(x16, up16), truth)
+            w16, b16 = up16.conv.weight, up16.conv.bias
+            truth = _upsample_reference(x16.float(), w16.float(), b16.float())
+            err, err_library = _rel(up16(x16), truth), _rel(_upsample_reference(x16, w16, b16), truth)
             assert err < 1.5 * err_library, (err, err_library)
     assert calls == [torch.Size([2, 16, side, side])] * 2
 

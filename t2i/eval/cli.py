@@ -59,19 +59,19 @@ def run_shapes(args: argparse.Namespace) -> int:
                              sampler=args.sampler, deepcache=args.deepcache,
                              preview=bool(args.preview_decoder)).images
 
+    precision = t2i.resolve_precision(args.precision)  # what `auto` became, for the report
     if args.rerank > 1:
-        return _run_shapes_rerank(pipe, prompts or heldout_prompts(), args)
+        return _run_shapes_rerank(pipe, prompts or heldout_prompts(), args, precision)
     report = run_shapes_eval(generate, prompts, args.out)
     summary = {k: report[k] for k in ("overall", "n", "accuracy")}
-    summary["precision"] = t2i.resolve_precision(args.precision)
+    summary["precision"] = precision
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out}/results.json and {args.out}/grid.png", file=sys.stderr)
     return 0
 
 
-def _run_shapes_rerank(pipe, prompts: list[tuple[str, str]], args: argparse.Namespace) -> int:
+def _run_shapes_rerank(pipe, prompts: list[tuple[str, str]], args: argparse.Namespace, precision: str) -> int:
     """Judge accuracy of the first of K candidates against the shapes CLIP's pick, per family."""
-    from t2i import resolve_precision
     from t2i.eval.rerank import judge_rerank_gain
     from t2i.eval.shapes_judge import accuracy_by_family
 
@@ -79,7 +79,7 @@ def _run_shapes_rerank(pipe, prompts: list[tuple[str, str]], args: argparse.Name
                              guidance=args.guidance, sampler=args.sampler, deepcache=args.deepcache,
                              preview=bool(args.preview_decoder), progress=False)
     families = [f for f, _ in prompts]
-    summary: dict = {"n": gain["n"], "k": args.rerank, "precision": resolve_precision(args.precision)}
+    summary: dict = {"n": gain["n"], "k": args.rerank, "precision": precision}
     first = [row["candidates_ok"][0] for row in gain["per_prompt"]]
     kept = [row["candidates_ok"][row["kept"]] for row in gain["per_prompt"]]
     for key, oks in (("rerank_1", first), (f"rerank_{args.rerank}", kept)):
