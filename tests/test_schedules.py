@@ -14,7 +14,8 @@ from t2i.checkpoints.diffusers_scheduler import (
     scheduler_config_dict,
     write_scheduler_config,
 )
-from t2i.diffusion.denoiser import DiffusionLoss, DiscreteDenoiser
+from t2i.diffusion.denoiser import DiscreteDenoiser
+from t2i.diffusion.losses import DiffusionLoss
 from t2i.diffusion.schedules import (
     ZERO_SNR_ACP,
     ScheduleConfig,

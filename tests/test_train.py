@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from t2i.autoencoders.kl import AutoencoderKL
 from t2i.checkpoints.io import CheckpointError
-from t2i.diffusion.denoiser import DiffusionLoss
+from t2i.diffusion.losses import DiffusionLoss
 from t2i.systems.shapes_ldm import VAE_PRESETS, ShapesLDM, ShapesLDMConfig
 from t2i.text.encoders import TextEncoding
 from t2i.train import ldm as ldm_mod

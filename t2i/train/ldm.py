@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from t2i.diffusion.denoiser import DiffusionLoss
+from t2i.diffusion.losses import DiffusionLoss
 from t2i.systems.shapes_ldm import UNET_PRESETS, ShapesLDM, ShapesLDMConfig, load_text_encoder
 from t2i.train.autoencoder import load_vae
 from t2i.train.checkpoint import restore, resume_run, save_and_prune
