@@ -87,7 +87,7 @@ class DiffusersPeer:
 
         from t2i.checkpoints.diffusers_nets import unet_config_to_diffusers, vae_config_to_diffusers
         from t2i.checkpoints.diffusers_scheduler import scheduler_config_dict
-        from t2i.text.bert import minilm_folder
+        from t2i.checkpoints.transformers_text import minilm_folder
 
         if pipe.defaults.sampler != "dpmpp_2m":
             raise ValueError(f"the peer runs DPM-Solver++ only; this model samples with {pipe.defaults.sampler}")

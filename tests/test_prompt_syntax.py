@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from t2i.text.bert import BertConfig, BertModel, WordPieceTokenizer, mean_pool, minilm_folder
+from t2i.checkpoints.transformers_text import minilm_folder
+from t2i.text.bert import BertConfig, BertModel, WordPieceTokenizer, mean_pool
 from t2i.text.clip import CLIPTextConfig, CLIPTextModel
 from t2i.text.clip_tokenizer import CLIPTokenizer
 from t2i.text.encoders import CLIPTextEncoder, MiniLMTextEncoder, SDXLTextEncoder

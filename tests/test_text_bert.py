@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from t2i.checkpoints.transformers_text import bert_model_from_transformers
-from t2i.text.bert import load_minilm, mean_pool, minilm_folder, sentence_embedding
+from t2i.checkpoints.transformers_text import bert_model_from_transformers, load_minilm, minilm_folder
+from t2i.text.bert import mean_pool, sentence_embedding
 from t2i.text.encoders import MiniLMTextEncoder
 
 transformers = pytest.importorskip("transformers")

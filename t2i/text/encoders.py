@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from t2i.text.bert import BertModel, WordPieceTokenizer, load_minilm, mean_pool
+from t2i.checkpoints.transformers_text import load_clip_text_folder, load_minilm
+from t2i.text.bert import BertModel, WordPieceTokenizer, mean_pool
 from t2i.text.clip import CLIPTextModel
 from t2i.text.clip_tokenizer import CLIPTokenizer
 
@@ -145,8 +146,6 @@ def load_diffusers_text_encoder(root: str | Path, dtype: torch.dtype = torch.flo
     `text_encoder` only: SD1/SD2 (last layer). `text_encoder_2` present: SDXL base (both) or
     refiner (only the 2nd), penultimate layers, pooled text_embeds of the 2nd.
     """
-    from t2i.checkpoints.transformers_text import load_clip_text_folder  # checkpoints imports t2i.text
-
     root = Path(root)
     pairs = [(root / f"tokenizer{s}", root / f"text_encoder{s}") for s in ("", "_2")]
     pairs = [(t, e) for t, e in pairs if e.is_dir()]
