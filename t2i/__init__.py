@@ -42,39 +42,20 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def load(path: str | Path | None = None, precision: str = "fp32"):
-    """Load a model for generation: a diffusers folder, a single-file SD checkpoint (.safetensors,
-    .ckpt), or t2i's built-in model when path is None.
+def load(model: str | Path | None = None, precision: str = "fp32"):
+    """Load a model for generation: the name of a shipped model (`t2i models` lists them), a path
+    any registered family recognises (a diffusers folder, a single-file SD checkpoint, a t2i model
+    file...), or the built-in default model when model is None.
 
     precision: "fp32", "bf16" (weights and compute; the samplers stay float32), or "auto": bf16
     only where the CPU computes it natively (`native_bf16`), fp32 elsewhere.
 
-    Returns a pipeline: `pipe(prompt, seed=..., steps=...) -> list[PIL.Image]`, and
-    `pipe.generate(...)` for the latents and metadata too.
+    Returns a Pipeline (t2i.systems.base): `pipe(prompt, seed=..., steps=...) -> list[PIL.Image]`,
+    `pipe.generate(...)` for the final sample and metadata too, `pipe.run(GenerationRequest(...))`.
     """
     import torch
 
-    from t2i.checkpoints.diffusers_folder import is_diffusers_folder, load_diffusers_pipeline
+    from t2i.systems.registry import load as load_registered
 
     dtype = torch.bfloat16 if resolve_precision(precision) == "bf16" else torch.float32
-    if path is None:
-        from t2i.systems.shapes_ldm import load_default_model
-
-        return load_default_model(dtype=dtype)
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model not found: {path}")
-    if is_diffusers_folder(path):
-        return load_diffusers_pipeline(path, dtype=dtype)
-    from t2i.systems.shapes_ldm import is_t2i_model, load_t2i_model
-
-    if is_t2i_model(path):
-        return load_t2i_model(path, dtype=dtype)
-    if path.is_dir():
-        raise ValueError(f"{path}: not a model folder (no model_index.json, no t2i model.safetensors)")
-    from t2i.checkpoints.single_file import is_single_file, load_single_file
-
-    if is_single_file(path):
-        return load_single_file(path, dtype=dtype)
-    raise ValueError(f"{path}: not a model (expected a diffusers folder, a t2i model folder, "
-                     "or a .safetensors/.ckpt single file)")
+    return load_registered(model, dtype)

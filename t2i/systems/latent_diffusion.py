@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -26,34 +27,16 @@ from t2i.imageio import format_parameters, from_pil, to_pil
 from t2i.nets.unet import DeepCacheUNet, UNet
 from t2i.samplers.plan import SamplingPlan, prepare_sampling
 from t2i.samplers.sampling import SAMPLERS
+from t2i.systems.base import (
+    Capabilities,
+    GenerationDefaults,
+    GenerationRequest,
+    GenerationResult,
+    Interrupted,
+    RequestMethods,
+)
 from t2i.text.encoders import TextEncoder, TextEncoding
 from t2i.text.prompt_syntax import encode_prompts
-
-
-@dataclass
-class GenerationDefaults:
-    """What a request gets for the settings it leaves out; stored with each model."""
-
-    sampler: str = "euler"
-    schedule: str = "default"  # or "karras"
-    steps: int = 20
-    guidance: float = 7.5
-    width: int = 512
-    height: int = 512
-
-
-@dataclass
-class GenerationResult:
-    """images: one PIL image per output, each with its A1111 `parameters` in `image.info`.
-    latents: (N, C, h, w) final latents (diffusion scale, before the VAE scaling is undone).
-    seeds: the seed each image started from. warnings: e.g. prompts cut to fit the encoder."""
-
-    images: list[Image.Image]
-    latents: torch.Tensor
-    seeds: list[int]
-    warnings: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
 
 _malloc_trim: Callable[[int], int] | bool | None = None  # glibc's, looked up on first use
 
@@ -109,7 +92,13 @@ class _FrozenCompiled(nn.Module):
             return self.compiled(*args, **kwargs)
 
 
-class LatentDiffusionPipeline:
+# The GenerationRequest options every latent diffusion model honours (besides prompt, seed, ...).
+LATENT_DIFFUSION_OPTIONS = frozenset({
+    "negative_prompt", "steps", "guidance", "guidance_rescale", "sampler", "schedule", "eta", "width", "height",
+    "init_image", "strength", "mask", "refiner", "refiner_start", "deepcache", "preview"})
+
+
+class LatentDiffusionPipeline(RequestMethods):
     """A text encoder, a U-Net and a KL autoencoder with the schedule the U-Net was trained on.
 
     Args:
@@ -118,6 +107,7 @@ class LatentDiffusionPipeline:
         text_encoder: prompts -> TextEncoding (context, pooled for SDXL, padding mask).
         schedule: the training noise schedule and the diffusers inference settings.
         name: shown in the PNG parameters (`Model:`).
+        family: the registered system that loaded it (`t2i.systems.registry`).
         defaults: settings a request does not give.
         micro_conditioning: SDXL's size/crop time ids (needs `pooled` from the text encoder).
         zero_empty_negative: SDXL's `force_zeros_for_empty_prompt`: an empty negative prompt is
@@ -125,11 +115,11 @@ class LatentDiffusionPipeline:
     """
 
     def __init__(self, unet: UNet, vae: AutoencoderKL, text_encoder: TextEncoder, schedule: ScheduleConfig, *,
-                 name: str = "model", defaults: GenerationDefaults | None = None,
+                 name: str = "model", family: str = "stable_diffusion", defaults: GenerationDefaults | None = None,
                  micro_conditioning: bool = False, zero_empty_negative: bool = False) -> None:
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.schedule = schedule
-        self.name = name
+        self.name, self.family = name, family
         self.defaults = defaults or GenerationDefaults()
         self.micro_conditioning = micro_conditioning
         self.zero_empty_negative = zero_empty_negative
@@ -144,6 +134,13 @@ class LatentDiffusionPipeline:
             and text_encoder.pooled_dim is not None and unet.cfg.addition_time_embed_dim is not None
             and unet.cfg.projection_class_embeddings_input_dim - text_encoder.pooled_dim
             == 5 * unet.cfg.addition_time_embed_dim)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        d = self.defaults
+        return Capabilities(options=LATENT_DIFFUSION_OPTIONS, samplers=tuple(SAMPLERS),
+                            schedules=("default", "karras"), size_multiple=self.vae_scale,
+                            native_size=(d.width, d.height))
 
     # ------------------------------------------------------------------ conditioning
 
@@ -276,19 +273,8 @@ class LatentDiffusionPipeline:
         return prepare_sampling(self.schedule, sampler, steps, karras=karras, eta=eta or 0.0)
 
     @torch.no_grad()
-    def generate(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
-                 seed: int | list[int] = 0, steps: int | None = None,
-                 guidance: float | None = None, guidance_rescale: float = 0.0, sampler: str | None = None,
-                 schedule: str | None = None, eta: float | None = None, width: int | None = None,
-                 height: int | None = None, num_images: int = 1, init_image: Image.Image | None = None,
-                 strength: float | None = None, mask: Image.Image | None = None,
-                 refiner: LatentDiffusionPipeline | None = None, refiner_start: float = 0.8,
-                 deepcache: int = 1, preview: bool = False, progress: bool = False,
-                 callback: Callable[[int, int], None] | None = None) -> GenerationResult:
-        """Generate num_images images per prompt. Unset settings take `self.defaults`.
-
-        prompt, negative_prompt and seed may be lists (one entry per prompt: a batch of requests
-        sharing the other settings); image i of a prompt with seed s starts from seed s + i.
+    def run(self, request: GenerationRequest) -> GenerationResult:
+        """Generate request.num_images images per prompt. Unset settings take `self.defaults`.
 
         init_image + strength: img2img (SDEdit): the last int(steps * strength) steps run from the
         noised image latents (strength 0 returns the input, 1 ignores it; default 0.8, or 1.0 with
@@ -301,8 +287,19 @@ class LatentDiffusionPipeline:
         preview: decode with `self.preview_decoder` (a PreviewDecoder) instead of the VAE decoder.
         callback(step, total) is called after each sampler step (for progress reporting).
         """
+        if request.should_stop is None:
+            return self._generate(request)
+        with stop_polling(request.should_stop, self.unet, self.vae):
+            return self._generate(request)
+
+    def _generate(self, request: GenerationRequest) -> GenerationResult:
+        r = request
+        prompt, negative_prompt, seed, num_images = r.prompt, r.negative_prompt, r.seed, r.num_images
+        init_image, strength, mask, refiner = r.init_image, r.strength, r.mask, r.refiner
+        guidance_rescale, eta, deepcache, preview = r.guidance_rescale, r.eta, r.deepcache, r.preview
+        refiner_start, progress, callback = r.refiner_start, r.progress, r.callback
         steps, guidance, sampler, schedule, width, height = self._resolve(
-            steps, guidance, sampler, schedule, width, height, init_image)
+            r.steps, r.guidance, r.sampler, r.schedule, r.width, r.height, init_image)
         if mask is not None and init_image is None:
             raise ValueError("a mask needs an init image")
         if self.unet.cfg.in_channels != self.latent_channels and mask is None:
@@ -390,9 +387,24 @@ class LatentDiffusionPipeline:
             bar.close()
         return x
 
-    def __call__(self, prompt: str, negative_prompt: str = "", **settings) -> list[Image.Image]:
-        """The images only; see `generate` for the settings."""
-        return self.generate(prompt, negative_prompt, **settings).images
+
+@contextmanager
+def stop_polling(should_stop: Callable[[], bool], *nets: nn.Module) -> Iterator[None]:
+    """Ask `should_stop()` before every block of `nets` runs (each entry of their ModuleLists: the
+    U-Net's and the VAE's resnets and attention layers) and raise Interrupted when it says yes, so
+    a cancelled job stops within a fraction of a step rather than at the end of one."""
+
+    def check(_module: nn.Module, _args: tuple) -> None:
+        if should_stop():
+            raise Interrupted
+
+    handles = [block.register_forward_pre_hook(check) for net in nets for m in net.modules()
+               if isinstance(m, nn.ModuleList) for block in m]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _per_image(prompt: str | list[str], negative: str | list[str], seed: int | list[int],

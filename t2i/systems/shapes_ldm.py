@@ -25,6 +25,7 @@ from t2i.autoencoders.kl import AutoencoderKL, AutoencoderKLConfig
 from t2i.checkpoints.io import load_state_dict, read_config, save_with_config
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.nets.unet import UNet, UNetConfig
+from t2i.systems.base import ShippedModel, System
 
 DEFAULT_MODEL_FILE = Path(__file__).resolve().parent.parent / "assets" / "default" / "model.safetensors"
 
@@ -121,7 +122,7 @@ class ShapesLDM(nn.Module):
         defaults = GenerationDefaults(sampler=c.sampler, steps=c.steps, guidance=c.guidance,
                                       width=c.image_size, height=c.image_size)
         return LatentDiffusionPipeline(self.unet, self.vae, text_encoder or load_text_encoder(c), c.schedule,
-                                       name=name, defaults=defaults)
+                                       name=name, family=SYSTEM.name, defaults=defaults)
 
 
 def _model_file(path: str | Path) -> Path:
@@ -160,3 +161,26 @@ def load_default_model(dtype: torch.dtype = torch.float32):
         raise FileNotFoundError(f"the built-in model is missing ({DEFAULT_MODEL_FILE}); reinstall t2i or "
                                 "give --model PATH")
     return load_t2i_model(DEFAULT_MODEL_FILE, dtype)
+
+
+def write_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """A random model of the tiny presets (16x16 images) as `folder/model.safetensors`."""
+    torch.manual_seed(seed)
+    cfg = preset_config("tiny", "tiny")
+    cfg.image_size = cfg.vae.sample_size
+    folder.mkdir(parents=True, exist_ok=True)
+    ShapesLDM(cfg).save(folder / "model.safetensors")
+    return folder / "model.safetensors"
+
+
+SYSTEM = System(
+    name="shapes_ldm",
+    description="t2i's own latent diffusion model of the shapes world: one .safetensors with a t2i_config "
+                "(or a folder holding it as model.safetensors)",
+    detect=is_t2i_model,
+    load=lambda path, dtype=torch.float32: load_t2i_model(path, dtype),
+    write_tiny=write_tiny_model,
+    shipped=(ShippedModel("t2i-shapes", DEFAULT_MODEL_FILE, "the built-in model: 64x64 pictures of the shapes "
+                          "world (docs/SHAPES_WORLD.md)", default=True,
+                          card=DEFAULT_MODEL_FILE.parent / "MODEL_CARD.md"),),
+)

@@ -1,0 +1,209 @@
+"""What every model family is to its callers: a `Pipeline` that takes a `GenerationRequest` and
+returns a `GenerationResult`, and says through its `Capabilities` which options it honours.
+
+The CLI, the server and eval build a request, ask `check_request` whether the model can honour it
+(so an option a model lacks is refused before any work, naming the option and the model), and
+call `pipe.run(request)`. Nothing outside a family's own module knows how it generates: a
+diffusion model samples a denoiser, a token model decodes a codebook, a cascade chains stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from PIL import Image
+
+
+@dataclass
+class GenerationDefaults:
+    """What a request gets for the settings it leaves out; stored with each model."""
+
+    sampler: str = "euler"
+    schedule: str = "default"  # or "karras"
+    steps: int = 20
+    guidance: float = 7.5
+    width: int = 512
+    height: int = 512
+
+
+@dataclass
+class GenerationRequest:
+    """One call's settings. None (or the field's default) means "the model's default / not used".
+
+    prompt, negative_prompt and seed may be lists (one entry per prompt: a batch of requests that
+    share the other settings); image i of a prompt with seed s starts from seed s + i.
+    Options beyond prompt, seed and num_images are honoured only by models whose capabilities
+    list them (`Capabilities.options`); `check_request` refuses the others by name.
+    """
+
+    prompt: str | list[str]
+    negative_prompt: str | list[str] = ""
+    seed: int | list[int] = 0
+    num_images: int = 1
+    steps: int | None = None
+    guidance: float | None = None
+    guidance_rescale: float = 0.0
+    sampler: str | None = None
+    schedule: str | None = None
+    eta: float | None = None
+    width: int | None = None
+    height: int | None = None
+    init_image: Image.Image | None = None  # img2img (SDEdit)
+    strength: float | None = None
+    mask: Image.Image | None = None  # white = repaint
+    refiner: Any = None  # a second Pipeline of the same family that finishes the low-noise steps
+    refiner_start: float = 0.8
+    deepcache: int = 1
+    preview: bool = False  # decode with the pipeline's preview decoder
+    progress: bool = False  # a progress bar on stderr
+    callback: Callable[[int, int], None] | None = None  # (step, total) after each step
+    # Polled between steps and inside them (between network blocks); True stops the run with
+    # `Interrupted` within a fraction of a step (the server's cancel and interrupt).
+    should_stop: Callable[[], bool] | None = None
+
+    def set_options(self) -> list[str]:
+        """The names of the options this request sets to something other than their default."""
+        return [f.name for f in fields(self) if f.name not in _ALWAYS and getattr(self, f.name) != f.default]
+
+    def with_defaults(self, defaults: GenerationDefaults) -> GenerationRequest:
+        """The request with every unset setting that `defaults` has filled in."""
+        return replace(self, **{k: v for k, v in vars(defaults).items() if getattr(self, k, 0) is None})
+
+
+# Every family takes these: what to draw, how many, from which seed, and how to report progress.
+_ALWAYS = frozenset({"prompt", "seed", "num_images", "progress", "callback", "should_stop"})
+
+
+@dataclass
+class GenerationResult:
+    """images: one PIL image per output, each with its A1111 `parameters` in `image.info`.
+    sample: the final sample before decoding, (N, ...) (diffusion latents at the diffusion scale,
+    pixels for pixel models, (N, T) codes for token models).
+    seeds: the seed each image started from. warnings: e.g. prompts cut to fit the encoder."""
+
+    images: list[Image.Image]
+    sample: torch.Tensor
+    seeds: list[int]
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """The final sample under the latent-diffusion name it had first."""
+        return self.sample
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a pipeline can honour.
+
+    options: the GenerationRequest fields it takes beyond prompt/seed/num_images/progress.
+    samplers, schedules: the names its `sampler` and `schedule` options accept.
+    size_multiple: width and height must be multiples of it; native_size: (width, height) it was
+    trained at (other sizes work but compose worse: callers warn).
+    """
+
+    options: frozenset[str]
+    samplers: tuple[str, ...] = ()
+    schedules: tuple[str, ...] = ()
+    size_multiple: int = 8
+    native_size: tuple[int, int] = (512, 512)
+
+    def accepts(self, option: str) -> bool:
+        return option in self.options
+
+
+@runtime_checkable
+class Pipeline(Protocol):
+    """A loaded model of any family. `name` is shown in PNG metadata and by the server;
+    `family` names the registered system it belongs to."""
+
+    name: str
+    family: str
+    defaults: GenerationDefaults
+
+    @property
+    def capabilities(self) -> Capabilities: ...
+
+    def run(self, request: GenerationRequest) -> GenerationResult: ...
+
+
+class Interrupted(Exception):
+    """A run stopped because its request's `should_stop()` said so."""
+
+
+class UnsupportedOption(ValueError):
+    """A request sets an option its model cannot honour. `option` names the request field."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+def check_request(pipe: Pipeline, request: GenerationRequest) -> None:
+    """Refuse (UnsupportedOption) the first option `pipe` cannot honour, before any work.
+
+    Checks the option names against `pipe.capabilities.options` and the sampler / schedule names
+    against the lists the pipeline gives; values are the pipeline's own business (it raises
+    ValueError naming the setting)."""
+    caps = pipe.capabilities
+    for option in request.set_options():
+        if not caps.accepts(option):
+            raise UnsupportedOption(option, f"{pipe.name} ({pipe.family}) does not support the option "
+                                            f"{option!r}")
+    for option, allowed in (("sampler", caps.samplers), ("schedule", caps.schedules)):
+        value = getattr(request, option)
+        if value is not None and allowed and value not in allowed:
+            raise UnsupportedOption(option, f"unknown {option} {value!r} for {pipe.name} ({pipe.family}); "
+                                            f"choose one of {', '.join(allowed)}")
+
+
+class RequestMethods:
+    """`generate(prompt, **settings)` and `pipe(prompt, **settings)` for a class with `run`: the
+    keyword form of a GenerationRequest, for scripts and notebooks."""
+
+    def run(self, request: GenerationRequest) -> GenerationResult:  # pragma: no cover - the family's
+        raise NotImplementedError
+
+    def generate(self, prompt: str | list[str], negative_prompt: str | list[str] = "",
+                 **settings: Any) -> GenerationResult:
+        """Generate with the settings of GenerationRequest (unset ones take the model's defaults)."""
+        return self.run(GenerationRequest(prompt, negative_prompt, **settings))
+
+    def __call__(self, prompt: str, negative_prompt: str = "", **settings: Any) -> list[Image.Image]:
+        """The images only; see `generate`."""
+        return self.generate(prompt, negative_prompt, **settings).images
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """A model installed with t2i: `t2i models` lists it and `--model NAME` finds it."""
+
+    name: str
+    path: Path
+    description: str = ""
+    default: bool = False  # the model `t2i generate` uses without --model
+    card: Path | None = None  # its model card (Markdown); `t2i models` shows the score line it states
+
+
+@dataclass(frozen=True)
+class System:
+    """A model family.
+
+    detect(path) -> bool: whether a file or folder is in one of this family's layouts (cheap:
+        headers and config files only, never the weights).
+    load(path, dtype) -> Pipeline.
+    write_tiny(folder, seed) -> path: a tiny random model in this family's own layout, loadable
+        by `load` (used by the tests every registered family gets).
+    """
+
+    name: str
+    description: str
+    detect: Callable[[Path], bool]
+    load: Callable[[Path, torch.dtype], Pipeline]
+    write_tiny: Callable[[Path, int], Path]
+    shipped: tuple[ShippedModel, ...] = field(default_factory=tuple)

@@ -1,0 +1,85 @@
+"""The registry of model families (systems) and the models t2i ships.
+
+A family's module defines `SYSTEM = System(...)` (t2i.systems.base): its name, how to recognise its checkpoint
+layouts on disk, how to load one, how to write a tiny random one (for the tests that every
+family gets by registering), and the models it ships. Adding a family is adding its module
+to FAMILY_MODULES. `load(name_or_path)` finds the family that recognises a path, or the shipped
+model of that name.
+
+The registry imports the family modules by name from this list (as `t2i.cli` does with its
+subcommands); the family modules import `t2i.systems.base`, never this module, so there is no cycle.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+
+from t2i.systems.base import Pipeline, ShippedModel, System
+
+# One line per family, in detection order: the first whose `detect` accepts a path loads it.
+FAMILY_MODULES: tuple[str, ...] = (
+    "t2i.systems.shapes_ldm",
+    "t2i.systems.stable_diffusion",
+)
+
+
+def systems() -> list[System]:
+    """Every registered family, in detection order."""
+    return [importlib.import_module(m).SYSTEM for m in FAMILY_MODULES]
+
+
+def system(name: str) -> System:
+    """The family called `name`."""
+    for s in systems():
+        if s.name == name:
+            return s
+    raise ValueError(f"unknown model family {name!r}; t2i has {', '.join(s.name for s in systems())}")
+
+
+def shipped_models() -> list[tuple[System, ShippedModel]]:
+    """Every shipped model with its family (including ones whose files are missing)."""
+    return [(s, m) for s in systems() for m in s.shipped]
+
+
+def default_model() -> tuple[System, ShippedModel]:
+    """The shipped model `t2i generate` uses when no --model is given."""
+    for s, m in shipped_models():
+        if m.default:
+            return s, m
+    raise FileNotFoundError("no default model is registered")
+
+
+def resolve(model: str | Path | None) -> tuple[System, Path]:
+    """A model name or path -> (its family, its path). None is the default model; a name that is
+    not a path is looked up among the shipped models."""
+    if model is None:
+        s, m = default_model()
+        return s, _present(m)
+    path = Path(model)
+    if not path.exists():
+        for s, m in shipped_models():
+            if m.name == str(model):
+                return s, _present(m)
+        names = ", ".join(m.name for _, m in shipped_models())
+        raise FileNotFoundError(f"model not found: {model} (not a file or folder, nor a shipped model: {names})")
+    for s in systems():
+        if s.detect(path):
+            return s, path
+    kinds = "; ".join(f"{s.name}: {s.description}" for s in systems())
+    raise ValueError(f"{path}: not a model any family recognises ({kinds})")
+
+
+def _present(m: ShippedModel) -> Path:
+    if not m.path.exists():
+        raise FileNotFoundError(f"the shipped model {m.name!r} is missing ({m.path}); reinstall t2i or "
+                                "give --model PATH")
+    return m.path
+
+
+def load(model: str | Path | None = None, dtype: torch.dtype = torch.float32) -> Pipeline:
+    """Load a model by name or path (None: the default model) with the family that recognises it."""
+    s, path = resolve(model)
+    return s.load(path, dtype)
