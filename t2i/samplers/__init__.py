@@ -1,6 +1,6 @@
 """Samplers as plain functions over VE noise levels, and the plan that prepares a run."""
 
-from t2i.samplers.plan import SamplingPlan, prepare_sampling
+from t2i.samplers.diffusers_plan import SamplingPlan, prepare_sampling
 from t2i.samplers.sampling import (
     SAMPLERS,
     randn_like,

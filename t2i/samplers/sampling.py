@@ -12,7 +12,7 @@ Every sampler has k-diffusion's signature
   (``torch.randn(x.shape, generator=g)`` on the generator's device, one draw per step), so the
   same CPU generator gives diffusers' trajectory.
 
-The sampling plan (``t2i.samplers.plan``) chooses sigmas that reproduce diffusers'
+The sampling plan (``t2i.samplers.diffusers_plan``) chooses sigmas that reproduce diffusers'
 schedulers; the update rules themselves are the textbook ones in sigma space.
 """
 

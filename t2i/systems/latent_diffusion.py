@@ -25,7 +25,7 @@ from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.imageio import format_parameters, from_pil, to_pil
 from t2i.nets.unet import DeepCacheUNet, UNet
-from t2i.samplers.plan import SamplingPlan, prepare_sampling
+from t2i.samplers.diffusers_plan import SamplingPlan, prepare_sampling
 from t2i.samplers.sampling import SAMPLERS
 from t2i.systems.base import (
     Capabilities,
