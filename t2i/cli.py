@@ -14,6 +14,7 @@ SUBCOMMANDS = [
     ("train", "t2i.train.cli"),
     ("eval", "t2i.eval.cli"),
     ("convert", "t2i.checkpoints.cli"),
+    ("models", "t2i.systems.models_cli"),
     ("serve", "t2i.serve.cli"),
 ]
 

@@ -39,12 +39,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_shapes_fid(kinds)
 
 
+def checked_request(pipe, prompt: str | list[str], **settings):
+    """A GenerationRequest the model can honour, or UnsupportedOption naming the option and model
+    (raised before any work: eval runs are long)."""
+    from t2i.systems.base import GenerationRequest, check_request
+
+    request = GenerationRequest(prompt, **settings)
+    check_request(pipe, request)
+    return request
+
+
 def run_shapes(args: argparse.Namespace) -> int:
     import t2i
     from t2i.eval.prompts import first_per_family, heldout_prompts, read_prompt_file
     from t2i.eval.shapes_judge import run_shapes_eval
 
     pipe = t2i.load(args.model, precision=args.precision)
+    settings = dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler, deepcache=args.deepcache,
+                    preview=bool(args.preview_decoder))
+    checked_request(pipe, "", **settings)
     if args.preview_decoder:
         from t2i.autoencoders.preview import PreviewDecoder
 
@@ -55,16 +68,14 @@ def run_shapes(args: argparse.Namespace) -> int:
 
     def generate(texts: list[str]) -> list:
         # one batched call per chunk of prompts, every prompt with the same seed
-        return pipe.generate(texts, seed=[args.seed] * len(texts), steps=args.steps, guidance=args.guidance,
-                             sampler=args.sampler, deepcache=args.deepcache,
-                             preview=bool(args.preview_decoder)).images
+        return pipe.run(checked_request(pipe, texts, seed=[args.seed] * len(texts), **settings)).images
 
     precision = t2i.resolve_precision(args.precision)  # what `auto` became, for the report
     if args.rerank > 1:
         return _run_shapes_rerank(pipe, prompts or heldout_prompts(), args, precision)
     report = run_shapes_eval(generate, prompts, args.out)
     summary = {k: report[k] for k in ("overall", "n", "accuracy")}
-    summary["precision"] = precision
+    summary.update(precision=precision, model=pipe.name, family=pipe.family)
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out}/results.json and {args.out}/grid.png", file=sys.stderr)
     return 0
@@ -310,14 +321,16 @@ def run_suite_cli(args: argparse.Namespace) -> int:
         set_metrics["fid"] = _fid_metric(args.inception, args.fid_ref)
     pipe = t2i.load(args.model)
     base = {"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler}
+    sweeps = {k: v for k, v in (("guidance", args.sweep_guidance), ("steps", args.sweep_steps)) if v}
+    checked_request(pipe, "", **{**base, **{k: v[0] for k, v in sweeps.items()}})  # refuse before any work
 
     def generate(texts: list[str], overrides: dict) -> list[list]:
         kw = {**base, **overrides}
         if kw["steps"] is not None:
             kw["steps"] = int(kw["steps"])
-        return [pipe.generate(t, seed=args.seed, num_images=args.images_per_prompt, **kw).images for t in texts]
+        return [pipe.run(checked_request(pipe, t, seed=args.seed, num_images=args.images_per_prompt, **kw)).images
+                for t in texts]
 
-    sweeps = {k: v for k, v in (("guidance", args.sweep_guidance), ("steps", args.sweep_steps)) if v}
     suite_name = args.prompts or "shapes held-out prompts"
     settings = {**base, "seed": args.seed, "images_per_prompt": args.images_per_prompt, "prompts": suite_name}
     report = run_suite(generate, prompts, args.out, scorers, set_metrics, sweeps, args.limit,

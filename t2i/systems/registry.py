@@ -13,6 +13,8 @@ subcommands); the family modules import `t2i.systems.base`, never this module, s
 from __future__ import annotations
 
 import importlib
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,9 +54,58 @@ def default_model() -> tuple[System, ShippedModel]:
     raise FileNotFoundError("no default model is registered")
 
 
+def model_dir() -> Path:
+    """Where installed models live: $T2I_MODEL_DIR, else ~/.local/share/t2i/models. Each file or
+    folder in it that a family recognises is a model named after it (stem for files)."""
+    return Path(os.environ.get("T2I_MODEL_DIR") or Path.home() / ".local" / "share" / "t2i" / "models")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One row of `t2i models`: a shipped model or one installed in `model_dir()`."""
+
+    name: str
+    family: str
+    path: Path
+    source: str  # "shipped" or "installed"
+    default: bool = False
+    description: str = ""
+    score: str = ""  # the "Score:" line of its model card
+
+
+def _card_score(card: Path | None) -> str:
+    if card is None or not card.is_file():
+        return ""
+    for line in card.read_text(encoding="utf-8").splitlines():
+        if line.lower().startswith("score:"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def installed_models() -> list[tuple[System, str, Path]]:
+    """(family, name, path) of every entry of `model_dir()` a family recognises."""
+    folder = model_dir()
+    found = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        s = next((s for s in systems() if s.detect(path)), None)
+        if s is not None:
+            found.append((s, path.stem if path.is_file() else path.name, path))
+    return found
+
+
+def model_entries() -> list[ModelEntry]:
+    """The shipped models, then the installed ones."""
+    rows = [ModelEntry(m.name, s.name, m.path, "shipped", m.default, m.description, _card_score(m.card))
+            for s, m in shipped_models()]
+    for s, name, path in installed_models():
+        card = path / "MODEL_CARD.md" if path.is_dir() else path.with_suffix(".md")
+        rows.append(ModelEntry(name, s.name, path, "installed", score=_card_score(card)))
+    return rows
+
+
 def resolve(model: str | Path | None) -> tuple[System, Path]:
     """A model name or path -> (its family, its path). None is the default model; a name that is
-    not a path is looked up among the shipped models."""
+    not a path is looked up among the shipped models, then the installed ones."""
     if model is None:
         s, m = default_model()
         return s, _present(m)
@@ -63,8 +114,12 @@ def resolve(model: str | Path | None) -> tuple[System, Path]:
         for s, m in shipped_models():
             if m.name == str(model):
                 return s, _present(m)
-        names = ", ".join(m.name for _, m in shipped_models())
-        raise FileNotFoundError(f"model not found: {model} (not a file or folder, nor a shipped model: {names})")
+        for s, name, found in installed_models():
+            if name == str(model):
+                return s, found
+        names = ", ".join(e.name for e in model_entries())
+        raise FileNotFoundError(f"model not found: {model} (not a file or folder, nor a model named in "
+                                f"`t2i models`: {names})")
     for s in systems():
         if s.detect(path):
             return s, path
