@@ -7,14 +7,10 @@ import math
 import pytest
 import torch
 
-from t2i.nets.blocks import (
-    Downsample,
-    ResBlock,
-    SinusoidalEmbedding,
-    SpatialTransformer,
-    Upsample,
-    timestep_embedding,
-)
+from t2i.nets.embeddings import SinusoidalEmbedding, timestep_embedding
+from t2i.nets.resample import Downsample, Upsample
+from t2i.nets.resnet import ResBlock
+from t2i.nets.spatial_attention import SpatialTransformer
 
 diffusers = pytest.importorskip("diffusers")
 

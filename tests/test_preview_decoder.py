@@ -19,7 +19,7 @@ from t2i.autoencoders.preview import PREVIEW_DECODER_CONFIGS, PreviewDecoder, Pr
 from t2i.cli import main
 from t2i.imageio import to_pil
 from t2i.nets.attention import Attention
-from t2i.nets.blocks import Upsample
+from t2i.nets.resample import Upsample
 from t2i.systems.shapes_ldm import VAE_PRESETS, ShapesLDM, preset_config
 from t2i.train.checkpoint import latest_checkpoint, read_metadata
 from t2i.train.data import open_data

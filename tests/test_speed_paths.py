@@ -1,6 +1,6 @@
 """The CPU fast paths compute what the plain paths compute (issue 7); no timings are asserted.
 
-- `blocks.Conv2d`: im2col + GEMM on small maps equals `nn.Conv2d`, and is really taken there.
+- `nets.conv.Conv2d`: im2col + GEMM on small maps equals `nn.Conv2d`, and is really taken there.
 - `Attention.fuse_projections` / `cache_context`: same outputs, a cache that misses when the
   context changes, training never on the fused copy, loading or casting keeps it consistent.
 - Meta-device loading: the sinusoidal table is real; the fast NaN/Inf check refuses like io's.
@@ -19,9 +19,11 @@ from torch import nn
 
 import t2i
 from t2i.checkpoints.io import CheckpointError, check_finite
-from t2i.nets import blocks
+from t2i.nets import resample
 from t2i.nets.attention import Attention
-from t2i.nets.blocks import Conv2d, SinusoidalEmbedding, sinusoidal_frequencies
+from t2i.nets.conv import Conv2d
+from t2i.nets.embeddings import SinusoidalEmbedding, sinusoidal_frequencies
+from t2i.nets.resnet import ResBlock
 from t2i.nets.unet import UNET_CONFIGS, UNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,7 +44,7 @@ def test_small_map_conv_matches_nn_conv2d(monkeypatch, c_in, c_out, size, stride
     x = torch.randn(2, c_in, size, size)
     calls = []
     unfold = F.unfold
-    monkeypatch.setattr(blocks.F, "unfold", lambda *a, **k: calls.append(1) or unfold(*a, **k))
+    monkeypatch.setattr(F, "unfold", lambda *a, **k: calls.append(1) or unfold(*a, **k))
     with torch.no_grad():
         expected, got = ref(x), ours(x)
     assert calls, "the im2col path was not taken on a small map"
@@ -78,9 +80,9 @@ def test_nearest2x_conv3x3_is_upsample_then_conv(shape, bias):
     conv = nn.Conv2d(shape[1], 5, 3, padding=1, bias=bias)
     x = torch.randn(*shape, requires_grad=True)
     expected = _upsample_reference(x, conv.weight, conv.bias)
-    got = blocks.nearest2x_conv3x3(x, conv.weight, conv.bias)
+    got = resample.nearest2x_conv3x3(x, conv.weight, conv.bias)
     w64, b64 = conv.weight.double(), None if conv.bias is None else conv.bias.double()
-    exact = blocks.nearest2x_conv3x3(x.double(), w64, b64)
+    exact = resample.nearest2x_conv3x3(x.double(), w64, b64)
     exact_reference = _upsample_reference(x.double(), w64, b64)
     assert _rel(exact, exact_reference) < 1e-12  # the same function, not just close
     # float32: as close to the float64 result as the library's own interpolate + conv (both ~1e-6)
@@ -96,18 +98,18 @@ def test_upsample_takes_the_phase_path_on_large_maps_only(monkeypatch):
     """Upsample agrees with interpolate + conv on both sides of PHASE_MIN_PIXELS, in fp32 and bf16,
     and the phase path is the one taken from PHASE_MIN_PIXELS input pixels on."""
     torch.manual_seed(0)
-    up = blocks.Upsample(16, 8)
+    up = resample.Upsample(16, 8)
     calls = []
-    phase = blocks.nearest2x_conv3x3
-    monkeypatch.setattr(blocks, "nearest2x_conv3x3", lambda *a: calls.append(a[0].shape) or phase(*a))
-    side = math.isqrt(blocks.Upsample.PHASE_MIN_PIXELS)
+    phase = resample.nearest2x_conv3x3
+    monkeypatch.setattr(resample, "nearest2x_conv3x3", lambda *a: calls.append(a[0].shape) or phase(*a))
+    side = math.isqrt(resample.Upsample.PHASE_MIN_PIXELS)
     for size in (side // 2, side):  # a quarter of PHASE_MIN_PIXELS: plain path; PHASE_MIN_PIXELS: phases
         x = torch.randn(2, 16, size, size)
         with torch.no_grad():
             assert _rel(up(x), _upsample_reference(x, up.conv.weight, up.conv.bias)) < 5e-6  # summation order
             # bf16: no further from the float32 result on the same bf16 values than the library's
             # bf16 interpolate + conv
-            up16, x16 = blocks.Upsample(16, 8).to(torch.bfloat16), x.bfloat16()
+            up16, x16 = resample.Upsample(16, 8).to(torch.bfloat16), x.bfloat16()
             up16.load_state_dict(up.state_dict())
             w16, b16 = up16.conv.weight, up16.conv.bias
             truth = _upsample_reference(x16.float(), w16.float(), b16.float())
@@ -119,7 +121,7 @@ def test_upsample_takes_the_phase_path_on_large_maps_only(monkeypatch):
 def test_resblock_inference_path_is_the_training_path():
     """Without autograd the ResBlock's activations and residual run in place: same output."""
     torch.manual_seed(0)
-    for block in (blocks.ResBlock(16, 32, temb_dim=8, groups=4), blocks.ResBlock(16, temb_dim=8, groups=4,
+    for block in (ResBlock(16, 32, temb_dim=8, groups=4), ResBlock(16, temb_dim=8, groups=4,
                                                                                  scale_shift=True)):
         x, temb = torch.randn(2, 16, 8, 8), torch.randn(2, 8)
         x_before, temb_before = x.clone(), temb.clone()

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from t2i.nets.blocks import DownBlock, Downsample, MidBlock, ResBlock, SpatialSelfAttention, UpBlock, Upsample
+from t2i.nets.levels import DownBlock, MidBlock, UpBlock
+from t2i.nets.resample import Downsample, Upsample
+from t2i.nets.resnet import ResBlock
+from t2i.nets.spatial_attention import SpatialSelfAttention
 
 
 @dataclass

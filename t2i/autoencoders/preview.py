@@ -27,7 +27,7 @@ from torch import nn
 
 from t2i.autoencoders.kl import AutoencoderKLConfig
 from t2i.checkpoints.io import load_state_dict, read_config, save_with_config
-from t2i.nets.blocks import Upsample
+from t2i.nets.resample import Upsample
 
 SYSTEM = "preview_decoder"  # "t2i_system" in the file's metadata
 

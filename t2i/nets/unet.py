@@ -23,17 +23,11 @@ import torch
 from torch import nn
 
 from t2i.nets.attention import Attention
-from t2i.nets.blocks import (
-    DownBlock,
-    Downsample,
-    MidBlock,
-    ResBlock,
-    SinusoidalEmbedding,
-    SpatialTransformer,
-    TimestepEmbedding,
-    UpBlock,
-    Upsample,
-)
+from t2i.nets.embeddings import SinusoidalEmbedding, TimestepEmbedding
+from t2i.nets.levels import DownBlock, MidBlock, UpBlock
+from t2i.nets.resample import Downsample, Upsample
+from t2i.nets.resnet import ResBlock
+from t2i.nets.spatial_attention import SpatialTransformer
 
 
 @dataclass
