@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from t2i.data.shapes import PALETTE, render_array, to_tensor
-from t2i.eval.prompts import heldout_draws
+from t2i.data.shapes.heldout import heldout_draws
 from t2i.eval.shapes_judge import evaluate
 from t2i.train.autoencoder import load_vae
 

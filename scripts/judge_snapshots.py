@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from t2i.eval.prompts import first_per_family, heldout_prompts
+from t2i.data.shapes.heldout import heldout_prompts
+from t2i.data.shapes.prompts import first_per_family
 from t2i.eval.shapes_judge import run_shapes_eval
 from t2i.systems.shapes_ldm import ShapesLDM, load_text_encoder
 from t2i.train.autoencoder import load_vae

@@ -27,7 +27,8 @@ def test_shipped_model_is_small_and_generates():
 
 
 def _first(family: str, n: int) -> list[str]:
-    from t2i.eval.prompts import first_per_family, heldout_prompts
+    from t2i.data.shapes.heldout import heldout_prompts
+    from t2i.data.shapes.prompts import first_per_family
 
     return [p for f, p in first_per_family(heldout_prompts(), n) if f == family]
 
@@ -37,7 +38,7 @@ def test_shipped_model_passes_a_quick_judge_smoke_test():
     The floors sit below what the shipped weights score, so another CPU's rounding cannot flip the
     test, but a broken model, pipeline or judge fails it: the background named in the prompt, the
     requested colour somewhere in the image, and the judge's full verdict on single objects."""
-    from t2i.eval.prompts import parse_prompt
+    from t2i.data.shapes.prompts import parse_prompt
     from t2i.eval.shapes_judge import analyse, judge
 
     pipe = t2i.load()

@@ -19,7 +19,7 @@ from t2i.data.shapes import (
     sample_scene,
     to_tensor,
 )
-from t2i.eval import prompts as P
+from t2i.data.shapes import heldout as P
 from t2i.eval.shapes_judge import (
     PromptError,
     analyse,

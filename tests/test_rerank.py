@@ -153,7 +153,7 @@ def test_eval_shapes_rerank_reports_both_sides_per_family(tmp_path, monkeypatch,
     import t2i
     from t2i.cli import main
     from t2i.data.shapes import render
-    from t2i.eval.prompts import heldout_draws
+    from t2i.data.shapes.heldout import heldout_draws
 
     draws = heldout_draws(per_family=2)
     scene_of = {p: s for _f, s, p in draws}

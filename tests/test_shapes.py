@@ -28,7 +28,8 @@ from t2i.data.shapes import (
     shapes_example,
     write_shapes_dataset,
 )
-from t2i.eval.prompts import family_of, heldout_prompts, parse_prompt
+from t2i.data.shapes.heldout import heldout_prompts
+from t2i.data.shapes.prompts import family_of, parse_prompt
 from t2i.eval.shapes_judge import Detection, check, size_word
 from t2i.train.data import open_data
 

@@ -119,7 +119,7 @@ def test_run_suite_without_metrics_still_reports(tmp_path) -> None:
 
 
 def test_shapes_suite_is_the_heldout_set_by_family() -> None:
-    from t2i.eval.prompts import FAMILIES, heldout_prompts
+    from t2i.data.shapes.heldout import FAMILIES, heldout_prompts
 
     suite = shapes_suite()
     assert [(p.category, p.text) for p in suite] == heldout_prompts()

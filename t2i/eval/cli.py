@@ -51,7 +51,8 @@ def checked_request(pipe, prompt: str | list[str], **settings):
 
 def run_shapes(args: argparse.Namespace) -> int:
     import t2i
-    from t2i.eval.prompts import first_per_family, heldout_prompts, read_prompt_file
+    from t2i.data.shapes.heldout import heldout_prompts
+    from t2i.data.shapes.prompts import first_per_family, read_prompt_file
     from t2i.eval.shapes_judge import run_shapes_eval
 
     pipe = t2i.load(args.model, precision=args.precision)

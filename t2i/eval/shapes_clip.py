@@ -256,7 +256,7 @@ def heldout_scenes(n: int | None = None, fresh_seed: int | None = None) -> list[
     their primary caption.
     """
     from t2i.data.shapes import captions, sample_scene
-    from t2i.eval.prompts import heldout_draws
+    from t2i.data.shapes.heldout import heldout_draws
 
     out: list[tuple[object, str]] = []
     if fresh_seed is not None:

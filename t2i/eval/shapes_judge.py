@@ -26,15 +26,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from t2i.data import shapes as world
-from t2i.eval.prompts import (
-    FAMILIES,
-    Claims,
-    ObjectClaim,
-    PromptError,
-    family_of,
-    heldout_prompts,
-    parse_prompt,
-)
+from t2i.data.shapes.heldout import heldout_prompts
+from t2i.data.shapes.prompts import Claims, ObjectClaim, PromptError, family_of, parse_prompt
+from t2i.data.shapes.world import FAMILIES
 
 MIN_AREA_64 = 12  # px on a 64x64 canvas
 # A component whose best template IoU is below this is not a shape (a smear, an

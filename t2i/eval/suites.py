@@ -83,7 +83,7 @@ def read_suite(path: str | Path) -> list[SuitePrompt]:
 
 def shapes_suite() -> list[SuitePrompt]:
     """The shapes judge's held-out prompts as a suite, one category per caption family."""
-    from t2i.eval.prompts import heldout_prompts
+    from t2i.data.shapes.heldout import heldout_prompts
 
     return [SuitePrompt(text, family) for family, text in heldout_prompts()]
 
@@ -115,7 +115,7 @@ def clip_scorer(embedder) -> Scorer:
 
 def shapes_judge_scorer(prompts: Sequence[str]) -> Scorer | None:
     """1.0 / 0.0 per image from the shapes judge, or None if some prompt is not a shapes prompt."""
-    from t2i.eval.prompts import PromptError, parse_prompt
+    from t2i.data.shapes.prompts import PromptError, parse_prompt
     from t2i.eval.shapes_judge import judge
 
     try:

@@ -1,4 +1,4 @@
-"""Reading shapes-world prompts back into claims, and the judge's held-out prompt set.
+"""Reading shapes-world prompts back into claims: the inverse of `t2i.data.captions`.
 
 The parser accepts exactly the caption language of `t2i.data.captions` (canonical words
 plus its filler phrases); any other word is an error that names it, so a prompt the judge
@@ -19,19 +19,10 @@ then exact ('two orange circles and a cyan square' means exactly one cyan square
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from t2i.data import captions as lang
-
-HELDOUT_PATH = os.path.join(os.path.dirname(__file__), "heldout_prompts.txt")
-HELDOUT_SEED = 20261122
-HELDOUT_PER_FAMILY = 50
-FAMILIES = ("single", "region", "binding", "relation", "counting", "background")
 
 _SINGULAR = {p: s for s, p in lang.PLURALS.items()}
 _REGION_WORDS = {"top", "bottom", "left", "right", "center"}
@@ -46,7 +37,7 @@ class ObjectClaim:
     """One noun phrase: `count` objects of a kind, optionally sized and placed.
 
     colour/size None mean any; region is (vertical, horizontal) as in
-    `t2i.data.shapes.region_holds`, or None. exact: the count is exact (counting prompts),
+    `t2i.data.shapes.world.region_holds`, or None. exact: the count is exact (counting prompts),
     else it is a minimum.
     """
 
@@ -238,47 +229,7 @@ def family_of(prompt: str | Claims) -> str:
     return "single"
 
 
-# ----------------------------------------------------------------------------- held-out set
-def heldout_draws(seed: int = HELDOUT_SEED, per_family: int = HELDOUT_PER_FAMILY) -> list[tuple[str, object, str]]:
-    """(family, Scene, prompt) triples, per_family of each family, drawn from the generator's own
-    scenes and paraphrase templates with a fixed seed: the held-out prompts with the scenes they
-    are the primary captions of."""
-    from t2i.data.shapes import captions, sample_scene
-
-    out: list[tuple[str, object, str]] = []
-    seen: set[str] = set()
-    for k, family in enumerate(FAMILIES):
-        n, i = 0, 0
-        while n < per_family:
-            rng = np.random.default_rng([seed, k, i])
-            i += 1
-            scene = sample_scene(rng, family=family, background=None if family == "background" else "white")
-            prompt = captions(scene, rng)[0]
-            if prompt in seen or family_of(prompt) != family:
-                continue
-            seen.add(prompt)
-            out.append((family, scene, prompt))
-            n += 1
-    return out
-
-
-def make_heldout_prompts(seed: int = HELDOUT_SEED,
-                         per_family: int = HELDOUT_PER_FAMILY) -> list[tuple[str, str]]:
-    """(family, prompt) pairs, per_family of each family. Every prompt is satisfiable (it is
-    the primary caption of a real scene)."""
-    return [(family, prompt) for family, _scene, prompt in heldout_draws(seed, per_family)]
-
-
-def write_heldout_prompts(path: str = HELDOUT_PATH) -> None:
-    """Regenerates the committed held-out file (run once; the file is the reference)."""
-    lines = [f"# shapes judge held-out prompts: family<TAB>prompt. Made by "
-             f"t2i.eval.prompts.make_heldout_prompts(seed={HELDOUT_SEED}, per_family={HELDOUT_PER_FAMILY}).",
-             "# Never used for training: ShapesDataset/ShapesStream exclude these exact captions."]
-    lines += [f"{f}\t{p}" for f, p in make_heldout_prompts()]
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(lines) + "\n")
-
-
+# ----------------------------------------------------------------------------- prompt files
 def read_prompt_file(path: str) -> list[tuple[str, str]]:
     """(family, prompt) pairs from a file of 'family<TAB>prompt' or bare prompt lines
     ('#' comments and blank lines skipped; a bare prompt's family is inferred)."""
@@ -293,13 +244,6 @@ def read_prompt_file(path: str) -> list[tuple[str, str]]:
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _heldout() -> tuple[tuple[str, str], ...]:
-    if os.path.exists(HELDOUT_PATH):
-        return tuple(read_prompt_file(HELDOUT_PATH))
-    return tuple(make_heldout_prompts())  # e.g. an install that left the .txt behind
-
-
 def first_per_family(pairs: Sequence[tuple[str, str]], n: int) -> list[tuple[str, str]]:
     """The first n (family, prompt) pairs of each family, in their order (a quick look at a set)."""
     taken: dict[str, int] = {}
@@ -309,8 +253,3 @@ def first_per_family(pairs: Sequence[tuple[str, str]], n: int) -> list[tuple[str
         if taken[family] <= n:
             kept.append((family, text))
     return kept
-
-
-def heldout_prompts() -> list[tuple[str, str]]:
-    """The judge's held-out (family, prompt) pairs (from heldout_prompts.txt)."""
-    return list(_heldout())
