@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from t2i.data.shapes import Scene, shapes_example
-from t2i.eval.prompts import parse_prompt
+from t2i.data.shapes.prompts import parse_prompt
 from t2i.eval.shapes_clip import (
     ShapesCLIP,
     ShapesCLIPConfig,
