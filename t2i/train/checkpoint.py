@@ -8,54 +8,91 @@ Nothing is pickled, so nothing in a checkpoint can run code when it is loaded.
 
 Atomicity comes from `t2i.checkpoints.io.save_state_dict` (write to a temporary name,
 fsync, rename): a run killed while saving leaves the previous checkpoint untouched and at
-worst a hidden `.tmp-*` file that `latest_checkpoint` never looks at.
+worst a hidden `.tmp-*` file that `latest_checkpoint` never looks at. A file damaged later
+(a full disk, a bad copy) is caught by the SHA-256 of its tensors written into its metadata:
+`--resume` then falls back to the newest intact checkpoint and names the bad one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
-from t2i.checkpoints.io import check_finite, load_state_dict, save_state_dict
+from t2i.checkpoints.io import CheckpointError, check_finite, load_state_dict, save_state_dict
 
 _NAME = re.compile(r"^step_(\d{8})\.safetensors$")
-
-
-class RunConfig(Protocol):
-    """What the helpers at the end of this file need of a training loop's config dataclass."""
-
-    out: str
-    steps: int
-    keep: int
-
-    def to_dict(self) -> dict[str, Any]: ...
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Any: ...
-
-
-C = TypeVar("C", bound=RunConfig)
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}.safetensors"
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None. Temporary files are never considered."""
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """A run's checkpoints, oldest first. Temporary files are never considered."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
-        return None
+        return []
     found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)))
-    return found[-1][1] if found else None
+    return [p for _, p in found]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run, or None (not verified: see `latest_intact_checkpoint`)."""
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def verify_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint whole and check it: (tensors, metadata), or CheckpointError naming the file
+    (empty, truncated, not a training checkpoint, or tensors that no longer match the SHA-256 saved
+    with them). Checkpoints written before the checksum existed are accepted if they read."""
+    tensors = load_state_dict(path)
+    try:
+        meta = read_metadata(path)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(str(e)) from None
+    if "sha256" in meta and tensors_sha256(tensors) != meta["sha256"]:
+        raise CheckpointError(f"{path}: its tensors do not match the SHA-256 saved with them (corrupt file)")
+    return tensors, meta
+
+
+def latest_intact_checkpoint(run_dir: str | Path, warn: Callable[[str], None],
+                             move_aside: bool = True) -> Path | None:
+    """The newest checkpoint that passes `verify_checkpoint`. Each newer one that does not is named
+    through `warn` and (with `move_aside`: on one process only) renamed to `<name>.corrupt`: kept for
+    inspection, but out of the numbered set, so pruning never keeps it in place of a good checkpoint."""
+    for path in reversed(checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except FileNotFoundError:  # moved aside by another process meanwhile
+            continue
+        except CheckpointError as e:
+            aside = path.with_name(path.name + ".corrupt")
+            if move_aside:
+                path.replace(aside)
+            warn(f"skipping corrupt checkpoint {path} ({e})" + (f"; moved aside to {aside.name}" if move_aside
+                                                                  else "") + "; trying the one before it")
+    return None
 
 
 def _optimizer_to_flat(prefix: str, opt: torch.optim.Optimizer,
@@ -118,15 +155,15 @@ def save_checkpoint(path: str | Path, *, step: int, data_position: int, config: 
         meta["optimizers"][name] = _optimizer_to_flat(f"optim.{name}", opt, tensors)
     rng_tensors, meta["rng"] = rng_state()
     tensors.update(rng_tensors)
+    meta["sha256"] = tensors_sha256(tensors)
     save_state_dict(tensors, path, metadata={"t2i_train": json.dumps(meta)})
 
 
 def load_checkpoint(path: str | Path, *, modules: dict[str, torch.nn.Module],
                     optimizers: dict[str, torch.optim.Optimizer], restore_rng: bool = True) -> dict[str, Any]:
-    """Restore modules, optimizers and RNG states in place; returns the metadata
-    (step, data_position, config)."""
-    tensors = load_state_dict(path)
-    meta = read_metadata(path)
+    """Verify a checkpoint, then restore modules, optimizers and RNG states in place; returns the
+    metadata (step, data_position, config)."""
+    tensors, meta = verify_checkpoint(path)
     for name, mod in modules.items():
         pre = name + "."
         mod.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
@@ -147,53 +184,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (the newest is always kept)."""
-    folder = Path(run_dir) / "checkpoints"
-    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)))
-    for _, p in found[:-max(keep, 1)]:
+    for p in checkpoints(run_dir)[:-max(keep, 1)]:
         p.unlink(missing_ok=True)
 
 
-# ---------------------------------------------------------------- what every training loop does with these
-
-
-def resume_run(cfg: C, resume: bool, lr: float | None = None) -> tuple[C, Path | None]:
-    """The config to run with and the checkpoint to continue from (None: a fresh run).
-
-    With `resume`: the newest checkpoint under `cfg.out` (FileNotFoundError if there is none, rather
-    than silently starting over) and the run's own saved config, which wins (a resumed run must train
-    the same model on the same data) except for how long it runs (the longer `steps`) and, when `lr` is
-    given, its learning rate from here on (lowering it late in a long constant-rate run is the point).
-    """
-    if lr is not None and not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"--resume-lr must be a positive learning rate, got {lr}")
-    if not resume:
-        if lr is not None:
-            raise ValueError("--resume-lr only applies with --resume (a new run takes --lr)")
-        return cfg, None
-    ckpt = latest_checkpoint(cfg.out)
-    if ckpt is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {Path(cfg.out) / 'checkpoints'}")
-    saved = type(cfg).from_dict(read_metadata(ckpt)["config"])
-    saved.steps = max(saved.steps, cfg.steps)
-    if lr is not None:
-        saved.lr = lr
-    return saved, ckpt
-
-
-def restore(ckpt: Path | None, modules: dict[str, torch.nn.Module],
-            optimizers: dict[str, torch.optim.Optimizer]) -> tuple[int, int]:
-    """Load `ckpt` into the modules and optimizers and return its (step, data position); (0, 0) for a
-    fresh run. It also restores the global RNG states, so call it after the models are built (their
-    random init is overwritten anyway) and before anything else draws."""
-    if ckpt is None:
-        return 0, 0
-    meta = load_checkpoint(ckpt, modules=modules, optimizers=optimizers)
-    return meta["step"], meta["data_position"]
-
-
-def save_and_prune(run_dir: str | Path, cfg: RunConfig, *, step: int, data_position: int,
-                   modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]) -> None:
-    """Write the run's checkpoint for `step` (with its config), then keep only the newest `cfg.keep`."""
-    save_checkpoint(checkpoint_path(run_dir, step), step=step, data_position=data_position, config=cfg.to_dict(),
-                    modules=modules, optimizers=optimizers)
-    prune_checkpoints(run_dir, cfg.keep)

@@ -30,3 +30,14 @@ def ema_decay(step: int, max_decay: float) -> float:
     """Decay ramped up over the first steps (an average over random init is useless early on):
     min(max_decay, (1 + step) / (10 + step)), the warm-up of the LDM/diffusers EMA."""
     return min(max_decay, (1 + step) / (10 + step))
+
+
+class EMA:
+    """The averaged copy of `model` and its update, for `fit` to call after every optimizer step."""
+
+    def __init__(self, model: nn.Module, max_decay: float) -> None:
+        self.model, self.max_decay = model, max_decay
+        self.averaged = make_ema(model)
+
+    def update(self, step: int) -> None:
+        update_ema(self.averaged, self.model, ema_decay(step, self.max_decay))

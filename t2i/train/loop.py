@@ -1,20 +1,24 @@
-"""What every training loop here shares: stop signals, the non-finite-loss guard, the
-learning-rate warm-up, which samples a step reads, the run's log (text, TensorBoard, PNG) and its exit code."""
+"""The pieces `t2i.train.fit` is made of: stop signals, the non-finite-loss guard, the learning-rate
+warm-up, which samples a step reads, the run's log (text, TensorBoard, captioned PNG grids) and its exit code."""
 
 from __future__ import annotations
 
 import math
 import signal
 import sys
+import textwrap
 import time
 from pathlib import Path
 from types import FrameType
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from t2i.train.distributed import DistInfo, cleanup
+
+# Narrowest cell of a captioned grid, in pixels: about 25 characters of PIL's default font a line.
+CAPTION_CELL = 128
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -98,18 +102,46 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
-    """Tile (N, 3, H, W) images in [-1, 1] into one PNG, `nrow` per row, 2 px gray gutters."""
-    arr = to_uint8(images)
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, captions: list[str] | None = None) -> None:
+    """Tile (N, 3, H, W) images in [-1, 1] into one PNG, `nrow` per row, 2 px gray gutters.
+
+    With `captions` (one per image) each caption is written under its image in PIL's default font,
+    wrapped to the cell; cells narrower than CAPTION_CELL px are first enlarged (nearest neighbour,
+    an integer factor) so a caption has room and the pixels stay visible.
+    """
+    arr = to_uint8(images)  # (N, H, W, 3)
     n, h, w, _ = arr.shape
+    lines: list[list[str]] = []
+    text_h = 0
+    if captions is not None:
+        if len(captions) != n:
+            raise ValueError(f"{len(captions)} captions for {n} images")
+        scale = max(1, math.ceil(CAPTION_CELL / w))
+        arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
+        h, w = h * scale, w * scale
+        font = ImageFont.load_default()
+        per_line = max(1, int((w - 4) // font.getlength("x")))
+        lines = [textwrap.wrap(c, per_line) or [""] for c in captions]
+        line_h = font.getbbox("Ag")[3] + 2
+        text_h = line_h * max(len(ls) for ls in lines) + 4
     cols = min(nrow, n)
     rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 128, np.uint8)
+    cell_h = h + text_h
+    grid = np.full((rows * (cell_h + 2) + 2, cols * (w + 2) + 2, 3), 128, np.uint8)
     for i in range(n):
         r, c = divmod(i, cols)
-        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = arr[i]
+        top, left = 2 + r * (cell_h + 2), 2 + c * (w + 2)
+        grid[top: top + h, left: left + w] = arr[i]
+        grid[top + h: top + cell_h, left: left + w] = 255  # the caption's white strip
+    image = Image.fromarray(grid)
+    if lines:
+        draw = ImageDraw.Draw(image)
+        for i, caption_lines in enumerate(lines):
+            r, c = divmod(i, cols)
+            draw.multiline_text((2 + c * (w + 2) + 2, 2 + r * (cell_h + 2) + h + 2), "\n".join(caption_lines),
+                                fill=(0, 0, 0), font=font, spacing=2)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
+    image.save(path)
 
 
 class RunLog:

@@ -1,0 +1,310 @@
+"""The one training loop: `fit(cfg, build)` runs any family's step function.
+
+A family (autoencoder, LDM, preview decoder, CLIP, ...) contributes a config dataclass that
+extends `LoopConfig` and a `build(cfg, run) -> Task`: the modules and optimizers to
+checkpoint, `prepare(position, generator) -> batch` (the step's data and frozen work, run one
+step ahead in a thread) and `step(batch, Step) -> scalars` (its losses and optimizer
+updates, through `Step.update`). Everything else is here, once, in the order of DiT's
+train.py: DDP under torchrun, the learning-rate schedule, EMA, gradient clipping, the
+NaN/Inf stop naming the step, atomic checksummed checkpoints with exact `--resume`,
+SIGINT/SIGTERM save-and-stop, TensorBoard + text log, captioned sample grids and a progress bar.
+
+Exact resume: a step's randomness comes from `step_generator(seed, step, rank)` and its data
+from the data position, both pure functions of the checkpointed (step, position); the global
+RNG states are checkpointed too and restored after the family has built its modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import typing
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from t2i.train.checkpoint import (
+    checkpoint_path,
+    latest_intact_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    read_metadata,
+    save_checkpoint,
+)
+from t2i.train.distributed import DistInfo, broadcast_flag, init_distributed
+from t2i.train.ema import EMA
+from t2i.train.loop import (
+    RunLog,
+    StopSignal,
+    check_finite_loss,
+    finish_run,
+    save_grid,
+    set_lr,
+    step_generator,
+    warmup_lr,
+)
+
+
+@dataclass
+class LoopConfig:
+    """What `fit` reads of a run's config. Each family's config extends it (overriding defaults
+    where its own differ), so a checkpoint holds one flat, self-describing dict."""
+
+    out: str  # run directory: checkpoints/, samples/, tb/, log.txt and the family's exported files
+    steps: int = 1000  # total optimizer steps of the run
+    batch_size: int = 16  # per process
+    lr: float = 1e-3  # peak learning rate
+    warmup: int = 100  # linear learning-rate warm-up steps
+    grad_clip: float = 1.0  # max gradient norm
+    seed: int = 0  # initial weights, data order and every step's noise
+    threads: int | None = None  # torch intra-op threads (None: torch's choice)
+    log_every: int = 25  # scalars to log.txt / TensorBoard
+    image_every: int = 250  # sample grids; 0: none
+    ckpt_every: int = 250
+    export_every: int = 0  # the family's shipped file(s); 0: with every checkpoint
+    eval_every: int = 0  # the family's held-out evaluation, if it has one; 0: only at the end
+    keep: int = 2  # checkpoints kept
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        """Inverse of to_dict: nested dataclass fields are rebuilt (with their own from_dict when they
+        have one); keys this version does not know are dropped, missing ones take their defaults."""
+        hints = typing.get_type_hints(cls)
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                continue
+            value, kind = d[f.name], hints[f.name]
+            if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+                value = kind.from_dict(value) if hasattr(kind, "from_dict") else kind(**value)
+            kw[f.name] = value
+        return cls(**kw)
+
+
+C = TypeVar("C", bound=LoopConfig)
+
+# What a resumed run may change: how long it runs and how often it logs, samples, saves and evaluates.
+# Everything else decides what is trained on what, which the checkpoint has already fixed.
+RESUMABLE = frozenset({"steps", "threads", "log_every", "image_every", "ckpt_every", "export_every",
+                       "eval_every", "keep", "sample_steps"})
+
+
+def get_path(obj: Any, path: str) -> Any:
+    """obj.a.b for path "a.b"."""
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def set_path(obj: Any, path: str, value: Any) -> None:
+    *head, last = path.split(".")
+    setattr(get_path(obj, ".".join(head)) if head else obj, last, value)
+
+
+def _plain(value: Any) -> Any:
+    """A config value as its checkpoint stores it (tuples become lists), for comparing the two."""
+    return json.loads(json.dumps(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value))
+
+
+def resolve_config(cfg: C, resume: bool, resume_lr: float | None = None, given: dict[str, str] | None = None,
+                   warn: Callable[[str], None] = print, is_main: bool = True) -> tuple[C, Path | None]:
+    """The config to run with and the checkpoint to continue from (None: a fresh run).
+
+    With `resume`: the newest intact checkpoint under `cfg.out` (corrupt newer ones are named through
+    `warn` and passed over; FileNotFoundError if there is none, rather than silently starting over) and
+    the run's own saved config. `given` maps each option the user set explicitly (config path -> flag):
+    of those, the RESUMABLE ones replace the saved values and any other must equal its saved value
+    (ValueError otherwise); None (a call from Python) takes every RESUMABLE value from `cfg`.
+    `resume_lr` replaces the learning rate from here on (lowering it late in a long run is the point).
+    Only the main process (`is_main`) moves a corrupt checkpoint aside.
+    """
+    if resume_lr is not None and not (resume_lr > 0 and math.isfinite(resume_lr)):
+        raise ValueError(f"--resume-lr must be a positive learning rate, got {resume_lr}")
+    if not resume:
+        if resume_lr is not None:
+            raise ValueError("--resume-lr only applies with --resume (a new run takes --lr)")
+        return cfg, None
+    ckpt = latest_intact_checkpoint(cfg.out, warn, move_aside=is_main)
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume: no intact checkpoint under {Path(cfg.out) / 'checkpoints'}")
+    saved = type(cfg).from_dict(read_metadata(ckpt)["config"])
+    saved.out = cfg.out  # where the checkpoint was found: a run copied elsewhere continues there
+    explicit = {name: f"--{name.replace('_', '-')}" for name in RESUMABLE} if given is None else given
+    for path, flag in sorted(explicit.items()):
+        if path in RESUMABLE:
+            if hasattr(saved, path):
+                setattr(saved, path, getattr(cfg, path))
+        elif _plain(get_path(cfg, path)) != _plain(get_path(saved, path)):
+            raise ValueError(f"{flag} {_plain(get_path(cfg, path))} differs from the run's saved "
+                             f"{_plain(get_path(saved, path))}: a resumed run trains the same model on the same "
+                             "data (start a new --out to change it; --resume-lr changes the learning rate)")
+    if resume_lr is not None:
+        saved.lr = resume_lr
+    return saved, ckpt
+
+
+@dataclass
+class Grid:
+    """A sample grid: images (N, 3, H, W) in [-1, 1], a caption under each, `nrow` per row."""
+
+    images: torch.Tensor
+    captions: list[str]
+    nrow: int = 8
+
+
+@dataclass
+class Step:
+    """One optimizer step as a family's step function sees it."""
+
+    index: int  # steps done before this one
+    generator: torch.Generator  # this step's randomness (already advanced by `prepare`)
+    grad_clip: float
+    info: DistInfo
+
+    def update(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip: Iterable[torch.Tensor] | None,
+               name: str = "loss", average: Iterable[torch.Tensor] = ()) -> float | None:
+        """Backward `loss` and step `optimizer`. Stops the run (NonFiniteLossError naming the step)
+        before a NaN/Inf loss or gradient touches the weights. clip: the parameters whose gradient
+        norm is clipped to grad_clip (None: no clipping). average: parameters outside every DDP module
+        whose gradients must still be averaged over the ranks. Returns the gradient norm (before
+        clipping) or None."""
+        check_finite_loss(loss, self.index, name)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in average:
+            if self.info.enabled and p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.info.world_size
+        gnorm = None
+        if clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(clip, self.grad_clip)
+            check_finite_loss(norm, self.index, f"{name} gradient norm")
+            gnorm = norm.item()
+        optimizer.step()
+        return gnorm
+
+
+@dataclass
+class Task:
+    """A family's part of a run, made by its `build(cfg, run)`."""
+
+    name: str  # "ldm", "autoencoder", ...: the run's first log line
+    modules: dict[str, nn.Module]  # checkpointed under these names (an EMA copy included)
+    optimizers: dict[str, torch.optim.Optimizer]  # every one follows the learning-rate schedule
+    prepare: Callable[[int, torch.Generator], Any]  # (data position, step generator) -> batch; no autograd
+    step: Callable[[Any, Step], dict[str, float]]  # one optimizer step -> scalars to log (first: the bar's)
+    ema: EMA | None = None  # updated after every step
+    lr: Callable[[int], float] | None = None  # step -> learning rate (None: linear warm-up, then constant)
+    grid: Callable[[], Grid] | None = None  # the periodic sample grid
+    grid_name: str = "samples"  # samples/<grid_name>_<step>.png
+    export: Callable[[], None] | None = None  # write the shipped file(s) (rank 0)
+    evaluate: Callable[[int], None] | None = None  # held-out measurement at a step (rank 0)
+    about: str = ""  # appended to the run's first log line
+
+
+@dataclass
+class Run:
+    """What a family's build gets from `fit` besides its config."""
+
+    info: DistInfo
+    log: RunLog
+
+    def parallel(self, module: nn.Module) -> nn.Module:
+        """The module to call in the step: DDP-wrapped (gradients averaged over ranks) under torchrun."""
+        return DDP(module) if self.info.enabled else module
+
+
+def fit(cfg: C, build: Callable[[C, Run], Task], *, resume: bool = False, resume_lr: float | None = None,
+        given: dict[str, str] | None = None) -> int:
+    """Run (or, with resume, continue) a training. Returns the exit code: 0, or 128 + the signal
+    number after a stop by SIGINT/SIGTERM. `given`: see `resolve_config`."""
+    info = init_distributed()
+    notes: list[str] = []
+    cfg, ckpt = resolve_config(cfg, resume, resume_lr, given, notes.append, info.is_main)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    log = RunLog(out, info, 0, cfg.steps)
+    for note in notes:
+        log.text(note)
+    torch.manual_seed(cfg.seed)
+    task = build(cfg, Run(info, log))
+    # After the build (whose random init it overwrites), before anything draws: restores the RNGs too.
+    step, position = 0, 0
+    if ckpt is not None:
+        meta = load_checkpoint(ckpt, modules=task.modules, optimizers=task.optimizers)
+        step, position = meta["step"], meta["data_position"]
+    log.resumed_at(step)
+    log.text(f"{task.name} run {out}: step {step}/{cfg.steps}{task.about}"
+             + (f", resumed from {ckpt}" if ckpt else ""))
+    stride = cfg.batch_size * info.world_size
+    lr_at = task.lr or (lambda s: warmup_lr(s, cfg.lr, cfg.warmup))
+
+    def prepared(step: int, position: int) -> tuple[Any, torch.Generator]:
+        gen = step_generator(cfg.seed, step, info.rank)
+        with torch.no_grad():
+            return task.prepare(position, gen), gen
+
+    def save() -> None:
+        save_checkpoint(checkpoint_path(out, step), step=step, data_position=position, config=cfg.to_dict(),
+                        modules=task.modules, optimizers=task.optimizers)
+        prune_checkpoints(out, cfg.keep)
+
+    # The next step's batch is prepared in a thread while this step trains (torch and numpy release the
+    # GIL), so even with --threads 1 a second core is used. Its numbers are the same as in line.
+    prefetch = ThreadPoolExecutor(1)
+    t_data = t_step = 0.0
+    try:
+        with StopSignal() as stop:
+            pending = prefetch.submit(prepared, step, position) if step < cfg.steps else None
+            while step < cfg.steps:
+                t0 = time.perf_counter()
+                batch, gen = pending.result()  # type: ignore[union-attr]
+                if step + 1 < cfg.steps:
+                    pending = prefetch.submit(prepared, step + 1, position + stride)
+                t1 = time.perf_counter()
+                lr = lr_at(step)
+                for opt in task.optimizers.values():
+                    set_lr(opt, lr)
+                logs = task.step(batch, Step(step, gen, cfg.grad_clip, info))
+                if task.ema is not None:
+                    task.ema.update(step)
+                position += stride
+                step += 1
+                t_data, t_step = t_data + t1 - t0, t_step + time.perf_counter() - t1
+                log.advance(dict(list(logs.items())[:1]))
+                if step % cfg.log_every == 0:
+                    log.scalars(step, {**logs, "lr": lr, "time/data_s": t_data / cfg.log_every,
+                                       "time/step_s": t_step / cfg.log_every})
+                    t_data = t_step = 0.0
+                stopping = broadcast_flag(stop.signum is not None, info)
+                end = step == cfg.steps or stopping
+                if info.is_main:
+                    if task.grid is not None and cfg.image_every > 0 and (step % cfg.image_every == 0 or end):
+                        grid = task.grid()
+                        save_grid(grid.images, out / "samples" / f"{task.grid_name}_{step:08d}.png", grid.nrow,
+                                  grid.captions)
+                    if task.evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or end):
+                        task.evaluate(step)
+                    if step % cfg.ckpt_every == 0 or end:
+                        save()
+                    if task.export is not None and (step % (cfg.export_every or cfg.ckpt_every) == 0 or end):
+                        task.export()
+                if stopping:
+                    log.text(f"stopped by signal at step {step}; checkpoint saved, continue with --resume")
+                    break
+    finally:
+        prefetch.shutdown(cancel_futures=True)
+    return finish_run(log, stop, step, info)
