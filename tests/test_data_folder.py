@@ -1,11 +1,15 @@
 """Image folders with .txt sidecars and JSONL manifests: items, captions, resizing, and a corrupt
-image skipped, counted and named (also through a real `t2i train autoencoder` run)."""
+image skipped, counted and named (also through a real `t2i train autoencoder` run); a
+decompression bomb skipped like any unreadable image (through a run and its --resume too); a
+caption file that is not UTF-8 leaves its image out, named."""
 
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -83,4 +87,57 @@ def test_training_on_a_folder_with_a_corrupt_image_does_not_crash(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     log = (tmp_path / "ae" / "log.txt").read_text()
     assert "skipping unreadable image" in log and "3.png" in log
+    assert (tmp_path / "ae" / "checkpoints" / "step_00000003.safetensors").is_file()
+
+
+def _bomb(path) -> None:
+    """A 20000x20000 RGB PNG as far as its header goes (PIL refuses it at open, from the header:
+    400 megapixels is over twice its limit), so the test needs no 1.2 GB of pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b""))
+                     + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_skipped_and_non_utf8_caption_leaves_its_image_out(tmp_path):
+    _write(tmp_path, "a.png", (255, 0, 0), caption="a red square")
+    _bomb(tmp_path / "b.png")
+    (tmp_path / "b.txt").write_text("huge")
+    _write(tmp_path, "c.png", (0, 0, 255))
+    (tmp_path / "c.txt").write_bytes("un carr\xe9 bleu".encode("latin-1"))  # not UTF-8
+    _write(tmp_path, "d.png", (0, 255, 0), caption="a green square")
+    messages: list[str] = []
+    ds = image_folder(tmp_path, 8, messages.append)
+    assert len(ds) == 3 and [p.name for p, _ in ds.items] == ["a.png", "b.png", "d.png"]  # c.png is left out
+    named = [m for m in messages if "c.txt" in m]
+    assert len(named) == 1 and "UTF-8" in named[0] and "c.png" in named[0]
+    x1, c1 = ds[1]  # the bomb: skipped, the next readable item takes its place
+    assert c1 == "a green square" and torch.allclose(x1[:, 0, 0], torch.tensor([-1.0, 1.0, -1.0]))
+    assert list(ds.skipped) == [str(tmp_path / "b.png")] and "DecompressionBomb" in ds.skipped[str(tmp_path / "b.png")]
+    # a manifest that is not UTF-8 is an error naming it, not a traceback from the decoder
+    (tmp_path / "m.jsonl").write_bytes(b'{"image": "a.png", "text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"m.jsonl: the manifest is not UTF-8"):
+        jsonl_manifest(tmp_path / "m.jsonl", 4)
+
+
+def test_training_and_resume_on_a_folder_with_a_decompression_bomb(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, rgb in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        _write(data, f"{i}.png", rgb, size=(16, 16), caption=f"image {i}")
+    _bomb(data / "3.png")
+    (data / "4.png").write_bytes(b"garbage")
+    (data / "4.txt").write_bytes(b"\xff\xfe not utf-8")
+    cmd = [sys.executable, "-m", "t2i.cli", "train", "autoencoder", "--out", str(tmp_path / "ae"), "--preset", "tiny",
+           "--data", "folder", "--data-path", str(data), "--image-size", "16", "--batch-size", "4",
+           "--image-every", "0", "--ckpt-every", "1", "--threads", "1"]
+    for extra in (["--steps", "2"], ["--steps", "3", "--resume"]):  # every step reads the bomb
+        run = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+    log = (tmp_path / "ae" / "log.txt").read_text()
+    # each run opens the folder twice (the training stream and the grid's fixed batch), each names them once
+    assert log.count("skipping unreadable image") == 4 and log.count("3.png (DecompressionBombError") == 4
+    assert log.count("4.txt cannot be read as UTF-8") == 4
     assert (tmp_path / "ae" / "checkpoints" / "step_00000003.safetensors").is_file()

@@ -3,7 +3,10 @@ fine-tuning layout, `cat.png` + `cat.txt`), or a JSONL manifest with one
 `{"image": path, "text": caption}` object per line.
 
 A corrupt or unreadable image never crashes a run: it is skipped (the next readable item
-takes its place), counted, and named once in the log.
+takes its place), counted, and named once in the log. That includes an image too large to
+decode safely (PIL's decompression-bomb limit, ~179 megapixels). A caption sidecar that is not
+UTF-8 (or cannot be read) is not guessed at: its image is left out of the data set, and the
+caption file is named in the log.
 """
 
 from __future__ import annotations
@@ -69,7 +72,9 @@ class CaptionedImages:
                 continue
             try:
                 return load_image(path, self.size), caption
-            except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken files
+            # PIL raises the first three for broken files; DecompressionBombError (a plain Exception) for
+            # an image whose pixel count would take gigabytes to decode.
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 self.skipped[str(path)] = f"{type(e).__name__}: {e}"
                 self.log(f"skipping unreadable image {path} ({type(e).__name__}: {e}); "
                          f"{len(self.skipped)} skipped so far")
@@ -85,17 +90,23 @@ def image_folder(root: str | Path, size: int, log: Callable[[str], None] = _warn
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    items, missing = [], 0
+    items, missing, bad = [], 0, 0
     for p in sorted(root.rglob("*")):
         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
             txt = p.with_suffix(".txt")
             if txt.is_file():
-                caption = txt.read_text(encoding="utf-8").strip()
+                try:
+                    caption = txt.read_text(encoding="utf-8").strip()
+                except (OSError, UnicodeDecodeError) as e:
+                    bad += 1
+                    log(f"skipping {p.name}: its caption {txt} cannot be read as UTF-8 text "
+                        f"({type(e).__name__}: {e}); {bad} skipped so far")
+                    continue
             else:
                 caption, missing = "", missing + 1
             items.append((p, caption))
     if not items:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) with readable captions found under {root}")
     if missing:
         log(f"{missing} of {len(items)} images in {root} have no .txt caption: trained as unconditional")
     return CaptionedImages(items, size, log)
@@ -107,8 +118,12 @@ def jsonl_manifest(path: str | Path, size: int, log: Callable[[str], None] = _wa
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: the manifest is not UTF-8 text ({e})") from None
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
