@@ -13,7 +13,7 @@ SUBCOMMANDS = [
     ("data", "t2i.data.cli"),
     ("train", "t2i.train.cli"),
     ("eval", "t2i.eval.cli"),
-    ("convert", "t2i.checkpoints.cli"),
+    ("convert", "t2i.convert_cli"),
     ("models", "t2i.systems.models_cli"),
     ("serve", "t2i.serve.cli"),
 ]

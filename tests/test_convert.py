@@ -19,7 +19,7 @@ import t2i
 from t2i.checkpoints.diffusers_nets import unet_config_from_diffusers, vae_config_from_diffusers
 from t2i.checkpoints.diffusers_scheduler import read_scheduler_config
 from t2i.checkpoints.io import load_component_weights, load_state_dict, save_state_dict
-from t2i.checkpoints.single_file import METADATA_KEY
+from t2i.checkpoints.single_file_config import METADATA_KEY
 from t2i.checkpoints.transformers_text import clip_state_dict_from_transformers
 from t2i.cli import main
 from t2i.text.clip_tokenizer import CLIPTokenizer

@@ -20,24 +20,28 @@ from sd_oracles import _clip, _scale_output, _tokenizer, _vae, build_sd1, build_
 import t2i
 from t2i.autoencoders.kl import AutoencoderKL
 from t2i.checkpoints.diffusers_nets import unet_config_from_diffusers, vae_config_from_diffusers
-from t2i.checkpoints.export import save_single_file, to_original_state_dict
+from t2i.checkpoints.export import to_original_state_dict
 from t2i.checkpoints.io import load_state_dict, save_state_dict
 from t2i.checkpoints.openclip import identity_openclip_layer
-from t2i.checkpoints.single_file import (
+from t2i.checkpoints.sd_keys import (
     TEXT_SLOTS,
     UNET_PREFIX,
-    _text_state,
-    detect_family,
-    infer_clip_config,
-    infer_unet_config,
-    infer_vae_config,
-    load_single_file,
-    resolve_config,
     text_from_ours,
+    text_state,
     unet_to_original,
     vae_to_original,
 )
+from t2i.checkpoints.single_file import load_single_file
+from t2i.checkpoints.single_file_config import (
+    detect_layout,
+    infer_clip_config,
+    infer_unet_config,
+    infer_vae_config,
+    resolve_config,
+)
 from t2i.nets.unet import UNet
+from t2i.systems.stable_diffusion import export as save_single_file
+from t2i.systems.stable_diffusion import parts_of
 from t2i.text.clip import CLIP_TEXT_PRESETS, CLIPTextModel, clip_layer
 
 diffusers = pytest.importorskip("diffusers")
@@ -152,7 +156,7 @@ def test_diffusers_from_single_file_reads_our_export(case):
 def test_detected_family_and_channels(case):
     name, _reference, _folder, _ours, file, _loaded = case
     state = load_state_dict(file)
-    assert detect_family(state) == name.removesuffix("_inpaint")
+    assert detect_layout(state) == name.removesuffix("_inpaint")
     assert state[UNET_PREFIX + "input_blocks.0.0.weight"].shape[1] == (9 if "inpaint" in name else 4)
 
 
@@ -244,7 +248,7 @@ def test_prediction_type_sources(tmp_path):
     build_sd1(tmp_path / "sd1")
     build_sd2(tmp_path / "sd2")
     sd1, sd2 = t2i.load(tmp_path / "sd1"), t2i.load(tmp_path / "sd2")
-    state1, state2 = to_original_state_dict(sd1), to_original_state_dict(sd2)
+    state1, state2 = to_original_state_dict(parts_of(sd1)), to_original_state_dict(parts_of(sd2))
     assert resolve_config(state1).schedule.prediction_type == "epsilon"
     assert resolve_config(state2).schedule.prediction_type == "v_prediction"  # SD 2.x default (2.1-768)
     assert resolve_config(state2, prediction="epsilon").schedule.prediction_type == "epsilon"
@@ -366,4 +370,4 @@ def test_full_size_text_encoder_layout(family, slot, preset):
         back = convert_ldm_clip_checkpoint(full)
     expected = clip_state_dict_to_transformers(ours, prefixed=True)
     assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in expected.items()}
-    assert infer_clip_config(_text_state(full, where, None), where) == cfg
+    assert infer_clip_config(text_state(full, where, None), where) == cfg

@@ -13,113 +13,135 @@ are; the text encoders are mapped in `transformers_text`. Everything is offline.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 from t2i.autoencoders.kl import AutoencoderKL
 from t2i.checkpoints.diffusers_nets import unet_config_from_diffusers, vae_config_from_diffusers
-from t2i.checkpoints.diffusers_scheduler import read_scheduler_config
-from t2i.checkpoints.io import CheckpointError, find_weights, load_state_dict
+from t2i.checkpoints.diffusers_scheduler import scheduler_config_from_dict
+from t2i.checkpoints.io import (
+    CheckpointError,
+    check_safetensors_header,
+    find_weights,
+    header_tensors,
+    load_state_dict,
+    read_json_object,
+)
+from t2i.checkpoints.limits import build_checked, check_schedule, fill
+from t2i.checkpoints.parts import LatentDiffusionParts, text_layout
+from t2i.checkpoints.transformers_text import clip_config_from_transformers, clip_state_dict_from_transformers
+from t2i.diffusion.schedules import ScheduleConfig
 from t2i.nets.unet import UNet
-from t2i.systems.latent_diffusion import GenerationDefaults, LatentDiffusionPipeline
+from t2i.text.clip import CLIPTextModel
 from t2i.text.encoders import load_diffusers_text_encoder
 
-SUPPORTED_PIPELINES = {
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionImg2ImgPipeline": "sd",
-    "StableDiffusionInpaintPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusionXLImg2ImgPipeline": "sdxl",
-    "StableDiffusionXLInpaintPipeline": "sdxl",
-}
-
-# The folder's own scheduler decides the default sampler, as it does in diffusers.
-SCHEDULER_SAMPLERS = {
-    "DDIMScheduler": "ddim",
-    "DDPMScheduler": "ddpm",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "HeunDiscreteScheduler": "heun",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "PNDMScheduler": "euler",  # PNDM/PLMS is not implemented; Euler is the usual stand-in
-}
+SUPPORTED_PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+)
 
 
 def is_diffusers_folder(path: Path) -> bool:
     return path.is_dir() and (path / "model_index.json").is_file()
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: not a complete diffusers folder")
+def _config(read: Callable[[dict], Any], file: Path) -> Any:
+    """A network config from a config.json, any failure one CheckpointError naming the file."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: malformed JSON ({e})") from None
+        return read(read_json_object(file))
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{file}: {e}") from None
 
 
-def _load_module(module: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
-    # assign=True: the loaded tensors become the parameters (no copy into a second set), which is
-    # also what fills a module built on the meta device.
-    missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise CheckpointError(f"{where}: weights do not fit the config: {len(missing)} missing "
-                              f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+def _file_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """What the weight files hold: meta tensors from safetensors headers (nothing read yet), or the
+    tensors of pickles (which have no header to read first)."""
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(header_tensors(check_safetensors_header(file)) if file.suffix == ".safetensors"
+                     else load_state_dict(file))
+    return state
 
 
 M = TypeVar("M", bound=torch.nn.Module)
 
 
-def _build_and_load(build: Callable[[], M], folder: Path, dtype: torch.dtype, variant: str | None) -> M:
-    """Build a module on the meta device (no random init: for the SD U-Net that alone took most of
-    the load time) and fill it with the folder's weights, cast to dtype."""
-    state: dict[str, torch.Tensor] = {}
-    for file in find_weights(folder, "diffusion_pytorch_model", variant):
-        state.update(load_state_dict(file))  # safetensors: memory-mapped; NaN/Inf refused
-    with torch.device("meta"):
-        module = build()
-    _load_module(module, {k: v.to(dtype) for k, v in state.items()}, folder)
-    return module.eval().requires_grad_(False)
+def _build_and_load(build: Callable[[], M], cfg: Any, folder: Path, dtype: torch.dtype | None, variant: str | None,
+                    stem: str = "diffusion_pytorch_model") -> M:
+    """Check the config against bounds and the files' tensors (names and shapes, from the headers),
+    build the module on the meta device (no random init: for the SD U-Net that alone took most of
+    the load time), then read the weights and assign them, cast to dtype (None: as stored)."""
+    files = find_weights(folder, stem, variant)
+    tensors = _file_tensors(files)
+    module = build_checked(build, {"config": cfg}, tensors, str(folder))
+    if any(t.is_meta for t in tensors.values()):
+        tensors = {}
+        for file in files:
+            tensors.update(load_state_dict(file))  # safetensors: memory-mapped; NaN/Inf refused
+    return fill(module, tensors, dtype)
 
 
-def load_unet(folder: Path, dtype: torch.dtype = torch.float32, variant: str | None = None) -> UNet:
-    cfg = unet_config_from_diffusers(_read_json(folder / "config.json"))
-    return _build_and_load(lambda: UNet(cfg), folder, dtype, variant)
+def load_unet(folder: Path, dtype: torch.dtype | None = torch.float32, variant: str | None = None) -> UNet:
+    cfg = _config(unet_config_from_diffusers, folder / "config.json")
+    return _build_and_load(lambda: UNet(cfg), cfg, folder, dtype, variant)
 
 
 def load_vae(folder: Path, dtype: torch.dtype = torch.float32, variant: str | None = None) -> AutoencoderKL:
-    cfg = vae_config_from_diffusers(_read_json(folder / "config.json"))
-    return _build_and_load(lambda: AutoencoderKL(cfg), folder, dtype, variant)
+    cfg = _config(vae_config_from_diffusers, folder / "config.json")
+    return _build_and_load(lambda: AutoencoderKL(cfg), cfg, folder, dtype, variant)
 
 
-def load_diffusers_pipeline(path: str | Path, dtype: torch.dtype = torch.float32,
-                            variant: str | None = None) -> LatentDiffusionPipeline:
-    """A diffusers Stable Diffusion (1.x, 2.x, XL) folder -> LatentDiffusionPipeline."""
+def check_text_encoder(folder: Path) -> None:
+    """Check a `text_encoder(_2)/` folder's config against bounds and its weights' names and shapes
+    (headers only, on the meta device) before the text encoder loader allocates anything."""
+    tensors = clip_state_dict_from_transformers(_file_tensors(find_weights(folder, "model")))
+    projection = "text_projection.weight" in tensors
+    cfg = _config(lambda d: clip_config_from_transformers(d, with_projection=projection), folder / "config.json")
+    build_checked(lambda: CLIPTextModel(cfg), {"config": cfg}, tensors, str(folder))
+
+
+def read_schedule(folder: Path) -> tuple[ScheduleConfig, str | None]:
+    """(the schedule, the scheduler class name) of `scheduler/scheduler_config.json`; non-finite or
+    out-of-range values refused."""
+    file = folder / "scheduler" / "scheduler_config.json"
+    raw = read_json_object(file, "a scheduler config")
+    schedule = _config(lambda d: scheduler_config_from_dict(d, str(file)), file)
+    check_schedule(schedule, str(file))
+    name = raw.get("_class_name")
+    return schedule, name if isinstance(name, str) else None
+
+
+def load_diffusers_parts(path: str | Path, dtype: torch.dtype | None = torch.float32,
+                         variant: str | None = None) -> LatentDiffusionParts:
+    """A diffusers Stable Diffusion (1.x, 2.x, XL) folder -> its parts, in `dtype` (None: the dtype the
+    U-Net's weights are stored in, for every part)."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"model folder not found: {root}")
-    index = _read_json(root / "model_index.json")
+    index = read_json_object(root / "model_index.json", "a diffusers model index")
     cls = index.get("_class_name", "")
-    family = SUPPORTED_PIPELINES.get(cls)
-    if family is None:
+    if cls not in SUPPORTED_PIPELINES:
         raise CheckpointError(f"{root}: unsupported pipeline class {cls!r} "
                               f"(supported: {', '.join(sorted(SUPPORTED_PIPELINES))})")
     for part in ("unet", "vae", "scheduler"):
         if not (root / part).is_dir():
             raise FileNotFoundError(f"{root / part} is missing: not a complete diffusers folder")
+    schedule, scheduler_class = read_schedule(root)
     unet = load_unet(root / "unet", dtype, variant)
+    dtype = dtype or next(unet.parameters()).dtype
     vae = load_vae(root / "vae", dtype, variant)
+    for sub in ("text_encoder", "text_encoder_2"):
+        if (root / sub).is_dir():
+            check_text_encoder(root / sub)
     text_encoder = load_diffusers_text_encoder(root, dtype)
-    schedule = read_scheduler_config(root / "scheduler" / "scheduler_config.json")
-    scheduler_class = _read_json(root / "scheduler" / "scheduler_config.json").get("_class_name", "")
-    size = unet.cfg.sample_size * vae.cfg.downsample_factor
-    defaults = GenerationDefaults(sampler=SCHEDULER_SAMPLERS.get(scheduler_class, "euler"),
-                                  steps=30 if family == "sdxl" else 20, width=size, height=size,
-                                  guidance=5.0 if family == "sdxl" else 7.5)
-    return LatentDiffusionPipeline(unet, vae, text_encoder, schedule, name=root.name, defaults=defaults,
-                                   micro_conditioning=unet.add_embedding is not None,
-                                   zero_empty_negative=bool(index.get("force_zeros_for_empty_prompt", False)))
+    return LatentDiffusionParts(unet, vae, text_encoder, schedule, root.name, text_layout(text_encoder),
+                                scheduler_class, bool(index.get("force_zeros_for_empty_prompt", False)))

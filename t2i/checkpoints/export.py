@@ -1,5 +1,8 @@
-"""Writing a LatentDiffusionPipeline out: as one file in the original SD key layout, or as a
-diffusers folder. Both keep the weights' values and dtype exactly; nothing is cast.
+"""Writing SD parts out: as one file in the original SD key layout, or as a diffusers folder.
+Both keep the weights' values and dtype exactly; nothing is cast.
+
+`parts` is a LatentDiffusionParts, or anything with its attributes (unet, vae, text_encoder,
+schedule, layout, scheduler_class, zero_empty_negative, defaults as a dict).
 
 The single file carries its resolved configs in the safetensors metadata (`t2i_sd_config`),
 so t2i reads it back without guessing; other tools (diffusers' `from_single_file`,
@@ -19,66 +22,37 @@ from t2i.checkpoints.diffusers_nets import unet_config_to_diffusers, vae_config_
 from t2i.checkpoints.diffusers_scheduler import write_scheduler_config
 from t2i.checkpoints.io import save_state_dict
 from t2i.checkpoints.openclip import identity_openclip_layer
-from t2i.checkpoints.single_file import (
-    METADATA_KEY,
+from t2i.checkpoints.parts import LatentDiffusionParts, text_towers
+from t2i.checkpoints.sd_keys import (
     TEXT_SLOTS,
     UNET_PREFIX,
     VAE_PREFIX,
-    SingleFileConfig,
     text_from_ours,
     unet_to_original,
     vae_to_original,
 )
+from t2i.checkpoints.single_file_config import METADATA_KEY, SingleFileConfig
 from t2i.checkpoints.transformers_text import clip_config_to_transformers, clip_state_dict_to_transformers
-from t2i.systems.latent_diffusion import LatentDiffusionPipeline
-from t2i.text.encoders import CLIPTextEncoder, SDXLTextEncoder
 
-# Our default sampler -> the diffusers scheduler class written into scheduler_config.json.
-SAMPLER_SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-}
+DEFAULT_SCHEDULER = "EulerDiscreteScheduler"
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in module.state_dict().items()}
 
 
-def text_encoders(pipe: LatentDiffusionPipeline) -> list[CLIPTextEncoder]:
-    enc = pipe.text_encoder
-    if isinstance(enc, CLIPTextEncoder):
-        return [enc]
-    if isinstance(enc, SDXLTextEncoder):
-        return list(enc.encoders)
-    raise ValueError(f"cannot export a {type(enc).__name__}: only CLIP-conditioned SD 1/2/XL pipelines")
+def single_file_config(parts: LatentDiffusionParts) -> SingleFileConfig:
+    towers = text_towers(parts.text_encoder)
+    return SingleFileConfig(parts.layout, parts.unet.cfg, parts.vae.cfg, [t.model.cfg for t in towers],
+                            [t.tokenizer.pad_token for t in towers], parts.schedule, dict(parts.defaults),
+                            parts.zero_empty_negative, parts.scheduler_class)
 
 
-def pipeline_family(pipe: LatentDiffusionPipeline) -> str:
-    """"sd1" / "sd2" / "sdxl" / "sdxl_refiner" from the text encoders: one quick-GELU tower is
-    OpenAI CLIP (SD1), one GELU tower OpenCLIP (SD2); SDXL has two, its refiner only the 2nd."""
-    encs = text_encoders(pipe)
-    if isinstance(pipe.text_encoder, SDXLTextEncoder):
-        return "sdxl" if len(encs) == 2 else "sdxl_refiner"
-    return "sd2" if encs[0].model.cfg.activation == "gelu" else "sd1"
-
-
-def single_file_config(pipe: LatentDiffusionPipeline) -> SingleFileConfig:
-    encs = text_encoders(pipe)
-    return SingleFileConfig(pipeline_family(pipe), pipe.unet.cfg, pipe.vae.cfg, [e.model.cfg for e in encs],
-                            [e.tokenizer.pad_token for e in encs], pipe.schedule, pipe.defaults,
-                            pipe.zero_empty_negative)
-
-
-def to_original_state_dict(pipe: LatentDiffusionPipeline) -> dict[str, torch.Tensor]:
-    """The pipeline's weights under the original single-file keys (see single_file.py)."""
-    family = pipeline_family(pipe)
-    state = {UNET_PREFIX + k: v for k, v in unet_to_original(_state(pipe.unet), pipe.unet.cfg).items()}
-    state.update({VAE_PREFIX + k: v for k, v in vae_to_original(_state(pipe.vae), pipe.vae.cfg).items()})
-    for slot, enc in zip(TEXT_SLOTS[family], text_encoders(pipe), strict=True):
+def to_original_state_dict(parts: LatentDiffusionParts) -> dict[str, torch.Tensor]:
+    """The weights under the original single-file keys (see sd_keys.py)."""
+    state = {UNET_PREFIX + k: v for k, v in unet_to_original(_state(parts.unet), parts.unet.cfg).items()}
+    state.update({VAE_PREFIX + k: v for k, v in vae_to_original(_state(parts.vae), parts.vae.cfg).items()})
+    for slot, enc in zip(TEXT_SLOTS[parts.layout], text_towers(parts.text_encoder), strict=True):
         text = text_from_ours(_state(enc.model), slot.layout)
         if slot.cut_last:  # SD2: append the identity block that "penultimate" readers skip
             text.update(identity_openclip_layer(enc.model.cfg.layers, text))
@@ -86,13 +60,13 @@ def to_original_state_dict(pipe: LatentDiffusionPipeline) -> dict[str, torch.Ten
     return state
 
 
-def save_single_file(pipe: LatentDiffusionPipeline, path: str | Path) -> Path:
-    """Write `pipe` as one `.safetensors` in the original SD layout, configs in the metadata."""
+def save_single_file(parts: LatentDiffusionParts, path: str | Path) -> Path:
+    """Write `parts` as one `.safetensors` in the original SD layout, configs in the metadata."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: single files are written as .safetensors only")
-    save_state_dict(to_original_state_dict(pipe), path,
-                    metadata={METADATA_KEY: single_file_config(pipe).to_json(), "format": "pt"})
+    save_state_dict(to_original_state_dict(parts), path,
+                    metadata={METADATA_KEY: single_file_config(parts).to_json(), "format": "pt"})
     return path
 
 
@@ -101,8 +75,8 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def save_diffusers_folder(pipe: LatentDiffusionPipeline, folder: str | Path) -> Path:
-    """Write `pipe` as a diffusers folder that `DiffusionPipeline.from_pretrained` and t2i read.
+def save_diffusers_folder(parts: LatentDiffusionParts, folder: str | Path) -> Path:
+    """Write `parts` as a diffusers folder that `DiffusionPipeline.from_pretrained` and t2i read.
 
     The folder is built next to the target and renamed into place, so a failure leaves no
     half-written model; an existing target is refused."""
@@ -111,17 +85,17 @@ def save_diffusers_folder(pipe: LatentDiffusionPipeline, folder: str | Path) -> 
         raise ValueError(f"{folder} exists; choose a new folder")
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    family = pipeline_family(pipe)
-    dtype = str(next(pipe.unet.parameters()).dtype).removeprefix("torch.")
+    family = parts.layout
+    dtype = str(next(parts.unet.parameters()).dtype).removeprefix("torch.")
 
-    _write_json(tmp / "unet" / "config.json", unet_config_to_diffusers(pipe.unet.cfg))
-    save_state_dict(_state(pipe.unet), tmp / "unet" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    _write_json(tmp / "vae" / "config.json", vae_config_to_diffusers(pipe.vae.cfg))
-    save_state_dict(_state(pipe.vae), tmp / "vae" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    _write_json(tmp / "unet" / "config.json", unet_config_to_diffusers(parts.unet.cfg))
+    save_state_dict(_state(parts.unet), tmp / "unet" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    _write_json(tmp / "vae" / "config.json", vae_config_to_diffusers(parts.vae.cfg))
+    save_state_dict(_state(parts.vae), tmp / "vae" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
 
     suffixes = {"sd1": [""], "sd2": [""], "sdxl": ["", "_2"], "sdxl_refiner": ["_2"]}[family]
     components: dict[str, list] = {}
-    for s, enc in zip(suffixes, text_encoders(pipe), strict=True):
+    for s, enc in zip(suffixes, text_towers(parts.text_encoder), strict=True):
         config = {**clip_config_to_transformers(enc.model.cfg), "dtype": dtype}
         _write_json(tmp / f"text_encoder{s}" / "config.json", config)
         weights = clip_state_dict_to_transformers(_state(enc.model), prefixed=True)
@@ -130,8 +104,8 @@ def save_diffusers_folder(pipe: LatentDiffusionPipeline, folder: str | Path) -> 
         components[f"text_encoder{s}"] = ["transformers", config["architectures"][0]]
         components[f"tokenizer{s}"] = ["transformers", "CLIPTokenizer"]
 
-    scheduler = SAMPLER_SCHEDULERS.get(pipe.defaults.sampler, "EulerDiscreteScheduler")
-    write_scheduler_config(pipe.schedule, tmp / "scheduler", scheduler)
+    scheduler = parts.scheduler_class or DEFAULT_SCHEDULER
+    write_scheduler_config(parts.schedule, tmp / "scheduler", scheduler)
     index: dict = {"_class_name": {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
                                    "sdxl": "StableDiffusionXLPipeline",
                                    "sdxl_refiner": "StableDiffusionXLImg2ImgPipeline"}[family],
@@ -140,7 +114,7 @@ def save_diffusers_folder(pipe: LatentDiffusionPipeline, folder: str | Path) -> 
     if family in ("sd1", "sd2"):
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     else:
-        index.update(force_zeros_for_empty_prompt=pipe.zero_empty_negative)
+        index.update(force_zeros_for_empty_prompt=parts.zero_empty_negative)
         if family == "sdxl_refiner":
             index.update(text_encoder=[None, None], tokenizer=[None, None], requires_aesthetics_score=True)
     _write_json(tmp / "model_index.json", index)

@@ -8,10 +8,12 @@ wants to import or call something, so no code hidden in a checkpoint runs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import struct
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -24,11 +26,60 @@ class CheckpointError(ValueError):
     """A weight file that cannot be read safely; the message names the file and the problem."""
 
 
+# Bytes per element of each safetensors dtype.
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+            "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def parse_json(raw: str | bytes, where: str | os.PathLike) -> Any:
+    """json.loads with every failure (malformed, not UTF-8, nested past Python's recursion limit) as
+    one CheckpointError naming `where`."""
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{where}: malformed JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{where}: JSON nested too deeply") from None
+
+
+def read_json_object(path: str | os.PathLike, what: str = "a JSON config") -> dict[str, Any]:
+    """A JSON file that must hold an object (a config, an index): FileNotFoundError if it is missing,
+    CheckpointError if it is malformed or holds a list, a string or a number."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing ({what})")
+    if path.stat().st_size > 16 * 2**20:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes is too large for {what}")
+    return json_object(parse_json(path.read_bytes(), path), path)
+
+
+def json_object(value: Any, where: str | os.PathLike) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_entry(name: str, info: Any) -> tuple[int, int, int]:
+    """(start, end, bytes the dtype and shape need) of one header entry; ValueError if malformed."""
+    if not isinstance(info, dict) or info.get("dtype") not in ITEMSIZE:
+        raise ValueError
+    offsets, shape = info.get("data_offsets"), info.get("shape")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))
+            and isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+        raise ValueError
+    return offsets[0], offsets[1], math.prod(shape) * ITEMSIZE[info["dtype"]]
+
+
 def check_safetensors_header(path: str | os.PathLike) -> dict:
     """Validate a safetensors file's header against its size before any tensor is read.
 
-    A header that lies (offsets past the end of the file, overlapping or short tensors, sizes
-    that do not match dtype x shape) is refused with a CheckpointError. Returns the header.
+    A header that is not a JSON object of well-formed entries (dtype, integer shape and offsets),
+    or that lies (offsets past the end of the file, overlapping or short tensors, sizes that do not
+    match dtype x shape), is refused with a CheckpointError. Returns the header.
     """
     path = Path(path)
     size = path.stat().st_size
@@ -39,24 +90,18 @@ def check_safetensors_header(path: str | os.PathLike) -> dict:
         (n,) = struct.unpack("<Q", raw)
         if n > size - 8 or n > 100 * 2**20:
             raise CheckpointError(f"{path}: safetensors header length {n} exceeds the file size {size}")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+        header = json_object(parse_json(f.read(n), f"{path}: safetensors header"), f"{path}: safetensors header")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: safetensors __metadata__ must map names to strings")
     data_size = size - 8 - n
-    itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
     spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
-            start, end = info["data_offsets"]
-            numel = 1
-            for d in info["shape"]:
-                numel *= int(d)
-            expected = numel * itemsize[info["dtype"]]
-        except (KeyError, TypeError, ValueError):
+            start, end, expected = _check_entry(name, info)
+        except ValueError:
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
         if not 0 <= start <= end <= data_size:
             raise CheckpointError(f"{path}: tensor {name!r} points past the end of the file "
@@ -70,6 +115,18 @@ def check_safetensors_header(path: str | os.PathLike) -> dict:
         if s1 < e0:
             raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap")
     return header
+
+
+_META_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
+
+
+def header_tensors(header: dict) -> dict[str, torch.Tensor]:
+    """The tensors a checked safetensors header describes, as meta tensors (shape and dtype, no
+    data): key maps and shape checks run on them before a byte of weights is read."""
+    return {k: torch.empty(v["shape"], dtype=_META_DTYPES.get(v["dtype"], torch.uint8), device="meta")
+            for k, v in header.items() if k != "__metadata__"}
 
 
 def check_finite(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
@@ -164,13 +221,14 @@ def read_config(path: str | os.PathLike, what: str, system: str | None = None) -
         raise ValueError(f"{path}: not {what} (no 't2i_config' metadata)")
     if system is not None and meta.get("t2i_system") != system:
         raise ValueError(f"{path}: not {what} (its t2i_system is {meta.get('t2i_system')!r})")
-    return json.loads(meta["t2i_config"])
+    return json_object(parse_json(meta["t2i_config"], f"{path}: t2i_config metadata"), f"{path}: t2i_config metadata")
 
 
 def find_weights(folder: Path, stem: str, variant: str | None = None) -> list[Path]:
     """The weight file(s) of one component folder, diffusers naming (`stem` e.g.
     "diffusion_pytorch_model" or "model"): a single safetensors/bin file, or the shards listed in
-    a `.index.json`. safetensors wins over pickles when both exist."""
+    a `.index.json` (each inside `folder`: see `shard_path`). safetensors wins over pickles when both
+    exist."""
     suffix = f".{variant}" if variant else ""
     for ext in (".safetensors", ".bin"):
         single = folder / f"{stem}{suffix}{ext}"
@@ -178,10 +236,24 @@ def find_weights(folder: Path, stem: str, variant: str | None = None) -> list[Pa
             return [single]
         index = folder / f"{stem}{suffix}{ext}.index.json"
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [folder / s for s in shards]
+            weight_map = read_json_object(index, "a sharded weight index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names")
+            return [shard_path(folder, s, index) for s in sorted(set(weight_map.values()))]
     raise FileNotFoundError(f"no weights in {folder} (looked for {stem}{suffix}.safetensors / .bin "
                             "and sharded .index.json)")
+
+
+def shard_path(folder: Path, name: str, index: Path) -> Path:
+    """`folder / name` for a shard named in an index, refused unless it names a file inside `folder`:
+    an index is data from the download, and `/etc/passwd` or `../../x.safetensors` must not make a
+    loader open files elsewhere. The check is on the name (relative, no `..`, no drive), not on
+    resolved links, so a folder whose files are links into a download cache still loads."""
+    pure = PurePosixPath(name)
+    if (not name or pure.is_absolute() or PureWindowsPath(name).drive or "\\" in name
+            or any(part in ("..", "") for part in name.split("/"))):
+        raise CheckpointError(f"{index}: shard {name!r} is not a file name inside {folder}")
+    return folder / pure
 
 
 def load_component_weights(folder: Path, stem: str, variant: str | None = None) -> dict[str, torch.Tensor]:
