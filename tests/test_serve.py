@@ -44,8 +44,9 @@ def pipe(tmp_path_factory):
 
 @contextmanager
 def serve(pipe, **config):
+    # A budget far above these tests' jobs: the budget's own tests are in test_serve_limits.py.
     limits = config.pop("limits", Limits(max_width=64, max_height=64, max_steps=200, max_images=4,
-                                         max_body_bytes=200_000))
+                                         max_body_bytes=200_000, max_pixel_steps=10**9))
     app = create_app(pipe, ServeConfig(limits=limits, **config))
     with BackgroundServer(app) as server:
         server.queue = app.state.queue
@@ -336,7 +337,8 @@ def test_progress_and_cancel_by_job_id(server):
 def test_interrupt_and_cancel_a_waiting_request(pipe):
     # Long enough that the first run is still going when the interrupt arrives, on a fast machine
     # too (200 steps of the tiny model could end first); the interrupt ends it early.
-    limits = Limits(max_width=64, max_height=64, max_steps=500, max_images=4, max_body_bytes=200_000)
+    limits = Limits(max_width=64, max_height=64, max_steps=500, max_images=4, max_body_bytes=200_000,
+                    max_pixel_steps=10**9)
     long = {"prompt": "slow", "steps": 500, "width": 64, "height": 64}
     with serve(pipe, max_queue=8, max_batch=4, limits=limits) as server, ThreadPoolExecutor(2) as pool:
         first = pool.submit(request, "POST", server.url + "/sdapi/v1/txt2img", long)

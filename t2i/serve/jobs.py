@@ -2,10 +2,11 @@
 merged into one batch.
 
 Threads: the asyncio event loop owns the queue (`submit`, `cancel` and the dispatcher run on it, so
-the queue needs no lock); the single worker thread only runs `pipe.generate` for one batch at a
-time, because torch on a few CPU cores gains nothing from two generations at once. The worker
-writes progress fields on the jobs it runs (plain attribute stores) and answers through the loop
-with `call_soon_threadsafe`.
+the queue needs no lock); the single worker thread only runs `pipe.run` for one batch at a time,
+because torch on a few CPU cores gains nothing from two generations at once. The worker writes
+progress fields on the jobs it runs (plain attribute stores), reads their status through the
+request's `should_stop` (polled between network blocks, so a cancelled batch stops within a
+fraction of a step) and answers through the loop with `call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -16,45 +17,18 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
+import torch
 from PIL import Image, PngImagePlugin
 
+from t2i.imageio import format_parameters
+from t2i.systems.base import GenerationRequest, Interrupted, Pipeline
+
 QUEUED, RUNNING, DONE, CANCELLED, FAILED = "queued", "running", "done", "cancelled", "failed"
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Settings a batch shares: jobs with equal Settings (and no init image) can run as one call."""
-
-    steps: int
-    guidance: float
-    sampler: str
-    schedule: str  # "default" or "karras"
-    width: int
-    height: int
-    eta: float | None = None  # DDIM only
-
-
-@dataclass
-class GenSpec:
-    """One request, resolved: a concrete seed (never -1) and every setting filled in.
-
-    Image i of the request starts from seed + i, as `t2i generate --num-images` does, so the
-    images are the same whether the job runs alone or batched with others."""
-
-    prompt: str
-    negative_prompt: str
-    seed: int
-    n: int
-    settings: Settings
-    init_image: Image.Image | None = None
-    mask: Image.Image | None = None
-    strength: float | None = None
-
-    @property
-    def batchable(self) -> bool:
-        return self.init_image is None
+SHUTTING_DOWN = "the server is shutting down"
+# Pipelines report their current estimate through `GenerationRequest.on_sample` where base.py has it.
+_HAS_ON_SAMPLE = "on_sample" in {f.name for f in fields(GenerationRequest)}
 
 
 @dataclass
@@ -68,8 +42,11 @@ class Output:
 
 @dataclass
 class Job:
+    """One accepted request. `request` is resolved (a concrete seed, the model's defaults filled in,
+    inputs already at the job's size); it loses its init image and mask once the job ends."""
+
     id: str
-    spec: GenSpec
+    request: GenerationRequest
     created: float = field(default_factory=time.time)
     status: str = QUEUED
     step: int = 0
@@ -80,6 +57,11 @@ class Job:
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
     future: asyncio.Future | None = None
+    interrupted: bool = False  # A1111's /interrupt: stop now and answer with the image as it stood
+
+    @property
+    def n(self) -> int:
+        return self.request.num_images
 
     @property
     def active(self) -> bool:
@@ -110,11 +92,7 @@ class QueueFull(Exception):
 
 
 class DuplicateJob(Exception):
-    """A client-chosen job id is already in use by an active job."""
-
-
-class _Interrupted(Exception):
-    """Raised from the step callback to stop a batch whose jobs were all cancelled."""
+    """A client-chosen job id is already taken (by any job the server still knows)."""
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -127,26 +105,50 @@ def encode_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def batch_key(r: GenerationRequest) -> GenerationRequest | None:
+    """Jobs with equal keys run as one call (one prompt, negative prompt and seed per image); None:
+    the job runs alone (its inputs are its own)."""
+    if r.init_image is not None or r.mask is not None or r.refiner is not None:
+        return None
+    return replace(r, prompt="", negative_prompt="", seed=0, num_images=1)
+
+
+def sketch(sample: torch.Tensor, size: tuple[int, int]) -> Image.Image | None:
+    """A cheap picture of the first image of a (N, C, h, w) sample for live previews: its first three
+    channels (one as grey), each stretched to 0..255 and scaled to `size` (nearest). For pixel models
+    this is the image; for latent models a sketch of the layout, at no decoder cost. None for
+    samples that are not images (token codes)."""
+    if sample.ndim != 4:
+        return None
+    x = sample[0, :3].detach().float()  # (<=3, h, w)
+    x = x if x.shape[0] == 3 else x[:1].expand(3, -1, -1)
+    lo, hi = x.amin(dim=(1, 2), keepdim=True), x.amax(dim=(1, 2), keepdim=True)
+    rgb = ((x - lo) / (hi - lo).clamp_min(1e-6) * 255).round().to(torch.uint8)  # (3, h, w)
+    return Image.fromarray(rgb.permute(1, 2, 0).numpy()).resize(size, Image.NEAREST)
+
+
 class JobQueue:
     """Accepts jobs, runs them in batches on one worker thread, answers every accepted job.
 
     Args:
-        pipe: a pipeline with `generate(prompts, negatives, seed=[...], ..., callback)`.
+        pipe: the served Pipeline; each batch is one `pipe.run(GenerationRequest)`.
         max_queue: waiting jobs allowed (the running batch is not counted); more -> QueueFull.
-        max_batch: images per `generate` call when merging compatible jobs (a bigger job runs alone).
+        max_batch: images per call when merging compatible jobs (a bigger job runs alone).
         batch_wait: seconds to wait for companions after the first job of a batch (0: none).
         retain: finished jobs kept for lookups by id.
     """
 
-    def __init__(self, pipe, max_queue: int = 16, max_batch: int = 4, batch_wait: float = 0.0,
+    def __init__(self, pipe: Pipeline, max_queue: int = 16, max_batch: int = 4, batch_wait: float = 0.0,
                  retain: int = 64) -> None:
         self.pipe = pipe
         self.max_queue, self.max_batch, self.batch_wait, self.retain = max_queue, max_batch, batch_wait, retain
         self.jobs: OrderedDict[str, Job] = OrderedDict()  # every active job and the last `retain` finished
         self.pending: deque[Job] = deque()
         self.running: list[Job] = []
+        self.sample: torch.Tensor | None = None  # the running batch's current estimate (N, ...), if reported
         self.seconds_per_image = 1.0  # running estimate, for Retry-After and the queue ETA
-        self.batches = 0  # generate calls made (the benchmark and tests read it)
+        self.batches = 0  # model calls made (the benchmark and tests read it)
+        self.closing = False  # set by close(): the worker stops and nothing new is accepted
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -159,26 +161,40 @@ class JobQueue:
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._dispatch())
 
-    async def stop(self) -> None:
-        """Answer every waiting job (503-style failure) and stop the dispatcher."""
+    def close(self) -> None:
+        """Shutdown, first step: answer every job at once and stop the running batch.
+
+        Jobs accepted but not started fail with 503 ("not started: send it again"): this
+        single-process server keeps no queue across restarts. The running batch stops within a
+        fraction of a step (its `should_stop` reads `closing`) and its jobs fail with 503 too."""
+        self.closing = True
         while self.pending:
-            self._finish(self.pending.popleft(), FAILED, "the server is shutting down")
+            self._finish(self.pending.popleft(), FAILED, f"{SHUTTING_DOWN}; the job was not started: send it again")
         for job in self.running:
-            self._finish(job, CANCELLED, "the server is shutting down")
+            self._finish(job, FAILED, f"{SHUTTING_DOWN}; the job was stopped: send it again")
+
+    async def stop(self) -> None:
+        """close(), then stop the dispatcher; the worker thread ends with its (stopping) batch."""
+        self.close()
         if self._task is not None:
             self._task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ API (event loop)
 
-    def submit(self, spec: GenSpec, job_id: str | None = None) -> Job:
+    def submit(self, request: GenerationRequest, job_id: str | None = None) -> Job:
+        """Queue a resolved request. A client-chosen `job_id` must be new: ids the server knows
+        (active or finished) are never replaced, so one client cannot take over another's job."""
+        if self.closing:
+            raise QueueFull(1)
         if len(self.pending) >= self.max_queue:
             raise QueueFull(self.retry_after())
-        if job_id is not None and job_id in self.jobs and self.jobs[job_id].active:
-            raise DuplicateJob(f"job id {job_id!r} is already queued or running")
-        job = Job(job_id or secrets.token_hex(8), spec)
+        if job_id is not None and job_id in self.jobs:
+            raise DuplicateJob(f"job id {job_id!r} is already taken; leave X-Job-Id out to get a fresh one")
+        while job_id is None or job_id in self.jobs:
+            job_id = secrets.token_hex(8)
+        job = Job(job_id, request)
         job.future = asyncio.get_running_loop().create_future()
-        self.jobs.pop(job.id, None)
         self.jobs[job.id] = job
         self.pending.append(job)
         assert self._wake is not None, "JobQueue.start() was not called"
@@ -186,7 +202,8 @@ class JobQueue:
         return job
 
     def cancel(self, job_id: str) -> bool:
-        """Cancel a queued or running job; its request is answered at once. False if not active."""
+        """Cancel a queued or running job; its request is answered at once and its images dropped
+        (the batch stops when none of its jobs is left). False if not active."""
         job = self.jobs.get(job_id)
         if job is None or not job.active:
             return False
@@ -196,19 +213,25 @@ class JobQueue:
         return True
 
     def interrupt(self) -> list[str]:
-        """Cancel the running batch (A1111's /interrupt). Returns the cancelled job ids."""
-        ids = [j.id for j in self.running if j.active]
-        for i in ids:
-            self.cancel(i)
-        return ids
+        """A1111's /interrupt: stop the running batch now; its jobs are answered with the images as
+        they stood (when the pipeline reports its current estimate; else they end cancelled).
+        Returns the interrupted job ids."""
+        jobs = [j for j in self.running if j.active]
+        for job in jobs:
+            job.interrupted = True
+        return [j.id for j in jobs]
 
     def position(self, job: Job) -> int:
         """0 for a running job, k for the k-th waiting one."""
         return 0 if job.status != QUEUED else list(self.pending).index(job) + 1
 
     def retry_after(self) -> int:
-        waiting = sum(j.spec.n for j in self.pending) + sum(j.spec.n for j in self.running)
+        waiting = sum(j.n for j in self.pending) + sum(j.n for j in self.running)
         return max(1, round(waiting * self.seconds_per_image / max(1, self.max_batch) + 0.5))
+
+    def current(self) -> Job | None:
+        """The first running job still active (for /progress)."""
+        return next((j for j in self.running if j.active), None)
 
     # ------------------------------------------------------------------ dispatcher (event loop)
 
@@ -224,36 +247,37 @@ class JobQueue:
                 if not self.pending:  # all cancelled while we waited
                     continue
             batch = self._take_batch()
-            self.running = batch
+            self.running, self.sample = batch, None
             for job in batch:
-                job.status, job.steps, job.started = RUNNING, job.spec.settings.steps, time.perf_counter()
+                job.status, job.steps, job.started = RUNNING, job.request.steps or 0, time.perf_counter()
             try:
                 await self._loop.run_in_executor(self._executor, self._run_batch, batch)
             except Exception as e:  # anything the worker did not turn into job failures
                 for job in batch:
                     self._finish(job, FAILED, f"generation failed: {e}")
-            self.running = []
+            self.running, self.sample = [], None
             self._prune()
 
     def _take_batch(self) -> list[Job]:
         """The oldest waiting job plus later compatible ones, up to max_batch images in all."""
         first = self.pending.popleft()
-        batch, images = [first], first.spec.n
-        if not first.spec.batchable:
+        key = batch_key(first.request)
+        batch, images = [first], first.n
+        if key is None:
             return batch
         for job in list(self.pending):
-            if images + job.spec.n > self.max_batch:
-                continue
-            if job.spec.batchable and job.spec.settings == first.spec.settings:
+            if images + job.n <= self.max_batch and batch_key(job.request) == key:
                 self.pending.remove(job)
                 batch.append(job)
-                images += job.spec.n
+                images += job.n
         return batch
 
     def _finish(self, job: Job, status: str, error: str | None = None) -> None:
         if not job.active:  # already answered (e.g. cancelled while its batch ran)
             return
         job.status, job.error, job.finished = status, error, time.time()
+        # A finished job keeps its answer, not its inputs.
+        job.request = replace(job.request, init_image=None, mask=None)
         if job.future is not None and not job.future.done():
             job.future.set_result(job)
 
@@ -264,35 +288,22 @@ class JobQueue:
 
     # ------------------------------------------------------------------ worker thread
 
-    def _run_batch(self, batch: list[Job]) -> None:
-        """Runs on the worker thread: one `generate` call for the whole batch, then PNG encoding."""
+    def _answer(self, job: Job, status: str, error: str | None = None) -> None:
         assert self._loop is not None
-        prompts, negatives, seeds = [], [], []
-        for job in batch:
-            for i in range(job.spec.n):
-                prompts.append(job.spec.prompt)
-                negatives.append(job.spec.negative_prompt)
-                seeds.append(job.spec.seed + i)
-        first, s = batch[0].spec, batch[0].spec.settings
+        self._loop.call_soon_threadsafe(self._finish, job, status, error)
 
-        def on_step(step: int, total: int) -> None:
-            for job in batch:
-                job.step, job.steps = step, total
-            if all(not j.active for j in batch):
-                raise _Interrupted
-
+    def _run_batch(self, batch: list[Job]) -> None:
+        """Runs on the worker thread: one `pipe.run` for the whole batch, then PNG encoding."""
+        request = self._batch_request(batch)
         t0 = time.perf_counter()
         try:
-            result = self.pipe.generate(
-                prompts, negatives, seed=seeds, num_images=1, steps=s.steps, guidance=s.guidance,
-                sampler=s.sampler, schedule=s.schedule, eta=s.eta, width=s.width, height=s.height,
-                init_image=first.init_image, mask=first.mask, strength=first.strength, callback=on_step)
-        except _Interrupted:
-            return  # every job was answered by cancel()
+            result = self.pipe.run(request)
+        except Interrupted:
+            self._answer_interrupted(batch, request)
+            return
         except Exception as e:  # noqa: BLE001 - a failed generation must answer its jobs, not kill the worker
-            message = f"generation failed: {type(e).__name__}: {e}"
             for job in batch:
-                self._loop.call_soon_threadsafe(self._finish, job, FAILED, message)
+                self._answer(job, FAILED, f"generation failed: {type(e).__name__}: {e}")
             return
         outputs = [Output(encode_png(im), sd, im.info.get("parameters", ""))
                    for im, sd in zip(result.images, result.seeds, strict=True)]
@@ -300,13 +311,65 @@ class JobQueue:
         per_image = (time.perf_counter() - t0) / len(outputs)
         self.seconds_per_image = 0.7 * self.seconds_per_image + 0.3 * per_image
         self.batches += 1
+        self._deliver(batch, outputs, list(result.warnings))
+
+    def _batch_request(self, batch: list[Job]) -> GenerationRequest:
+        """The batch as one request: one prompt, negative prompt and seed per image (image i of a job
+        with seed s has seed s + i, as alone), progress written on the jobs, stopping when no job of
+        the batch still wants its images (cancelled, interrupted, or the server closing)."""
+        prompts = [j.request.prompt for j in batch for _ in range(j.n)]
+        negatives = [j.request.negative_prompt for j in batch for _ in range(j.n)]
+        seeds = [j.request.seed + i for j in batch for i in range(j.n)]
+
+        def on_step(step: int, total: int) -> None:
+            for job in batch:
+                job.step, job.steps = step, total
+
+        def should_stop() -> bool:
+            return self.closing or all(not j.active or j.interrupted for j in batch)
+
+        hooks: dict = {"callback": on_step, "should_stop": should_stop}
+        if _HAS_ON_SAMPLE:
+            hooks["on_sample"] = self._keep_sample
+        return replace(batch[0].request, prompt=prompts, negative_prompt=negatives, seed=seeds, num_images=1,
+                       **hooks)
+
+    def _keep_sample(self, step: int, total: int, sample: torch.Tensor) -> None:
+        self.sample = sample
+
+    def _deliver(self, batch: list[Job], outputs: list[Output], warnings: list[str]) -> None:
+        """Hand each job its images (jobs answered meanwhile, e.g. cancelled, drop theirs)."""
         k = 0
         for job in batch:
-            job.outputs, job.warnings = outputs[k: k + job.spec.n], list(result.warnings)
-            k += job.spec.n
-            self._loop.call_soon_threadsafe(self._finish, job, DONE)
+            if job.active:
+                job.outputs, job.warnings = outputs[k: k + job.n], warnings
+                self._answer(job, DONE)
+            k += job.n
 
-    # ------------------------------------------------------------------ for /progress
+    def _answer_interrupted(self, batch: list[Job], request: GenerationRequest) -> None:
+        """A stopped batch: cancelled jobs were answered already; interrupted ones get the images as
+        they stood (the last reported estimate, decoded), or end cancelled when there is none."""
+        waiting = [j for j in batch if j.active and j.interrupted]
+        decode = getattr(self.pipe, "decode", None)
+        sample = self.sample
+        if not waiting:
+            return
+        if sample is None or decode is None:
+            for job in waiting:
+                self._answer(job, CANCELLED, "interrupted before the model reported an image")
+            return
+        step = max(j.step for j in batch)
+        images = decode(sample)
+        outputs = []
+        for im, prompt, negative, seed in zip(images, request.prompt, request.negative_prompt, request.seed,
+                                              strict=True):
+            im.info["parameters"] = interrupted_parameters(request, prompt, negative, seed, self.pipe.name)
+            outputs.append(Output(encode_png(im), seed, im.info["parameters"]))
+        self._deliver(batch, outputs, [f"interrupted after step {step} of {batch[0].steps}"])
 
-    def current(self) -> Job | None:
-        return next((j for j in self.running if j.active), None)
+
+def interrupted_parameters(r: GenerationRequest, prompt: str, negative: str, seed: int, model: str) -> str:
+    """A1111 `parameters` of an image taken from an interrupted run (its settings as asked)."""
+    return format_parameters(prompt, negative, steps=r.steps, sampler=r.sampler, schedule=r.schedule,
+                             guidance=r.guidance, seed=seed, width=r.width, height=r.height, model=model,
+                             interrupted="true")

@@ -1,9 +1,11 @@
 """Request bodies of the three APIs (OpenAI Images, AUTOMATIC1111, our job API) and their
-translation into one `GenSpec`, with every field checked against the server's limits.
+translation into one `GenerationRequest`, checked against the served model and the server's limits.
 
-Pydantic checks types and fixed ranges (a 422 whose `loc` names the field); `to_spec` checks what
-depends on the server (configured maximum size, the model's samplers) and raises `FieldError`,
-which the app also turns into a 4xx naming the field. Both happen before a job is queued.
+Pydantic checks types and fixed ranges (a 422 whose `loc` names the field); the `Resolver` checks
+what depends on the model and the server (the options and samplers the model's capabilities list,
+its size multiple, the limits that follow its native size, the cost budget) and raises
+`FieldError`, which the app also turns into a 4xx naming the request's own field. Both happen
+before a job is queued.
 """
 
 from __future__ import annotations
@@ -11,17 +13,18 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import re
 import secrets
+from dataclasses import replace
 from typing import Literal
 
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from t2i.imageio import A1111_SAMPLER_NAMES
-from t2i.samplers.sampling import SAMPLERS
 from t2i.serve.config import Limits
-from t2i.serve.jobs import GenSpec, Settings
+from t2i.systems.base import GenerationRequest, Pipeline, UnsupportedOption, check_request
 
 MAX_SEED = 2**53 - 1  # seeds travel through JSON and JavaScript: keep them exact as doubles
 SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -119,38 +122,18 @@ class A1111Img2Img(A1111Txt2Img):
 # ---------------------------------------------------------------------- resolution
 
 
-def sampler_names() -> dict[str, tuple[str, str | None]]:
+def sampler_names(samplers: tuple[str, ...]) -> dict[str, tuple[str, str | None]]:
     """Every accepted sampler name (lower case) -> (our sampler, schedule or None).
 
     Ours ("dpmpp_2m"), A1111's ("DPM++ 2M") and A1111's older Karras spelling ("DPM++ 2M Karras")."""
     names: dict[str, tuple[str, str | None]] = {}
-    for ours in SAMPLERS:
+    for ours in samplers:
         names[ours] = (ours, None)
         a1111 = A1111_SAMPLER_NAMES.get(ours)
         if a1111:
             names[a1111.lower()] = (ours, None)
             names[f"{a1111} karras".lower()] = (ours, "karras")
     return names
-
-
-def resolve_sampler(name: str | None, schedule: str | None, defaults, field: str,
-                    schedule_field: str) -> tuple[str, str]:
-    """(sampler, schedule) from request names; None takes the model's defaults."""
-    sampler, implied = defaults.sampler, None
-    if name:
-        hit = sampler_names().get(name.strip().lower())
-        if hit is None:
-            raise FieldError(field, f"unknown sampler {name!r}; choose one of "
-                                    f"{', '.join(A1111_SAMPLER_NAMES.get(s, s) for s in SAMPLERS)}")
-        sampler, implied = hit
-    sched = (schedule or "").strip().lower()
-    if sched in ("", "automatic"):
-        sched = implied or defaults.schedule
-    elif sched in ("default", "karras"):
-        pass
-    else:
-        raise FieldError(schedule_field, f"unknown schedule {schedule!r}; choose 'default' or 'karras'")
-    return sampler, sched
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
@@ -163,9 +146,9 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     return int(m.group(1)), int(m.group(2))
 
 
-def decode_image(data: str, field: str, limits: Limits) -> Image.Image:
-    """Base64 (optionally a data: URL) -> RGB PIL image, refusing anything over max_init_pixels
-    before the pixels are decoded."""
+def open_image(data: str, field: str, limits: Limits) -> Image.Image:
+    """Base64 (optionally a data: URL) -> a PIL image whose header is read and whose size is within
+    max_init_pixels; its pixels are not decoded yet (a decompression bomb is refused first)."""
     if data.startswith("data:"):
         data = data.partition(",")[2]
     try:
@@ -174,93 +157,176 @@ def decode_image(data: str, field: str, limits: Limits) -> Image.Image:
         raise FieldError(field, f"not valid base64: {e}") from None
     try:
         image = Image.open(io.BytesIO(raw))
-        if image.width * image.height > limits.max_init_pixels:
-            raise FieldError(field, f"image of {image.width}x{image.height} is larger than "
-                                    f"{limits.max_init_pixels} pixels")
-        image.load()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise FieldError(field, f"not a readable image: {e}") from None
-    return image.convert("RGB")
+    if image.width * image.height > limits.max_init_pixels:
+        raise FieldError(field, f"image of {image.width}x{image.height} is larger than "
+                                f"{limits.max_init_pixels} pixels")
+    return image
+
+
+def load_resized(image: Image.Image, size: tuple[int, int], field: str, mask: bool = False) -> Image.Image:
+    """Decode `image` and resize it to the job's (width, height) at once, so a job never holds a full-size
+    input: an init image as RGB with Lanczos (as the pipeline would resize it), a mask as L with
+    nearest (it is thresholded at 128). `reducing_gap` first shrinks a much larger image by an integer
+    factor (box filter), which makes a 4096x4096 input cheap at a visually identical result."""
+    try:
+        image.load()
+        if mask:
+            return image.convert("L").resize(size, Image.NEAREST)
+        if image.mode not in ("RGB", "L"):  # palette, alpha, 16-bit ...: resample in RGB
+            image = image.convert("RGB")
+        out = image.resize(size, Image.LANCZOS, reducing_gap=3.0) if image.size != size else image.copy()
+        return out.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise FieldError(field, f"not a readable image: {e}") from None
+    finally:
+        image.close()
+
+
+# The GenerationRequest fields every API names alike; each API maps the others to its own names.
+SAME_NAMES = ("prompt", "negative_prompt", "steps", "guidance", "width", "height", "seed", "sampler",
+              "schedule", "eta")
 
 
 class Resolver:
-    """Turns validated request bodies into GenSpecs for one pipeline and one set of limits."""
+    """Turns validated request bodies into GenerationRequests for one pipeline and one set of limits.
 
-    def __init__(self, pipe, limits: Limits) -> None:
-        self.pipe, self.limits = pipe, limits
-        self.multiple = max(8, getattr(pipe, "vae_scale", 8))
+    Each API method (`openai`, `job`, `a1111`) passes the settings the client gave (None: not given)
+    and a map from GenerationRequest field names to the API's own, so that every refusal names the
+    field the client sent."""
 
-    def spec(self, *, prompt: str, negative_prompt: str, seed: int, n: int, steps: int | None,
-             guidance: float | None, sampler: str, schedule: str, width: int | None, height: int | None,
-             eta: float | None = None, fields: dict[str, str] | None = None, **extra) -> GenSpec:
-        """Check the limits (raising FieldError with the request's own field names) and resolve
-        defaults and the random seed. fields maps our names (n, guidance, ...) to the request's."""
-        f = {"prompt": "prompt", "negative_prompt": "negative_prompt", "n": "n", "steps": "steps",
-             "guidance": "guidance", "width": "width", "height": "height", **(fields or {})}
-        lim, d = self.limits, self.pipe.defaults
-        for key, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-            if len(text) > lim.max_prompt_chars:
-                raise FieldError(f[key], f"{len(text)} characters; at most {lim.max_prompt_chars}")
-        if n > lim.max_images:
-            raise FieldError(f["n"], f"{n} images; at most {lim.max_images} per request")
-        steps = d.steps if steps is None else steps
-        if steps > lim.max_steps:
-            raise FieldError(f["steps"], f"{steps} steps; at most {lim.max_steps}")
-        guidance = d.guidance if guidance is None else guidance
-        if guidance > lim.max_guidance:
-            raise FieldError(f["guidance"], f"{guidance}; at most {lim.max_guidance}")
-        width = d.width if width is None else width
-        height = d.height if height is None else height
-        for key, v, top in (("width", width, lim.max_width), ("height", height, lim.max_height)):
-            if v % self.multiple or not self.multiple <= v <= top:
-                raise FieldError(f[key], f"{v}: must be a multiple of {self.multiple} "
-                                         f"between {self.multiple} and {top}")
+    def __init__(self, pipe: Pipeline, limits: Limits) -> None:
+        self.pipe, self.caps = pipe, pipe.capabilities
+        self.limits = limits.for_model(self.caps.native_size, pipe.defaults.steps)
+        # Multiples of 8 at least: A1111 clients and the page step sizes by 8.
+        self.multiple = math.lcm(8, self.caps.size_multiple)
+
+    def model(self) -> str:
+        return f"{self.pipe.name} ({self.pipe.family})"
+
+    def sampler(self, name: str | None, schedule: str | None, field: str,
+                schedule_field: str) -> tuple[str | None, str | None]:
+        """(sampler, schedule) from the request's names (A1111's accepted); None: the model's default."""
+        sampler, implied = name or None, None
+        if name and self.caps.samplers:
+            hit = sampler_names(self.caps.samplers).get(name.strip().lower())
+            if hit is None:
+                labels = ", ".join(A1111_SAMPLER_NAMES.get(s, s) for s in self.caps.samplers)
+                raise FieldError(field, f"unknown sampler {name!r} for {self.model()}; choose one of {labels}")
+            sampler, implied = hit
+        sched = (schedule or "").strip().lower()
+        if sched in ("", "automatic"):
+            return sampler, implied
+        if self.caps.schedules and sched not in self.caps.schedules:
+            raise FieldError(schedule_field, f"unknown schedule {schedule!r} for {self.model()}; choose one of "
+                                             f"{', '.join(self.caps.schedules)}")
+        return sampler, sched
+
+    def request(self, given: dict, names: dict[str, str] | None = None) -> GenerationRequest:
+        """A checked GenerationRequest from the settings the client gave (None values: not given).
+
+        Refuses (FieldError, naming the client's field) an option the model cannot honour, then a
+        value over the limits or a cost over the budget; fills the model's defaults for the rest
+        and draws a random seed for -1."""
+        f = {k: k for k in SAME_NAMES} | {"num_images": "n"} | (names or {})
+        seed = given.pop("seed", -1)
+        request = GenerationRequest(**{k: v for k, v in given.items() if v is not None})
+        try:
+            check_request(self.pipe, request)
+        except UnsupportedOption as e:
+            raise FieldError(f.get(e.option, e.option), str(e)) from None
+        d = self.pipe.defaults
+        request = replace(request, **{k: v for k, v in vars(d).items()
+                                      if getattr(request, k) is None and self.caps.accepts(k)})
+        self.check_limits(request, f)
+        if request.eta is not None and request.sampler != "ddim":
+            request = replace(request, eta=None)  # only DDIM reads it: other samplers batch with any eta
         if seed == -1:
             seed = secrets.randbelow(2**32)  # A1111's range for random seeds
-        if seed + n - 1 > MAX_SEED:
-            raise FieldError("seed", f"seed + image count exceeds {MAX_SEED}")
-        settings = Settings(steps, float(guidance), sampler, schedule, width, height,
-                            eta if sampler == "ddim" else None)
-        return GenSpec(prompt, negative_prompt, seed, n, settings, **extra)
+        if seed + request.num_images - 1 > MAX_SEED:
+            raise FieldError(f["seed"], f"seed + image count exceeds {MAX_SEED}")
+        return replace(request, seed=seed)
 
-    def openai(self, req: OpenAIImageRequest) -> GenSpec:
+    def check_limits(self, r: GenerationRequest, f: dict[str, str]) -> None:
+        """FieldError for the first setting over the limits, or for a cost over the budget."""
+        lim, d = self.limits, self.pipe.defaults
+        for key in ("prompt", "negative_prompt"):
+            if len(getattr(r, key)) > lim.max_prompt_chars:
+                raise FieldError(f[key], f"{len(getattr(r, key))} characters; at most {lim.max_prompt_chars}")
+        if r.num_images > lim.max_images:
+            raise FieldError(f["num_images"], f"{r.num_images} images; at most {lim.max_images} per request")
+        steps = r.steps or d.steps
+        if steps > lim.max_steps:
+            raise FieldError(f["steps"], f"{steps} steps; at most {lim.max_steps}")
+        if r.guidance is not None and r.guidance > lim.max_guidance:
+            raise FieldError(f["guidance"], f"{r.guidance}; at most {lim.max_guidance}")
+        width, height = r.width or d.width, r.height or d.height
+        for key, v, top in (("width", width, lim.max_width), ("height", height, lim.max_height)):
+            if v % self.multiple or not self.multiple <= v <= top:
+                raise FieldError(f[key], f"{v}: must be a multiple of {self.multiple} between {self.multiple} "
+                                         f"and {top} for {self.model()}")
+        cost = width * height * steps * r.num_images
+        assert lim.max_pixel_steps is not None
+        if cost > lim.max_pixel_steps:
+            # Name the setting furthest above the model's default request, the one to lower first.
+            native = self.caps.native_size[0] * self.caps.native_size[1]
+            excess = {"num_images": r.num_images, "steps": steps / d.steps,
+                      "width": width / self.caps.native_size[0], "height": height / self.caps.native_size[1]}
+            worst = max(excess, key=lambda k: excess[k])
+            raise FieldError(f[worst], f"{width}x{height} x {steps} steps x {r.num_images} images is {cost:,} "
+                                       f"pixel-steps, over this server's budget of {lim.max_pixel_steps:,} "
+                                       f"({lim.max_pixel_steps // (native * d.steps)} images at the native "
+                                       f"{self.caps.native_size[0]}x{self.caps.native_size[1]} and {d.steps} "
+                                       "steps); lower the size, steps or image count")
+
+    def openai(self, req: OpenAIImageRequest) -> GenerationRequest:
         names = (self.pipe.name, "t2i", *OPENAI_MODEL_ALIASES)
         if req.model is not None and req.model not in names:
             raise FieldError("model", f"unknown model {req.model!r}; this server runs {self.pipe.name!r}",
                              status=404)
         width, height = parse_size(req.size)
-        sampler, schedule = resolve_sampler(req.sampler, req.schedule, self.pipe.defaults, "sampler", "schedule")
-        return self.spec(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed, n=req.n,
-                         steps=req.steps, guidance=req.guidance, sampler=sampler, schedule=schedule,
-                         width=width, height=height, fields={"width": "size", "height": "size"})
+        sampler, schedule = self.sampler(req.sampler, req.schedule, "sampler", "schedule")
+        return self.request(dict(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed,
+                                 num_images=req.n, steps=req.steps, guidance=req.guidance, sampler=sampler,
+                                 schedule=schedule, width=width, height=height),
+                            {"width": "size", "height": "size"})
 
-    def job(self, req: JobRequest) -> GenSpec:
-        sampler, schedule = resolve_sampler(req.sampler, req.schedule, self.pipe.defaults, "sampler", "schedule")
-        return self.spec(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed, n=req.n,
-                         steps=req.steps, guidance=req.guidance, sampler=sampler, schedule=schedule,
-                         width=req.width, height=req.height)
+    def job(self, req: JobRequest) -> GenerationRequest:
+        sampler, schedule = self.sampler(req.sampler, req.schedule, "sampler", "schedule")
+        return self.request(dict(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed,
+                                 num_images=req.n, steps=req.steps, guidance=req.guidance, sampler=sampler,
+                                 schedule=schedule, width=req.width, height=req.height))
 
-    def a1111(self, req: A1111Txt2Img) -> GenSpec:
+    def a1111(self, req: A1111Txt2Img) -> GenerationRequest:
+        """txt2img and img2img. Decodes the init image and mask (resized to the job's size), so the
+        app calls it off the event loop."""
         for name, on in (("enable_hr", req.enable_hr), ("restore_faces", req.restore_faces),
                          ("tiling", req.tiling), ("subseed_strength", req.subseed_strength > 0),
                          ("script_name", bool(req.script_name))):
             if on:
                 raise FieldError(name, "not supported by this server")
-        sampler, schedule = resolve_sampler(req.sampler_name or req.sampler_index, req.scheduler,
-                                            self.pipe.defaults, "sampler_name", "scheduler")
-        extra: dict = {}
-        width, height = req.width, req.height
-        if isinstance(req, A1111Img2Img):
-            if len(req.init_images) > 1:
-                raise FieldError("init_images", "only one init image per request is supported")
-            init = extra["init_image"] = decode_image(req.init_images[0], "init_images", self.limits)
-            # Without a size, img2img keeps the input's, rounded down to what the model takes.
-            width = req.width or max(self.multiple, init.width // self.multiple * self.multiple)
-            height = req.height or max(self.multiple, init.height // self.multiple * self.multiple)
-            extra["strength"] = req.denoising_strength
-            if req.mask:
-                extra["mask"] = decode_image(req.mask, "mask", self.limits)
-        return self.spec(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed,
-                         n=req.batch_size * req.n_iter, steps=req.steps, guidance=req.cfg_scale,
-                         sampler=sampler, schedule=schedule, width=width, height=height, eta=req.eta,
-                         fields={"n": "batch_size", "guidance": "cfg_scale"}, **extra)
+        sampler, schedule = self.sampler(req.sampler_name or req.sampler_index, req.scheduler, "sampler_name",
+                                         "scheduler")
+        names = {"num_images": "batch_size", "guidance": "cfg_scale", "sampler": "sampler_name",
+                 "schedule": "scheduler", "init_image": "init_images", "strength": "denoising_strength"}
+        given = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed,
+                     num_images=req.batch_size * req.n_iter, steps=req.steps, guidance=req.cfg_scale,
+                     sampler=sampler, schedule=schedule, eta=req.eta, width=req.width, height=req.height)
+        if not isinstance(req, A1111Img2Img):
+            return self.request(given, names)
+        if len(req.init_images) > 1:
+            raise FieldError("init_images", "only one init image per request is supported")
+        init = open_image(req.init_images[0], "init_images", self.limits)
+        mask = open_image(req.mask, "mask", self.limits) if req.mask else None
+        # Without a size, img2img keeps the input's, rounded down to what the model takes.
+        m = self.multiple
+        given["width"] = req.width or max(m, init.width // m * m)
+        given["height"] = req.height or max(m, init.height // m * m)
+        # Placeholders while the options and limits are checked: nothing is decoded for a refused request.
+        tiny = Image.new("RGB", (1, 1))
+        request = self.request({**given, "init_image": tiny, "strength": req.denoising_strength,
+                                "mask": tiny if mask else None}, names)
+        size = (request.width or given["width"], request.height or given["height"])
+        return replace(request, init_image=load_resized(init, size, "init_images"),
+                       mask=None if mask is None else load_resized(mask, size, "mask", mask=True))
