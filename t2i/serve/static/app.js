@@ -33,28 +33,49 @@ function setStatus(text, isError) {
   $("status").className = isError ? "error" : "muted";
 }
 
+// /v1/info is fetched on load and again whenever the API key changes, so replies can arrive late
+// and out of order. Two rules keep them from undoing what the user did: only the reply to the
+// latest request is applied (older ones are stale), and a field the user has edited is never
+// overwritten by a default.
+let infoSeq = 0;       // number of the latest /v1/info request
+let infoKey = null;    // the key the latest request was sent with (a change event without a new key is a no-op)
+const DEFAULTED = ["width", "height", "steps", "guidance", "sampler"];
+
+function setDefault(id, value) {
+  if (!$(id).dataset.edited) $(id).value = value;
+}
+
 async function loadInfo() {
+  const seq = ++infoSeq;
+  infoKey = $("api_key").value;
   try {
     const info = await api("GET", "/v1/info");
+    if (seq !== infoSeq) return; // a newer request is under way: its reply wins
     $("model").textContent = "model: " + info.model;
     const d = info.defaults;
-    $("width").value = d.width; $("height").value = d.height;
-    $("steps").value = d.steps; $("guidance").value = d.guidance;
+    for (const id of ["width", "height", "steps", "guidance"]) setDefault(id, d[id]);
     for (const id of ["width", "height"]) {
       $(id).step = info.size_multiple; $(id).min = info.size_multiple;
       $(id).max = id === "width" ? info.limits.max_width : info.limits.max_height;
     }
     $("steps").max = info.limits.max_steps;
+    const chosen = $("sampler").dataset.edited ? $("sampler").value : d.sampler;
     $("sampler").replaceChildren(...info.samplers.map((s) => {
       const o = document.createElement("option");
-      o.value = s.name; o.textContent = s.label; o.selected = s.name === d.sampler;
+      o.value = s.name; o.textContent = s.label; o.selected = s.name === chosen;
       return o;
     }));
     setStatus("");
   } catch (e) {
+    if (seq !== infoSeq) return;
     setStatus(e.status === 401 ? "This server needs an API key (below)." : "Could not reach the server: " + e.message,
               true);
   }
+}
+
+function keyChanged() {
+  localStorage.setItem("t2i_api_key", $("api_key").value);
+  if ($("api_key").value !== infoKey) loadInfo();
 }
 
 function request() {
@@ -123,5 +144,6 @@ async function cancel() {
 $("api_key").value = localStorage.getItem("t2i_api_key") || "";
 $("form").addEventListener("submit", generate);
 $("cancel").addEventListener("click", cancel);
-$("api_key").addEventListener("change", () => { localStorage.setItem("t2i_api_key", $("api_key").value); loadInfo(); });
+$("api_key").addEventListener("change", keyChanged);
+for (const id of DEFAULTED) $(id).addEventListener("input", () => { $(id).dataset.edited = "1"; });
 loadInfo();
