@@ -1,10 +1,24 @@
-"""`t2i generate`: prompt(s) in, PNG files with their parameters out."""
+"""`t2i generate`: prompt(s) in, PNG files with their parameters out.
+
+Talks to a model only through the Pipeline protocol (t2i.systems.base): the arguments become one
+GenerationRequest, `check_request` refuses an option the model cannot honour before any work, and
+`pipe.run` generates. Outputs are never overwritten unless --overwrite says so, and every output
+path is checked before the model is loaded; with --prompts-file a rerun resumes, skipping the
+outputs whose PNG parameters already match their line.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import secrets
 import sys
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI imports torch only when it runs, so `t2i --help` stays fast
+    from t2i.systems.base import GenerationRequest
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,14 +26,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Generate images from a text prompt. Settings left out take the model's "
                                    "defaults (written in the PNG's parameters).")
     p.add_argument("prompt", nargs="?", help="the text prompt (or use --prompts-file)")
-    p.add_argument("--model", default=None, help="model folder or file (default: the built-in shapes model)")
+    p.add_argument("--model", default=None, metavar="NAME|PATH",
+                   help="a shipped model's name (`t2i models`) or a model file or folder (default: the built-in "
+                        "shapes model, t2i-shapes)")
     p.add_argument("--sampler", default=None, help="ddpm, ddim, euler, euler_a, heun, dpmpp_2m")
     p.add_argument("--schedule", default=None, choices=["default", "karras"], help="sigma schedule")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--guidance-rescale", type=float, default=0.0)
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="image i starts from seed + i; left out or -1: a random seed, printed and stored in the PNG")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--negative-prompt", default="")
@@ -42,9 +59,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the U-Net: faster steps after a compile of minutes at each new size "
                         "(cached on disk); pays off for many images per process")
     p.add_argument("--out", default="image.png", help="output PNG; with several images, -0, -1, ... are added")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (default: refuse before generating anything)")
     p.add_argument("--save-latents", default=None, metavar="FILE.safetensors",
                    help="write the final latents (before VAE scaling is undone) under the key 'latents'")
-    p.add_argument("--prompts-file", default=None, help="one prompt per line; writes DIR/0000.png, ...")
+    p.add_argument("--prompts-file", default=None,
+                   help="one prompt per line; writes DIR/0000.png, ... (line i -> i). A rerun resumes: outputs "
+                        "whose PNG parameters match their line are skipped; one that holds another prompt or other "
+                        "settings (the file was edited) is refused unless --overwrite")
     p.add_argument("--out-dir", default=None, help="output folder for --prompts-file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--rerank", type=int, default=1, metavar="K",
@@ -60,6 +82,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
     if args.prompts_file is None and args.prompt is None:
         raise UserError("give a PROMPT or --prompts-file FILE")
+    if args.prompts_file is not None and args.prompt is not None:
+        raise UserError("give a PROMPT or --prompts-file FILE, not both")
     if args.prompts_file is not None and args.out_dir is None:
         raise UserError("--prompts-file needs --out-dir DIR")
     for name in ("width", "height"):
@@ -68,6 +92,10 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} must be a positive multiple of 8, got {v}")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise UserError(f"--guidance must be 0 or more (1 or less: no classifier-free guidance), got {args.guidance}")
+    if args.seed is not None and args.seed < -1:
+        raise UserError(f"--seed must be -1 (random) or at least 0, got {args.seed}")
     if args.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {args.num_images}")
     if args.rerank < 1:
@@ -105,66 +133,221 @@ def _open_image(path: str, what: str):
 
 
 def _input_images(args: argparse.Namespace) -> dict:
-    """init_image / mask / strength for generate(), from --init-image, --mask and --outpaint."""
+    """init_image and mask for the request, from --init-image, --mask and --outpaint."""
     if args.init_image is None:
-        return {}
+        return {"init_image": None, "mask": None}
     init = _open_image(args.init_image, "--init-image")
     mask = _open_image(args.mask, "--mask") if args.mask else None
     if args.outpaint is not None:
         from t2i.systems.latent_diffusion import outpaint_canvas
 
         init, mask = outpaint_canvas(init, *(int(p) for p in args.outpaint.split(",")))
-    return {"init_image": init, "mask": mask, "strength": args.strength}
+    return {"init_image": init, "mask": mask}
+
+
+def _seed(args: argparse.Namespace) -> int:
+    """--seed, or a random one (A1111: unset or -1), which is printed so the user can come back to it."""
+    if args.seed is not None and args.seed != -1:
+        return args.seed
+    seed = secrets.randbelow(2**32)  # A1111's range for random seeds
+    print(f"t2i generate: seed {seed} (random)", file=sys.stderr)
+    return seed
+
+
+def _request(args: argparse.Namespace, **given) -> GenerationRequest:
+    """The GenerationRequest of the arguments: every option whose name is a request field is taken as
+    is (the parser's defaults are the request's, so `set_options` names what the user set); `given`
+    holds what the arguments only point to (the loaded input images, refiner, the resolved seed)."""
+    from t2i.systems.base import GenerationRequest
+
+    taken = {f.name: getattr(args, f.name) for f in fields(GenerationRequest)
+             if f.name in vars(args) and f.name not in given}
+    return GenerationRequest(**taken, **given)
+
+
+def _numbered(path: Path, n: int) -> list[Path]:
+    """The files n images go to: path itself for one, path-0, path-1, ... for several."""
+    return [path] if n == 1 else [path.with_name(f"{path.stem}-{j}{path.suffix}") for j in range(n)]
+
+
+def _check_outputs(args: argparse.Namespace) -> list[Path]:
+    """The PNG paths of a single-prompt run, refused before any work if one is a folder or exists
+    (with --save-latents' file) and --overwrite is not given."""
+    from t2i.cli import UserError
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: give a file name, e.g. --out {out / 'image.png'}")
+    paths = _numbered(out, args.num_images)
+    if args.overwrite:
+        return paths
+    latents = [Path(args.save_latents)] if args.save_latents else []
+    taken = [str(p) for p in paths + latents if p.exists()]
+    if taken:
+        raise UserError(f"{', '.join(taken)} already exist{'s' if len(taken) == 1 else ''}: choose another --out "
+                        "(or --save-latents) or pass --overwrite")
+    return paths
+
+
+def _load(args: argparse.Namespace):
+    import t2i
+    from t2i.cli import UserError
+
+    pipe = t2i.load(args.model, precision=args.precision)
+    if args.compile:
+        compile_unet = getattr(pipe, "compile", None)
+        if compile_unet is None:
+            raise UserError(f"--compile: {pipe.name} ({pipe.family}) has nothing to compile")
+        compile_unet()
+    return pipe
+
+
+def _generate(pipe, request, args: argparse.Namespace, embedder):
+    if args.rerank == 1:
+        return pipe.run(request)
+    from t2i.eval.rerank import run_reranked
+
+    return run_reranked(pipe, request, args.rerank, embedder)
+
+
+def _warn(message: str) -> None:
+    print(f"t2i generate: warning: {message}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     import t2i
     from t2i.imageio import save_png
+    from t2i.request_warnings import size_warning
+    from t2i.systems.base import check_request
 
-    pipe = t2i.load(args.model, precision=args.precision)
-    if args.compile:
-        pipe.compile()
+    # Cheap refusals first: outputs that exist, a prompts file that cannot be read.
+    paths = _check_outputs(args) if args.prompts_file is None else []
+    prompts = _read_prompts(args) if args.prompts_file is not None else []
+    pipe = _load(args)
+    refiner = t2i.load(args.refiner, precision=args.precision) if args.refiner else None
+    request = _request(args, **_input_images(args), refiner=refiner, seed=0, prompt=args.prompt or prompts[0],
+                       preview=bool(args.preview_decoder), progress=not args.quiet)
+    check_request(pipe, request)  # UnsupportedOption (a ValueError): one line naming option and model
+    request = replace(request, seed=_seed(args))
     if args.preview_decoder:
         from t2i.autoencoders.preview import PreviewDecoder
 
         pipe.preview_decoder = PreviewDecoder.load(args.preview_decoder)
-    images = _input_images(args)
-    refiner = t2i.load(args.refiner, precision=args.precision) if args.refiner else None
-    settings = dict(**images, refiner=refiner, refiner_start=args.refiner_start,
-                    negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
-                    guidance=args.guidance, guidance_rescale=args.guidance_rescale, sampler=args.sampler,
-                    schedule=args.schedule, eta=args.eta, width=args.width, height=args.height,
-                    num_images=args.num_images, deepcache=args.deepcache,
-                    preview=bool(args.preview_decoder), progress=not args.quiet)
-    generate = pipe.generate
+    embedder = None
     if args.rerank > 1:
-        from functools import partial
+        from t2i.eval.rerank import load_embedder
 
-        from t2i.eval.rerank import generate_reranked, load_embedder
-
-        generate = partial(generate_reranked, pipe, rerank=args.rerank, embedder=load_embedder(args.rerank_clip))
+        embedder = load_embedder(args.rerank_clip)
+    if (warning := size_warning(pipe, request)) is not None:
+        _warn(warning)
     if args.prompts_file is not None:
-        prompts = [ln.strip() for ln in Path(args.prompts_file).read_text().splitlines() if ln.strip()]
-        out_dir = Path(args.out_dir)
-        for i, prompt in enumerate(prompts):
-            result = generate(prompt, **settings)
-            for j, image in enumerate(result.images):
-                name = f"{i:04d}.png" if len(result.images) == 1 else f"{i:04d}-{j}.png"
-                save_png(image, out_dir / name, image.info.get("parameters"))
-        print(f"wrote {len(prompts)} prompt(s) to {out_dir}", file=sys.stderr)
-        return 0
-    result = generate(args.prompt, **settings)
+        return _run_prompts_file(pipe, request, prompts, args, embedder)
+    result = _generate(pipe, request, args, embedder)
     for warning in result.warnings:
-        print(f"t2i generate: warning: {warning}", file=sys.stderr)
-    out = Path(args.out)
-    paths = [out] if len(result.images) == 1 else [out.with_name(f"{out.stem}-{j}{out.suffix}")
-                                                   for j in range(len(result.images))]
+        _warn(warning)
     for path, image in zip(paths, result.images, strict=True):
-        save_png(image, path, image.info.get("parameters"))
+        save_png(image, path, image.info.get("parameters"), overwrite=args.overwrite)
     if args.save_latents:
         from t2i.checkpoints.io import save_state_dict
 
-        save_state_dict({"latents": result.latents.float().contiguous()}, args.save_latents)
+        save_state_dict({"latents": result.sample.float().contiguous()}, args.save_latents)
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- --prompts-file
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    from t2i.cli import UserError
+
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out-dir {out_dir} is a file, not a folder")
+    try:
+        text = Path(args.prompts_file).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--prompts-file not found: {args.prompts_file}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise UserError(f"--prompts-file {args.prompts_file} is not readable UTF-8 text ({e})") from None
+    prompts = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not prompts:
+        raise UserError(f"--prompts-file {args.prompts_file} holds no prompt")
+    return prompts
+
+
+def _expected(pipe, request: GenerationRequest, args: argparse.Namespace) -> tuple[list[dict[str, str]], set[str]]:
+    """The parsed PNG parameters each image of `request` (one prompt) will carry, and the keys to
+    leave out of the comparison because they are not known before generating (the CLIP score; the
+    seed when it is drawn at random or picked by the reranker; the img2img strength when the model
+    chooses it)."""
+    import t2i
+    from t2i.imageio import parse_parameters, request_parameters
+    from t2i.request_warnings import resolved_request
+
+    r = resolved_request(pipe, request)
+    precision = t2i.resolve_precision(args.precision)
+    free = {"CLIP score"}
+    if args.seed in (None, -1) or args.rerank > 1:
+        free.add("Seed")
+    if r.init_image is not None and r.strength is None:
+        free.add("Denoising strength")
+    rerank = f", Rerank: {args.rerank}" if args.rerank > 1 else ""
+    texts = [request_parameters(r, r.prompt, r.negative_prompt, r.seed + j, pipe.name, precision) + rerank
+             for j in range(r.num_images)]
+    return [parse_parameters(t) for t in texts], free
+
+
+def _matches(path: Path, expected: dict[str, str], free: set[str]) -> bool:
+    """Whether the PNG at `path` carries the `expected` parameters (keys in `free` aside)."""
+    from t2i.imageio import parse_parameters, read_parameters
+
+    try:
+        text = read_parameters(path)
+    except OSError:  # not an image we can read: not ours to keep
+        return False
+    if text is None:
+        return False
+    found = parse_parameters(text)
+    return {k: v for k, v in found.items() if k not in free} == {k: v for k, v in expected.items() if k not in free}
+
+
+def _run_prompts_file(pipe, request, prompts: list[str], args: argparse.Namespace, embedder) -> int:
+    """Line i's images go to DIR/iiii.png (DIR/iiii-j.png for several). A line whose outputs all exist
+    with matching parameters is skipped (resume). An existing output that holds another prompt or
+    other settings (the file was edited, or the settings changed) is refused before any work, unless
+    --overwrite: a name never silently changes meaning."""
+    from t2i.cli import UserError
+    from t2i.imageio import save_png
+
+    out_dir = Path(args.out_dir)
+    todo: list[tuple[int, GenerationRequest, list[Path]]] = []
+    conflicts: list[str] = []
+    skipped = 0
+    for i, prompt in enumerate(prompts):
+        line = replace(request, prompt=prompt)
+        paths = _numbered(out_dir / f"{i:04d}.png", line.num_images)
+        found = [p for p in paths if p.exists()]
+        expected, free = _expected(pipe, line, args)
+        same = [_matches(p, e, free) for p, e in zip(paths, expected, strict=True) if p.exists()]
+        if found and len(found) == len(paths) and all(same):
+            skipped += 1
+            continue
+        conflicts += [f"{p.name}" for p, ok in zip(found, same, strict=True) if not ok]
+        todo.append((i, line, paths))
+    if conflicts and not args.overwrite:
+        raise UserError(f"{out_dir} already holds {', '.join(conflicts[:5])}{' ...' if len(conflicts) > 5 else ''} "
+                        "made from another prompt or other settings (was the prompts file edited?): use a new "
+                        "--out-dir, or --overwrite to replace them")
+    if skipped:
+        print(f"t2i generate: {skipped} prompt(s) already done in {out_dir}: skipped", file=sys.stderr)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, line, paths in todo:
+        result = _generate(pipe, line, args, embedder)
+        for warning in result.warnings:
+            _warn(f"line {i + 1}: {warning}")
+        for path, image in zip(paths, result.images, strict=True):
+            # Outputs of this line that exist were checked above (they match, or --overwrite).
+            save_png(image, path, image.info.get("parameters"), overwrite=True)
+    print(f"wrote {len(todo)} prompt(s) to {out_dir}", file=sys.stderr)
     return 0

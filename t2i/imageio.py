@@ -13,10 +13,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
+
+from t2i.systems.base import GenerationRequest
 
 # Our sampler names -> the names A1111 writes, so its tools recognise them.
 A1111_SAMPLER_NAMES = {
@@ -76,6 +79,33 @@ def format_parameters(prompt: str, negative_prompt: str = "", **settings: object
     return "\n".join(lines)
 
 
+def request_parameters(request: GenerationRequest, prompt: str, negative_prompt: str, seed: int, model: str,
+                       precision: str = "fp32") -> str:
+    """The `parameters` of one image of a resolved request (steps, guidance, sampler, schedule, width,
+    height and, with an init image, strength filled in): every setting that changes its pixels, so
+    that `request_fields(parse_parameters(text))` regenerates it. Settings at their no-op value
+    (eta 0, guidance rescale 0, deepcache 1, fp32) are left out, as A1111 leaves out what is off.
+    precision: the weights' precision ("bf16" changes pixels slightly)."""
+    r = request
+    extra: dict[str, object] = {}
+    if r.eta:
+        extra["eta"] = r.eta
+    if r.guidance_rescale:
+        extra["guidance_rescale"] = r.guidance_rescale
+    if r.init_image is not None:
+        extra["denoising_strength"] = r.strength
+    if r.refiner is not None:
+        extra.update(refiner=r.refiner.name, refiner_switch_at=r.refiner_start)
+    if r.deepcache > 1:
+        extra["deepcache_interval"] = r.deepcache
+    if r.preview:
+        extra["decoder"] = "preview"
+    if precision != "fp32":
+        extra["precision"] = precision
+    return format_parameters(prompt, negative_prompt, steps=r.steps, sampler=r.sampler, schedule=r.schedule,
+                             guidance=r.guidance, seed=seed, width=r.width, height=r.height, model=model, **extra)
+
+
 def _quote(v: object) -> str:
     text = str(v)
     # A1111 quotes values that contain its separators.
@@ -100,18 +130,65 @@ def parse_parameters(text: str) -> dict[str, str]:
     return out
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None = None) -> None:
-    """Write a PNG with the A1111 `parameters` chunk; atomically, so a reader never sees half a file."""
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None = None,
+             overwrite: bool = True) -> None:
+    """Write a PNG with the A1111 `parameters` chunk; atomically, so a reader never sees half a file.
+
+    overwrite=False: FileExistsError if `path` exists, also when another process creates it while
+    this one writes (the finished file is hard-linked into place, which never replaces a file).
+    The temporary file is removed whatever happens."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: give a .png file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text("parameters", parameters)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # FileExistsError if it exists
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_parameters(path: str | os.PathLike) -> str | None:
     with Image.open(path) as im:
         return im.info.get("parameters")
+
+
+# parse_parameters keys -> (GenerationRequest field, type); the inverse of request_parameters.
+_REQUEST_KEYS: dict[str, tuple[str, type]] = {
+    "Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int), "Eta": ("eta", float),
+    "Guidance rescale": ("guidance_rescale", float), "Denoising strength": ("strength", float),
+    "Refiner switch at": ("refiner_start", float), "Deepcache interval": ("deepcache", int),
+}
+_OUR_SAMPLER_NAMES = {v: k for k, v in A1111_SAMPLER_NAMES.items()}
+
+
+def request_fields(params: dict[str, str]) -> dict[str, Any]:
+    """`parse_parameters` output -> GenerationRequest keyword arguments (prompt, negative_prompt,
+    steps, guidance, seed, sampler, schedule, width, height and the optional settings present).
+
+    What a PNG names but cannot hold comes back under its own key for the caller to load:
+    "model", "refiner" (model names) and "precision"; an img2img or inpainting input image is
+    not in the metadata at all. A1111 sampler names map back to ours ("DPM++ 2M" -> "dpmpp_2m")."""
+    out: dict[str, Any] = {"prompt": params.get("prompt", ""), "negative_prompt": params.get("negative_prompt", "")}
+    for key, (name, kind) in _REQUEST_KEYS.items():
+        if key in params:
+            out[name] = kind(params[key])
+    if "Sampler" in params:
+        out["sampler"] = _OUR_SAMPLER_NAMES.get(params["Sampler"], params["Sampler"])
+    out["schedule"] = params.get("Schedule type", "default").lower()
+    if "Size" in params:
+        out["width"], out["height"] = (int(v) for v in params["Size"].split("x"))
+    if params.get("Decoder") == "preview":
+        out["preview"] = True
+    for key in ("Model", "Refiner", "Precision"):
+        if key in params:
+            out[key.lower()] = params[key]
+    out.setdefault("precision", "fp32")
+    return out

@@ -14,12 +14,13 @@ Any `ImageTextEmbedder` ranks; the default is the shipped shapes CLIP (t2i.eval.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
 
 from t2i.eval.clip_score import CLIP_SCORE_WEIGHT, ImageTextEmbedder, cosine_matrix
+from t2i.systems.base import GenerationRequest, Pipeline
 
 
 @dataclass
@@ -67,19 +68,23 @@ def load_embedder(path: str | None) -> ImageTextEmbedder:
 
 def generate_reranked(pipe, prompt: str | list[str], rerank: int, embedder: ImageTextEmbedder | None = None, *,
                       seed: int | list[int] = 0, num_images: int = 1, **settings):
-    """`pipe.generate` with K = rerank candidates per output image; returns a GenerationResult of the
-    kept images (num_images per prompt), their latents (N, C, h, w) and seeds.
+    """`pipe.generate` with K = rerank candidates per output image: `run_reranked` of the request
+    these keyword arguments make (settings: steps, guidance, sampler, ... of GenerationRequest)."""
+    request = GenerationRequest(prompt, seed=seed, num_images=num_images, **settings)
+    return run_reranked(pipe, request, rerank, embedder)
 
-    pipe: anything with `generate(prompt, seed=..., num_images=..., **settings) -> GenerationResult`
-    (t2i.systems.latent_diffusion). settings: passed through (steps, guidance, sampler, ...).
-    """
+
+def run_reranked(pipe: Pipeline, request: GenerationRequest, rerank: int, embedder: ImageTextEmbedder | None = None):
+    """`pipe.run(request)` with K = rerank candidates per output image; returns a GenerationResult of the
+    kept images (request.num_images per prompt), their final samples (N, ...) and seeds."""
     if rerank < 1:
         raise ValueError(f"rerank must be at least 1, got {rerank}")
-    result = pipe.generate(prompt, seed=seed, num_images=num_images * rerank, **settings)
+    num_images = request.num_images
+    result = pipe.run(replace(request, num_images=num_images * rerank))
     if rerank == 1:
         return result
     embedder = embedder or default_embedder()
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = [request.prompt] if isinstance(request.prompt, str) else list(request.prompt)
     keep: list[int] = []
     for g in range(len(result.images) // rerank):  # group g: output g % num_images of prompt g // num_images
         lo = g * rerank
@@ -89,7 +94,7 @@ def generate_reranked(pipe, prompt: str | list[str], rerank: int, embedder: Imag
                                    + f", Rerank: {rerank}, CLIP score: {ranking.score:.2f}")
         keep.append(lo + ranking.best)
     result.images = [result.images[i] for i in keep]
-    result.latents = result.latents[torch.tensor(keep)]
+    result.sample = result.sample[torch.tensor(keep)]
     result.seeds = [result.seeds[i] for i in keep]
     return result
 
