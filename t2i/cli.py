@@ -24,7 +24,10 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from t2i import __version__
+
     parser = argparse.ArgumentParser(prog="t2i", description="Text-to-image generation, training and evaluation.")
+    parser.add_argument("--version", action="version", version=f"t2i {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for _name, module in SUBCOMMANDS:
         try:
@@ -50,4 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m t2i.cli`: run the imported module's main, so that the UserError the subcommands
+    # raise (t2i.cli.UserError) is the class caught there, not a second copy defined in __main__.
+    from t2i.cli import main as package_main
+
+    sys.exit(package_main())
