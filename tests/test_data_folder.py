@@ -74,21 +74,30 @@ def test_jsonl_manifest_and_its_errors(tmp_path):
         jsonl_manifest(tmp_path / "nope.jsonl", 4)
 
 
-def test_training_on_a_folder_with_a_corrupt_image_does_not_crash(tmp_path):
+def _three_images(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     for i, rgb in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
         _write(data, f"{i}.png", rgb, size=(16, 16), caption=f"image {i}")
-    (data / "3.png").write_bytes(b"garbage")
-    run = subprocess.run([sys.executable, "-m", "t2i.cli", "train", "autoencoder", "--out", str(tmp_path / "ae"),
+    return data
+
+
+def _train_on(data, out, *extra: str) -> None:
+    """`t2i train autoencoder` (tiny, 16x16, batch 4) on the folder `data`; it must succeed."""
+    run = subprocess.run([sys.executable, "-m", "t2i.cli", "train", "autoencoder", "--out", str(out),
                           "--preset", "tiny", "--data", "folder", "--data-path", str(data), "--image-size", "16",
-                          "--steps", "3", "--batch-size", "4", "--image-every", "0", "--ckpt-every", "3",
-                          "--threads", "1"], capture_output=True, text=True, timeout=300)
+                          "--batch-size", "4", "--image-every", "0", "--threads", "1", *extra],
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_training_on_a_folder_with_a_corrupt_image_does_not_crash(tmp_path):
+    data = _three_images(tmp_path)
+    (data / "3.png").write_bytes(b"garbage")
+    _train_on(data, tmp_path / "ae", "--steps", "3", "--ckpt-every", "3")
     log = (tmp_path / "ae" / "log.txt").read_text()
     assert "skipping unreadable image" in log and "3.png" in log
     assert (tmp_path / "ae" / "checkpoints" / "step_00000003.safetensors").is_file()
-
 
 def _bomb(path) -> None:
     """A 20000x20000 RGB PNG as far as its header goes (PIL refuses it at open, from the header:
@@ -123,19 +132,12 @@ def test_decompression_bomb_is_skipped_and_non_utf8_caption_leaves_its_image_out
 
 
 def test_training_and_resume_on_a_folder_with_a_decompression_bomb(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    for i, rgb in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
-        _write(data, f"{i}.png", rgb, size=(16, 16), caption=f"image {i}")
+    data = _three_images(tmp_path)
     _bomb(data / "3.png")
     (data / "4.png").write_bytes(b"garbage")
     (data / "4.txt").write_bytes(b"\xff\xfe not utf-8")
-    cmd = [sys.executable, "-m", "t2i.cli", "train", "autoencoder", "--out", str(tmp_path / "ae"), "--preset", "tiny",
-           "--data", "folder", "--data-path", str(data), "--image-size", "16", "--batch-size", "4",
-           "--image-every", "0", "--ckpt-every", "1", "--threads", "1"]
-    for extra in (["--steps", "2"], ["--steps", "3", "--resume"]):  # every step reads the bomb
-        run = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-2000:]
+    _train_on(data, tmp_path / "ae", "--steps", "2", "--ckpt-every", "1")  # every step reads the bomb
+    _train_on(data, tmp_path / "ae", "--steps", "3", "--resume")
     log = (tmp_path / "ae" / "log.txt").read_text()
     # each run opens the folder twice (the training stream and the grid's fixed batch), each names them once
     assert log.count("skipping unreadable image") == 4 and log.count("3.png (DecompressionBombError") == 4

@@ -23,8 +23,9 @@ from torch import nn
 
 from t2i.checkpoints.io import CheckpointError
 from t2i.train.checkpoint import checkpoint_path, read_metadata, verify_checkpoint
+from t2i.train.config import LoopConfig
 from t2i.train.ema import EMA
-from t2i.train.fit import Grid, LoopConfig, Run, Step, Task, fit
+from t2i.train.fit import Grid, Run, Step, Task, fit
 from t2i.train.loop import CAPTION_CELL, NonFiniteLossError, save_grid
 
 torch.set_num_threads(1)

@@ -18,9 +18,10 @@ import torch
 from t2i.autoencoders.kl import AutoencoderKL, AutoencoderKLConfig
 from t2i.autoencoders.losses import AutoencoderLoss, AutoencoderLossConfig
 from t2i.checkpoints.io import load_state_dict, read_config, save_with_config
+from t2i.train.config import LoopConfig
 from t2i.train.data import open_data
 from t2i.train.distributed import DistInfo
-from t2i.train.fit import Grid, LoopConfig, Run, Step, Task, fit
+from t2i.train.fit import Grid, Run, Step, Task, fit
 
 
 @dataclass

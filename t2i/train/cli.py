@@ -6,7 +6,7 @@ The same command runs on one process or, unchanged, under
 Each option sets one field of the family's config dataclass and has no default of its own: the
 dataclass is the one place defaults live (--help shows them), and an option left out is known
 to be left out. That is what lets `--resume` keep the run's saved settings and apply only what
-the user actually typed (`t2i.train.fit.resolve_config`).
+the user actually typed (`t2i.train.config.resolve_config`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from t2i.train.fit import LoopConfig, get_path, set_path
+from t2i.train.config import LoopConfig, get_path, set_path
 
 # (flag, config path, argparse keywords, help); the default is appended from the family's config.
 Option = tuple[str, str, dict[str, Any], str]

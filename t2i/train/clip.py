@@ -33,8 +33,9 @@ from t2i.eval.shapes_clip import (
     ranking_set,
 )
 from t2i.eval.shapes_judge import Detection, check
+from t2i.train.config import LoopConfig
 from t2i.train.data import open_data
-from t2i.train.fit import LoopConfig, Run, Step, Task, fit
+from t2i.train.fit import Run, Step, Task, fit
 from t2i.train.loop import warmup_lr
 
 

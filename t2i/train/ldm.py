@@ -23,10 +23,11 @@ import torch
 from t2i.diffusion.losses import DiffusionLoss
 from t2i.systems.shapes_ldm import UNET_PRESETS, ShapesLDM, ShapesLDMConfig, load_text_encoder
 from t2i.train.autoencoder import load_vae
+from t2i.train.config import LoopConfig
 from t2i.train.data import open_data
 from t2i.train.distributed import DistInfo
 from t2i.train.ema import EMA
-from t2i.train.fit import Grid, LoopConfig, Run, Step, Task, fit
+from t2i.train.fit import Grid, Run, Step, Task, fit
 
 # Prompts of the periodic sample grids: one per judge family.
 SAMPLE_PROMPTS = [

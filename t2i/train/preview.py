@@ -20,9 +20,10 @@ from t2i.autoencoders.kl import AutoencoderKL
 from t2i.autoencoders.preview import PreviewDecoder, PreviewDecoderConfig
 from t2i.systems.shapes_ldm import DEFAULT_MODEL_FILE, ShapesLDM, is_t2i_model
 from t2i.train.autoencoder import load_vae
+from t2i.train.config import LoopConfig
 from t2i.train.data import open_data
 from t2i.train.distributed import DistInfo
-from t2i.train.fit import Grid, LoopConfig, Run, Step, Task, fit
+from t2i.train.fit import Grid, Run, Step, Task, fit
 
 
 @dataclass
