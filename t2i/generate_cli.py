@@ -58,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the U-Net: faster steps after a compile of minutes at each new size "
                         "(cached on disk); pays off for many images per process")
-    p.add_argument("--out", default="image.png", help="output PNG; with several images, -0, -1, ... are added")
+    p.add_argument("--out", default=None,
+                   help="output PNG (default image.png); with several images, -0, -1, ... are added")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing output files (default: refuse before generating anything)")
     p.add_argument("--save-latents", default=None, metavar="FILE.safetensors",
@@ -86,6 +87,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError("give a PROMPT or --prompts-file FILE, not both")
     if args.prompts_file is not None and args.out_dir is None:
         raise UserError("--prompts-file needs --out-dir DIR")
+    if args.prompts_file is not None and (args.out or args.save_latents):
+        raise UserError(f"{'--out' if args.out else '--save-latents'} names the file of a single PROMPT; "
+                        "--prompts-file writes into --out-dir")
+    if args.prompts_file is None and args.out_dir is not None:
+        raise UserError("--out-dir is for --prompts-file; give --out FILE for a single PROMPT")
     for name in ("width", "height"):
         v = getattr(args, name)
         if v is not None and (v <= 0 or v % 8):
@@ -175,7 +181,7 @@ def _check_outputs(args: argparse.Namespace) -> list[Path]:
     (with --save-latents' file) and --overwrite is not given."""
     from t2i.cli import UserError
 
-    out = Path(args.out)
+    out = Path(args.out or "image.png")
     if out.is_dir():
         raise UserError(f"--out {out} is a folder: give a file name, e.g. --out {out / 'image.png'}")
     paths = _numbered(out, args.num_images)

@@ -124,6 +124,13 @@ def test_prompts_file_and_a_prompt_together_is_an_error(tmp_path, capsys):
     lines.write_text("a red circle\n")
     assert main(["generate", "a blue square", "--prompts-file", str(lines), "--out-dir", str(tmp_path / "o")]) == 2
     assert "not both" in capsys.readouterr().err
+    # options of the other mode are refused too, not silently ignored
+    for extra in (["--out", str(tmp_path / "a.png")], ["--save-latents", str(tmp_path / "l.safetensors")]):
+        assert main(["generate", "--prompts-file", str(lines), "--out-dir", str(tmp_path / "o"), *extra]) == 2
+        assert extra[0] in capsys.readouterr().err
+    assert main(["generate", "a blue square", "--out-dir", str(tmp_path / "o")]) == 2
+    assert "--out-dir is for --prompts-file" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [lines]
 
 
 def test_prompts_file_prints_the_truncation_warning_per_prompt(tmp_path, capsys):
