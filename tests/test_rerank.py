@@ -154,12 +154,16 @@ def test_eval_shapes_rerank_reports_both_sides_per_family(tmp_path, monkeypatch,
     from t2i.cli import main
     from t2i.data.shapes import render
     from t2i.data.shapes.heldout import heldout_draws
+    from t2i.systems.base import Capabilities
 
     draws = heldout_draws(per_family=2)
     scene_of = {p: s for _f, s, p in draws}
     others = {p: render(draws[(i + 5) % len(draws)][1]) for i, (_f, _s, p) in enumerate(draws)}
 
     class Candidates:
+        name, family = "stand-in", "test"  # a Pipeline as far as eval checks requests
+        capabilities = Capabilities(options=frozenset({"steps", "guidance", "sampler", "deepcache", "preview"}))
+
         def generate(self, prompt, seed=0, num_images=1, **settings):
             assert num_images == 4 and seed == 0
             return SimpleNamespace(images=[others[prompt], others[prompt], render(scene_of[prompt]), others[prompt]])
