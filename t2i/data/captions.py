@@ -1,4 +1,4 @@
-"""The caption language of the shapes world (SHAPES_WORLD.md v1): vocabulary and templates.
+"""The caption language of the shapes world (docs/SHAPES_WORLD.md): vocabulary and templates.
 
 This module is the grammar only; it knows nothing about images. `t2i.data.shapes` decides
 which facts are true of a scene and asks these builders for words; the judge's parser

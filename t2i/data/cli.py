@@ -9,7 +9,7 @@ import sys
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="make data sets")
     kinds = p.add_subparsers(dest="kind", required=True)
-    s = kinds.add_parser("shapes", help="the shapes world (../shared/SHAPES_WORLD.md v1)")
+    s = kinds.add_parser("shapes", help="the shapes world (docs/SHAPES_WORLD.md)")
     s.add_argument("--n", type=int, required=True, help="number of images")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--seed", type=int, default=0)
