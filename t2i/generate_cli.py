@@ -216,6 +216,16 @@ def _generate(pipe, request, args: argparse.Namespace, embedder):
     return run_reranked(pipe, request, args.rerank, embedder)
 
 
+def _save(image, path: Path, overwrite: bool) -> None:
+    from t2i.cli import UserError
+    from t2i.imageio import save_png
+
+    try:
+        save_png(image, path, image.info.get("parameters"), overwrite=overwrite)
+    except FileExistsError:  # checked before generating: something else wrote it meanwhile
+        raise UserError(f"{path} appeared while generating and was not replaced (--overwrite to allow)") from None
+
+
 def _warn(message: str) -> None:
     print(f"t2i generate: warning: {message}", file=sys.stderr)
 
@@ -223,7 +233,6 @@ def _warn(message: str) -> None:
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     import t2i
-    from t2i.imageio import save_png
     from t2i.request_warnings import size_warning
     from t2i.systems.base import check_request
 
@@ -253,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
     for warning in result.warnings:
         _warn(warning)
     for path, image in zip(paths, result.images, strict=True):
-        save_png(image, path, image.info.get("parameters"), overwrite=args.overwrite)
+        _save(image, path, args.overwrite)
     if args.save_latents:
         from t2i.checkpoints.io import save_state_dict
 
@@ -324,10 +333,9 @@ def _run_prompts_file(pipe, request, prompts: list[str], args: argparse.Namespac
     other settings (the file was edited, or the settings changed) is refused before any work, unless
     --overwrite: a name never silently changes meaning."""
     from t2i.cli import UserError
-    from t2i.imageio import save_png
 
     out_dir = Path(args.out_dir)
-    todo: list[tuple[int, GenerationRequest, list[Path]]] = []
+    todo: list[tuple[int, GenerationRequest, list[Path], list[Path]]] = []
     conflicts: list[str] = []
     skipped = 0
     for i, prompt in enumerate(prompts):
@@ -340,7 +348,7 @@ def _run_prompts_file(pipe, request, prompts: list[str], args: argparse.Namespac
             skipped += 1
             continue
         conflicts += [f"{p.name}" for p, ok in zip(found, same, strict=True) if not ok]
-        todo.append((i, line, paths))
+        todo.append((i, line, paths, found))
     if conflicts and not args.overwrite:
         raise UserError(f"{out_dir} already holds {', '.join(conflicts[:5])}{' ...' if len(conflicts) > 5 else ''} "
                         "made from another prompt or other settings (was the prompts file edited?): use a new "
@@ -348,12 +356,12 @@ def _run_prompts_file(pipe, request, prompts: list[str], args: argparse.Namespac
     if skipped:
         print(f"t2i generate: {skipped} prompt(s) already done in {out_dir}: skipped", file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for i, line, paths in todo:
+    for i, line, paths, found in todo:
         result = _generate(pipe, line, args, embedder)
         for warning in result.warnings:
             _warn(f"line {i + 1}: {warning}")
         for path, image in zip(paths, result.images, strict=True):
-            # Outputs of this line that exist were checked above (they match, or --overwrite).
-            save_png(image, path, image.info.get("parameters"), overwrite=True)
+            # The outputs found above were checked (they match their line, or --overwrite).
+            _save(image, path, overwrite=path in found)
     print(f"wrote {len(todo)} prompt(s) to {out_dir}", file=sys.stderr)
     return 0

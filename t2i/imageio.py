@@ -150,9 +150,21 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None
         if overwrite:
             os.replace(tmp, path)
         else:
-            os.link(tmp, path)  # FileExistsError if it exists
+            _place_new(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _place_new(tmp: Path, path: Path) -> None:
+    """Move the finished `tmp` to `path`, never replacing a file there (FileExistsError)."""
+    try:
+        os.link(tmp, path)  # atomic, and fails if path exists
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: check, then rename (a narrow race remains)
+        if path.exists():
+            raise FileExistsError(f"{path} exists") from None
+        os.replace(tmp, path)
 
 
 def read_parameters(path: str | os.PathLike) -> str | None:

@@ -272,3 +272,19 @@ def test_prompts_file_without_seed_resumes_whatever_seed_was_drawn(tiny_path, tm
     assert _generate(tiny_path, "--prompts-file", str(lines), "--out-dir", str(out)) == 0
     assert runs == ["a red circle"]
 
+
+
+def test_a_file_that_appears_while_generating_is_not_replaced(tiny_path, tmp_path, capsys, monkeypatch):
+    from t2i.systems.latent_diffusion import LatentDiffusionPipeline
+
+    out = tmp_path / "a.png"
+    real = LatentDiffusionPipeline.run
+
+    def run(self, request):  # another process writes the output meanwhile
+        out.write_bytes(b"theirs")
+        return real(self, request)
+
+    monkeypatch.setattr(LatentDiffusionPipeline, "run", run)
+    assert _generate(tiny_path, "x", "--out", str(out), "--seed", "1") == 2
+    assert "appeared while generating" in capsys.readouterr().err
+    assert out.read_bytes() == b"theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
