@@ -33,13 +33,19 @@ from t2i.serve.jobs import encode_png  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
+# Named through `name=` so that other test_serve_* files can import them without shadowing.
+@pytest.fixture(scope="module", name="model_folder")
+def model_folder_fixture(tmp_path_factory):
     from sd_oracles import build_sd1
 
     folder = tmp_path_factory.mktemp("serve") / "sd1"
     build_sd1(folder)
-    return t2i.load(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", name="pipe")
+def pipe_fixture(model_folder):
+    return t2i.load(model_folder)
 
 
 @contextmanager

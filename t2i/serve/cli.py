@@ -9,8 +9,11 @@ import sys
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI and AUTOMATIC1111 APIs, web page)",
                        description="Serve a model: OpenAI Images API (/v1/images/generations), "
-                                   "AUTOMATIC1111 API (/sdapi/v1/...), a job API and a web page at /.")
-    p.add_argument("--model", default=None, help="model folder or file (default: the built-in shapes model)")
+                                   "AUTOMATIC1111 API (/sdapi/v1/...), a job API and a web page at /. "
+                                   "SIGTERM or Ctrl-C stops the running job within a fraction of a step "
+                                   "and answers waiting jobs 503 (they are not kept).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="model name or path (default: the built-in shapes model)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-queue", type=int, default=16, help="waiting jobs allowed; more get 429 + Retry-After")
@@ -22,9 +25,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="require 'Authorization: Bearer KEY' on every route but /health and the page's files")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow cross-origin requests from ORIGIN (repeatable; '*' for any)")
-    p.add_argument("--max-size", type=int, default=1024, help="largest width and height accepted, in pixels")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a host name clients may reach the server by, besides loopback names, IP addresses "
+                        "and --host (repeatable; '*' for any, which allows DNS rebinding)")
+    p.add_argument("--max-size", type=int, default=None,
+                   help="largest width and height in pixels (default: twice the model's native size)")
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--max-images", type=int, default=8, help="images per request")
+    p.add_argument("--max-pixel-steps", type=int, default=None,
+                   help="budget per request: width x height x steps x images (default: 32 images at the "
+                        "model's native size and default steps)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a request's headers")
+    p.add_argument("--body-timeout", type=float, default=60.0, help="seconds a request has to send its body")
+    p.add_argument("--keep-alive", type=int, default=5, help="seconds an idle connection stays open")
+    p.add_argument("--max-connections", type=int, default=128,
+                   help="open connections at once; more are answered 503 and closed")
     p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16"])
     p.set_defaults(func=run)
 
@@ -33,22 +49,31 @@ def run(args: argparse.Namespace) -> int:
     from t2i.cli import UserError
 
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - only to tell the user what to install
     except ModuleNotFoundError:
         raise UserError("t2i serve needs FastAPI and uvicorn: pip install 't2i[serve]'") from None
-    for name in ("max_queue", "max_batch", "max_size", "max_steps", "max_images"):
-        if getattr(args, name) < 1:
+    for name in ("max_queue", "max_batch", "max_size", "max_steps", "max_images", "max_pixel_steps",
+                 "max_connections", "keep_alive"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("header_timeout", "body_timeout"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
     import t2i
     from t2i.serve.app import create_app
     from t2i.serve.config import Limits, ServeConfig
+    from t2i.serve.server import build_server
 
     pipe = t2i.load(args.model, precision=args.precision)
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
-                    max_images=args.max_images)
+                    max_images=args.max_images, max_pixel_steps=args.max_pixel_steps)
     config = ServeConfig(max_queue=args.max_queue, max_batch=args.max_batch, batch_wait=args.batch_wait,
-                         api_key=args.api_key, cors_origins=args.cors_origin, limits=limits)
+                         api_key=args.api_key, cors_origins=args.cors_origin, limits=limits, host=args.host,
+                         allowed_hosts=args.allowed_host, header_timeout=args.header_timeout,
+                         body_timeout=args.body_timeout, keep_alive=args.keep_alive,
+                         max_connections=args.max_connections)
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"t2i serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
-    uvicorn.run(create_app(pipe, config), host=args.host, port=args.port, log_level="info")
+    build_server(create_app(pipe, config), config, port=args.port).run()
     return 0
