@@ -240,11 +240,12 @@ def run(args: argparse.Namespace) -> int:
     paths = _check_outputs(args) if args.prompts_file is None else []
     prompts = _read_prompts(args) if args.prompts_file is not None else []
     pipe = _load(args)
-    refiner = t2i.load(args.refiner, precision=args.precision) if args.refiner else None
-    request = _request(args, **_input_images(args), refiner=refiner, seed=0, prompt=args.prompt or prompts[0],
+    # Checked with the refiner's path standing in for the refiner: refused before it is loaded.
+    request = _request(args, **_input_images(args), refiner=args.refiner, seed=0, prompt=args.prompt or prompts[0],
                        preview=bool(args.preview_decoder), progress=not args.quiet)
     check_request(pipe, request)  # UnsupportedOption (a ValueError): one line naming option and model
-    request = replace(request, seed=_seed(args))
+    refiner = t2i.load(args.refiner, precision=args.precision) if args.refiner else None
+    request = replace(request, refiner=refiner, seed=_seed(args))
     if args.preview_decoder:
         from t2i.autoencoders.preview import PreviewDecoder
 

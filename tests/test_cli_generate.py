@@ -102,10 +102,13 @@ class NoEta:
 
 
 def test_an_option_the_model_cannot_honour_is_refused_before_any_work(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(t2i, "load", lambda *a, **k: NoEta())
-    assert main(["generate", "a red circle", "--eta", "0.5", "--out", str(tmp_path / "a.png")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "'eta'" in err[0] and "no-eta-model" in err[0]
+    loaded = []
+    monkeypatch.setattr(t2i, "load", lambda model=None, **k: loaded.append(model) or NoEta())
+    for flag, option in ((["--eta", "0.5"], "'eta'"), (["--refiner", "some/refiner"], "'refiner'")):
+        assert main(["generate", "a red circle", *flag, "--out", str(tmp_path / "a.png")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and option in err[0] and "no-eta-model" in err[0]
+    assert loaded == [None, None]  # the model only: the refiner is refused before it is loaded
     assert list(tmp_path.iterdir()) == []
 
 
