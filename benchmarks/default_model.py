@@ -60,7 +60,7 @@ def t2i_sample(pipe, cond: dict, uncond: dict, seeds: list[int]) -> torch.Tensor
     """Seed noise -> final latents (N, C, h, w) with the model's sampler, steps and guidance.
     The same calls as generate(), minus the img2img, inpainting and refiner branches."""
     from t2i.diffusion.guidance import CFGDenoiser
-    from t2i.systems.latent_diffusion import seed_generators, seed_noise
+    from t2i.seeds import seed_generators, seed_noise
 
     d = pipe.defaults
     h, w = d.height // pipe.vae_scale, d.width // pipe.vae_scale

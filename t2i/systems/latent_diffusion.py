@@ -27,6 +27,7 @@ from t2i.imageio import format_parameters, from_pil, to_pil
 from t2i.nets.unet import DeepCacheUNet, UNet
 from t2i.samplers.diffusers_plan import SamplingPlan, prepare_sampling
 from t2i.samplers.sampling import SAMPLERS
+from t2i.seeds import seed_generators, seed_noise
 from t2i.systems.base import (
     Capabilities,
     GenerationDefaults,
@@ -61,18 +62,6 @@ def release_freed_memory() -> bool:
         return False
     _malloc_trim(0)
     return True
-
-
-def seed_generators(seeds: list[int]) -> list[torch.Generator]:
-    """One CPU generator per image. Each draws its image's starting noise and then any noise the
-    sampler needs (ancestral steps), so an image never depends on the batch it is in, and for
-    batch 1 the draws are diffusers' (one CPU generator through prepare_latents and step)."""
-    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
-
-
-def seed_noise(generators: list[torch.Generator], shape: tuple[int, int, int]) -> torch.Tensor:
-    """(n, C, h, w) starting noise, image i = torch.randn((1, C, h, w), generator=generators[i])."""
-    return torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
 
 
 class _FrozenCompiled(nn.Module):

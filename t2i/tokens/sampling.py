@@ -3,7 +3,7 @@
 Every token sampler (autoregressive, masked) draws through ``sample_logits``. Randomness comes
 from one ``torch.Generator`` per batch row, the diffusion samplers' convention: image i of a
 request with seed s uses ``torch.Generator("cpu").manual_seed(s + i)`` (see
-``t2i.systems.latent_diffusion.seed_generators``), and row i only ever draws from
+``t2i.seeds.seed_generators``), and row i only ever draws from
 ``generators[i]``, so an image's tokens never depend on the batch it is in.
 
 A row's draw is ``torch.multinomial(probs (N, V), 1, generator=g)`` on the generator's device,
