@@ -8,7 +8,9 @@
     scheduler/  scheduler_config.json
 
 Our U-Net and autoencoder use the diffusers parameter names, so their weights load as they
-are; the text encoders are mapped in `transformers_text`. Everything is offline.
+are; the text encoders are mapped in `transformers_text`. Everything is offline. The result is
+`LatentDiffusionParts` (the SD family builds the pipeline). Every config is checked against bounds
+and against the weight files' headers on the meta device before anything is allocated (`limits`).
 """
 
 from __future__ import annotations
@@ -52,10 +54,11 @@ def is_diffusers_folder(path: Path) -> bool:
     return path.is_dir() and (path / "model_index.json").is_file()
 
 
-def _config(read: Callable[[dict], Any], file: Path) -> Any:
-    """A network config from a config.json, any failure one CheckpointError naming the file."""
+def read_config_file(read: Callable[..., Any], file: Path, **options: Any) -> Any:
+    """`read(the JSON object in file, **options)`: a config from a config.json, any failure (missing
+    file aside) one CheckpointError naming the file."""
     try:
-        return read(read_json_object(file))
+        return read(read_json_object(file), **options)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         if isinstance(e, CheckpointError):
             raise
@@ -91,12 +94,12 @@ def _build_and_load(build: Callable[[], M], cfg: Any, folder: Path, dtype: torch
 
 
 def load_unet(folder: Path, dtype: torch.dtype | None = torch.float32, variant: str | None = None) -> UNet:
-    cfg = _config(unet_config_from_diffusers, folder / "config.json")
+    cfg = read_config_file(unet_config_from_diffusers, folder / "config.json")
     return _build_and_load(lambda: UNet(cfg), cfg, folder, dtype, variant)
 
 
 def load_vae(folder: Path, dtype: torch.dtype = torch.float32, variant: str | None = None) -> AutoencoderKL:
-    cfg = _config(vae_config_from_diffusers, folder / "config.json")
+    cfg = read_config_file(vae_config_from_diffusers, folder / "config.json")
     return _build_and_load(lambda: AutoencoderKL(cfg), cfg, folder, dtype, variant)
 
 
@@ -105,7 +108,7 @@ def check_text_encoder(folder: Path) -> None:
     (headers only, on the meta device) before the text encoder loader allocates anything."""
     tensors = clip_state_dict_from_transformers(_file_tensors(find_weights(folder, "model")))
     projection = "text_projection.weight" in tensors
-    cfg = _config(lambda d: clip_config_from_transformers(d, with_projection=projection), folder / "config.json")
+    cfg = read_config_file(clip_config_from_transformers, folder / "config.json", with_projection=projection)
     build_checked(lambda: CLIPTextModel(cfg), {"config": cfg}, tensors, str(folder))
 
 
@@ -114,7 +117,7 @@ def read_schedule(folder: Path) -> tuple[ScheduleConfig, str | None]:
     out-of-range values refused."""
     file = folder / "scheduler" / "scheduler_config.json"
     raw = read_json_object(file, "a scheduler config")
-    schedule = _config(lambda d: scheduler_config_from_dict(d, str(file)), file)
+    schedule = read_config_file(scheduler_config_from_dict, file, source=str(file))
     check_schedule(schedule, str(file))
     name = raw.get("_class_name")
     return schedule, name if isinstance(name, str) else None

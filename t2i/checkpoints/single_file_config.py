@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from t2i.autoencoders.kl import AutoencoderKLConfig
+from t2i.checkpoints.diffusers_folder import read_config_file, read_schedule
 from t2i.checkpoints.diffusers_nets import unet_config_from_diffusers, vae_config_from_diffusers
-from t2i.checkpoints.diffusers_scheduler import scheduler_config_from_dict
 from t2i.checkpoints.io import CheckpointError, check_safetensors_header, json_object, parse_json, read_json_object
 from t2i.checkpoints.parts import LAYOUTS
 from t2i.checkpoints.sd_keys import TEXT_SLOTS, UNET_PREFIX, VAE_PREFIX, TextSlot, indices, split_prefix, text_state
@@ -203,20 +203,19 @@ def _sidecar_prediction(path: Path) -> str | None:
 
 def _config_from_folder(folder: Path, layout: str) -> SingleFileConfig:
     """Configs from a diffusers folder (diffusers' `from_single_file(config=FOLDER)`)."""
-    unet = unet_config_from_diffusers(read_json_object(folder / "unet" / "config.json"))
-    vae = vae_config_from_diffusers(read_json_object(folder / "vae" / "config.json"))
+    unet = read_config_file(unet_config_from_diffusers, folder / "unet" / "config.json")
+    vae = read_config_file(vae_config_from_diffusers, folder / "vae" / "config.json")
     subs = {"sd1": [""], "sd2": [""], "sdxl": ["", "_2"], "sdxl_refiner": ["_2"]}[layout]
     text, pads = [], []
     for s in subs:
-        d = read_json_object(folder / f"text_encoder{s}" / "config.json")
-        text.append(clip_config_from_transformers(d, with_projection=s == "_2"))
+        text.append(read_config_file(clip_config_from_transformers, folder / f"text_encoder{s}" / "config.json",
+                                     with_projection=s == "_2"))
         pads.append(_read_pad_token(folder / f"tokenizer{s}"))
     index = read_json_object(folder / "model_index.json")
-    file = folder / "scheduler" / "scheduler_config.json"
-    sched = read_json_object(file)
-    return SingleFileConfig(layout, unet, vae, text, pads, scheduler_config_from_dict(sched, str(file)),
+    schedule, scheduler_class = read_schedule(folder)
+    return SingleFileConfig(layout, unet, vae, text, pads, schedule,
                             zero_empty_negative=bool(index.get("force_zeros_for_empty_prompt", False)),
-                            scheduler_class=sched.get("_class_name"))
+                            scheduler_class=scheduler_class)
 
 
 def read_single_file_config(path: str | Path) -> SingleFileConfig | None:
