@@ -23,7 +23,7 @@ from t2i.autoencoders.kl import AutoencoderKL
 from t2i.autoencoders.preview import PreviewDecoder
 from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.schedules import ScheduleConfig
-from t2i.imageio import format_parameters, from_pil, to_pil
+from t2i.imageio import from_pil, request_parameters, to_pil
 from t2i.nets.unet import DeepCacheUNet, UNet
 from t2i.samplers.diffusers_plan import SamplingPlan, prepare_sampling
 from t2i.samplers.sampling import SAMPLERS
@@ -112,6 +112,8 @@ class LatentDiffusionPipeline(RequestMethods):
         self.defaults = defaults or GenerationDefaults()
         self.micro_conditioning = micro_conditioning
         self.zero_empty_negative = zero_empty_negative
+        # prompt -> a warning about it or None (the shapes family: words outside its world)
+        self.prompt_check: Callable[[str], str | None] | None = None
         self.preview_decoder: PreviewDecoder | None = None  # set by the user; generate(preview=True) decodes with it
         self._compiled_unet: nn.Module | None = None  # set by compile()
         self.vae_scale = vae.cfg.downsample_factor
@@ -306,6 +308,8 @@ class LatentDiffusionPipeline(RequestMethods):
         prompts, negatives, seeds = _per_image(prompt, negative_prompt, seed, num_images)
         guided = guidance > 1.0
         cond, uncond, warnings = self.encode_prompts(prompts, negatives, height, width, guided)
+        if self.prompt_check is not None:
+            warnings += [m for m in map(self.prompt_check, dict.fromkeys(prompts)) if m]
         n = len(prompts)
         plan = self.plan(sampler, steps, schedule, eta)
         refiner_plan = None
@@ -345,19 +349,11 @@ class LatentDiffusionPipeline(RequestMethods):
             # The decoder's attention mixes every latent into every pixel, so the unmasked region is
             # pasted back from the input, as A1111 and diffusers' overlay do.
             images = [_overlay(init_image, im, mask) for im in images]
-        extra = {}
-        if init_image is not None:
-            extra["denoising_strength"] = strength
-        if refiner is not None:
-            extra.update(refiner=refiner.name, refiner_switch_at=refiner_start)
-        if deepcache > 1:
-            extra["deepcache_interval"] = deepcache
-        if preview:
-            extra["decoder"] = "preview"
+        resolved = replace(r, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule, width=width,
+                           height=height, strength=strength)
+        precision = "fp32" if next(self.unet.parameters()).dtype == torch.float32 else "bf16"
         for im, p, neg, sd in zip(images, prompts, negatives, seeds, strict=True):
-            im.info["parameters"] = format_parameters(
-                p, neg, steps=steps, sampler=sampler, schedule=schedule, guidance=guidance, seed=sd, width=width,
-                height=height, model=self.name, **extra)
+            im.info["parameters"] = request_parameters(resolved, p, neg, sd, self.name, precision)
         return GenerationResult(images, latents, seeds, warnings, time.perf_counter() - start)
 
     def _run(self, plan: SamplingPlan, denoiser: Callable, x: torch.Tensor, cond: dict, uncond: dict | None,
