@@ -283,7 +283,7 @@ def part_command(state: dict, args, folder: Path, size: int) -> None:
     flags = job_flags(size)
     t2i_cmd = [sys.executable, "-m", "t2i.cli", "generate", PROMPT, "--model", str(folder), "--sampler",
                JOB["sampler"], *flags, "--precision", args.precision, "--quiet", "--out", str(tmp / "t2i.png"),
-               "--save-latents", str(tmp / "t2i.safetensors")]
+               "--save-latents", str(tmp / "t2i.safetensors"), "--overwrite"]  # repeats write the same files
     diff_cmd = [sys.executable, str(HERE / "diffusers_generate.py"), PROMPT, "--model", str(folder), *flags,
                 "--out", str(tmp / "diffusers.png"), "--save-latents", str(tmp / "diffusers.safetensors")]
     print(f"  t2i command:       {' '.join(t2i_cmd[2:])}")
