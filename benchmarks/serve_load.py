@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     import t2i
     from t2i.serve.app import create_app
     from t2i.serve.background import BackgroundServer
-    from t2i.serve.config import ServeConfig
+    from t2i.serve.config import Limits, ServeConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'max_batch':>9} {'clients':>7} {'done':>5} {'failed':>6} {'img/s':>7} {'p50 s':>7} {'p95 s':>7} "
               f"{'calls':>5}")
         for max_batch in args.batches:
-            app = create_app(pipe, ServeConfig(max_queue=max(args.clients) + 1, max_batch=max_batch))
+            # Limits that admit the benchmark's requests whatever the model's native size (they follow it by default).
+            limits = Limits(max_width=args.size, max_height=args.size, max_steps=max(150, args.steps),
+                            max_pixel_steps=args.size**2 * args.steps)
+            app = create_app(pipe, ServeConfig(max_queue=max(args.clients) + 1, max_batch=max_batch, limits=limits))
             with BackgroundServer(app) as server:
                 # one warm-up request (first-call allocations) outside the measurement
                 run_setting(server.url, 1, 1, args.time_limit, body)

@@ -90,3 +90,12 @@ def test_health_answers_while_slow_sockets_are_open_and_extra_connections_get_50
                 dropped += 1
         assert dropped == len(slow)
         assert request("GET", s.url + "/health", timeout=5)[0] == 200
+
+
+def test_the_connection_limit_stays_below_the_file_limit(monkeypatch):
+    import resource
+
+    from t2i.serve.server import connection_cap
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (256, 4096))
+    assert connection_cap(300) == 224 and connection_cap(100) == 100

@@ -28,7 +28,7 @@ from t2i.systems.base import GenerationRequest, Interrupted, Pipeline
 QUEUED, RUNNING, DONE, CANCELLED, FAILED = "queued", "running", "done", "cancelled", "failed"
 SHUTTING_DOWN = "the server is shutting down"
 # Pipelines report their current estimate through `GenerationRequest.on_sample` where base.py has it.
-_HAS_ON_SAMPLE = "on_sample" in {f.name for f in fields(GenerationRequest)}
+HAS_ON_SAMPLE = "on_sample" in {f.name for f in fields(GenerationRequest)}
 
 
 @dataclass
@@ -329,7 +329,7 @@ class JobQueue:
             return self.closing or all(not j.active or j.interrupted for j in batch)
 
         hooks: dict = {"callback": on_step, "should_stop": should_stop}
-        if _HAS_ON_SAMPLE:
+        if HAS_ON_SAMPLE:
             hooks["on_sample"] = self._keep_sample
         return replace(batch[0].request, prompt=prompts, negative_prompt=negatives, seed=seeds, num_images=1,
                        **hooks)

@@ -79,10 +79,22 @@ class T2IServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def connection_cap(wanted: int, spare: int = 32) -> int:
+    """`wanted`, or fewer where the process may not open that many files: each connection is a file
+    descriptor, and the model, the decoders and the logs need `spare` more."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # no resource module (Windows)
+        return wanted
+    return wanted if soft == resource.RLIM_INFINITY else max(1, min(wanted, soft - spare))
+
+
 def build_server(app, config: ServeConfig, port: int = 8000, log_level: str = "info") -> T2IServer:
     """The uvicorn server for an app of `create_app`, with the config's timeouts and limits."""
     protocol = type("Protocol", (DeadlineProtocol,), {"header_timeout": config.header_timeout,
-                                                       "max_connections": config.max_connections})
+                                                       "max_connections": connection_cap(config.max_connections)})
     uv = uvicorn.Config(app, host=config.host, port=port, log_level=log_level, http=protocol,
                         timeout_keep_alive=config.keep_alive, timeout_graceful_shutdown=GRACEFUL_SECONDS)
     return T2IServer(uv, app.state.queue)
