@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from t2i.diffusion.schedules import ScheduleConfig
+from t2i.checkpoints.diffusers_scheduler import scheduler_config_from_dict
 from t2i.samplers import prepare_sampling
 
 diffusers = pytest.importorskip("diffusers")
@@ -86,7 +86,7 @@ def run_diffusers(sampler: str, config: dict, steps: int, karras: bool, eta: flo
 
 
 def run_ours(sampler: str, config: dict, steps: int, karras: bool, eta: float = 0.0):
-    cfg = ScheduleConfig(**{k: v for k, v in config.items()})
+    cfg = scheduler_config_from_dict(config)
     plan = prepare_sampling(cfg, sampler, steps, karras=karras, eta=eta)
     net = AnalyticNet(plan.alphas_cumprod, cfg.prediction_type)
     g = torch.Generator().manual_seed(SEED)
@@ -210,7 +210,7 @@ def test_img2img_strength_parity(sampler, karras, strength):
     config = dict(SD1, timestep_spacing="leading")
     steps = 10
     init = torch.randn(SHAPE, generator=torch.Generator().manual_seed(99))
-    cfg = ScheduleConfig(**config)
+    cfg = scheduler_config_from_dict(config)
     plan = prepare_sampling(cfg, sampler, steps, karras=karras).from_strength(strength)
     ours, our_t = _ours(plan, cfg, init=init)
     assert plan.steps == int(steps * strength)
@@ -230,7 +230,7 @@ def test_refiner_handoff_parity(sampler, karras, fraction):
     """SDXL base (denoising_end) -> refiner (denoising_start) at a fraction of the schedule."""
     config = dict(SD1, timestep_spacing="trailing")
     steps = 12
-    cfg = ScheduleConfig(**config)
+    cfg = scheduler_config_from_dict(config)
     head, tail = prepare_sampling(cfg, sampler, steps, karras=karras).split(fraction)
     assert head.steps + tail.steps == steps and 0 < head.steps < steps
     x_mid, t_head = _ours(head, cfg)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from test_samplers_parity import CLASSES, SD1, SD2, SEED
 
+from t2i.checkpoints.diffusers_scheduler import scheduler_config_from_dict
 from t2i.diffusion.guidance import CFGDenoiser
-from t2i.diffusion.schedules import ScheduleConfig
 from t2i.samplers import prepare_sampling
 
 diffusers = pytest.importorskip("diffusers")
@@ -67,7 +67,7 @@ def test_parity_with_a_tiny_unet_and_cfg(tiny_unet, sampler, karras, rescale, co
             kwargs = {} if sampler == "heun" else {"generator": gen}
             latents = sched.step(guided, t, latents, **kwargs).prev_sample
 
-    plan = prepare_sampling(ScheduleConfig(**config), sampler, steps, karras=karras)
+    plan = prepare_sampling(scheduler_config_from_dict(config), sampler, steps, karras=karras)
 
     def net(x, t, encoder_hidden_states):
         return tiny_unet(x, t, encoder_hidden_states=encoder_hidden_states).sample

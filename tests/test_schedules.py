@@ -12,6 +12,7 @@ from t2i.checkpoints.diffusers_scheduler import (
     SchedulerConfigError,
     read_scheduler_config,
     scheduler_config_dict,
+    scheduler_config_from_dict,
     write_scheduler_config,
 )
 from t2i.diffusion.denoiser import DiscreteDenoiser
@@ -205,7 +206,8 @@ def test_reads_a_saved_diffusers_config(tmp_path):
     assert (cfg.prediction_type, cfg.steps_offset, cfg.set_alpha_to_one, cfg.timestep_spacing) == (
         "v_prediction", 1, False, "trailing")
     assert torch.equal(cfg.alphas_cumprod(), sched.alphas_cumprod)
-    assert cfg.use_karras_sigmas is False and cfg.final_sigmas_type is None  # sampler defaults apply
+    assert cfg.use_karras_sigmas is False and cfg.final_sigmas_type == "zero"  # every class's default
+    assert cfg.class_defaults and "class_defaults" not in scheduler_config_dict(cfg)
     # written back, diffusers reads the same schedule
     path = write_scheduler_config(cfg, tmp_path / "out")
     back = diffusers.DDIMScheduler.from_config(json.loads(path.read_text()))
@@ -230,7 +232,7 @@ def test_config_errors(tmp_path):
 
 
 def test_prepare_sampling_errors_and_defaults():
-    cfg = ScheduleConfig(**SD)
+    cfg = scheduler_config_from_dict(SD)  # a diffusers config that states no spacing or clipping
     with pytest.raises(ValueError, match="unknown sampler"):
         prepare_sampling(cfg, "lms", 10)
     with pytest.raises(ValueError, match="Karras"):
@@ -245,6 +247,11 @@ def test_prepare_sampling_errors_and_defaults():
     plan = prepare_sampling(cfg, "euler", 10)
     assert plan.timesteps[0].item() == 999.0 and plan.init_noise_scale == pytest.approx(plan.sigmas[0].item())
     assert plan.x0_limit is None
+    # t2i's own config states everything: trailing spacing and no clipping for every sampler
+    own = ScheduleConfig(**SD)
+    for sampler in ("ddim", "ddpm", "heun"):
+        plan = prepare_sampling(own, sampler, 10)
+        assert plan.x0_limit is None and plan.timesteps[0].item() == 999.0
 
 
 def test_reads_a_saved_dpm_config(tmp_path):

@@ -2,8 +2,11 @@
 
 The config's ``_class_name`` names the scheduler the pipeline was saved with (often PNDM);
 t2i ignores it: the sampler is chosen at generation time and the settings read here
-(betas, prediction type, spacing, ...) describe the model. Keys that are missing keep the
-value None where diffusers' default depends on the scheduler class (see ScheduleConfig).
+(betas, prediction type, spacing, ...) describe the model. What the file leaves out is read as
+``<Class>.from_config(that config)`` reads it for the class a sampler mirrors: a setting whose
+default differs between classes (``PER_CLASS_SETTINGS``: spacing, clip_sample,
+set_alpha_to_one) stays None and takes that class's default when the sampler is chosen
+(``class_defaults=True``); every other missing key has the same default in every class.
 Settings that would change the result and that t2i does not implement are refused with a
 clear error instead of being silently ignored.
 """
@@ -16,9 +19,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from t2i.diffusion.schedules import ScheduleConfig
+from t2i.diffusion.schedules import PER_CLASS_SETTINGS, ScheduleConfig
 
-_FIELDS = {f.name for f in dataclasses.fields(ScheduleConfig)}
+# diffusers' own keys (class_defaults is t2i's note on how to read the others)
+_FIELDS = {f.name for f in dataclasses.fields(ScheduleConfig)} - {"class_defaults"}
 
 # key -> the values t2i supports (anything else is refused)
 _UNSUPPORTED_UNLESS = {
@@ -49,12 +53,17 @@ def scheduler_config_from_dict(raw: dict[str, Any], source: str = "scheduler con
                 f"{source}: {key}={raw[key]!r} is not supported by t2i (supported: {allowed})"
             )
     kwargs = {k: v for k, v in raw.items() if k in _FIELDS}
+    for key in PER_CLASS_SETTINGS:
+        if key not in kwargs:
+            kwargs[key] = None  # the sampler's diffusers class decides
+        elif key != "timestep_spacing" and kwargs[key] is None:
+            kwargs[key] = False  # an explicit null is falsy in diffusers: no clipping, acp[0] at the end
     if kwargs.get("lambda_min_clipped") is not None and math.isinf(kwargs["lambda_min_clipped"]):
         kwargs["lambda_min_clipped"] = None  # diffusers writes -Infinity for "no clipping"
     for key in ("num_train_timesteps", "steps_offset"):
         if key in kwargs and not isinstance(kwargs[key], int):
             raise SchedulerConfigError(f"{source}: {key} must be an integer, got {kwargs[key]!r}")
-    return ScheduleConfig(**kwargs)
+    return ScheduleConfig(**kwargs, class_defaults=True)
 
 
 def read_scheduler_config(path: str | Path) -> ScheduleConfig:
@@ -84,6 +93,8 @@ def scheduler_config_dict(cfg: ScheduleConfig, class_name: str = "DDIMScheduler"
     out: dict[str, Any] = {"_class_name": class_name}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if f.name not in _FIELDS:
+            continue
         if value is None or (isinstance(value, float) and math.isinf(value)):
             continue
         out[f.name] = value

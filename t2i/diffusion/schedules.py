@@ -197,14 +197,30 @@ def dpm_timesteps(
     raise ValueError(f"unknown timestep_spacing {spacing!r}; expected leading, trailing or linspace")
 
 
+# The settings whose default differs between diffusers' scheduler classes (DDIM and DDPM
+# space timesteps "leading" and clip x0 to +-1, DDIM steps to alphas_cumprod 1 at the end; the
+# Euler family and DPM-Solver space "linspace" and do not clip). A config read from a diffusers
+# folder may leave them unset (None); t2i's own configs state them.
+PER_CLASS_SETTINGS = ("timestep_spacing", "clip_sample", "set_alpha_to_one")
+
+# t2i's own values for settings an older t2i file stored as None: never clip or threshold x0
+# (latents are not images in [-1, 1]), end DDIM at sigma 0, trailing spacing (Lin et al. 2023,
+# which starts every sampler at the last training timestep).
+T2I_SETTINGS = {"timestep_spacing": "trailing", "clip_sample": False, "set_alpha_to_one": True,
+                "final_sigmas_type": "zero"}
+
+
 @dataclass
 class ScheduleConfig:
     """A model's noise schedule and its inference settings, named as in diffusers'
     ``scheduler_config.json`` (read by ``t2i.checkpoints.diffusers_scheduler``).
 
-    None means "the default of the diffusers scheduler the chosen sampler mirrors" (e.g.
-    timestep_spacing is "leading" for DDIM/DDPM but "linspace" for Euler/Heun/DPM; clip_sample
-    is on by default for DDIM/DDPM), so that a config missing a key samples as diffusers would.
+    Every setting that changes what a sampler does is explicit. The one exception is a config
+    read from a diffusers folder (``class_defaults=True``): there a PER_CLASS_SETTINGS entry the
+    file does not state stays None and each sampler takes the default of the diffusers
+    scheduler class it mirrors, exactly as ``DDIMScheduler.from_config(that config)`` would
+    (``t2i.samplers.diffusers_plan.resolve_settings``). In t2i's own configs
+    (``class_defaults=False``) a None, as older t2i files stored, reads as T2I_SETTINGS.
     """
 
     num_train_timesteps: int = 1000
@@ -214,22 +230,31 @@ class ScheduleConfig:
     trained_betas: list[float] | None = None
     prediction_type: str = "epsilon"
     rescale_betas_zero_snr: bool = False
-    timestep_spacing: str | None = None
+    timestep_spacing: str | None = T2I_SETTINGS["timestep_spacing"]
     steps_offset: int = 0
-    set_alpha_to_one: bool | None = None
-    clip_sample: bool | None = None
+    set_alpha_to_one: bool | None = T2I_SETTINGS["set_alpha_to_one"]
+    clip_sample: bool | None = T2I_SETTINGS["clip_sample"]
     clip_sample_range: float = 1.0
     thresholding: bool = False
     dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
     use_karras_sigmas: bool = False
-    sigma_min: float | None = None
-    sigma_max: float | None = None
-    final_sigmas_type: str | None = None
+    sigma_min: float | None = None  # Euler: None means the training table's smallest sigma
+    sigma_max: float | None = None  # Euler: None means the training table's largest sigma
+    final_sigmas_type: str | None = T2I_SETTINGS["final_sigmas_type"]
     lower_order_final: bool = True
     euler_at_final: bool = False
     lambda_min_clipped: float | None = None  # DPM-Solver: None (or -inf) means no clipping
-    variance_type: str | None = None
+    variance_type: str | None = None  # DDPM: None is "fixed_small"
+    class_defaults: bool = False
+
+    def __post_init__(self) -> None:
+        if self.final_sigmas_type is None:  # "zero" is every diffusers class's default too
+            self.final_sigmas_type = "zero"
+        if not self.class_defaults:
+            for name in PER_CLASS_SETTINGS:
+                if getattr(self, name) is None:
+                    setattr(self, name, T2I_SETTINGS[name])
 
     def betas(self) -> torch.Tensor:
         """(T,) float32 training betas (trained_betas win over the named schedule)."""

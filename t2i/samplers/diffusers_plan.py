@@ -61,6 +61,7 @@ import torch
 from t2i.diffusion.denoiser import DiscreteDenoiser
 from t2i.diffusion.guidance import ClipDenoised, DynamicThresholding, dynamic_threshold
 from t2i.diffusion.schedules import (
+    PER_CLASS_SETTINGS,
     ScheduleConfig,
     dpm_timesteps,
     karras_sigmas,
@@ -73,9 +74,27 @@ from t2i.samplers.sampling import SAMPLERS, Generator
 VP_SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
 EULER_FAMILY = ("euler", "euler_a", "heun")
 
-# diffusers' per-class defaults for the settings whose default differs between schedulers
-_DEFAULT_SPACING = {"ddim": "leading", "ddpm": "leading"}  # others: "linspace"
-_DEFAULT_CLIP = {"ddim": True, "ddpm": True}  # others: False
+# The defaults of the diffusers class each sampler mirrors, for the settings whose default
+# differs between classes (ScheduleConfig.PER_CLASS_SETTINGS). `<Class>.from_config(config)`
+# keeps what a config states and takes these for what it leaves out: an SDXL folder saved with
+# EulerDiscreteScheduler states no clip_sample, so its DDIMScheduler clips x0 to +-1.
+# (set_alpha_to_one exists in DDIM only; the others always end at alphas_cumprod 1.)
+CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ddim": {"timestep_spacing": "leading", "clip_sample": True, "set_alpha_to_one": True},
+    "ddpm": {"timestep_spacing": "leading", "clip_sample": True},
+    "euler": {"timestep_spacing": "linspace"},
+    "euler_a": {"timestep_spacing": "linspace"},
+    "heun": {"timestep_spacing": "linspace", "clip_sample": False},
+    "dpmpp_2m": {"timestep_spacing": "linspace"},
+}
+
+
+def resolve_settings(cfg: ScheduleConfig, sampler: str) -> ScheduleConfig:
+    """cfg with every setting it leaves unset (None, only in configs read from diffusers folders)
+    replaced by the default of the diffusers scheduler class that `sampler` mirrors."""
+    unset = {name: CLASS_DEFAULTS[sampler].get(name) for name in PER_CLASS_SETTINGS
+             if getattr(cfg, name) is None}
+    return dataclasses.replace(cfg, **unset) if unset else cfg
 
 
 @dataclass
@@ -241,7 +260,8 @@ def prepare_sampling(cfg: ScheduleConfig, sampler: str, steps: int, karras: bool
         raise ValueError(f"Karras sigmas are not available for {sampler}; use euler, euler_a, heun, dpmpp_2m")
     if eta and sampler != "ddim":
         raise ValueError("eta applies to the ddim sampler only")
-    spacing = cfg.timestep_spacing or _DEFAULT_SPACING.get(sampler, "linspace")
+    cfg = resolve_settings(cfg, sampler)
+    spacing = cfg.timestep_spacing
     acp = cfg.alphas_cumprod()
     table, log_table = _table(acp)
     kwargs: dict[str, Any] = {}
@@ -278,7 +298,7 @@ def prepare_sampling(cfg: ScheduleConfig, sampler: str, steps: int, karras: bool
     else:  # ddim, ddpm: integer timesteps, VP latents
         ts = spaced_timesteps(spacing, T, steps, cfg.steps_offset, integer=True)
         if sampler == "ddim":
-            final_acp = 1.0 if (cfg.set_alpha_to_one is None or cfg.set_alpha_to_one) else acp[0]
+            final_acp = 1.0 if cfg.set_alpha_to_one else acp[0]
             prev = ts - T // steps
         else:
             final_acp = 1.0
@@ -296,8 +316,7 @@ def prepare_sampling(cfg: ScheduleConfig, sampler: str, steps: int, karras: bool
     if sampler in ("ddim", "ddpm", "dpmpp_2m") and cfg.thresholding:
         x0_limit = ("threshold", cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
     elif sampler in ("ddim", "ddpm", "heun"):
-        clip = cfg.clip_sample if cfg.clip_sample is not None else _DEFAULT_CLIP.get(sampler, False)
-        if clip:
+        if cfg.clip_sample:
             x0_limit = ("clip", cfg.clip_sample_range)
 
     return SamplingPlan(
