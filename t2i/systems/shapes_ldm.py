@@ -56,9 +56,12 @@ class ShapesLDMConfig:
 
     vae: AutoencoderKLConfig = field(default_factory=lambda: VAE_PRESETS["shapes_f4"])
     unet: UNetConfig = field(default_factory=lambda: UNET_PRESETS["shapes_s"])
+    # every sampler setting stated, none left to a diffusers class default (issue 14: DDIM's
+    # default clip_sample turned this model's +-3.6 latents into coloured noise)
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(
         beta_schedule="linear", beta_start=0.0001, beta_end=0.02, prediction_type="v_prediction",
-        timestep_spacing="trailing"))
+        timestep_spacing="trailing", steps_offset=0, clip_sample=False, thresholding=False,
+        set_alpha_to_one=True, final_sigmas_type="zero"))
     text_encoder: str = "minilm"  # all-MiniLM-L6-v2 token states, zero-padded to text_length
     text_length: int = 32
     sampler: str = "dpmpp_2m"
