@@ -20,7 +20,7 @@ pytest.importorskip("fastapi")
 
 from test_serve import model_folder_fixture, pipe_fixture, png, request, serve, wait_for  # noqa: E402, F401 - shared fixtures, helpers
 
-from t2i.serve.jobs import HAS_ON_SAMPLE  # noqa: E402
+from t2i.serve.jobs import HAS_ON_SAMPLE, sketch  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,6 +111,19 @@ def test_interrupt_answers_with_the_image_as_it_stood_and_progress_shows_it(pipe
         assert code == 200, answer
         image = png(answer["images"][0])
         assert image.size == (64, 64) and "interrupted" in json.loads(answer["info"])["warnings"][0]
+
+
+def test_sketch_shows_the_sample_channels_as_a_picture():
+    import numpy as np
+    import torch
+
+    ramp = torch.linspace(-3, 3, 8)
+    sample = torch.stack([ramp[None, :].expand(8, 8), ramp[:, None].expand(8, 8), torch.zeros(8, 8),
+                          torch.ones(8, 8)])[None]  # (1, 4, 8, 8): left-right, top-bottom, flat, ignored
+    rgb = np.asarray(sketch(sample, (16, 16)), dtype=int)  # (16, 16, 3)
+    assert rgb.shape == (16, 16, 3)
+    assert rgb[0, 0, 0] == 0 and rgb[0, -1, 0] == 255 and rgb[0, 0, 1] == 0 and rgb[-1, 0, 1] == 255
+    assert (rgb[..., 2] == 0).all() and sketch(torch.zeros(2, 77), (16, 16)) is None  # token codes: none
 
 
 # ---------------------------------------------------------------------- SIGTERM

@@ -305,7 +305,7 @@ class Resolver:
                          ("tiling", req.tiling), ("subseed_strength", req.subseed_strength > 0),
                          ("script_name", bool(req.script_name))):
             if on:
-                raise FieldError(name, "not supported by this server")
+                raise FieldError(name, f"not supported by this server ({self.model()})")
         sampler, schedule = self.sampler(req.sampler_name or req.sampler_index, req.scheduler, "sampler_name",
                                          "scheduler")
         names = {"num_images": "batch_size", "guidance": "cfg_scale", "sampler": "sampler_name",
