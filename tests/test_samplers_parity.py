@@ -252,3 +252,27 @@ def test_refiner_handoff_parity(sampler, karras, fraction):
 def test_parity_dpm_lambda_min_clipped():
     check("dpmpp_2m", dict(SD2, timestep_spacing="linspace", lambda_min_clipped=-5.1), 10)
     check("dpmpp_2m", dict(SD1, timestep_spacing="leading", lambda_min_clipped=-5.1), 10)
+
+
+# Configs as diffusers folders hold them, saved by one scheduler class and sampled with another
+# (an SDXL folder ships EulerDiscreteScheduler, SD 1.5 PNDMScheduler): `<Target>.from_config`
+# keeps what the file states and takes the target class's defaults for the rest, e.g. DDIM
+# clips x0 to +-1 when an Euler config says nothing about clip_sample (issue 16).
+SAVED_BY = {
+    "euler_sdxl": ("EulerDiscreteScheduler", dict(SD1, timestep_spacing="leading", clip_sample=None,
+                                                  set_alpha_to_one=None)),
+    "pndm_sd15": ("PNDMScheduler", dict(SD1, skip_prk_steps=True, clip_sample=None)),
+    "ddim_defaults": ("DDIMScheduler", dict(SD2, clip_sample=None, set_alpha_to_one=None)),
+}
+
+
+@pytest.mark.parametrize("saved_by", list(SAVED_BY))
+@pytest.mark.parametrize("sampler", list(CLASSES))
+def test_parity_with_a_config_saved_by_another_scheduler(tmp_path, saved_by, sampler):
+    import json
+
+    cls_name, kwargs = SAVED_BY[saved_by]
+    getattr(diffusers, cls_name)(**{k: v for k, v in kwargs.items() if v is not None}).save_config(tmp_path)
+    saved = json.loads((tmp_path / "scheduler_config.json").read_text())  # with its _class_name
+    assert saved["_class_name"] == cls_name
+    check(sampler, saved, 10)
