@@ -5,6 +5,8 @@ prepare_latents and every later step)."""
 
 from __future__ import annotations
 
+import secrets
+
 import torch
 
 
@@ -17,3 +19,21 @@ def seed_generators(seeds: list[int]) -> list[torch.Generator]:
 def seed_noise(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
     """(n, *shape) starting noise, image i = torch.randn((1, *shape), generator=generators[i])."""
     return torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
+
+
+RANDOM = -1  # A1111's "random seed"
+
+
+def random_seed() -> int:
+    """A fresh seed in A1111's range [0, 2**32), from the OS's randomness (not torch's global RNG,
+    which a seeded run may have fixed)."""
+    return secrets.randbelow(2**32)
+
+
+def resolve_seed(seed: int | None) -> int:
+    """None or -1 -> a random seed; any other seed must be in [0, 2**32)."""
+    if seed is None or seed == RANDOM:
+        return random_seed()
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be -1 (random) or in [0, 2**32), got {seed}")
+    return seed

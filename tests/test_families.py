@@ -153,3 +153,16 @@ def test_eval_shapes_judges_the_model(tiny, tmp_path):
     assert main(args) == 0
     report = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert report["n"] == 1 and 0.0 <= report["overall"] <= 1.0
+
+
+def test_an_unset_or_minus_one_seed_is_random_and_reported(tiny):
+    """A1111: no seed, or -1, draws a fresh seed; the result and the PNG say which, and it reproduces."""
+    _, _, pipe = tiny
+    size = _small(pipe)
+    first, second = pipe.run(GenerationRequest("a red circle", **size)), pipe.run(
+        GenerationRequest("a red circle", seed=-1, num_images=2, **size))
+    seed = first.seeds[0]
+    assert seed != second.seeds[0] and second.seeds[1] == second.seeds[0] + 1
+    assert f"Seed: {seed}," in first.images[0].info["parameters"]
+    again = pipe.run(GenerationRequest("a red circle", seed=seed, **size))
+    assert again.images[0].tobytes() == first.images[0].tobytes()

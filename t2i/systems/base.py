@@ -35,14 +35,15 @@ class GenerationRequest:
     """One call's settings. None (or the field's default) means "the model's default / not used".
 
     prompt, negative_prompt and seed may be lists (one entry per prompt: a batch of requests that
-    share the other settings); image i of a prompt with seed s starts from seed s + i.
+    share the other settings); image i of a prompt with seed s starts from seed s + i. An unset
+    (None) or -1 seed is drawn at random and returned in `GenerationResult.seeds` (A1111).
     Options beyond prompt, seed and num_images are honoured only by models whose capabilities
     list them (`Capabilities.options`); `check_request` refuses the others by name.
     """
 
     prompt: str | list[str]
     negative_prompt: str | list[str] = ""
-    seed: int | list[int] = 0
+    seed: int | list[int] | None = None
     num_images: int = 1
     steps: int | None = None
     guidance: float | None = None

@@ -27,7 +27,7 @@ from t2i.imageio import from_pil, request_parameters, to_pil
 from t2i.nets.unet import DeepCacheUNet, UNet
 from t2i.samplers.diffusers_plan import SamplingPlan, prepare_sampling
 from t2i.samplers.sampling import SAMPLERS
-from t2i.seeds import seed_generators, seed_noise
+from t2i.seeds import resolve_seed, seed_generators, seed_noise
 from t2i.systems.base import (
     Capabilities,
     GenerationDefaults,
@@ -392,12 +392,14 @@ def stop_polling(should_stop: Callable[[], bool], *nets: nn.Module) -> Iterator[
             h.remove()
 
 
-def _per_image(prompt: str | list[str], negative: str | list[str], seed: int | list[int],
+def _per_image(prompt: str | list[str], negative: str | list[str], seed: int | list[int | None] | None,
                num_images: int) -> tuple[list[str], list[str], list[int]]:
-    """Prompt, negative prompt and seed of every image: prompt-major, seeds s, s + 1, ..."""
+    """Prompt, negative prompt and seed of every image: prompt-major, seeds s, s + 1, ...; an unset
+    or -1 seed is drawn at random (A1111), once per prompt, and returned like any other."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
-    seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
+    seeds = [seed] * len(prompts) if seed is None or isinstance(seed, int) else list(seed)
+    seeds = [resolve_seed(s) for s in seeds]
     if not prompts or len(negatives) != len(prompts) or len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts, {len(negatives)} negative prompts and {len(seeds)} seeds: "
                          "give one of each per prompt")
