@@ -11,22 +11,18 @@ file, anything else a new diffusers folder); SRC may also be a `.ckpt`, read wit
 from __future__ import annotations
 
 import argparse
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from t2i.checkpoints.single_file_config import PREDICTIONS
 from t2i.systems.base import System
-from t2i.systems.registry import FAMILY_MODULES, resolve
+from t2i.systems.registry import resolve
 
 
 def exporter(system: System) -> Callable[..., Path]:
-    """The family's `export(pipe, dst) -> Path` (from the System, else its module), or ValueError."""
-    export = getattr(system, "export", None)
-    if export is None:
-        module = next((m for m in map(importlib.import_module, FAMILY_MODULES) if m.SYSTEM is system), None)
-        export = getattr(module, "export", None)
+    """The family's `export(pipe, dst) -> Path`, or ValueError."""
+    export = system.export
     if export is None:
         raise ValueError(f"the {system.name} family cannot export models (t2i convert works on families with "
                          "an export)")

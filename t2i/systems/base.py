@@ -200,6 +200,8 @@ class System:
     load(path, dtype) -> Pipeline.
     write_tiny(folder, seed) -> path: a tiny random model in this family's own layout, loadable
         by `load` (used by the tests every registered family gets).
+    export(pipe, dst) -> path: write a loaded model in the family's layouts (`t2i convert`); None if
+        the family has nothing to convert to.
     """
 
     name: str
@@ -208,3 +210,4 @@ class System:
     load: Callable[[Path, torch.dtype], Pipeline]
     write_tiny: Callable[[Path, int], Path]
     shipped: tuple[ShippedModel, ...] = field(default_factory=tuple)
+    export: Callable[[Pipeline, Path], Path] | None = None

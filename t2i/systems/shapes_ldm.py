@@ -22,7 +22,16 @@ import torch
 from torch import nn
 
 from t2i.autoencoders.kl import AutoencoderKL, AutoencoderKLConfig
-from t2i.checkpoints.io import load_state_dict, read_config, save_with_config
+from t2i.checkpoints.io import (
+    CheckpointError,
+    check_safetensors_header,
+    header_tensors,
+    load_state_dict,
+    read_config,
+    save_with_config,
+)
+from t2i.checkpoints.limits import build_checked, check_schedule, fill
+from t2i.data.shapes_vocab import out_of_world_warning
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.nets.unet import UNet, UNetConfig
 from t2i.systems.base import ShippedModel, System
@@ -111,11 +120,20 @@ class ShapesLDM(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> ShapesLDM:
-        """Rebuild from a file written by `save`; weights come back as float32."""
-        model = cls(ShapesLDMConfig.from_dict(read_config(path, "a shapes LDM model file", "shapes_ldm")))
-        state = {k: v.float() for k, v in load_state_dict(path).items()}
-        model.load_state_dict(state)
-        return model.eval().requires_grad_(False)
+        """Rebuild from a file written by `save`; weights come back as float32.
+
+        The config is checked against sane bounds and the network, built on the meta device, against
+        the file's tensor names and shapes before anything is allocated: a 2 KB file asking for 8192
+        channels is refused at once instead of allocating gigabytes."""
+        raw = read_config(path, "a shapes LDM model file", "shapes_ldm")
+        try:
+            cfg = ShapesLDMConfig.from_dict(raw)
+        except (TypeError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{path}: malformed shapes LDM config ({type(e).__name__}: {e})") from None
+        check_schedule(cfg.schedule, f"{path}: schedule")
+        tensors = header_tensors(check_safetensors_header(path))
+        model = build_checked(lambda: cls(cfg), {"vae": cfg.vae, "unet": cfg.unet}, tensors, str(path))
+        return fill(model, load_state_dict(path), torch.float32).eval().requires_grad_(False)
 
     def pipeline(self, text_encoder: nn.Module | None = None, name: str = "t2i-shapes"):
         """A `LatentDiffusionPipeline` over these weights with the model's default settings."""
@@ -124,8 +142,10 @@ class ShapesLDM(nn.Module):
         c = self.cfg
         defaults = GenerationDefaults(sampler=c.sampler, steps=c.steps, guidance=c.guidance,
                                       width=c.image_size, height=c.image_size)
-        return LatentDiffusionPipeline(self.unet, self.vae, text_encoder or load_text_encoder(c), c.schedule,
+        pipe = LatentDiffusionPipeline(self.unet, self.vae, text_encoder or load_text_encoder(c), c.schedule,
                                        name=name, family=SYSTEM.name, defaults=defaults)
+        pipe.prompt_check = out_of_world_warning  # words the shapes world has not got: a blank canvas otherwise
+        return pipe
 
 
 def _model_file(path: str | Path) -> Path:

@@ -134,4 +134,4 @@ def write_tiny(folder: Path, seed: int = 0) -> Path:
 SYSTEM = System(
     name=NAME,
     description="Stable Diffusion 1.x/2.x/XL: a diffusers folder (model_index.json) or a single .safetensors/.ckpt",
-    detect=detect, load=load, write_tiny=write_tiny)
+    detect=detect, load=load, write_tiny=write_tiny, export=export)
