@@ -155,6 +155,10 @@ def test_unset_or_minus_one_seed_is_random_reported_and_stored(server_with_extra
         _, _, j = request("POST", s.url + "/v1/jobs", {**body, **extra})
         seeds += [info["seed"], o["data"][0]["seed"], j["seed"]]
     assert all(0 <= sd < 2**32 for sd in seeds) and len(set(seeds)) == len(seeds), seeds
+    # Every image's seed (seed + i) must be one the pipelines take: refused before any work otherwise.
+    for seed, n in ((2**32, 1), (2**32 - 1, 2)):
+        code, _, answer = request("POST", s.url + "/sdapi/v1/txt2img", {**body, "seed": seed, "batch_size": n})
+        assert code == 422 and answer["error"]["param"] == "seed", answer
 
 
 def test_img2img_inputs_are_resized_at_once_and_dropped_when_the_job_ends(server_with_extra_host):

@@ -15,7 +15,6 @@ import binascii
 import io
 import math
 import re
-import secrets
 from dataclasses import replace
 from typing import Literal
 
@@ -23,10 +22,11 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from t2i.imageio import A1111_SAMPLER_NAMES
+from t2i.seeds import RANDOM, random_seed
 from t2i.serve.config import Limits
 from t2i.systems.base import GenerationRequest, Pipeline, UnsupportedOption, check_request
 
-MAX_SEED = 2**53 - 1  # seeds travel through JSON and JavaScript: keep them exact as doubles
+MAX_SEED = 2**32 - 1  # the pipelines' (and A1111's) range; every image's seed s + i must be in it
 SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 # OpenAI model names that scripts send: all mean "the model this server runs".
 OPENAI_MODEL_ALIASES = ("dall-e-2", "dall-e-3", "gpt-image-1")
@@ -242,8 +242,8 @@ class Resolver:
         self.check_limits(request, f)
         if request.eta is not None and request.sampler != "ddim":
             request = replace(request, eta=None)  # only DDIM reads it: other samplers batch with any eta
-        if seed == -1:
-            seed = secrets.randbelow(2**32)  # A1111's range for random seeds
+        if seed == RANDOM:
+            seed = random_seed()
         if seed + request.num_images - 1 > MAX_SEED:
             raise FieldError(f["seed"], f"seed + image count exceeds {MAX_SEED}")
         return replace(request, seed=seed)
