@@ -38,11 +38,11 @@ Prediction = Literal["epsilon", "v_prediction", "sample"]
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
 
-def _expand(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B,) or () sigma -> broadcastable against x (B, ...)."""
-    sigma = sigma.to(device=x.device, dtype=torch.float32)
+def broadcast_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """() or (B,) noise levels -> (B, 1, ..., 1) float32 on x's device, broadcastable against x (B, ...)."""
+    sigma = torch.as_tensor(sigma).to(device=x.device, dtype=torch.float32)
     if sigma.ndim == 0:
-        return sigma
+        sigma = sigma.expand(x.shape[0])
     return sigma.reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim))
 
 
@@ -106,7 +106,7 @@ class DiscreteDenoiser(nn.Module):
     def c_skip(self, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The part of D that is a multiple of x (k-diffusion's c_skip), broadcast to x.
         Guidance rescale uses it to measure the network's own output space."""
-        s = _expand(torch.as_tensor(sigma), x)
+        s = broadcast_sigma(sigma, x)
         if self.prediction_type == "epsilon":
             return torch.ones_like(s)
         if self.prediction_type == "v_prediction":
@@ -127,7 +127,7 @@ class DiscreteDenoiser(nn.Module):
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         t = self.sigma_to_t(sigma).to(x.device)  # (B,)
-        s = _expand(sigma, x)
+        s = broadcast_sigma(sigma, x)
         # the operations are ordered as in diffusers' Euler scheduler so that float32 rounding
         # agrees too (it matters where sigma is huge: cosine or zero-terminal-SNR schedules)
         root = (s**2 + 1) ** 0.5

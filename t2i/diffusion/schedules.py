@@ -197,6 +197,70 @@ def dpm_timesteps(
     raise ValueError(f"unknown timestep_spacing {spacing!r}; expected leading, trailing or linspace")
 
 
+def edm_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """The EDM sampler's noise levels (Karras et al. 2022, eq. 5, defaults of their Table 1) with
+    the final 0 appended: (steps + 1,) float32, descending, for the plain samplers."""
+    sigmas = torch.from_numpy(karras_sigmas(sigma_min, sigma_max, steps, rho)).to(torch.float32)
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def respace_timesteps(num_train_timesteps: int, section_counts: str | list[int]) -> list[int]:
+    """The training timesteps an IDDPM-style respaced run keeps (Nichol & Dhariwal 2021, sec. 4;
+    "25 of 1000 steps"), ascending.
+
+    Args:
+        section_counts: step counts for equal consecutive sections of [0, T), as a list or a
+            comma-separated string ("10,15,20" on T = 300: 10 steps among 0..99, 15 among
+            100..199, 20 among 200..299, each section's first and last timestep included); or
+            "ddimN": the integer stride that gives exactly N steps from 0 (DDIM's striding).
+    Returns:
+        sorted distinct timesteps.
+    """
+    T = num_train_timesteps
+    if isinstance(section_counts, str) and section_counts.startswith("ddim"):
+        want = int(section_counts[len("ddim"):])
+        for stride in range(1, T):
+            if len(range(0, T, stride)) == want:
+                return list(range(0, T, stride))
+        raise ValueError(f"no integer stride gives exactly {want} of {T} steps")
+    counts = [int(c) for c in section_counts.split(",")] if isinstance(section_counts, str) else section_counts
+    size, extra = divmod(T, len(counts))
+    kept: set[int] = set()
+    start = 0
+    for i, count in enumerate(counts):
+        length = size + (i < extra)  # the first `extra` sections are one step longer
+        if count > length:
+            raise ValueError(f"cannot take {count} steps from a section of {length}")
+        stride = (length - 1) / (count - 1) if count > 1 else 1
+        # the index accumulates in float and rounds half to even, as IDDPM's space_timesteps
+        # does: a closed form i * stride rounds a few ties the other way
+        idx = 0.0
+        for _ in range(count):
+            kept.add(start + round(idx))
+            idx += stride
+        start += length
+    return sorted(kept)
+
+
+def respaced_sigmas(alphas_cumprod: torch.Tensor, timesteps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A respaced run over kept training timesteps, for the plain samplers.
+
+    Walking sigmas[i] -> sigmas[i+1] over the kept timesteps is IDDPM's respaced process (its
+    betas 1 - acp[t_i] / acp[t_(i-1)]): DDPM's posterior between consecutive kept levels is
+    ``ancestral_step`` in VE form, and DDIM's step does not depend on the betas at all.
+
+    Args:
+        alphas_cumprod: (T,) the training schedule.
+        timesteps: kept training timesteps (any order; ``respace_timesteps``).
+    Returns:
+        sigmas (N+1,) float32 descending with a final 0, and the network timesteps (N,) float32
+        of sigmas[:N] (pin them with ``DiscreteDenoiser.with_timesteps``).
+    """
+    ts = torch.tensor(sorted(set(timesteps), reverse=True), dtype=torch.long)  # (N,)
+    sigmas = sigmas_from_alphas_cumprod(alphas_cumprod.to(torch.float32)[ts])
+    return torch.cat([sigmas, sigmas.new_zeros(1)]), ts.to(torch.float32)
+
+
 # The settings whose default differs between diffusers' scheduler classes (DDIM and DDPM
 # space timesteps "leading" and clip x0 to +-1, DDIM steps to alphas_cumprod 1 at the end; the
 # Euler family and DPM-Solver space "linspace" and do not clip). A config read from a diffusers

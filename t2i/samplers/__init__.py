@@ -1,4 +1,4 @@
-"""Samplers as plain functions over VE noise levels, and the plan that prepares a run."""
+"""Samplers as plain functions over VE noise levels, and the plan that prepares a diffusers-parity run."""
 
 from t2i.samplers.diffusers_plan import SamplingPlan, prepare_sampling
 from t2i.samplers.sampling import (

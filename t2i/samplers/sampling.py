@@ -12,8 +12,10 @@ Every sampler has k-diffusion's signature
   (``torch.randn(x.shape, generator=g)`` on the generator's device, one draw per step), so the
   same CPU generator gives diffusers' trajectory.
 
-The sampling plan (``t2i.samplers.diffusers_plan``) chooses sigmas that reproduce diffusers'
-schedulers; the update rules themselves are the textbook ones in sigma space.
+The update rules are the textbook ones in sigma space; the sigmas come from outside:
+``t2i.samplers.diffusers_plan`` reproduces diffusers' schedulers (SD and friends), and the
+schedules that are not diffusers' are plain functions in ``t2i.diffusion.schedules``
+(``edm_sigmas``, ``karras_sigmas``, IDDPM respacing with ``respaced_sigmas``).
 """
 
 from __future__ import annotations
