@@ -20,7 +20,7 @@ pytest.importorskip("fastapi")
 
 from test_serve import model_folder_fixture, pipe_fixture, png, request, serve, wait_for  # noqa: E402, F401 - shared fixtures, helpers
 
-from t2i.serve.jobs import HAS_ON_SAMPLE, sketch  # noqa: E402
+from t2i.serve.jobs import sketch  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,7 +99,6 @@ def test_progress_job_timestamp_is_stable_per_job(pipe):
         request("DELETE", s.url + f"/v1/jobs/{first['id']}")
 
 
-@pytest.mark.skipif(not HAS_ON_SAMPLE, reason="needs GenerationRequest.on_sample in t2i/systems/base.py")
 def test_interrupt_answers_with_the_image_as_it_stood_and_progress_shows_it(pipe):
     with serve(pipe, max_queue=8, max_batch=1) as s, ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(request, "POST", s.url + "/sdapi/v1/txt2img", LONG)

@@ -17,7 +17,7 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image, PngImagePlugin
@@ -28,7 +28,6 @@ from t2i.systems.base import GenerationRequest, Interrupted, Pipeline
 QUEUED, RUNNING, DONE, CANCELLED, FAILED = "queued", "running", "done", "cancelled", "failed"
 SHUTTING_DOWN = "the server is shutting down"
 # Pipelines report their current estimate through `GenerationRequest.on_sample` where base.py has it.
-HAS_ON_SAMPLE = "on_sample" in {f.name for f in fields(GenerationRequest)}
 
 
 @dataclass
@@ -328,11 +327,8 @@ class JobQueue:
         def should_stop() -> bool:
             return self.closing or all(not j.active or j.interrupted for j in batch)
 
-        hooks: dict = {"callback": on_step, "should_stop": should_stop}
-        if HAS_ON_SAMPLE:
-            hooks["on_sample"] = self._keep_sample
         return replace(batch[0].request, prompt=prompts, negative_prompt=negatives, seed=seeds, num_images=1,
-                       **hooks)
+                       callback=on_step, should_stop=should_stop, on_sample=self._keep_sample)
 
     def _keep_sample(self, step: int, total: int, sample: torch.Tensor) -> None:
         self.sample = sample

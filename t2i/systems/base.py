@@ -65,6 +65,9 @@ class GenerationRequest:
     # Polled between steps and inside them (between network blocks); True stops the run with
     # `Interrupted` within a fraction of a step (the server's cancel and interrupt).
     should_stop: Callable[[], bool] | None = None
+    # After each step: (step, total, x0), the run's current estimate of its final sample (as
+    # GenerationResult.sample): the server's live preview and its image of an interrupted run.
+    on_sample: Callable[[int, int, torch.Tensor], None] | None = None
 
     def set_options(self) -> list[str]:
         """The names of the options this request sets to something other than their default."""
@@ -76,7 +79,8 @@ class GenerationRequest:
 
 
 # Every family takes these: what to draw, how many, from which seed, and how to report progress.
-_ALWAYS = frozenset({"prompt", "seed", "num_images", "progress", "callback", "should_stop"})
+_ALWAYS = frozenset({"prompt", "seed", "num_images", "progress", "callback", "should_stop",
+                     "on_sample"})
 
 
 @dataclass

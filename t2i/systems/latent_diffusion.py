@@ -333,7 +333,7 @@ class LatentDiffusionPipeline(RequestMethods):
         denoiser = plan.limit_x0(CFGDenoiser(plan.denoiser(net), guidance, guidance_rescale))
         if keep is not None:
             denoiser = KeepUnmasked(denoiser, init, keep)
-        x = self._run(plan, denoiser, x, cond, uncond, generators, progress, callback)
+        x = self._run(plan, denoiser, x, cond, uncond, generators, progress, callback, r.on_sample)
         latents = plan.finish(x)
         if refiner is not None and refiner_plan is not None:
             r_cond, r_uncond, r_warn = refiner.encode_prompts(prompts, negatives, height, width, guided)
@@ -341,7 +341,7 @@ class LatentDiffusionPipeline(RequestMethods):
             r_den = refiner_plan.limit_x0(CFGDenoiser(refiner_plan.denoiser(refiner._sampling_net()), guidance,
                                                       guidance_rescale))
             x = refiner._run(refiner_plan, r_den, refiner_plan.resume(latents), r_cond, r_uncond, generators,
-                             progress, callback)
+                             progress, callback, r.on_sample)
             latents = refiner_plan.finish(x)
 
         images = self.decode(latents, preview)
@@ -358,7 +358,8 @@ class LatentDiffusionPipeline(RequestMethods):
 
     def _run(self, plan: SamplingPlan, denoiser: Callable, x: torch.Tensor, cond: dict, uncond: dict | None,
              generators: list[torch.Generator], progress: bool,
-             callback: Callable[[int, int], None] | None) -> torch.Tensor:
+             callback: Callable[[int, int], None] | None,
+             on_sample: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
         bar = _progress(plan.steps, progress)
 
         def on_step(info: dict) -> None:
@@ -366,6 +367,8 @@ class LatentDiffusionPipeline(RequestMethods):
                 bar.update(1)
             if callback is not None:
                 callback(info["i"] + 1, plan.steps)
+            if on_sample is not None:
+                on_sample(info["i"] + 1, plan.steps, info["denoised"])
 
         x = plan.run(denoiser, x, {"cond": cond, "uncond": uncond}, on_step, generators)
         if bar is not None:
