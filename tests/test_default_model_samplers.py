@@ -70,3 +70,13 @@ def test_t2i_schedules_state_every_sampler_setting():
     assert again == cfg
     for sampler in ("ddim", "ddpm"):
         assert prepare_sampling(again, sampler, 10).x0_limit is None
+
+
+def test_ddim_is_euler_on_the_built_in_model(pipe):
+    """Without clipping, DDIM (eta 0) is the Euler step in sigma space: on the same trailing
+    sigmas the two differ only by the start (sqrt(1 + sigma_max^2) vs sigma_max, 2e-5 apart)."""
+    args = dict(seed=5, steps=10, guidance=4.0, width=64, height=64)
+    ddim = pipe.generate("a red circle on a white background", sampler="ddim", **args).latents
+    euler = pipe.generate("a red circle on a white background", sampler="euler", **args).latents
+    err = ((ddim - euler).abs().max() / euler.std()).item()
+    assert err < 1e-3, err
