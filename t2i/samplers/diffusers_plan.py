@@ -1,4 +1,4 @@
-"""Preparing a sampling run from a model's schedule: ``prepare_sampling`` -> ``SamplingPlan``.
+"""Preparing a diffusers-parity sampling run from a model's schedule: ``prepare_sampling`` -> ``SamplingPlan``.
 
 A plan holds everything a sampler run needs besides the network: the VE noise levels, the
 network timestep that belongs to each of them, how to make the starting latents from the
@@ -8,6 +8,11 @@ the diffusers scheduler each sampler mirrors:
     ddim -> DDIMScheduler            ddpm     -> DDPMScheduler
     euler -> EulerDiscreteScheduler  euler_a  -> EulerAncestralDiscreteScheduler
     heun -> HeunDiscreteScheduler    dpmpp_2m -> DPMSolverMultistepScheduler (dpmsolver++, order 2)
+
+It is the diffusers-parity path of models whose schedule is a ``ScheduleConfig`` (SD and
+t2i's own latent models), and only that: schedules that are not diffusers' (EDM sigmas,
+IDDPM/GLIDE respacing, a distilled model's few timesteps) are plain functions in
+``t2i.diffusion.schedules`` handed straight to the samplers, never branches here.
 
 VP and VE latents, in one place
 -------------------------------
