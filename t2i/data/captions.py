@@ -2,7 +2,7 @@
 
 This module is the grammar only; it knows nothing about images. `t2i.data.shapes` decides
 which facts are true of a scene and asks these builders for words; the judge's parser
-(`t2i.eval.prompts`) reads captions back with the same vocabulary and filler phrases, so
+(`t2i.data.shapes.prompts`) reads captions back with the same vocabulary and filler phrases, so
 every template written here is a template the parser accepts.
 """
 

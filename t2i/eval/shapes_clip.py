@@ -251,7 +251,7 @@ def heldout_scenes(n: int | None = None, fresh_seed: int | None = None) -> list[
     """Scenes never trained on, each with a true caption: (Scene, caption) pairs.
 
     fresh_seed None: the scenes the judge's held-out prompts were drawn from (the same rng
-    draws as `t2i.eval.prompts.heldout_draws`), captioned by those prompts, which no
+    draws as `t2i.data.shapes.heldout.heldout_draws`), captioned by those prompts, which no
     training caption equals. An int: scenes of that seed (pick one no run trains on) with
     their primary caption.
     """

@@ -1,4 +1,4 @@
-"""The shapes world, v1 (../shared/SHAPES_WORLD.md is the contract): scenes of 1-4 flat coloured
+"""The shapes world, v1 (docs/SHAPES_WORLD.md describes it): scenes of 1-4 flat coloured
 shapes on a uniform background, rendered anti-aliased at any size, with the full ground truth and
 several true captions each.
 

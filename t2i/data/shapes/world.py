@@ -1,4 +1,4 @@
-"""The shapes world's contract (../shared/SHAPES_WORLD.md v1; keep this module to it): the
+"""The shapes world's contract (docs/SHAPES_WORLD.md describes it; this module holds the exact values, keep them): the
 palette, sizes and layout rules, the scene model, and the geometric truths captions state.
 
 Geometry is kept in 64x64 canvas units (integer boxes) and scaled to the output size at
