@@ -24,6 +24,7 @@ from t2i.systems.base import Pipeline, ShippedModel, System
 # One line per family, in detection order: the first whose `detect` accepts a path loads it.
 FAMILY_MODULES: tuple[str, ...] = (
     "t2i.systems.shapes_ldm",
+    "t2i.systems.ddpm",  # before stable_diffusion, whose detect takes any folder with a model_index.json
     "t2i.systems.stable_diffusion",
 )
 

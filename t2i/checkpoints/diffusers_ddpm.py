@@ -1,0 +1,95 @@
+"""diffusers' DDPM folder layout (`DDPMPipeline` / `DDIMPipeline` with a `UNet2DModel`), read as configs.
+
+    model_index.json   {"_class_name": "DDPMPipeline", "unet": [...], "scheduler": [...]}
+    unet/              config.json (UNet2DModel) + diffusion_pytorch_model.safetensors
+    scheduler/         scheduler_config.json (DDPMScheduler or DDIMScheduler)
+
+`t2i.nets.pixel_unet.PixelUNet` carries UNet2DModel's parameter names, so the weights need no key
+map: this module translates the config (refusing the options t2i does not implement, by name)
+and names the weight files. The family (`t2i.systems.ddpm`) builds and fills the network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from t2i.checkpoints.diffusers_folder import read_config_file, read_schedule
+from t2i.checkpoints.diffusers_nets import _check_unsupported, _sample_size
+from t2i.checkpoints.io import CheckpointError, find_weights, read_json_object
+from t2i.diffusion.schedules import ScheduleConfig
+from t2i.nets.pixel_unet import PixelUNetConfig
+
+PIPELINES = ("DDPMPipeline", "DDIMPipeline")
+
+# UNet2DModel options t2i does not implement, with the only value accepted.
+_UNSUPPORTED: dict[str, Any] = {
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "mid_block_type": "UNetMidBlock2D",
+    "mid_block_scale_factor": 1,
+    "downsample_padding": 1,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
+    "act_fn": "silu",
+    "resnet_time_scale_shift": "default",
+    "class_embed_type": None,
+    "num_class_embeds": None,
+}
+_DOWN = {"DownBlock2D": False, "AttnDownBlock2D": True}
+_UP = {"UpBlock2D": False, "AttnUpBlock2D": True}
+
+
+def is_diffusers_ddpm(path: Path) -> bool:
+    """A folder whose model_index.json names a DDPM or DDIM pipeline (reads that file only)."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        return read_json_object(index, "a diffusers model index").get("_class_name") in PIPELINES
+    except (ValueError, OSError):
+        return False
+
+
+def pixel_unet_config_from_diffusers(cfg: dict[str, Any]) -> PixelUNetConfig:
+    """PixelUNetConfig from a diffusers `unet/config.json` (UNet2DModel); ValueError names what
+    t2i does not implement."""
+    what = "UNet2DModel config"
+    _check_unsupported(cfg, _UNSUPPORTED, what)
+    channels = tuple(cfg.get("block_out_channels", (224, 448, 672, 896)))
+    n = len(channels)
+    down = cfg.get("down_block_types", ("DownBlock2D",) + ("AttnDownBlock2D",) * 3)
+    up = cfg.get("up_block_types", ("AttnUpBlock2D",) * 3 + ("UpBlock2D",))
+    if len(down) != n or len(up) != n:
+        raise ValueError(f"{what}: {len(down)} down and {len(up)} up blocks for {n} levels")
+    for kind in (*down, *up):
+        if kind not in _DOWN and kind not in _UP:
+            raise ValueError(f"{what}: unsupported block type {kind!r} (supported: {sorted({**_DOWN, **_UP})})")
+    attention = tuple(_DOWN.get(k, False) for k in down)
+    if attention != tuple(_UP.get(k, False) for k in reversed(up)):
+        raise ValueError(f"{what}: the up blocks {list(up)} do not mirror the down blocks {list(down)}")
+    groups = cfg.get("norm_num_groups", 32)
+    if cfg.get("attn_norm_num_groups") not in (None, groups):
+        raise ValueError(f"{what}: attn_norm_num_groups other than norm_num_groups is not supported")
+    head_dim = cfg.get("attention_head_dim", 8)
+    layers = cfg.get("layers_per_block", 2)
+    return PixelUNetConfig(
+        in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3), block_channels=channels,
+        layers_per_block=(layers,) * n, attention=attention,
+        # diffusers: heads = channels // attention_head_dim (None: one head of full width)
+        num_heads=tuple(1 if head_dim is None else c // head_dim for c in channels),
+        transformer_depth=(1,) * n, context_dim=None, mid_attention=bool(cfg.get("add_attention", True)),
+        norm_groups=groups, norm_eps=float(cfg.get("norm_eps", 1e-5)),
+        flip_sin_to_cos=bool(cfg.get("flip_sin_to_cos", True)), freq_shift=float(cfg.get("freq_shift", 0)),
+        dropout=float(cfg.get("dropout", 0.0)), sample_size=_sample_size(cfg.get("sample_size"), 32))
+
+
+def read_diffusers_ddpm(path: str | Path) -> tuple[PixelUNetConfig, ScheduleConfig, list[Path]]:
+    """A diffusers DDPM/DDIM folder -> (network config, schedule, the U-Net's weight files)."""
+    root = Path(path)
+    if not is_diffusers_ddpm(root):
+        raise CheckpointError(f"{root}: not a diffusers DDPM folder (model_index.json naming one of {PIPELINES})")
+    cfg = read_config_file(pixel_unet_config_from_diffusers, root / "unet" / "config.json")
+    schedule, _ = read_schedule(root)
+    return cfg, schedule, find_weights(root / "unet", "diffusion_pytorch_model")
