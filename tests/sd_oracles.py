@@ -138,3 +138,23 @@ def reference_latents(pipe, prompt: str, sampler: str, karras: bool, steps: int,
     out = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                generator=torch.Generator("cpu").manual_seed(seed), height=size, width=size, output_type="latent")
     return out.images
+
+
+def build_lcm(folder: Path, seed: int = 0):
+    """A latent consistency model in diffusers' `LatentConsistencyModelPipeline` layout: the SD1-like
+    nets with the guidance-scale input (`time_cond_proj_dim`) and LCMScheduler's defaults."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4,
+                                time_cond_proj_dim=32)
+    _scale_output(unet)
+    pipe = LatentConsistencyModelPipeline(vae=_vae(), text_encoder=_clip(32, 2, "quick_gelu", 2),
+                                          tokenizer=_tokenizer(folder / "tokenizer", "<|endoftext|>"), unet=unet,
+                                          scheduler=LCMScheduler(), safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe

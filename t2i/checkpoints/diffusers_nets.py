@@ -47,6 +47,7 @@ _UNET_DEFAULTS: dict[str, Any] = {
     "addition_time_embed_dim": None,
     "projection_class_embeddings_input_dim": None,
     "time_embedding_dim": None,
+    "time_cond_proj_dim": None,
 }
 
 # Options we do not implement, with the only value we accept.
@@ -66,7 +67,6 @@ _UNET_UNSUPPORTED: dict[str, Any] = {
     "time_embedding_type": "positional",
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
-    "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
     "attention_type": "default",
@@ -199,6 +199,7 @@ def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
         flip_sin_to_cos=bool(get("flip_sin_to_cos")),
         freq_shift=float(get("freq_shift")),
         time_embed_dim=get("time_embedding_dim"),
+        time_cond_proj_dim=None if get("time_cond_proj_dim") is None else int(get("time_cond_proj_dim")),
         addition_time_embed_dim=add_time_dim,
         projection_class_embeddings_input_dim=add_in_dim,
         dropout=float(get("dropout")),
@@ -242,6 +243,7 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
         "use_linear_projection": cfg.linear_projection,
         "upcast_attention": False,
         "time_embedding_dim": cfg.time_embed_dim,
+        "time_cond_proj_dim": cfg.time_cond_proj_dim,
         "addition_embed_type": "text_time" if cfg.addition_time_embed_dim is not None else None,
         "addition_time_embed_dim": cfg.addition_time_embed_dim,
         "projection_class_embeddings_input_dim": cfg.projection_class_embeddings_input_dim,

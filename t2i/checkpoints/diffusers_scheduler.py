@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from t2i.diffusion.schedules import PER_CLASS_SETTINGS, ScheduleConfig
+from t2i.samplers.diffusers_plan import LCM_SETTINGS
 
 # diffusers' own keys (class_defaults is t2i's note on how to read the others)
 _FIELDS = {f.name for f in dataclasses.fields(ScheduleConfig)} - {"class_defaults"}
@@ -39,6 +40,9 @@ _UNSUPPORTED_UNLESS = {
     "final_sigmas_type": ("zero", "sigma_min", None),
     "variance_type": ("fixed_small", "fixed_small_log", None),
 }
+# LCMScheduler's settings the lcm sampler reads while ScheduleConfig has no field for them: only
+# their defaults (every released LCM folder's values) are accepted.
+_UNSUPPORTED_UNLESS.update({key: (value, None) for key, value in LCM_SETTINGS.items() if key not in _FIELDS})
 
 
 class SchedulerConfigError(ValueError):

@@ -6,13 +6,16 @@ encoder's hidden states. SDXL (Podell et al. 2023) adds more transformer blocks 
 deeper levels, drops attention on the first level and adds "micro-conditioning": the
 original size, crop offset and target size (`time_ids`) are embedded sinusoidally,
 concatenated with the pooled text embedding and added to the time embedding (Sec. 2.2).
+A latent consistency model (LCM, Luo et al. 2023 sec. 4.2) distilled with guidance takes the
+guidance scale w as one more input: its Fourier embedding is projected onto the sinusoidal
+timestep features (`time_cond_proj_dim`), and no classifier-free guidance batch is run.
 
 Parameter names equal diffusers' `UNet2DConditionModel` for the same configuration, so
 a diffusers `unet/` folder loads with `load_state_dict(strict=True)`; configs are
 translated in `t2i.checkpoints.diffusers_nets`. Weights use PyTorch's default init, as the
 reference does; nothing is zero-initialised.
 
-Read top to bottom: config, level builders, model, presets.
+Read top to bottom: config, helpers and level builders, model, presets.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class UNetConfig:
             embedding (256), None when the model has no `text_time` embedding.
         projection_class_embeddings_input_dim: input width of that embedding's MLP, pooled
             text width + number of time ids * addition_time_embed_dim (SDXL 1280 + 6 * 256).
+        time_cond_proj_dim: width of an extra condition added to the timestep features through a
+            bias-free projection (LCM's guidance-scale embedding, 256); None: no such input.
         dropout: ResBlock and feed-forward dropout.
         sample_size: default latent size the model was trained at (64 for SD1 at 512 px).
     """
@@ -79,6 +84,7 @@ class UNetConfig:
     time_embed_dim: int | None = None
     addition_time_embed_dim: int | None = None
     projection_class_embeddings_input_dim: int | None = None
+    time_cond_proj_dim: int | None = None
     dropout: float = 0.0
     sample_size: int = 64
 
@@ -102,8 +108,41 @@ _PER_LEVEL = ("layers_per_block", "attention", "num_heads", "transformer_depth",
 
 
 # ---------------------------------------------------------------------------------------
-# Level builders
+# Helpers and level builders
 # ---------------------------------------------------------------------------------------
+
+
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fourier embedding of guidance scales, (B,) -> (B, dim) float32: [sin | cos] of 1000 w times
+    the frequencies 10000^(-i / (dim/2 - 1)), zero-padded if dim is odd.
+
+    LCM feeds the guidance scale w of its augmented PF-ODE to the student this way (Luo et al. 2023
+    sec. 4.2; the embedding is VDM's, Kingma et al. 2021, as in diffusers'
+    `get_guidance_scale_embedding`). w is the paper's CFG weight, i.e. a pipeline's
+    guidance_scale - 1. The arithmetic follows the reference step by step (float32 log, divide,
+    then exp) because at 1000 w ~ 10^4 one ulp of a frequency moves the phase by ~1e-3.
+    """
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step)  # (dim // 2,)
+    args = (w.to(torch.float32) * 1000.0)[:, None] * freqs.to(w.device)[None, :]  # (B, dim // 2)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # (B, 2 * (dim // 2))
+    return nn.functional.pad(emb, (0, dim % 2))
+
+
+class ConditionedTimestepEmbedding(TimestepEmbedding):
+    """The timestep MLP with an extra condition c (B, cond_dim) added to its input through a
+    bias-free projection: Linear-SiLU-Linear(emb + cond_proj(c)). diffusers' `TimestepEmbedding`
+    with `cond_proj_dim`, so the weights load under `time_embedding.cond_proj.weight`."""
+
+    def __init__(self, in_dim: int, dim: int, cond_dim: int) -> None:
+        super().__init__(in_dim, dim)
+        self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False)
+
+    def forward(self, emb: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            emb = emb + self.cond_proj(condition.to(emb.dtype))  # (B, in_dim)
+        return super().forward(emb)
 
 
 def _transformer(
@@ -189,7 +228,8 @@ class UNet(nn.Module):
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_proj = SinusoidalEmbedding(ch[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        self.time_embedding = TimestepEmbedding(ch[0], temb_dim)
+        self.time_embedding = (TimestepEmbedding(ch[0], temb_dim) if cfg.time_cond_proj_dim is None
+                               else ConditionedTimestepEmbedding(ch[0], temb_dim, cfg.time_cond_proj_dim))
         self.add_time_proj: SinusoidalEmbedding | None = None
         self.add_embedding: TimestepEmbedding | None = None
         if cfg.addition_time_embed_dim is not None and cfg.projection_class_embeddings_input_dim is not None:
@@ -234,15 +274,24 @@ class UNet(nn.Module):
         dtype: torch.dtype,
         text_embeds: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The (B, temb_dim) embedding every ResBlock receives.
 
         t: (B,) or scalar timesteps (fractional allowed); text_embeds: (B, P) pooled text
         embedding and time_ids: (B, K) micro-conditioning (SDXL: original h, w, crop top,
-        left, target h, w), both required iff the model has the `text_time` embedding.
+        left, target h, w), both required iff the model has the `text_time` embedding;
+        timestep_cond: (B, time_cond_proj_dim) LCM's `guidance_scale_embedding`, only for a model
+        with that input (optional there, as in diffusers: without it the projection is skipped).
         """
         t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
-        emb = self.time_embedding(self.time_proj(t).to(dtype))  # (B, temb_dim)
+        features = self.time_proj(t).to(dtype)  # (B, C0)
+        if timestep_cond is None:
+            emb = self.time_embedding(features)  # (B, temb_dim)
+        elif isinstance(self.time_embedding, ConditionedTimestepEmbedding):
+            emb = self.time_embedding(features, timestep_cond)
+        else:
+            raise ValueError("timestep_cond given to a U-Net without time_cond_proj_dim")
         if self.add_embedding is not None and self.add_time_proj is not None:
             if text_embeds is None or time_ids is None:
                 raise ValueError("this U-Net has SDXL micro-conditioning: pass text_embeds and time_ids")
@@ -257,11 +306,13 @@ class UNet(nn.Module):
         context: torch.Tensor,
         text_embeds: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
         feature_cache: DeepFeatureCache | None = None,
     ) -> torch.Tensor:
         """x: (B, C_in, h, w) noisy latents; t: (B,) float timesteps in [0, 1000);
         context: (B, T, context_dim) text hidden states; text_embeds: (B, P) and time_ids:
-        (B, 6) for SDXL. Returns (B, C_out, h, w), the eps (or v) prediction.
+        (B, 6) for SDXL; timestep_cond: (B, time_cond_proj_dim) for an LCM (see `embed_time`).
+        Returns (B, C_out, h, w), the eps (or v) prediction.
 
         feature_cache (DeepCache): when given, the input of the last up block is stored in it on a
         full pass, and with `feature_cache.reuse` set only the first level runs (conv_in, its
@@ -269,7 +320,7 @@ class UNet(nn.Module):
 
         h and w need not be divisible by 2 ** (levels - 1): the up path resizes to the skips.
         """
-        emb = self.embed_time(t, x.shape[0], x.dtype, text_embeds, time_ids)
+        emb = self.embed_time(t, x.shape[0], x.dtype, text_embeds, time_ids, timestep_cond)
         h = self.conv_in(x)  # (B, C0, h, w)
         skips = [h]
         reuse = feature_cache is not None and feature_cache.reuse

@@ -8,6 +8,7 @@ the diffusers scheduler each sampler mirrors:
     ddim -> DDIMScheduler            ddpm     -> DDPMScheduler
     euler -> EulerDiscreteScheduler  euler_a  -> EulerAncestralDiscreteScheduler
     heun -> HeunDiscreteScheduler    dpmpp_2m -> DPMSolverMultistepScheduler (dpmsolver++, order 2)
+    lcm  -> LCMScheduler (multistep consistency sampling on its skipping-step timesteps)
 
 It is the diffusers-parity path of models whose schedule is a ``ScheduleConfig`` (SD and
 t2i's own latent models), and only that: schedules that are not diffusers' (EDM sigmas,
@@ -16,7 +17,7 @@ IDDPM/GLIDE respacing, a distilled model's few timesteps) are plain functions in
 
 VP and VE latents, in one place
 -------------------------------
-Our samplers walk VE latents ``x = x0 + sigma * noise``. diffusers' DDIM, DDPM and DPM hold
+Our samplers walk VE latents ``x = x0 + sigma * noise``. diffusers' DDIM, DDPM, DPM and LCM hold
 VP latents ``x_vp = x / sqrt(1 + sigma^2)``, its Euler-family schedulers hold VE latents.
 ``start`` and ``finish`` are the only conversions:
 
@@ -47,6 +48,9 @@ Where diffusers cannot be matched (measured in tests/test_samplers_parity.py)
 * heun ignores rescale_betas_zero_snr in diffusers and defaults beta_start/beta_end to
   0.00085/0.012 when the keys are missing; the model's schedule (ScheduleConfig) is used for
   every sampler here.
+* lcm with ``from_strength`` (img2img) keeps the last steps of the text-to-image plan, as for
+  every sampler; diffusers' LatentConsistencyModelImg2ImgPipeline instead rebuilds the timesteps
+  from the first ``int(50 * strength)`` distillation timesteps.
 * one generator for a batch: diffusers draws the whole (B, ...) noise from it at once; t2i's
   convention is one generator per image (seed + i), which equals diffusers given a list of
   generators.
@@ -74,10 +78,16 @@ from t2i.diffusion.schedules import (
     sigmas_from_alphas_cumprod,
     spaced_timesteps,
 )
-from t2i.samplers.sampling import SAMPLERS, Generator
+from t2i.samplers.sampling import SAMPLERS, Generator, consistency_boundary_scalings
 
-VP_SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+VP_SAMPLERS = ("ddim", "ddpm", "dpmpp_2m", "lcm")
 EULER_FAMILY = ("euler", "euler_a", "heun")
+NO_KARRAS = ("ddim", "ddpm", "lcm")  # diffusers' classes without use_karras_sigmas
+# sampler_kwargs that hold one entry per step (cut along with the steps by `_slice`)
+PER_STEP_KWARGS = ("sigmas_to", "c_skip", "c_out")
+# LCMScheduler's own settings and their defaults (ScheduleConfig has no field for them yet; the
+# scheduler reader refuses other values, see t2i.checkpoints.diffusers_scheduler)
+LCM_SETTINGS: dict[str, Any] = {"original_inference_steps": 50, "timestep_scaling": 10.0}
 
 # The defaults of the diffusers class each sampler mirrors, for the settings whose default
 # differs between classes (ScheduleConfig.PER_CLASS_SETTINGS). `<Class>.from_config(config)`
@@ -91,6 +101,7 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "euler_a": {"timestep_spacing": "linspace"},
     "heun": {"timestep_spacing": "linspace", "clip_sample": False},
     "dpmpp_2m": {"timestep_spacing": "linspace"},
+    "lcm": {"timestep_spacing": "leading", "clip_sample": False, "set_alpha_to_one": True},
 }
 
 
@@ -113,7 +124,8 @@ class SamplingPlan:
         init_noise_scale: x_T = noise * init_noise_scale when starting from pure noise.
         alphas_cumprod: (T,) the model's training schedule.
         prediction_type: "epsilon", "v_prediction" or "sample".
-        sampler_kwargs: extra options for the sampler function (eta, sigmas_to, lower_order_final).
+        sampler_kwargs: extra options for the sampler function (eta, sigmas_to, lower_order_final,
+            LCM's c_skip and c_out).
         x0_limit: ("clip", range) or ("threshold", ratio, max_value) from the config, or None.
         total_steps: the step count the schedule was made for (before any cut).
     """
@@ -134,7 +146,7 @@ class SamplingPlan:
 
     def held_scale(self, sigma: torch.Tensor) -> float:
         """VP factor of the latents diffusers' scheduler holds at sigma: 1 / sqrt(1 + sigma^2)
-        for ddim/ddpm/dpmpp_2m, 1 for the Euler family (which holds VE latents)."""
+        for ddim/ddpm/dpmpp_2m/lcm, 1 for the Euler family (which holds VE latents)."""
         return float((sigma**2 + 1) ** -0.5) if self.sampler in VP_SAMPLERS else 1.0
 
     def denoiser(self, net: torch.nn.Module | Callable) -> DiscreteDenoiser:
@@ -190,8 +202,9 @@ class SamplingPlan:
 
     def _slice(self, start: int, stop: int, ends_schedule: bool) -> SamplingPlan:
         kwargs = dict(self.sampler_kwargs)
-        if "sigmas_to" in kwargs:
-            kwargs["sigmas_to"] = kwargs["sigmas_to"][start:stop]
+        for name in PER_STEP_KWARGS:
+            if name in kwargs:
+                kwargs[name] = kwargs[name][start:stop]
         if "lower_order_final" in kwargs and not ends_schedule:
             kwargs["lower_order_final"] = False
         sigmas = self.sigmas[start : stop + 1]
@@ -259,9 +272,9 @@ def prepare_sampling(cfg: ScheduleConfig, sampler: str, steps: int, karras: bool
     T = cfg.num_train_timesteps
     if steps > T:
         raise ValueError(f"steps ({steps}) cannot exceed num_train_timesteps ({T})")
-    if karras is None:  # the config's choice; diffusers' DDIM/DDPM have no Karras option and ignore it
-        karras = cfg.use_karras_sigmas and sampler not in ("ddim", "ddpm")
-    if karras and sampler in ("ddim", "ddpm"):
+    if karras is None:  # the config's choice; diffusers' DDIM/DDPM/LCM have no Karras option and ignore it
+        karras = cfg.use_karras_sigmas and sampler not in NO_KARRAS
+    if karras and sampler in NO_KARRAS:
         raise ValueError(f"Karras sigmas are not available for {sampler}; use euler, euler_a, heun, dpmpp_2m")
     if eta and sampler != "ddim":
         raise ValueError("eta applies to the ddim sampler only")
@@ -300,6 +313,12 @@ def prepare_sampling(cfg: ScheduleConfig, sampler: str, steps: int, karras: bool
         sigmas = torch.from_numpy(np.concatenate([sig, [final]]).astype(np.float32))
         kwargs["lower_order_final"] = bool(cfg.euler_at_final or (cfg.lower_order_final and steps < 15))
         init = (sigmas[0] ** 2 + 1) ** 0.5
+    elif sampler == "lcm":
+        ts = _lcm_timesteps(cfg, steps)
+        kwargs.update(_lcm_scalings(cfg, ts))
+        # the last step returns x0 without noise whatever the final alphas_cumprod: sigma 0
+        sigmas = torch.from_numpy(np.concatenate([table[ts], [0.0]]).astype(np.float32))
+        init = (sigmas[0] ** 2 + 1) ** 0.5
     else:  # ddim, ddpm: integer timesteps, VP latents
         ts = spaced_timesteps(spacing, T, steps, cfg.steps_offset, integer=True)
         if sampler == "ddim":
@@ -318,9 +337,9 @@ def prepare_sampling(cfg: ScheduleConfig, sampler: str, steps: int, karras: bool
         init = (sigmas[0] ** 2 + 1) ** 0.5
 
     x0_limit = None
-    if sampler in ("ddim", "ddpm", "dpmpp_2m") and cfg.thresholding:
+    if sampler in ("ddim", "ddpm", "dpmpp_2m", "lcm") and cfg.thresholding:
         x0_limit = ("threshold", cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
-    elif sampler in ("ddim", "ddpm", "heun"):
+    elif sampler in ("ddim", "ddpm", "heun", "lcm"):
         if cfg.clip_sample:
             x0_limit = ("clip", cfg.clip_sample_range)
 
@@ -335,3 +354,30 @@ def prepare_sampling(cfg: ScheduleConfig, sampler: str, steps: int, karras: bool
         x0_limit=x0_limit,
         total_steps=steps,
     )
+
+
+def _lcm_setting(cfg: ScheduleConfig, name: str) -> Any:
+    value = getattr(cfg, name, None)  # a ScheduleConfig field once there is one
+    return LCM_SETTINGS[name] if value is None else value
+
+
+def _lcm_timesteps(cfg: ScheduleConfig, steps: int) -> np.ndarray:
+    """LCMScheduler's timesteps (int64, descending): the distillation schedule of
+    original_inference_steps (50) timesteps k - 1, 2k - 1, ..., T - 1 with the skipping step
+    k = T // 50 (Luo et al. 2023 sec. 4.3), of which `steps` are taken at evenly spaced indices
+    from the top: 999, 759, 499, 259 for 4 steps of T = 1000."""
+    original = int(_lcm_setting(cfg, "original_inference_steps"))
+    T = cfg.num_train_timesteps
+    if not 1 <= original <= T:
+        raise ValueError(f"original_inference_steps ({original}) must be in 1..num_train_timesteps ({T})")
+    if steps > original:
+        raise ValueError(f"the lcm sampler takes at most original_inference_steps ({original}) steps, got {steps}")
+    origin = (np.arange(1, original + 1) * (T // original) - 1)[::-1]
+    return origin[np.floor(np.linspace(0, original, num=steps, endpoint=False)).astype(np.int64)]
+
+
+def _lcm_scalings(cfg: ScheduleConfig, timesteps: np.ndarray) -> dict[str, torch.Tensor]:
+    """sample_lcm's per-step boundary scalings (c_skip, c_out) at LCMScheduler's timesteps."""
+    scaling = float(_lcm_setting(cfg, "timestep_scaling"))
+    c_skip, c_out = consistency_boundary_scalings(torch.from_numpy(timesteps), scaling)
+    return {"c_skip": c_skip, "c_out": c_out}

@@ -219,6 +219,58 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, e
     return x
 
 
+def consistency_boundary_scalings(timesteps: torch.Tensor, timestep_scaling: float = 10.0,
+                                  sigma_data: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The boundary condition of a consistency model at discrete timesteps, as LCM uses it.
+
+    The consistency function is f(x, t) = c_skip(t) x + c_out(t) F(x, t), with c_skip(0) = 1 and
+    c_out(0) = 0 so that f is the identity at the boundary (Song et al. 2023,
+    "Consistency Models" sec. 3; Luo et al. 2023 (LCM) sec. 4.1, where F is the x0 estimate from the network's
+    eps / v and x is the VP latent). diffusers' LCMScheduler and the LCM code take
+    c_skip = sd^2 / ((s t)^2 + sd^2), c_out = s t / sqrt((s t)^2 + sd^2) with t scaled by
+    s = timestep_scaling (10), which makes the scalings almost a step function: at t >= 19 (the
+    smallest LCM timestep) c_skip < 1e-5.
+
+    Args:
+        timesteps: (N,) discrete network timesteps.
+    Returns:
+        (c_skip, c_out), each (N,) float64, for the VP latent and the x0 estimate.
+    """
+    scaled = timesteps.to(torch.float64) * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
+@torch.no_grad()
+def sample_lcm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
+               callback: Callback | None = None, generator: Generator = None,
+               c_skip: torch.Tensor | None = None, c_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1; the multistep latent
+    consistency sampling of Luo et al. 2023 (LCM); diffusers' LCMScheduler): at every sigma jump straight to the
+    consistency function's x0, then re-noise it to the next sigma with fresh noise,
+    x_next = x0 + sigma_next * z. The last step (sigma_next = 0) returns x0 and draws nothing, so
+    one step is a one-step consistency sample.
+
+    Args:
+        c_skip, c_out: optional (N,) boundary scalings of each step (`consistency_boundary_scalings`),
+            x0 = c_out[i] D(x, sigma_i) + c_skip[i] x_vp with x_vp = x / sqrt(1 + sigma_i^2), the
+            latent the LCM was trained on. None: c_skip 0, c_out 1 (x0 = D, the plain form).
+    """
+    extra_args = extra_args or {}
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, _batch(sigmas[i], x), **extra_args)
+        if c_out is not None:
+            denoised = float(c_out[i]) * denoised
+        if c_skip is not None:
+            denoised = denoised + float(c_skip[i]) * (x / (sigmas[i] ** 2 + 1) ** 0.5)
+        x = denoised
+        if sigmas[i + 1] > 0:
+            x = x + randn_like(x, generator) * sigmas[i + 1]  # VP: sqrt(acp') x0 + sqrt(1 - acp') z
+        _report(callback, x, i, sigmas, denoised)
+    return x
+
+
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
@@ -226,4 +278,5 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "euler_a": sample_euler_ancestral,
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
+    "lcm": sample_lcm,
 }

@@ -24,7 +24,7 @@ from t2i.autoencoders.preview import PreviewDecoder
 from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.imageio import from_pil, request_parameters, to_pil
-from t2i.nets.unet import DeepCacheUNet, UNet
+from t2i.nets.unet import DeepCacheUNet, UNet, guidance_scale_embedding
 from t2i.samplers.diffusers_plan import SamplingPlan, prepare_sampling
 from t2i.samplers.sampling import SAMPLERS
 from t2i.seeds import resolve_seed, seed_generators, seed_noise
@@ -134,6 +134,22 @@ class LatentDiffusionPipeline(RequestMethods):
                             native_size=(d.width, d.height))
 
     # ------------------------------------------------------------------ conditioning
+
+    @property
+    def embeds_guidance(self) -> bool:
+        """The U-Net takes the guidance scale as an input (an LCM distilled with guidance, Luo et al.
+        2023 sec. 4.2): guidance is its embedding, not a classifier-free guidance batch, as in every
+        diffusers SD pipeline whose U-Net has `time_cond_proj_dim`."""
+        return self.unet.cfg.time_cond_proj_dim is not None
+
+    def _with_guidance_embedding(self, cond: dict[str, torch.Tensor], guidance: float) -> dict[str, torch.Tensor]:
+        """cond plus `timestep_cond`, the embedding of w = guidance - 1 (the LCM paper's CFG weight
+        for diffusers' guidance scale), for a U-Net that embeds guidance; cond unchanged otherwise."""
+        dim = self.unet.cfg.time_cond_proj_dim
+        if dim is None:
+            return cond
+        w = torch.full((cond["context"].shape[0],), guidance - 1.0, dtype=torch.float32)  # (B,)
+        return {**cond, "timestep_cond": guidance_scale_embedding(w, dim)}  # (B, dim)
 
     def _cond(self, enc: TextEncoding, height: int, width: int, aesthetic: float) -> dict[str, torch.Tensor]:
         """Network keyword arguments for a batch of encoded prompts."""
@@ -306,8 +322,12 @@ class LatentDiffusionPipeline(RequestMethods):
         h, w = height // self.vae_scale, width // self.vae_scale
 
         prompts, negatives, seeds = _per_image(prompt, negative_prompt, seed, num_images)
-        guided = guidance > 1.0
+        guided = guidance > 1.0 and not self.embeds_guidance
         cond, uncond, warnings = self.encode_prompts(prompts, negatives, height, width, guided)
+        cond = self._with_guidance_embedding(cond, guidance)
+        if self.embeds_guidance and any(negatives):
+            warnings.append("the negative prompt is ignored: this model takes guidance as an embedding "
+                            "(no unconditional branch)")
         if self.prompt_check is not None:
             warnings += [m for m in map(self.prompt_check, dict.fromkeys(prompts)) if m]
         n = len(prompts)

@@ -39,6 +39,7 @@ SCHEDULER_SAMPLERS = {
     "EulerAncestralDiscreteScheduler": "euler_a",
     "HeunDiscreteScheduler": "heun",
     "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "LCMScheduler": "lcm",
     "PNDMScheduler": "euler",  # PNDM/PLMS is not implemented; Euler is the usual stand-in
 }
 # ...and the class an exported checkpoint names for a pipeline's default sampler.
@@ -46,13 +47,24 @@ SAMPLER_SCHEDULERS = {s: c for c, s in SCHEDULER_SAMPLERS.items() if c != "PNDMS
 DEFAULT_SAMPLER, DEFAULT_SCHEDULER = "euler", "EulerDiscreteScheduler"
 
 
+# Latent consistency models (LatentConsistencyModelPipeline folders, or any SD folder with LCMScheduler):
+# diffusers' LCM pipeline defaults, 4 steps at guidance_scale 8.5 (the w-embedding of w = 7.5). An
+# LCMScheduler without the w input (LCM-LoRA fused into an SD U-Net) runs without CFG, guidance 1.
+LCM_STEPS, LCM_GUIDANCE, LCM_LORA_GUIDANCE = 4, 8.5, 1.0
+
+
 def generation_defaults(parts: LatentDiffusionParts) -> GenerationDefaults:
-    """SDXL: 30 steps at guidance 5; SD 1/2: 20 at 7.5; the native size is the U-Net's sample size in
+    """SDXL: 30 steps at guidance 5; SD 1/2: 20 at 7.5; an LCM (LCMScheduler): 4 steps at 8.5 as
+    embedded guidance, 1.0 without the embedding; the native size is the U-Net's sample size in
     pixels; the sampler follows the scheduler class. Settings the file stores win."""
     xl = parts.layout.startswith("sdxl")
     size = parts.unet.cfg.sample_size * parts.vae.cfg.downsample_factor
-    defaults = GenerationDefaults(sampler=SCHEDULER_SAMPLERS.get(parts.scheduler_class or "", DEFAULT_SAMPLER),
-                                  steps=30 if xl else 20, guidance=5.0 if xl else 7.5, width=size, height=size)
+    sampler = SCHEDULER_SAMPLERS.get(parts.scheduler_class or "", DEFAULT_SAMPLER)
+    steps, guidance = (30, 5.0) if xl else (20, 7.5)
+    if sampler == "lcm":
+        embedded = parts.unet.cfg.time_cond_proj_dim is not None
+        steps, guidance = LCM_STEPS, LCM_GUIDANCE if embedded else LCM_LORA_GUIDANCE
+    defaults = GenerationDefaults(sampler=sampler, steps=steps, guidance=guidance, width=size, height=size)
     return dataclasses.replace(defaults, **_stored_defaults(parts.defaults, parts.name))
 
 
