@@ -4,6 +4,7 @@ saved by diffusers, IDDPM respacing, the text-conditional network, and training 
 from __future__ import annotations
 
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from t2i.diffusion.schedules import respace_timesteps
 from t2i.nets.pixel_unet import PixelUNet, PixelUNetConfig
 from t2i.systems.ddpm import DDPMPipeline, ddpm_schedule
 from t2i.systems.registry import resolve
+from t2i.text.encoders import TextEncoding
+from t2i.train.ddpm import DDPMTrainConfig, train_ddpm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -108,17 +111,20 @@ def test_iddpm_respacing_starts_at_the_last_training_step_and_keeps_the_respaced
     assert a.abs().max() <= 1.0 + 1e-6 and not torch.allclose(a, b)
 
 
-class _Words(torch.nn.Module):
-    """A stand-in text encoder (no MiniLM load): one fixed random token per distinct word."""
+class _Words:
+    """A stand-in text encoder (no MiniLM load): each word -> a fixed random vector, 4 tokens, zero-padded."""
 
     max_length = 4
 
-    def encode(self, prompts: list[str]):
-        from types import SimpleNamespace
+    def __init__(self, width: int = 8) -> None:
+        self.width = width
 
-        rows = [[hash(w) % 1000 for w in p.split()][:4] + [0] * (4 - len(p.split()[:4])) for p in prompts]
-        table = torch.randn(1000, 8, generator=torch.Generator().manual_seed(0))
-        return SimpleNamespace(context=table[torch.tensor(rows)])  # (B, 4, 8)
+    def encode(self, prompts: list[str]) -> TextEncoding:
+        context = torch.zeros(len(prompts), self.max_length, self.width)
+        for i, p in enumerate(prompts):
+            for j, w in enumerate(p.split()[: self.max_length]):
+                context[i, j] = torch.randn(self.width, generator=torch.Generator().manual_seed(zlib.crc32(w.encode())))
+        return TextEncoding(context, None, None, [False] * len(prompts))
 
 
 def test_text_conditional_network_follows_the_prompt_and_guidance():
@@ -155,3 +161,34 @@ def test_t2i_ddpm_file_round_trips_and_a_config_that_does_not_fit_its_weights_is
     save_file(state, tmp_path / "bad.safetensors", {**meta, "t2i_config": json.dumps(raw)})
     with pytest.raises(CheckpointError, match="do not fit|other shapes"):
         load_t2i_ddpm(tmp_path / "bad.safetensors")
+
+
+def _eval_loss(path, text: _Words) -> float:
+    """The eps loss of a saved model on 32 fixed shapes scenes, fixed t and noise."""
+    from t2i.diffusion.losses import DiffusionLoss
+    from t2i.systems.ddpm import load_t2i_ddpm
+    from t2i.train.data import open_data
+    from t2i.train.distributed import DistInfo
+
+    net, cfg = load_t2i_ddpm(path)
+    x, captions, _ = open_data("shapes", None, cfg.image_size, 123, print).batch(0, 32, DistInfo())
+    loss = DiffusionLoss(cfg.schedule.alphas_cumprod(), "epsilon")
+    cond = {"context": text.encode(captions).context}
+    return sum(loss(net, x, cond, torch.Generator().manual_seed(k)).item() for k in range(4)) / 4
+
+
+def test_tiny_ddpm_run_lowers_its_loss_and_exports_a_loadable_model(tmp_path):
+    """`t2i train ddpm` in-process, tiny preset at 16x16, 30 steps: the exported EMA model's held-out
+    eps loss falls well below the random network's (measured 1.15 -> 0.20; about 10 s), and the
+    model.safetensors it writes generates through the registry."""
+    text = _Words(384)
+    common = dict(net_preset="tiny", image_size=16, batch_size=8, lr=3e-3, warmup=5, ckpt_every=1000, image_every=0,
+                  log_every=10, seed=0, ema_decay=0.0)
+    assert train_ddpm(DDPMTrainConfig(out=str(tmp_path / "r0"), steps=1, lr=1e-12, **{
+        k: v for k, v in common.items() if k != "lr"}), text_encoder=text) == 0
+    assert train_ddpm(DDPMTrainConfig(out=str(tmp_path / "r30"), steps=30, **common), text_encoder=text) == 0
+    before, after = (_eval_loss(tmp_path / r / "model.safetensors", text) for r in ("r0", "r30"))
+    print(f"eval loss before {before:.4f} after {after:.4f}")
+    assert after < 0.6 * before
+    assert "ddpm/loss" in (tmp_path / "r30" / "log.txt").read_text()
+    assert resolve(tmp_path / "r30" / "model.safetensors")[0].name == "ddpm"

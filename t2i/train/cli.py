@@ -63,6 +63,14 @@ LDM: list[Option] = [
     ("--sample-steps", "sample_steps", {"type": int}, "sampler steps for the sample grids"),
     ("--export-every", "export_every", {"type": int}, "write the EMA model as model.safetensors every N steps"),
 ]
+DDPM: list[Option] = [
+    ("--preset", "net_preset", {}, "pixel U-Net shape (t2i.nets.pixel_unet.PIXEL_UNET_PRESETS)"),
+    ("--beta-schedule", "beta_schedule", {"choices": ("linear", "cosine")}, "training betas (DDPM / IDDPM)"),
+    ("--caption-dropout", "caption_dropout", {"type": float}, "share of empty captions (for CFG)"),
+    ("--ema-decay", "ema_decay", {"type": float}, "EMA decay of the shipped weights"),
+    ("--sample-steps", "sample_steps", {"type": int}, "sampler steps for the sample grids"),
+    ("--export-every", "export_every", {"type": int}, "write the EMA model as model.safetensors every N steps"),
+]
 PREVIEW: list[Option] = [
     ("--model", "model", {}, "shapes-LDM model file (or a vae.safetensors) whose VAE is the teacher "
      "(unset: the built-in model)"),
@@ -158,6 +166,13 @@ def _run_ldm(args: argparse.Namespace) -> int:
     return train_ldm(cfg, resume=args.resume, resume_lr=args.resume_lr, given=given)
 
 
+def _run_ddpm(args: argparse.Namespace) -> int:
+    from t2i.train.ddpm import DDPMTrainConfig, train_ddpm
+
+    cfg = DDPMTrainConfig(out=args.out)
+    return train_ddpm(cfg, resume=args.resume, resume_lr=args.resume_lr, given=_config(args, cfg, args.options))
+
+
 def _run_preview(args: argparse.Namespace) -> int:
     from t2i.train.preview import PreviewTrainConfig, train_preview
 
@@ -201,6 +216,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _parser(sub, "ldm", "latent diffusion U-Net on a frozen autoencoder and MiniLM text encoder",
             LDMTrainConfig(out=""), [*RUN, *IMAGES, *LDM, unet_preset]).set_defaults(func=_run_ldm)
 
+    from t2i.train.ddpm import DDPMTrainConfig
+
+    _parser(sub, "ddpm", "pixel-space DDPM (eps prediction; text-conditional on MiniLM for the shapes world)",
+            DDPMTrainConfig(out=""), [*RUN, *IMAGES, *DDPM]).set_defaults(func=_run_ddpm)
     _parser(sub, "preview", "distil a tiny TAESD-like preview decoder from a model's VAE decoder",
             PreviewTrainConfig(out="", decoder=PreviewDecoderConfig()), RUN + IMAGES + PREVIEW
             ).set_defaults(func=_run_preview)
