@@ -1,0 +1,160 @@
+"""int8 against fp32 and bf16 on this CPU: the numbers `precision="auto"` is decided from.
+
+    python benchmarks/int8.py                  # one thread, 5 repeats, every part
+    python benchmarks/int8.py --parts linear conv --repeats 3
+
+Parts, each side timed warm, the sides alternated (A B C A B C ...) so a load change on the
+shared machine hits them all; medians, and each side as a fraction of fp32:
+  linear  one SD-1.5-sized Linear: (4096, 1280) @ (1280, 1280) + bias
+  conv    one SD-1.5-sized 3x3 convolution, 320 -> 320 channels on (2, 320, 64, 64), against
+          PyTorch's static int8 convolution (quantize the input, int8 conv, dequantize)
+  unet    one guided U-Net step of the built-in model (batch 2, 16x16 latents, 32 context tokens)
+  image   the built-in model's whole `generate` at 64x64 (text, 20 steps with guidance, decode)
+  sd      one SD 1.5 U-Net step (random weights, t2i's `sd15` preset), batch 1 at 32x32 latents
+          (256x256 images), 77 context tokens; also each variant's output error against fp32
+The variants: fp32; bf16 (weights and compute); int8 (t2i.quantize: int8 Linears, everything
+else fp32); int8+bf16 (int8 Linears, convolutions and the rest in bf16).
+The CPU (model name, family/model numbers, int8 and bf16 flags) and `uptime` are printed first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sd15_cpu import alternate, report  # noqa: E402
+
+PROMPT = "a red circle above a blue square"
+
+
+def cpu_line() -> str:
+    """'AMD EPYC (family 25 model 17 stepping 1), flags avx512_bf16 avx512_vnni' from /proc/cpuinfo."""
+    from t2i import cpu_flags
+
+    info = Path("/proc/cpuinfo").read_text()
+    field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info.splitlines()[:30])}
+    wanted = sorted(cpu_flags(info) & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
+                                       "amx_int8"})
+    return (f"{field.get('model name', '?')} (family {field.get('cpu family', '?')} model {field.get('model', '?')} "
+            f"stepping {field.get('stepping', '?')}), flags {' '.join(wanted)}")
+
+
+def bench_linear(repeats: int) -> None:
+    from t2i.quantize import quantize_linears
+
+    x = torch.randn(4096, 1280)
+    lin = nn.Linear(1280, 1280)
+    bf = nn.Linear(1280, 1280).to(torch.bfloat16)
+    q = quantize_linears(nn.Sequential(nn.Linear(1280, 1280)))
+    xb = x.bfloat16()
+    report("Linear (4096, 1280) @ (1280, 1280)", alternate({"fp32": lambda: lin(x), "bf16": lambda: bf(xb),
+                                                             "int8": lambda: q(x)}, repeats), base="fp32")
+
+
+def bench_conv(repeats: int) -> None:
+    from torch.ao.nn.quantized import Conv2d as QConv2d
+
+    x = torch.randn(2, 320, 64, 64)
+    conv = nn.Conv2d(320, 320, 3, padding=1)
+    bf = nn.Conv2d(320, 320, 3, padding=1).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    xb = x.bfloat16().contiguous(memory_format=torch.channels_last)
+    qconv = QConv2d(320, 320, 3, padding=1)
+    qconv.set_weight_bias(torch.quantize_per_channel(conv.weight, conv.weight.abs().amax((1, 2, 3)) / 127,
+                                                     torch.zeros(320, dtype=torch.long), 0, torch.qint8), conv.bias)
+    qconv.scale, qconv.zero_point = 0.05, 128
+    scale = float(x.abs().max()) / 127
+
+    def int8() -> torch.Tensor:  # what a static int8 conv costs between float layers
+        return qconv(torch.quantize_per_tensor(x, scale, 128, torch.quint8)).dequantize()
+
+    report("Conv2d 3x3 320->320 on (2, 320, 64, 64)",
+           alternate({"fp32": lambda: conv(x), "bf16 channels-last": lambda: bf(xb), "int8 static": int8}, repeats),
+           base="fp32")
+
+
+def pipelines() -> dict:
+    import t2i
+    from t2i.quantize import quantize_linears
+
+    pipes = {p: t2i.load(precision=p) for p in ("fp32", "bf16", "int8")}
+    mixed = t2i.load(precision="bf16")
+    quantize_linears(mixed.unet)
+    quantize_linears(mixed.text_encoder)
+    pipes["int8+bf16"] = mixed
+    return pipes
+
+
+def bench_unet(pipes: dict, repeats: int) -> None:
+    torch.manual_seed(0)
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.full((2,), 500.0), torch.randn(2, 32, 384)
+    nets = {name: p._sampling_net() for name, p in pipes.items()}
+    report("U-Net step, built-in model, batch 2 at 16x16",
+           alternate({name: (lambda n=n: n(x, t, context=ctx)) for name, n in nets.items()}, repeats), base="fp32")
+
+
+def bench_image(pipes: dict, repeats: int) -> None:
+    report("whole generate, built-in model, 64x64, 20 steps, guidance",
+           alternate({name: (lambda p=p: p.generate(PROMPT, seed=0)) for name, p in pipes.items()}, repeats),
+           base="fp32")
+
+
+def sd_variants() -> dict:
+    import copy
+
+    from t2i.nets.unet import UNET_CONFIGS, UNet
+    from t2i.quantize import quantize_linears
+    from t2i.systems.latent_diffusion import CastInputs
+
+    torch.manual_seed(0)
+    fp32 = UNet(UNET_CONFIGS["sd15"]).eval().requires_grad_(False)
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    return {"fp32": fp32, "bf16": CastInputs(bf16), "int8": quantize_linears(copy.deepcopy(fp32)),
+            "int8+bf16": CastInputs(quantize_linears(bf16))}  # bf16 is quantized last: nothing else reads it
+
+
+def bench_sd(repeats: int) -> None:
+    nets = sd_variants()
+    torch.manual_seed(1)
+    x, t, ctx = torch.randn(1, 4, 32, 32), torch.full((1,), 500.0), torch.randn(1, 77, 768)
+    outs = {name: net(x, t, context=ctx).float() for name, net in nets.items()}
+    for name, y in outs.items():
+        print(f"    {name:<22} output error {(y - outs['fp32']).norm() / outs['fp32'].norm():.2e} of fp32's norm")
+    report("SD 1.5 U-Net step, batch 1 at 32x32 latents",
+           alternate({name: (lambda n=n: n(x, t, context=ctx)) for name, n in nets.items()}, repeats, warmup=False),
+           base="fp32")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--parts", nargs="+", default=["linear", "conv", "unet", "image", "sd"],
+                    choices=["linear", "conv", "unet", "image", "sd"])
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"CPU: {cpu_line()}; torch {torch.__version__}, {args.threads} thread(s)")
+    print(f"load at start: {os.popen('uptime').read().strip()}")
+    with torch.no_grad():
+        if "linear" in args.parts:
+            bench_linear(args.repeats)
+        if "conv" in args.parts:
+            bench_conv(args.repeats)
+        if {"unet", "image"} & set(args.parts):
+            pipes = pipelines()
+            if "unet" in args.parts:
+                bench_unet(pipes, args.repeats)
+            if "image" in args.parts:
+                bench_image(pipes, args.repeats)
+        if "sd" in args.parts:
+            bench_sd(args.repeats)
+    print(f"load at end: {os.popen('uptime').read().strip()}")
+
+
+if __name__ == "__main__":
+    main()
