@@ -75,6 +75,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rerank-clip", default=None, metavar="PATH",
                    help="CLIP for --rerank: a transformers CLIP folder or a shapes CLIP .safetensors "
                         "(default: the shipped shapes CLIP)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="merge this LoRA (.safetensors, kohya/A1111 or diffusers/PEFT) at WEIGHT (default 1); "
+                        "repeatable")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="where A1111's <lora:name:weight> prompt tags find name.safetensors (subfolders too)")
     p.set_defaults(func=run)
 
 
@@ -200,6 +205,10 @@ def _load(args: argparse.Namespace):
     from t2i.cli import UserError
 
     pipe = t2i.load(args.model, precision=args.precision)
+    if args.lora:  # merged for the whole run (before compiling, which freezes the weights)
+        from t2i.adapters.lora import apply_loras, parse_lora_arg
+
+        apply_loras(pipe, [parse_lora_arg(a) for a in args.lora])
     if args.compile:
         compile_unet = getattr(pipe, "compile", None)
         if compile_unet is None:
@@ -209,11 +218,13 @@ def _load(args: argparse.Namespace):
 
 
 def _generate(pipe, request, args: argparse.Namespace, embedder):
+    from t2i.adapters.lora import run_with_prompt_loras  # <lora:name:w> tags: merged for this request only
+
     if args.rerank == 1:
-        return pipe.run(request)
+        return run_with_prompt_loras(pipe, request, args.lora_dir, pipe.run)
     from t2i.eval.rerank import run_reranked
 
-    return run_reranked(pipe, request, args.rerank, embedder)
+    return run_with_prompt_loras(pipe, request, args.lora_dir, lambda r: run_reranked(pipe, r, args.rerank, embedder))
 
 
 def _save(image, path: Path, overwrite: bool) -> None:
