@@ -13,10 +13,12 @@ from test_samplers_parity import SD1, SD2, AnalyticNet
 
 import t2i
 from t2i.checkpoints import diffusers_folder
+from t2i.checkpoints.diffusers_nets import unet_config_from_diffusers, unet_config_to_diffusers
 from t2i.checkpoints.diffusers_scheduler import SchedulerConfigError, scheduler_config_from_dict
-from t2i.nets.unet import guidance_scale_embedding
+from t2i.nets.unet import UNet, guidance_scale_embedding
 from t2i.samplers import SAMPLERS, prepare_sampling
 from t2i.samplers.sampling import consistency_boundary_scalings, sample_lcm
+from t2i.systems.stable_diffusion import export
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -116,6 +118,32 @@ def test_guidance_scale_embedding_is_diffusers(dim):
     assert torch.equal(guidance_scale_embedding(w, dim), expected)
 
 
+def test_unet_guidance_input_matches_diffusers():
+    """`time_cond_proj_dim`: the config reads and writes back, the weights load strictly under
+    diffusers' names (time_embedding.cond_proj.weight), the outputs agree with and without the
+    w-embedding, and the embedding changes the output."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    ref = UNet2DConditionModel(sample_size=8, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8,
+                               cross_attention_dim=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4,
+                               time_cond_proj_dim=16).eval()
+    cfg = unet_config_from_diffusers(dict(ref.config))
+    assert cfg.time_cond_proj_dim == 16 and unet_config_from_diffusers(unet_config_to_diffusers(cfg)) == cfg
+    ours = UNet(cfg).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([999.0, 259.0]), torch.randn(2, 5, 32)
+    w = guidance_scale_embedding(torch.tensor([7.5, 2.0]), 16)
+    with torch.no_grad():
+        for cond in (w, None):
+            expected = ref(x, t, ctx, timestep_cond=cond).sample
+            torch.testing.assert_close(ours(x, t, ctx, timestep_cond=cond), expected, atol=1e-5, rtol=1e-5)
+        assert (ours(x, t, ctx, timestep_cond=w) - ours(x, t, ctx)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="time_cond_proj_dim"):
+        UNet(unet_config_from_diffusers({**dict(ref.config), "time_cond_proj_dim": None}))(x, t, ctx, timestep_cond=w)
+
+
 # ------------------------------------------------------------------ the LatentConsistencyModelPipeline layout
 
 
@@ -192,3 +220,18 @@ def test_sampler_lcm_on_plain_stable_diffusion(tmp_path):
         err = _relative_error(got, out.images)
         print(f"SD1 + lcm sampler, {steps} steps: relative error {err:.2e}")
         assert err < TOLERANCE
+
+
+def test_exported_lcm_stays_an_lcm(lcm, tmp_path):
+    """t2i's exporter writes an SD folder with LCMScheduler: t2i reads it back as the same LCM, and
+    diffusers' StableDiffusionPipeline (which also feeds the w-embedding instead of CFG for such a
+    U-Net) produces the same latents from it."""
+    _oracle, ours = lcm
+    folder = export(ours, tmp_path / "exported")
+    again = t2i.load(folder)
+    assert (again.defaults.sampler, again.defaults.steps, again.defaults.guidance) == ("lcm", 4, 8.5)
+    got = again.generate(PROMPT, seed=1, steps=2, width=SIZE, height=SIZE).latents
+    torch.testing.assert_close(got, ours.generate(PROMPT, seed=1, steps=2, width=SIZE, height=SIZE).latents)
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True)
+    assert type(reference.scheduler).__name__ == "LCMScheduler"
+    assert _relative_error(got, _reference(reference, 2, 8.5, seed=1)) < TOLERANCE
