@@ -4,15 +4,12 @@ diffusers from the same seed."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import pytest
 import torch
 from sd_oracles import build_lcm, build_sd1
 from test_samplers_parity import SD1, SD2, AnalyticNet
 
 import t2i
-from t2i.checkpoints import diffusers_folder
 from t2i.checkpoints.diffusers_nets import unet_config_from_diffusers, unet_config_to_diffusers
 from t2i.checkpoints.diffusers_scheduler import SchedulerConfigError, scheduler_config_from_dict
 from t2i.nets.unet import UNet, guidance_scale_embedding
@@ -147,24 +144,11 @@ def test_unet_guidance_input_matches_diffusers():
 # ------------------------------------------------------------------ the LatentConsistencyModelPipeline layout
 
 
-@contextmanager
-def _lcm_folders_accepted():
-    """The folder loader's list of pipeline classes (t2i.checkpoints.diffusers_folder, owned
-    elsewhere) must name LatentConsistencyModelPipeline; until it does, the test adds it."""
-    names = diffusers_folder.SUPPORTED_PIPELINES
-    diffusers_folder.SUPPORTED_PIPELINES = tuple(dict.fromkeys((*names, "LatentConsistencyModelPipeline")))
-    try:
-        yield
-    finally:
-        diffusers_folder.SUPPORTED_PIPELINES = names
-
-
 @pytest.fixture(scope="module")
 def lcm(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lcm") / "model"
     reference = build_lcm(folder)
-    with _lcm_folders_accepted():
-        return reference, t2i.load(folder)
+    return reference, t2i.load(folder)
 
 
 def _reference(pipe, steps: int, guidance: float, seed: int) -> torch.Tensor:

@@ -59,7 +59,7 @@ def exact(x_t: torch.Tensor, sigma_max: torch.Tensor) -> torch.Tensor:
 
 
 def test_registry_names():
-    assert set(SAMPLERS) == {"ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m"}
+    assert set(SAMPLERS) == {"ddpm", "ddim", "euler", "euler_a", "heun", "dpmpp_2m", "lcm"}
 
 
 @pytest.mark.parametrize("name", list(GOLDEN))

@@ -190,7 +190,6 @@ def test_presets_have_diffusers_layout(name: str) -> None:
     ("option", "value"),
     [
         ("class_embed_type", "timestep"),
-        ("time_cond_proj_dim", 256),
         ("resnet_time_scale_shift", "scale_shift"),
         ("addition_embed_type", "text"),
         ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),

@@ -47,6 +47,7 @@ SUPPORTED_PIPELINES = (
     "StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline",
+    "LatentConsistencyModelPipeline",  # an SD U-Net with a guidance-embedding input, sampled by `lcm`
 )
 
 
