@@ -82,9 +82,6 @@ class DDPMConfig:
     guidance: float = 3.0
     image_size: int = 32
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DDPMConfig:
         d = dict(d)
@@ -107,7 +104,8 @@ class DDPMPipeline(RequestMethods):
                  name: str = "ddpm", defaults: GenerationDefaults | None = None) -> None:
         if net.pixel_cfg.text_conditional != (text_encoder is not None):
             raise ValueError("a text-conditional network needs a text encoder, an unconditional one none")
-        self.net, self.schedule, self.text_encoder = net, schedule, text_encoder
+        # `unet`, as LatentDiffusionPipeline names it: t2i.load's int8 precision quantizes pipe.unet
+        self.unet, self.schedule, self.text_encoder = net, schedule, text_encoder
         self.name = name
         size = net.pixel_cfg.sample_size
         self.defaults = defaults or GenerationDefaults(sampler="ddpm", steps=50, guidance=1.0, width=size,
@@ -123,7 +121,7 @@ class DDPMPipeline(RequestMethods):
 
     @property
     def size_multiple(self) -> int:
-        return 2 ** (len(self.net.pixel_cfg.block_channels) - 1)
+        return 2 ** (len(self.unet.pixel_cfg.block_channels) - 1)
 
     def plan(self, sampler: str, steps: int, schedule: str, eta: float | None = None) -> SamplingPlan:
         """The sampler run: diffusers' spacing of the model's schedule ("default", "karras"), or
@@ -170,7 +168,7 @@ class DDPMPipeline(RequestMethods):
         """Generate request.num_images images per prompt; image i of seed s starts from seed s + i."""
         if request.should_stop is None:
             return self._generate(request)
-        with stop_polling(request.should_stop, self.net):
+        with stop_polling(request.should_stop, self.unet):
             return self._generate(request)
 
     def _generate(self, request: GenerationRequest) -> GenerationResult:
@@ -182,9 +180,9 @@ class DDPMPipeline(RequestMethods):
         warnings = [m for m in map(self.prompt_check, dict.fromkeys(prompts)) if m] if self.prompt_check else []
         plan = self.plan(r.sampler, r.steps, r.schedule, r.eta)
         generators = seed_generators(seeds)
-        x = plan.start(seed_noise(generators, (self.net.pixel_cfg.in_channels, r.height, r.width)))  # (N, 3, H, W)
-        fp32 = next(self.net.parameters()).dtype == torch.float32
-        denoiser = plan.limit_x0(CFGDenoiser(plan.denoiser(self.net if fp32 else CastInputs(self.net)), r.guidance))
+        x = plan.start(seed_noise(generators, (self.unet.pixel_cfg.in_channels, r.height, r.width)))  # (N, 3, H, W)
+        fp32 = next(self.unet.parameters()).dtype == torch.float32
+        denoiser = plan.limit_x0(CFGDenoiser(plan.denoiser(self.unet if fp32 else CastInputs(self.unet)), r.guidance))
         bar = _progress(plan.steps, r.progress)
 
         def on_step(info: dict) -> None:
@@ -214,7 +212,7 @@ SYSTEM_NAME = "ddpm"
 def save_ddpm(net: PixelUNet, cfg: DDPMConfig, path: str | Path) -> None:
     """Write the network as `unet.*` with the resolved config in the metadata, atomically."""
     state = {f"unet.{k}": v.detach().float() for k, v in net.state_dict().items()}
-    save_with_config(state, path, cfg.to_dict(), SYSTEM_NAME)
+    save_with_config(state, path, dataclasses.asdict(cfg), SYSTEM_NAME)
 
 
 def _model_file(path: Path) -> Path:
@@ -224,13 +222,10 @@ def _model_file(path: Path) -> Path:
 def is_t2i_ddpm(path: Path) -> bool:
     """A file written by `save_ddpm` (or a folder holding one as model.safetensors)."""
     file = _model_file(Path(path))
-    if file.suffix != ".safetensors":
-        return False
     try:
-        read_config(file, "a t2i DDPM file", SYSTEM_NAME)
-    except (FileNotFoundError, ValueError):
+        return file.suffix == ".safetensors" and bool(read_config(file, "a t2i DDPM file", SYSTEM_NAME))
+    except (FileNotFoundError, ValueError):  # not ours: let other families judge it
         return False
-    return True
 
 
 def load_text_encoder(cfg: DDPMConfig) -> nn.Module | None:
@@ -294,7 +289,7 @@ def load(path: Path, dtype: torch.dtype = torch.float32) -> DDPMPipeline:
         name = file.parent.name if file.name == "model.safetensors" else file.stem
         pipe = DDPMPipeline(net, cfg.schedule, text_encoder=load_text_encoder(cfg), name=name, defaults=defaults)
     if dtype != torch.float32:
-        pipe.net.to(dtype)
+        pipe.unet.to(dtype)
     return pipe
 
 

@@ -63,7 +63,7 @@ def resolve_model_config(cfg: DDPMTrainConfig) -> DDPMConfig:
 
 def build_ddpm(cfg: DDPMTrainConfig, run: Run, text_encoder: torch.nn.Module | None = None) -> Task:
     if cfg.model is None:
-        cfg.model = resolve_model_config(cfg).to_dict()
+        cfg.model = dataclasses.asdict(resolve_model_config(cfg))
     model_cfg = DDPMConfig.from_dict(cfg.model)
     text = (text_encoder or load_text_encoder(model_cfg)) if model_cfg.net.text_conditional else None
     data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, run.log.text, cfg.background_p)
