@@ -44,6 +44,15 @@ def family(request, tmp_path_factory):
     return request.param, folder
 
 
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    """A tiny SD1 folder, its diffusers pipeline (left unfused: a template for writing LoRAs) and t2i's
+    (every test restores its weights, and checks that it did)."""
+    folder = tmp_path_factory.mktemp("sd1") / "model"
+    ref = build_sd1(folder)
+    return folder, ref, t2i.load(folder)
+
+
 def _diffusers(folder: Path):
     from diffusers import DiffusionPipeline
 
@@ -160,12 +169,11 @@ def test_merged_lora_matches_diffusers(family, fmt, tmp_path):
     _assert_restored(ours, base)
 
 
-def test_several_loras_with_weights_match_diffusers(tmp_path):
-    folder = tmp_path / "model"
-    ref = build_sd1(folder)
-    ours = t2i.load(folder)
-    a = write_peft_lora(ref, "sd1", tmp_path / "a", seed=1)
-    b = write_kohya_lora(ref, "sd1", tmp_path / "b.safetensors", seed=5)
+def test_several_loras_with_weights_match_diffusers(sd1, tmp_path):
+    folder, template, ours = sd1
+    ref = _diffusers(folder)
+    a = write_peft_lora(template, "sd1", tmp_path / "a", seed=1)
+    b = write_kohya_lora(template, "sd1", tmp_path / "b.safetensors", seed=5)
     ref.load_lora_weights(str(a), adapter_name="a")
     ref.load_lora_weights(str(b), adapter_name="b")
     ref.set_adapters(["a", "b"], adapter_weights=[0.6, -0.3])
@@ -177,10 +185,8 @@ def test_several_loras_with_weights_match_diffusers(tmp_path):
     _assert_restored(ours, base)
 
 
-def test_nested_handles_unmerge_in_reverse_order(tmp_path):
-    folder = tmp_path / "model"
-    ref = build_sd1(folder)
-    ours = t2i.load(folder)
+def test_nested_handles_unmerge_in_reverse_order(sd1, tmp_path):
+    _folder, ref, ours = sd1
     a = write_kohya_lora(ref, "sd1", tmp_path / "a.safetensors", seed=1)
     base = _snapshot(ours)
     first = apply_loras(ours, [(a, 1.0)])
@@ -192,10 +198,8 @@ def test_nested_handles_unmerge_in_reverse_order(tmp_path):
     _assert_restored(ours, base)
 
 
-def test_unmatched_keys_are_named(tmp_path):
-    folder = tmp_path / "model"
-    ref = build_sd1(folder)
-    ours = t2i.load(folder)
+def test_unmatched_keys_are_named(sd1, tmp_path):
+    _folder, ref, ours = sd1
     path = write_kohya_lora(ref, "sd1", tmp_path / "a.safetensors")
     from safetensors.torch import load_file
 
@@ -217,9 +221,10 @@ def test_unmatched_keys_are_named(tmp_path):
     _assert_restored(ours, base)
 
 
-def test_lora_for_another_architecture_is_refused(tmp_path):
-    sd1_ref, sdxl_ref = build_sd1(tmp_path / "sd1"), build_sdxl(tmp_path / "sdxl")
-    sd1, sdxl = t2i.load(tmp_path / "sd1"), t2i.load(tmp_path / "sdxl")
+def test_lora_for_another_architecture_is_refused(sd1, tmp_path):
+    _folder, sd1_ref, sd1 = sd1
+    sdxl_ref = build_sdxl(tmp_path / "sdxl")
+    sdxl = t2i.load(tmp_path / "sdxl")
     sdxl_kohya = write_kohya_lora(sdxl_ref, "sdxl", tmp_path / "xl.safetensors", ours=sdxl)
     with pytest.raises(LoraError, match=r"an SDXL LoRA .*lora_te[12]_"):
         apply_loras(sd1, [(sdxl_kohya, 1.0)])
@@ -246,10 +251,8 @@ def test_prompt_tags_and_arguments():
     assert parse_lora_arg("C:/x.safetensors") == ("C:/x.safetensors", 1.0)
 
 
-def test_prompt_tag_applies_for_one_run_and_stays_in_the_parameters(tmp_path):
-    folder = tmp_path / "model"
-    ref = build_sd1(folder)
-    ours = t2i.load(folder)
+def test_prompt_tag_applies_for_one_run_and_stays_in_the_parameters(sd1, tmp_path):
+    _folder, ref, ours = sd1
     loras = tmp_path / "loras" / "styles"
     loras.mkdir(parents=True)
     path = write_kohya_lora(ref, "sd1", loras / "ink.safetensors")
@@ -268,12 +271,11 @@ def test_prompt_tag_applies_for_one_run_and_stays_in_the_parameters(tmp_path):
         run_with_prompt_loras(ours, GenerationRequest(prompt="<lora:nope>"), tmp_path / "loras", ours.run)
 
 
-def test_cli_lora_options(tmp_path):
+def test_cli_lora_options(sd1, tmp_path):
     from t2i.cli import main
     from t2i.imageio import parse_parameters
 
-    folder = tmp_path / "model"
-    ref = build_sd1(folder)
+    folder, ref, _ours = sd1
     (tmp_path / "loras").mkdir()
     write_kohya_lora(ref, "sd1", tmp_path / "loras" / "ink.safetensors")
     common = ["--model", str(folder), "--steps", "2", "--seed", "1", "--width", "16", "--height", "16",
@@ -295,3 +297,34 @@ def test_cli_lora_options(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(["generate", "a circle <lora:ink>", "--out", str(tmp_path / "x.png"), *common]) != 0
+
+
+@pytest.mark.parametrize("layout", ["lora.down", "processor"])
+def test_older_diffusers_layouts_merge_as_peft(sd1, tmp_path, layout):
+    """diffusers' layouts before PEFT (`.lora.down.weight`; attention processors' `to_q_lora`) with
+    `.alpha` keys give the same merged weights as the PEFT file they are renamed from."""
+    from safetensors.torch import load_file
+
+    _folder, ref, ours = sd1
+    peft = write_peft_lora(ref, "sd1", tmp_path / "peft")
+    with apply_loras(ours, [(peft, 0.8)]):
+        expected = _snapshot(ours)
+    old = {}
+    for key, value in load_file(peft).items():
+        module, _, part = key.rpartition(".lora_")
+        if layout == "processor":  # only attention projections had processors
+            head, _, proj = module.removesuffix(".0").rpartition(".")
+            if not module.startswith("unet.") or proj not in ("to_q", "to_k", "to_v", "to_out"):
+                continue
+            module = f"{head}.processor.{proj}_lora"
+        old[f"{module}.lora.{'down' if part.startswith('A') else 'up'}.weight"] = value
+        old[f"{module}.alpha"] = torch.tensor(8.0 if module.startswith("unet.") else 2.0)
+    path = tmp_path / "old.safetensors"
+    save_file(old, path)
+    base = _snapshot(ours)
+    with apply_loras(ours, [(path, 0.8)]):
+        got = _snapshot(ours)
+    changed = [k for k in base if not torch.equal(base[k], got[k])]
+    assert changed and (layout == "lora.down" or all("attn" in k for k in changed))
+    assert all(torch.equal(got[k], expected[k]) for k in changed)
+    _assert_restored(ours, base)
