@@ -192,3 +192,18 @@ def test_tiny_ddpm_run_lowers_its_loss_and_exports_a_loadable_model(tmp_path):
     assert after < 0.6 * before
     assert "ddpm/loss" in (tmp_path / "r30" / "log.txt").read_text()
     assert resolve(tmp_path / "r30" / "model.safetensors")[0].name == "ddpm"
+
+
+def test_cosine_betas_are_iddpms_and_reach_the_file_config():
+    """`--beta-schedule cosine`: IDDPM eq. 17 (alpha_bar(t) = cos^2((t/T + s)/(1 + s) pi/2), betas capped at
+    0.999), stated in the model config as diffusers names it; the linear schedule keeps far more signal at T."""
+    from t2i.diffusion.schedules import cosine_alpha_bar
+    from t2i.train.ddpm import resolve_model_config
+
+    cosine = resolve_model_config(DDPMTrainConfig(out="", beta_schedule="cosine")).schedule
+    linear = resolve_model_config(DDPMTrainConfig(out="")).schedule
+    assert cosine.beta_schedule == "squaredcos_cap_v2" and linear.beta_schedule == "linear"
+    acp = cosine.alphas_cumprod().double()
+    expected = torch.tensor([cosine_alpha_bar((t + 1) / 1000) / cosine_alpha_bar(0) for t in range(1000)])
+    assert torch.allclose(acp[:-1], expected[:-1].double(), rtol=1e-4)
+    assert acp[-1] < 1e-6 < linear.alphas_cumprod()[-1] < 1e-4
