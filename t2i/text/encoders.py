@@ -8,6 +8,8 @@
   The SDXL refiner has only the 2nd tower: (B, 77, 1280) and its text_embeds.
 - MiniLM (t2i's default model): BERT token states with an attention mask; pooled = the
   masked mean of the token states.
+- T5 (DeepFloyd IF: 77 tokens, PixArt: 120): the encoder's last hidden states over the whole
+  window with the attention mask; no pooled vector.
 
 Every encoder reports which prompts were cut to fit its window (`TextEncoding.truncated`);
 pipelines log them. Encoders are frozen: they run under `torch.no_grad` (not inference_mode, whose tensors
@@ -22,10 +24,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from t2i.checkpoints.transformers_t5 import load_t5_folder
 from t2i.checkpoints.transformers_text import load_clip_text_folder, load_minilm
 from t2i.text.bert import BertModel, WordPieceTokenizer, mean_pool
 from t2i.text.clip import CLIPTextModel
 from t2i.text.clip_tokenizer import CLIPTokenizer
+from t2i.text.t5 import T5Encoder, T5Tokenizer
 
 
 @dataclass
@@ -137,7 +141,35 @@ class MiniLMTextEncoder(nn.Module):
     forward = encode
 
 
-TextEncoder = CLIPTextEncoder | SDXLTextEncoder | MiniLMTextEncoder
+class T5TextEncoder(nn.Module):
+    """A T5 tokenizer + encoder: context (B, max_length, D), the last hidden states of the whole
+    window, padding positions included (they attend to the real tokens), as diffusers' IF and
+    PixArt pipelines read them; mask (B, max_length) True on real tokens; pooled None."""
+
+    def __init__(self, tokenizer: T5Tokenizer, model: T5Encoder, max_length: int = 77) -> None:
+        super().__init__()
+        self.tokenizer, self.model, self.max_length = tokenizer, model, max_length
+        self.context_dim = model.cfg.width
+        self.pooled_dim = None
+
+    @classmethod
+    def from_folders(cls, tokenizer_dir: str | Path, encoder_dir: str | Path, max_length: int = 77,
+                     dtype: torch.dtype = torch.float32, variant: str | None = None) -> T5TextEncoder:
+        """A pipeline's `tokenizer/` (tokenizer.json) and `text_encoder/` (T5EncoderModel) folders."""
+        return cls(T5Tokenizer.from_folder(tokenizer_dir), load_t5_folder(encoder_dir, dtype, variant), max_length)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> TextEncoding:
+        batch = self.tokenizer.tokenize(prompts, self.max_length)
+        device = self.model.token_embedding.weight.device
+        mask = batch.attention_mask.to(device)  # (B, max_length)
+        context = self.model(batch.ids.to(device), mask)  # (B, max_length, D)
+        return TextEncoding(context, None, mask, batch.truncated)
+
+    forward = encode
+
+
+TextEncoder = CLIPTextEncoder | SDXLTextEncoder | MiniLMTextEncoder | T5TextEncoder
 
 
 def load_diffusers_text_encoder(root: str | Path, dtype: torch.dtype = torch.float32) -> TextEncoder:
