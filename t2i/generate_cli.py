@@ -53,8 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="DeepCache: the full U-Net every N-th step, only its first level between (faster; 1: off)")
     p.add_argument("--preview-decoder", default=None, metavar="PATH",
                    help="decode with this preview decoder (`t2i train preview`) instead of the VAE: faster, rougher")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 where the CPU computes it natively, else fp32")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
+                   help="auto: by CPU flags (t2i.auto_precision): int8 with VNNI and native bf16, bf16 with "
+                        "native bf16 only, else fp32; int8: the U-Net's Linear layers in int8, the rest bf16 "
+                        "where native, else fp32")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the U-Net: faster steps after a compile of minutes at each new size "
                         "(cached on disk); pays off for many images per process")
