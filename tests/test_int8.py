@@ -13,6 +13,8 @@ from torch import nn
 import t2i
 from t2i.quantize import Int8Linear, int8_linears, quantize_linears
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ZEN3 = "processor\t: 0\nflags\t\t: fpu sse avx2 fma f16c\n"
 SKYLAKE_SP = "flags\t\t: avx2 avx512f avx512dq avx512bw avx512vl\n"
 CASCADE_LAKE = "flags\t\t: avx2 avx512f avx512bw avx512_vnni\n"
@@ -41,22 +43,17 @@ def _psnr(a, b) -> float:
     return float(10 * np.log10(255**2 / max(((a - b) ** 2).mean(), 1e-12)))
 
 
-def _loud(pipe):
-    # A random tiny U-Net barely moves the latents; 8x its output makes its int8 error visible
-    # in the image (DESIGN.md, facts measured).
-    with torch.no_grad():
-        pipe.unet.conv_out.weight.mul_(8)
-        pipe.unet.conv_out.bias.mul_(8)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory) -> dict:
-    """A tiny random SD 1.x loaded in fp32 and in int8, its U-Net output made loud."""
+    """A tiny random SD 1.x loaded in fp32 and in int8. A random tiny U-Net barely moves the
+    latents; 8x its output makes its int8 error visible in the image (DESIGN.md, facts measured)."""
     from t2i.systems.stable_diffusion import write_tiny
 
     path = write_tiny(tmp_path_factory.mktemp("int8"))
-    return {p: _loud(t2i.load(path, precision=p)) for p in ("fp32", "int8")}
+    pipes = {p: t2i.load(path, precision=p) for p in ("fp32", "int8")}
+    for pipe in pipes.values():
+        pipe.unet.conv_out.weight.data.mul_(8), pipe.unet.conv_out.bias.data.mul_(8)
+    return pipes
 
 
 def test_int8_unet_linears_are_packed_int8(tiny_sd):
