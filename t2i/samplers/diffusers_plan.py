@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from t2i.diffusion.denoiser import DiscreteDenoiser
-from t2i.diffusion.guidance import ClipDenoised, DynamicThresholding, dynamic_threshold
+from t2i.diffusion.guidance import ClipDenoised
 from t2i.diffusion.schedules import (
     PER_CLASS_SETTINGS,
     ScheduleConfig,
@@ -78,6 +78,7 @@ from t2i.diffusion.schedules import (
     sigmas_from_alphas_cumprod,
     spaced_timesteps,
 )
+from t2i.diffusion.thresholding import DynamicThresholding, dynamic_threshold
 from t2i.samplers.sampling import SAMPLERS, Generator, consistency_boundary_scalings
 
 VP_SAMPLERS = ("ddim", "ddpm", "dpmpp_2m", "lcm")
@@ -161,7 +162,7 @@ class SamplingPlan:
         if self.x0_limit[0] == "clip":
             limit = self.x0_limit[1]
             return lambda x0: x0.clamp(-limit, limit)
-        return functools.partial(dynamic_threshold, ratio=self.x0_limit[1], max_value=self.x0_limit[2])
+        return functools.partial(dynamic_threshold, percentile=self.x0_limit[1], max_value=self.x0_limit[2])
 
     def limit_x0(self, denoiser: Callable) -> Callable:
         """Wrap the (guided) denoiser with the config's clip_sample / thresholding, if any.
