@@ -71,6 +71,13 @@ DDPM: list[Option] = [
     ("--sample-steps", "sample_steps", {"type": int}, "sampler steps for the sample grids"),
     ("--export-every", "export_every", {"type": int}, "write the EMA model as model.safetensors every N steps"),
 ]
+VQVAE: list[Option] = [
+    ("--codes", "vq.num_codes", {"type": int}, "codebook size"),
+    ("--beta", "vq.beta", {"type": float}, "commitment loss weight"),
+    ("--codebook-decay", "vq.decay", {"type": float}, "EMA decay of the codebook"),
+    ("--dead-threshold", "vq.dead_threshold", {"type": float},
+     "restart codes whose EMA usage (encodings per step) falls below this; 0: no restarts"),
+]
 PREVIEW: list[Option] = [
     ("--model", "model", {}, "shapes-LDM model file (or a vae.safetensors) whose VAE is the teacher "
      "(unset: the built-in model)"),
@@ -173,6 +180,19 @@ def _run_ddpm(args: argparse.Namespace) -> int:
     return train_ddpm(cfg, resume=args.resume, resume_lr=args.resume_lr, given=_config(args, cfg, args.options))
 
 
+def _run_vqvae(args: argparse.Namespace) -> int:
+    from t2i.autoencoders.vq import VQ_CONFIGS
+    from t2i.train.vqvae import VQTrainConfig, train_vqvae
+
+    cfg = VQTrainConfig(out=args.out)
+    if args.preset is not None:  # the shape first, so that --codes etc. apply on top of it
+        cfg.vq = dataclasses.replace(VQ_CONFIGS[args.preset])
+    given = _config(args, cfg, args.options)
+    if args.preset is not None:
+        given["vq"] = "--preset"
+    return train_vqvae(cfg, resume=args.resume, resume_lr=args.resume_lr, given=given)
+
+
 def _run_preview(args: argparse.Namespace) -> int:
     from t2i.train.preview import PreviewTrainConfig, train_preview
 
@@ -220,6 +240,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     _parser(sub, "ddpm", "pixel-space DDPM (eps prediction; text-conditional on MiniLM for the shapes world)",
             DDPMTrainConfig(out=""), [*RUN, *IMAGES, *DDPM]).set_defaults(func=_run_ddpm)
+    from t2i.autoencoders.vq import VQ_CONFIGS
+    from t2i.train.vqvae import VQTrainConfig
+
+    vq = _parser(sub, "vqvae", "VQ-VAE image tokenizer (EMA codebook, dead-code restarts)", VQTrainConfig(out=""),
+                 [*RUN, *IMAGES, *VQVAE])
+    vq.add_argument("--preset", choices=sorted(VQ_CONFIGS), help=_presets(
+        "tokenizer shape", VQ_CONFIGS, lambda c: f"{_vae_shape(c)}, {c.num_codes} codes") + " (default: f4)")
+    vq.set_defaults(func=_run_vqvae)
     _parser(sub, "preview", "distil a tiny TAESD-like preview decoder from a model's VAE decoder",
             PreviewTrainConfig(out="", decoder=PreviewDecoderConfig()), RUN + IMAGES + PREVIEW
             ).set_defaults(func=_run_preview)
