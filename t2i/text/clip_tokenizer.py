@@ -13,6 +13,10 @@ The BPE itself is the `tokenizers` library's; this module sets it up the way tra
 
 A prompt longer than the window is cut to `max_length - 2` tokens and the cut is reported in
 `TokenizedBatch.truncated`; `token_ids` gives the full, uncut ids for A1111-style chunking.
+
+Added words (textual inversion, `add_words`) are found as A1111 finds embeddings: by their own
+token ids in the tokenized text (so case-insensitively and only as whole CLIP words), each
+replaced by the ids of its embedding's rows, n ids for an n-vector embedding.
 """
 
 from __future__ import annotations
@@ -130,6 +134,10 @@ class CLIPTokenizer:
         self._tok = tok
         self._vocab = vocab
         self._merges = merges
+        # Added words: {word: (its own token ids, the ids it stands for)}, indexed by first token id
+        # (longest first) for the scan in `_replace_words`.
+        self._words: dict[str, tuple[tuple[int, ...], list[int]]] = {}
+        self._by_first: dict[int, list[tuple[tuple[int, ...], list[int]]]] = {}
         self.pad_token = pad_token
         self.bos_id, self.eos_id, self.pad_id = vocab[BOS], vocab[EOS], vocab[pad_token]
 
@@ -189,8 +197,61 @@ class CLIPTokenizer:
         return len(self._vocab)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
-        """Untruncated ids of each text, without bos/eos (for chunking long prompts)."""
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        """Untruncated ids of each text, without bos/eos (for chunking long prompts), added words
+        replaced by their ids."""
+        ids = [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        return [self._replace_words(row) for row in ids] if self._words else ids
+
+    # ------------------------------------------------------------------ added words (textual inversion)
+    @property
+    def words(self) -> dict[str, list[int]]:
+        """The added words and the ids each stands for, in the order they were added."""
+        return {word: list(ids) for word, (_, ids) in self._words.items()}
+
+    def add_words(self, words: dict[str, list[int]]) -> None:
+        """Make each word stand for its ids (the rows its embedding added to the text model) wherever
+        a text holds its token ids. All-or-nothing: refuses (ValueError) a word that is a single token
+        (a vocabulary word: it would vanish from every prompt; rename the embedding) or that tokenizes
+        like a word already added (`Style` and `style`)."""
+        taken = {seq: word for word, (seq, _) in self._words.items()}
+        new = {}
+        for word, ids in words.items():
+            seq = tuple(self._tok.encode(word, add_special_tokens=False).ids)
+            if len(seq) < 2:
+                raise ValueError(f"{word!r} is {'a word of the vocabulary' if seq else 'no text'} "
+                                 "(an embedding's name must not be one token; rename its file)")
+            if seq in taken:
+                raise ValueError(f"{word!r} tokenizes like the word {taken[seq]!r}, already added")
+            taken[seq] = word
+            new[word] = (seq, [int(i) for i in ids])
+        self._words.update(new)
+        self._index_words()
+
+    def remove_words(self, words: list[str]) -> None:
+        """Forget added words (KeyError for one never added)."""
+        for word in words:
+            del self._words[word]
+        self._index_words()
+
+    def _index_words(self) -> None:
+        self._by_first = {}
+        for seq, ids in sorted(self._words.values(), key=lambda item: -len(item[0])):
+            self._by_first.setdefault(seq[0], []).append((seq, ids))
+
+    def _replace_words(self, ids: list[int]) -> list[int]:
+        """ids with each added word's token ids replaced by the word's ids, the longest word first
+        where several start at one position (A1111's `find_embedding_at_position`)."""
+        out, i = [], 0
+        while i < len(ids):
+            for seq, new in self._by_first.get(ids[i], ()):
+                if tuple(ids[i : i + len(seq)]) == seq:
+                    out += new
+                    i += len(seq)
+                    break
+            else:
+                out.append(ids[i])
+                i += 1
+        return out
 
     def tokenize(self, texts: list[str], max_length: int = 77) -> TokenizedBatch:
         """Tokenize, cut to `max_length` (bos + up to max_length - 2 tokens + eos) and pad.

@@ -85,6 +85,40 @@ class CLIPTextEncoder(nn.Module):
 
     forward = encode
 
+    # ------------------------------------------------------------------ added words (textual inversion)
+    def add_words(self, vectors: dict[str, torch.Tensor]) -> None:
+        """Append each word's vectors (n, D) as new rows of the token embedding, n ids the word
+        stands for in the tokenizer (see CLIPTokenizer.add_words; refused there, unchanged here).
+
+        The embedding gets a new, longer weight; `cfg.vocab_size` keeps the base vocabulary's size."""
+        emb = self.model.token_embedding
+        for word, v in vectors.items():
+            if v.ndim != 2 or v.shape[1] != self.context_dim:
+                raise ValueError(f"{word!r}: vectors {tuple(v.shape)}; this encoder takes (n, {self.context_dim})")
+        start, words = emb.num_embeddings, {}
+        for word, v in vectors.items():
+            words[word] = list(range(start, start + len(v)))
+            start += len(v)
+        self.tokenizer.add_words(words)
+        rows = [v.to(emb.weight) for v in vectors.values()]
+        self._set_rows(torch.cat([emb.weight.detach(), *rows]))  # (V + sum n, D)
+
+    def remove_words(self, words: list[str]) -> None:
+        """Drop added words and their rows; the rows of the others move down to stay contiguous, and
+        with no word left the embedding holds the base rows again, bit for bit."""
+        added = self.tokenizer.words
+        gone = {i for w in words for i in added[w]}
+        keep = [i for i in range(self.model.token_embedding.num_embeddings) if i not in gone]
+        new_id = {old: new for new, old in enumerate(keep)}
+        self.tokenizer.remove_words(list(added))
+        self.tokenizer.add_words({w: [new_id[i] for i in ids] for w, ids in added.items() if w not in words})
+        self._set_rows(self.model.token_embedding.weight.detach()[keep])
+
+    def _set_rows(self, weight: torch.Tensor) -> None:
+        emb = self.model.token_embedding
+        emb.weight = nn.Parameter(weight, requires_grad=emb.weight.requires_grad)
+        emb.num_embeddings = weight.shape[0]
+
 
 class SDXLTextEncoder(nn.Module):
     """SDXL's pair of CLIP encoders: contexts concatenated on features, pooled from the last one."""
