@@ -82,6 +82,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "repeatable")
     p.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="where A1111's <lora:name:weight> prompt tags find name.safetensors (subfolders too)")
+    p.add_argument("--embedding-dir", default=None, metavar="DIR",
+                   help="textual-inversion embeddings (.pt, .bin, .safetensors; subfolders too), each used in the "
+                        "prompt by its file name without suffix, as A1111's embeddings folder")
     p.set_defaults(func=run)
 
 
@@ -211,6 +214,10 @@ def _load(args: argparse.Namespace):
         from t2i.adapters.lora import apply_loras, parse_lora_arg
 
         apply_loras(pipe, [parse_lora_arg(a) for a in args.lora])
+    if args.embedding_dir:  # those for another model family are skipped with a warning, as in A1111
+        from t2i.adapters.embeddings import load_embedding_dir
+
+        load_embedding_dir(pipe, args.embedding_dir)
     if args.compile:
         compile_unet = getattr(pipe, "compile", None)
         if compile_unet is None:
