@@ -265,6 +265,10 @@ def run(args: argparse.Namespace) -> int:
                        preview=bool(args.preview_decoder), progress=not args.quiet)
     check_request(pipe, request)  # UnsupportedOption (a ValueError): one line naming option and model
     refiner = t2i.load(args.refiner, precision=args.precision) if args.refiner else None
+    if refiner is not None and args.embedding_dir:  # it reads the same prompt: the same trigger words
+        from t2i.adapters.embeddings import load_embedding_dir
+
+        load_embedding_dir(refiner, args.embedding_dir)
     request = replace(request, refiner=refiner, seed=_seed(args))
     if args.preview_decoder:
         from t2i.autoencoders.preview import PreviewDecoder
