@@ -263,3 +263,22 @@ def test_cli_embedding_dir(sd1, tmp_path):
     plain = ours.generate("a circle, ink-style", **settings).latents
     assert torch.equal(got, expected)
     assert (got - plain).abs().max() > 1e-3  # the embedding changed the image
+
+
+def test_sdxl_refiner_takes_clip_g(sdxl, tmp_path):
+    """A refiner has only SDXL's second encoder: it takes an SDXL embedding's clip_g vectors."""
+    import copy
+    from types import SimpleNamespace
+
+    from t2i.text.encoders import SDXLTextEncoder
+
+    _, xl = sdxl
+    refiner = SimpleNamespace(name="refiner", family="sdxl",
+                              text_encoder=SDXLTextEncoder([copy.deepcopy(xl.text_encoder.encoders[1])]))
+    path = tmp_path / "my-style.safetensors"
+    state = {"clip_l": _vectors(2, seed=1), "clip_g": _vectors(2, seed=2)}
+    save_file(state, path)
+    tower = refiner.text_encoder.encoders[0]
+    with load_embeddings(refiner, [path]):
+        ids = tower.tokenizer.words["my-style"]
+        assert torch.equal(tower.model.token_embedding.weight[ids], state["clip_g"])
