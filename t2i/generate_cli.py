@@ -52,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--deepcache", type=int, default=1, metavar="N",
                    help="DeepCache: the full U-Net every N-th step, only its first level between (faster; 1: off)")
     p.add_argument("--preview-decoder", default=None, metavar="PATH",
-                   help="decode with this preview decoder (`t2i train preview`) instead of the VAE: faster, rougher")
+                   help="decode with this TAESD instead of the VAE: faster, rougher (a file or folder from `t2i train "
+                   "preview`, a diffusers AutoencoderTiny folder, madebyollin's taesd*_decoder file)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
                    help="auto: by CPU flags (t2i.auto_precision): int8 with VNNI and native bf16, bf16 with "
                         "native bf16 only, else fp32; int8: the U-Net's Linear layers in int8, the rest bf16 "
@@ -273,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
     if args.preview_decoder:
         from t2i.autoencoders.preview import PreviewDecoder
 
-        pipe.preview_decoder = PreviewDecoder.load(args.preview_decoder)
+        # a TAESD made elsewhere does not say which VAE's latents it reads: this model's VAE tells
+        pipe.preview_decoder = PreviewDecoder.load(args.preview_decoder, vae=pipe.vae.cfg)
     embedder = None
     if args.rerank > 1:
         from t2i.eval.rerank import load_embedder

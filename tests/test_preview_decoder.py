@@ -1,4 +1,4 @@
-"""The preview decoder (t2i.autoencoders.preview): shapes for f=4 and f=8, a bitwise file round trip,
+"""The preview decoder (t2i.autoencoders.preview, a TAESD): shapes for f=4 and f=8, a bitwise file round trip,
 a distillation run that moves it towards the VAE decoder (and resumes exactly), the pipeline and CLI
 option that decodes with it, and its FLOPs against the SD VAE decoder."""
 
@@ -63,7 +63,7 @@ def test_shapes_for_f4_and_f8_and_only_convolutions():
 
 def test_untrained_blocks_start_as_the_identity():
     decoder = PreviewDecoder(PreviewDecoderConfig(upsamples=2, **TINY))
-    block = decoder.stages[0][0]
+    block = decoder.decoder.layers[2]  # conv_in, ReLU, then the first residual block
     h = torch.rand(1, 8, 6, 6)  # non-negative, as after the input ReLU
     assert torch.equal(block(h), h)
 
@@ -125,8 +125,8 @@ def test_distillation_lowers_the_l1_to_the_vae_decoder_and_resumes_exactly(tmp_p
     assert trained.cfg == resolved and trained.cfg.upsamples == 2
     after = distill_l1(trained, teacher, x)
     print(f"held-out L1 to the VAE decode: before {before:.4f} after {after:.4f} (mean colour {mean_colour:.4f})")
-    assert after < 0.3 * before  # measured: 0.754 -> 0.158
-    assert after < 0.5 * mean_colour  # more than the average colour: the shapes themselves (0.568)
+    assert after < 0.35 * before  # measured: 0.763 -> 0.210 (TAESD layout; the earlier layout: 0.754 -> 0.158)
+    assert after < 0.4 * mean_colour  # more than the average colour: the shapes themselves (0.602)
     meta = read_metadata(latest_checkpoint(tmp_path / "a"))
     assert meta["step"] == 40 and meta["data_position"] == 40 * 8
     log = (tmp_path / "a" / "log.txt").read_text()

@@ -1,11 +1,14 @@
-"""Distil a preview decoder (`t2i.autoencoders.preview`) from a model's frozen VAE decoder.
+"""Distil a TAESD (`t2i.autoencoders.preview`: decoder and encoder) from a model's frozen VAE.
 
 The step function for `t2i.train.fit`: a batch of images is encoded with the frozen VAE encoder
 (a posterior sample, the latents diffusion was trained on) and decoded with the frozen VAE decoder
-(the target), and the preview decoder steps on L1 + MSE to that target on the same latents.
-The student never sees the images themselves: it learns the decoder, mistakes included,
-so the preview looks like the real decode. Each checkpoint also exports `preview.safetensors`;
-grids of a fixed batch show the images, the VAE's decodes and the preview's (top to bottom).
+(the target), and the TAESD decoder steps on L1 + MSE to that target on the same latents. The
+student never sees the images themselves: it learns the decoder, mistakes included, so the
+preview looks like the real decode. The TAESD encoder steps on the MSE to the VAE's posterior mean
+(in TAESD's latent space, the diffusion latents), as TAESD's own encoder was distilled; it makes
+the export a whole `AutoencoderTiny`. Each checkpoint also exports `preview.safetensors` and the
+diffusers folder `taesd/`; grids of a fixed batch show the images, the VAE's decodes and the
+preview's (top to bottom).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class PreviewTrainConfig(LoopConfig):
     model: str | None = None  # a shapes-LDM model file or a vae.safetensors; None: the built-in model
     decoder: PreviewDecoderConfig = field(default_factory=PreviewDecoderConfig)
     mse_weight: float = 1.0  # loss = L1 + mse_weight * MSE, both against the VAE decoder's output
+    encoder_weight: float = 1.0  # + encoder_weight * MSE of the TAESD encoder to the VAE's diffusion latents
     data: str = "shapes"
     data_path: str | None = None
     image_size: int = 64
@@ -58,6 +62,13 @@ def distill_l1(decoder: torch.nn.Module, teacher: AutoencoderKL, x: torch.Tensor
     return (decoder(z) - teacher.decode(z)).abs().mean().item()
 
 
+@torch.no_grad()
+def encoder_mse(model: PreviewDecoder, teacher: AutoencoderKL, x: torch.Tensor) -> float:
+    """Mean squared error of the TAESD encoder on images x (B, 3, H, W) to the VAE's posterior means,
+    in TAESD's latent space (the diffusion latents, about unit variance)."""
+    return F.mse_loss(model.encoder(x), model.to_taesd_latents(teacher.encode(x).mode())).item()
+
+
 def build_preview(cfg: PreviewTrainConfig, run: Run) -> Task:
     teacher = load_teacher(cfg.model)
     d = cfg.decoder
@@ -68,19 +79,25 @@ def build_preview(cfg: PreviewTrainConfig, run: Run) -> Task:
     data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, run.log.text, cfg.background_p)
     held_out = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed + 1, run.log.text)
     eval_x, eval_captions, _ = held_out.batch(0, cfg.eval_images, DistInfo())  # the same images every time
-    net = run.parallel(decoder)
+    # two wrappers: under DDP every parameter of a wrapped module must take part in its forward
+    dec_net, enc_net = run.parallel(decoder.decoder), run.parallel(decoder.encoder)
 
-    def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
         x, _, _ = data.batch(position, cfg.batch_size, run.info)
-        z = teacher.encode(x).sample(gen)  # (B, C, h, w)
-        return z, teacher.decode(z)  # the target (B, 3, H, W)
+        posterior = teacher.encode(x)
+        z = posterior.sample(gen)  # (B, C, h, w)
+        # TAESD's latent space: u = (z - shift) * scale, the diffusion latents
+        return x, decoder.to_taesd_latents(posterior.mode()), decoder.to_taesd_latents(z), teacher.decode(z)
 
-    def step(batch: tuple[torch.Tensor, torch.Tensor], s: Step) -> dict[str, float]:
-        z, target = batch
-        pred = net(z)
+    def step(batch: tuple[torch.Tensor, ...], s: Step) -> dict[str, float]:
+        x, u_mean, u, target = batch
+        pred = dec_net(u)  # (B, 3, H, W)
         l1, mse = F.l1_loss(pred, target), F.mse_loss(pred, target)
-        gnorm = s.update(l1 + cfg.mse_weight * mse, opt, decoder.parameters(), "preview decoder loss")
-        return {"preview/l1": l1.item(), "preview/mse": mse.item(), "preview/grad_norm": gnorm}
+        enc_mse = F.mse_loss(enc_net(x), u_mean)
+        loss = l1 + cfg.mse_weight * mse + cfg.encoder_weight * enc_mse
+        gnorm = s.update(loss, opt, decoder.parameters(), "preview decoder loss")
+        return {"preview/l1": l1.item(), "preview/mse": mse.item(), "preview/encoder_mse": enc_mse.item(),
+                "preview/grad_norm": gnorm}
 
     @torch.no_grad()
     def grid() -> Grid:
@@ -90,15 +107,20 @@ def build_preview(cfg: PreviewTrainConfig, run: Run) -> Task:
                     [*eval_captions[:8], *["VAE decode"] * n, *["preview decode"] * n])
 
     def evaluate(step: int) -> None:
-        held_out_l1 = distill_l1(decoder, teacher, eval_x)
-        run.log.scalars(step, {"preview/eval_l1": held_out_l1})
-        run.log.text(f"step {step}: held-out L1 to the VAE decode {held_out_l1:.4f}")
+        held_out_l1, held_out_enc = distill_l1(decoder, teacher, eval_x), encoder_mse(decoder, teacher, eval_x)
+        run.log.scalars(step, {"preview/eval_l1": held_out_l1, "preview/eval_encoder_mse": held_out_enc})
+        run.log.text(f"step {step}: held-out L1 to the VAE decode {held_out_l1:.4f}, "
+                     f"encoder MSE to the diffusion latents {held_out_enc:.4f}")
+
+    def export() -> None:
+        decoder.save(Path(cfg.out) / "preview.safetensors")
+        decoder.save_pretrained(Path(cfg.out) / "taesd")  # diffusers' AutoencoderTiny.from_pretrained reads it
 
     n_params = sum(p.numel() for p in decoder.parameters())
     about = (f", {n_params / 1e6:.3f}M parameters, f={cfg.decoder.downsample_factor}, "
              f"teacher {cfg.model or DEFAULT_MODEL_FILE}")
     return Task("preview decoder", {"decoder": decoder}, {"opt": opt}, prepare=prepare, step=step, grid=grid,
-                grid_name="preview", export=lambda: decoder.save(Path(cfg.out) / "preview.safetensors"),
+                grid_name="preview", export=export,
                 evaluate=evaluate, about=about)
 
 
