@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from t2i.autoencoders.vq import VQ_CONFIGS, VectorQuantizer, VQAutoencoder, code_perplexity
-from t2i.cli import main
 from t2i.train.data import open_data
 from t2i.train.distributed import DistInfo
 from t2i.train.vqvae import load_vqvae, vq_loss
@@ -116,6 +115,44 @@ def test_dead_codes_are_restarted_from_the_batch() -> None:
     assert int(still(z).dead_codes) == 0 and still(z).perplexity.item() == pytest.approx(1.0)
 
 
+def _two_clusters(k: int = 8) -> tuple[VectorQuantizer, torch.Tensor]:
+    """Codes 0 and 1 at two clusters of encodings (0: the first half, 1: the second), the others far."""
+    q = VectorQuantizer(k, 4)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        q.codebook.copy_(torch.randn(k, 4, generator=g) + 100.0)
+        q.codebook[0], q.codebook[1] = torch.full((4,), -3.0), torch.full((4,), 3.0)
+        q.embed_avg.copy_(q.codebook)
+    flat = torch.cat([torch.randn(12, 4, generator=g) - 3.0, torch.randn(12, 4, generator=g) + 3.0])  # (24, D)
+    return q, flat
+
+
+def _ema_rank(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    q, flat = _two_clusters()
+    half = flat.chunk(world)[rank]  # rank 0 sees only cluster 0, rank 1 only cluster 1
+    q.ema_update(half, q.nearest(half), torch.Generator().manual_seed(100 + rank))
+    torch.save(q.state_dict(), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ema_update_over_two_ranks_sees_the_global_batch(tmp_path) -> None:
+    torch.multiprocessing.spawn(_ema_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    for name in r0:  # every rank holds the same codebook by itself
+        assert torch.equal(r0[name], r1[name]), name
+    q, flat = _two_clusters()
+    q.ema_update(flat, q.nearest(flat))  # one process, the whole batch
+    for name in ("cluster_size", "embed_avg", "codebook"):  # codes 0 and 1: the global statistics
+        torch.testing.assert_close(r0[name][:2], getattr(q, name)[:2])
+    assert r0["cluster_size"][1] > 1.0  # alone, rank 0 would have restarted code 1 (0 uses on its half)
+    for i in range(2, 8):  # the dead ones restarted at rank 0's encodings
+        assert (flat[:12] - r0["codebook"][i]).abs().sum(1).min() == 0
+
+
 def test_codes_round_trip_through_decode_codes() -> None:
     torch.manual_seed(0)
     model = VQAutoencoder(VQ_CONFIGS["tiny"]).eval()
@@ -135,6 +172,8 @@ def test_codes_round_trip_through_decode_codes() -> None:
 
 
 def test_tiny_vqvae_run_lowers_reconstruction_and_uses_the_codebook(tmp_path) -> None:
+    from t2i.cli import main  # here, not at the top: the two-rank test's workers import this module
+
     out = tmp_path / "vq"
     args = ["train", "vqvae", "--out", str(out), "--preset", "tiny", "--image-size", "16", "--steps", "50",
             "--batch-size", "16", "--lr", "2e-3", "--warmup", "5", "--log-every", "10", "--ckpt-every", "1000",
@@ -160,10 +199,8 @@ def test_tiny_vqvae_run_lowers_reconstruction_and_uses_the_codebook(tmp_path) ->
     assert "vq/perplexity" in logged and "vq/dead_codes" in logged
 
 
-diffusers = pytest.importorskip("diffusers")
-
-
 def test_diffusers_vqmodel_loads_with_the_same_codes_and_images(tmp_path) -> None:
+    diffusers = pytest.importorskip("diffusers")
     from t2i.checkpoints.diffusers_vq import load_diffusers_vq
 
     torch.manual_seed(0)
@@ -195,3 +232,25 @@ def test_diffusers_vqmodel_loads_with_the_same_codes_and_images(tmp_path) -> Non
     err = (got - want).abs().max().item()
     print(f"decoded max |diff| {err:.2e} (image std {want.std():.2f})")
     assert err < 1e-5
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from t2i.train.vqvae import VQTrainConfig, train_vqvae
+
+    def cfg(out: str, steps: int) -> VQTrainConfig:
+        # 64 codes for 4 x 16 encodings a step: restarts happen at every step, on both sides of the split
+        vq = dataclasses.replace(VQ_CONFIGS["tiny"], num_codes=64)
+        return VQTrainConfig(out=str(tmp_path / out), vq=vq, image_size=16, steps=steps, batch_size=4, lr=2e-3,
+                             warmup=2, log_every=1, ckpt_every=3, image_every=0)
+
+    assert train_vqvae(cfg("full", 6)) == 0
+    assert train_vqvae(cfg("split", 3)) == 0
+    assert train_vqvae(cfg("split", 6), resume=True) == 0
+    full, split = (load_file(tmp_path / run / "vqvae.safetensors") for run in ("full", "split"))
+    for name in full:
+        assert torch.equal(full[name], split[name]), name
+    dead = [float(line.split("vq/dead_codes=")[1].split()[0])
+            for line in (tmp_path / "full" / "log.txt").read_text().splitlines() if "vq/dead_codes=" in line]
+    assert len(dead) == 6 and min(dead[3:]) > 0, dead

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -72,8 +73,9 @@ class VectorQuantizer(nn.Module):
     Buffers (checkpointed; none is a parameter, the optimizer never touches the codebook):
         codebook (K, D), cluster_size N (K,), embed_avg m (K, D). N starts at 1 and m at the
         codebook, so e = m / N holds from the first step and a code only drifts when it is used.
-    The EMA update and the restarts run in `forward` while the module is training. Under DDP the
-    buffers are broadcast from rank 0 before every forward, so the ranks agree on rank 0's codebook.
+    The EMA update and the restarts run in `forward` while the module is training. In a process
+    group the cluster sizes and sums are summed over the ranks (the EMA sees the global batch) and
+    the restart encodings come from rank 0, so every rank keeps the same codebook by itself.
     """
 
     def __init__(self, num_codes: int, dim: int, beta: float = 0.25, decay: float = 0.99, eps: float = 1e-5,
@@ -124,6 +126,10 @@ class VectorQuantizer(nn.Module):
         onehot = F.one_hot(codes, self.num_codes).type_as(flat)  # (N, K)
         counts = onehot.sum(0)  # (K,) n_i
         sums = onehot.t() @ flat  # (K, D) sum of the encodings assigned to each code
+        grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if grouped:
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         n = self.cluster_size.sum()
@@ -133,10 +139,13 @@ class VectorQuantizer(nn.Module):
         n_dead = int(dead.sum())
         if n_dead:
             pick = torch.randint(0, flat.shape[0], (n_dead,), generator=generator, device=flat.device)
-            self.codebook[dead] = flat[pick]
+            fresh = flat[pick]  # (n_dead, D)
+            if grouped:
+                dist.broadcast(fresh, src=0)
+            self.codebook[dead] = fresh
             # Counted as one fresh encoding each (the EMA's starting point), so e = m / N still holds.
             self.cluster_size[dead] = 1.0
-            self.embed_avg[dead] = flat[pick]
+            self.embed_avg[dead] = fresh
         return torch.tensor(n_dead)
 
 
