@@ -22,7 +22,13 @@ from t2i.checkpoints.transformers_t5 import (  # noqa: E402
     t5_state_dict_from_transformers,
 )
 from t2i.text.encoders import T5TextEncoder  # noqa: E402
-from t2i.text.t5 import T5_PRESETS, T5Encoder, T5Tokenizer, relative_position_bucket  # noqa: E402
+from t2i.text.t5 import (  # noqa: E402
+    T5_PRESETS,
+    T5Encoder,
+    T5Tokenizer,
+    read_sentencepiece_model,
+    relative_position_bucket,
+)
 
 CORPUS = [
     "a red circle above a blue square",
@@ -89,6 +95,45 @@ def test_tokenizer_ids_match_transformers(tokenizer_dir):
     assert (ours.ids == hf.unk_token_id).any()  # the unseen letters did reach <unk>
     # the window cut: max_length - 1 text tokens, then </s>
     assert ours.ids[1, -1].item() == hf.eos_token_id and ours.lengths[1].item() == MAX_LENGTH
+
+
+@pytest.fixture(scope="module")
+def spiece_dir(tmp_path_factory):
+    """A folder as IF and PixArt ship their tokenizer: spiece.model (here a tiny Unigram model
+    trained by sentencepiece, with its default NFKC normalization) and tokenizer_config.json."""
+    spm = pytest.importorskip("sentencepiece")
+    folder = tmp_path_factory.mktemp("t5_spiece")
+    (folder / "corpus.txt").write_text("\n".join(CORPUS * 20), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(folder / "corpus.txt"), model_prefix=str(folder / "sp"), vocab_size=45, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
+    )
+    out = tmp_path_factory.mktemp("t5_spiece_folder")
+    (out / "spiece.model").write_bytes((folder / "sp.model").read_bytes())
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 100}))
+    return out
+
+
+def test_spiece_model_reads_as_sentencepiece_and_transformers(spiece_dir):
+    """spiece.model read without sentencepiece: the pieces and scores sentencepiece itself holds,
+    the ids transformers' T5 tokenizer gives (NFKC-normalized text, sentinels, literal </s>)."""
+    spm = pytest.importorskip("sentencepiece")
+    proc = spm.SentencePieceProcessor(model_file=str(spiece_dir / "spiece.model"))
+    pieces, unk_id, charsmap = read_sentencepiece_model(spiece_dir / "spiece.model")
+    assert [(t, s) for t, s, _ in pieces] == [(proc.id_to_piece(i), proc.get_score(i)) for i in range(len(proc))]
+    assert unk_id == proc.unk_id() == 2 and len(charsmap) > 1000
+
+    prompts = [*PROMPTS, "\ufb01ve \uff32\uff25\uff24  squares", "caf\u00e9 \u2162", "</s> x <extra_id_0>"]
+    hf = transformers.AutoTokenizer.from_pretrained(spiece_dir)
+    want = hf(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
+    ours = T5Tokenizer.from_folder(spiece_dir)
+    got = ours.tokenize(prompts, MAX_LENGTH)
+    assert torch.equal(got.ids, want["input_ids"])
+    assert torch.equal(got.attention_mask, want["attention_mask"].bool())
+    assert got.ids[-1, 3].item() == hf.convert_tokens_to_ids("<extra_id_0>") == len(hf) - 1
+    # plain prompts: sentencepiece's own pieces, then </s>
+    for text, ids in zip(PROMPTS[:3], ours.token_ids(PROMPTS[:3]), strict=True):
+        assert ids == proc.encode(text)
 
 
 @pytest.mark.parametrize("feed_forward_proj", ["gated-gelu", "relu"])

@@ -189,7 +189,8 @@ class T5TextEncoder(nn.Module):
     @classmethod
     def from_folders(cls, tokenizer_dir: str | Path, encoder_dir: str | Path, max_length: int = 77,
                      dtype: torch.dtype = torch.float32, variant: str | None = None) -> T5TextEncoder:
-        """A pipeline's `tokenizer/` (tokenizer.json) and `text_encoder/` (T5EncoderModel) folders."""
+        """A pipeline's `tokenizer/` (tokenizer.json or spiece.model) and `text_encoder/`
+        (T5EncoderModel) folders."""
         return cls(T5Tokenizer.from_folder(tokenizer_dir), load_t5_folder(encoder_dir, dtype, variant), max_length)
 
     @torch.no_grad()

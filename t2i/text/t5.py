@@ -14,18 +14,24 @@ tests/test_t5.py). What sets T5 apart from BERT/CLIP:
 * no biases anywhere. The feed-forward is ReLU (original T5) or gated GELU, wo(gelu_tanh(wi_0 x)
   * wi_1 x) (T5 v1.1 and Flan-T5, Shazeer 2020 "GLU Variants Improve Transformer").
 
+The tokenizer reads a `tokenizer.json`, or the `spiece.model` that IF and PixArt ship alone
+(parsed here, so neither sentencepiece nor protobuf is needed), and gives transformers' ids.
 Parameter names are ours; transformers' names are mapped in `t2i.checkpoints.transformers_t5`.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import Unigram
 from torch import nn
 
 from t2i.nets.attention import Attention
@@ -183,9 +189,86 @@ class T5Encoder(nn.Module):
 
 # ---------------------------------------------------------------------------- tokenizer
 
+# SentencePiece piece types (sentencepiece_model.proto): control (<pad>, </s>) and unknown
+# pieces are special tokens, user-defined ones plain added tokens.
+PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED = 2, 3, 4
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    """A protobuf varint at buf[i]: (value as a signed 64-bit int, the index after it)."""
+    shift = value = 0
+    while True:
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return (value - (1 << 64) if value >= 1 << 63 else value), i
+
+
+def _protobuf_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) of each field of one protobuf message, in order: varints as int,
+    fixed 32/64-bit and length-delimited fields as raw bytes. Enough to read sentencepiece's
+    ModelProto without the protobuf or sentencepiece packages."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, i = buf[i : i + n], i + n
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            value, i = buf[i : i + n], i + n
+        else:
+            raise ValueError(f"not a sentencepiece model: protobuf wire type {wire}")
+        yield key >> 3, value
+
+
+def read_sentencepiece_model(path: str | Path) -> tuple[list[tuple[str, float, int]], int, bytes]:
+    """A SentencePiece `spiece.model` -> (pieces as (text, score, type), unk_id, precompiled
+    normalization charsmap). Fields used (sentencepiece_model.proto): ModelProto.pieces = 1,
+    trainer_spec = 2 (model_type = 3, unk_id = 40), normalizer_spec = 3 (precompiled_charsmap = 2);
+    SentencePiece.piece = 1, score = 2 (float), type = 3 (NORMAL = 1 when absent)."""
+    pieces, unk_id, charsmap, model_type = [], 0, b"", 1
+    for field, value in _protobuf_fields(Path(path).read_bytes()):
+        if field == 1:
+            piece = {1: b"", 2: b"\0\0\0\0", 3: 1} | dict(_protobuf_fields(value))  # type: ignore[arg-type]
+            pieces.append((piece[1].decode("utf-8"), struct.unpack("<f", piece[2])[0], piece[3]))
+        elif field == 2:
+            spec = dict(_protobuf_fields(value))  # type: ignore[arg-type]
+            model_type, unk_id = spec.get(3, 1), spec.get(40, 0)
+        elif field == 3:
+            charsmap = dict(_protobuf_fields(value)).get(2, b"")  # type: ignore[arg-type, assignment]
+    if model_type != 1:
+        raise ValueError(f"{path}: a SentencePiece model of type {model_type}, T5 uses Unigram (1)")
+    return pieces, unk_id, charsmap  # type: ignore[return-value]
+
+
+def t5_tokenizer_from_spiece(path: str | Path, extra_ids: int = 100) -> Tokenizer:
+    """The tokenizers-library equivalent of a T5 `spiece.model`, built as transformers builds it:
+    Unigram over the pieces and scores, the model's precompiled normalization, whitespace split then
+    Metaspace ("\u2581" before every word), control pieces and the `extra_ids` sentinels
+    `<extra_id_N>` as special tokens (appended in reverse, so <extra_id_0> has the last id, as in
+    the original T5 vocabulary)."""
+    pieces, unk_id, charsmap = read_sentencepiece_model(path)
+    tok = Tokenizer(Unigram([(text, score) for text, score, _ in pieces], unk_id=unk_id, byte_fallback=False))
+    if charsmap:
+        tok.normalizer = normalizers.Precompiled(charsmap)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True),
+    ])
+    tok.add_special_tokens([t for t, _, kind in pieces if kind in (PIECE_UNKNOWN, PIECE_CONTROL)])
+    tok.add_tokens([AddedToken(t, normalized=False) for t, _, kind in pieces if kind == PIECE_USER_DEFINED])
+    tok.add_special_tokens([f"<extra_id_{i}>" for i in reversed(range(extra_ids))])
+    return tok
+
 
 class T5Tokenizer:
-    """A T5 SentencePiece Unigram `tokenizer.json` (tokenizers library) producing TokenizedBatch.
+    """A T5 SentencePiece Unigram tokenizer (tokenizers library) producing TokenizedBatch.
 
     text `</s>` padded with `<pad>`: no start token. As transformers' T5 tokenizer with
     `truncation=True`, a prompt keeps max_length - 1 tokens before `</s>`; the cut is reported.
@@ -203,18 +286,21 @@ class T5Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path) -> T5Tokenizer:
+        """A `tokenizer.json`."""
         return cls(Tokenizer.from_file(str(path)))
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> T5Tokenizer:
-        """A transformers tokenizer folder (e.g. IF's `tokenizer/`) holding `tokenizer.json`."""
-        file = Path(folder) / "tokenizer.json"
-        if not file.is_file():
-            raise FileNotFoundError(
-                f"{file} not found: T5 tokenizers are read from tokenizer.json (save one with "
-                "transformers' T5TokenizerFast.save_pretrained; spiece.model alone is not read)"
-            )
-        return cls.from_file(file)
+        """A transformers tokenizer folder (IF's / PixArt's `tokenizer/`): its `tokenizer.json`, or
+        else its `spiece.model` with the sentinel count of `tokenizer_config.json` (default 100)."""
+        folder = Path(folder)
+        if (folder / "tokenizer.json").is_file():
+            return cls.from_file(folder / "tokenizer.json")
+        if not (folder / "spiece.model").is_file():
+            raise FileNotFoundError(f"{folder}: neither tokenizer.json nor spiece.model (not a T5 tokenizer folder)")
+        config = folder / "tokenizer_config.json"
+        extra = json.loads(config.read_text(encoding="utf-8")).get("extra_ids", 100) if config.is_file() else 100
+        return cls(t5_tokenizer_from_spiece(folder / "spiece.model", extra))
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Untruncated ids of each text, without `</s>`."""
