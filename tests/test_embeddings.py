@@ -202,7 +202,7 @@ def test_clashing_names_are_refused_and_nothing_changes(sd1, tmp_path):
     upper = write_a1111(tmp_path / "My-Style.pt", _vectors(1))
     lower = tmp_path / "b" / "my-style.safetensors"
     save_file({"emb_params": _vectors(1)}, lower)
-    with pytest.raises(EmbeddingError, match=r"'my-style' tokenizes like the word 'My-Style'"):
+    with pytest.raises(EmbeddingError, match=r"b/my-style.safetensors: 'my-style' tokenizes like the word 'My-Style'"):
         load_embeddings(ours, [upper, lower])
     with load_embeddings(ours, [upper]), pytest.raises(EmbeddingError, match="already added"):
         load_embeddings(ours, [lower])

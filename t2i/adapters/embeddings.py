@@ -186,7 +186,7 @@ class EmbeddingHandle:
     another model family, by `load_embedding_dir`). `remove()` (or leaving the `with` block) takes
     them out again; the token embeddings return to their rows before, bit for bit."""
 
-    pipe: Any
+    pipe: Any = field(repr=False)
     names: list[str]
     skipped: list[str] = field(default_factory=list)
 
@@ -218,7 +218,7 @@ def add_embeddings(pipe: Any, embeddings: list[Embedding]) -> EmbeddingHandle:
     except ValueError as e:  # a name clash, found by the tokenizer before anything changed
         for encoder in done:
             encoder.remove_words(names)
-        where = next((str(emb.path) for emb in embeddings if repr(emb.name) in str(e)), "embedding")
+        where = next((str(emb.path) for emb in embeddings if str(e).startswith(repr(emb.name))), "embedding")
         raise EmbeddingError(f"{where}: {e}") from None
     return EmbeddingHandle(pipe, names)
 
