@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from t2i.diffusion.denoiser import DiscreteDenoiser
-from t2i.diffusion.guidance import CFGDenoiser, ClipDenoised, DynamicThresholding, cat_cond, rescale_guidance
+from t2i.diffusion.guidance import CFGDenoiser, ClipDenoised, cat_cond, rescale_guidance
 from t2i.diffusion.schedules import alphas_cumprod_from_betas, make_betas
+from t2i.diffusion.thresholding import DynamicThresholding
 
 ACP = alphas_cumprod_from_betas(make_betas("scaled_linear", 1000, 0.00085, 0.012))
 
@@ -102,7 +103,7 @@ def test_dynamic_thresholding_matches_diffusers():
     sched = diffusers.DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5)
     g = torch.Generator().manual_seed(2)
     x0 = torch.randn(3, 4, 6, 6, generator=g) * torch.tensor([0.5, 2.0, 5.0]).reshape(3, 1, 1, 1)
-    wrapped = DynamicThresholding(lambda x, sigma: x0, ratio=0.9, max_value=2.5)
+    wrapped = DynamicThresholding(lambda x, sigma: x0, percentile=0.9, max_value=2.5)
     torch.testing.assert_close(wrapped(torch.zeros(3), 1.0), sched._threshold_sample(x0), atol=0, rtol=0)
     assert wrapped(torch.zeros(3), 1.0)[0].abs().max() <= 1.0  # row 0: s clamped to 1, i.e. plain clipping
 

@@ -3,7 +3,7 @@
 * ``CFGDenoiser``: classifier-free guidance (Ho & Salimans 2022), conditional and
   unconditional branches in one batched call, with optional guidance rescale (Lin et al.
   2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", eq. 15-16).
-* ``DynamicThresholding``: Imagen's dynamic thresholding of x0 (Saharia et al. 2022, sec. 2.3).
+* Dynamic thresholding (Imagen) is ``t2i.diffusion.thresholding.DynamicThresholding``.
 * ``ClipDenoised``: static clipping of x0 (diffusers' ``clip_sample``).
 
 Guidance is linear, so mixing x0 estimates equals mixing the network outputs (eps or v)
@@ -89,31 +89,6 @@ class CFGDenoiser(nn.Module):
             ref = c_skip(sigma, x) * x if c_skip is not None else torch.zeros_like(x)
             guided = ref + rescale_guidance(guided - ref, d_cond - ref, self.rescale)
         return guided
-
-
-class DynamicThresholding(nn.Module):
-    """Imagen dynamic thresholding: s = max(quantile(|x0|, ratio), 1) per sample (capped at
-    max_value), x0 <- clamp(x0, -s, s) / s.
-
-    Args:
-        denoiser: the denoiser whose x0 is thresholded (outermost, after guidance).
-        ratio: the percentile of |x0| (diffusers' dynamic_thresholding_ratio).
-        max_value: upper bound on s (diffusers' sample_max_value).
-    """
-
-    def __init__(self, denoiser: Denoiser, ratio: float = 0.995, max_value: float = 1.0):
-        super().__init__()
-        self.inner, self.ratio, self.max_value = denoiser, ratio, max_value
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
-        return dynamic_threshold(self.inner(x, sigma, **cond), self.ratio, self.max_value)
-
-
-def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
-    """Imagen's dynamic thresholding of one x0 estimate (B, ...) -> same shape."""
-    flat = x0.float().reshape(x0.shape[0], -1)  # (B, C*H*W)
-    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value)[:, None]  # (B, 1)
-    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(x0.dtype)
 
 
 class ClipDenoised(nn.Module):
