@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 from diffusers import AutoencoderTiny
+from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
@@ -28,13 +29,13 @@ TINY = dict(encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8,
             num_encoder_blocks=(1, 2, 2), num_decoder_blocks=(2, 2, 1))
 
 
-def _diffusers_taesd(seed: int = 0, **config) -> AutoencoderTiny:
-    """A random AutoencoderTiny whose every weight shows in the output (randn * 0.15, biases included)."""
+def _diffusers_taesd(seed: int = 0, scale: float = 0.15, **config) -> AutoencoderTiny:
+    """A random AutoencoderTiny whose every weight shows in the output (randn * scale, biases included)."""
     model = AutoencoderTiny(**{**TINY, **config}).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
     return model
 
 
@@ -187,3 +188,34 @@ def test_a_taesd_distilled_by_t2i_loads_in_diffusers_with_every_key(tmp_path):
     # the folder reads back in t2i with its latent scaling (config.json cannot hold it; the weights' metadata does)
     again = PreviewDecoder.load(out / "taesd")
     assert again.cfg == ours.cfg and again.cfg.latent_scale == 0.7 and (again.cfg.width, again.cfg.blocks) == (8, 2)
+
+
+@torch.no_grad()
+def test_generate_decodes_with_a_diffusers_taesd_what_diffusers_decodes(tmp_path):
+    """`t2i generate --preview-decoder FOLDER` on a model whose VAE scales by 0.7: the image is diffusers'
+    AutoencoderTiny decode of the same diffusion latents (what a diffusers pipeline with vae=AutoencoderTiny
+    makes), to the pixel."""
+    import t2i
+    from t2i.imageio import to_pil
+
+    torch.manual_seed(0)
+    model = ShapesLDM(preset_config("tiny", "tiny"))  # an f = 4 VAE on 4-channel latents, as TINY
+    model.cfg.vae.scaling_factor = 0.7
+    model.unet.conv_out.weight.mul_(8)  # a random tiny U-Net barely moves the latents otherwise
+    model.save(tmp_path / "model.safetensors")
+    ref = _diffusers_taesd(seed=5, scale=0.1)
+    ref.decoder.layers[-1].bias.add_(0.6)  # mid-range images, not a black field (it writes [0, 1])
+    ref.save_pretrained(tmp_path / "taesd")
+    settings = ["--seed", "3", "--steps", "2", "--guidance", "3", "--width", "16", "--height", "16"]
+    assert main(["generate", "a red circle", "--model", str(tmp_path / "model.safetensors"), *settings,
+                 "--precision", "fp32", "--quiet", "--preview-decoder", str(tmp_path / "taesd"),
+                 "--out", str(tmp_path / "fast.png")]) == 0
+    latents = t2i.load(tmp_path / "model.safetensors", precision="fp32").generate(
+        "a red circle", seed=3, steps=2, guidance=3.0, width=16, height=16).latents  # (1, 4, 4, 4) diffusion latents
+    expected = torch.tensor(list(to_pil(ref.decode(latents).sample)[0].getdata()), dtype=torch.float)
+    with Image.open(tmp_path / "fast.png") as im:
+        assert im.info["parameters"].endswith("Decoder: preview")
+        pixels = torch.tensor(list(im.convert("RGB").getdata()), dtype=torch.float)
+    print(f"generate with a diffusers TAESD: pixel std {pixels.std():.1f}, max difference to diffusers' decode "
+          f"{(pixels - expected).abs().max():.0f}")
+    assert pixels.std() > 10 and (pixels - expected).abs().max() <= 1
