@@ -136,9 +136,12 @@ def test_madebyollin_single_files_load(tmp_path):
     print(f"madebyollin layout: decode vs diffusers {err_ref:.1e}, vs his Decoder module {err_oracle:.1e}")
     assert err_ref < 1e-4 and err_oracle < 1e-4
     # a decoder alone (a .pth pickle, no encoder beside it): decodes, refuses to encode
-    torch.save(decoder, tmp_path / "taesdxl_decoder.pth")
-    alone = PreviewDecoder.load(tmp_path / "taesdxl_decoder.pth", vae=SD_VAE)
+    (tmp_path / "xl").mkdir()
+    torch.save(decoder, tmp_path / "xl" / "taesdxl_decoder.pth")
+    alone = PreviewDecoder.load(tmp_path / "xl" / "taesdxl_decoder.pth", vae=SD_VAE)
     assert alone.encoder is None and not alone.cfg.encoder
+    # his repository's folder: the pair found by name
+    assert PreviewDecoder.load(tmp_path, vae=SD_VAE).state_dict().keys() == state.keys()
     assert torch.equal(alone(LATENTS), ours(LATENTS))
     with pytest.raises(ValueError, match="no encoder"):
         alone.encode(IMAGES)
@@ -152,6 +155,10 @@ def test_a_file_from_elsewhere_needs_its_vae_and_odd_shapes_are_refused(tmp_path
         unbound(LATENTS)
     # but its networks run on TAESD's own latents
     assert unbound.decoder(LATENTS).shape == (2, 3, 20, 24)
+    # the folder's weight file alone: the shape read off the weights
+    single = PreviewDecoder.load(tmp_path / "taesd" / "diffusion_pytorch_model.safetensors", vae=SD_VAE)
+    assert dataclasses.replace(single.cfg, latent_scale=None) == unbound.cfg
+    assert all(torch.equal(v, unbound.state_dict()[k]) for k, v in single.state_dict().items())
     _diffusers_taesd(act_fn="silu").save_pretrained(tmp_path / "silu")
     with pytest.raises(CheckpointError, match="act_fn='silu' is not supported"):
         PreviewDecoder.load(tmp_path / "silu")

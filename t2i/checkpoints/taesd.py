@@ -159,9 +159,16 @@ def _read_original(path: Path) -> dict[str, torch.Tensor]:
 
 def read_taesd(path: str | Path, system: str) -> TAESDFile:
     """Any TAESD layout -> TAESDFile: a diffusers folder (config.json + diffusion_pytorch_model.*), a
-    single file in diffusers' names (ours carry our config under "t2i_config", `system` its t2i_system)
-    or madebyollin's decoder file (+ its encoder file beside it)."""
+    single file in diffusers' names (ours carry our config under "t2i_config", `system` its t2i_system),
+    or madebyollin's decoder file (+ its encoder file beside it), or a folder holding those two."""
     path = Path(path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        # madebyollin's repository layout: taesd_decoder.safetensors (or .pth) beside taesd_encoder.*
+        found = sorted(path.glob("*_decoder.safetensors")) or sorted(path.glob("*_decoder.pth"))
+        if len(found) != 1:
+            raise FileNotFoundError(f"{path}: neither a diffusers AutoencoderTiny folder (config.json) nor "
+                                    f"one *_decoder.safetensors/.pth file of madebyollin's (found {len(found)})")
+        path = found[0]
     if path.is_dir():
         return _read_folder(path, system)
     if not path.is_file():
