@@ -62,7 +62,7 @@ def run_shapes(args: argparse.Namespace) -> int:
     if args.preview_decoder:
         from t2i.autoencoders.preview import PreviewDecoder
 
-        pipe.preview_decoder = PreviewDecoder.load(args.preview_decoder)
+        pipe.preview_decoder = PreviewDecoder.load(args.preview_decoder, vae=pipe.vae.cfg)
     prompts = read_prompt_file(args.prompts) if args.prompts else None
     if args.limit is not None:
         prompts = first_per_family(prompts or heldout_prompts(), args.limit)
