@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import t2i
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sd15_cpu import alternate, report  # noqa: E402
 
@@ -35,11 +37,9 @@ PROMPT = "a red circle above a blue square"
 
 def cpu_line() -> str:
     """'AMD EPYC (family 25 model 17 stepping 1), flags avx512_bf16 avx512_vnni' from /proc/cpuinfo."""
-    from t2i import cpu_flags
-
     info = Path("/proc/cpuinfo").read_text()
     field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info.splitlines()[:30])}
-    wanted = sorted(cpu_flags(info) & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
+    wanted = sorted(t2i.cpu_flags(info) & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
                                        "amx_int8"})
     return (f"{field.get('model name', '?')} (family {field.get('cpu family', '?')} model {field.get('model', '?')} "
             f"stepping {field.get('stepping', '?')}), flags {' '.join(wanted)}")
@@ -51,7 +51,7 @@ def bench_linear(repeats: int) -> None:
     x = torch.randn(4096, 1280)
     lin = nn.Linear(1280, 1280)
     bf = nn.Linear(1280, 1280).to(torch.bfloat16)
-    q = quantize_linears(nn.Sequential(nn.Linear(1280, 1280)))
+    q = quantize_linears(nn.Sequential(nn.Linear(1280, 1280)), t2i.has_vnni())
     xb = x.bfloat16()
     report("Linear (4096, 1280) @ (1280, 1280)", alternate({"fp32": lambda: lin(x), "bf16": lambda: bf(xb),
                                                              "int8": lambda: q(x)}, repeats), base="fp32")
@@ -81,13 +81,12 @@ def bench_conv(repeats: int) -> None:
 def pipelines() -> dict:
     """The built-in model in fp32, bf16, and with int8 U-Net Linears over each (`t2i.load(precision="int8")`
     is the one over bf16 where the CPU has native bf16, else the one over fp32)."""
-    import t2i
     from t2i.quantize import quantize_linears
 
     pipes = {p: t2i.load(precision=p) for p in ("fp32", "bf16")}
     for rest in ("fp32", "bf16"):
         pipe = t2i.load(precision=rest)
-        quantize_linears(pipe.unet)
+        quantize_linears(pipe.unet, t2i.has_vnni())
         pipes[f"int8+{rest}"] = pipe
     return pipes
 
@@ -113,11 +112,12 @@ def sd_variants() -> dict:
     from t2i.quantize import quantize_linears
     from t2i.systems.latent_diffusion import CastInputs
 
+    vnni = t2i.has_vnni()
     torch.manual_seed(0)
     fp32 = UNet(UNET_CONFIGS["sd15"]).eval().requires_grad_(False)
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    return {"fp32": fp32, "bf16": CastInputs(bf16), "int8+fp32": quantize_linears(copy.deepcopy(fp32)),
-            "int8+bf16": CastInputs(quantize_linears(bf16))}  # bf16 is quantized last: nothing else reads it
+    return {"fp32": fp32, "bf16": CastInputs(bf16), "int8+fp32": quantize_linears(copy.deepcopy(fp32), vnni),
+            "int8+bf16": CastInputs(quantize_linears(bf16, vnni))}  # bf16 is quantized last: nothing else reads it
 
 
 def bench_sd(repeats: int) -> None:

@@ -93,5 +93,5 @@ def load(model: str | Path | None = None, precision: str = "fp32"):
     if resolved == "int8":
         from t2i.quantize import quantize_linears
 
-        quantize_linears(pipe.unet)  # the text encoder stays float: see t2i.quantize
+        quantize_linears(pipe.unet, has_vnni())  # the text encoder stays float: see t2i.quantize
     return pipe

@@ -1,8 +1,8 @@
 """int8 inference on the CPU: int8 weights (one scale per output channel) with dynamic int8
 activations for the Linear layers of a U-Net (`t2i.load(precision="int8")`).
 
-    quantize_linears(pipe.unet)          # every nn.Linear -> Int8Linear, in place
-    y = layer(x)                          # x (..., in) float32 or bf16 -> y (..., out), x's dtype
+    quantize_linears(pipe.unet, t2i.has_vnni())  # every nn.Linear -> Int8Linear, in place
+    y = layer(x)                                   # x (..., in) float32 or bf16 -> y (..., out), x's dtype
 
 Which library, and why: PyTorch's own dynamic quantization (`torch.ao.quantization.quantize_dynamic`
 packing for the oneDNN / fbgemm int8 GEMMs, which use AVX512-VNNI where the CPU has it), not
@@ -41,8 +41,6 @@ from torch import nn
 from torch.ao.nn.quantized import dynamic as nnqd
 from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-from t2i import has_vnni
-
 
 class Int8Linear(nnqd.Linear):
     """A dynamic int8 Linear that may quantize activations to the full 8 bits.
@@ -75,15 +73,13 @@ def _engine(name: str) -> Iterator[None]:
         torch.backends.quantized.engine = old
 
 
-def quantize_linears(module: nn.Module, vnni: bool | None = None) -> nn.Module:
+def quantize_linears(module: nn.Module, vnni: bool) -> nn.Module:
     """Replace every nn.Linear in `module` (in place) by an `Int8Linear` and return `module`.
 
     The float weights are dropped: only the packed int8 weights and float biases stay. Layers
-    already quantized are left as they are. vnni: whether the CPU has int8 dot products (None:
-    read /proc/cpuinfo); with VNNI weights are packed for oneDNN and activations use 8 bits.
+    already quantized are left as they are. vnni: whether the CPU has int8 dot products
+    (`t2i.has_vnni()`); with VNNI weights are packed for oneDNN and activations use 8 bits.
     """
-    if vnni is None:
-        vnni = has_vnni()
     engines = torch.backends.quantized.supported_engines
     engine = "onednn" if vnni and "onednn" in engines else "x86" if "x86" in engines else "fbgemm"
     for layer in module.modules():
