@@ -43,10 +43,19 @@ def has_vnni(cpuinfo: str | None = None) -> bool:
     return bool(cpu_flags(cpuinfo) & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-def auto_precision(cpuinfo: str | None = None) -> str:
-    """What `precision="auto"` becomes on a CPU (cpuinfo: a /proc/cpuinfo text; None: this one's).
+# Models with fewer weight bytes than this stay fp32 under "auto": per-layer overheads, not the
+# matmuls, dominate them (the 21.7 MB built-in model's 64x64 image took 1.17 of fp32's time in bf16
+# and 1.26 in int8 on the Zen 4 below, and lost 2.0-2.3 judge points).
+SMALL_MODEL_BYTES = 200_000_000
 
-        native bf16 and VNNI -> "int8" (int8 U-Net Linears, the rest bf16)
+
+def auto_precision(cpuinfo: str | None = None, model_bytes: int | None = None, quantizable: bool = True) -> str:
+    """What `precision="auto"` becomes on a CPU (cpuinfo: a /proc/cpuinfo text; None: this one's)
+    for a model of `model_bytes` weight bytes (None: unknown, taken as large):
+
+        a model under SMALL_MODEL_BYTES -> "fp32"
+        native bf16 and VNNI -> "int8" (int8 U-Net Linears, the rest bf16); "bf16" when the model
+                                must stay float (quantizable=False: LoRAs are merged into it)
         native bf16 only     -> "bf16"
         otherwise            -> "fp32" (int8 with float32 convolutions does not win: below)
 
@@ -59,26 +68,41 @@ def auto_precision(cpuinfo: str | None = None) -> str:
     fp32's. The built-in model itself is too small to gain: its 64x64 image takes 1.17 of fp32's
     time in bf16 and 1.26 in int8 (per-layer overheads dominate a 4.7 M-parameter U-Net).
     """
+    if model_bytes is not None and model_bytes < SMALL_MODEL_BYTES:
+        return "fp32"
     if native_bf16(cpuinfo):
-        return "int8" if has_vnni(cpuinfo) else "bf16"
+        return "int8" if has_vnni(cpuinfo) and quantizable else "bf16"
     return "fp32"
 
 
-def resolve_precision(precision: str) -> str:
-    """"auto" -> `auto_precision()` for this CPU; "fp32", "bf16" and "int8" are kept."""
+def model_bytes(model: str | Path | None) -> int:
+    """The bytes of a model's weight files on disk (a shipped name, a path, or None: the default)."""
+    from t2i.systems.registry import resolve
+
+    path = resolve(model)[1]
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.suffix in (".safetensors", ".bin", ".ckpt")]
+    return sum(f.stat().st_size for f in files)
+
+
+def resolve_precision(precision: str, model: str | Path | None = None, quantizable: bool = True) -> str:
+    """"auto" -> `auto_precision` for this CPU and the size of `model` (a name or path; None: the
+    default model); "fp32", "bf16" and "int8" are kept."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return auto_precision() if precision == "auto" else precision
+    if precision != "auto":
+        return precision
+    return auto_precision(model_bytes=model_bytes(model), quantizable=quantizable)
 
 
-def load(model: str | Path | None = None, precision: str = "fp32"):
+def load(model: str | Path | None = None, precision: str = "fp32", quantizable: bool = True):
     """Load a model for generation: the name of a shipped model (`t2i models` lists them), a path
     any registered family recognises (a diffusers folder, a single-file SD checkpoint, a t2i model
     file...), or the built-in default model when model is None.
 
     precision: "fp32"; "bf16" (weights and compute; the samplers stay float32); "int8" (the U-Net's
     Linear layers int8 with dynamic int8 activations, `t2i.quantize`; everything else bf16 where
-    the CPU computes bf16 natively, else float32); or "auto": `auto_precision` for this CPU.
+    the CPU computes bf16 natively, else float32); or "auto": `auto_precision` for this CPU and
+    this model's size. quantizable=False keeps "auto" off int8 (a model that LoRAs will be merged into).
 
     Returns a Pipeline (t2i.systems.base): `pipe(prompt, seed=..., steps=...) -> list[PIL.Image]`,
     `pipe.generate(...)` for the final sample and metadata too, `pipe.run(GenerationRequest(...))`.
@@ -87,7 +111,7 @@ def load(model: str | Path | None = None, precision: str = "fp32"):
 
     from t2i.systems.registry import load as load_registered
 
-    resolved = resolve_precision(precision)
+    resolved = resolve_precision(precision, model, quantizable)
     rest_bf16 = resolved == "bf16" or (resolved == "int8" and native_bf16())
     pipe = load_registered(model, torch.bfloat16 if rest_bf16 else torch.float32)
     if resolved == "int8":

@@ -210,7 +210,7 @@ def _load(args: argparse.Namespace):
     import t2i
     from t2i.cli import UserError
 
-    pipe = t2i.load(args.model, precision=args.precision)
+    pipe = t2i.load(args.model, precision=args.precision, quantizable=not _merges_loras(args))
     if args.lora:  # merged for the whole run (before compiling, which freezes the weights)
         from t2i.adapters.lora import apply_loras, parse_lora_arg
 
@@ -251,6 +251,11 @@ def _warn(message: str) -> None:
     print(f"t2i generate: warning: {message}", file=sys.stderr)
 
 
+def _merges_loras(args: argparse.Namespace) -> bool:
+    """LoRAs are merged into float weights, so `--precision auto` stays off int8 when they are given."""
+    return bool(args.lora or args.lora_dir)
+
+
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     import t2i
@@ -265,7 +270,8 @@ def run(args: argparse.Namespace) -> int:
     request = _request(args, **_input_images(args), refiner=args.refiner, seed=0, prompt=args.prompt or prompts[0],
                        preview=bool(args.preview_decoder), progress=not args.quiet)
     check_request(pipe, request)  # UnsupportedOption (a ValueError): one line naming option and model
-    refiner = t2i.load(args.refiner, precision=args.precision) if args.refiner else None
+    refiner = t2i.load(args.refiner, precision=args.precision, quantizable=not _merges_loras(args)) \
+        if args.refiner else None
     if refiner is not None and args.embedding_dir:  # it reads the same prompt: the same trigger words
         from t2i.adapters.embeddings import load_embedding_dir
 
@@ -328,7 +334,7 @@ def _expected(pipe, request: GenerationRequest, args: argparse.Namespace) -> tup
     from t2i.request_warnings import resolved_request
 
     r = resolved_request(pipe, request)
-    precision = t2i.resolve_precision(args.precision)
+    precision = getattr(pipe, "precision", None) or t2i.resolve_precision(args.precision, args.model)
     free = {"CLIP score"}
     if args.seed in (None, -1) or args.rerank > 1:
         free.add("Seed")

@@ -34,7 +34,10 @@ def test_auto_precision_by_cpu_flags(cpuinfo, expected):
 
 def test_resolve_precision_keeps_int8_and_asks_the_cpu_for_auto():
     assert t2i.resolve_precision("int8") == "int8"
-    assert t2i.resolve_precision("auto") == t2i.auto_precision()
+    assert t2i.resolve_precision("auto") == t2i.auto_precision(model_bytes=t2i.model_bytes(None)) == "fp32"
+    assert t2i.auto_precision(ZEN4, model_bytes=21_678_452) == "fp32"  # the built-in model: too small to gain
+    assert t2i.auto_precision(ZEN4, model_bytes=2_000_000_000) == "int8"
+    assert t2i.auto_precision(ZEN4, model_bytes=2_000_000_000, quantizable=False) == "bf16"  # LoRAs merge into it
     assert t2i.has_vnni(CASCADE_LAKE) and t2i.has_vnni(ALDER_LAKE) and not t2i.has_vnni(SKYLAKE_SP)
 
 
@@ -94,3 +97,19 @@ def test_full_range_activations_halve_the_error():
         err[vnni] = float((q(x) - ref).norm() / ref.norm())
     # measured on Zen 4: 1.2e-2 with 8-bit activations, 2.3e-2 with PyTorch's 7-bit default
     assert err[True] < 0.016 and err[True] < 0.7 * err[False], err
+
+
+def test_a_lora_is_refused_on_an_int8_unet_and_auto_keeps_the_model_float_for_one(tmp_path, monkeypatch):
+    """LoRAs merge into float weights: an int8 U-Net refuses them by name, and `auto` picks bf16 over int8
+    for a model that LoRAs will be merged into."""
+    from t2i.adapters.lora import LoraError, apply_loras
+    from t2i.quantize import quantize_linears
+    from t2i.systems.shapes_ldm import write_tiny_model
+
+    pipe = t2i.load(write_tiny_model(tmp_path / "m"))
+    quantize_linears(pipe.unet, t2i.has_vnni())
+    assert pipe.precision == "int8"
+    with pytest.raises(LoraError, match="int8"):
+        apply_loras(pipe, [(tmp_path / "any.safetensors", 1.0)])
+    monkeypatch.setattr(t2i, "auto_precision", lambda **kw: "bf16" if kw["quantizable"] is False else "int8")
+    assert t2i.resolve_precision("auto", None, quantizable=False) == "bf16"

@@ -222,6 +222,8 @@ def test_precision_auto(monkeypatch):
     assert not t2i.native_bf16(zen3)
     assert t2i.native_bf16(zen4) and t2i.native_bf16(spr)
     monkeypatch.setattr(t2i, "native_bf16", lambda cpuinfo=None: False)
+    monkeypatch.setattr(t2i, "has_vnni", lambda cpuinfo=None: False)
+    monkeypatch.setattr(t2i, "model_bytes", lambda model=None: 2_000_000_000)  # an SD-sized model
     assert t2i.resolve_precision("auto") == "fp32"
     monkeypatch.setattr(t2i, "native_bf16", lambda cpuinfo=None: True)
     assert t2i.resolve_precision("auto") == "bf16"

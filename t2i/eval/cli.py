@@ -71,7 +71,7 @@ def run_shapes(args: argparse.Namespace) -> int:
         # one batched call per chunk of prompts, every prompt with the same seed
         return pipe.run(checked_request(pipe, texts, seed=[args.seed] * len(texts), **settings)).images
 
-    precision = t2i.resolve_precision(args.precision)  # what `auto` became, for the report
+    precision = t2i.resolve_precision(args.precision, args.model)  # what `auto` became, for the report
     if args.rerank > 1:
         return _run_shapes_rerank(pipe, prompts or heldout_prompts(), args, precision)
     report = run_shapes_eval(generate, prompts, args.out)

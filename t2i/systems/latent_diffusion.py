@@ -25,6 +25,7 @@ from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.imageio import from_pil, request_parameters, to_pil
 from t2i.nets.unet import DeepCacheUNet, UNet, guidance_scale_embedding
+from t2i.quantize import int8_linears
 from t2i.samplers.diffusers_plan import SamplingPlan, prepare_sampling
 from t2i.samplers.sampling import SAMPLERS
 from t2i.seeds import resolve_seed, seed_generators, seed_noise
@@ -125,6 +126,13 @@ class LatentDiffusionPipeline(RequestMethods):
             and text_encoder.pooled_dim is not None and unet.cfg.addition_time_embed_dim is not None
             and unet.cfg.projection_class_embeddings_input_dim - text_encoder.pooled_dim
             == 5 * unet.cfg.addition_time_embed_dim)
+
+    @property
+    def precision(self) -> str:
+        """"int8" (t2i.quantize), "bf16" or "fp32": what the U-Net computes in (PNG metadata)."""
+        if int8_linears(self.unet):
+            return "int8"
+        return "fp32" if next(self.unet.parameters()).dtype == torch.float32 else "bf16"
 
     @property
     def capabilities(self) -> Capabilities:
@@ -371,7 +379,7 @@ class LatentDiffusionPipeline(RequestMethods):
             images = [_overlay(init_image, im, mask) for im in images]
         resolved = replace(r, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule, width=width,
                            height=height, strength=strength)
-        precision = "fp32" if next(self.unet.parameters()).dtype == torch.float32 else "bf16"
+        precision = self.precision
         for im, p, neg, sd in zip(images, prompts, negatives, seeds, strict=True):
             im.info["parameters"] = request_parameters(resolved, p, neg, sd, self.name, precision)
         return GenerationResult(images, latents, seeds, warnings, time.perf_counter() - start)
