@@ -14,6 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "and answers waiting jobs 503 (they are not kept).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="model name or path (default: the built-in shapes model)")
+    p.add_argument("--embedding-dir", default=None, metavar="DIR",
+                   help="textual-inversion embeddings (A1111 .pt/.safetensors) usable by name in every prompt")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-queue", type=int, default=16, help="waiting jobs allowed; more get 429 + Retry-After")
@@ -66,6 +68,11 @@ def run(args: argparse.Namespace) -> int:
     from t2i.serve.server import build_server
 
     pipe = t2i.load(args.model, precision=args.precision)
+    if args.embedding_dir:
+        from t2i.adapters.embeddings import load_embedding_dir
+
+        for warning in load_embedding_dir(pipe, args.embedding_dir).skipped:
+            print(f"t2i serve: warning: {warning}", file=sys.stderr)
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
                     max_images=args.max_images, max_pixel_steps=args.max_pixel_steps)
     config = ServeConfig(max_queue=args.max_queue, max_batch=args.max_batch, batch_wait=args.batch_wait,
