@@ -66,10 +66,7 @@ LDM: list[Option] = [
 DDPM: list[Option] = [
     ("--preset", "net_preset", {}, "pixel U-Net shape (t2i.nets.pixel_unet.PIXEL_UNET_PRESETS)"),
     ("--beta-schedule", "beta_schedule", {"choices": ("linear", "cosine")}, "training betas (DDPM / IDDPM)"),
-    ("--caption-dropout", "caption_dropout", {"type": float}, "share of empty captions (for CFG)"),
-    ("--ema-decay", "ema_decay", {"type": float}, "EMA decay of the shipped weights"),
-    ("--sample-steps", "sample_steps", {"type": int}, "sampler steps for the sample grids"),
-    ("--export-every", "export_every", {"type": int}, "write the EMA model as model.safetensors every N steps"),
+    *(o for o in LDM if o[1] in ("caption_dropout", "ema_decay", "weight_decay", "sample_steps", "export_every")),
 ]
 VQVAE: list[Option] = [
     ("--codes", "vq.num_codes", {"type": int}, "codebook size"),
