@@ -117,5 +117,9 @@ def load(model: str | Path | None = None, precision: str = "fp32", quantizable: 
     if resolved == "int8":
         from t2i.quantize import quantize_linears
 
+        if not isinstance(getattr(pipe, "unet", None), torch.nn.Module):
+            raise ValueError(f"precision int8 quantizes a U-Net, which {pipe.name} ({pipe.family}) does not have; "
+                             "use fp32 or bf16")
+
         quantize_linears(pipe.unet, has_vnni())  # the text encoder stays float: see t2i.quantize
     return pipe

@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a shipped model's name (`t2i models`) or a model file or folder (default: the built-in "
                         "shapes model, t2i-shapes)")
     p.add_argument("--sampler", default=None, help="ddpm, ddim, euler, euler_a, heun, dpmpp_2m")
-    p.add_argument("--schedule", default=None, choices=["default", "karras"], help="sigma schedule")
+    p.add_argument("--schedule", default=None, help="sigma schedule: default or karras; DDPM models also take iddpm "
+                   "(IDDPM respacing). A name the model does not list is refused")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--guidance-rescale", type=float, default=0.0)

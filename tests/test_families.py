@@ -49,6 +49,7 @@ def _small(pipe: Pipeline) -> dict:
 def test_the_registry_detects_the_tiny_model_as_its_own_family(tiny):
     name, path, pipe = tiny
     assert resolve(path)[0].name == name
+    assert [s.name for s in systems() if s.detect(path)] == [name]  # no other family claims it: order is free
     assert isinstance(pipe, Pipeline) and pipe.family == name
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from t2i.checkpoints.diffusers_folder import read_config_file, read_schedule
-from t2i.checkpoints.diffusers_nets import _check_unsupported, _sample_size
+from t2i.checkpoints.diffusers_nets import check_unsupported, sample_size_of
 from t2i.checkpoints.io import CheckpointError, find_weights, read_json_object
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.nets.pixel_unet import PixelUNetConfig
@@ -56,7 +56,7 @@ def pixel_unet_config_from_diffusers(cfg: dict[str, Any]) -> PixelUNetConfig:
     """PixelUNetConfig from a diffusers `unet/config.json` (UNet2DModel); ValueError names what
     t2i does not implement."""
     what = "UNet2DModel config"
-    _check_unsupported(cfg, _UNSUPPORTED, what)
+    check_unsupported(cfg, _UNSUPPORTED, what)
     channels = tuple(cfg.get("block_out_channels", (224, 448, 672, 896)))
     n = len(channels)
     down = cfg.get("down_block_types", ("DownBlock2D",) + ("AttnDownBlock2D",) * 3)
@@ -82,7 +82,7 @@ def pixel_unet_config_from_diffusers(cfg: dict[str, Any]) -> PixelUNetConfig:
         transformer_depth=(1,) * n, context_dim=None, mid_attention=bool(cfg.get("add_attention", True)),
         norm_groups=groups, norm_eps=float(cfg.get("norm_eps", 1e-5)),
         flip_sin_to_cos=bool(cfg.get("flip_sin_to_cos", True)), freq_shift=float(cfg.get("freq_shift", 0)),
-        dropout=float(cfg.get("dropout", 0.0)), sample_size=_sample_size(cfg.get("sample_size"), 32))
+        dropout=float(cfg.get("dropout", 0.0)), sample_size=sample_size_of(cfg.get("sample_size"), 32))
 
 
 def read_diffusers_ddpm(path: str | Path) -> tuple[PixelUNetConfig, ScheduleConfig, list[Path]]:

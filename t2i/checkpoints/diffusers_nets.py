@@ -99,7 +99,7 @@ _VAE_UNSUPPORTED: dict[str, Any] = {
 }
 
 
-def _check_unsupported(cfg: dict[str, Any], allowed: dict[str, Any], what: str) -> None:
+def check_unsupported(cfg: dict[str, Any], allowed: dict[str, Any], what: str) -> None:
     for key, ok in allowed.items():
         if key in cfg and cfg[key] != ok:
             raise ValueError(f"{what}: unsupported option {key}={cfg[key]!r} (only {ok!r} is implemented)")
@@ -121,7 +121,7 @@ def _compact(values: tuple) -> Any:
     return values[0] if len(set(values)) == 1 else list(values)
 
 
-def _sample_size(value: Any, default: int) -> int:
+def sample_size_of(value: Any, default: int) -> int:
     if value is None:
         return default
     return int(value[0] if isinstance(value, (list, tuple)) else value)
@@ -133,7 +133,7 @@ def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
     Raises ValueError naming the option for anything we do not implement.
     """
     what = "UNet2DConditionModel config"
-    _check_unsupported(cfg, _UNET_UNSUPPORTED, what)
+    check_unsupported(cfg, _UNET_UNSUPPORTED, what)
 
     def get(key: str) -> Any:
         return cfg.get(key, _UNET_DEFAULTS[key])
@@ -203,7 +203,7 @@ def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
         addition_time_embed_dim=add_time_dim,
         projection_class_embeddings_input_dim=add_in_dim,
         dropout=float(get("dropout")),
-        sample_size=_sample_size(get("sample_size"), 64),
+        sample_size=sample_size_of(get("sample_size"), 64),
     )
 
 
@@ -257,7 +257,7 @@ def vae_config_from_diffusers(cfg: dict[str, Any]) -> AutoencoderKLConfig:
     `force_upcast` (an fp16 hint) is ignored. Raises ValueError naming unsupported options.
     """
     what = "AutoencoderKL config"
-    _check_unsupported(cfg, _VAE_UNSUPPORTED, what)
+    check_unsupported(cfg, _VAE_UNSUPPORTED, what)
 
     def get(key: str) -> Any:
         return cfg.get(key, _VAE_DEFAULTS[key])
@@ -283,7 +283,7 @@ def vae_config_from_diffusers(cfg: dict[str, Any]) -> AutoencoderKLConfig:
         shift_factor=None if shift is None else float(shift),
         use_quant_conv=bool(get("use_quant_conv")),
         use_post_quant_conv=bool(get("use_post_quant_conv")),
-        sample_size=_sample_size(get("sample_size"), 512),
+        sample_size=sample_size_of(get("sample_size"), 512),
     )
 
 

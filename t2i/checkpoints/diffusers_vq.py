@@ -15,7 +15,7 @@ import torch
 
 from t2i.autoencoders.vq import VQAutoencoder, VQAutoencoderConfig
 from t2i.checkpoints.diffusers_folder import read_config_file
-from t2i.checkpoints.diffusers_nets import _check_unsupported, vae_config_from_diffusers
+from t2i.checkpoints.diffusers_nets import check_unsupported, vae_config_from_diffusers
 from t2i.checkpoints.io import load_component_weights
 
 # VQModel's defaults where they differ from AutoencoderKL's (a config.json may leave them out).
@@ -28,7 +28,7 @@ def vq_config_from_diffusers(cfg: dict[str, Any]) -> VQAutoencoderConfig:
     """VQAutoencoderConfig from a diffusers VQModel config.json dict. ValueError names unsupported options.
     `scaling_factor`, `lookup_from_codebook` and `force_upcast` concern diffusion on the latents, not the
     tokenizer, and are ignored."""
-    _check_unsupported(cfg, _VQ_UNSUPPORTED, "VQModel config")
+    check_unsupported(cfg, _VQ_UNSUPPORTED, "VQModel config")
     full = {**_VQ_DEFAULTS, **cfg}
     # The encoder/decoder part is an AutoencoderKL config (quant convs always present in a VQModel).
     blocks = vae_config_from_diffusers({**full, "use_quant_conv": True, "use_post_quant_conv": True})

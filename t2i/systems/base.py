@@ -17,6 +17,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from PIL import Image
 
+from t2i.seeds import resolve_seed
+
 
 @dataclass
 class GenerationDefaults:
@@ -215,3 +217,30 @@ class System:
     write_tiny: Callable[[Path, int], Path]
     shipped: tuple[ShippedModel, ...] = field(default_factory=tuple)
     export: Callable[[Pipeline, Path], Path] | None = None
+
+
+def per_image(prompt: str | list[str], negative: str | list[str], seed: int | list[int | None] | None,
+               num_images: int) -> tuple[list[str], list[str], list[int]]:
+    """Prompt, negative prompt and seed of every image: prompt-major, seeds s, s + 1, ...; an unset
+    or -1 seed is drawn at random (A1111), once per prompt, and returned like any other."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+    seeds = [seed] * len(prompts) if seed is None or isinstance(seed, int) else list(seed)
+    seeds = [resolve_seed(s) for s in seeds]
+    if not prompts or len(negatives) != len(prompts) or len(seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts, {len(negatives)} negative prompts and {len(seeds)} seeds: "
+                         "give one of each per prompt")
+    if num_images < 1:
+        raise ValueError(f"num_images must be at least 1, got {num_images}")
+    prompts = [p for p in prompts for _ in range(num_images)]
+    negatives = [n for n in negatives for _ in range(num_images)]
+    return prompts, negatives, [s + i for s in seeds for i in range(num_images)]
+
+
+def progress_bar(total: int, enabled: bool, desc: str = "sampling"):
+    """A tqdm bar on stderr for `total` steps, or None when not enabled (request.progress)."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False)

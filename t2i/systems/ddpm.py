@@ -51,8 +51,10 @@ from t2i.systems.base import (
     GenerationResult,
     RequestMethods,
     System,
+    per_image,
+    progress_bar,
 )
-from t2i.systems.latent_diffusion import CastInputs, _per_image, _progress, stop_polling
+from t2i.systems.latent_diffusion import CastInputs, stop_polling
 
 SCHEDULES = ("default", "karras", "iddpm")
 OPTIONS = frozenset({"steps", "sampler", "schedule", "eta", "width", "height"})  # what run() honours
@@ -174,7 +176,7 @@ class DDPMPipeline(RequestMethods):
     def _generate(self, request: GenerationRequest) -> GenerationResult:
         start = time.perf_counter()
         r = self._resolve(request)
-        prompts, negatives, seeds = _per_image(r.prompt, r.negative_prompt, r.seed, r.num_images)
+        prompts, negatives, seeds = per_image(r.prompt, r.negative_prompt, r.seed, r.num_images)
         guided = self.text_encoder is not None and r.guidance > 1.0
         cond, uncond = self._conditioning(prompts, negatives, guided)
         warnings = [m for m in map(self.prompt_check, dict.fromkeys(prompts)) if m] if self.prompt_check else []
@@ -183,7 +185,7 @@ class DDPMPipeline(RequestMethods):
         x = plan.start(seed_noise(generators, (self.unet.pixel_cfg.in_channels, r.height, r.width)))  # (N, 3, H, W)
         fp32 = next(self.unet.parameters()).dtype == torch.float32
         denoiser = plan.limit_x0(CFGDenoiser(plan.denoiser(self.unet if fp32 else CastInputs(self.unet)), r.guidance))
-        bar = _progress(plan.steps, r.progress)
+        bar = progress_bar(plan.steps, r.progress)
 
         def on_step(info: dict) -> None:
             if bar is not None:

@@ -28,7 +28,7 @@ from t2i.nets.unet import DeepCacheUNet, UNet, guidance_scale_embedding
 from t2i.quantize import int8_linears
 from t2i.samplers.diffusers_plan import SamplingPlan, prepare_sampling
 from t2i.samplers.sampling import SAMPLERS
-from t2i.seeds import resolve_seed, seed_generators, seed_noise
+from t2i.seeds import seed_generators, seed_noise
 from t2i.systems.base import (
     Capabilities,
     GenerationDefaults,
@@ -36,6 +36,8 @@ from t2i.systems.base import (
     GenerationResult,
     Interrupted,
     RequestMethods,
+    per_image,
+    progress_bar,
 )
 from t2i.text.encoders import TextEncoder, TextEncoding
 from t2i.text.prompt_syntax import encode_prompts
@@ -329,7 +331,7 @@ class LatentDiffusionPipeline(RequestMethods):
         start = time.perf_counter()
         h, w = height // self.vae_scale, width // self.vae_scale
 
-        prompts, negatives, seeds = _per_image(prompt, negative_prompt, seed, num_images)
+        prompts, negatives, seeds = per_image(prompt, negative_prompt, seed, num_images)
         guided = guidance > 1.0 and not self.embeds_guidance
         cond, uncond, warnings = self.encode_prompts(prompts, negatives, height, width, guided)
         cond = self._with_guidance_embedding(cond, guidance)
@@ -388,7 +390,7 @@ class LatentDiffusionPipeline(RequestMethods):
              generators: list[torch.Generator], progress: bool,
              callback: Callable[[int, int], None] | None,
              on_sample: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
-        bar = _progress(plan.steps, progress)
+        bar = progress_bar(plan.steps, progress)
 
         def on_step(info: dict) -> None:
             if bar is not None:
@@ -421,24 +423,6 @@ def stop_polling(should_stop: Callable[[], bool], *nets: nn.Module) -> Iterator[
     finally:
         for h in handles:
             h.remove()
-
-
-def _per_image(prompt: str | list[str], negative: str | list[str], seed: int | list[int | None] | None,
-               num_images: int) -> tuple[list[str], list[str], list[int]]:
-    """Prompt, negative prompt and seed of every image: prompt-major, seeds s, s + 1, ...; an unset
-    or -1 seed is drawn at random (A1111), once per prompt, and returned like any other."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
-    seeds = [seed] * len(prompts) if seed is None or isinstance(seed, int) else list(seed)
-    seeds = [resolve_seed(s) for s in seeds]
-    if not prompts or len(negatives) != len(prompts) or len(seeds) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts, {len(negatives)} negative prompts and {len(seeds)} seeds: "
-                         "give one of each per prompt")
-    if num_images < 1:
-        raise ValueError(f"num_images must be at least 1, got {num_images}")
-    prompts = [p for p in prompts for _ in range(num_images)]
-    negatives = [n for n in negatives for _ in range(num_images)]
-    return prompts, negatives, [s + i for s in seeds for i in range(num_images)]
 
 
 class CastInputs(nn.Module):
@@ -507,11 +491,3 @@ def outpaint_canvas(image: Image.Image, left: int = 0, top: int = 0, right: int 
     mask = Image.new("L", (w, h), 255)
     mask.paste(0, (left, top, left + image.width, top + image.height))
     return canvas, mask
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="sampling", unit="step", leave=False)

@@ -21,10 +21,11 @@ import torch
 
 from t2i.systems.base import Pipeline, ShippedModel, System
 
-# One line per family, in detection order: the first whose `detect` accepts a path loads it.
+# One line per family. Each `detect` accepts only its own layouts (a diffusers folder by its pipeline class),
+# so the order only decides which family is asked first.
 FAMILY_MODULES: tuple[str, ...] = (
     "t2i.systems.shapes_ldm",
-    "t2i.systems.ddpm",  # before stable_diffusion, whose detect takes any folder with a model_index.json
+    "t2i.systems.ddpm",
     "t2i.systems.stable_diffusion",
 )
 

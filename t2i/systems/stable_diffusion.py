@@ -17,9 +17,11 @@ from typing import Any
 import torch
 
 from t2i.autoencoders.kl import AutoencoderKL, AutoencoderKLConfig
-from t2i.checkpoints.diffusers_folder import is_diffusers_folder, load_diffusers_parts
+from t2i.checkpoints.diffusers_folder import SUPPORTED_PIPELINES, is_diffusers_folder, load_diffusers_parts
 from t2i.checkpoints.export import save_diffusers_folder, save_single_file
+from t2i.checkpoints.io import check_safetensors_header, read_json_object
 from t2i.checkpoints.parts import LatentDiffusionParts, text_layout
+from t2i.checkpoints.sd_keys import UNET_PREFIX
 from t2i.checkpoints.single_file import is_single_file, load_single_file
 from t2i.checkpoints.single_file_config import default_schedule
 from t2i.nets.unet import UNet, UNetConfig
@@ -100,7 +102,20 @@ def parts_of(pipe: LatentDiffusionPipeline) -> LatentDiffusionParts:
 
 
 def detect(path: Path) -> bool:
-    return is_diffusers_folder(path) or is_single_file(path)
+    """A diffusers folder whose pipeline class is one of SD's (or whose model_index.json cannot be
+    read: the loader then says what is wrong with it), or a single weight file."""
+    if is_diffusers_folder(path):
+        try:
+            cls = read_json_object(path / "model_index.json", "model_index.json").get("_class_name")
+        except ValueError:
+            return True
+        return cls in SUPPORTED_PIPELINES
+    if is_single_file(path) and path.suffix == ".safetensors":  # the header says whose it is; a pickle cannot
+        try:
+            return any(k.startswith(UNET_PREFIX) for k in check_safetensors_header(path))
+        except ValueError:
+            return True  # the loader says what is wrong with it
+    return is_single_file(path)
 
 
 def load(path: Path, dtype: torch.dtype | None = torch.float32, *, prediction: str | None = None,
