@@ -216,7 +216,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from t2i.train.ldm import LDMTrainConfig
     from t2i.train.preview import PreviewTrainConfig
 
-    text = ("train an autoencoder, a latent diffusion model, a preview decoder or the shapes CLIP. On a CPU the "
+    text = ("train an autoencoder, a latent diffusion model, a pixel DDPM, a VQ-VAE tokenizer, a TAESD preview "
+            "decoder or the shapes CLIP. On a CPU the "
             "default presets take seconds per step; --preset tiny with --image-size 16 runs a smoke test in "
             "seconds. Interrupt with Ctrl-C (a checkpoint is saved) and continue with --resume.")
     train = subparsers.add_parser("train", help=text.split(". ")[0], description=text)
