@@ -105,9 +105,10 @@ def _mid(cfg: AutoencoderKLConfig, c: int) -> MidBlock:
 
 
 class Encoder(nn.Module):
-    """x (B, 3, H, W) -> moments (B, 2 * latent_channels, H / f, W / f), before quant_conv."""
+    """x (B, 3, H, W) -> moments (B, 2 * latent_channels, H / f, W / f), before quant_conv; with
+    double_z=False (a VQ encoder, diffusers' VQModel) the latent itself (B, latent_channels, ...)."""
 
-    def __init__(self, cfg: AutoencoderKLConfig) -> None:
+    def __init__(self, cfg: AutoencoderKLConfig, double_z: bool = True) -> None:
         super().__init__()
         ch = cfg.block_channels
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
@@ -122,7 +123,7 @@ class Encoder(nn.Module):
         self.mid_block = _mid(cfg, ch[-1])
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch[-1], eps=1e-6)
         self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch[-1], (2 if double_z else 1) * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)

@@ -211,10 +211,7 @@ class VQAutoencoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         blocks = cfg.blocks()
-        self.encoder = Encoder(blocks)
-        # The KL encoder ends in 2 * latent_channels moments; a VQ encoder outputs the latent itself
-        # (diffusers' double_z=False), so only the last conv differs.
-        self.encoder.conv_out = nn.Conv2d(blocks.block_channels[-1], cfg.latent_channels, 3, padding=1)
+        self.encoder = Encoder(blocks, double_z=False)  # the latent itself, not a Gaussian's moments
         self.quant_conv = nn.Conv2d(cfg.latent_channels, cfg.dim, 1)
         self.quantize = VectorQuantizer(cfg.num_codes, cfg.dim, cfg.beta, cfg.decay, cfg.eps, cfg.dead_threshold)
         self.post_quant_conv = nn.Conv2d(cfg.dim, cfg.latent_channels, 1)

@@ -224,6 +224,25 @@ def read_config(path: str | os.PathLike, what: str, system: str | None = None) -
     return json_object(parse_json(meta["t2i_config"], f"{path}: t2i_config metadata"), f"{path}: t2i_config metadata")
 
 
+def system_file(path: str | os.PathLike) -> Path:
+    """The weight file of a t2i model path: the file itself, or `model.safetensors` in a folder."""
+    path = Path(path)
+    return path / "model.safetensors" if path.is_dir() else path
+
+
+def is_system_file(path: str | os.PathLike, system: str) -> bool:
+    """Whether `path` (a file, or a folder holding model.safetensors) was written by `save_with_config`
+    for `system`: the metadata only, never the weights (a family's cheap `detect`)."""
+    file = system_file(path)
+    if file.suffix != ".safetensors":
+        return False
+    try:
+        read_config(file, f"a {system} file", system)
+    except (FileNotFoundError, ValueError):  # not this family's: let the others judge it
+        return False
+    return True
+
+
 def find_weights(folder: Path, stem: str, variant: str | None = None) -> list[Path]:
     """The weight file(s) of one component folder, diffusers naming (`stem` e.g.
     "diffusion_pytorch_model" or "model"): a single safetensors/bin file, or the shards listed in

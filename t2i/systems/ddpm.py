@@ -31,9 +31,11 @@ from t2i.checkpoints.io import (
     CheckpointError,
     check_safetensors_header,
     header_tensors,
+    is_system_file,
     load_state_dict,
     read_config,
     save_with_config,
+    system_file,
 )
 from t2i.checkpoints.limits import build_checked, check_schedule, fill
 from t2i.data.shapes_vocab import out_of_world_warning
@@ -217,17 +219,9 @@ def save_ddpm(net: PixelUNet, cfg: DDPMConfig, path: str | Path) -> None:
     save_with_config(state, path, dataclasses.asdict(cfg), SYSTEM_NAME)
 
 
-def _model_file(path: Path) -> Path:
-    return path / "model.safetensors" if path.is_dir() else path
-
-
 def is_t2i_ddpm(path: Path) -> bool:
     """A file written by `save_ddpm` (or a folder holding one as model.safetensors)."""
-    file = _model_file(Path(path))
-    try:
-        return file.suffix == ".safetensors" and bool(read_config(file, "a t2i DDPM file", SYSTEM_NAME))
-    except (FileNotFoundError, ValueError):  # not ours: let other families judge it
-        return False
+    return is_system_file(path, SYSTEM_NAME)
 
 
 def load_text_encoder(cfg: DDPMConfig) -> nn.Module | None:
@@ -284,7 +278,7 @@ def load(path: Path, dtype: torch.dtype = torch.float32) -> DDPMPipeline:
         net = _checked_net(net_cfg, tensors, weights, str(path))
         pipe = DDPMPipeline(net, schedule, name=path.name)
     else:
-        file = _model_file(path)
+        file = system_file(path)
         net, cfg = load_t2i_ddpm(file)
         defaults = GenerationDefaults(sampler=cfg.sampler, schedule=cfg.schedule_name, steps=cfg.steps,
                                       guidance=cfg.guidance, width=cfg.image_size, height=cfg.image_size)

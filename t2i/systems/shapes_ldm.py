@@ -26,9 +26,11 @@ from t2i.checkpoints.io import (
     CheckpointError,
     check_safetensors_header,
     header_tensors,
+    is_system_file,
     load_state_dict,
     read_config,
     save_with_config,
+    system_file,
 )
 from t2i.checkpoints.limits import build_checked, check_schedule, fill
 from t2i.data.shapes_vocab import out_of_world_warning
@@ -148,26 +150,14 @@ class ShapesLDM(nn.Module):
         return pipe
 
 
-def _model_file(path: str | Path) -> Path:
-    path = Path(path)
-    return path / "model.safetensors" if path.is_dir() else path
-
-
 def is_t2i_model(path: str | Path) -> bool:
     """A file written by `ShapesLDM.save` (or a folder holding one as model.safetensors)."""
-    file = _model_file(path)
-    if file.suffix != ".safetensors":
-        return False
-    try:
-        read_config(file, "a shapes LDM file", "shapes_ldm")
-    except (FileNotFoundError, ValueError):  # not ours: let other loaders judge it
-        return False
-    return True
+    return is_system_file(path, "shapes_ldm")
 
 
 def load_t2i_model(path: str | Path, dtype: torch.dtype = torch.float32):
     """A t2i shapes-LDM file or folder -> LatentDiffusionPipeline (text encoder: frozen MiniLM)."""
-    file = _model_file(path)
+    file = system_file(path)
     model = ShapesLDM.load(file)
     name = "t2i-shapes" if file == DEFAULT_MODEL_FILE else file.parent.name if file.name == "model.safetensors" \
         else file.stem
