@@ -21,7 +21,6 @@ from t2i.checkpoints.diffusers_folder import SUPPORTED_PIPELINES, is_diffusers_f
 from t2i.checkpoints.export import save_diffusers_folder, save_single_file
 from t2i.checkpoints.io import check_safetensors_header, read_json_object
 from t2i.checkpoints.parts import LatentDiffusionParts, text_layout
-from t2i.checkpoints.sd_keys import UNET_PREFIX
 from t2i.checkpoints.single_file import is_single_file, load_single_file
 from t2i.checkpoints.single_file_config import default_schedule
 from t2i.nets.unet import UNet, UNetConfig
@@ -110,11 +109,14 @@ def detect(path: Path) -> bool:
         except ValueError:
             return True
         return cls in SUPPORTED_PIPELINES
-    if is_single_file(path) and path.suffix == ".safetensors":  # the header says whose it is; a pickle cannot
+    if is_single_file(path) and path.suffix == ".safetensors":
+        # Any weight file but another t2i family's (their metadata names it): a file that is no SD
+        # checkpoint either gets the SD loader's error, which says what an SD file holds.
         try:
-            return any(k.startswith(UNET_PREFIX) for k in check_safetensors_header(path))
+            meta = check_safetensors_header(path).get("__metadata__") or {}
         except ValueError:
             return True  # the loader says what is wrong with it
+        return "t2i_system" not in meta
     return is_single_file(path)
 
 
