@@ -1,0 +1,240 @@
+"""DiT (Peebles & Xie 2023): a class-conditional diffusion transformer on SD-VAE latents.
+
+The prompt is a class name: one of the model's `id2label` names, or any comma-separated synonym in
+one (diffusers' DiTPipeline.get_label_ids: "tench, Tinca tinca" answers to both); an unknown name is
+refused naming the known ones. Guidance is classifier-free against the null class (DiT sec. 3.1,
+guidance on eps; the network's learned-variance half is dropped at the edge by `LearnedVariance`, and
+guiding x0 equals guiding eps since the denoiser is affine in eps).
+
+Layout: a diffusers DiTPipeline folder (`t2i.checkpoints.diffusers_dit`); `write_tiny` writes one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from t2i.autoencoders.kl import AUTOENCODER_KL_CONFIGS, AutoencoderKL
+from t2i.checkpoints.diffusers_dit import (
+    PIPELINE,
+    dit_config_from_diffusers,
+    dit_state_dict_from_diffusers,
+    is_diffusers_dit,
+    read_id2label,
+    write_dit_transformer,
+)
+from t2i.checkpoints.diffusers_folder import _file_tensors, load_vae, read_config_file, read_schedule
+from t2i.checkpoints.diffusers_nets import vae_config_to_diffusers
+from t2i.checkpoints.diffusers_scheduler import write_scheduler_config
+from t2i.checkpoints.io import CheckpointError, find_weights, load_state_dict
+from t2i.checkpoints.limits import build_checked, fill
+from t2i.diffusion.guidance import CFGDenoiser
+from t2i.diffusion.precond import LearnedVariance
+from t2i.diffusion.schedules import ScheduleConfig
+from t2i.imageio import request_parameters, to_pil
+from t2i.nets.dit import DIT_PRESETS, DiT
+from t2i.samplers.diffusers_plan import prepare_sampling
+from t2i.samplers.sampling import SAMPLERS
+from t2i.seeds import seed_generators, seed_noise
+from t2i.systems.base import (
+    Capabilities,
+    GenerationDefaults,
+    GenerationRequest,
+    GenerationResult,
+    RequestMethods,
+    System,
+    per_image,
+    progress_bar,
+)
+from t2i.systems.latent_diffusion import stop_polling
+
+OPTIONS = frozenset({"steps", "sampler", "guidance", "width", "height"})  # what run() honours
+
+
+def class_names(id2label: dict[int, str]) -> dict[str, int]:
+    """name -> class id: each label and each of its comma-separated synonyms, stripped (DiTPipeline.labels)."""
+    names: dict[str, int] = {}
+    for cid, label in id2label.items():
+        names[label.strip()] = cid
+        for part in label.split(","):
+            names[part.strip()] = cid
+    return names
+
+
+class DiTPipeline(RequestMethods):
+    """A DiT, its VAE and schedule, and the class names.
+
+    Args:
+        net: the DiT (learned variance or not) on scaled VAE latents.
+        vae: decodes vae.unscale(latents) to images in [-1, 1].
+        schedule: the training schedule and sampler settings (scheduler_config.json).
+        id2label: class id -> name(s); without it the prompt must be a class id ("207").
+    """
+
+    family = "dit"
+
+    def __init__(self, net: DiT, vae: AutoencoderKL, schedule: ScheduleConfig, id2label: dict[int, str] | None = None,
+                 *, name: str = "dit", defaults: GenerationDefaults | None = None) -> None:
+        # `unet`, as the other families name the denoising network: t2i.load's int8 quantizes pipe.unet
+        self.unet, self.vae, self.schedule = net, vae, schedule
+        self.id2label = dict(id2label or {})
+        self.labels = class_names(self.id2label)
+        self.name = name
+        self.factor = 2 ** (len(vae.cfg.block_channels) - 1)
+        size = net.cfg.sample_size * self.factor
+        self.defaults = defaults or GenerationDefaults(sampler="ddim", steps=50, guidance=4.0, width=size, height=size)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        d = self.defaults
+        return Capabilities(options=OPTIONS, samplers=tuple(SAMPLERS), size_multiple=self.size_multiple,
+                            native_size=(d.width, d.height))
+
+    @property
+    def size_multiple(self) -> int:
+        return self.factor * self.unet.cfg.patch_size
+
+    def class_id(self, prompt: str) -> int:
+        """The class id a prompt names; ValueError naming the known names otherwise."""
+        name = prompt.strip()
+        if name in self.labels:
+            return self.labels[name]
+        if not self.labels and name.isdigit() and int(name) < self.unet.cfg.num_classes:
+            return int(name)
+        known = ", ".join(repr(n) for n in sorted(self.labels)) or f"class ids 0..{self.unet.cfg.num_classes - 1}"
+        raise ValueError(f"{self.name} is class-conditional: {prompt!r} is not one of its classes ({known})")
+
+    def _resolve(self, r: GenerationRequest) -> GenerationRequest:
+        r = r.with_defaults(self.defaults)
+        if r.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        for what, v in (("width", r.width), ("height", r.height)):
+            if v <= 0 or v % self.size_multiple:
+                raise ValueError(f"{what} must be a positive multiple of {self.size_multiple}, got {v}")
+        if not math.isfinite(r.guidance):
+            raise ValueError(f"guidance must be a finite number, got {r.guidance}")
+        return r
+
+    @torch.no_grad()
+    def run(self, request: GenerationRequest) -> GenerationResult:
+        """Generate request.num_images images per prompt (a class name); image i of seed s starts from seed s + i."""
+        if request.should_stop is None:
+            return self._generate(request)
+        with stop_polling(request.should_stop, self.unet):
+            return self._generate(request)
+
+    def _generate(self, request: GenerationRequest) -> GenerationResult:
+        start = time.perf_counter()
+        r = self._resolve(request)
+        prompts, negatives, seeds = per_image(r.prompt, r.negative_prompt, r.seed, r.num_images)
+        labels = torch.tensor([self.class_id(p) for p in prompts])  # (N,) refused before any work
+        guided = r.guidance > 1.0
+        cond = {"class_labels": labels}
+        uncond = {"class_labels": torch.full_like(labels, self.unet.null_class)} if guided else None
+        plan = prepare_sampling(self.schedule, r.sampler, r.steps)
+        generators = seed_generators(seeds)
+        shape = (self.unet.cfg.in_channels, r.height // self.factor, r.width // self.factor)
+        x = plan.start(seed_noise(generators, shape))  # (N, C, h, w)
+        denoiser = plan.limit_x0(CFGDenoiser(plan.denoiser(LearnedVariance(self.unet) if self.unet.cfg.learn_sigma
+                                                           else self.unet), r.guidance))
+        bar = progress_bar(plan.steps, r.progress)
+
+        def on_step(info: dict) -> None:
+            if bar is not None:
+                bar.update(1)
+            if r.callback is not None:
+                r.callback(info["i"] + 1, plan.steps)
+            if r.on_sample is not None:
+                r.on_sample(info["i"] + 1, plan.steps, info["denoised"])
+
+        latents = plan.finish(plan.run(denoiser, x, {"cond": cond, "uncond": uncond}, on_step, generators))
+        if bar is not None:
+            bar.close()
+        vae_dtype = next(self.vae.parameters()).dtype
+        images = self.vae.decode(self.vae.unscale(latents).to(vae_dtype)).float()
+        pictures = to_pil(images)
+        fp32 = next(self.unet.parameters()).dtype == torch.float32
+        for im, p, neg, sd in zip(pictures, prompts, negatives, seeds, strict=True):
+            im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, "fp32" if fp32 else "bf16")
+        return GenerationResult(pictures, latents, seeds, [], time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------
+# The diffusers folder: detect, load, write a tiny one
+# ---------------------------------------------------------------------------------------
+
+
+def load_transformer(folder: Path) -> DiT:
+    """`transformer/` -> DiT, config and tensor names/shapes checked on the meta device first."""
+    cfg = read_config_file(dit_config_from_diffusers, folder / "config.json")
+    files = find_weights(folder, "diffusion_pytorch_model")
+    tensors = dit_state_dict_from_diffusers(_file_tensors(files), check_copies=False)
+    net = build_checked(lambda: DiT(cfg), {"config": cfg}, tensors, str(folder))
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_state_dict(f))
+    return fill(net, dit_state_dict_from_diffusers(state), torch.float32)
+
+
+def load(path: Path, dtype: torch.dtype = torch.float32) -> DiTPipeline:
+    """A diffusers DiTPipeline folder -> DiTPipeline (float32 weights unless dtype says otherwise)."""
+    root = Path(path)
+    if not is_diffusers_dit(root):
+        raise CheckpointError(f"{root}: not a diffusers DiTPipeline folder")
+    net = load_transformer(root / "transformer").eval()
+    id2label = read_id2label(root)
+    if any(not 0 <= k < net.cfg.num_classes for k in id2label):
+        raise CheckpointError(f"{root}: id2label names classes outside 0..{net.cfg.num_classes - 1}")
+    schedule, _ = read_schedule(root)
+    pipe = DiTPipeline(net, load_vae(root / "vae").eval(), schedule, id2label, name=root.name)
+    if dtype != torch.float32:
+        pipe.unet.to(dtype)
+    return pipe
+
+
+# The tiny model's classes: shapes-world captions, so the registry tests' prompts are classes.
+TINY_LABELS = ("a red circle", "a blue square", "a green triangle", "a yellow star", "a red square",
+               "a blue circle", "a green square", "a yellow circle")
+
+
+def write_tiny(folder: Path, seed: int = 0) -> Path:
+    """A random DiT of the tiny preset (8x8x4 latents, 32x32 images through the tiny f=4 VAE) as a
+    diffusers DiTPipeline folder; adaLN-Zero weights randomised too, or the network would output 0."""
+    torch.manual_seed(seed)
+    cfg = replace(DIT_PRESETS["tiny"], num_classes=len(TINY_LABELS))
+    net = DiT(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.abs().sum():
+                p.normal_(0, 0.05)
+    vae_cfg = replace(AUTOENCODER_KL_CONFIGS["tiny"], sample_size=32)
+    vae = AutoencoderKL(vae_cfg)
+    root = folder / "dit-tiny"
+    write_dit_transformer(root / "transformer", cfg, net.state_dict())
+    (root / "vae").mkdir(parents=True, exist_ok=True)
+    (root / "vae" / "config.json").write_text(json.dumps(vae_config_to_diffusers(vae_cfg), indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()},
+              str(root / "vae" / "diffusion_pytorch_model.safetensors"))
+    schedule = ScheduleConfig(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False,
+                              set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon")
+    write_scheduler_config(schedule, root / "scheduler")
+    index = {"_class_name": PIPELINE, "transformer": ["diffusers", "DiTTransformer2DModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"],
+             "id2label": {str(i): n for i, n in enumerate(TINY_LABELS)}}
+    (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return root
+
+
+SYSTEM = System(
+    name="dit",
+    description="DiT: a class-conditional diffusion transformer (prompt = class name), a diffusers DiTPipeline folder",
+    detect=lambda path: is_diffusers_dit(Path(path)),
+    load=load,
+    write_tiny=write_tiny,
+)
