@@ -1,5 +1,5 @@
 """AUTOMATIC1111's API (`/sdapi/v1/...`): txt2img, img2img, progress with a live preview, interrupt,
-and the listings its clients read (models, samplers, schedulers, scripts, options)."""
+and the listings its clients read (models, samplers, schedulers, scripts, options, LoRAs, embeddings)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from t2i.imageio import A1111_SAMPLER_NAMES
 from t2i.serve.context import ServeContext
 from t2i.serve.jobs import Job, encode_png, sketch
+from t2i.serve.networks import lora_listing
 from t2i.serve.schemas import A1111Img2Img, A1111Txt2Img
 from t2i.systems.base import GenerationRequest
 
@@ -113,5 +114,17 @@ def router(ctx: ServeContext) -> APIRouter:
     @api.get("/options")
     async def options():
         return {"sd_model_checkpoint": pipe.name}
+
+    @api.get("/loras")
+    async def loras():
+        return await ctx.off_loop(lora_listing, ctx.config.lora_dir)
+
+    @api.post("/refresh-loras")
+    async def refresh_loras():  # nothing to refresh: every tag and listing reads the folder as it is now
+        return None
+
+    @api.get("/embeddings")
+    async def embeddings():
+        return ctx.embeddings
 
     return api

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -16,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="model name or path (default: the built-in shapes model)")
     p.add_argument("--embedding-dir", default=None, metavar="DIR",
                    help="textual-inversion embeddings (A1111 .pt/.safetensors) usable by name in every prompt")
+    p.add_argument("--lora-dir", default=None, metavar="DIR",
+                   help="A1111's LoRA folder: <lora:name:weight> in a prompt merges name.safetensors (subfolders "
+                        "too) for that request only")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-queue", type=int, default=16, help="waiting jobs allowed; more get 429 + Retry-After")
@@ -67,19 +71,19 @@ def run(args: argparse.Namespace) -> int:
     from t2i.serve.config import Limits, ServeConfig
     from t2i.serve.server import build_server
 
-    pipe = t2i.load(args.model, precision=args.precision)
-    if args.embedding_dir:
-        from t2i.adapters.embeddings import load_embedding_dir
-
-        for warning in load_embedding_dir(pipe, args.embedding_dir).skipped:
-            print(f"t2i serve: warning: {warning}", file=sys.stderr)
+    if args.lora_dir and not os.path.isdir(args.lora_dir):
+        raise UserError(f"--lora-dir: no such folder: {args.lora_dir}")
+    if args.lora_dir and args.precision == "int8":
+        raise UserError("--lora-dir: LoRAs merge into float weights; use --precision fp32, bf16 or auto")
+    pipe = t2i.load(args.model, precision=args.precision, quantizable=args.lora_dir is None)
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
                     max_images=args.max_images, max_pixel_steps=args.max_pixel_steps)
     config = ServeConfig(max_queue=args.max_queue, max_batch=args.max_batch, batch_wait=args.batch_wait,
                          api_key=args.api_key, cors_origins=args.cors_origin, limits=limits, host=args.host,
                          allowed_hosts=args.allowed_host, header_timeout=args.header_timeout,
                          body_timeout=args.body_timeout, keep_alive=args.keep_alive,
-                         max_connections=args.max_connections)
+                         max_connections=args.max_connections, lora_dir=args.lora_dir,
+                         embedding_dir=args.embedding_dir)
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"t2i serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     build_server(create_app(pipe, config), config, port=args.port).run()

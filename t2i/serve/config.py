@@ -64,6 +64,10 @@ class ServeConfig:
     keep_alive: seconds an idle keep-alive connection stays open.
     max_connections: open connections at once; one more is answered 503 and closed at once, so slow
         clients cannot use up the process's file descriptors.
+    lora_dir: A1111's LoRA folder: a prompt's `<lora:name:w>` merges `name.safetensors` (found under
+        it, subfolders too) for that request only; without it a tag is refused (422).
+    embedding_dir: textual-inversion embeddings added to the model when the app is made, usable by
+        name in every prompt (`/sdapi/v1/embeddings` lists them).
     """
 
     max_queue: int = 16
@@ -79,3 +83,5 @@ class ServeConfig:
     body_timeout: float = 60.0
     keep_alive: int = 5
     max_connections: int = 128
+    lora_dir: str | None = None
+    embedding_dir: str | None = None

@@ -9,13 +9,14 @@ import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from t2i.serve.config import ServeConfig
 from t2i.serve.jobs import CANCELLED, DONE, SHUTTING_DOWN, DuplicateJob, Job, JobQueue, QueueFull
+from t2i.serve.networks import load_embedding_listing, prompt_lora_files
 from t2i.serve.schemas import FieldError, Resolver
 from t2i.systems.base import GenerationRequest, Pipeline
 
@@ -34,7 +35,8 @@ def error(status: int, message: str, param: str | None = None, headers: dict[str
 @dataclass
 class ServeContext:
     """One served model. `decoder` runs request resolution (base64 + image decoding) off the event
-    loop; two threads bound how many full-size uploads are decoded at once."""
+    loop; two threads bound how many full-size uploads are decoded at once. `embeddings`:
+    `/sdapi/v1/embeddings`' answer (the embeddings of `config.embedding_dir`, added at creation)."""
 
     pipe: Pipeline
     config: ServeConfig
@@ -42,11 +44,15 @@ class ServeContext:
     resolver: Resolver
     decoder: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="t2i-decode"))
+    embeddings: dict[str, dict[str, Any]] = field(default_factory=lambda: {"loaded": {}, "skipped": {}})
 
     @classmethod
     def create(cls, pipe: Pipeline, config: ServeConfig) -> ServeContext:
         queue = JobQueue(pipe, config.max_queue, config.max_batch, config.batch_wait, config.retain_jobs)
-        return cls(pipe, config, queue, Resolver(pipe, config.limits))
+        ctx = cls(pipe, config, queue, Resolver(pipe, config.limits))
+        if config.embedding_dir:
+            ctx.embeddings = load_embedding_listing(pipe, config.embedding_dir)
+        return ctx
 
     async def off_loop(self, fn: Callable[..., T], *args) -> T:
         """`fn(*args)` on the decode threads: request resolution (base64 and image decoding) and
@@ -54,12 +60,14 @@ class ServeContext:
         return await asyncio.get_running_loop().run_in_executor(self.decoder, fn, *args)
 
     def submit(self, request: GenerationRequest, http: Request) -> Job | JSONResponse:
-        """Queue the job (429 + Retry-After when full, 409 for a taken X-Job-Id)."""
+        """Queue the job (429 + Retry-After when full, 409 for a taken X-Job-Id, 422 naming a
+        `<lora:...>` tag whose file is not in the LoRA folder)."""
         job_id = http.headers.get("x-job-id")
         if job_id is not None and not JOB_ID_RE.match(job_id):
             raise FieldError("X-Job-Id", "1-64 characters from A-Z a-z 0-9 _ . -")
+        loras = prompt_lora_files(request.prompt, self.config.lora_dir)
         try:
-            return self.queue.submit(request, job_id)
+            return self.queue.submit(request, job_id, loras)
         except QueueFull as e:
             if self.queue.closing:
                 return error(503, SHUTTING_DOWN, kind="server_error")

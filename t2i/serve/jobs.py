@@ -7,6 +7,10 @@ because torch on a few CPU cores gains nothing from two generations at once. The
 progress fields on the jobs it runs (plain attribute stores), reads their status through the
 request's `should_stop` (polled between network blocks, so a cancelled batch stops within a
 fraction of a step) and answers through the loop with `call_soon_threadsafe`.
+
+LoRAs named by a prompt's `<lora:name:w>` tags (resolved to files at submit time, `Job.loras`) are
+merged by the worker around its batch's run and unmerged right after; only jobs with the same LoRA
+set share a batch, so no job ever runs on another's LoRAs.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image, PngImagePlugin
 
+from t2i.adapters.lora import apply_loras, prompt_loras
 from t2i.imageio import format_parameters
-from t2i.systems.base import GenerationRequest, Interrupted, Pipeline
+from t2i.serve.networks import LoraSet
+from t2i.systems.base import GenerationRequest, GenerationResult, Interrupted, Pipeline
 
 QUEUED, RUNNING, DONE, CANCELLED, FAILED = "queued", "running", "done", "cancelled", "failed"
 SHUTTING_DOWN = "the server is shutting down"
@@ -57,6 +63,7 @@ class Job:
     error: str | None = None
     future: asyncio.Future | None = None
     interrupted: bool = False  # A1111's /interrupt: stop now and answer with the image as it stood
+    loras: LoraSet = ()  # the files its prompt's <lora:...> tags name, merged for its batch only
 
     @property
     def n(self) -> int:
@@ -181,9 +188,10 @@ class JobQueue:
 
     # ------------------------------------------------------------------ API (event loop)
 
-    def submit(self, request: GenerationRequest, job_id: str | None = None) -> Job:
-        """Queue a resolved request. A client-chosen `job_id` must be new: ids the server knows
-        (active or finished) are never replaced, so one client cannot take over another's job."""
+    def submit(self, request: GenerationRequest, job_id: str | None = None, loras: LoraSet = ()) -> Job:
+        """Queue a resolved request, with the LoRA files its prompt's tags name. A client-chosen `job_id`
+        must be new: ids the server knows (active or finished) are never replaced, so one client cannot
+        take over another's job."""
         if self.closing:
             raise QueueFull(1)
         if len(self.pending) >= self.max_queue:
@@ -192,7 +200,7 @@ class JobQueue:
             raise DuplicateJob(f"job id {job_id!r} is already taken; leave X-Job-Id out to get a fresh one")
         while job_id is None or job_id in self.jobs:
             job_id = secrets.token_hex(8)
-        job = Job(job_id, request)
+        job = Job(job_id, request, loras=loras)
         job.future = asyncio.get_running_loop().create_future()
         self.jobs[job.id] = job
         self.pending.append(job)
@@ -258,14 +266,15 @@ class JobQueue:
             self._prune()
 
     def _take_batch(self) -> list[Job]:
-        """The oldest waiting job plus later compatible ones, up to max_batch images in all."""
+        """The oldest waiting job plus later compatible ones (the same settings and LoRA set), up to
+        max_batch images in all."""
         first = self.pending.popleft()
         key = batch_key(first.request)
         batch, images = [first], first.n
         if key is None:
             return batch
         for job in list(self.pending):
-            if images + job.n <= self.max_batch and batch_key(job.request) == key:
+            if images + job.n <= self.max_batch and batch_key(job.request) == key and job.loras == first.loras:
                 self.pending.remove(job)
                 batch.append(job)
                 images += job.n
@@ -296,7 +305,7 @@ class JobQueue:
         request = self._batch_request(batch)
         t0 = time.perf_counter()
         try:
-            result = self.pipe.run(request)
+            result = self._run_model(request, batch[0].loras)
         except Interrupted:
             self._answer_interrupted(batch, request)
             return
@@ -311,6 +320,21 @@ class JobQueue:
         self.seconds_per_image = 0.7 * self.seconds_per_image + 0.3 * per_image
         self.batches += 1
         self._deliver(batch, outputs, list(result.warnings))
+
+    def _run_model(self, request: GenerationRequest, loras: LoraSet) -> GenerationResult:
+        """`pipe.run(request)` with the batch's LoRAs merged for this run only (unmerged bit-exactly on
+        leaving, also when the run fails or stops). The networks see the prompts without their tags;
+        each image's `parameters` keep its prompt as written, tags included, as A1111 writes them."""
+        if not loras:
+            return self.pipe.run(request)
+        prompts = [prompt_loras(p)[0] for p in request.prompt]
+        with apply_loras(self.pipe, loras):
+            result = self.pipe.run(replace(request, prompt=prompts))
+        for image, tagged, prompt in zip(result.images, request.prompt, prompts, strict=True):
+            text = image.info.get("parameters")
+            if text is not None and text.startswith(prompt):
+                image.info["parameters"] = tagged + text[len(prompt):]
+        return result
 
     def _batch_request(self, batch: list[Job]) -> GenerationRequest:
         """The batch as one request: one prompt, negative prompt and seed per image (image i of a job
