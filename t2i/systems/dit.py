@@ -52,7 +52,7 @@ from t2i.systems.base import (
     per_image,
     progress_bar,
 )
-from t2i.systems.latent_diffusion import stop_polling
+from t2i.systems.latent_diffusion import CastInputs, stop_polling
 
 OPTIONS = frozenset({"steps", "sampler", "guidance", "width", "height"})  # what run() honours
 
@@ -141,8 +141,10 @@ class DiTPipeline(RequestMethods):
         generators = seed_generators(seeds)
         shape = (self.unet.cfg.in_channels, r.height // self.factor, r.width // self.factor)
         x = plan.start(seed_noise(generators, shape))  # (N, C, h, w)
-        denoiser = plan.limit_x0(CFGDenoiser(plan.denoiser(LearnedVariance(self.unet) if self.unet.cfg.learn_sigma
-                                                           else self.unet), r.guidance))
+        fp32 = next(self.unet.parameters()).dtype == torch.float32
+        net = self.unet if fp32 else CastInputs(self.unet)  # bf16 weights on float32 samplers
+        net = LearnedVariance(net) if self.unet.cfg.learn_sigma else net  # the eps half, as diffusers' split
+        denoiser = plan.limit_x0(CFGDenoiser(plan.denoiser(net), r.guidance))
         bar = progress_bar(plan.steps, r.progress)
 
         def on_step(info: dict) -> None:
@@ -159,7 +161,6 @@ class DiTPipeline(RequestMethods):
         vae_dtype = next(self.vae.parameters()).dtype
         images = self.vae.decode(self.vae.unscale(latents).to(vae_dtype)).float()
         pictures = to_pil(images)
-        fp32 = next(self.unet.parameters()).dtype == torch.float32
         for im, p, neg, sd in zip(pictures, prompts, negatives, seeds, strict=True):
             im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, "fp32" if fp32 else "bf16")
         return GenerationResult(pictures, latents, seeds, [], time.perf_counter() - start)
@@ -212,7 +213,7 @@ def write_tiny(folder: Path, seed: int = 0) -> Path:
     with torch.no_grad():
         for p in net.parameters():
             if not p.abs().sum():
-                p.normal_(0, 0.05)
+                p.normal_(0, 0.02)
     vae_cfg = replace(AUTOENCODER_KL_CONFIGS["tiny"], sample_size=32)
     vae = AutoencoderKL(vae_cfg)
     root = folder / "dit-tiny"
