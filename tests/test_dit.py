@@ -144,6 +144,32 @@ def test_bf16_weights_generate_close_to_fp32(diffusers_dit):
     assert half.dtype == torch.float32 and 0 < _relative(half, full) < 0.2
 
 
+def test_the_older_transformer2dmodel_config_loads_and_without_id2label_prompts_are_class_ids(diffusers_dit, tmp_path):
+    """facebook/DiT-XL-2-256 names its transformer Transformer2DModel, with the U-Net-era keys set to their
+    no-op values; the weights are named the same. Without id2label the prompt is a class id."""
+    import shutil
+
+    folder, _ = diffusers_dit
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    cfg = json.loads((old / "transformer" / "config.json").read_text())
+    cfg.update({"_class_name": "Transformer2DModel", "cross_attention_dim": None, "num_vector_embeds": None,
+                "use_linear_projection": False, "only_cross_attention": False, "upcast_attention": False,
+                "norm_num_groups": 32, "dropout": 0.0})
+    (old / "transformer" / "config.json").write_text(json.dumps(cfg))
+    index = json.loads((old / "model_index.json").read_text())
+    del index["id2label"]
+    (old / "model_index.json").write_text(json.dumps(index))
+    a = t2i.load(old).generate("2", seed=7, steps=3).sample
+    assert torch.equal(a, t2i.load(folder).generate("white shark", seed=7, steps=3).sample)
+    with pytest.raises(ValueError, match="class ids 0..999"):
+        t2i.load(old).generate("white shark", steps=1)
+    cfg["num_vector_embeds"] = 4096  # VQ-Diffusion's discrete transformer: not a DiT
+    (old / "transformer" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="num_vector_embeds"):
+        t2i.load(old)
+
+
 def test_blocks_whose_embedding_copies_differ_are_refused(diffusers_dit, tmp_path):
     import shutil
 

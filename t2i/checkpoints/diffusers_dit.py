@@ -26,7 +26,8 @@ from t2i.nets.dit import DiTConfig
 PIPELINE = "DiTPipeline"
 _UNSUPPORTED = {"norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate", "norm_elementwise_affine": False,
                 "attention_bias": True, "caption_channels": None, "cross_attention_dim": None,
-                "only_cross_attention": False, "double_self_attention": False, "use_linear_projection": False}
+                "only_cross_attention": False, "num_vector_embeds": None, "double_self_attention": False,
+                "use_linear_projection": False}
 _EMB = "transformer_blocks.0.norm1.emb."
 # diffusers name (prefix) -> t2i name, block-independent parts
 _TOP = {"pos_embed.proj.": "patch_embed.", _EMB + "timestep_embedder.": "t_embed.",
