@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 
 from t2i.serve.config import ServeConfig
 from t2i.serve.jobs import CANCELLED, DONE, SHUTTING_DOWN, DuplicateJob, Job, JobQueue, QueueFull
-from t2i.serve.networks import load_embedding_listing, prompt_lora_files
+from t2i.serve.networks import load_embedding_listing
 from t2i.serve.schemas import FieldError, Resolver
 from t2i.systems.base import GenerationRequest, Pipeline
 
@@ -48,7 +48,8 @@ class ServeContext:
 
     @classmethod
     def create(cls, pipe: Pipeline, config: ServeConfig) -> ServeContext:
-        queue = JobQueue(pipe, config.max_queue, config.max_batch, config.batch_wait, config.retain_jobs)
+        queue = JobQueue(pipe, config.max_queue, config.max_batch, config.batch_wait, config.retain_jobs,
+                         config.lora_dir)
         ctx = cls(pipe, config, queue, Resolver(pipe, config.limits))
         if config.embedding_dir:
             ctx.embeddings = load_embedding_listing(pipe, config.embedding_dir)
@@ -65,9 +66,8 @@ class ServeContext:
         job_id = http.headers.get("x-job-id")
         if job_id is not None and not JOB_ID_RE.match(job_id):
             raise FieldError("X-Job-Id", "1-64 characters from A-Z a-z 0-9 _ . -")
-        loras = prompt_lora_files(request.prompt, self.config.lora_dir)
         try:
-            return self.queue.submit(request, job_id, loras)
+            return self.queue.submit(request, job_id)
         except QueueFull as e:
             if self.queue.closing:
                 return error(503, SHUTTING_DOWN, kind="server_error")

@@ -28,7 +28,7 @@ from PIL import Image, PngImagePlugin
 
 from t2i.adapters.lora import apply_loras, prompt_loras
 from t2i.imageio import format_parameters
-from t2i.serve.networks import LoraSet
+from t2i.serve.networks import LoraSet, prompt_lora_files
 from t2i.systems.base import GenerationRequest, GenerationResult, Interrupted, Pipeline
 
 QUEUED, RUNNING, DONE, CANCELLED, FAILED = "queued", "running", "done", "cancelled", "failed"
@@ -142,11 +142,12 @@ class JobQueue:
         max_batch: images per call when merging compatible jobs (a bigger job runs alone).
         batch_wait: seconds to wait for companions after the first job of a batch (0: none).
         retain: finished jobs kept for lookups by id.
+        lora_dir: where a prompt's `<lora:name:w>` tags find their files (None: tags are refused).
     """
 
     def __init__(self, pipe: Pipeline, max_queue: int = 16, max_batch: int = 4, batch_wait: float = 0.0,
-                 retain: int = 64) -> None:
-        self.pipe = pipe
+                 retain: int = 64, lora_dir: str | None = None) -> None:
+        self.pipe, self.lora_dir = pipe, lora_dir
         self.max_queue, self.max_batch, self.batch_wait, self.retain = max_queue, max_batch, batch_wait, retain
         self.jobs: OrderedDict[str, Job] = OrderedDict()  # every active job and the last `retain` finished
         self.pending: deque[Job] = deque()
@@ -188,10 +189,11 @@ class JobQueue:
 
     # ------------------------------------------------------------------ API (event loop)
 
-    def submit(self, request: GenerationRequest, job_id: str | None = None, loras: LoraSet = ()) -> Job:
-        """Queue a resolved request, with the LoRA files its prompt's tags name. A client-chosen `job_id`
-        must be new: ids the server knows (active or finished) are never replaced, so one client cannot
-        take over another's job."""
+    def submit(self, request: GenerationRequest, job_id: str | None = None) -> Job:
+        """Queue a resolved request. A client-chosen `job_id` must be new: ids the server knows
+        (active or finished) are never replaced, so one client cannot take over another's job.
+        The prompt's `<lora:...>` tags are looked up first (FieldError naming a tag without a file)."""
+        loras = prompt_lora_files(request.prompt, self.lora_dir)
         if self.closing:
             raise QueueFull(1)
         if len(self.pending) >= self.max_queue:
