@@ -66,7 +66,7 @@ def read_config_file(read: Callable[..., Any], file: Path, **options: Any) -> An
         raise CheckpointError(f"{file}: {e}") from None
 
 
-def _file_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+def file_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     """What the weight files hold: meta tensors from safetensors headers (nothing read yet), or the
     tensors of pickles (which have no header to read first)."""
     state: dict[str, torch.Tensor] = {}
@@ -85,7 +85,7 @@ def _build_and_load(build: Callable[[], M], cfg: Any, folder: Path, dtype: torch
     build the module on the meta device (no random init: for the SD U-Net that alone took most of
     the load time), then read the weights and assign them, cast to dtype (None: as stored)."""
     files = find_weights(folder, stem, variant)
-    tensors = _file_tensors(files)
+    tensors = file_tensors(files)
     module = build_checked(build, {"config": cfg}, tensors, str(folder))
     if any(t.is_meta for t in tensors.values()):
         tensors = {}
@@ -107,7 +107,7 @@ def load_vae(folder: Path, dtype: torch.dtype = torch.float32, variant: str | No
 def check_text_encoder(folder: Path) -> None:
     """Check a `text_encoder(_2)/` folder's config against bounds and its weights' names and shapes
     (headers only, on the meta device) before the text encoder loader allocates anything."""
-    tensors = clip_state_dict_from_transformers(_file_tensors(find_weights(folder, "model")))
+    tensors = clip_state_dict_from_transformers(file_tensors(find_weights(folder, "model")))
     projection = "text_projection.weight" in tensors
     cfg = read_config_file(clip_config_from_transformers, folder / "config.json", with_projection=projection)
     build_checked(lambda: CLIPTextModel(cfg), {"config": cfg}, tensors, str(folder))

@@ -15,7 +15,6 @@ layout (`DiTTransformer2DModel`) is mapped in `t2i.checkpoints.diffusers_dit`.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -94,8 +93,7 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(d, cfg.heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=cfg.mlp_norm_eps)
-        self.mlp = MLP(d, cfg.mlp_dim, "gelu")
-        self.mlp.act = functools.partial(F.gelu, approximate="tanh")  # DiT's GELU is the tanh approximation
+        self.mlp = MLP(d, cfg.mlp_dim, "gelu_tanh")  # DiT's GELU is the tanh approximation
         self.ada = nn.Linear(d, 6 * d)
         # adaLN-Zero: the modulation starts at zero, so the gates are 0 and the block is the identity
         nn.init.zeros_(self.ada.weight)

@@ -244,3 +244,34 @@ def progress_bar(total: int, enabled: bool, desc: str = "sampling"):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="step", leave=False)
+
+
+class StepReport:
+    """What every sampling family reports after each step, as the samplers' callback(info): the
+    progress bar (request.progress), callback(step, total) and on_sample(step, total, x0) (the
+    server's progress and live preview). A context manager, so the bar closes however the run ends."""
+
+    def __init__(self, total: int, progress: bool = False, callback: Callable[[int, int], None] | None = None,
+                 on_sample: Callable[[int, int, torch.Tensor], None] | None = None) -> None:
+        self.total, self.callback, self.on_sample = total, callback, on_sample
+        self.bar = progress_bar(total, progress)
+
+    @classmethod
+    def of(cls, request: GenerationRequest, total: int) -> StepReport:
+        return cls(total, request.progress, request.callback, request.on_sample)
+
+    def __call__(self, info: dict) -> None:
+        """info: the sampler's step record ("i" the step index, "denoised" the x0 estimate)."""
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.callback is not None:
+            self.callback(info["i"] + 1, self.total)
+        if self.on_sample is not None:
+            self.on_sample(info["i"] + 1, self.total, info["denoised"])
+
+    def __enter__(self) -> StepReport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()

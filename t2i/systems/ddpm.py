@@ -52,9 +52,9 @@ from t2i.systems.base import (
     GenerationRequest,
     GenerationResult,
     RequestMethods,
+    StepReport,
     System,
     per_image,
-    progress_bar,
 )
 from t2i.systems.latent_diffusion import CastInputs, stop_polling
 
@@ -187,19 +187,8 @@ class DDPMPipeline(RequestMethods):
         x = plan.start(seed_noise(generators, (self.unet.pixel_cfg.in_channels, r.height, r.width)))  # (N, 3, H, W)
         fp32 = next(self.unet.parameters()).dtype == torch.float32
         denoiser = plan.limit_x0(CFGDenoiser(plan.denoiser(self.unet if fp32 else CastInputs(self.unet)), r.guidance))
-        bar = progress_bar(plan.steps, r.progress)
-
-        def on_step(info: dict) -> None:
-            if bar is not None:
-                bar.update(1)
-            if r.callback is not None:
-                r.callback(info["i"] + 1, plan.steps)
-            if r.on_sample is not None:
-                r.on_sample(info["i"] + 1, plan.steps, info["denoised"])
-
-        images = plan.finish(plan.run(denoiser, x, {"cond": cond, "uncond": uncond}, on_step, generators))
-        if bar is not None:
-            bar.close()
+        with StepReport.of(r, plan.steps) as on_step:
+            images = plan.finish(plan.run(denoiser, x, {"cond": cond, "uncond": uncond}, on_step, generators))
         pictures = to_pil(images)
         for im, p, neg, sd in zip(pictures, prompts, negatives, seeds, strict=True):
             im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, "fp32" if fp32 else "bf16")

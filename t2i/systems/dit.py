@@ -29,7 +29,7 @@ from t2i.checkpoints.diffusers_dit import (
     read_id2label,
     write_dit_transformer,
 )
-from t2i.checkpoints.diffusers_folder import _file_tensors, load_vae, read_config_file, read_schedule
+from t2i.checkpoints.diffusers_folder import file_tensors, load_vae, read_config_file, read_schedule
 from t2i.checkpoints.diffusers_nets import vae_config_to_diffusers
 from t2i.checkpoints.diffusers_scheduler import write_scheduler_config
 from t2i.checkpoints.io import CheckpointError, find_weights, load_state_dict
@@ -48,9 +48,9 @@ from t2i.systems.base import (
     GenerationRequest,
     GenerationResult,
     RequestMethods,
+    StepReport,
     System,
     per_image,
-    progress_bar,
 )
 from t2i.systems.latent_diffusion import CastInputs, stop_polling
 
@@ -145,19 +145,8 @@ class DiTPipeline(RequestMethods):
         net = self.unet if fp32 else CastInputs(self.unet)  # bf16 weights on float32 samplers
         net = LearnedVariance(net) if self.unet.cfg.learn_sigma else net  # the eps half, as diffusers' split
         denoiser = plan.limit_x0(CFGDenoiser(plan.denoiser(net), r.guidance))
-        bar = progress_bar(plan.steps, r.progress)
-
-        def on_step(info: dict) -> None:
-            if bar is not None:
-                bar.update(1)
-            if r.callback is not None:
-                r.callback(info["i"] + 1, plan.steps)
-            if r.on_sample is not None:
-                r.on_sample(info["i"] + 1, plan.steps, info["denoised"])
-
-        latents = plan.finish(plan.run(denoiser, x, {"cond": cond, "uncond": uncond}, on_step, generators))
-        if bar is not None:
-            bar.close()
+        with StepReport.of(r, plan.steps) as on_step:
+            latents = plan.finish(plan.run(denoiser, x, {"cond": cond, "uncond": uncond}, on_step, generators))
         vae_dtype = next(self.vae.parameters()).dtype
         images = self.vae.decode(self.vae.unscale(latents).to(vae_dtype)).float()
         pictures = to_pil(images)
@@ -175,7 +164,7 @@ def load_transformer(folder: Path) -> DiT:
     """`transformer/` -> DiT, config and tensor names/shapes checked on the meta device first."""
     cfg = read_config_file(dit_config_from_diffusers, folder / "config.json")
     files = find_weights(folder, "diffusion_pytorch_model")
-    tensors = dit_state_dict_from_diffusers(_file_tensors(files), check_copies=False)
+    tensors = dit_state_dict_from_diffusers(file_tensors(files), check_copies=False)
     net = build_checked(lambda: DiT(cfg), {"config": cfg}, tensors, str(folder))
     state: dict[str, torch.Tensor] = {}
     for f in files:

@@ -36,8 +36,8 @@ from t2i.systems.base import (
     GenerationResult,
     Interrupted,
     RequestMethods,
+    StepReport,
     per_image,
-    progress_bar,
 )
 from t2i.text.encoders import TextEncoder, TextEncoding
 from t2i.text.prompt_syntax import encode_prompts
@@ -390,20 +390,8 @@ class LatentDiffusionPipeline(RequestMethods):
              generators: list[torch.Generator], progress: bool,
              callback: Callable[[int, int], None] | None,
              on_sample: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
-        bar = progress_bar(plan.steps, progress)
-
-        def on_step(info: dict) -> None:
-            if bar is not None:
-                bar.update(1)
-            if callback is not None:
-                callback(info["i"] + 1, plan.steps)
-            if on_sample is not None:
-                on_sample(info["i"] + 1, plan.steps, info["denoised"])
-
-        x = plan.run(denoiser, x, {"cond": cond, "uncond": uncond}, on_step, generators)
-        if bar is not None:
-            bar.close()
-        return x
+        with StepReport(plan.steps, progress, callback, on_sample) as on_step:
+            return plan.run(denoiser, x, {"cond": cond, "uncond": uncond}, on_step, generators)
 
 
 @contextmanager
