@@ -131,7 +131,7 @@ class Sides:
         import t2i
 
         self.folder, self.precision, self.compile = folder, precision, compile
-        self.label = (f"t2i {t2i.resolve_precision(precision)}" + (" (auto)" if precision == "auto" else "")
+        self.label = (f"t2i {t2i.resolve_precision(precision, folder)}" + (" (auto)" if precision == "auto" else "")
                       + (" compiled" if compile else ""))
         self._t2i = self._diffusers = self._diffusers_bf16 = None
 
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", default=",".join(DEFAULT_PARTS),
                    help=f"parts to run, from {', '.join(PARTS)} (default: all but deepcache, fewstep, compile)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per side (after one warm-up)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="t2i's precision")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"], help="t2i's precision")
     p.add_argument("--compile", action="store_true", help="t2i's in-process parts (unet, openvino, deepcache, "
                    "fewstep) with pipe.compile(): torch.compile'd U-Net, compiled in each part's warm-up run")
     p.add_argument("--threads", type=int, default=None,
@@ -480,10 +480,10 @@ def main(argv: list[str] | None = None) -> None:
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     state: dict = {"native_bf16": t2i.native_bf16()}
-    print(f"t2i {t2i.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"native bf16: {state['native_bf16']}, t2i precision {args.precision} -> "
-          f"{t2i.resolve_precision(args.precision)}")
     folder = build_sd15_folder(args.folder)
+    print(f"t2i {t2i.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"native bf16: {state['native_bf16']}, VNNI: {t2i.has_vnni()}, t2i precision {args.precision} -> "
+          f"{t2i.resolve_precision(args.precision, folder)}")
     sides = Sides(folder, args.precision, compile=args.compile)
     if "matmul" in parts:
         part_matmul(state, args)
