@@ -170,8 +170,6 @@ class DDPMPipeline(RequestMethods):
     @torch.no_grad()
     def run(self, request: GenerationRequest) -> GenerationResult:
         """Generate request.num_images images per prompt; image i of seed s starts from seed s + i."""
-        if request.should_stop is None:
-            return self._generate(request)
         with stop_polling(request.should_stop, self.unet):
             return self._generate(request)
 

@@ -304,8 +304,6 @@ class LatentDiffusionPipeline(RequestMethods):
         preview: decode with `self.preview_decoder` (a PreviewDecoder) instead of the VAE decoder.
         callback(step, total) is called after each sampler step (for progress reporting).
         """
-        if request.should_stop is None:
-            return self._generate(request)
         with stop_polling(request.should_stop, self.unet, self.vae):
             return self._generate(request)
 
@@ -395,10 +393,13 @@ class LatentDiffusionPipeline(RequestMethods):
 
 
 @contextmanager
-def stop_polling(should_stop: Callable[[], bool], *nets: nn.Module) -> Iterator[None]:
+def stop_polling(should_stop: Callable[[], bool] | None, *nets: nn.Module) -> Iterator[None]:
     """Ask `should_stop()` before every block of `nets` runs (each entry of their ModuleLists: the
     U-Net's and the VAE's resnets and attention layers) and raise Interrupted when it says yes, so
-    a cancelled job stops within a fraction of a step rather than at the end of one."""
+    a cancelled job stops within a fraction of a step rather than at the end of one. None: no hooks."""
+    if should_stop is None:
+        yield
+        return
 
     def check(_module: nn.Module, _args: tuple) -> None:
         if should_stop():
