@@ -98,3 +98,10 @@ def quantize_linears(module: nn.Module, vnni: bool) -> nn.Module:
 def int8_linears(module: nn.Module) -> list[nn.Module]:
     """The layers of `module` that hold int8 packed weights."""
     return [m for m in module.modules() if isinstance(m, Int8Linear)]
+
+
+def precision_of(net: nn.Module) -> str:
+    """"int8" (layers quantized here), "bf16" or "fp32": what `net` computes in (PNG metadata)."""
+    if int8_linears(net):
+        return "int8"
+    return "fp32" if next(net.parameters()).dtype == torch.float32 else "bf16"

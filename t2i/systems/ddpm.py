@@ -43,6 +43,7 @@ from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.schedules import ScheduleConfig, respace_timesteps, respaced_sigmas
 from t2i.imageio import request_parameters, to_pil
 from t2i.nets.pixel_unet import PIXEL_UNET_PRESETS, PixelUNet, PixelUNetConfig
+from t2i.quantize import precision_of
 from t2i.samplers.diffusers_plan import SamplingPlan, prepare_sampling
 from t2i.samplers.sampling import SAMPLERS
 from t2i.seeds import seed_generators, seed_noise
@@ -183,13 +184,12 @@ class DDPMPipeline(RequestMethods):
         plan = self.plan(r.sampler, r.steps, r.schedule, r.eta)
         generators = seed_generators(seeds)
         x = plan.start(seed_noise(generators, (self.unet.pixel_cfg.in_channels, r.height, r.width)))  # (N, 3, H, W)
-        fp32 = next(self.unet.parameters()).dtype == torch.float32
-        denoiser = plan.limit_x0(CFGDenoiser(plan.denoiser(self.unet if fp32 else CastInputs(self.unet)), r.guidance))
+        denoiser = plan.limit_x0(CFGDenoiser(plan.denoiser(CastInputs.around(self.unet)), r.guidance))
         with StepReport.of(r, plan.steps) as on_step:
             images = plan.finish(plan.run(denoiser, x, {"cond": cond, "uncond": uncond}, on_step, generators))
         pictures = to_pil(images)
         for im, p, neg, sd in zip(pictures, prompts, negatives, seeds, strict=True):
-            im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, "fp32" if fp32 else "bf16")
+            im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, precision_of(self.unet))
         return GenerationResult(pictures, images, seeds, warnings, time.perf_counter() - start)
 
 

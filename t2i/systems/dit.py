@@ -39,6 +39,7 @@ from t2i.diffusion.precond import LearnedVariance
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.imageio import request_parameters, to_pil
 from t2i.nets.dit import DIT_PRESETS, DiT
+from t2i.quantize import precision_of
 from t2i.samplers.diffusers_plan import prepare_sampling
 from t2i.samplers.sampling import SAMPLERS
 from t2i.seeds import seed_generators, seed_noise
@@ -139,8 +140,7 @@ class DiTPipeline(RequestMethods):
         generators = seed_generators(seeds)
         shape = (self.unet.cfg.in_channels, r.height // self.factor, r.width // self.factor)
         x = plan.start(seed_noise(generators, shape))  # (N, C, h, w)
-        fp32 = next(self.unet.parameters()).dtype == torch.float32
-        net = self.unet if fp32 else CastInputs(self.unet)  # bf16 weights on float32 samplers
+        net = CastInputs.around(self.unet)  # bf16 weights on float32 samplers
         net = LearnedVariance(net) if self.unet.cfg.learn_sigma else net  # the eps half, as diffusers' split
         denoiser = plan.limit_x0(CFGDenoiser(plan.denoiser(net), r.guidance))
         with StepReport.of(r, plan.steps) as on_step:
@@ -149,7 +149,7 @@ class DiTPipeline(RequestMethods):
         images = self.vae.decode(self.vae.unscale(latents).to(vae_dtype)).float()
         pictures = to_pil(images)
         for im, p, neg, sd in zip(pictures, prompts, negatives, seeds, strict=True):
-            im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, "fp32" if fp32 else "bf16")
+            im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, precision_of(self.unet))
         return GenerationResult(pictures, latents, seeds, [], time.perf_counter() - start)
 
 

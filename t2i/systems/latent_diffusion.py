@@ -25,7 +25,7 @@ from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.imageio import from_pil, request_parameters, to_pil
 from t2i.nets.unet import DeepCacheUNet, UNet, guidance_scale_embedding
-from t2i.quantize import int8_linears
+from t2i.quantize import precision_of
 from t2i.samplers.diffusers_plan import SamplingPlan, prepare_sampling
 from t2i.samplers.sampling import SAMPLERS
 from t2i.seeds import seed_generators, seed_noise
@@ -132,9 +132,7 @@ class LatentDiffusionPipeline(RequestMethods):
     @property
     def precision(self) -> str:
         """"int8" (t2i.quantize), "bf16" or "fp32": what the U-Net computes in (PNG metadata)."""
-        if int8_linears(self.unet):
-            return "int8"
-        return "fp32" if next(self.unet.parameters()).dtype == torch.float32 else "bf16"
+        return precision_of(self.unet)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -254,7 +252,7 @@ class LatentDiffusionPipeline(RequestMethods):
             net: nn.Module = DeepCacheUNet(self.unet, deepcache)
         else:
             net = self._compiled_unet if self._compiled_unet is not None else self.unet
-        return net if next(self.unet.parameters()).dtype == torch.float32 else CastInputs(net)
+        return CastInputs.around(net, self.unet)
 
     def _latent_mask(self, mask: Image.Image, h: int, w: int) -> torch.Tensor:
         """White = repaint. -> (1, 1, h, w) in {0, 1} at latent resolution (nearest, as diffusers)."""
@@ -418,10 +416,17 @@ class CastInputs(nn.Module):
     """Runs a reduced-precision network (bf16 weights) on float32 samplers: floating inputs are cast
     to the weights' dtype on the way in; the denoiser casts the output back to float32."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, weights: nn.Module | None = None) -> None:
         super().__init__()
         self.net = net
-        self.dtype = next(net.parameters()).dtype
+        self.dtype = next((weights or net).parameters()).dtype
+
+    @classmethod
+    def around(cls, net: nn.Module, weights: nn.Module | None = None) -> nn.Module:
+        """`net` itself when its weights (`weights`: the module holding them, if `net` wraps it) are
+        float32, else a CastInputs around it."""
+        dtype = next((weights or net).parameters()).dtype
+        return net if dtype == torch.float32 else cls(net, weights)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
         cond = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in cond.items()}
