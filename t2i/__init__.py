@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -75,23 +76,29 @@ def auto_precision(cpuinfo: str | None = None, model_bytes: int | None = None, q
     return "fp32"
 
 
-def model_bytes(model: str | Path | None) -> int:
-    """The bytes of a model's weight files on disk (a shipped name, a path, or None: the default)."""
-    from t2i.systems.registry import resolve
-
-    path = resolve(model)[1]
+def weight_bytes(path: Path) -> int:
+    """The bytes of the weight files of a model file or folder on disk."""
     files = [path] if path.is_file() else [f for f in path.rglob("*") if f.suffix in (".safetensors", ".bin", ".ckpt")]
     return sum(f.stat().st_size for f in files)
 
 
-def resolve_precision(precision: str, model: str | Path | None = None, quantizable: bool = True) -> str:
+def model_bytes(model: str | Path | None) -> int:
+    """The bytes of a model's weight files on disk (a shipped name, a path, or None: the default)."""
+    from t2i.systems.registry import resolve
+
+    return weight_bytes(resolve(model)[1])
+
+
+def resolve_precision(precision: str, model: str | Path | None = None, quantizable: bool = True,
+                      size: Callable[[], int] | None = None) -> str:
     """"auto" -> `auto_precision` for this CPU and the size of `model` (a name or path; None: the
-    default model); "fp32", "bf16" and "int8" are kept."""
+    default model; `size` gives it where the caller has already found the model); "fp32", "bf16"
+    and "int8" are kept."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
-    return auto_precision(model_bytes=model_bytes(model), quantizable=quantizable)
+    return auto_precision(model_bytes=size() if size else model_bytes(model), quantizable=quantizable)
 
 
 def load(model: str | Path | None = None, precision: str = "fp32", quantizable: bool = True):
@@ -109,11 +116,12 @@ def load(model: str | Path | None = None, precision: str = "fp32", quantizable: 
     """
     import torch
 
-    from t2i.systems.registry import load as load_registered
+    from t2i.systems.registry import resolve
 
-    resolved = resolve_precision(precision, model, quantizable)
+    family, path = resolve(model)  # once: its size decides "auto", then its family loads it
+    resolved = resolve_precision(precision, quantizable=quantizable, size=lambda: weight_bytes(path))
     rest_bf16 = resolved == "bf16" or (resolved == "int8" and native_bf16())
-    pipe = load_registered(model, torch.bfloat16 if rest_bf16 else torch.float32)
+    pipe = family.load(path, torch.bfloat16 if rest_bf16 else torch.float32)
     if resolved == "int8":
         from t2i.quantize import quantize_linears
 

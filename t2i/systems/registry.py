@@ -3,8 +3,8 @@
 A family's module defines `SYSTEM = System(...)` (t2i.systems.base): its name, how to recognise its checkpoint
 layouts on disk, how to load one, how to write a tiny random one (for the tests that every
 family gets by registering), and the models it ships. Adding a family is adding its module
-to FAMILY_MODULES. `load(name_or_path)` finds the family that recognises a path, or the shipped
-model of that name.
+to FAMILY_MODULES. `resolve(name_or_path)` finds the family that recognises a path, or the shipped
+model of that name (`t2i.load` then loads it with that family, in the precision asked).
 
 The registry imports the family modules by name from this list (as `t2i.cli` does with its
 subcommands); the family modules import `t2i.systems.base`, never this module, so there is no cycle.
@@ -17,9 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from t2i.systems.base import Pipeline, ShippedModel, System
+from t2i.systems.base import ShippedModel, System
 
 # One line per family. Each `detect` accepts only its own layouts (a diffusers folder by its pipeline class),
 # so the order only decides which family is asked first.
@@ -135,9 +133,3 @@ def _present(m: ShippedModel) -> Path:
         raise FileNotFoundError(f"the shipped model {m.name!r} is missing ({m.path}); reinstall t2i or "
                                 "give --model PATH")
     return m.path
-
-
-def load(model: str | Path | None = None, dtype: torch.dtype = torch.float32) -> Pipeline:
-    """Load a model by name or path (None: the default model) with the family that recognises it."""
-    s, path = resolve(model)
-    return s.load(path, dtype)
