@@ -30,7 +30,6 @@ SD 1.x and SDXL embeddings in one folder; every other problem is still an error.
 from __future__ import annotations
 
 import os
-import pickle
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from typing import Any
 
 import torch
 
-from t2i.checkpoints.io import CheckpointError, check_finite, load_state_dict
+from t2i.checkpoints.io import CheckpointError, check_finite, load_pickle, load_state_dict
 from t2i.text.encoders import CLIPTextEncoder, SDXLTextEncoder
 
 SUFFIXES = (".pt", ".bin", ".safetensors")
@@ -80,15 +79,13 @@ class Embedding:
 
 
 def _read_pickle(path: Path) -> Any:
-    """A pickled embedding through `torch.load(weights_only=True)`: plain containers and tensors only
-    (t2i.checkpoints.io's loader keeps only top-level tensors; A1111 nests them in `string_to_param`)."""
+    """A pickled embedding, whole (A1111 nests its tensors in `string_to_param`, which the weight
+    loader's flat dict of tensors would drop), through the one safe pickle reader."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise EmbeddingError(f"{path}: refused to load a pickle that wants to run code or import objects "
-                             f"({detail.split(' Please use')[0]}); only plain tensors are accepted") from None
-    except (RuntimeError, EOFError, OSError) as e:
+        return load_pickle(path)
+    except CheckpointError as e:
+        raise EmbeddingError(str(e)) from None
+    except OSError as e:
         raise EmbeddingError(f"{path}: cannot read embedding file ({e})") from None
 
 

@@ -162,9 +162,11 @@ def load_state_dict(path: str | os.PathLike, check_values: bool = True) -> dict[
     return state
 
 
-def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+def load_pickle(path: Path) -> Any:
+    """A pickle through `torch.load(weights_only=True)`: plain containers and tensors only; a pickle
+    that wants to import or call something is a CheckpointError, and nothing of it runs."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as e:
         # weights_only refused a global or a call: nothing of the file was executed.
         first = str(e).strip().splitlines()
@@ -174,6 +176,10 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
                               f"objects ({detail.strip()}); only plain tensors are accepted") from None
     except (RuntimeError, EOFError) as e:
         raise CheckpointError(f"{path}: cannot read checkpoint ({e})") from None
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    obj = load_pickle(path)
     # Original SD .ckpt files nest the weights under "state_dict".
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
