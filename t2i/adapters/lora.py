@@ -427,8 +427,14 @@ def run_with_prompt_loras(pipe: Any, request: Any, lora_dir: str | os.PathLike |
         return run(request)
     with apply_loras(pipe, [(find_lora(name, lora_dir), w) for name, w in tags]):
         result = run(replace(request, prompt=prompt))
-    for image in result.images:
+    return keep_tags(result, [request.prompt] * len(result.images), [prompt] * len(result.images))
+
+
+def keep_tags(result: Any, tagged: list[str], untagged: list[str]) -> Any:
+    """Each image's PNG `parameters` with its prompt as written (`tagged`, one per image) in place of
+    the prompt the networks saw (`untagged`), as A1111 writes them, so the image reproduces."""
+    for image, with_tags, without in zip(result.images, tagged, untagged, strict=True):
         text = image.info.get("parameters")
-        if text is not None and text.startswith(prompt):
-            image.info["parameters"] = request.prompt + text[len(prompt):]
+        if text is not None and text.startswith(without):
+            image.info["parameters"] = with_tags + text[len(without):]
     return result

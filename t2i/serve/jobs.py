@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image, PngImagePlugin
 
-from t2i.adapters.lora import apply_loras, prompt_loras
+from t2i.adapters.lora import apply_loras, keep_tags, prompt_loras
 from t2i.imageio import format_parameters
 from t2i.serve.networks import LoraSet, prompt_lora_files
 from t2i.systems.base import GenerationRequest, GenerationResult, Interrupted, Pipeline
@@ -332,11 +332,7 @@ class JobQueue:
         prompts = [prompt_loras(p)[0] for p in request.prompt]
         with apply_loras(self.pipe, loras):
             result = self.pipe.run(replace(request, prompt=prompts))
-        for image, tagged, prompt in zip(result.images, request.prompt, prompts, strict=True):
-            text = image.info.get("parameters")
-            if text is not None and text.startswith(prompt):
-                image.info["parameters"] = tagged + text[len(prompt):]
-        return result
+        return keep_tags(result, request.prompt, prompts)
 
     def _batch_request(self, batch: list[Job]) -> GenerationRequest:
         """The batch as one request: one prompt, negative prompt and seed per image (image i of a job
