@@ -52,3 +52,25 @@ def test_a_tiny_model_round_trips_through_the_checked_loader(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(),
                                                    strict=True))
     assert not any(t.is_meta for t in model.state_dict().values())
+
+
+def test_a_crafted_autoencoder_file_is_refused_before_allocating(tmp_path):
+    """`t2i train ldm --vae FILE` reads the same checked way: the tiny autoencoder's real tensors under a
+    config asking for 8192 channels."""
+    from t2i.autoencoders.kl import AutoencoderKL
+    from t2i.systems.shapes_ldm import VAE_PRESETS
+    from t2i.train.autoencoder import load_vae, save_vae
+
+    vae = AutoencoderKL(VAE_PRESETS["tiny"])
+    save_vae(vae, tmp_path / "good.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(),
+                                                   load_vae(tmp_path / "good.safetensors").state_dict().values(),
+                                                   strict=True))
+    cfg = {**vae.cfg.__dict__, "block_channels": [8192, 8192, 8192]}
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp_path / "evil.safetensors"),
+              metadata={"t2i_config": json.dumps(cfg), "t2i_system": "autoencoder_kl"})
+    before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    with pytest.raises(CheckpointError):
+        load_vae(tmp_path / "evil.safetensors")
+    assert time.perf_counter() - start < 1.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 150_000

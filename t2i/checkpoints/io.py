@@ -7,6 +7,7 @@ wants to import or call something, so no code hidden in a checkpoint runs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -209,6 +210,12 @@ def save_with_config(state: dict[str, torch.Tensor], path: str | os.PathLike, co
     """A self-describing t2i weight file: `save_state_dict` with the resolved config as JSON under
     "t2i_config" and what the file is under "t2i_system" in the metadata."""
     save_state_dict(state, path, metadata={"t2i_config": json.dumps(config), "t2i_system": system})
+
+
+def save_module(module: torch.nn.Module, path: str | os.PathLike, system: str) -> None:
+    """`save_with_config` of a module with a dataclass `cfg`: its weights in float32, its config."""
+    state = {k: v.detach().float() for k, v in module.state_dict().items()}
+    save_with_config(state, path, dataclasses.asdict(module.cfg), system)
 
 
 def read_config(path: str | os.PathLike, what: str, system: str | None = None) -> dict:

@@ -20,12 +20,19 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from t2i.checkpoints.io import CheckpointError
+from t2i.checkpoints.io import (
+    CheckpointError,
+    check_safetensors_header,
+    header_tensors,
+    load_state_dict,
+    read_config,
+)
 
 WIDE = 1 << 16  # channels, widths, embedding sizes (released SD models: at most 5120)
 # Per field name, (lowest, highest) allowed value; a per-level tuple is checked element-wise.
@@ -196,3 +203,17 @@ def fill(module: M, state: Mapping[str, torch.Tensor], dtype: torch.dtype | None
     module.load_state_dict({k: v if dtype is None else v.to(dtype) for k, v in state.items()}, strict=True,
                            assign=True)
     return module.eval().requires_grad_(False)
+
+
+def load_checked_file(path: str | Path, system: str, what: str, config_cls: Callable[..., Any],
+                      module_cls: Callable[[Any], M]) -> M:
+    """A module written by `io.save_module` for `system`: its config (`config_cls(**saved)`) checked
+    against the bounds, the module built on the meta device and checked against the file's tensors,
+    then filled: a crafted config is refused before anything is allocated. Frozen, eval mode."""
+    try:
+        cfg = config_cls(**read_config(path, what, system))
+    except TypeError as e:
+        raise CheckpointError(f"{path}: malformed config of {what} ({e})") from None
+    tensors = header_tensors(check_safetensors_header(path))
+    module = build_checked(lambda: module_cls(cfg), {system: cfg}, tensors, str(path))
+    return fill(module, load_state_dict(path), None)

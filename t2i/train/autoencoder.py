@@ -9,7 +9,6 @@ weights the LDM training reads.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +16,8 @@ import torch
 
 from t2i.autoencoders.kl import AutoencoderKL, AutoencoderKLConfig
 from t2i.autoencoders.losses import AutoencoderLoss, AutoencoderLossConfig
-from t2i.checkpoints.io import load_state_dict, read_config, save_with_config
+from t2i.checkpoints.io import save_module
+from t2i.checkpoints.limits import load_checked_file
 from t2i.train.config import LoopConfig
 from t2i.train.data import open_data
 from t2i.train.distributed import DistInfo
@@ -44,15 +44,12 @@ class AETrainConfig(LoopConfig):
 
 def save_vae(vae: AutoencoderKL, path: str | Path) -> None:
     """The autoencoder's weights with its config in the metadata (atomic)."""
-    state = {k: v.detach().float() for k, v in vae.state_dict().items()}
-    save_with_config(state, path, dataclasses.asdict(vae.cfg), "autoencoder_kl")
+    save_module(vae, path, "autoencoder_kl")
 
 
 def load_vae(path: str | Path) -> AutoencoderKL:
-    """An autoencoder written by `save_vae`, frozen."""
-    vae = AutoencoderKL(AutoencoderKLConfig(**read_config(path, "an autoencoder file", "autoencoder_kl")))
-    vae.load_state_dict(load_state_dict(path))
-    return vae.eval().requires_grad_(False)
+    """An autoencoder written by `save_vae`, checked before allocating, frozen."""
+    return load_checked_file(path, "autoencoder_kl", "an autoencoder file", AutoencoderKLConfig, AutoencoderKL)
 
 
 def build_autoencoder(cfg: AETrainConfig, run: Run) -> Task:

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from t2i.autoencoders.vq import VQ_CONFIGS, VQAutoencoder, VQAutoencoderConfig
-from t2i.checkpoints.io import load_state_dict, read_config, save_with_config
+from t2i.checkpoints.io import save_module
+from t2i.checkpoints.limits import load_checked_file
 from t2i.train.config import LoopConfig
 from t2i.train.data import open_data
 from t2i.train.distributed import DistInfo
@@ -42,15 +43,12 @@ class VQTrainConfig(LoopConfig):
 
 def save_vqvae(model: VQAutoencoder, path: str | Path) -> None:
     """The tokenizer's weights and codebook (with its EMA statistics) and its config in the metadata."""
-    state = {k: v.detach().float() for k, v in model.state_dict().items()}
-    save_with_config(state, path, dataclasses.asdict(model.cfg), "vq_autoencoder")
+    save_module(model, path, "vq_autoencoder")
 
 
 def load_vqvae(path: str | Path) -> VQAutoencoder:
-    """A tokenizer written by `save_vqvae`, frozen."""
-    model = VQAutoencoder(VQAutoencoderConfig(**read_config(path, "a VQ autoencoder file", "vq_autoencoder")))
-    model.load_state_dict(load_state_dict(path))
-    return model.eval().requires_grad_(False)
+    """A tokenizer written by `save_vqvae`, checked before allocating, frozen."""
+    return load_checked_file(path, "vq_autoencoder", "a VQ autoencoder file", VQAutoencoderConfig, VQAutoencoder)
 
 
 def vq_loss(model: torch.nn.Module, x: torch.Tensor,
