@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from PIL import Image
 
+from t2i.layout.spec import Layout
 from t2i.seeds import resolve_seed
 
 
@@ -70,6 +71,9 @@ class GenerationRequest:
     # After each step: (step, total, x0), the run's current estimate of its final sample (as
     # GenerationResult.sample): the server's live preview and its image of an interrupted run.
     on_sample: Callable[[int, int, torch.Tensor], None] | None = None
+    # Where each object goes (t2i.layout.spec.Layout); layout models plan one from the prompt
+    # when it is None.
+    layout: Layout | None = None
 
     def set_options(self) -> list[str]:
         """The names of the options this request sets to something other than their default."""

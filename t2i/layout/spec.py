@@ -1,0 +1,87 @@
+"""A layout: the objects of a picture, each a phrase and a box, as users give it (`--layout FILE.json`,
+the API's `layout` field, the web page's canvas) and as the planner writes it.
+
+JSON form: {"units": "pixels" | "fractions", "objects": [{"phrase": "a red circle",
+"box": [x0, y0, x1, y1]}, ...]} (a bare list of objects is read as the "objects" list). Pixel boxes
+are on the requested width x height; boxes are kept as fractions of the canvas, so one layout
+draws the same picture at any size.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+class LayoutError(ValueError):
+    """A layout the model cannot draw; the message names the object and the problem."""
+
+
+@dataclass(frozen=True)
+class LayoutObject:
+    """phrase: what to draw ("a small red circle"); box: (x0, y0, x1, y1) as fractions of the
+    canvas width and height, x1 > x0, y1 > y0."""
+
+    phrase: str
+    box: tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Layout:
+    objects: tuple[LayoutObject, ...]
+
+    @classmethod
+    def from_json(cls, data: Any, width: int, height: int) -> Layout:
+        """Parse and check the JSON form (already decoded, or a JSON string). Pixel boxes are read
+        on a width x height canvas. Raises LayoutError naming the first bad object."""
+        if isinstance(data, str):
+            try:
+                data = json.loads(data)
+            except json.JSONDecodeError as e:
+                raise LayoutError(f"layout is not valid JSON: {e}") from None
+        if isinstance(data, list):
+            data = {"objects": data}
+        if not isinstance(data, dict) or not isinstance(data.get("objects"), list):
+            raise LayoutError('a layout is {"objects": [{"phrase": ..., "box": [x0, y0, x1, y1]}, ...]}')
+        units = data.get("units", "pixels")
+        if units not in ("pixels", "fractions"):
+            raise LayoutError(f"layout units must be 'pixels' or 'fractions', got {units!r}")
+        objects = []
+        for i, obj in enumerate(data["objects"]):
+            name = f"layout object {i + 1}"
+            if not isinstance(obj, dict):
+                raise LayoutError(f"{name}: expected an object with 'phrase' and 'box'")
+            phrase = obj.get("phrase")
+            if not isinstance(phrase, str) or not phrase.strip():
+                raise LayoutError(f"{name}: empty phrase (say what goes in the box)")
+            box = obj.get("box")
+            if not (isinstance(box, (list, tuple)) and len(box) == 4
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+                raise LayoutError(f"{name} ({phrase!r}): box must be four numbers [x0, y0, x1, y1]")
+            sx, sy = (1.0, 1.0) if units == "fractions" else (float(width), float(height))
+            frac = (box[0] / sx, box[1] / sy, box[2] / sx, box[3] / sy)
+            objects.append(LayoutObject(phrase.strip(), frac))  # type: ignore[arg-type]
+        layout = cls(tuple(objects))
+        layout.check()
+        return layout
+
+    def check(self, max_objects: int | None = None) -> None:
+        """Raise LayoutError for boxes outside the canvas or empty, empty phrases, or more objects
+        than `max_objects`."""
+        if max_objects is not None and len(self.objects) > max_objects:
+            raise LayoutError(f"the layout has {len(self.objects)} objects; this model draws at most {max_objects}")
+        for i, o in enumerate(self.objects):
+            name = f"layout object {i + 1} ({o.phrase!r})"
+            if not o.phrase.strip():
+                raise LayoutError(f"layout object {i + 1}: empty phrase")
+            x0, y0, x1, y1 = o.box
+            if min(x0, y0) < -1e-6 or max(x1, y1) > 1 + 1e-6:
+                raise LayoutError(f"{name}: box {list(o.box)} is outside the canvas")
+            if x1 <= x0 or y1 <= y0:
+                raise LayoutError(f"{name}: box {list(o.box)} is empty (x1 must exceed x0 and y1 exceed y0)")
+
+    def to_json(self) -> str:
+        """The canonical one-line JSON (fractions, 4 decimals): what the PNG metadata records."""
+        objs = [{"phrase": o.phrase, "box": [round(v, 4) for v in o.box]} for o in self.objects]
+        return json.dumps({"units": "fractions", "objects": objs}, separators=(",", ":"))
