@@ -308,6 +308,7 @@ class UNet(nn.Module):
         time_ids: torch.Tensor | None = None,
         timestep_cond: torch.Tensor | None = None,
         feature_cache: DeepFeatureCache | None = None,
+        input_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, C_in, h, w) noisy latents; t: (B,) float timesteps in [0, 1000);
         context: (B, T, context_dim) text hidden states; text_embeds: (B, P) and time_ids:
@@ -319,9 +320,13 @@ class UNet(nn.Module):
         ResBlocks, the last up block) on top of the stored deep features.
 
         h and w need not be divisible by 2 ** (levels - 1): the up path resizes to the skips.
+
+        input_features: (B, C0, h, w) added to conv_in's output (a layout U-Net's spatial conditioning).
         """
         emb = self.embed_time(t, x.shape[0], x.dtype, text_embeds, time_ids, timestep_cond)
         h = self.conv_in(x)  # (B, C0, h, w)
+        if input_features is not None:
+            h = h + input_features
         skips = [h]
         reuse = feature_cache is not None and feature_cache.reuse
         for block in self.down_blocks[:1] if reuse else self.down_blocks:

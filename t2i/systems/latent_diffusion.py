@@ -174,6 +174,12 @@ class LatentDiffusionPipeline(RequestMethods):
             cond["time_ids"] = ids.expand(b, ids.shape[0])
         return cond
 
+    def extra_conditioning(self, request: GenerationRequest, n: int, cond: dict,
+                           uncond: dict | None) -> tuple[dict, dict | None]:
+        """cond and uncond with what a subclass adds to the network's inputs besides the prompt (a
+        layout model: its boxes); unchanged here. n: images in the batch."""
+        return cond, uncond
+
     def encode_prompts(self, prompts: list[str], negative_prompts: list[str], height: int, width: int,
                        guided: bool) -> tuple[dict, dict | None, list[str]]:
         """(cond, uncond or None, warnings) for one prompt and negative prompt per image."""
@@ -337,6 +343,7 @@ class LatentDiffusionPipeline(RequestMethods):
         if self.prompt_check is not None:
             warnings += [m for m in map(self.prompt_check, dict.fromkeys(prompts)) if m]
         n = len(prompts)
+        cond, uncond = self.extra_conditioning(r, n, cond, uncond)
         plan = self.plan(sampler, steps, schedule, eta)
         refiner_plan = None
         if refiner is not None:

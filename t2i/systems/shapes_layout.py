@@ -1,0 +1,215 @@
+"""t2i's layout model of the 64x64 shapes world (issue 17): plan a layout, then render it.
+
+Two learned stages, as the two-stage systems that first plan a layout and then draw it
+(LayoutGPT, LLM-grounded diffusion; LDM's layout-to-image, seed 003 3.4):
+- a planner (`t2i.layout.planner`, a small transformer on MiniLM's token states, trained on the
+  world's scene truth) samples a layout from the caption: objects with a box and a phrase;
+- a renderer, the default model's latent diffusion recipe (`t2i.systems.shapes_ldm`) with a
+  `LayoutUNet`: each box's phrase embedding painted into a spatial map the U-Net reads beside
+  the caption's cross-attention.
+A user may give the layout instead (`request.layout`); the planner is then skipped. Each image's
+PNG parameters record the layout it was drawn from, so it can be reproduced without the planner.
+
+Files: a folder with `model.safetensors` (the renderer: `vae.*` + `unet.*`, its config in the
+metadata, system "shapes_layout") and `planner.safetensors` (optional: without it the model
+draws given layouts only). The text encoder is the frozen MiniLM, as for the default model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from t2i.autoencoders.kl import AutoencoderKL
+from t2i.checkpoints.io import (
+    CheckpointError,
+    check_safetensors_header,
+    header_tensors,
+    is_system_file,
+    load_state_dict,
+    read_config,
+    save_with_config,
+    system_file,
+)
+from t2i.checkpoints.limits import build_checked, check_schedule, fill
+from t2i.data.shapes_vocab import out_of_world_warning
+from t2i.layout.spec import Layout
+from t2i.nets.layout_unet import LayoutConfig, LayoutUNet, pack_layout
+from t2i.systems.base import Capabilities, GenerationRequest, GenerationResult, System, per_image
+from t2i.systems.latent_diffusion import GenerationDefaults, LatentDiffusionPipeline
+from t2i.systems.shapes_ldm import ShapesLDMConfig, load_text_encoder, preset_config
+
+SYSTEM_NAME = "shapes_layout"
+
+
+@dataclass
+class ShapesLayoutConfig:
+    """The renderer: the default model's config (autoencoder, U-Net, schedule, sampling defaults)
+    plus how its U-Net reads layouts."""
+
+    ldm: ShapesLDMConfig = field(default_factory=ShapesLDMConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    max_objects: int = 4
+    # Classifier-free guidance pushes away from the empty caption; with guide_layout the
+    # unconditional branch also loses the layout, so guidance strengthens the boxes too.
+    guide_layout: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShapesLayoutConfig:
+        d = dict(d)
+        return cls(ldm=ShapesLDMConfig.from_dict(d.pop("ldm")), layout=LayoutConfig(**d.pop("layout")), **d)
+
+
+class ShapesLayoutModel(nn.Module):
+    """The renderer's weights: autoencoder + layout U-Net (+ their config)."""
+
+    def __init__(self, cfg: ShapesLayoutConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vae = AutoencoderKL(cfg.ldm.vae)
+        self.unet = LayoutUNet(cfg.ldm.unet, cfg.layout)
+
+    def save(self, path: str | Path) -> None:
+        """`vae.*` and `unet.*` in float32, the config in the metadata."""
+        state = {f"vae.{k}": v.detach().float() for k, v in self.vae.state_dict().items()}
+        state.update({f"unet.{k}": v.detach().float() for k, v in self.unet.state_dict().items()})
+        save_with_config(state, path, self.cfg.to_dict(), SYSTEM_NAME)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ShapesLayoutModel:
+        """Rebuild from a file written by `save`: config checked against sane bounds and the network,
+        built on the meta device, against the file's tensors before anything is allocated."""
+        raw = read_config(path, "a shapes layout model file", SYSTEM_NAME)
+        try:
+            cfg = ShapesLayoutConfig.from_dict(raw)
+        except (TypeError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{path}: malformed shapes layout config ({type(e).__name__}: {e})") from None
+        check_schedule(cfg.ldm.schedule, f"{path}: schedule")
+        tensors = header_tensors(check_safetensors_header(path))
+        model = build_checked(lambda: cls(cfg), {"vae": cfg.ldm.vae, "unet": cfg.ldm.unet}, tensors, str(path))
+        return fill(model, load_state_dict(path), torch.float32).eval().requires_grad_(False)
+
+
+class PhraseEncoder:
+    """Phrases -> (N, E) embeddings: the text encoder's pooled output (MiniLM: the masked mean of its
+    token states), memoised, since a model sees few distinct phrases."""
+
+    def __init__(self, text_encoder: nn.Module) -> None:
+        self.text_encoder = text_encoder
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, phrases: list[str]) -> torch.Tensor:
+        new = [p for p in dict.fromkeys(phrases) if p not in self.cache]
+        if new:
+            pooled = self.text_encoder.encode(new).pooled
+            self.cache.update({p: v.float() for p, v in zip(new, pooled, strict=True)})
+        if not phrases:
+            return torch.zeros(0, self.text_encoder.pooled_dim)
+        return torch.stack([self.cache[p] for p in phrases])
+
+
+def encode_layouts(layouts: list[Layout], phrases: PhraseEncoder, max_objects: int) -> torch.Tensor:
+    """Layouts -> the LayoutUNet's (B, max_objects, 5 + E) input."""
+    return pack_layout([[o.box for o in lay.objects] for lay in layouts],
+                       [phrases([o.phrase for o in lay.objects]) for lay in layouts], max_objects)
+
+
+class ShapesLayoutPipeline(LatentDiffusionPipeline):
+    """The latent diffusion pipeline with a layout: `request.layout`, or one the planner samples per
+    image from its prompt and seed (the planner draws from the image's own seed, so a seed gives the
+    same picture)."""
+
+    def __init__(self, model: ShapesLayoutModel, text_encoder: nn.Module, planner: Any = None,
+                 name: str = "t2i-shapes-layout") -> None:
+        c = model.cfg.ldm
+        defaults = GenerationDefaults(sampler=c.sampler, steps=c.steps, guidance=c.guidance,
+                                      width=c.image_size, height=c.image_size)
+        super().__init__(model.unet, model.vae, text_encoder, c.schedule, name=name, family=SYSTEM_NAME,
+                         defaults=defaults)
+        self.prompt_check = out_of_world_warning
+        self.planner = planner  # (prompt, seed) -> Layout, or None: given layouts only
+        self.phrases = PhraseEncoder(text_encoder)
+        self.max_objects = model.cfg.max_objects
+        self.guide_layout = model.cfg.guide_layout
+
+    @property
+    def capabilities(self) -> Capabilities:
+        caps = super().capabilities
+        return replace(caps, options=caps.options | {"layout"})
+
+    def run(self, request: GenerationRequest) -> GenerationResult:
+        if request.layout is not None:
+            request.layout.check(self.max_objects)
+            return super().run(request)
+        if self.planner is None:
+            raise ValueError(f"{self.name} has no layout planner: give a layout")
+        prompts, negatives, seeds = per_image(request.prompt, request.negative_prompt, request.seed,
+                                              request.num_images)
+        # One run per image: each image is drawn from its own planned layout.
+        results = [super(ShapesLayoutPipeline, self).run(replace(
+            request, prompt=p, negative_prompt=n, seed=s, num_images=1, layout=self.planner(p, s)))
+            for p, n, s in zip(prompts, negatives, seeds, strict=True)]
+        return GenerationResult([im for r in results for im in r.images], torch.cat([r.sample for r in results]),
+                                seeds, list(dict.fromkeys(w for r in results for w in r.warnings)),
+                                sum(r.seconds for r in results))
+
+    def extra_conditioning(self, request: GenerationRequest, n: int, cond: dict,
+                           uncond: dict | None) -> tuple[dict, dict | None]:
+        assert request.layout is not None  # run() sees to it
+        layout = encode_layouts([request.layout], self.phrases, self.max_objects).expand(n, -1, -1)
+        cond = {**cond, "layout": layout}
+        if uncond is not None:
+            uncond = {**uncond, "layout": torch.zeros_like(layout) if self.guide_layout else layout}
+        return cond, uncond
+
+
+def is_layout_model(path: str | Path) -> bool:
+    """A folder (or its model.safetensors) written by `ShapesLayoutModel.save`."""
+    return is_system_file(path, SYSTEM_NAME)
+
+
+def load_layout_model(path: str | Path, dtype: torch.dtype = torch.float32) -> ShapesLayoutPipeline:
+    """A shapes layout folder -> ShapesLayoutPipeline (planner from planner.safetensors beside it, if any)."""
+    file = system_file(path)
+    model = ShapesLayoutModel.load(file)
+    text_encoder = load_text_encoder(model.cfg.ldm)
+    planner = None
+    planner_file = file.parent / "planner.safetensors"
+    if planner_file.is_file():
+        from t2i.layout.planner import load_planner_callable
+
+        planner = load_planner_callable(planner_file, text_encoder)
+    name = file.parent.name if file.name == "model.safetensors" else file.stem
+    pipe = ShapesLayoutPipeline(model, text_encoder, planner, name=name)
+    if dtype != torch.float32:
+        pipe.unet.to(dtype)
+        pipe.vae.to(dtype)
+    return pipe
+
+
+def write_tiny_model(folder: Path, seed: int = 0) -> Path:
+    """A random renderer of the tiny presets (16x16 images) as `folder/model.safetensors` (no planner)."""
+    torch.manual_seed(seed)
+    ldm = preset_config("tiny", "tiny")
+    ldm.image_size = ldm.vae.sample_size
+    folder.mkdir(parents=True, exist_ok=True)
+    ShapesLayoutModel(ShapesLayoutConfig(ldm=ldm)).save(folder / "model.safetensors")
+    return folder / "model.safetensors"
+
+
+SYSTEM = System(
+    name=SYSTEM_NAME,
+    description="t2i's layout model of the shapes world: a planner (caption -> boxes) and a layout-conditioned "
+                "latent diffusion renderer; a folder with model.safetensors (+ planner.safetensors)",
+    detect=is_layout_model,
+    load=lambda path, dtype=torch.float32: load_layout_model(path, dtype),
+    write_tiny=write_tiny_model,
+)
