@@ -6,10 +6,14 @@ info tab, ComfyUI, civitai, image browsers) already read:
     a red circle above a blue square
     Negative prompt: blurry
     Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 1, Size: 64x64, Model: shapes
+
+A value holding a comma, colon or newline is written as a JSON string, as A1111 quotes it (a
+layout: `Layout: "{\\"units\\":\\"fractions\\",...}"`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from t2i.layout.spec import Layout
 from t2i.systems.base import GenerationRequest
 
 # Our sampler names -> the names A1111 writes, so its tools recognise them.
@@ -102,14 +107,29 @@ def request_parameters(request: GenerationRequest, prompt: str, negative_prompt:
         extra["decoder"] = "preview"
     if precision != "fp32":
         extra["precision"] = precision
+    if r.layout is not None:  # given or planned: the boxes that were drawn
+        extra["layout"] = r.layout.to_json()
     return format_parameters(prompt, negative_prompt, steps=r.steps, sampler=r.sampler, schedule=r.schedule,
                              guidance=r.guidance, seed=seed, width=r.width, height=r.height, model=model, **extra)
 
 
 def _quote(v: object) -> str:
+    """A1111's `quote`: a value that holds its separators becomes a JSON string (inner quotes and
+    backslashes escaped, so `parse_parameters` reads back exactly what was written)."""
     text = str(v)
-    # A1111 quotes values that contain its separators.
-    return f'"{text}"' if ("," in text or ":" in text) and not text.startswith('"') else text
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def _unquote(value: str) -> str:
+    """A1111's `unquote`: a JSON string's text; a value quoted without escapes (as t2i wrote before
+    quoting followed A1111) loses only its quotes."""
+    if not value.startswith('"'):
+        return value
+    try:
+        text = json.loads(value)
+    except json.JSONDecodeError:
+        return value[1:-1]
+    return text if isinstance(text, str) else value[1:-1]
 
 
 def parse_parameters(text: str) -> dict[str, str]:
@@ -125,8 +145,7 @@ def parse_parameters(text: str) -> dict[str, str]:
     else:
         out["prompt"] = "\n".join(body)
     for m in re.finditer(r'\s*([\w ]+):\s*("(?:\\.|[^"])*"|[^,]*)(?:,|$)', settings_line):
-        value = m.group(2).strip()
-        out[m.group(1).strip()] = value[1:-1] if value.startswith('"') else value
+        out[m.group(1).strip()] = _unquote(m.group(2).strip())
     return out
 
 
@@ -183,7 +202,7 @@ _OUR_SAMPLER_NAMES = {v: k for k, v in A1111_SAMPLER_NAMES.items()}
 
 def request_fields(params: dict[str, str]) -> dict[str, Any]:
     """`parse_parameters` output -> GenerationRequest keyword arguments (prompt, negative_prompt,
-    steps, guidance, seed, sampler, schedule, width, height and the optional settings present).
+    steps, guidance, seed, sampler, schedule, width, height, layout and the optional settings present).
 
     What a PNG names but cannot hold comes back under its own key for the caller to load:
     "model", "refiner" (model names) and "precision"; an img2img or inpainting input image is
@@ -199,6 +218,8 @@ def request_fields(params: dict[str, str]) -> dict[str, Any]:
         out["width"], out["height"] = (int(v) for v in params["Size"].split("x"))
     if params.get("Decoder") == "preview":
         out["preview"] = True
+    if "Layout" in params:  # fractions: the size does not matter
+        out["layout"] = Layout.from_json(params["Layout"], out.get("width", 1), out.get("height", 1))
     for key in ("Model", "Refiner", "Precision"):
         if key in params:
             out[key.lower()] = params[key]

@@ -10,6 +10,7 @@ draws the same picture at any size.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,8 +58,13 @@ class Layout:
                 raise LayoutError(f"{name}: empty phrase (say what goes in the box)")
             box = obj.get("box")
             if not (isinstance(box, (list, tuple)) and len(box) == 4
-                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
-                raise LayoutError(f"{name} ({phrase!r}): box must be four numbers [x0, y0, x1, y1]")
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                            for v in box)):
+                raise LayoutError(f"{name} ({phrase!r}): box must be four finite numbers [x0, y0, x1, y1]")
+            if units == "pixels" and 0 < box[2] - box[0] < 1 and 0 < box[3] - box[1] < 1:
+                # Fractions sent without "units": the box would be under a pixel.
+                raise LayoutError(f"{name} ({phrase!r}): box {list(box)} is under one pixel; for fractions of "
+                                  'the canvas say "units": "fractions"')
             sx, sy = (1.0, 1.0) if units == "fractions" else (float(width), float(height))
             frac = (box[0] / sx, box[1] / sy, box[2] / sx, box[3] / sy)
             objects.append(LayoutObject(phrase.strip(), frac))  # type: ignore[arg-type]
@@ -82,6 +88,20 @@ class Layout:
                 raise LayoutError(f"{name}: box {list(o.box)} is empty (x1 must exceed x0 and y1 exceed y0)")
 
     def to_json(self) -> str:
-        """The canonical one-line JSON (fractions, 4 decimals): what the PNG metadata records."""
-        objs = [{"phrase": o.phrase, "box": [round(v, 4) for v in o.box]} for o in self.objects]
-        return json.dumps({"units": "fractions", "objects": objs}, separators=(",", ":"))
+        """The canonical one-line JSON in fractions: what the PNG metadata records. Floats are written
+        in full (Python's shortest exact form, 0.25 stays 0.25), so `from_json(to_json())` gives the
+        same boxes bit for bit and an image regenerated from its metadata is the same image."""
+        objs = [{"phrase": o.phrase, "box": [float(v) for v in o.box]} for o in self.objects]
+        return json.dumps({"units": "fractions", "objects": objs}, separators=(",", ":"), ensure_ascii=False)
+
+
+def as_layout(value: Any, width: int, height: int, max_objects: int | None = None) -> Layout | None:
+    """What callers accept as a layout (the Python API's, the HTTP APIs' `layout`): None, a Layout,
+    or its JSON form (a dict, a bare list of objects, or a JSON string), pixels read on width x
+    height (the request's size after the model's defaults). Raises LayoutError naming the object,
+    also for more than `max_objects` objects (the model's limit, None: no limit)."""
+    if value is None:
+        return None
+    layout = value if isinstance(value, Layout) else Layout.from_json(value, width, height)
+    layout.check(max_objects)
+    return layout
