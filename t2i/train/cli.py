@@ -91,6 +91,15 @@ CLIP: list[Option] = [
     ("--eval-every", "eval_every", {"type": int}, "held-out ranking accuracy every N steps; 0: only at the end"),
     ("--eval-scenes", "eval_scenes", {"type": int}, "held-out scenes in that measurement"),
 ]
+PLANNER: list[Option] = [
+    ("--preset", "preset", {}, "planner shape (t2i.layout.planner.PLANNER_PRESETS: tiny, small, base)"),
+    ("--ema-decay", "ema_decay", {"type": float}, "EMA decay of the exported planner"),
+    ("--weight-decay", "weight_decay", {"type": float}, "AdamW weight decay"),
+    ("--export-every", "export_every", {"type": int}, "write the EMA planner as planner.safetensors every N steps"),
+    ("--eval-every", "eval_every", {"type": int}, "judge-checked plans of the held-out prompts every N steps; "
+     "0: only at the end"),
+    ("--eval-prompts", "eval_prompts", {"type": int}, "held-out prompts in that measurement"),
+]
 # What each preset is for (their shapes are printed from the configs themselves).
 PRESET_USE = {"shapes_f4": "the built-in model's", "shapes_s": "the built-in model's",
               "tiny": "tests and smoke runs: a fraction of a second per step on one CPU core"}
@@ -208,6 +217,13 @@ def _run_clip(args: argparse.Namespace) -> int:
     return train_clip(cfg, resume=args.resume, resume_lr=args.resume_lr, given=given)
 
 
+def _run_layout_planner(args: argparse.Namespace) -> int:
+    from t2i.train.layout_planner import PlannerTrainConfig, train_planner
+
+    cfg = PlannerTrainConfig(out=args.out)
+    return train_planner(cfg, resume=args.resume, resume_lr=args.resume_lr, given=_config(args, cfg, args.options))
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from t2i.autoencoders.preview import PreviewDecoderConfig
     from t2i.systems.shapes_ldm import UNET_PRESETS, VAE_PRESETS
@@ -251,3 +267,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             ).set_defaults(func=_run_preview)
     _parser(sub, "clip", "the small shapes CLIP (t2i.eval.shapes_clip) on the shapes world",
             CLIPTrainConfig(out=""), RUN + CLIP).set_defaults(func=_run_clip)
+    from t2i.train.layout_planner import PlannerTrainConfig
+
+    _parser(sub, "layout-planner", "the layout planner (t2i.layout.planner): caption -> background and boxes, "
+            "on the shapes world's scene truth", PlannerTrainConfig(out=""), RUN + PLANNER
+            ).set_defaults(func=_run_layout_planner)

@@ -1,5 +1,9 @@
 """True captions of a scene: the primary caption of the family it was drawn for, and others for
 every family the scene also supports, each in a random paraphrase of `t2i.data.captions`.
+
+Each caption helper can also report the objects it mentions, in the order the caption names them
+(`said`, an out-list): the layout planner's training targets (`primary_with_objects`). Reporting
+draws no random numbers, so `captions` and the judge's held-out prompts are unchanged by it.
 """
 
 from __future__ import annotations
@@ -19,11 +23,17 @@ def _np(obj: ShapeObject, rng: np.random.Generator) -> str:
     return lang.noun_phrase(obj.colour, obj.shape, obj.size if named else None)
 
 
-def _single(obj: ShapeObject, rng: np.random.Generator) -> str:
+def _say(said: list[ShapeObject] | None, objs: list[ShapeObject]) -> None:
+    if said is not None:
+        said.extend(objs)
+
+
+def _single(obj: ShapeObject, rng: np.random.Generator, said: list[ShapeObject] | None = None) -> str:
+    _say(said, [obj])
     return lang.fill(lang.SINGLE_TEMPLATES, rng, np=_np(obj, rng))
 
 
-def _region(obj: ShapeObject, rng: np.random.Generator) -> str | None:
+def _region(obj: ShapeObject, rng: np.random.Generator, said: list[ShapeObject] | None = None) -> str | None:
     v, h = regions_of(obj, CAPTION_SAFETY)
     options = []
     if v == "center" and h == "center":
@@ -37,10 +47,12 @@ def _region(obj: ShapeObject, rng: np.random.Generator) -> str | None:
     if not options:
         return None
     vv, hh = options[rng.integers(len(options))]
+    _say(said, [obj])
     return lang.fill(lang.REGION_TEMPLATES, rng, np=_np(obj, rng), region=lang.region_phrase(vv, hh, rng))
 
 
-def _binding(objs: list[ShapeObject], rng: np.random.Generator) -> str | None:
+def _binding(objs: list[ShapeObject], rng: np.random.Generator,
+             said: list[ShapeObject] | None = None) -> str | None:
     seen, distinct = set(), []
     for o in objs:
         if o.kind not in seen:
@@ -49,11 +61,13 @@ def _binding(objs: list[ShapeObject], rng: np.random.Generator) -> str | None:
     if len(distinct) < 2:
         return None
     order = rng.permutation(len(distinct))
+    _say(said, [distinct[i] for i in order])
     text = lang.conjunction([_np(distinct[i], rng) for i in order], rng)
     return lang.fill(lang.BINDING_TEMPLATES, rng, list=text)
 
 
-def _relation(a: ShapeObject, b: ShapeObject, rng: np.random.Generator) -> str | None:
+def _relation(a: ShapeObject, b: ShapeObject, rng: np.random.Generator,
+              said: list[ShapeObject] | None = None) -> str | None:
     if a.kind == b.kind:
         return None
     if rng.random() < 0.5:
@@ -62,13 +76,16 @@ def _relation(a: ShapeObject, b: ShapeObject, rng: np.random.Generator) -> str |
     if not rels:
         return None
     rel = rels[rng.integers(len(rels))]
+    _say(said, [a, b])
     words = [w for w, r in lang.RELATION_PHRASES.items() if r == rel]
     return lang.fill(lang.RELATION_TEMPLATES, rng, a=_np(a, rng), rel=words[rng.integers(len(words))],
                      b=_np(b, rng))
 
 
-def _counting(scene: Scene, kinds: list[tuple[str, str]], rng: np.random.Generator) -> str:
+def _counting(scene: Scene, kinds: list[tuple[str, str]], rng: np.random.Generator,
+              said: list[ShapeObject] | None = None) -> str:
     """Exact counts of each kind listed (counted over the whole scene)."""
+    _say(said, [o for kind in kinds for o in scene.objects if o.kind == kind])
     counts = Counter(o.kind for o in scene.objects)
     phrases = []
     for i, kind in enumerate(kinds):
@@ -77,18 +94,29 @@ def _counting(scene: Scene, kinds: list[tuple[str, str]], rng: np.random.Generat
     return lang.fill(lang.COUNTING_TEMPLATES, rng, list=lang.conjunction(phrases, rng))
 
 
-def _primary(scene: Scene, rng: np.random.Generator) -> str | None:
+def _primary(scene: Scene, rng: np.random.Generator, said: list[ShapeObject] | None = None) -> str | None:
     focus = scene.objects[: scene.n_focus]
     if scene.family == "single":
-        return _single(focus[0], rng)
+        return _single(focus[0], rng, said)
     if scene.family == "region":
-        return _region(focus[0], rng)
+        return _region(focus[0], rng, said)
     if scene.family == "binding":
-        return _binding(focus, rng)
+        return _binding(focus, rng, said)
     if scene.family == "relation":
-        return _relation(focus[0], focus[1], rng)
+        return _relation(focus[0], focus[1], rng, said)
     kinds = list(dict.fromkeys(o.kind for o in focus))
-    return _counting(scene, kinds, rng)
+    return _counting(scene, kinds, rng, said)
+
+
+def primary_with_objects(scene: Scene, rng: np.random.Generator) -> tuple[str, list[ShapeObject]] | None:
+    """The scene's primary caption (what `captions(scene, rng)[0]` is, drawing the same numbers up to
+    there) and the objects it mentions in the order it names them (for a counting caption every object
+    of each counted kind, kinds in caption order); None when the scene has no primary caption."""
+    said: list[ShapeObject] = []
+    text = _primary(scene, rng, said)
+    if text is None:
+        return None
+    return lang.with_background(text, scene.background), said
 
 
 def captions(scene: Scene, rng: np.random.Generator) -> list[str]:

@@ -1,0 +1,322 @@
+"""The layout planner (issue 17): a small decoder-only transformer that turns a caption into a layout
+(background, then objects with colour, shape, size word and box), sampled, so one caption gives
+different layouts. LayoutGPT / LLM-grounded diffusion's first stage, learned from the shapes
+world's scene truth instead of prompting a language model.
+
+The caption is read through the frozen MiniLM token states the default model already uses (so
+phrasings it was not trained on still land near the ones it was); the layout is written as tokens
+
+    [BOS] background (colour shape size s x y)*n [END]        n = 1 .. max_objects
+
+with one vocabulary holding each field's values at its own offset, and x, y (top-left corner) and
+s (box side) integers on the 64x64 canvas (`t2i.data.shapes.world.ShapeObject`). The side comes
+before the corner so that decoding can keep the box inside the canvas. Decoding masks the logits to
+the field expected at each position (the layout format's own grammar; the caption's is learned), and
+geometry alone decides validity: boxes inside the canvas and at least MIN_GAP apart, enforced by
+masking the corner values that would break them and resampling any layout that still does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from t2i.data import captions as lang
+from t2i.data.shapes.world import CANVAS, MIN_GAP, ShapeObject, gap
+from t2i.layout.spec import Layout, LayoutObject
+from t2i.nets.attention import Attention
+from t2i.nets.transformer import MLP
+
+SYSTEM = "layout_planner"  # the "t2i_system" of the saved file
+
+# ------------------------------------------------------------------------------------- vocabulary
+FIELDS = ("colour", "shape", "size", "s", "x", "y")  # one object's tokens, in order
+VALUES: dict[str, tuple] = {
+    "background": lang.BACKGROUNDS, "colour": lang.COLOURS, "shape": lang.SHAPES, "size": lang.SIZE_WORDS,
+    "s": tuple(range(CANVAS)), "x": tuple(range(CANVAS)), "y": tuple(range(CANVAS)),
+}
+BOS, END = 0, 1
+OFFSET: dict[str, int] = {}
+_next = 2
+for _name in ("background", *FIELDS):
+    OFFSET[_name] = _next
+    _next += len(VALUES[_name])
+VOCAB = _next
+NUMERIC = ("s", "x", "y")
+
+
+def field_at(t: int, max_objects: int) -> str:
+    """The field of sequence position t >= 1 (position 0 is BOS): 'background', an object field, or
+    'end' once max_objects objects are written. The colour slot also admits END (after one object)."""
+    if t == 1:
+        return "background"
+    k, j = divmod(t - 2, len(FIELDS))
+    return "end" if k >= max_objects else FIELDS[j]
+
+
+def seq_len(max_objects: int) -> int:
+    """Longest token sequence: BOS, background, max_objects objects, END."""
+    return 3 + len(FIELDS) * max_objects
+
+
+def allowed_tokens(max_objects: int) -> torch.Tensor:
+    """(seq_len - 1, VOCAB) bool: which tokens may be predicted at each input position (the target
+    is position t + 1). A box side of 0 is never allowed."""
+    n = seq_len(max_objects)
+    out = torch.zeros(n - 1, VOCAB, dtype=torch.bool)
+    for t in range(1, n):
+        field = field_at(t, max_objects)
+        if field == "end":
+            out[t - 1, END] = True
+            continue
+        lo = OFFSET[field] + (1 if field == "s" else 0)
+        out[t - 1, lo:OFFSET[field] + len(VALUES[field])] = True
+        if field == "colour" and t > 2:  # END instead of another object, after the first
+            out[t - 1, END] = True
+    return out
+
+
+@dataclass
+class Plan:
+    """One planned layout: background name, objects (64x64 canvas units), and whether it is valid on
+    geometry (inside the canvas, boxes MIN_GAP apart)."""
+
+    background: str
+    objects: list[ShapeObject]
+    valid: bool = True
+
+
+def geometry_ok(objects: list[ShapeObject]) -> bool:
+    """Every box non-empty and inside the 64x64 canvas, every two boxes at least MIN_GAP apart."""
+    inside = all(o.s > 0 and o.x >= 0 and o.y >= 0 and o.x + o.s <= CANVAS and o.y + o.s <= CANVAS
+                 for o in objects)
+    return inside and all(gap(a, b) >= MIN_GAP for i, a in enumerate(objects) for b in objects[i + 1:])
+
+
+def encode_layout(background: str, objects: list[ShapeObject]) -> list[int]:
+    """The token sequence of a layout (BOS ... END)."""
+    out = [BOS, OFFSET["background"] + VALUES["background"].index(background)]
+    for o in objects:
+        for f in FIELDS:
+            out.append(OFFSET[f] + VALUES[f].index(getattr(o, f)))
+    return out + [END]
+
+
+def decode_tokens(tokens: list[int]) -> Plan:
+    """A token sequence (BOS first; anything after END ignored) -> Plan, checked on geometry."""
+    background = VALUES["background"][tokens[1] - OFFSET["background"]]
+    objects, i = [], 2
+    while i + len(FIELDS) <= len(tokens) and tokens[i] != END:
+        v = {f: VALUES[f][tokens[i + j] - OFFSET[f]] for j, f in enumerate(FIELDS)}
+        objects.append(ShapeObject(v["shape"], v["colour"], v["size"], v["x"], v["y"], v["s"]))
+        i += len(FIELDS)
+    return Plan(background, objects, geometry_ok(objects))
+
+
+def to_layout(plan: Plan) -> Layout:
+    """The plan as a `t2i.layout.spec.Layout`: a phrase per object ('a small red circle') and its box
+    as fractions of the canvas."""
+    return Layout(tuple(LayoutObject(lang.noun_phrase(o.colour, o.shape, o.size),
+                                     (o.x / CANVAS, o.y / CANVAS, (o.x + o.s) / CANVAS, (o.y + o.s) / CANVAS))
+                        for o in plan.objects))
+
+
+# ------------------------------------------------------------------------------------- network
+@dataclass
+class LayoutPlannerConfig:
+    width: int = 192
+    layers: int = 4
+    heads: int = 4
+    mlp_dim: int = 768
+    context_dim: int = 384  # MiniLM's token states
+    text_length: int = 32  # MiniLM window (tokens)
+    max_objects: int = 4
+    value_features: int = 16  # sinusoidal features of numeric tokens' values (x, y, s) added to their embedding
+
+
+PLANNER_PRESETS = {
+    "tiny": LayoutPlannerConfig(width=32, layers=1, heads=2, mlp_dim=64),  # tests
+    "small": LayoutPlannerConfig(width=128, layers=4, heads=4, mlp_dim=512),
+    "base": LayoutPlannerConfig(),
+}
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: causal self-attention over the layout tokens, cross-attention to the text
+    states, MLP. (B, N, width) -> (B, N, width)."""
+
+    def __init__(self, width: int, heads: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(width)
+        self.cross = Attention(width, heads, context_dim=width, qkv_bias=True)
+        self.norm3 = nn.LayerNorm(width)
+        self.mlp = MLP(width, mlp_dim, "gelu")
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), causal=True)
+        x = x + self.cross(self.norm2(x), context, mask=mask)
+        return x + self.mlp(self.norm3(x))
+
+
+def _value_table(n_features: int) -> torch.Tensor:
+    """(VOCAB, n_features) sin/cos of each numeric token's value at geometric frequencies (zero rows
+    for the other tokens): lets the embedding of x=30 start out near x=31, so comparisons between
+    coordinates (a relation, a region) need not be learned from scratch for every bin."""
+    table = torch.zeros(VOCAB, n_features)
+    half = n_features // 2
+    freqs = torch.exp(-math.log(CANVAS) * torch.arange(half) / max(half, 1)) * math.pi / 2
+    for f in NUMERIC:
+        v = torch.arange(CANVAS, dtype=torch.float32)[:, None] * freqs
+        table[OFFSET[f]:OFFSET[f] + CANVAS, : 2 * half] = torch.cat([v.sin(), v.cos()], dim=1)
+    return table
+
+
+class LayoutPlanner(nn.Module):
+    """Caption -> layout tokens. forward(tokens (B, N), context (B, T, context_dim), mask (B, T) bool)
+    -> logits (B, N, VOCAB), masked to the field expected next."""
+
+    def __init__(self, cfg: LayoutPlannerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        n = seq_len(cfg.max_objects)
+        self.token = nn.Embedding(VOCAB, cfg.width)
+        self.value = nn.Linear(cfg.value_features, cfg.width, bias=False)
+        self.position = nn.Parameter(torch.randn(n, cfg.width) * 0.02)
+        self.text_norm = nn.LayerNorm(cfg.context_dim)
+        self.text_proj = nn.Linear(cfg.context_dim, cfg.width)
+        self.blocks = nn.ModuleList(DecoderBlock(cfg.width, cfg.heads, cfg.mlp_dim) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.width)
+        self.head = nn.Linear(cfg.width, VOCAB)
+        self._make_tables()
+        self._text_encoder: nn.Module | None = None  # loaded on first `plan` without one; not a submodule
+
+    def _make_tables(self) -> None:
+        """The fixed tables (not in the file: they follow from the config). Called again after a load
+        that built the module on the meta device."""
+        self.register_buffer("values", _value_table(self.cfg.value_features), persistent=False)
+        self.register_buffer("allowed", allowed_tokens(self.cfg.max_objects), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        n = tokens.shape[1]
+        x = self.token(tokens) + self.value(self.values[tokens]) + self.position[:n]  # (B, N, width)
+        ctx = self.text_proj(self.text_norm(context))  # (B, T, width)
+        for block in self.blocks:
+            x = block(x, ctx, mask)
+        logits = self.head(self.norm(x))  # (B, N, VOCAB)
+        return logits.masked_fill(~self.allowed[:n], float("-inf"))
+
+    # --------------------------------------------------------------------------------- sampling
+    def text_encoder(self) -> nn.Module:
+        """The frozen MiniLM the planner reads captions with (loaded once)."""
+        if self._text_encoder is None:
+            from t2i.text.encoders import MiniLMTextEncoder
+
+            self._text_encoder = MiniLMTextEncoder.load(max_length=self.cfg.text_length)
+        return self._text_encoder
+
+    @torch.no_grad()
+    def sample_tokens(self, context: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator | None,
+                      temperature: float = 1.0) -> torch.Tensor:
+        """Autoregressive sampling, one layout per context row -> tokens (B, seq_len) (END-padded).
+        Side, corner: masked so the box stays inside the canvas and y keeps MIN_GAP from the boxes
+        already placed (when no y can, the row is left unmasked and fails `geometry_ok`)."""
+        b, n = context.shape[0], seq_len(self.cfg.max_objects)
+        tokens = torch.full((b, 1), BOS, dtype=torch.long)
+        done = torch.zeros(b, dtype=torch.bool)
+        grid = torch.arange(CANVAS)
+        boxes: list[tuple[torch.Tensor, ...]] = []  # (x, y, s) per object placed, each (B,)
+        s = x = None
+        for t in range(1, n):
+            logits = self(tokens, context, mask)[:, -1].float()  # (B, VOCAB)
+            field = field_at(t, self.cfg.max_objects)
+            if field in ("x", "y"):
+                limit = CANVAS - s  # (B,) largest corner that keeps the box inside
+                ok = grid[None, :] <= limit[:, None]  # (B, 64)
+                if field == "y":
+                    for px, py, ps in boxes:
+                        near_x = torch.maximum(px - (x + s), x - (px + ps)) < MIN_GAP  # (B,)
+                        near_y = torch.maximum(py[:, None] - (grid[None] + s[:, None]),
+                                               grid[None] - (py + ps)[:, None]) < MIN_GAP  # (B, 64)
+                        ok &= ~(near_x[:, None] & near_y)
+                ok |= ~ok.any(1, keepdim=True)  # nothing fits: sample freely, the row fails later
+                sl = logits[:, OFFSET[field]:OFFSET[field] + CANVAS]
+                logits[:, OFFSET[field]:OFFSET[field] + CANVAS] = sl.masked_fill(~ok, float("-inf"))
+            probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+            nxt = torch.where(done, torch.full_like(nxt, END), nxt)
+            done |= nxt == END
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            if field in NUMERIC:
+                value = (nxt - OFFSET[field]).clamp(0, CANVAS - 1)
+                if field == "s":
+                    s = value
+                elif field == "x":
+                    x = value
+                else:
+                    boxes.append((x, value, s))
+            if bool(done.all()):
+                break
+        return tokens
+
+    @torch.no_grad()
+    def plan(self, captions: list[str], generator: torch.Generator | None = None, temperature: float = 1.0,
+             tries: int = 8, text_encoder: nn.Module | None = None) -> list[Plan]:
+        """One layout per caption. Layouts invalid on geometry are resampled up to `tries` times in
+        all (the last one is returned, marked valid=False, if none was). Different generators give
+        different layouts."""
+        enc = (text_encoder or self.text_encoder()).encode(list(captions))
+        context, mask = enc.context.float(), enc.mask
+        out: list[Plan | None] = [None] * len(captions)
+        todo = list(range(len(captions)))
+        for attempt in range(tries):
+            rows = torch.tensor(todo)
+            sampled = self.sample_tokens(context[rows], None if mask is None else mask[rows], generator, temperature)
+            left = []
+            for i, seq in zip(todo, sampled.tolist(), strict=True):
+                p = decode_tokens(seq)
+                out[i] = p
+                if not p.valid and attempt + 1 < tries:
+                    left.append(i)
+            todo = left
+            if not todo:
+                break
+        return out  # type: ignore[return-value]
+
+    # --------------------------------------------------------------------------------- files
+    def save(self, path: str | Path) -> None:
+        """Weights (float32) and config in one safetensors file (t2i_system 'layout_planner')."""
+        from t2i.checkpoints.io import save_module
+
+        save_module(self, path, SYSTEM)
+
+    @classmethod
+    def load(cls, path: str | Path) -> LayoutPlanner:
+        """A file written by `save`, config checked before anything is allocated; frozen, eval mode."""
+        from t2i.checkpoints.limits import load_checked_file
+
+        planner = load_checked_file(path, SYSTEM, "a layout planner file", LayoutPlannerConfig, cls)
+        planner._make_tables()
+        return planner
+
+
+def planner_loss(net: nn.Module, tokens: torch.Tensor, lengths: torch.Tensor, context: torch.Tensor,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+    """Teacher-forced cross-entropy of a planner `net` (nats per layout token, each field's softmax over
+    its own values). tokens (B, N) END-padded, lengths (B,) the real lengths (BOS and END included)."""
+    logits = net(tokens[:, :-1], context, mask)  # (B, N - 1, VOCAB), predicts tokens[:, 1:]
+    target = tokens[:, 1:].masked_fill(torch.arange(tokens.shape[1] - 1)[None, :] >= lengths[:, None] - 1, -100)
+    return nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+
+
+def planner_config(preset: str, **overrides) -> LayoutPlannerConfig:
+    """A copy of a preset with fields replaced."""
+    if preset not in PLANNER_PRESETS:
+        raise ValueError(f"unknown planner preset {preset!r}; choose from {sorted(PLANNER_PRESETS)}")
+    return dataclasses.replace(PLANNER_PRESETS[preset], **overrides)
