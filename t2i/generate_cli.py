@@ -41,6 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--negative-prompt", default="")
+    p.add_argument("--layout", default=None, metavar="FILE.json",
+                   help='where each object goes, for models that take a layout (their planner is skipped): '
+                        '{"units": "pixels" or "fractions", "objects": [{"phrase": "a red circle", "box": '
+                        '[x0, y0, x1, y1]}, ...]}; pixels are on --width x --height (the model\'s size if left '
+                        'out); - reads stdin')
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--init-image", default=None, help="img2img / inpainting input image")
     p.add_argument("--strength", type=float, default=None,
@@ -163,6 +168,37 @@ def _input_images(args: argparse.Namespace) -> dict:
     return {"init_image": init, "mask": mask}
 
 
+def _read_layout(path: str):
+    """--layout's JSON, decoded (checked against the canvas once the model's size is known)."""
+    import json
+
+    from t2i.cli import UserError
+
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        return json.loads(text)
+    except FileNotFoundError:
+        raise UserError(f"--layout file not found: {path}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise UserError(f"--layout {path} is not readable UTF-8 text ({e})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"--layout {path} is not valid JSON: {e}") from None
+
+
+def _layout(pipe, request: GenerationRequest, path: str):
+    """request.layout (--layout's decoded JSON) as a Layout: pixels read on the size the image will
+    have (the model's default size when --width/--height are left out)."""
+    from t2i.cli import UserError
+    from t2i.layout.spec import LayoutError, as_layout
+    from t2i.request_warnings import resolved_request
+
+    r = resolved_request(pipe, request)
+    try:
+        return as_layout(request.layout, r.width, r.height, getattr(pipe, "max_objects", None))
+    except LayoutError as e:
+        raise UserError(f"--layout {path}: {e}") from None
+
+
 def _seed(args: argparse.Namespace) -> int:
     """--seed, or a random one (A1111: unset or -1), which is printed so the user can come back to it."""
     if args.seed is not None and args.seed != -1:
@@ -266,11 +302,14 @@ def run(args: argparse.Namespace) -> int:
     # Cheap refusals first: outputs that exist, a prompts file that cannot be read.
     paths = _check_outputs(args) if args.prompts_file is None else []
     prompts = _read_prompts(args) if args.prompts_file is not None else []
+    layout = _read_layout(args.layout) if args.layout is not None else None
     pipe = _load(args)
-    # Checked with the refiner's path standing in for the refiner: refused before it is loaded.
+    # Checked with the refiner's path standing in for the refiner (refused before it is loaded), and
+    # the layout's JSON for the layout (read on the canvas once the model may take one).
     request = _request(args, **_input_images(args), refiner=args.refiner, seed=0, prompt=args.prompt or prompts[0],
-                       preview=bool(args.preview_decoder), progress=not args.quiet)
+                       preview=bool(args.preview_decoder), progress=not args.quiet, layout=layout)
     check_request(pipe, request)  # UnsupportedOption (a ValueError): one line naming option and model
+    request = replace(request, layout=_layout(pipe, request, args.layout))
     refiner = t2i.load(args.refiner, precision=args.precision, quantizable=not _merges_loras(args)) \
         if args.refiner else None
     if refiner is not None and args.embedding_dir:  # it reads the same prompt: the same trigger words
@@ -341,6 +380,8 @@ def _expected(pipe, request: GenerationRequest, args: argparse.Namespace) -> tup
         free.add("Seed")
     if r.init_image is not None and r.strength is None:
         free.add("Denoising strength")
+    if r.layout is None:  # a layout model plans its own: known only once it has run
+        free.add("Layout")
     rerank = f", Rerank: {args.rerank}" if args.rerank > 1 else ""
     texts = [request_parameters(r, r.prompt, r.negative_prompt, r.seed + j, pipe.name, precision) + rerank
              for j in range(r.num_images)]

@@ -14,8 +14,14 @@ from PIL import Image, ImageDraw
 
 from t2i.imageio import format_parameters, parse_parameters, request_fields, request_parameters
 from t2i.layout.spec import Layout, LayoutError, LayoutObject, as_layout
-from t2i.systems.base import (Capabilities, GenerationDefaults, GenerationRequest, GenerationResult,
-                              RequestMethods, per_image)
+from t2i.systems.base import (
+    Capabilities,
+    GenerationDefaults,
+    GenerationRequest,
+    GenerationResult,
+    RequestMethods,
+    per_image,
+)
 
 
 class LayoutFake(RequestMethods):
@@ -27,7 +33,7 @@ class LayoutFake(RequestMethods):
     defaults = GenerationDefaults(sampler="euler", steps=2, guidance=3.0, width=32, height=32)
     capabilities = Capabilities(options=frozenset({"negative_prompt", "steps", "guidance", "sampler", "width",
                                                    "height", "layout"}), samplers=("euler",), native_size=(32, 32))
-    max_layout_objects = 3
+    max_objects = 3  # as ShapesLayoutPipeline.max_objects
 
     def __init__(self) -> None:
         self.requests: list[GenerationRequest] = []
