@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--rerank", type=int, default=1, metavar="K",
                    help="also judge sample-and-rank: K candidates per prompt (seeds seed..seed+K-1), the shapes "
                         "CLIP keeps one; reports --rerank 1 (the first candidate) against --rerank K on the same draws")
+    s.add_argument("--layouts", default=None, choices=["truth"],
+                   help="truth: draw each held-out prompt from its scene's true layout (boxes and phrases) instead "
+                        "of the model's own plan; models that take layouts only, held-out prompts only")
     s.set_defaults(func=run_shapes)
     _register_fid(kinds)
     _register_clip_score(kinds)
@@ -53,50 +56,64 @@ def run_shapes(args: argparse.Namespace) -> int:
     import t2i
     from t2i.data.shapes.heldout import heldout_prompts
     from t2i.data.shapes.prompts import first_per_family, read_prompt_file
-    from t2i.eval.shapes_judge import run_shapes_eval
+    from t2i.eval.shapes_judge import run_shapes_eval, truth_layouts
 
+    prompts = read_prompt_file(args.prompts) if args.prompts else None
+    if args.limit is not None:
+        prompts = first_per_family(prompts or heldout_prompts(), args.limit)
+    # prompt -> its scene's layout; refused (naming a prompt) before the model loads if it has no scene
+    layouts = truth_layouts([p for _, p in prompts or heldout_prompts()]) if args.layouts == "truth" else None
     pipe = t2i.load(args.model, precision=args.precision)
     settings = dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler, deepcache=args.deepcache,
                     preview=bool(args.preview_decoder))
-    checked_request(pipe, "", **settings)
+    # a model without the "layout" option is refused here, by name, before any image
+    checked_request(pipe, "", **settings, **({"layout": next(iter(layouts.values()))} if layouts else {}))
     if args.preview_decoder:
         from t2i.autoencoders.preview import PreviewDecoder
 
         pipe.preview_decoder = PreviewDecoder.load(args.preview_decoder, vae=pipe.vae.cfg)
-    prompts = read_prompt_file(args.prompts) if args.prompts else None
-    if args.limit is not None:
-        prompts = first_per_family(prompts or heldout_prompts(), args.limit)
 
     def generate(texts: list[str]) -> list:
+        if layouts is not None:  # a request holds one layout: one call per prompt
+            return [im for t in texts
+                    for im in pipe.run(checked_request(pipe, t, seed=args.seed, layout=layouts[t], **settings)).images]
         # one batched call per chunk of prompts, every prompt with the same seed
         return pipe.run(checked_request(pipe, texts, seed=[args.seed] * len(texts), **settings)).images
 
     precision = t2i.resolve_precision(args.precision, args.model)  # what `auto` became, for the report
     if args.rerank > 1:
-        return _run_shapes_rerank(pipe, prompts or heldout_prompts(), args, precision)
+        return _run_shapes_rerank(pipe, prompts or heldout_prompts(), args, precision, layouts)
     report = run_shapes_eval(generate, prompts, args.out)
-    summary = {k: report[k] for k in ("overall", "n", "accuracy")}
-    summary.update(precision=precision, model=pipe.name, family=pipe.family)
+    summary = {k: report[k] for k in ("overall", "n", "accuracy", "unseen_phrasing") if k in report}
+    summary.update(precision=precision, model=pipe.name, family=pipe.family, layouts=args.layouts or "model")
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out}/results.json and {args.out}/grid.png", file=sys.stderr)
     return 0
 
 
-def _run_shapes_rerank(pipe, prompts: list[tuple[str, str]], args: argparse.Namespace, precision: str) -> int:
-    """Judge accuracy of the first of K candidates against the shapes CLIP's pick, per family."""
+def _run_shapes_rerank(pipe, prompts: list[tuple[str, str]], args: argparse.Namespace, precision: str,
+                       layouts: dict | None = None) -> int:
+    """Judge accuracy of the first of K candidates against the shapes CLIP's pick, per family (and on
+    the prompts with held-out phrasings)."""
     from t2i.eval.rerank import judge_rerank_gain
-    from t2i.eval.shapes_judge import accuracy_by_family
+    from t2i.eval.shapes_judge import accuracy_by_family, unseen_phrasing
 
-    gain = judge_rerank_gain(pipe, [p for _, p in prompts], args.rerank, seed=args.seed, steps=args.steps,
+    texts = [p for _, p in prompts]
+    gain = judge_rerank_gain(pipe, texts, args.rerank, seed=args.seed, steps=args.steps,
                              guidance=args.guidance, sampler=args.sampler, deepcache=args.deepcache,
-                             preview=bool(args.preview_decoder), progress=False)
+                             preview=bool(args.preview_decoder), progress=False,
+                             layouts=[layouts[t] for t in texts] if layouts else None)
     families = [f for f, _ in prompts]
-    summary: dict = {"n": gain["n"], "k": args.rerank, "precision": precision}
+    summary: dict = {"n": gain["n"], "k": args.rerank, "precision": precision, "layouts": args.layouts or "model"}
     first = [row["candidates_ok"][0] for row in gain["per_prompt"]]
     kept = [row["candidates_ok"][row["kept"]] for row in gain["per_prompt"]]
+    unseen = {}
     for key, oks in (("rerank_1", first), (f"rerank_{args.rerank}", kept)):
         overall, acc, _ = accuracy_by_family(families, oks)
         summary[key] = {"overall": overall, **acc}
+        unseen[key] = unseen_phrasing([{"prompt": t, "family": f, "ok": ok}
+                                       for t, f, ok in zip(texts, families, oks, strict=True)])
+    summary["unseen_phrasing"] = unseen
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [{"family": f, **row} for f, row in zip(families, gain["per_prompt"], strict=True)]

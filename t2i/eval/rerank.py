@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from t2i.eval.clip_score import CLIP_SCORE_WEIGHT, ImageTextEmbedder, cosine_matrix
+from t2i.layout.spec import Layout
 from t2i.systems.base import GenerationRequest, Pipeline
 
 
@@ -100,19 +101,21 @@ def run_reranked(pipe: Pipeline, request: GenerationRequest, rerank: int, embedd
 
 
 def judge_rerank_gain(pipe, prompts: Sequence[str], k: int, embedder: ImageTextEmbedder | None = None, *,
-                      seed: int = 0, **settings) -> dict:
+                      seed: int = 0, layouts: Sequence[Layout] | None = None, **settings) -> dict:
     """Shapes-judge accuracy of `--rerank 1` against `--rerank k` on the same draws.
 
     Each prompt gets k candidates (seeds seed .. seed + k - 1): candidate 0 is exactly what
-    rerank 1 returns, the CLIP's best is what rerank k returns. Returns {"n", "k",
-    "rerank_1", "rerank_k"} (shares of prompts the judge accepts) and per-prompt verdicts.
+    rerank 1 returns, the CLIP's best is what rerank k returns. layouts: one per prompt, drawn
+    as given (a layout model's `layout` option). Returns {"n", "k", "rerank_1", "rerank_k"}
+    (shares of prompts the judge accepts) and per-prompt verdicts.
     """
     from t2i.eval.shapes_judge import judge
 
     embedder = embedder or default_embedder()
     plain, best, rows = 0, 0, []
-    for prompt in prompts:
-        images = pipe.generate(prompt, seed=seed, num_images=k, **settings).images
+    for i, prompt in enumerate(prompts):
+        given = {"layout": layouts[i]} if layouts is not None else {}
+        images = pipe.generate(prompt, seed=seed, num_images=k, **settings, **given).images
         r = rank(embedder, images, prompt)
         ok = [judge(im, prompt).ok for im in images]
         plain, best = plain + ok[0], best + ok[r.best]

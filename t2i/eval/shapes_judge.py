@@ -27,8 +27,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 from t2i.data import shapes as world
 from t2i.data.shapes.heldout import heldout_prompts
+from t2i.data.shapes.phrasings import uses_heldout_phrasing
 from t2i.data.shapes.prompts import Claims, ObjectClaim, PromptError, family_of, parse_prompt
 from t2i.data.shapes.world import FAMILIES
+from t2i.layout.spec import Layout
 
 MIN_AREA_64 = 12  # px on a 64x64 canvas
 # A component whose best template IoU is below this is not a shape (a smear, an
@@ -243,7 +245,8 @@ def evaluate(images: Sequence, prompts: Sequence[str], families: Sequence[str] |
     """Judges images[i] against prompts[i]. Returns JSON-ready results:
 
     {"overall": accuracy, "n": count, "accuracy": {family: accuracy}, "count": {family: n},
-     "results": [{"prompt", "family", "ok", "reasons"}, ...]}; families default to family_of.
+     "unseen_phrasing": unseen_phrasing(results), "results": [{"prompt", "family", "ok", "reasons"}, ...]};
+    families default to family_of.
     """
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
@@ -254,7 +257,33 @@ def evaluate(images: Sequence, prompts: Sequence[str], families: Sequence[str] |
         v = judge(image, claims)
         results.append({"prompt": prompt, "family": family, "ok": v.ok, "reasons": v.reasons})
     overall, acc, cnt = accuracy_by_family([r["family"] for r in results], [r["ok"] for r in results])
-    return {"overall": overall, "n": len(results), "accuracy": acc, "count": cnt, "results": results}
+    return {"overall": overall, "n": len(results), "accuracy": acc, "count": cnt,
+            "unseen_phrasing": unseen_phrasing(results), "results": results}
+
+
+def unseen_phrasing(results: Sequence[dict]) -> dict:
+    """The judge's accuracy on the prompts written with a phrasing held out of the layout model's
+    training (`t2i.data.shapes.phrasings`): {"n", "accuracy" (None when n is 0), "by_family",
+    "count"}. Reported for every model, so a model trained on them is read on the same subset."""
+    subset = [r for r in results if uses_heldout_phrasing(r["prompt"])]
+    overall, acc, cnt = accuracy_by_family([r["family"] for r in subset], [r["ok"] for r in subset])
+    return {"n": len(subset), "accuracy": overall if subset else None, "by_family": acc, "count": cnt}
+
+
+def truth_layouts(prompts: Sequence[str]) -> dict[str, Layout]:
+    """prompt -> the layout of the held-out scene it is the caption of (`t2i eval shapes --layouts
+    truth`: the judge's check of a layout-conditioned model given the true boxes). Raises ValueError
+    naming the prompts that are not held-out ones (no scene, so no truth)."""
+    from t2i.data.shapes.heldout import heldout_draws
+    from t2i.data.shapes.layouts import scene_layout
+
+    scenes = {prompt: scene for _family, scene, prompt in heldout_draws()}
+    missing = [p for p in prompts if p not in scenes]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"--layouts truth needs the judge's held-out prompts (their scenes give the layouts); "
+                         f"not one of them: {missing[0]!r}{more}")
+    return {p: scene_layout(scenes[p]) for p in prompts}
 
 
 def accuracy_by_family(families: Sequence[str], oks: Sequence[bool]) -> tuple[float, dict[str, float], dict[str, int]]:
@@ -318,4 +347,5 @@ def run_shapes_eval(generate: Callable[[list[str]], Sequence],
 
 
 __all__ = ["Detection", "PromptError", "Verdict", "accuracy_by_family", "analyse", "check", "detect", "evaluate",
-           "family_of", "heldout_prompts", "judge", "parse_prompt", "run_shapes_eval", "save_grid", "segment"]
+           "family_of", "heldout_prompts", "judge", "parse_prompt", "run_shapes_eval", "save_grid", "segment",
+           "truth_layouts", "unseen_phrasing"]
