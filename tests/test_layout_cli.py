@@ -19,6 +19,8 @@ from t2i.layout.spec import Layout, LayoutObject
 
 TWO = {"objects": [{"phrase": "a red circle", "box": [8, 0, 24, 16]},
                    {"phrase": "a blue square", "box": [0, 16, 32, 32]}]}
+AT_32 = Layout((LayoutObject("a red circle", (0.25, 0.0, 0.75, 0.5)),  # TWO on the fake's 32x32
+                LayoutObject("a blue square", (0.0, 0.5, 1.0, 1.0))))
 
 
 @pytest.fixture
@@ -39,11 +41,9 @@ def test_layout_file_reaches_the_model_in_pixels_of_the_image(fake, tmp_path):
     assert main(["generate", "a red circle above a blue square", "--layout", write(tmp_path, TWO), "--seed", "1",
                  "--out", str(out), "--quiet"]) == 0
     # No --width/--height: pixels are read on the model's 32x32.
-    expected = Layout((LayoutObject("a red circle", (0.25, 0.0, 0.75, 0.5)),
-                       LayoutObject("a blue square", (0.0, 0.5, 1.0, 1.0))))
-    assert fake.requests[-1].layout == expected
+    assert fake.requests[-1].layout == AT_32
     fields = request_fields(parse_parameters(Image.open(out).info["parameters"]))
-    assert fields["layout"] == expected and fields["width"] == 32
+    assert fields["layout"] == AT_32 and fields["width"] == 32
     # At 64x64 the same pixels are a quarter of the canvas.
     assert main(["generate", "x", "--layout", write(tmp_path, TWO), "--width", "64", "--height", "64", "--seed", "1",
                  "--out", str(tmp_path / "b.png"), "--quiet"]) == 0

@@ -390,4 +390,4 @@ def interrupted_parameters(r: GenerationRequest, prompt: str, negative: str, see
     """A1111 `parameters` of an image taken from an interrupted run (its settings as asked)."""
     return format_parameters(prompt, negative, steps=r.steps, sampler=r.sampler, schedule=r.schedule,
                              guidance=r.guidance, seed=seed, width=r.width, height=r.height, model=model,
-                             interrupted="true")
+                             layout=None if r.layout is None else r.layout.to_json(), interrupted="true")

@@ -16,12 +16,13 @@ import io
 import math
 import re
 from dataclasses import replace
-from typing import Literal
+from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from t2i.imageio import A1111_SAMPLER_NAMES
+from t2i.layout.spec import LayoutError, as_layout
 from t2i.seeds import RANDOM, random_seed
 from t2i.serve.config import Limits
 from t2i.systems.base import GenerationRequest, Pipeline, UnsupportedOption, check_request
@@ -42,6 +43,10 @@ class FieldError(ValueError):
 
 Seed = Field(default=-1, ge=-1, le=MAX_SEED, description="-1: random; the seed used is returned")
 Prompt = Field(default="", max_length=100_000)  # the configured (smaller) limit is checked in to_spec
+# t2i.layout.spec's JSON form (pixels on the request's width x height, or fractions), any JSON value
+# here: Resolver's as_layout checks it, with messages naming the object.
+LayoutParam = Field(default=None, description='for models that take a layout: {"units": "pixels" | "fractions", '
+                                               '"objects": [{"phrase": "a red circle", "box": [x0, y0, x1, y1]}, ...]}')
 
 
 class OpenAIImageRequest(BaseModel):
@@ -65,6 +70,7 @@ class OpenAIImageRequest(BaseModel):
     negative_prompt: str = Prompt
     sampler: str | None = Field(default=None, max_length=50)
     schedule: str | None = Field(default=None, max_length=20)
+    layout: Any = LayoutParam
 
 
 class JobRequest(BaseModel):
@@ -82,6 +88,7 @@ class JobRequest(BaseModel):
     seed: int = Seed
     sampler: str | None = Field(default=None, max_length=50)
     schedule: str | None = Field(default=None, max_length=20)
+    layout: Any = LayoutParam
 
 
 class A1111Txt2Img(BaseModel):
@@ -109,6 +116,7 @@ class A1111Txt2Img(BaseModel):
     tiling: bool | None = None
     subseed_strength: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
     script_name: str | None = None
+    layout: Any = LayoutParam  # ours: A1111 has none
 
 
 class A1111Img2Img(A1111Txt2Img):
@@ -186,7 +194,7 @@ def load_resized(image: Image.Image, size: tuple[int, int], field: str, mask: bo
 
 # The GenerationRequest fields every API names alike; each API maps the others to its own names.
 SAME_NAMES = ("prompt", "negative_prompt", "steps", "guidance", "width", "height", "seed", "sampler",
-              "schedule", "eta")
+              "schedule", "eta", "layout")
 
 
 class Resolver:
@@ -227,8 +235,9 @@ class Resolver:
         """A checked GenerationRequest from the settings the client gave (None values: not given).
 
         Refuses (FieldError, naming the client's field) an option the model cannot honour, then a
-        value over the limits or a cost over the budget; fills the model's defaults for the rest
-        and draws a random seed for -1."""
+        value over the limits or a cost over the budget, then a layout it cannot draw (naming the
+        object); fills the model's defaults for the rest and draws a random seed for -1. A layout's
+        pixels are read on the request's size, the model's default size where none is given."""
         f = {k: k for k in SAME_NAMES} | {"num_images": "n"} | (names or {})
         seed = given.pop("seed", -1)
         request = GenerationRequest(**{k: v for k, v in given.items() if v is not None})
@@ -240,6 +249,12 @@ class Resolver:
         request = replace(request, **{k: v for k, v in vars(d).items()
                                       if getattr(request, k) is None and self.caps.accepts(k)})
         self.check_limits(request, f)
+        try:
+            request = replace(request, layout=as_layout(request.layout, request.width or d.width,
+                                                        request.height or d.height,
+                                                        getattr(self.pipe, "max_objects", None)))
+        except LayoutError as e:
+            raise FieldError(f.get("layout", "layout"), str(e)) from None
         if request.eta is not None and request.sampler != "ddim":
             request = replace(request, eta=None)  # only DDIM reads it: other samplers batch with any eta
         if seed == RANDOM:
@@ -289,14 +304,14 @@ class Resolver:
         sampler, schedule = self.sampler(req.sampler, req.schedule, "sampler", "schedule")
         return self.request(dict(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed,
                                  num_images=req.n, steps=req.steps, guidance=req.guidance, sampler=sampler,
-                                 schedule=schedule, width=width, height=height),
+                                 schedule=schedule, width=width, height=height, layout=req.layout),
                             {"width": "size", "height": "size"})
 
     def job(self, req: JobRequest) -> GenerationRequest:
         sampler, schedule = self.sampler(req.sampler, req.schedule, "sampler", "schedule")
         return self.request(dict(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed,
                                  num_images=req.n, steps=req.steps, guidance=req.guidance, sampler=sampler,
-                                 schedule=schedule, width=req.width, height=req.height))
+                                 schedule=schedule, width=req.width, height=req.height, layout=req.layout))
 
     def a1111(self, req: A1111Txt2Img) -> GenerationRequest:
         """txt2img and img2img. Decodes the init image and mask (resized to the job's size), so the
@@ -312,7 +327,8 @@ class Resolver:
                  "schedule": "scheduler", "init_image": "init_images", "strength": "denoising_strength"}
         given = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed,
                      num_images=req.batch_size * req.n_iter, steps=req.steps, guidance=req.cfg_scale,
-                     sampler=sampler, schedule=schedule, eta=req.eta, width=req.width, height=req.height)
+                     sampler=sampler, schedule=schedule, eta=req.eta, width=req.width, height=req.height,
+                     layout=req.layout)
         if not isinstance(req, A1111Img2Img):
             return self.request(given, names)
         if len(req.init_images) > 1:

@@ -1,5 +1,6 @@
 // The t2i page: submits a job (POST /v1/jobs), polls it (GET /v1/jobs/{id}) for the progress bar,
-// and adds the finished images with their A1111 parameters to the gallery. Plain JS, no build step.
+// and adds the finished images with their A1111 parameters to the gallery; for models that take a
+// layout, a canvas where the user drags boxes and names what goes in each. Plain JS, no build step.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -59,6 +60,8 @@ async function loadInfo() {
       $(id).max = id === "width" ? info.limits.max_width : info.limits.max_height;
     }
     $("steps").max = info.limits.max_steps;
+    $("layout-box").hidden = !info.capabilities.options.includes("layout");
+    fitCanvas();
     const chosen = $("sampler").dataset.edited ? $("sampler").value : d.sampler;
     $("sampler").replaceChildren(...info.samplers.map((s) => {
       const o = document.createElement("option");
@@ -80,9 +83,100 @@ function keyChanged() {
 
 function request() {
   const num = (id) => ($(id).value === "" ? undefined : Number($(id).value));
-  return { prompt: $("prompt").value, negative_prompt: $("negative_prompt").value, width: num("width"),
-           height: num("height"), steps: num("steps"), guidance: num("guidance"),
-           seed: num("seed") ?? -1, sampler: $("sampler").value || undefined };
+  const body = { prompt: $("prompt").value, negative_prompt: $("negative_prompt").value, width: num("width"),
+                 height: num("height"), steps: num("steps"), guidance: num("guidance"),
+                 seed: num("seed") ?? -1, sampler: $("sampler").value || undefined };
+  if (!$("layout-box").hidden && boxes.length) body.layout = layoutPixels(body.width, body.height);
+  return body;
+}
+
+// ------------------------------------------------------------------ layout canvas
+// Boxes are kept as fractions of the canvas, which has the image's aspect, and sent in pixels of the
+// requested width x height (the server reads them as t2i.layout.spec's JSON form).
+const MIN_BOX = 0.02; // a smaller drag is a click, not a box
+let boxes = [];       // [{box: [x0, y0, x1, y1] fractions, phrase}]
+let drag = null;      // {start: [x, y], el} while the pointer draws a box
+
+function fitCanvas() {
+  const w = Number($("width").value) || 1, h = Number($("height").value) || 1;
+  $("layout-canvas").style.aspectRatio = `${w} / ${h}`;
+  $("layout-canvas").style.width = `min(100%, ${(16 * w) / h}rem)`; // a tall image stays on screen
+}
+
+function layoutPixels(width, height) {
+  const px = (f, size) => Math.min(Math.max(Math.round(f * size), 0), size);
+  return { units: "pixels", objects: boxes.map(({ box: [x0, y0, x1, y1], phrase }) => {
+    const [a, b] = [px(x0, width), px(y0, height)];
+    return { phrase, box: [Math.min(a, width - 1), Math.min(b, height - 1),
+                           Math.max(px(x1, width), a + 1), Math.max(px(y1, height), b + 1)] };
+  }) };
+}
+
+function placeBox(el, [x0, y0, x1, y1]) {
+  Object.assign(el.style, { left: `${x0 * 100}%`, top: `${y0 * 100}%`, width: `${(x1 - x0) * 100}%`,
+                            height: `${(y1 - y0) * 100}%` });
+}
+
+function boxLabel(i) {
+  return `${i + 1}${boxes[i].phrase ? ": " + boxes[i].phrase : ""}`;
+}
+
+function renderLayout() {
+  $("layout-canvas").replaceChildren(...boxes.map((b, i) => {
+    const el = document.createElement("div");
+    el.className = "layout-box";
+    el.textContent = boxLabel(i);
+    placeBox(el, b.box);
+    return el;
+  }));
+  $("layout-list").replaceChildren(...boxes.map((b, i) => {
+    const li = document.createElement("li");
+    const input = document.createElement("input");
+    input.className = "layout-phrase";
+    input.placeholder = "what goes in box " + (i + 1);
+    input.value = b.phrase;
+    input.addEventListener("input", () => {
+      b.phrase = input.value;
+      $("layout-canvas").children[i].textContent = boxLabel(i);
+    });
+    const del = document.createElement("button");
+    del.type = "button"; del.className = "layout-delete"; del.textContent = "Delete";
+    del.addEventListener("click", () => { boxes.splice(i, 1); renderLayout(); });
+    li.append(input, del);
+    return li;
+  }));
+  $("layout-clear").disabled = !boxes.length;
+}
+
+function canvasPoint(ev) {
+  const r = $("layout-canvas").getBoundingClientRect();
+  const clamp = (v) => Math.min(Math.max(v, 0), 1);
+  return [clamp((ev.clientX - r.left) / r.width), clamp((ev.clientY - r.top) / r.height)];
+}
+
+function dragBox(ev) {
+  const [[ax, ay], [bx, by]] = [drag.start, canvasPoint(ev)];
+  return [Math.min(ax, bx), Math.min(ay, by), Math.max(ax, bx), Math.max(ay, by)];
+}
+
+function startDrag(ev) {
+  if (ev.button !== 0) return;
+  ev.preventDefault();
+  $("layout-canvas").setPointerCapture(ev.pointerId);
+  drag = { start: canvasPoint(ev), el: document.createElement("div") };
+  drag.el.className = "layout-box drawing";
+  $("layout-canvas").append(drag.el);
+  placeBox(drag.el, dragBox(ev));
+}
+
+function endDrag(ev) {
+  if (!drag) return;
+  const box = dragBox(ev);
+  drag = null;
+  const added = box[2] - box[0] >= MIN_BOX && box[3] - box[1] >= MIN_BOX;
+  if (added) boxes.push({ box, phrase: "" });
+  renderLayout();
+  if (added) [...document.querySelectorAll(".layout-phrase")].at(-1).focus(); // type its phrase next
 }
 
 function addToGallery(image) {
@@ -145,5 +239,11 @@ $("api_key").value = localStorage.getItem("t2i_api_key") || "";
 $("form").addEventListener("submit", generate);
 $("cancel").addEventListener("click", cancel);
 $("api_key").addEventListener("change", keyChanged);
+$("layout-canvas").addEventListener("pointerdown", startDrag);
+$("layout-canvas").addEventListener("pointermove", (ev) => { if (drag) placeBox(drag.el, dragBox(ev)); });
+$("layout-canvas").addEventListener("pointerup", endDrag);
+$("layout-canvas").addEventListener("pointercancel", () => { drag = null; renderLayout(); });
+$("layout-clear").addEventListener("click", () => { boxes = []; renderLayout(); });
+for (const id of ["width", "height"]) $(id).addEventListener("input", fitCanvas);
 for (const id of DEFAULTED) $(id).addEventListener("input", () => { $(id).dataset.edited = "1"; });
 loadInfo();
