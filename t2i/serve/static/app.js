@@ -149,9 +149,11 @@ function renderLayout() {
 }
 
 function canvasPoint(ev) {
-  const r = $("layout-canvas").getBoundingClientRect();
+  // Boxes are placed inside the canvas's border: measure from its inner (client) edge.
+  const c = $("layout-canvas"), r = c.getBoundingClientRect();
   const clamp = (v) => Math.min(Math.max(v, 0), 1);
-  return [clamp((ev.clientX - r.left) / r.width), clamp((ev.clientY - r.top) / r.height)];
+  return [clamp((ev.clientX - r.left - c.clientLeft) / c.clientWidth),
+          clamp((ev.clientY - r.top - c.clientTop) / c.clientHeight)];
 }
 
 function dragBox(ev) {
