@@ -100,3 +100,20 @@ def test_prompts_file_resumes_with_planned_and_given_layouts(fake, tmp_path, cap
         assert len(fake.requests) == runs and "2 prompt(s) already done" in capsys.readouterr().err
         params = parse_parameters(Image.open(out / "0001.png").info["parameters"])
         assert json.loads(params["Layout"])["objects"][0]["phrase"] == ("a red circle" if layout else "a blue square")
+
+
+def test_the_layout_model_records_the_given_layout_and_regenerates_from_it(monkeypatch, tmp_path):
+    """The real renderer (tiny, random, no planner): the PNG's Layout gives the same image back."""
+    from t2i.systems.shapes_layout import load_layout_model, write_tiny_model
+
+    model = write_tiny_model(tmp_path / "tiny")  # 16x16 images
+    monkeypatch.setattr(t2i, "load", lambda model=None, **k: load_layout_model(model))
+    out = tmp_path / "a.png"
+    assert main(["generate", "a red circle", "--model", str(model), "--layout",
+                 write(tmp_path, [{"phrase": "a red circle", "box": [4, 0, 12, 8]}]),
+                 "--steps", "2", "--seed", "3", "--out", str(out), "--quiet"]) == 0
+    fields = request_fields(parse_parameters(Image.open(out).info["parameters"]))
+    assert fields["layout"] == Layout(AT_32.objects[:1])  # 4..12 px of 16: the same fractions as TWO on 32
+    pipe = load_layout_model(model)
+    again = pipe.generate(**{k: v for k, v in fields.items() if k not in ("model", "precision")}).images[0]
+    assert again.tobytes() == Image.open(out).convert("RGB").tobytes()
