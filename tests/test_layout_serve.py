@@ -4,6 +4,7 @@ the object, and a model without layouts refuses the field by name, both before a
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -67,6 +68,7 @@ def test_a1111_and_openai_routes_take_a_layout(server, fake):
     assert code == 200, answer
     assert fake.requests[-1].layout == AT_32
     assert request_fields(parse_parameters(png(answer["images"][0]).info["parameters"]))["layout"] == AT_32
+    assert json.loads(answer["info"])["extra_generation_params"]["Layout"] == AT_32.to_json()
     code, _, answer = request("POST", server.url + "/v1/images/generations",
                               {"prompt": "x", "size": "64x64", "response_format": "b64_json", "layout": fractions})
     assert code == 200, answer

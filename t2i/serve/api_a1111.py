@@ -33,7 +33,8 @@ def generation_info(ctx: ServeContext, r: GenerationRequest, job: Job, batch_siz
             "sampler_name": A1111_SAMPLER_NAMES.get(r.sampler or "", r.sampler),
             "scheduler": (r.schedule or "").capitalize(), "cfg_scale": r.guidance, "steps": r.steps,
             "batch_size": batch_size, "restore_faces": False, "sd_model_name": ctx.pipe.name,
-            "denoising_strength": r.strength, "styles": [], "extra_generation_params": {},
+            "denoising_strength": r.strength, "styles": [],
+            "extra_generation_params": {} if r.layout is None else {"Layout": r.layout.to_json()},
             "index_of_first_image": 0, "infotexts": [o.parameters for o in job.outputs],
             "job_timestamp": timestamp(job), "clip_skip": 1, "is_using_inpainting_conditioning": False,
             "version": "t2i", "warnings": job.warnings}
