@@ -75,7 +75,8 @@ def test_a1111_and_openai_routes_take_a_layout(server, fake):
     assert fake.requests[-1].layout == AT_32  # fractions: the same at any size
 
 
-BAD = [*CLI_BAD, (7, "a layout is", "objects")]  # not a dict, list or string
+BAD = [*CLI_BAD, (7, "a layout is", "objects"),  # not a dict, list or string
+       ([{"phrase": "a" * 4001, "box": [0, 0, 8, 8]}], "layout object 1", "4001 characters; at most 4000")]
 
 
 @pytest.mark.parametrize("path", ["/v1/jobs", "/sdapi/v1/txt2img", "/v1/images/generations"])

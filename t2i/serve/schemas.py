@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from t2i.imageio import A1111_SAMPLER_NAMES
-from t2i.layout.spec import LayoutError, as_layout
+from t2i.layout.spec import Layout, LayoutError, as_layout
 from t2i.seeds import RANDOM, random_seed
 from t2i.serve.config import Limits
 from t2i.systems.base import GenerationRequest, Pipeline, UnsupportedOption, check_request
@@ -249,12 +249,7 @@ class Resolver:
         request = replace(request, **{k: v for k, v in vars(d).items()
                                       if getattr(request, k) is None and self.caps.accepts(k)})
         self.check_limits(request, f)
-        try:
-            request = replace(request, layout=as_layout(request.layout, request.width or d.width,
-                                                        request.height or d.height,
-                                                        getattr(self.pipe, "max_objects", None)))
-        except LayoutError as e:
-            raise FieldError(f.get("layout", "layout"), str(e)) from None
+        request = replace(request, layout=self.layout(request, f["layout"]))
         if request.eta is not None and request.sampler != "ddim":
             request = replace(request, eta=None)  # only DDIM reads it: other samplers batch with any eta
         if seed == RANDOM:
@@ -262,6 +257,21 @@ class Resolver:
         if seed + request.num_images - 1 > MAX_SEED:
             raise FieldError(f["seed"], f"seed + image count exceeds {MAX_SEED}")
         return replace(request, seed=seed)
+
+    def layout(self, r: GenerationRequest, field: str) -> Layout | None:
+        """The client's layout JSON (r.layout) as a Layout, pixels read on the request's size (the
+        model's default where none is given), no more objects than the model draws and no phrase
+        longer than a prompt may be; FieldError naming the object otherwise."""
+        d, top = self.pipe.defaults, self.limits.max_prompt_chars
+        try:
+            layout = as_layout(r.layout, r.width or d.width, r.height or d.height,
+                               getattr(self.pipe, "max_objects", None))
+        except LayoutError as e:
+            raise FieldError(field, str(e)) from None
+        for i, o in enumerate(layout.objects if layout is not None else ()):
+            if len(o.phrase) > top:
+                raise FieldError(field, f"layout object {i + 1}: a phrase of {len(o.phrase)} characters; at most {top}")
+        return layout
 
     def check_limits(self, r: GenerationRequest, f: dict[str, str]) -> None:
         """FieldError for the first setting over the limits, or for a cost over the budget."""
