@@ -23,6 +23,7 @@ from t2i.systems.base import ShippedModel, System
 # so the order only decides which family is asked first.
 FAMILY_MODULES: tuple[str, ...] = (
     "t2i.systems.shapes_ldm",
+    "t2i.systems.shapes_layout",
     "t2i.systems.ddpm",
     "t2i.systems.stable_diffusion",
     "t2i.systems.dit",

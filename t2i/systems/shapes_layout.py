@@ -38,7 +38,7 @@ from t2i.checkpoints.io import (
 )
 from t2i.checkpoints.limits import build_checked, check_schedule, fill
 from t2i.data.shapes_vocab import out_of_world_warning
-from t2i.layout.spec import Layout
+from t2i.layout.spec import Layout, as_layout
 from t2i.nets.layout_unet import LayoutConfig, LayoutUNet, pack_layout
 from t2i.systems.base import Capabilities, GenerationRequest, GenerationResult, System, per_image
 from t2i.systems.latent_diffusion import GenerationDefaults, LatentDiffusionPipeline
@@ -146,13 +146,18 @@ class ShapesLayoutPipeline(LatentDiffusionPipeline):
         return replace(caps, options=caps.options | {"layout"})
 
     def run(self, request: GenerationRequest) -> GenerationResult:
-        if request.layout is not None:
-            request.layout.check(self.max_objects)
-            return super().run(request)
-        if self.planner is None:
-            raise ValueError(f"{self.name} has no layout planner: give a layout")
+        size = request.with_defaults(self.defaults)  # a layout in pixels is read on the image's size
+        layout = as_layout(request.layout, size.width, size.height, self.max_objects)
+        if layout is not None:
+            return super().run(replace(request, layout=layout))
         prompts, negatives, seeds = per_image(request.prompt, request.negative_prompt, request.seed,
                                               request.num_images)
+        if self.planner is None:  # the renderer's no-layout mode (its layout dropout): the caption alone
+            result = super().run(replace(request, prompt=prompts, negative_prompt=negatives, seed=seeds,
+                                         num_images=1, layout=Layout(())))
+            result.warnings.append(f"{self.name} has no layout planner: drawn from the caption alone "
+                                   "(give a layout to place the objects)")
+            return result
         # One run per image: each image is drawn from its own planned layout.
         results = [super(ShapesLayoutPipeline, self).run(replace(
             request, prompt=p, negative_prompt=n, seed=s, num_images=1, layout=self.planner(p, s)))
