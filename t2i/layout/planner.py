@@ -8,9 +8,11 @@ phrasings it was not trained on still land near the ones it was); the layout is 
 
     [BOS] background (colour shape size s x y)*n [END]        n = 1 .. max_objects
 
-with one vocabulary holding each field's values at its own offset, and x, y (top-left corner) and
-s (box side) integers on the 64x64 canvas (`t2i.data.shapes.world.ShapeObject`). The side comes
-before the corner so that decoding can keep the box inside the canvas. Decoding masks the logits to
+with one vocabulary holding each field's values at its own offset: s is the box side and cx, cy its
+centre rounded down (x + s // 2 for the top-left corner x), integers on the 64x64 canvas, a one-to-one
+code of `t2i.data.shapes.world.ShapeObject`'s box. Centres rather than corners because what captions
+say about places (a region, a relation) is a comparison of centres, which then needs no size; the side
+comes first so that decoding can keep the box inside the canvas. Decoding masks the logits to
 the field expected at each position (the layout format's own grammar; the caption's is learned), and
 geometry alone decides validity: boxes inside the canvas and at least MIN_GAP apart, enforced by
 masking the corner values that would break them and resampling any layout that still does.
@@ -35,10 +37,10 @@ from t2i.nets.transformer import MLP
 SYSTEM = "layout_planner"  # the "t2i_system" of the saved file
 
 # ------------------------------------------------------------------------------------- vocabulary
-FIELDS = ("colour", "shape", "size", "s", "x", "y")  # one object's tokens, in order
+FIELDS = ("colour", "shape", "size", "s", "cx", "cy")  # one object's tokens, in order
 VALUES: dict[str, tuple] = {
     "background": lang.BACKGROUNDS, "colour": lang.COLOURS, "shape": lang.SHAPES, "size": lang.SIZE_WORDS,
-    "s": tuple(range(CANVAS)), "x": tuple(range(CANVAS)), "y": tuple(range(CANVAS)),
+    "s": tuple(range(CANVAS)), "cx": tuple(range(CANVAS)), "cy": tuple(range(CANVAS)),
 }
 BOS, END = 0, 1
 OFFSET: dict[str, int] = {}
@@ -47,7 +49,7 @@ for _name in ("background", *FIELDS):
     OFFSET[_name] = _next
     _next += len(VALUES[_name])
 VOCAB = _next
-NUMERIC = ("s", "x", "y")
+NUMERIC = ("s", "cx", "cy")
 
 
 def field_at(t: int, max_objects: int) -> str:
@@ -102,8 +104,9 @@ def encode_layout(background: str, objects: list[ShapeObject]) -> list[int]:
     """The token sequence of a layout (BOS ... END)."""
     out = [BOS, OFFSET["background"] + VALUES["background"].index(background)]
     for o in objects:
-        for f in FIELDS:
-            out.append(OFFSET[f] + VALUES[f].index(getattr(o, f)))
+        values = {"colour": o.colour, "shape": o.shape, "size": o.size, "s": o.s, "cx": o.x + o.s // 2,
+                  "cy": o.y + o.s // 2}
+        out += [OFFSET[f] + VALUES[f].index(values[f]) for f in FIELDS]
     return out + [END]
 
 
@@ -113,7 +116,8 @@ def decode_tokens(tokens: list[int]) -> Plan:
     objects, i = [], 2
     while i + len(FIELDS) <= len(tokens) and tokens[i] != END:
         v = {f: VALUES[f][tokens[i + j] - OFFSET[f]] for j, f in enumerate(FIELDS)}
-        objects.append(ShapeObject(v["shape"], v["colour"], v["size"], v["x"], v["y"], v["s"]))
+        s = v["s"]
+        objects.append(ShapeObject(v["shape"], v["colour"], v["size"], v["cx"] - s // 2, v["cy"] - s // 2, s))
         i += len(FIELDS)
     return Plan(background, objects, geometry_ok(objects))
 
@@ -167,7 +171,7 @@ class DecoderBlock(nn.Module):
 
 def _value_table(n_features: int) -> torch.Tensor:
     """(VOCAB, n_features) sin/cos of each numeric token's value at geometric frequencies (zero rows
-    for the other tokens): lets the embedding of x=30 start out near x=31, so comparisons between
+    for the other tokens): lets the embedding of cx=30 start out near cx=31, so comparisons between
     coordinates (a relation, a region) need not be learned from scratch for every bin."""
     table = torch.zeros(VOCAB, n_features)
     half = n_features // 2
@@ -225,25 +229,24 @@ class LayoutPlanner(nn.Module):
     def sample_tokens(self, context: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator | None,
                       temperature: float = 1.0) -> torch.Tensor:
         """Autoregressive sampling, one layout per context row -> tokens (B, seq_len) (END-padded).
-        Side, corner: masked so the box stays inside the canvas and y keeps MIN_GAP from the boxes
-        already placed (when no y can, the row is left unmasked and fails `geometry_ok`)."""
+        Centres are masked so the box stays inside the canvas and, for cy, keeps MIN_GAP from the boxes
+        already placed (when no cy can, the row is left unmasked and fails `geometry_ok`)."""
         b, n = context.shape[0], seq_len(self.cfg.max_objects)
         tokens = torch.full((b, 1), BOS, dtype=torch.long)
         done = torch.zeros(b, dtype=torch.bool)
-        grid = torch.arange(CANVAS)
-        boxes: list[tuple[torch.Tensor, ...]] = []  # (x, y, s) per object placed, each (B,)
-        s = x = None
+        corner = torch.arange(CANVAS)[None, :]  # (1, 64): the corner each centre value gives, plus s // 2
+        boxes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (x, y, s) per object placed, (B,) each
+        s = x = torch.zeros(b, dtype=torch.long)
         for t in range(1, n):
             logits = self(tokens, context, mask)[:, -1].float()  # (B, VOCAB)
             field = field_at(t, self.cfg.max_objects)
-            if field in ("x", "y"):
-                limit = CANVAS - s  # (B,) largest corner that keeps the box inside
-                ok = grid[None, :] <= limit[:, None]  # (B, 64)
-                if field == "y":
+            if field in ("cx", "cy"):
+                lo = corner - (s // 2)[:, None]  # (B, 64) the corner of each centre value
+                ok = (lo >= 0) & (lo + s[:, None] <= CANVAS)
+                if field == "cy":
                     for px, py, ps in boxes:
                         near_x = torch.maximum(px - (x + s), x - (px + ps)) < MIN_GAP  # (B,)
-                        near_y = torch.maximum(py[:, None] - (grid[None] + s[:, None]),
-                                               grid[None] - (py + ps)[:, None]) < MIN_GAP  # (B, 64)
+                        near_y = torch.maximum(py[:, None] - (lo + s[:, None]), lo - (py + ps)[:, None]) < MIN_GAP
                         ok &= ~(near_x[:, None] & near_y)
                 ok |= ~ok.any(1, keepdim=True)  # nothing fits: sample freely, the row fails later
                 sl = logits[:, OFFSET[field]:OFFSET[field] + CANVAS]
@@ -257,10 +260,10 @@ class LayoutPlanner(nn.Module):
                 value = (nxt - OFFSET[field]).clamp(0, CANVAS - 1)
                 if field == "s":
                     s = value
-                elif field == "x":
-                    x = value
+                elif field == "cx":
+                    x = value - s // 2
                 else:
-                    boxes.append((x, value, s))
+                    boxes.append((x, value - s // 2, s))
             if bool(done.all()):
                 break
         return tokens
@@ -271,8 +274,7 @@ class LayoutPlanner(nn.Module):
         """One layout per caption. Layouts invalid on geometry are resampled up to `tries` times in
         all (the last one is returned, marked valid=False, if none was). Different generators give
         different layouts."""
-        enc = (text_encoder or self.text_encoder()).encode(list(captions))
-        context, mask = enc.context.float(), enc.mask
+        context, mask = text_states(text_encoder or self.text_encoder(), captions)
         out: list[Plan | None] = [None] * len(captions)
         todo = list(range(len(captions)))
         for attempt in range(tries):
@@ -304,6 +306,18 @@ class LayoutPlanner(nn.Module):
         planner = load_checked_file(path, SYSTEM, "a layout planner file", LayoutPlannerConfig, cls)
         planner._make_tables()
         return planner
+
+
+def text_states(encoder: nn.Module, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """MiniLM context (B, T, context_dim) and mask (B, T) of the captions, cut to the longest caption's
+    tokens: the padding is masked out of the cross-attention anyway, and dropping it halves the cost
+    of projecting the text for a step (shapes captions are ~14 of the 32 tokens)."""
+    enc = encoder.encode(list(captions))
+    context, mask = enc.context.float(), enc.mask
+    if mask is None:
+        return context, None
+    n = max(int(mask.sum(1).max()), 1)
+    return context[:, :n], mask[:, :n]
 
 
 def planner_loss(net: nn.Module, tokens: torch.Tensor, lengths: torch.Tensor, context: torch.Tensor,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from t2i.data.shapes.heldout import heldout_prompts
-from t2i.layout.planner import LayoutPlanner, LayoutPlannerConfig, planner_config, planner_loss
+from t2i.layout.planner import LayoutPlanner, LayoutPlannerConfig, planner_config, planner_loss, text_states
 from t2i.layout.planner_data import planner_batch
 from t2i.layout.planner_eval import evaluate_planner
 from t2i.train.clip import cosine_lr
@@ -71,8 +71,7 @@ def build_planner(cfg: PlannerTrainConfig, run: Run) -> Task:
     def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
         """tokens (B, N), lengths (B,), MiniLM context (B, T, 384), mask (B, T)."""
         captions, tokens, lengths = planner_batch(cfg.seed, batch_indices(position, cfg.batch_size, run.info))
-        enc = text.encode(captions)
-        return tokens, lengths, enc.context.float(), enc.mask
+        return tokens, lengths, *text_states(text, captions)
 
     def step(batch: tuple[torch.Tensor, ...], s: Step) -> dict[str, float]:
         loss = planner_loss(net, *batch)
