@@ -18,6 +18,7 @@ draws given layouts only). The text encoder is the frozen MiniLM, as for the def
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from t2i.checkpoints.io import (
 )
 from t2i.checkpoints.limits import build_checked, check_schedule, fill
 from t2i.data.shapes_vocab import out_of_world_warning
+from t2i.layout.planner import LayoutPlanner, planner_config, to_layout
 from t2i.layout.spec import Layout, as_layout
 from t2i.nets.layout_unet import LayoutConfig, LayoutUNet, pack_layout
 from t2i.systems.base import Capabilities, GenerationRequest, GenerationResult, System, per_image
@@ -58,6 +60,7 @@ class ShapesLayoutConfig:
     # Classifier-free guidance pushes away from the empty caption; with guide_layout the
     # unconditional branch also loses the layout, so guidance strengthens the boxes too.
     guide_layout: bool = False
+    planner_temperature: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -122,12 +125,23 @@ def encode_layouts(layouts: list[Layout], phrases: PhraseEncoder, max_objects: i
                        [phrases([o.phrase for o in lay.objects]) for lay in layouts], max_objects)
 
 
+def planner_sampler(planner: LayoutPlanner, text_encoder: nn.Module,
+                    temperature: float = 1.0) -> Callable[[str, int], Layout]:
+    """(prompt, seed) -> the layout the planner samples for it from that seed."""
+
+    def plan(prompt: str, seed: int) -> Layout:
+        generator = torch.Generator().manual_seed(seed)
+        return to_layout(planner.plan([prompt], generator, temperature, text_encoder=text_encoder)[0])
+
+    return plan
+
+
 class ShapesLayoutPipeline(LatentDiffusionPipeline):
     """The latent diffusion pipeline with a layout: `request.layout`, or one the planner samples per
     image from its prompt and seed (the planner draws from the image's own seed, so a seed gives the
     same picture)."""
 
-    def __init__(self, model: ShapesLayoutModel, text_encoder: nn.Module, planner: Any = None,
+    def __init__(self, model: ShapesLayoutModel, text_encoder: nn.Module, planner: LayoutPlanner | None = None,
                  name: str = "t2i-shapes-layout") -> None:
         c = model.cfg.ldm
         defaults = GenerationDefaults(sampler=c.sampler, steps=c.steps, guidance=c.guidance,
@@ -135,7 +149,8 @@ class ShapesLayoutPipeline(LatentDiffusionPipeline):
         super().__init__(model.unet, model.vae, text_encoder, c.schedule, name=name, family=SYSTEM_NAME,
                          defaults=defaults)
         self.prompt_check = out_of_world_warning
-        self.planner = planner  # (prompt, seed) -> Layout, or None: given layouts only
+        self.planner = planner  # None: the caption alone unless a layout is given
+        self.planner_temperature = model.cfg.planner_temperature
         self.phrases = PhraseEncoder(text_encoder)
         self.max_objects = model.cfg.max_objects
         self.guide_layout = model.cfg.guide_layout
@@ -150,9 +165,11 @@ class ShapesLayoutPipeline(LatentDiffusionPipeline):
         layout = as_layout(request.layout, size.width, size.height, self.max_objects)
         if layout is not None:
             return super().run(replace(request, layout=layout))
+        plan = None if self.planner is None else planner_sampler(self.planner, self.text_encoder,
+                                                                 self.planner_temperature)
         prompts, negatives, seeds = per_image(request.prompt, request.negative_prompt, request.seed,
                                               request.num_images)
-        if self.planner is None:  # the renderer's no-layout mode (its layout dropout): the caption alone
+        if plan is None:  # the renderer's no-layout mode (its layout dropout): the caption alone
             result = super().run(replace(request, prompt=prompts, negative_prompt=negatives, seed=seeds,
                                          num_images=1, layout=Layout(())))
             result.warnings.append(f"{self.name} has no layout planner: drawn from the caption alone "
@@ -160,7 +177,7 @@ class ShapesLayoutPipeline(LatentDiffusionPipeline):
             return result
         # One run per image: each image is drawn from its own planned layout.
         results = [super(ShapesLayoutPipeline, self).run(replace(
-            request, prompt=p, negative_prompt=n, seed=s, num_images=1, layout=self.planner(p, s)))
+            request, prompt=p, negative_prompt=n, seed=s, num_images=1, layout=plan(p, s)))
             for p, n, s in zip(prompts, negatives, seeds, strict=True)]
         return GenerationResult([im for r in results for im in r.images], torch.cat([r.sample for r in results]),
                                 seeds, list(dict.fromkeys(w for r in results for w in r.warnings)),
@@ -186,12 +203,8 @@ def load_layout_model(path: str | Path, dtype: torch.dtype = torch.float32) -> S
     file = system_file(path)
     model = ShapesLayoutModel.load(file)
     text_encoder = load_text_encoder(model.cfg.ldm)
-    planner = None
     planner_file = file.parent / "planner.safetensors"
-    if planner_file.is_file():
-        from t2i.layout.planner import load_planner_callable
-
-        planner = load_planner_callable(planner_file, text_encoder)
+    planner = LayoutPlanner.load(planner_file) if planner_file.is_file() else None
     name = file.parent.name if file.name == "model.safetensors" else file.stem
     pipe = ShapesLayoutPipeline(model, text_encoder, planner, name=name)
     if dtype != torch.float32:
@@ -201,12 +214,14 @@ def load_layout_model(path: str | Path, dtype: torch.dtype = torch.float32) -> S
 
 
 def write_tiny_model(folder: Path, seed: int = 0) -> Path:
-    """A random renderer of the tiny presets (16x16 images) as `folder/model.safetensors` (no planner)."""
+    """A random renderer of the tiny presets (16x16 images) as `folder/model.safetensors`, and a random
+    tiny planner beside it."""
     torch.manual_seed(seed)
     ldm = preset_config("tiny", "tiny")
     ldm.image_size = ldm.vae.sample_size
     folder.mkdir(parents=True, exist_ok=True)
     ShapesLayoutModel(ShapesLayoutConfig(ldm=ldm)).save(folder / "model.safetensors")
+    LayoutPlanner(planner_config("tiny")).save(folder / "planner.safetensors")
     return folder / "model.safetensors"
 
 
