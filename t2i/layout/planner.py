@@ -140,7 +140,11 @@ class LayoutPlannerConfig:
     context_dim: int = 384  # MiniLM's token states
     text_length: int = 32  # MiniLM window (tokens)
     max_objects: int = 4
-    value_features: int = 16  # sinusoidal features of numeric tokens' values (x, y, s) added to their embedding
+    value_features: int = 16  # sinusoidal features of numeric tokens' values (s, cx, cy) added to their embedding
+    # Numeric logits also get a smooth part, the same features dotted with a projection of the state:
+    # one direction of it moves the mass of a whole coordinate range ('on the left' -> cx < 24), which
+    # per-bin logits would learn bin by bin.
+    value_head: bool = True
 
 
 PLANNER_PRESETS = {
@@ -198,6 +202,7 @@ class LayoutPlanner(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(cfg.width, cfg.heads, cfg.mlp_dim) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, VOCAB)
+        self.value_head = nn.Linear(cfg.width, cfg.value_features, bias=False) if cfg.value_head else None
         self._make_tables()
         self._text_encoder: nn.Module | None = None  # loaded on first `plan` without one; not a submodule
 
@@ -213,7 +218,10 @@ class LayoutPlanner(nn.Module):
         ctx = self.text_proj(self.text_norm(context))  # (B, T, width)
         for block in self.blocks:
             x = block(x, ctx, mask)
-        logits = self.head(self.norm(x))  # (B, N, VOCAB)
+        x = self.norm(x)
+        logits = self.head(x)  # (B, N, VOCAB)
+        if self.value_head is not None:
+            logits = logits + self.value_head(x) @ self.values.T
         return logits.masked_fill(~self.allowed[:n], float("-inf"))
 
     # --------------------------------------------------------------------------------- sampling
@@ -230,7 +238,7 @@ class LayoutPlanner(nn.Module):
                       temperature: float = 1.0) -> torch.Tensor:
         """Autoregressive sampling, one layout per context row -> tokens (B, seq_len) (END-padded).
         Centres are masked so the box stays inside the canvas and, for cy, keeps MIN_GAP from the boxes
-        already placed (when no cy can, the row is left unmasked and fails `geometry_ok`)."""
+        already placed (when no cy can, the row keeps only the canvas mask and fails `geometry_ok`)."""
         b, n = context.shape[0], seq_len(self.cfg.max_objects)
         tokens = torch.full((b, 1), BOS, dtype=torch.long)
         done = torch.zeros(b, dtype=torch.bool)
@@ -242,13 +250,14 @@ class LayoutPlanner(nn.Module):
             field = field_at(t, self.cfg.max_objects)
             if field in ("cx", "cy"):
                 lo = corner - (s // 2)[:, None]  # (B, 64) the corner of each centre value
-                ok = (lo >= 0) & (lo + s[:, None] <= CANVAS)
+                inside = (lo >= 0) & (lo + s[:, None] <= CANVAS)  # never empty: s <= 63
+                ok = inside.clone()
                 if field == "cy":
                     for px, py, ps in boxes:
                         near_x = torch.maximum(px - (x + s), x - (px + ps)) < MIN_GAP  # (B,)
                         near_y = torch.maximum(py[:, None] - (lo + s[:, None]), lo - (py + ps)[:, None]) < MIN_GAP
                         ok &= ~(near_x[:, None] & near_y)
-                ok |= ~ok.any(1, keepdim=True)  # nothing fits: sample freely, the row fails later
+                ok = torch.where(ok.any(1, keepdim=True), ok, inside)  # no room: inside only, the row fails later
                 sl = logits[:, OFFSET[field]:OFFSET[field] + CANVAS]
                 logits[:, OFFSET[field]:OFFSET[field] + CANVAS] = sl.masked_fill(~ok, float("-inf"))
             probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1)
