@@ -63,8 +63,10 @@ def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's rate on every parameter group, times the group's "lr_scale" when it has one
+    (new layers beside warm-started ones learn faster)."""
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
