@@ -35,9 +35,9 @@ class PlannerTrainConfig(LoopConfig):
     """One planner run. `out` holds checkpoints/, tb/, log.txt, planner.safetensors, metrics.jsonl.
     `model` is resolved from `preset` at the start and saved in every checkpoint."""
 
-    preset: str = "base"
+    preset: str = "small"  # 1.2M parameters: 0.42 s a step at batch 64 on one thread, base 2.5M ~0.8 s
     model: dict[str, Any] | None = None  # the resolved LayoutPlannerConfig
-    steps: int = 4000
+    steps: int = 2400
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 200
