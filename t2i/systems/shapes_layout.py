@@ -47,6 +47,7 @@ from t2i.systems.latent_diffusion import GenerationDefaults, LatentDiffusionPipe
 from t2i.systems.shapes_ldm import ShapesLDMConfig, load_text_encoder, preset_config
 
 SYSTEM_NAME = "shapes_layout"
+LAYOUT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "layout"
 
 
 @dataclass
@@ -80,10 +81,11 @@ class ShapesLayoutModel(nn.Module):
         self.vae = AutoencoderKL(cfg.ldm.vae)
         self.unet = LayoutUNet(cfg.ldm.unet, cfg.layout)
 
-    def save(self, path: str | Path) -> None:
-        """`vae.*` and `unet.*` in float32, the config in the metadata."""
+    def save(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        """`vae.*` (float32) and `unet.*` (in `dtype`: float16 halves the shipped file), the config in
+        the metadata. `load` gives float32 back."""
         state = {f"vae.{k}": v.detach().float() for k, v in self.vae.state_dict().items()}
-        state.update({f"unet.{k}": v.detach().float() for k, v in self.unet.state_dict().items()})
+        state.update({f"unet.{k}": v.detach().to(dtype) for k, v in self.unet.state_dict().items()})
         save_with_config(state, path, self.cfg.to_dict(), SYSTEM_NAME)
 
     @classmethod
