@@ -127,7 +127,7 @@ def to_layout(plan: Plan) -> Layout:
     as fractions of the canvas."""
     return Layout(tuple(LayoutObject(lang.noun_phrase(o.colour, o.shape, o.size),
                                      (o.x / CANVAS, o.y / CANVAS, (o.x + o.s) / CANVAS, (o.y + o.s) / CANVAS))
-                        for o in plan.objects))
+                        for o in plan.objects), plan.background)
 
 
 # ------------------------------------------------------------------------------------- network

@@ -30,7 +30,11 @@ class LayoutObject:
 
 @dataclass(frozen=True)
 class Layout:
+    """objects: what goes where. background: the background's name when the layout says it (the
+    planner does; a user may), else None: the model decides."""
+
     objects: tuple[LayoutObject, ...]
+    background: str | None = None
 
     @classmethod
     def from_json(cls, data: Any, width: int, height: int) -> Layout:
@@ -68,7 +72,10 @@ class Layout:
             sx, sy = (1.0, 1.0) if units == "fractions" else (float(width), float(height))
             frac = (box[0] / sx, box[1] / sy, box[2] / sx, box[3] / sy)
             objects.append(LayoutObject(phrase.strip(), frac))  # type: ignore[arg-type]
-        layout = cls(tuple(objects))
+        background = data.get("background")
+        if background is not None and (not isinstance(background, str) or not background.strip()):
+            raise LayoutError(f"layout background must be a name such as 'black', got {background!r}")
+        layout = cls(tuple(objects), background.strip() if background else None)
         layout.check()
         return layout
 
@@ -92,7 +99,10 @@ class Layout:
         in full (Python's shortest exact form, 0.25 stays 0.25), so `from_json(to_json())` gives the
         same boxes bit for bit and an image regenerated from its metadata is the same image."""
         objs = [{"phrase": o.phrase, "box": [float(v) for v in o.box]} for o in self.objects]
-        return json.dumps({"units": "fractions", "objects": objs}, separators=(",", ":"), ensure_ascii=False)
+        data: dict[str, Any] = {"units": "fractions", "objects": objs}
+        if self.background is not None:
+            data["background"] = self.background
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 
 def as_layout(value: Any, width: int, height: int, max_objects: int | None = None) -> Layout | None:

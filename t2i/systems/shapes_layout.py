@@ -38,6 +38,7 @@ from t2i.checkpoints.io import (
     system_file,
 )
 from t2i.checkpoints.limits import build_checked, check_schedule, fill
+from t2i.data.shapes.layouts import layout_caption
 from t2i.data.shapes_vocab import out_of_world_warning
 from t2i.layout.planner import LayoutPlanner, planner_config, to_layout
 from t2i.layout.spec import Layout, as_layout
@@ -62,6 +63,9 @@ class ShapesLayoutConfig:
     # unconditional branch also loses the layout, so guidance strengthens the boxes too.
     guide_layout: bool = False
     planner_temperature: float = 1.0
+    # The renderer reads the layout's complete caption (`layout_caption`), not the user's prompt:
+    # the prompt is rewritten by the layout stage (DALL-E 3's recaptioning).
+    recaption: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -156,6 +160,7 @@ class ShapesLayoutPipeline(LatentDiffusionPipeline):
         self.phrases = PhraseEncoder(text_encoder)
         self.max_objects = model.cfg.max_objects
         self.guide_layout = model.cfg.guide_layout
+        self.recaption = model.cfg.recaption
 
     @property
     def capabilities(self) -> Capabilities:
@@ -166,6 +171,12 @@ class ShapesLayoutPipeline(LatentDiffusionPipeline):
         size = request.with_defaults(self.defaults)  # a layout in pixels is read on the image's size
         layout = as_layout(request.layout, size.width, size.height, self.max_objects)
         if layout is not None:
+            if self.recaption and layout.background is None and self.planner is not None:
+                # the recaption names the background: the one the planner reads in the prompt
+                first = request.prompt if isinstance(request.prompt, str) else request.prompt[0]
+                background = self.planner.plan([first], torch.Generator().manual_seed(0),
+                                               text_encoder=self.text_encoder)[0].background
+                layout = replace(layout, background=background)
             return super().run(replace(request, layout=layout))
         plan = None if self.planner is None else planner_sampler(self.planner, self.text_encoder,
                                                                  self.planner_temperature)
@@ -190,6 +201,9 @@ class ShapesLayoutPipeline(LatentDiffusionPipeline):
         assert request.layout is not None  # run() sees to it
         layout = encode_layouts([request.layout], self.phrases, self.max_objects).expand(n, -1, -1)
         cond = {**cond, "layout": layout}
+        if self.recaption:
+            context = self.text_encoder.encode([layout_caption(request.layout)]).context
+            cond["context"] = context.to(cond["context"].dtype).expand(n, -1, -1)
         if uncond is not None:
             uncond = {**uncond, "layout": torch.zeros_like(layout) if self.guide_layout else layout}
         return cond, uncond

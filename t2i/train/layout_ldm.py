@@ -54,6 +54,10 @@ class LayoutLDMTrainConfig(LoopConfig):
     # cross-attention and never learn it from the box's phrase, and then binds colours as badly as
     # the text-only model (measured at step 2,000 with 10%: a box's colour followed the caption).
     caption_dropout: float = 0.5
+    # Train on the layout's complete caption (every object and the background, `layout_caption`)
+    # instead of a partial true caption: the caption then never disagrees with the boxes, and the
+    # pipeline rewrites the user's prompt the same way (model config `recaption`).
+    recaption: bool = False
     layout_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     background_p: float = BACKGROUND_P
@@ -67,10 +71,11 @@ class LayoutLDMTrainConfig(LoopConfig):
     model: dict[str, Any] | None = None  # the resolved ShapesLayoutConfig
 
 
-def layout_batch(seed: int, indices: list[int], background_p: float) -> tuple[torch.Tensor, list[str], list[Layout]]:
+def layout_batch(seed: int, indices: list[int], background_p: float,
+                 recaption: bool = False) -> tuple[torch.Tensor, list[str], list[Layout]]:
     """Images (B, 3, 64, 64) in [-1, 1], captions and layouts of the examples at `indices`."""
     exclude = default_exclude()
-    examples = [layout_example(seed, i, exclude, background_p) for i in indices]
+    examples = [layout_example(seed, i, exclude, background_p, recaption=recaption) for i in indices]
     images = torch.stack([to_tensor(render_array(scene)) for scene, _, _ in examples])
     return images, [c for _, c, _ in examples], [lay for _, _, lay in examples]
 
@@ -83,6 +88,8 @@ def build_layout_ldm(cfg: LayoutLDMTrainConfig, run: Run) -> Task:
             ldm=init.cfg, layout=LayoutConfig(phrase_channels=cfg.phrase_channels,
                                               fold=init.cfg.vae.downsample_factor))).to_dict()
     model_cfg = ShapesLayoutConfig.from_dict(cfg.model)
+    model_cfg.recaption = cfg.recaption
+    cfg.model = model_cfg.to_dict()
     system = ShapesLayoutModel(model_cfg)
     system.vae.load_state_dict(init.vae.state_dict())
     system.vae.requires_grad_(False).eval()
@@ -101,7 +108,7 @@ def build_layout_ldm(cfg: LayoutLDMTrainConfig, run: Run) -> Task:
 
     def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         idx = batch_indices(position, cfg.batch_size, run.info, None, cfg.seed)
-        x, captions, layouts = layout_batch(cfg.seed, idx, cfg.background_p)
+        x, captions, layouts = layout_batch(cfg.seed, idx, cfg.background_p, cfg.recaption)
         drop_text = (torch.rand(len(captions), generator=gen) < cfg.caption_dropout).tolist()
         drop_layout = torch.rand(len(captions), generator=gen) < cfg.layout_dropout
         captions = ["" if d else c for c, d in zip(captions, drop_text, strict=True)]

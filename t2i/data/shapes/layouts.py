@@ -30,17 +30,38 @@ def object_phrase(obj: ShapeObject, rng: np.random.Generator | None = None) -> s
 def scene_layout(scene: Scene, rng: np.random.Generator | None = None) -> Layout:
     """Every object of the scene as a layout object (box as fractions of the canvas)."""
     return Layout(tuple(LayoutObject(object_phrase(o, rng), tuple(v / CANVAS for v in o.box))  # type: ignore[misc]
-                        for o in scene.objects))
+                        for o in scene.objects), scene.background)
+
+
+def layout_caption(layout: Layout, rng: np.random.Generator | None = None) -> str:
+    """The complete caption of a layout, every object's phrase in its order and the background
+    ('a small red circle, a blue square and a green cross on a black background'): the recaptioning
+    of DALL-E 3 (seed 000 9.3), made from the layout, so it never disagrees with the boxes."""
+    phrases = [o.phrase for o in layout.objects]
+    if not phrases:
+        text = "nothing"
+    elif rng is None or len(phrases) < 3:
+        text = ", ".join(phrases[:-1]) + (" and " if len(phrases) > 1 else "") + phrases[-1]
+    else:
+        text = lang.conjunction(phrases, rng)
+    return lang.with_background(text, layout.background or "white")
 
 
 def layout_example(seed: int, index: int, exclude: frozenset[str], background_p: float = BACKGROUND_P,
-                   max_attempts: int = 100) -> tuple[Scene, str, Layout]:
-    """Scene `index` of `seed`, one of its true captions (never one in `exclude` or written with a
-    held-out phrasing) and its paraphrased layout; a pure function of (seed, index)."""
+                   max_attempts: int = 100, recaption: bool = False) -> tuple[Scene, str, Layout]:
+    """Scene `index` of `seed`, its paraphrased layout and a caption: one of its true captions (never
+    one in `exclude` or written with a held-out phrasing) or, with recaption, the layout's complete
+    caption (objects in a random order); a pure function of (seed, index)."""
     for attempt in range(max_attempts):
         rng = np.random.default_rng([seed, index, attempt, 17])
         scene = sample_scene(rng, background_p=background_p)
         caps = [c for c in captions(scene, rng) if c not in exclude and not uses_heldout_phrasing(c)]
         if caps:
-            return scene, caps[int(rng.integers(len(caps)))], scene_layout(scene, rng)
+            caption = caps[int(rng.integers(len(caps)))]
+            layout = scene_layout(scene, rng)
+            if recaption:
+                objects = tuple(layout.objects[i] for i in rng.permutation(len(layout.objects)))
+                layout = Layout(objects, scene.background)
+                caption = layout_caption(layout, rng)
+            return scene, caption, layout
     raise RuntimeError(f"no usable caption for scene {index} of seed {seed}")
