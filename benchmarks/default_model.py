@@ -246,7 +246,10 @@ def speed(args: argparse.Namespace) -> None:
     m = alternate({"model": lambda: pipe.generate(PROMPT, seed=SEED), "peer": lambda: peer.generate(PROMPT, seed=SEED)},
                   args.repeats)
     if getattr(pipe, "planner", None) is not None:  # its share of the model's time
-        plan = alternate({"planning": lambda: pipe.planner(PROMPT, SEED)}, args.repeats)["planning"]
+        from t2i.systems.shapes_layout import planner_sampler
+
+        sample = planner_sampler(pipe.planner, pipe.text_encoder, pipe.planner_temperature)
+        plan = alternate({"planning": lambda: sample(PROMPT, SEED)}, args.repeats)["planning"]
         print(f"  planning alone  {plan:8.3f} s")
     print(f"  model image     {m['model']:8.3f} s  (planning included)")
     print(f"  peer image      {m['peer']:8.3f} s")

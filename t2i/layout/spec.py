@@ -15,6 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 
+def _finite(v: float) -> bool:
+    """A finite number; a JSON integer too large for a float is not one (float() overflows)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 class LayoutError(ValueError):
     """A layout the model cannot draw; the message names the object and the problem."""
 
@@ -62,7 +70,7 @@ class Layout:
                 raise LayoutError(f"{name}: empty phrase (say what goes in the box)")
             box = obj.get("box")
             if not (isinstance(box, (list, tuple)) and len(box) == 4
-                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)
                             for v in box)):
                 raise LayoutError(f"{name} ({phrase!r}): box must be four finite numbers [x0, y0, x1, y1]")
             if units == "pixels" and 0 < box[2] - box[0] < 1 and 0 < box[3] - box[1] < 1:

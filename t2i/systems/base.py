@@ -71,9 +71,10 @@ class GenerationRequest:
     # After each step: (step, total, x0), the run's current estimate of its final sample (as
     # GenerationResult.sample): the server's live preview and its image of an interrupted run.
     on_sample: Callable[[int, int, torch.Tensor], None] | None = None
-    # Where each object goes (t2i.layout.spec.Layout); layout models plan one from the prompt
-    # when it is None.
-    layout: Layout | None = None
+    # Where each object goes (t2i.layout.spec.Layout); layout models plan one per image from the
+    # prompt when it is None. A list (one per image) is what a layout model passes to its own
+    # batched run.
+    layout: Layout | list[Layout] | None = None
 
     def set_options(self) -> list[str]:
         """The names of the options this request sets to something other than their default."""

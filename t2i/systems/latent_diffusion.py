@@ -385,8 +385,10 @@ class LatentDiffusionPipeline(RequestMethods):
         resolved = replace(r, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule, width=width,
                            height=height, strength=strength)
         precision = self.precision
-        for im, p, neg, sd in zip(images, prompts, negatives, seeds, strict=True):
-            im.info["parameters"] = request_parameters(resolved, p, neg, sd, self.name, precision)
+        # a layout model draws image i from layouts[i] (its own planned layout)
+        layouts = r.layout if isinstance(r.layout, list) else [r.layout] * n
+        for im, p, neg, sd, lay in zip(images, prompts, negatives, seeds, layouts, strict=True):
+            im.info["parameters"] = request_parameters(replace(resolved, layout=lay), p, neg, sd, self.name, precision)
         return GenerationResult(images, latents, seeds, warnings, time.perf_counter() - start)
 
     def _run(self, plan: SamplingPlan, denoiser: Callable, x: torch.Tensor, cond: dict, uncond: dict | None,

@@ -38,11 +38,12 @@ from t2i.checkpoints.io import (
     system_file,
 )
 from t2i.checkpoints.limits import build_checked, check_schedule, fill
-from t2i.data.shapes.layouts import layout_caption
 from t2i.data.shapes_vocab import out_of_world_warning
+from t2i.layout.captions import layout_caption
 from t2i.layout.planner import LayoutPlanner, planner_config, to_layout
 from t2i.layout.spec import Layout, as_layout
 from t2i.nets.layout_unet import LayoutConfig, LayoutUNet, pack_layout
+from t2i.request_warnings import resolved_request
 from t2i.systems.base import Capabilities, GenerationRequest, GenerationResult, System, per_image
 from t2i.systems.latent_diffusion import GenerationDefaults, LatentDiffusionPipeline
 from t2i.systems.shapes_ldm import ShapesLDMConfig, load_text_encoder, preset_config
@@ -161,6 +162,7 @@ class ShapesLayoutPipeline(LatentDiffusionPipeline):
         self.max_objects = model.cfg.max_objects
         self.guide_layout = model.cfg.guide_layout
         self.recaption = model.cfg.recaption
+        self._backgrounds: dict[str, str] = {}  # prompt -> the planner's background, for recaptions
 
     @property
     def capabilities(self) -> Capabilities:
@@ -168,42 +170,48 @@ class ShapesLayoutPipeline(LatentDiffusionPipeline):
         return replace(caps, options=caps.options | {"layout"})
 
     def run(self, request: GenerationRequest) -> GenerationResult:
-        size = request.with_defaults(self.defaults)  # a layout in pixels is read on the image's size
-        layout = as_layout(request.layout, size.width, size.height, self.max_objects)
-        if layout is not None:
-            if self.recaption and layout.background is None and self.planner is not None:
-                # the recaption names the background: the one the planner reads in the prompt
-                first = request.prompt if isinstance(request.prompt, str) else request.prompt[0]
-                background = self.planner.plan([first], torch.Generator().manual_seed(0),
-                                               text_encoder=self.text_encoder)[0].background
-                layout = replace(layout, background=background)
-            return super().run(replace(request, layout=layout))
-        plan = None if self.planner is None else planner_sampler(self.planner, self.text_encoder,
-                                                                 self.planner_temperature)
+        """One batched run in which image i is drawn from layouts[i]: the given layout for every image,
+        or each image's own layout, planned from its prompt and seed."""
+        size = resolved_request(self, request)  # a layout in pixels is read on the image's size
+        given = as_layout(request.layout, size.width, size.height, self.max_objects)
         prompts, negatives, seeds = per_image(request.prompt, request.negative_prompt, request.seed,
                                               request.num_images)
-        if plan is None:  # the renderer's no-layout mode (its layout dropout): the caption alone
-            result = super().run(replace(request, prompt=prompts, negative_prompt=negatives, seed=seeds,
-                                         num_images=1, layout=Layout(())))
-            result.warnings.append(f"{self.name} has no layout planner: drawn from the caption alone "
-                                   "(give a layout to place the objects)")
-            return result
-        # One run per image: each image is drawn from its own planned layout.
-        results = [super(ShapesLayoutPipeline, self).run(replace(
-            request, prompt=p, negative_prompt=n, seed=s, num_images=1, layout=plan(p, s)))
-            for p, n, s in zip(prompts, negatives, seeds, strict=True)]
-        return GenerationResult([im for r in results for im in r.images], torch.cat([r.sample for r in results]),
-                                seeds, list(dict.fromkeys(w for r in results for w in r.warnings)),
-                                sum(r.seconds for r in results))
+        warnings = []
+        if given is not None:
+            layouts = [given] * len(prompts)
+        elif self.planner is not None:
+            plan = planner_sampler(self.planner, self.text_encoder, self.planner_temperature)
+            layouts = [plan(p, s) for p, s in zip(prompts, seeds, strict=True)]
+        else:  # the renderer's no-layout mode (its layout dropout): the caption alone
+            layouts = [Layout(())] * len(prompts)
+            warnings.append(f"{self.name} has no layout planner: drawn from the caption alone "
+                            "(give a layout to place the objects)")
+        result = super().run(replace(request, prompt=prompts, negative_prompt=negatives, seed=seeds,
+                                     num_images=1, layout=layouts))
+        result.warnings += warnings
+        return result
+
+    def _background(self, layout: Layout, prompt: str) -> str | None:
+        """The layout's background, else the one the planner reads in the prompt (recaptioning names
+        the background; a user's layout may leave it out). Deterministic: the planner's first draw."""
+        if layout.background is not None or self.planner is None:
+            return layout.background
+        if prompt not in self._backgrounds:
+            plan = self.planner.plan([prompt], torch.Generator().manual_seed(0), text_encoder=self.text_encoder)
+            self._backgrounds[prompt] = plan[0].background
+        return self._backgrounds[prompt]
 
     def extra_conditioning(self, request: GenerationRequest, n: int, cond: dict,
                            uncond: dict | None) -> tuple[dict, dict | None]:
-        assert request.layout is not None  # run() sees to it
-        layout = encode_layouts([request.layout], self.phrases, self.max_objects).expand(n, -1, -1)
+        layouts = request.layout
+        assert isinstance(layouts, list) and len(layouts) == n  # run() gives one per image
+        layout = encode_layouts(layouts, self.phrases, self.max_objects)  # (n, max_objects, 5 + E)
         cond = {**cond, "layout": layout}
         if self.recaption:
-            context = self.text_encoder.encode([layout_caption(request.layout)]).context
-            cond["context"] = context.to(cond["context"].dtype).expand(n, -1, -1)
+            prompts = [request.prompt] * n if isinstance(request.prompt, str) else request.prompt
+            captions = [layout_caption(replace(lay, background=self._background(lay, p)))
+                        for lay, p in zip(layouts, prompts, strict=True)]
+            cond["context"] = self.text_encoder.encode(captions).context.to(cond["context"].dtype)
         if uncond is not None:
             uncond = {**uncond, "layout": torch.zeros_like(layout) if self.guide_layout else layout}
         return cond, uncond

@@ -15,15 +15,6 @@ The names below are the world's public API, importable from `t2i.data.shapes`.
 """
 
 from t2i.data.shapes.captioning import captions
-from t2i.data.shapes.datasets import (
-    PRIMARY_P,
-    ShapesDataset,
-    ShapesStream,
-    default_exclude,
-    shapes_example,
-    to_tensor,
-    write_shapes_dataset,
-)
 from t2i.data.shapes.rendering import object_masks, render, render_array, shape_coverage
 from t2i.data.shapes.sampling import BACKGROUND_P, FAMILY_WEIGHTS, sample_scene
 from t2i.data.shapes.world import (
@@ -53,3 +44,18 @@ __all__ = [
     "region_holds", "regions_of", "relation_holds", "render", "render_array", "sample_scene", "shape_coverage",
     "shapes_example", "to_tensor", "write_shapes_dataset",
 ]
+
+
+# The datasets (and through them the judge's held-out prompts and the caption parser) load on first
+# use, so that generating with a shapes model never imports the parser (issue 17: nothing at
+# generation time reads the caption grammar; tests/test_shapes_layout.py checks it).
+_DATASET_NAMES = frozenset({"PRIMARY_P", "ShapesDataset", "ShapesStream", "default_exclude", "shapes_example",
+                            "to_tensor", "write_shapes_dataset"})
+
+
+def __getattr__(name: str):
+    if name in _DATASET_NAMES:
+        from t2i.data.shapes import datasets
+
+        return getattr(datasets, name)
+    raise AttributeError(f"module 't2i.data.shapes' has no attribute {name!r}")

@@ -14,6 +14,7 @@ from t2i.data.shapes.captioning import captions
 from t2i.data.shapes.phrasings import uses_heldout_phrasing
 from t2i.data.shapes.sampling import BACKGROUND_P, sample_scene
 from t2i.data.shapes.world import CANVAS, Scene, ShapeObject
+from t2i.layout.captions import layout_caption
 from t2i.layout.spec import Layout, LayoutObject
 
 
@@ -31,20 +32,6 @@ def scene_layout(scene: Scene, rng: np.random.Generator | None = None) -> Layout
     """Every object of the scene as a layout object (box as fractions of the canvas)."""
     return Layout(tuple(LayoutObject(object_phrase(o, rng), tuple(v / CANVAS for v in o.box))  # type: ignore[misc]
                         for o in scene.objects), scene.background)
-
-
-def layout_caption(layout: Layout, rng: np.random.Generator | None = None) -> str:
-    """The complete caption of a layout, every object's phrase in its order and the background
-    ('a small red circle, a blue square and a green cross on a black background'): the recaptioning
-    of DALL-E 3 (seed 000 9.3), made from the layout, so it never disagrees with the boxes."""
-    phrases = [o.phrase for o in layout.objects]
-    if not phrases:
-        text = "nothing"
-    elif rng is None or len(phrases) < 3:
-        text = ", ".join(phrases[:-1]) + (" and " if len(phrases) > 1 else "") + phrases[-1]
-    else:
-        text = lang.conjunction(phrases, rng)
-    return lang.with_background(text, layout.background or "white")
 
 
 def layout_example(seed: int, index: int, exclude: frozenset[str], background_p: float = BACKGROUND_P,

@@ -86,7 +86,11 @@ function request() {
   const body = { prompt: $("prompt").value, negative_prompt: $("negative_prompt").value, width: num("width"),
                  height: num("height"), steps: num("steps"), guidance: num("guidance"),
                  seed: num("seed") ?? -1, sampler: $("sampler").value || undefined };
-  if (!$("layout-box").hidden && boxes.length) body.layout = layoutPixels(body.width, body.height);
+  if (!$("layout-box").hidden && boxes.length) {
+    // without a size (left empty: the model's default) the boxes go as fractions, which need none
+    body.layout = body.width && body.height ? layoutPixels(body.width, body.height)
+      : { units: "fractions", objects: boxes.map(({ box, phrase }) => ({ phrase, box })) };
+  }
   return body;
 }
 
