@@ -1,4 +1,5 @@
-"""`t2i train autoencoder|ldm|preview|clip ...`: the training subcommands (registered by t2i/cli.py).
+"""`t2i train autoencoder|ldm|ddpm|vqvae|preview|clip|layout-planner|layout-renderer ...`: the training
+subcommands (registered by t2i/cli.py).
 
 The same command runs on one process or, unchanged, under
 `torchrun --nproc_per_node N -m t2i.cli train ...` (DDP over gloo on CPU).
@@ -90,6 +91,17 @@ CLIP: list[Option] = [
     ("--text-layers", "model.text_layers", {"type": int}, "text tower layers"),
     ("--eval-every", "eval_every", {"type": int}, "held-out ranking accuracy every N steps; 0: only at the end"),
     ("--eval-scenes", "eval_scenes", {"type": int}, "held-out scenes in that measurement"),
+]
+RENDERER: list[Option] = [
+    ("--init-from", "init_from", {}, "a shapes LDM model file to warm-start from (the plain "
+     "t2i/assets/default/model.safetensors), or a layout renderer's model.safetensors to continue"),
+    ("--recaption", "recaption", {"action": "store_true"},
+     "train on the layout's complete caption (the pipeline then rewrites prompts the same way)"),
+    ("--layout-dropout", "layout_dropout", {"type": float}, "share of examples without their layout"),
+    ("--layout-lr-scale", "layout_lr_scale", {"type": float}, "learning-rate factor of the new layout layers"),
+    ("--background-p", "background_p", {"type": float}, "share of black/gray backgrounds"),
+    ("--image-every", "image_every", {"type": int}, "sample grid every N steps; 0: none"),
+    *(o for o in LDM if o[1] in ("caption_dropout", "ema_decay", "min_snr_gamma", "sample_steps", "export_every")),
 ]
 PLANNER: list[Option] = [
     ("--preset", "preset", {}, "planner shape (t2i.layout.planner.PLANNER_PRESETS: tiny, small, base)"),
@@ -224,6 +236,14 @@ def _run_layout_planner(args: argparse.Namespace) -> int:
     return train_planner(cfg, resume=args.resume, resume_lr=args.resume_lr, given=_config(args, cfg, args.options))
 
 
+def _run_layout_renderer(args: argparse.Namespace) -> int:
+    from t2i.train.layout_ldm import LayoutLDMTrainConfig, train_layout_ldm
+
+    cfg = LayoutLDMTrainConfig(out=args.out)
+    return train_layout_ldm(cfg, resume=args.resume, resume_lr=args.resume_lr,
+                            given=_config(args, cfg, args.options))
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from t2i.autoencoders.preview import PreviewDecoderConfig
     from t2i.systems.shapes_ldm import UNET_PRESETS, VAE_PRESETS
@@ -272,3 +292,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _parser(sub, "layout-planner", "the layout planner (t2i.layout.planner): caption -> background and boxes, "
             "on the shapes world's scene truth", PlannerTrainConfig(out=""), RUN + PLANNER
             ).set_defaults(func=_run_layout_planner)
+    from t2i.train.layout_ldm import LayoutLDMTrainConfig
+
+    _parser(sub, "layout-renderer", "the layout renderer (t2i.systems.shapes_layout): a shapes LDM whose U-Net "
+            "also reads boxes with phrases", LayoutLDMTrainConfig(out=""), RUN + RENDERER
+            ).set_defaults(func=_run_layout_renderer)
