@@ -125,7 +125,8 @@ def decode_tokens(tokens: list[int]) -> Plan:
 def to_layout(plan: Plan) -> Layout:
     """The plan as a `t2i.layout.spec.Layout`: a phrase per object ('a small red circle') and its box
     as fractions of the canvas."""
-    return Layout(tuple(LayoutObject(lang.noun_phrase(o.colour, o.shape, o.size),
+    # "medium" left unsaid, as captions mostly leave it (and "medium purple" reads as another colour)
+    return Layout(tuple(LayoutObject(lang.noun_phrase(o.colour, o.shape, None if o.size == "medium" else o.size),
                                      (o.x / CANVAS, o.y / CANVAS, (o.x + o.s) / CANVAS, (o.y + o.s) / CANVAS))
                         for o in plan.objects), plan.background)
 

@@ -44,7 +44,7 @@ from t2i.layout.planner import LayoutPlanner, planner_config, to_layout
 from t2i.layout.spec import Layout, as_layout
 from t2i.nets.layout_unet import LayoutConfig, LayoutUNet, pack_layout
 from t2i.request_warnings import resolved_request
-from t2i.systems.base import Capabilities, GenerationRequest, GenerationResult, System, per_image
+from t2i.systems.base import Capabilities, GenerationRequest, GenerationResult, ShippedModel, System, per_image
 from t2i.systems.latent_diffusion import GenerationDefaults, LatentDiffusionPipeline
 from t2i.systems.shapes_ldm import ShapesLDMConfig, load_text_encoder, preset_config
 
@@ -229,7 +229,8 @@ def load_layout_model(path: str | Path, dtype: torch.dtype = torch.float32) -> S
     text_encoder = load_text_encoder(model.cfg.ldm)
     planner_file = file.parent / "planner.safetensors"
     planner = LayoutPlanner.load(planner_file) if planner_file.is_file() else None
-    name = file.parent.name if file.name == "model.safetensors" else file.stem
+    name = ("t2i-shapes-layout" if file.parent.resolve() == LAYOUT_MODEL_DIR else
+            file.parent.name if file.name == "model.safetensors" else file.stem)
     pipe = ShapesLayoutPipeline(model, text_encoder, planner, name=name)
     if dtype != torch.float32:
         pipe.unet.to(dtype)
@@ -256,4 +257,7 @@ SYSTEM = System(
     detect=is_layout_model,
     load=lambda path, dtype=torch.float32: load_layout_model(path, dtype),
     write_tiny=write_tiny_model,
+    shipped=(ShippedModel("t2i-shapes-layout", LAYOUT_MODEL_DIR, "the built-in model: plans a layout from the "
+                          "prompt, then draws it; 64x64 pictures of the shapes world (docs/SHAPES_WORLD.md)",
+                          default=True, card=LAYOUT_MODEL_DIR / "MODEL_CARD.md"),),
 )

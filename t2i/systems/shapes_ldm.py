@@ -193,7 +193,7 @@ SYSTEM = System(
     detect=is_t2i_model,
     load=lambda path, dtype=torch.float32: load_t2i_model(path, dtype),
     write_tiny=write_tiny_model,
-    shipped=(ShippedModel("t2i-shapes", DEFAULT_MODEL_FILE, "the built-in model: 64x64 pictures of the shapes "
-                          "world (docs/SHAPES_WORLD.md)", default=True,
+    shipped=(ShippedModel("t2i-shapes", DEFAULT_MODEL_FILE, "the plain text-to-image shapes model (no layout "
+                          "stage; the built-in default before t2i-shapes-layout)",
                           card=DEFAULT_MODEL_FILE.parent / "MODEL_CARD.md"),),
 )

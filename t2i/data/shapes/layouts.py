@@ -19,10 +19,10 @@ from t2i.layout.spec import Layout, LayoutObject
 
 
 def object_phrase(obj: ShapeObject, rng: np.random.Generator | None = None) -> str:
-    """'a small red circle'; with rng, a paraphrase: the size named as captions name it (medium
+    """'a small red circle', 'a red circle' (medium); with rng, a paraphrase: the size named as captions name it (medium
     rarely, small and large mostly), the article dropped half of the time."""
-    if rng is None:
-        return lang.noun_phrase(obj.colour, obj.shape, obj.size)
+    if rng is None:  # "medium" left unsaid, as captions mostly leave it ("medium purple" reads as a colour)
+        return lang.noun_phrase(obj.colour, obj.shape, None if obj.size == "medium" else obj.size)
     named = rng.random() < (0.2 if obj.size == "medium" else 0.8)
     phrase = lang.noun_phrase(obj.colour, obj.shape, obj.size if named else None)
     return phrase.split(" ", 1)[1] if rng.random() < 0.5 else phrase
