@@ -103,7 +103,7 @@ def test_prompts_file_resumes_with_planned_and_given_layouts(fake, tmp_path, cap
 
 
 def test_the_layout_model_records_the_given_layout_and_regenerates_from_it(monkeypatch, tmp_path):
-    """The real renderer (tiny, random, no planner): the PNG's Layout gives the same image back."""
+    """The real renderer (tiny, random): the PNG's Layout gives the same image back."""
     from t2i.systems.shapes_layout import load_layout_model, write_tiny_model
 
     model = write_tiny_model(tmp_path / "tiny")  # 16x16 images

@@ -44,6 +44,7 @@ def layout_maps(layout: torch.Tensor, proj: nn.Linear, height: int, width: int) 
     """layout: (B, N, 5 + E) objects (box fractions x0, y0, x1, y1, valid, phrase embedding) ->
     (B, D + 3, height, width) maps: projected phrase (D), coverage, u, v; zero outside boxes.
     Overlapping boxes add up (the shapes world has none)."""
+    out_dtype, layout = layout.dtype, layout.float()  # pixel centres exact at any size (not in bf16)
     box, valid, phrase = layout[..., :4], layout[..., 4], layout[..., BOX_FIELDS:]
     ys = (torch.arange(height, dtype=layout.dtype, device=layout.device) + 0.5) / height  # pixel centres
     xs = (torch.arange(width, dtype=layout.dtype, device=layout.device) + 0.5) / width
@@ -53,12 +54,12 @@ def layout_maps(layout: torch.Tensor, proj: nn.Linear, height: int, width: int) 
     u = (2 * (xs - x0) / (x1 - x0).clamp_min(1e-6) - 1) * inside_x  # (B, N, W), -1..1 across the box
     v = (2 * (ys - y0) / (y1 - y0).clamp_min(1e-6) - 1) * inside_y  # (B, N, H)
     cover = (inside_y[..., :, None] & inside_x[..., None, :]).to(layout.dtype) * valid[..., None, None]
-    feats = proj(phrase)  # (B, N, D)
+    feats = proj(phrase.to(proj.weight.dtype)).float()  # (B, N, D)
     painted = torch.einsum("bnhw,bnd->bdhw", cover, feats)
     coverage = cover.sum(1)
     u_map = torch.einsum("bnhw,bnw->bhw", cover, u)
     v_map = torch.einsum("bnhw,bnh->bhw", cover, v)
-    return torch.cat([painted, coverage[:, None], u_map[:, None], v_map[:, None]], dim=1)
+    return torch.cat([painted, coverage[:, None], u_map[:, None], v_map[:, None]], dim=1).to(out_dtype)
 
 
 class LayoutUNet(UNet):

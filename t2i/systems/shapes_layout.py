@@ -103,6 +103,8 @@ class ShapesLayoutModel(nn.Module):
         except (TypeError, KeyError, AttributeError) as e:
             raise CheckpointError(f"{path}: malformed shapes layout config ({type(e).__name__}: {e})") from None
         check_schedule(cfg.ldm.schedule, f"{path}: schedule")
+        if not 1 <= cfg.max_objects <= 64:
+            raise CheckpointError(f"{path}: max_objects {cfg.max_objects} is outside 1..64")
         tensors = header_tensors(check_safetensors_header(path))
         model = build_checked(lambda: cls(cfg), {"vae": cfg.ldm.vae, "unet": cfg.ldm.unet}, tensors, str(path))
         return fill(model, load_state_dict(path), torch.float32).eval().requires_grad_(False)
@@ -115,9 +117,12 @@ class PhraseEncoder:
     def __init__(self, text_encoder: nn.Module) -> None:
         self.text_encoder = text_encoder
         self.cache: dict[str, torch.Tensor] = {}
+        self.max_cached = 4096
 
     def __call__(self, phrases: list[str]) -> torch.Tensor:
         new = [p for p in dict.fromkeys(phrases) if p not in self.cache]
+        if len(self.cache) + len(new) > self.max_cached:  # a server fed arbitrary phrases stays bounded
+            self.cache.clear()
         if new:
             pooled = self.text_encoder.encode(new).pooled
             self.cache.update({p: v.float() for p, v in zip(new, pooled, strict=True)})
