@@ -54,7 +54,7 @@ def layout_maps(layout: torch.Tensor, proj: nn.Linear, height: int, width: int) 
     u = (2 * (xs - x0) / (x1 - x0).clamp_min(1e-6) - 1) * inside_x  # (B, N, W), -1..1 across the box
     v = (2 * (ys - y0) / (y1 - y0).clamp_min(1e-6) - 1) * inside_y  # (B, N, H)
     cover = (inside_y[..., :, None] & inside_x[..., None, :]).to(layout.dtype) * valid[..., None, None]
-    feats = proj(phrase.to(proj.weight.dtype)).float()  # (B, N, D)
+    feats = proj(phrase.to(out_dtype)).float()  # (B, N, D), projected in the network's own dtype
     painted = torch.einsum("bnhw,bnd->bdhw", cover, feats)
     coverage = cover.sum(1)
     u_map = torch.einsum("bnhw,bnw->bhw", cover, u)
