@@ -202,6 +202,8 @@ class ShapesLayoutPipeline(LatentDiffusionPipeline):
         if layout.background is not None or self.planner is None:
             return layout.background
         if prompt not in self._backgrounds:
+            if len(self._backgrounds) >= 4096:  # bounded for a long-running server
+                self._backgrounds.clear()
             plan = self.planner.plan([prompt], torch.Generator().manual_seed(0), text_encoder=self.text_encoder)
             self._backgrounds[prompt] = plan[0].background
         return self._backgrounds[prompt]
