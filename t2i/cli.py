@@ -16,6 +16,7 @@ SUBCOMMANDS = [
     ("convert", "t2i.convert_cli"),
     ("models", "t2i.systems.models_cli"),
     ("serve", "t2i.serve.cli"),
+    ("worker", "t2i.serve.worker_cli"),
 ]
 
 

@@ -14,7 +14,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "SIGTERM or Ctrl-C stops the running job within a fraction of a step "
                                    "and answers waiting jobs 503 (they are not kept).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="model name or path (default: the built-in shapes model)")
+    p.add_argument("--model", default=None,
+                   help="model name or path (default: the built-in shapes model); with --broker, the name of a "
+                        "model the workers hold (default: the only one they hold)")
+    p.add_argument("--broker", default=None, metavar="URL",
+                   help="Redis URL (redis://host:6379/0): queue the jobs there for `t2i worker` processes on any "
+                        "machine instead of running the model here; queued jobs outlive a restart of this front")
     p.add_argument("--embedding-dir", default=None, metavar="DIR",
                    help="textual-inversion embeddings (A1111 .pt/.safetensors) usable by name in every prompt")
     p.add_argument("--lora-dir", default=None, metavar="DIR",
@@ -75,7 +80,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--lora-dir: no such folder: {args.lora_dir}")
     if args.lora_dir and args.precision == "int8":
         raise UserError("--lora-dir: LoRAs merge into float weights; use --precision fp32, bf16 or auto")
-    pipe = t2i.load(args.model, precision=args.precision, quantizable=args.lora_dir is None)
+    if args.broker:
+        try:
+            import dramatiq  # noqa: F401 - only to tell the user what to install
+        except ModuleNotFoundError:
+            raise UserError("t2i serve --broker needs dramatiq and redis: pip install 't2i[distributed]'") from None
+        if args.embedding_dir:
+            raise UserError("--embedding-dir: with --broker, give it to each `t2i worker`")
+        from t2i.serve.distributed import wait_for_model
+
+        pipe = wait_for_model(args.broker, args.model)
+    else:
+        pipe = t2i.load(args.model, precision=args.precision, quantizable=args.lora_dir is None)
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
                     max_images=args.max_images, max_pixel_steps=args.max_pixel_steps)
     config = ServeConfig(max_queue=args.max_queue, max_batch=args.max_batch, batch_wait=args.batch_wait,
@@ -83,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
                          allowed_hosts=args.allowed_host, header_timeout=args.header_timeout,
                          body_timeout=args.body_timeout, keep_alive=args.keep_alive,
                          max_connections=args.max_connections, lora_dir=args.lora_dir,
-                         embedding_dir=args.embedding_dir)
+                         embedding_dir=args.embedding_dir, broker=args.broker)
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"t2i serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     build_server(create_app(pipe, config), config, port=args.port).run()

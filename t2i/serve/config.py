@@ -68,6 +68,9 @@ class ServeConfig:
         it, subfolders too) for that request only; without it a tag is refused (422).
     embedding_dir: textual-inversion embeddings added to the model when the app is made, usable by
         name in every prompt (`/sdapi/v1/embeddings` lists them).
+    broker: a Redis URL: jobs go to `t2i worker` processes through it (t2i.serve.distributed) and the
+        served pipeline is the workers' model as they advertise it; None: the model runs in this
+        process (the default).
     """
 
     max_queue: int = 16
@@ -85,3 +88,4 @@ class ServeConfig:
     max_connections: int = 128
     lora_dir: str | None = None
     embedding_dir: str | None = None
+    broker: str | None = None

@@ -40,7 +40,7 @@ class ServeContext:
 
     pipe: Pipeline
     config: ServeConfig
-    queue: JobQueue
+    queue: JobQueue  # or t2i.serve.distributed.RedisJobQueue, which has the same methods
     resolver: Resolver
     decoder: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="t2i-decode"))
@@ -48,8 +48,14 @@ class ServeContext:
 
     @classmethod
     def create(cls, pipe: Pipeline, config: ServeConfig) -> ServeContext:
-        queue = JobQueue(pipe, config.max_queue, config.max_batch, config.batch_wait, config.retain_jobs,
-                         config.lora_dir)
+        """With `config.broker`, the queue is Redis's and `pipe` the workers' model (a RemotePipeline)."""
+        if config.broker is not None:
+            from t2i.serve.distributed import RedisJobQueue
+
+            queue = RedisJobQueue(config.broker, pipe.name, config.max_queue, config.max_batch, config.retain_jobs)
+        else:
+            queue = JobQueue(pipe, config.max_queue, config.max_batch, config.batch_wait, config.retain_jobs,
+                             config.lora_dir)
         ctx = cls(pipe, config, queue, Resolver(pipe, config.limits))
         if config.embedding_dir:
             ctx.embeddings = load_embedding_listing(pipe, config.embedding_dir)
