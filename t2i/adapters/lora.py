@@ -52,7 +52,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from t2i.checkpoints.io import CheckpointError, check_safetensors_header, load_state_dict, parse_json
+from t2i.checkpoints.io import (
+    CheckpointError,
+    check_safetensors_header,
+    load_state_dict,
+    parse_json,
+    save_state_dict,
+)
 from t2i.checkpoints.sd_keys import unet_to_original
 from t2i.checkpoints.transformers_text import clip_state_dict_to_transformers
 from t2i.text.encoders import CLIPTextEncoder, SDXLTextEncoder
@@ -142,6 +148,20 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, LoraLayer], list[str]]
     return layers, other
 
 
+def write_lora(path: str | os.PathLike, layers: dict[str, LoraLayer], metadata: dict[str, str] | None = None) -> Path:
+    """Write `{kohya name: LoraLayer}` in the kohya / A1111 layout (`<name>.lora_down.weight`,
+    `.lora_up.weight`, `.alpha`; see `NamedLayer.kohya`), float32, atomically: the layout A1111,
+    ComfyUI, kohya's scripts and diffusers' `load_lora_weights` all read. Returns the path."""
+    state = {}
+    for name, layer in layers.items():
+        r = layer.down.shape[0]
+        state[f"{name}.lora_down.weight"] = layer.down.detach().float()  # (r, in[, kh, kw])
+        state[f"{name}.lora_up.weight"] = layer.up.detach().float()  # (out, r[, 1, 1])
+        state[f"{name}.alpha"] = torch.tensor(float(r if layer.alpha is None else layer.alpha))
+    save_state_dict(state, path, metadata)
+    return Path(path)
+
+
 def _peft_configs(meta: dict[str, str], path: Path) -> dict[str, dict[str, Any]]:
     """diffusers' `lora_adapter_metadata` (one JSON object of `<component>.<LoraConfig field>`) ->
     {component: LoraConfig fields}; {} when the file has none."""
@@ -212,21 +232,36 @@ def text_towers(pipe: Any) -> list[nn.Module]:
     return []
 
 
-def lora_targets(pipe: Any) -> dict[str, Target]:
-    """Every name a LoRA file may give a layer of `pipe` (kohya and diffusers/PEFT spellings, the
-    U-Net's diffusers and original names, CLIP's transformers names with and without `text_model.`)
-    -> the layer."""
+@dataclass(frozen=True)
+class NamedLayer:
+    """A layer a LoRA may update, under the names files give it.
+
+    diffusers: `<component>.<module>` in diffusers' and transformers' names (`unet.down_blocks...`,
+    `text_encoder.text_model.encoder.layers.0.self_attn.q_proj`), what a target pattern is matched on.
+    kohya: the one name kohya's trainers write for it (and so `write_lora`): `lora_unet_` + the U-Net's
+    diffusers name (SD 1.x/2.x) or original name (SDXL, as kohya's SDXL trainer writes), `lora_te_` /
+    `lora_te1_` / `lora_te2_` + the CLIP name with `text_model.`.
+    spellings: every name a file may give it (`lora_targets`)."""
+
+    target: Target
+    diffusers: str
+    kohya: str
+    spellings: tuple[str, ...]
+
+
+def named_layers(pipe: Any) -> list[NamedLayer]:
+    """Every Linear/Conv2d of `pipe`'s U-Net and CLIP text encoders a LoRA may update (see NamedLayer)."""
     if not isinstance(getattr(pipe, "unet", None), nn.Module):
         raise LoraError(f"{getattr(pipe, 'name', 'this model')}: LoRAs apply to U-Net latent diffusion models; "
                         "this one has no U-Net")
-    out: dict[str, Target] = {}
+    out: list[NamedLayer] = []
     unet_layers = _layers(pipe.unet)
     original = _renamed(unet_layers, lambda s: unet_to_original(s, pipe.unet.cfg))
+    sdxl = isinstance(getattr(pipe, "text_encoder", None), SDXLTextEncoder)
     for name, module in unet_layers.items():
-        target = Target(f"unet.{name}", module)
-        for spelled in (f"unet.{name}", "lora_unet_" + name.replace(".", "_"),
-                        "lora_unet_" + original[name].replace(".", "_")):
-            out[spelled] = target
+        spellings = (f"unet.{name}", "lora_unet_" + name.replace(".", "_"),
+                     "lora_unet_" + original[name].replace(".", "_"))
+        out.append(NamedLayer(Target(f"unet.{name}", module), f"unet.{name}", spellings[2 if sdxl else 1], spellings))
     towers = text_towers(pipe)
     slots = [("text_encoder", "lora_te_")] if len(towers) == 1 else [("text_encoder", "lora_te1_"),
                                                                       ("text_encoder_2", "lora_te2_")]
@@ -234,11 +269,19 @@ def lora_targets(pipe: Any) -> dict[str, Target]:
         tower_layers = _layers(tower)
         foreign = _renamed(tower_layers, clip_state_dict_to_transformers)
         for name, module in tower_layers.items():
-            target = Target(f"{component}.{name}", module)
-            for spelled in {foreign[name], foreign[name].removeprefix("text_model.")}:
-                out[f"{component}.{spelled}"] = target
-                out[kohya + spelled.replace(".", "_")] = target
+            full = "text_model." + foreign[name].removeprefix("text_model.")
+            spelled = sorted({foreign[name], foreign[name].removeprefix("text_model.")})
+            spellings = tuple(s for one in spelled for s in (f"{component}.{one}", kohya + one.replace(".", "_")))
+            out.append(NamedLayer(Target(f"{component}.{name}", module), f"{component}.{full}",
+                                  kohya + full.replace(".", "_"), spellings))
     return out
+
+
+def lora_targets(pipe: Any) -> dict[str, Target]:
+    """Every name a LoRA file may give a layer of `pipe` (kohya and diffusers/PEFT spellings, the
+    U-Net's diffusers and original names, CLIP's transformers names with and without `text_model.`)
+    -> the layer."""
+    return {spelled: layer.target for layer in named_layers(pipe) for spelled in layer.spellings}
 
 
 def _check_architecture(path: Path, names: list[str], towers: int, model: str) -> None:

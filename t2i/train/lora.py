@@ -1,0 +1,299 @@
+"""`t2i train lora`: a LoRA (Hu et al. 2021) trained on a frozen model, written in the kohya format.
+
+The step function for `t2i.train.fit` (resume, NaN stop, progress, sample grids come from there).
+Any model `t2i.load` reads that has a U-Net and a KL autoencoder (an SD 1.x/2.x/SDXL diffusers folder
+or single file, the shapes LDM file) is loaded, every weight frozen; chosen Linear/Conv2d layers W0 get
+
+    h = W0 x + s * B A x,   s = alpha / r    (LoRA eq. 3)
+
+through forward hooks (the networks' modules and state dicts stay as they are), A (r, in) initialised as
+PEFT and kohya do, B (out, r) zero so the run starts exactly at the base model. The loss is the model's
+own denoising objective (its schedule and eps/v prediction, `DiffusionLoss`) on the frozen VAE's
+posterior samples of the data (`--data folder/jsonl`: images with captions).
+
+The file written (`<out>/<name>.safetensors`) is in the kohya / A1111 layout (`lora_unet_...`,
+`lora_te_...` with `.lora_down.weight`, `.lora_up.weight`, `.alpha`; `t2i.adapters.lora.write_lora`),
+which A1111, ComfyUI, diffusers' `load_lora_weights` and t2i's `--lora FILE` read.
+
+`AdapterTrainConfig` and `FrozenModel` are shared with textual inversion (`t2i.train.textual_inversion`):
+what a run that trains something small on a frozen model needs besides the small thing itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from t2i.adapters.lora import LoraLayer, NamedLayer, named_layers, write_lora
+from t2i.diffusion.losses import DiffusionLoss
+from t2i.text.encoders import CLIPTextEncoder, TextEncoding
+from t2i.train.config import LoopConfig
+from t2i.train.data import open_data
+from t2i.train.distributed import DistInfo
+from t2i.train.fit import Grid, Run, Step, Task, fit
+
+EVAL_SEED = 1234  # the fixed timesteps and noise of the held-fixed loss (`FrozenModel.fixed_loss`)
+
+
+@dataclass
+class AdapterTrainConfig(LoopConfig):
+    """A run that trains an adapter on a frozen model."""
+
+    model: str = ""  # anything `t2i.load` reads with a U-Net and a KL autoencoder
+    data: str = "folder"
+    data_path: str | None = None
+    image_size: int = 0  # training image side in pixels; 0: the model's native size
+    min_snr_gamma: float = 0.0  # Min-SNR weighting; 0: plain MSE (kohya's default)
+    caption_dropout: float = 0.0
+    sample_prompts: list[str] | None = None  # sample grid prompts; None: the first 4 distinct captions
+    sample_steps: int = 20
+    eval_items: int = 8  # data items in the fixed-noise loss logged at eval_every (and at the end)
+    steps: int = 500
+    batch_size: int = 1
+    warmup: int = 0
+    image_every: int = 100
+    ckpt_every: int = 100
+
+
+@dataclass
+class LoraTrainConfig(AdapterTrainConfig):
+    """`t2i train lora`. Targets are module-name endings in diffusers' (U-Net) and transformers' (CLIP)
+    names, comma-separated; the defaults are the attention projections, as in the LoRA paper."""
+
+    rank: int = 4
+    alpha: float | None = None  # None: alpha = rank (scale 1)
+    unet_targets: str = "to_q,to_k,to_v,to_out.0"
+    text_encoder: bool = False  # also train LoRAs on the CLIP text encoder
+    text_targets: str = "q_proj,k_proj,v_proj,out_proj"
+    name: str = "lora"  # the file is <out>/<name>.safetensors; A1111's <lora:name:1>
+    lr: float = 1e-4
+
+
+# ============================================================================ the frozen model
+
+
+def encode_trainable(pipe: Any, prompts: list[str]) -> TextEncoding:
+    """The prompts' encoding with autograd on, for adapters trained through the text encoder.
+
+    `CLIPTextEncoder.encode_ids` runs under `torch.no_grad` (encoders are frozen everywhere else);
+    its undecorated function (`__wrapped__`) is the same computation with gradients. One CLIP tower
+    only (SD 1.x/2.x): SDXL's pair would need the same for `SDXLTextEncoder.encode`."""
+    enc = pipe.text_encoder
+    if not isinstance(enc, CLIPTextEncoder):
+        raise ValueError(f"{pipe.name}: training through the text encoder needs one CLIP text encoder (SD 1.x/2.x); "
+                         f"this model has {type(enc).__name__}")
+    batch = enc.tokenizer.tokenize(prompts, enc.max_length)
+    context, pooled = CLIPTextEncoder.encode_ids.__wrapped__(enc, batch.ids)  # (B, T, D), (B, P) or None
+    return TextEncoding(context, pooled, None, batch.truncated)
+
+
+class FrozenModel:
+    """A model loaded by `t2i.load` with every weight frozen, its training data and its denoising loss."""
+
+    def __init__(self, cfg: AdapterTrainConfig, run: Run) -> None:
+        import t2i
+
+        if not cfg.model:
+            raise ValueError("--model is required: a model t2i loads (a diffusers folder, an SD single file, "
+                             "a t2i model file such as t2i/assets/default/model.safetensors)")
+        pipe = t2i.load(cfg.model)
+        if not isinstance(getattr(pipe, "unet", None), nn.Module) or not hasattr(pipe, "vae"):
+            raise ValueError(f"{cfg.model}: adapters train on latent diffusion models with a U-Net "
+                             f"({pipe.name} is {pipe.family})")
+        for net in (pipe.unet, pipe.vae, pipe.text_encoder):
+            net.requires_grad_(False).eval()
+        self.cfg, self.pipe, self.info = cfg, pipe, run.info
+        self.size = cfg.image_size or pipe.defaults.width
+        if self.size % pipe.vae_scale:
+            raise ValueError(f"--image-size {self.size} must be a multiple of the autoencoder's {pipe.vae_scale}")
+        self.data = open_data(cfg.data, cfg.data_path, self.size, cfg.seed, run.log.text)
+        s = pipe.schedule
+        self.loss_fn = DiffusionLoss(s.alphas_cumprod(), s.prediction_type, cfg.min_snr_gamma or None)
+
+    def latents(self, position: int, gen: torch.Generator, batch_size: int | None = None,
+                info: DistInfo | None = None) -> tuple[torch.Tensor, list[str]]:
+        """The batch at data `position`: VAE posterior samples (B, C, h, w), scaled as the U-Net sees
+        them, and the captions (caption dropout drawn from `gen`)."""
+        x, captions, _ = self.data.batch(position, batch_size or self.cfg.batch_size, info or self.info)
+        drop = torch.rand(len(captions), generator=gen) < self.cfg.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        vae = self.pipe.vae
+        return vae.scale(vae.encode(x).sample(gen)).float(), captions
+
+    def loss(self, z: torch.Tensor, enc: TextEncoding, gen: torch.Generator) -> torch.Tensor:
+        """() the denoising loss of latents z (B, C, h, w) under the encoded captions."""
+        # The pipeline's own network inputs: SDXL's size/crop time ids too (the full, uncropped image).
+        cond = self.pipe._cond(enc, self.size, self.size, 6.0)
+        return self.loss_fn(self.pipe.unet, z, cond, gen)
+
+    @torch.no_grad()
+    def fixed_loss(self, encode) -> float:
+        """The loss of the first `eval_items` data items at fixed timesteps and noise (EVAL_SEED), one
+        item at a time, through `encode(captions) -> TextEncoding`: the number that must fall while
+        training overfits, free of the step loss's draw of t."""
+        gen = torch.Generator().manual_seed(EVAL_SEED)
+        n = min(self.cfg.eval_items, self.data.length or self.cfg.eval_items)
+        losses = [self.loss(*self._item(i, gen, encode), gen).item() for i in range(n)]
+        return sum(losses) / len(losses)
+
+    def _item(self, i: int, gen: torch.Generator, encode) -> tuple[torch.Tensor, TextEncoding]:
+        x, captions = self.data.source[i]
+        vae = self.pipe.vae
+        z = vae.scale(vae.encode(x[None]).sample(gen)).float()  # (1, C, h, w)
+        return z, encode([captions])
+
+    def sample_prompts(self, rewrite=lambda c: c) -> list[str]:
+        """The grid's prompts: the config's, or the first 4 distinct captions of the data (rewritten)."""
+        if self.cfg.sample_prompts:
+            return list(self.cfg.sample_prompts)
+        n = min(self.data.length or 4, 64)
+        return list(dict.fromkeys(rewrite(self.data.source[i][1]) for i in range(n)))[:4]
+
+    @torch.no_grad()
+    def grid(self, prompts: list[str]) -> Grid:
+        """`prompts` sampled (seed 0, the model's default sampler) with the adapter as it is now."""
+        pipe = self.pipe
+        latents = torch.cat([pipe.generate(p, seed=0, steps=self.cfg.sample_steps, width=self.size,
+                                           height=self.size).latents for p in prompts])
+        images = pipe.vae.decode(pipe.vae.unscale(latents)).float().clamp(-1, 1)
+        return Grid(images, prompts, nrow=len(prompts))
+
+
+# ============================================================================ LoRA layers
+
+
+class LoraModule(nn.Module):
+    """s * B A x for one Linear or Conv2d W0 (LoCon for a convolution: A has W0's kernel, B is 1x1)."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float) -> None:
+        super().__init__()
+        if isinstance(base, nn.Linear):
+            self.down = nn.Linear(base.in_features, rank, bias=False)  # A: (r, in)
+            self.up = nn.Linear(rank, base.out_features, bias=False)  # B: (out, r)
+        elif isinstance(base, nn.Conv2d) and base.groups == 1:
+            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
+                                  base.dilation, bias=False)  # A: (r, in, kh, kw)
+            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)  # B: (out, r, 1, 1)
+        else:
+            raise ValueError(f"LoRA layers go on Linear and ungrouped Conv2d layers, not {base}")
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))  # A as PEFT and kohya initialise it
+        nn.init.zeros_(self.up.weight)  # B = 0: the run starts exactly at the base model
+        self.alpha, self.scale = float(alpha), float(alpha) / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x)) * self.scale
+
+
+class LoraNetwork(nn.Module):
+    """LoRA modules on named layers of a pipeline, keyed (and checkpointed) by their kohya names.
+    `attach()` adds each module's output to its layer's through a forward hook; `detach()` removes them."""
+
+    def __init__(self, layers: list[NamedLayer], rank: int, alpha: float) -> None:
+        super().__init__()
+        self.lora = nn.ModuleDict({layer.kohya: LoraModule(layer.target.module, rank, alpha) for layer in layers})
+        self._bases = {layer.kohya: layer.target.module for layer in layers}  # not submodules: not saved
+        self._hooks: list[Any] = []
+
+    def attach(self) -> LoraNetwork:
+        for name, base in self._bases.items():
+            self._hooks.append(base.register_forward_hook(_adder(self.lora[name])))
+        return self
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def layers(self) -> dict[str, LoraLayer]:
+        """{kohya name: LoraLayer} as `write_lora` writes them."""
+        return {name: LoraLayer(m.down.weight, m.up.weight, m.alpha) for name, m in self.lora.items()}
+
+
+def _adder(lora: LoraModule):
+    def hook(_module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out + lora(args[0].to(lora.down.weight.dtype)).to(out.dtype)
+
+    return hook
+
+
+def select_layers(pipe: Any, unet_targets: str, text_targets: str | None) -> list[NamedLayer]:
+    """The layers whose diffusers/transformers name ends with one of the comma-separated targets
+    (`to_q`, `to_out.0`, `q_proj`; the text encoders' only when text_targets is given). A target
+    matching no layer is an error naming it: a typo would otherwise train fewer layers in silence."""
+    wanted = {"unet": [t.strip() for t in unet_targets.split(",") if t.strip()],
+              "text": [t.strip() for t in (text_targets or "").split(",") if t.strip()]}
+    chosen, used = [], set()
+    for layer in named_layers(pipe):
+        part = "unet" if layer.diffusers.startswith("unet.") else "text"
+        hit = next((t for t in wanted[part] if layer.diffusers.endswith("." + t)), None)
+        if hit is not None:
+            chosen.append(layer)
+            used.add((part, hit))
+    missing = [t for part, targets in wanted.items() for t in targets if (part, t) not in used]
+    if missing:
+        raise ValueError(f"LoRA targets {missing} match no layer of {pipe.name} (targets end module names, e.g. "
+                         "to_q, to_out.0, proj_in, ff.net.2 in the U-Net; q_proj, out_proj, fc1 in CLIP)")
+    return chosen
+
+
+# ============================================================================ the run
+
+
+def build_lora(cfg: LoraTrainConfig, run: Run) -> Task:
+    frozen = FrozenModel(cfg, run)
+    pipe = frozen.pipe
+    if cfg.text_encoder and not isinstance(pipe.text_encoder, CLIPTextEncoder):
+        raise ValueError(f"--text-encoder: {pipe.name}'s text encoder is {type(pipe.text_encoder).__name__}; "
+                         "text-encoder LoRAs are trained on one CLIP encoder (SD 1.x/2.x)")
+    alpha = float(cfg.rank if cfg.alpha is None else cfg.alpha)
+    layers = select_layers(pipe, cfg.unet_targets, cfg.text_targets if cfg.text_encoder else None)
+    for m in pipe.unet.modules():  # fused inference projections (t2i.nets.attention) would bypass the hooks
+        if hasattr(m, "unfuse_projections"):
+            m.unfuse_projections()
+    net = LoraNetwork(layers, cfg.rank, alpha).attach()
+    params = list(net.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    done = {"steps": 0}
+
+    def encode(captions: list[str]) -> TextEncoding:
+        return encode_trainable(pipe, captions) if cfg.text_encoder else pipe.text_encoder.encode(captions)
+
+    def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, Any]:
+        """Latents and, unless the text encoder trains, the captions' (frozen) encoding."""
+        z, captions = frozen.latents(position, gen)
+        return z, captions if cfg.text_encoder else pipe.text_encoder.encode(captions)
+
+    def step(batch: tuple[torch.Tensor, Any], s: Step) -> dict[str, float]:
+        z, text = batch
+        loss = frozen.loss(z, encode(text) if cfg.text_encoder else text, s.generator)
+        gnorm = s.update(loss, opt, params, average=params)  # LoRA weights sit outside any DDP module
+        done["steps"] = s.index + 1
+        return {"lora/loss": loss.item(), "lora/grad_norm": gnorm}
+
+    def export() -> None:
+        meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank),
+                "ss_network_alpha": str(alpha), "ss_output_name": cfg.name, "ss_steps": str(done["steps"]),
+                "ss_training_comment": f"t2i train lora on {Path(cfg.model).name}",
+                "t2i_config": json.dumps(cfg.to_dict())}
+        write_lora(Path(cfg.out) / f"{cfg.name}.safetensors", net.layers(), meta)
+
+    def evaluate(step: int) -> None:
+        run.log.scalars(step, {"lora/fixed_loss": frozen.fixed_loss(encode)})
+
+    prompts = frozen.sample_prompts()
+    about = (f", {len(layers)} layers of {pipe.name} (rank {cfg.rank}, alpha {alpha:g}, "
+             f"{sum(p.numel() for p in params) / 1e6:.3f}M parameters)")
+    return Task("lora", {"lora": net}, {"opt": opt}, prepare=prepare, step=step,
+                grid=lambda: frozen.grid(prompts), grid_name="lora", export=export, evaluate=evaluate, about=about)
+
+
+def train_lora(cfg: LoraTrainConfig, resume: bool = False, resume_lr: float | None = None,
+               given: dict[str, str] | None = None) -> int:
+    """Run (or, with resume, continue) a LoRA training. Returns the exit code."""
+    return fit(cfg, build_lora, resume=resume, resume_lr=resume_lr, given=given)
