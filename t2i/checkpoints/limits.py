@@ -205,6 +205,26 @@ def fill(module: M, state: Mapping[str, torch.Tensor], dtype: torch.dtype | None
     return module.eval().requires_grad_(False)
 
 
+def load_system_file(path: str | Path, system: str, what: str, from_dict: Callable[[dict[str, Any]], Any],
+                     build: Callable[[Any], M], parts: Callable[[Any], Mapping[str, Any]],
+                     check: Callable[[Any], None] | None = None) -> M:
+    """A model written with `io.save_with_config` for `system`: its config parsed (`from_dict`; a
+    malformed one is a CheckpointError naming `what`) and checked (`check`, then each of
+    `parts(cfg)` against the bounds), the module (`build(cfg)`) built on the meta device and checked
+    against the file's tensors, then filled in float32: a crafted config is refused before anything
+    is allocated. Frozen, eval mode."""
+    raw = read_config(path, what, system)
+    try:
+        cfg = from_dict(raw)
+    except (TypeError, KeyError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{path}: malformed config of {what} ({type(e).__name__}: {e})") from None
+    if check is not None:
+        check(cfg)
+    tensors = header_tensors(check_safetensors_header(path))
+    module = build_checked(lambda: build(cfg), parts(cfg), tensors, str(path))
+    return fill(module, load_state_dict(path), torch.float32)
+
+
 def load_checked_file(path: str | Path, system: str, what: str, config_cls: Callable[..., Any],
                       module_cls: Callable[[Any], M]) -> M:
     """A module written by `io.save_module` for `system`: its config (`config_cls(**saved)`) checked

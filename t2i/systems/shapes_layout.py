@@ -29,15 +29,11 @@ from torch import nn
 from t2i.autoencoders.kl import AutoencoderKL
 from t2i.checkpoints.io import (
     CheckpointError,
-    check_safetensors_header,
-    header_tensors,
     is_system_file,
-    load_state_dict,
-    read_config,
     save_with_config,
     system_file,
 )
-from t2i.checkpoints.limits import build_checked, check_schedule, fill
+from t2i.checkpoints.limits import check_schedule, load_system_file
 from t2i.data.shapes_vocab import out_of_world_warning
 from t2i.layout.captions import layout_caption
 from t2i.layout.planner import LayoutPlanner, planner_config, to_layout
@@ -97,17 +93,13 @@ class ShapesLayoutModel(nn.Module):
     def load(cls, path: str | Path) -> ShapesLayoutModel:
         """Rebuild from a file written by `save`: config checked against sane bounds and the network,
         built on the meta device, against the file's tensors before anything is allocated."""
-        raw = read_config(path, "a shapes layout model file", SYSTEM_NAME)
-        try:
-            cfg = ShapesLayoutConfig.from_dict(raw)
-        except (TypeError, KeyError, AttributeError) as e:
-            raise CheckpointError(f"{path}: malformed shapes layout config ({type(e).__name__}: {e})") from None
-        check_schedule(cfg.ldm.schedule, f"{path}: schedule")
-        if not 1 <= cfg.max_objects <= 64:
-            raise CheckpointError(f"{path}: max_objects {cfg.max_objects} is outside 1..64")
-        tensors = header_tensors(check_safetensors_header(path))
-        model = build_checked(lambda: cls(cfg), {"vae": cfg.ldm.vae, "unet": cfg.ldm.unet}, tensors, str(path))
-        return fill(model, load_state_dict(path), torch.float32).eval().requires_grad_(False)
+        def check(cfg: ShapesLayoutConfig) -> None:
+            check_schedule(cfg.ldm.schedule, f"{path}: schedule")
+            if not 1 <= cfg.max_objects <= 64:
+                raise CheckpointError(f"{path}: max_objects {cfg.max_objects} is outside 1..64")
+
+        return load_system_file(path, SYSTEM_NAME, "a shapes layout model file", ShapesLayoutConfig.from_dict, cls,
+                                lambda c: {"vae": c.ldm.vae, "unet": c.ldm.unet}, check)
 
 
 class PhraseEncoder:

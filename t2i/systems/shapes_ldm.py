@@ -23,16 +23,11 @@ from torch import nn
 
 from t2i.autoencoders.kl import AutoencoderKL, AutoencoderKLConfig
 from t2i.checkpoints.io import (
-    CheckpointError,
-    check_safetensors_header,
-    header_tensors,
     is_system_file,
-    load_state_dict,
-    read_config,
     save_with_config,
     system_file,
 )
-from t2i.checkpoints.limits import build_checked, check_schedule, fill
+from t2i.checkpoints.limits import check_schedule, load_system_file
 from t2i.data.shapes_vocab import out_of_world_warning
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.nets.unet import UNet, UNetConfig
@@ -127,15 +122,9 @@ class ShapesLDM(nn.Module):
         The config is checked against sane bounds and the network, built on the meta device, against
         the file's tensor names and shapes before anything is allocated: a 2 KB file asking for 8192
         channels is refused at once instead of allocating gigabytes."""
-        raw = read_config(path, "a shapes LDM model file", "shapes_ldm")
-        try:
-            cfg = ShapesLDMConfig.from_dict(raw)
-        except (TypeError, KeyError, AttributeError) as e:
-            raise CheckpointError(f"{path}: malformed shapes LDM config ({type(e).__name__}: {e})") from None
-        check_schedule(cfg.schedule, f"{path}: schedule")
-        tensors = header_tensors(check_safetensors_header(path))
-        model = build_checked(lambda: cls(cfg), {"vae": cfg.vae, "unet": cfg.unet}, tensors, str(path))
-        return fill(model, load_state_dict(path), torch.float32).eval().requires_grad_(False)
+        return load_system_file(path, "shapes_ldm", "a shapes LDM model file", ShapesLDMConfig.from_dict, cls,
+                                lambda c: {"vae": c.vae, "unet": c.unet},
+                                lambda c: check_schedule(c.schedule, f"{path}: schedule"))
 
     def pipeline(self, text_encoder: nn.Module | None = None, name: str = "t2i-shapes"):
         """A `LatentDiffusionPipeline` over these weights with the model's default settings."""
