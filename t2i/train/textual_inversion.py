@@ -1,0 +1,141 @@
+"""`t2i train textual-inversion`: a new word's input vectors learned on a frozen model (Gal et al. 2022,
+"An Image is Worth One Word", eq. 2: v* = argmin_v E ||eps - eps_theta(z_t, t, c_theta(y, v))||^2, with
+the text encoder c_theta and the U-Net eps_theta frozen).
+
+The word (`--token`) is added to the CLIP encoder as `t2i.adapters.embeddings` adds a loaded embedding
+(n new rows, n ids the tokenizer puts wherever the word appears); a forward hook on the token embedding
+reads the trainable (n, D) vectors in place of those rows, so nothing else can move. They start from the
+token embeddings of `--init-word` (repeated to fill n, as A1111 does; zeros for an empty init word).
+
+Captions: `[name]` (A1111's template placeholder) becomes the token; a caption that does not hold the
+token gets it in front (`<token> caption`): a step whose captions lack the word trains nothing. A caption
+whose tokens do not hold the word's (CLIP reads `<w>,` as other tokens than `<w>`: punctuation joins the
+word's last piece) is an error naming it, not a step without gradient.
+
+The file written, `<out>/<token>.safetensors`, holds `emb_params` (n, D), the single-tensor form A1111
+and kohya write as safetensors, which A1111, diffusers' `load_textual_inversion` and t2i's
+`--embedding FILE` / `--embedding-dir` read; used by its file stem (the token) in prompts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from t2i.checkpoints.io import save_state_dict
+from t2i.text.encoders import CLIPTextEncoder
+from t2i.train.fit import Run, Step, Task, fit
+from t2i.train.lora import AdapterTrainConfig, FrozenModel, encode_trainable
+
+NAME_PLACEHOLDER = "[name]"  # A1111's template placeholder for the embedding's word
+
+
+@dataclass
+class TextualInversionConfig(AdapterTrainConfig):
+    """`t2i train textual-inversion`."""
+
+    token: str = ""  # the new word, and the file's stem
+    init_word: str = "*"  # the vectors start as this text's token embeddings (A1111's default `*`)
+    vectors: int = 1  # vectors per word (tokens it takes in a prompt)
+    lr: float = 5e-3  # A1111's default
+
+
+class LearnedWord(nn.Module):
+    """A word's n trainable vectors (n, D), read in place of its rows of a CLIP token embedding."""
+
+    def __init__(self, encoder: CLIPTextEncoder, token: str, vectors: int, init_word: str) -> None:
+        super().__init__()
+        emb = encoder.model.token_embedding
+        ids = encoder.tokenizer.token_ids([init_word])[0] if init_word else []
+        rows = emb.weight.detach()[ids] if ids else torch.zeros(1, emb.weight.shape[1])  # (len, D)
+        init = rows[torch.arange(vectors) % len(rows)].float()  # (n, D) cycled, as A1111 fills n vectors
+        encoder.add_words({token: init})  # refuses a vocabulary word or a clash, before anything changed
+        self.first = encoder.tokenizer.words[token][0]
+        self.vectors = nn.Parameter(init.clone())  # (n, D)
+        self._hook = emb.register_forward_hook(self._replace)
+
+    def _replace(self, _module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        ids = args[0]  # (B, T)
+        offset = ids - self.first
+        mine = (offset >= 0) & (offset < len(self.vectors))  # (B, T) the word's positions
+        picked = self.vectors[offset.clamp(0, len(self.vectors) - 1)]  # (B, T, D)
+        return torch.where(mine[..., None], picked.to(out.dtype), out)
+
+    def check(self, tokenizer: Any, captions: list[str]) -> None:
+        """Refuse captions whose tokens do not hold the word (ValueError naming the first)."""
+        for caption, ids in zip(captions, tokenizer.token_ids(captions), strict=True):
+            if not any(0 <= i - self.first < len(self.vectors) for i in ids):
+                raise ValueError(f"caption {caption!r} does not hold the word's tokens (punctuation right after "
+                                 "the word changes how CLIP splits it: put a space before it)")
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+
+def with_token(caption: str, token: str) -> str:
+    """A caption as trained on: `[name]` -> token; the token in front when the caption lacks it."""
+    caption = caption.replace(NAME_PLACEHOLDER, token)
+    return caption if token in caption else f"{token} {caption}".strip()
+
+
+def check_token(token: str) -> None:
+    if not token or token != token.strip() or any(c in token for c in "/\\:") or token.startswith("."):
+        raise ValueError(f"--token {token!r}: give the word the embedding stands for (it is the file's stem, so "
+                         "no slashes, colons or leading dot; e.g. '<my-style>')")
+
+
+def build_textual_inversion(cfg: TextualInversionConfig, run: Run) -> Task:
+    check_token(cfg.token)
+    if cfg.vectors < 1:
+        raise ValueError(f"--vectors must be at least 1, got {cfg.vectors}")
+    frozen = FrozenModel(cfg, run)
+    pipe = frozen.pipe
+    if not isinstance(pipe.text_encoder, CLIPTextEncoder):
+        raise ValueError(f"{pipe.name}: textual inversion trains a word of one CLIP text encoder (SD 1.x/2.x); "
+                         f"this model has {type(pipe.text_encoder).__name__}")
+    word = LearnedWord(pipe.text_encoder, cfg.token, cfg.vectors, cfg.init_word)
+    opt = torch.optim.AdamW(word.parameters(), lr=cfg.lr, weight_decay=0.0)
+    done = {"steps": 0}
+
+    def encode(captions: list[str]):
+        return encode_trainable(pipe, [with_token(c, cfg.token) for c in captions])
+
+    def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        z, captions = frozen.latents(position, gen)  # the captions are encoded in the step, through the vectors
+        word.check(pipe.text_encoder.tokenizer, [with_token(c, cfg.token) for c in captions])
+        return z, captions
+
+    def step(batch: tuple[torch.Tensor, list[str]], s: Step) -> dict[str, float]:
+        z, captions = batch
+        loss = frozen.loss(z, encode(captions), s.generator)
+        params = [word.vectors]
+        gnorm = s.update(loss, opt, params, average=params)
+        done["steps"] = s.index + 1
+        return {"ti/loss": loss.item(), "ti/grad_norm": gnorm}
+
+    def export() -> None:
+        meta = {"name": cfg.token, "step": str(done["steps"]), "init_word": cfg.init_word,
+                "sd_checkpoint_name": Path(cfg.model).name, "t2i_config": json.dumps(cfg.to_dict())}
+        save_state_dict({"emb_params": word.vectors.detach().float()}, Path(cfg.out) / f"{cfg.token}.safetensors",
+                        meta)
+
+    def evaluate(step: int) -> None:
+        run.log.scalars(step, {"ti/fixed_loss": frozen.fixed_loss(encode)})
+
+    prompts = frozen.sample_prompts(lambda c: with_token(c, cfg.token))
+    about = f", word {cfg.token!r} ({cfg.vectors} vectors from {cfg.init_word!r}) on {pipe.name}"
+    return Task("textual-inversion", {"word": word}, {"opt": opt}, prepare=prepare, step=step,
+                grid=lambda: frozen.grid(prompts), grid_name="embedding", export=export, evaluate=evaluate,
+                about=about)
+
+
+def train_textual_inversion(cfg: TextualInversionConfig, resume: bool = False, resume_lr: float | None = None,
+                            given: dict[str, str] | None = None) -> int:
+    """Run (or, with resume, continue) a textual-inversion training. Returns the exit code."""
+    return fit(cfg, build_textual_inversion, resume=resume, resume_lr=resume_lr, given=given)
+
