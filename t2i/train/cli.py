@@ -112,6 +112,33 @@ PLANNER: list[Option] = [
      "0: only at the end"),
     ("--eval-prompts", "eval_prompts", {"type": int}, "held-out prompts in that measurement"),
 ]
+ADAPTER: list[Option] = [
+    ("--model", "model", {}, "the frozen model: a diffusers folder, an SD single file or a t2i model file "
+     "(e.g. t2i/assets/default/model.safetensors)"),
+    *(o for o in IMAGES if o[1] in ("data", "data_path", "image_size", "image_every")),
+    ("--min-snr-gamma", "min_snr_gamma", {"type": float}, "Min-SNR loss weighting; 0 turns it off"),
+    ("--caption-dropout", "caption_dropout", {"type": float}, "share of empty captions"),
+    ("--sample-prompt", "sample_prompts", {"action": "append"},
+     "a prompt of the sample grids (repeatable; unset: the first 4 captions)"),
+    ("--sample-steps", "sample_steps", {"type": int}, "sampler steps for the sample grids"),
+    ("--eval-every", "eval_every", {"type": int}, "the loss at fixed noise on the first data items every N steps "
+     "(log.txt); 0: only at the end"),
+    ("--eval-items", "eval_items", {"type": int}, "data items in that measurement"),
+    ("--export-every", "export_every", {"type": int}, "write the adapter file every N steps (0: at every checkpoint)"),
+]
+LORA: list[Option] = [
+    ("--rank", "rank", {"type": int}, "LoRA rank r"),
+    ("--alpha", "alpha", {"type": float}, "LoRA alpha (scale alpha / r; unset: alpha = r)"),
+    ("--unet-targets", "unet_targets", {}, "comma-separated endings of the U-Net's (diffusers) module names"),
+    ("--text-encoder", "text_encoder", {"action": "store_true"}, "also train LoRAs on the CLIP text encoder"),
+    ("--text-targets", "text_targets", {}, "comma-separated endings of CLIP's (transformers) module names"),
+    ("--name", "name", {}, "the file's stem: <out>/NAME.safetensors, <lora:NAME:1> in A1111"),
+]
+TEXTUAL_INVERSION: list[Option] = [
+    ("--token", "token", {}, "the new word (and the file's stem), e.g. '<my-style>'"),
+    ("--init-word", "init_word", {}, "the vectors start as this text's token embeddings"),
+    ("--vectors", "vectors", {"type": int}, "vectors per word (prompt tokens it takes)"),
+]
 # What each preset is for (their shapes are printed from the configs themselves).
 PRESET_USE = {"shapes_f4": "the built-in model's", "shapes_s": "the built-in model's",
               "tiny": "tests and smoke runs: a fraction of a second per step on one CPU core"}
@@ -244,6 +271,21 @@ def _run_layout_renderer(args: argparse.Namespace) -> int:
                             given=_config(args, cfg, args.options))
 
 
+def _run_lora(args: argparse.Namespace) -> int:
+    from t2i.train.lora import LoraTrainConfig, train_lora
+
+    cfg = LoraTrainConfig(out=args.out)
+    return train_lora(cfg, resume=args.resume, resume_lr=args.resume_lr, given=_config(args, cfg, args.options))
+
+
+def _run_textual_inversion(args: argparse.Namespace) -> int:
+    from t2i.train.textual_inversion import TextualInversionConfig, train_textual_inversion
+
+    cfg = TextualInversionConfig(out=args.out)
+    return train_textual_inversion(cfg, resume=args.resume, resume_lr=args.resume_lr,
+                                   given=_config(args, cfg, args.options))
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from t2i.autoencoders.preview import PreviewDecoderConfig
     from t2i.systems.shapes_ldm import UNET_PRESETS, VAE_PRESETS
@@ -297,3 +339,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _parser(sub, "layout-renderer", "the layout renderer (t2i.systems.shapes_layout): a shapes LDM whose U-Net "
             "also reads boxes with phrases", LayoutLDMTrainConfig(out=""), RUN + RENDERER
             ).set_defaults(func=_run_layout_renderer)
+    from t2i.train.lora import LoraTrainConfig
+    from t2i.train.textual_inversion import TextualInversionConfig
+
+    _parser(sub, "lora", "a LoRA on a frozen model's U-Net (and CLIP text encoder), written in the kohya format "
+            "A1111, ComfyUI and diffusers read", LoraTrainConfig(out=""), RUN + ADAPTER + LORA
+            ).set_defaults(func=_run_lora)
+    _parser(sub, "textual-inversion", "a new word's input vectors on a frozen model, written as an A1111 "
+            "embedding (emb_params .safetensors)", TextualInversionConfig(out=""), RUN + ADAPTER + TEXTUAL_INVERSION
+            ).set_defaults(func=_run_textual_inversion)
