@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_serve import request
 
 REDIS = os.environ.get("T2I_REDIS_SERVER") or shutil.which("redis-server")
@@ -98,7 +97,8 @@ class Cluster:
     def front(self, model: str, *extra: str) -> tuple[subprocess.Popen, str]:
         port = free_port()
         proc = self.spawn([sys.executable, "-m", "t2i.cli", "serve", "--broker", self.url, "--model", model,
-                           "--port", str(port), "--max-steps", "2000", "--max-pixel-steps", str(10**9), *extra], "front")
+                           "--port", str(port), "--max-steps", "2000", "--max-pixel-steps", str(10**9), *extra],
+                          "front")
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: self._health(url, proc), 60, "the front")
         return proc, url
