@@ -7,6 +7,12 @@ with batching off (--max-batch 1) and on, on 127.0.0.1 only.
 Bounded: each client sends at most --requests requests, and each setting stops starting new ones
 after --time-limit seconds. The server runs in this process (a uvicorn thread, as `t2i serve` runs
 it); the clients are threads speaking plain HTTP to the A1111 route, each with its own seed.
+
+Distributed (`t2i serve --broker` + `t2i worker`): throughput with 1 and 2 worker processes, each on
+--threads torch threads, behind one front (in this process) on a redis-server started here on a
+free loopback port (Debian's binary; needs the `distributed` extra):
+
+    python benchmarks/serve_load.py --workers 1 2 --threads 1 --clients 8 --size 64 --steps 20
 """
 
 from __future__ import annotations
@@ -85,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=4, help="requests per client")
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds per setting")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    p.add_argument("--workers", type=int, nargs="+", default=None,
+                   help="distributed mode: worker process counts to compare (each with --threads threads)")
     args = p.parse_args(argv)
+    if args.workers:
+        return distributed(args)
 
     import torch
 
@@ -122,6 +132,102 @@ def main(argv: list[str] | None = None) -> int:
                     for e in r["errors"]:
                         print(f"          error: {e}")
     return 0
+
+
+def start_redis(folder: Path):
+    """(process, url): redis-server on a free loopback port, nothing saved to disk."""
+    import shutil
+    import socket
+    import subprocess
+
+    import redis
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("the distributed benchmark needs redis-server (apt-get install -y redis-server)")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(folder)], stdout=subprocess.DEVNULL)
+    db = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            db.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def distributed(args: argparse.Namespace) -> int:
+    """Throughput at each worker count: fresh redis-server and workers per count, one front."""
+    import os
+    import subprocess
+
+    from t2i.serve.app import create_app
+    from t2i.serve.background import BackgroundServer
+    from t2i.serve.config import Limits, ServeConfig
+    from t2i.serve.distributed import wait_for_model
+
+    threads = args.threads or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model or tiny_model(Path(tmp) / "sd1")
+        body = {"prompt": "a red circle above a blue square", "steps": args.steps, "width": args.size,
+                "height": args.size, "cfg_scale": 7.0}
+        print(f"distributed: {args.size}x{args.size}, {args.steps} steps, {threads} torch thread(s) per worker, "
+              f"{args.requests} requests per client, limit {args.time_limit:.0f} s, cpu: {cpu_name()}")
+        print(f"{'workers':>7} {'max_batch':>9} {'clients':>7} {'done':>5} {'failed':>6} {'img/s':>7} {'p50 s':>7} "
+              f"{'p95 s':>7}")
+        for n in args.workers:
+            for max_batch in args.batches:
+                redis_proc, url = start_redis(Path(tmp))
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+                workers = [subprocess.Popen([sys.executable, "-m", "t2i.cli", "worker", "--broker", url, "--model",
+                                             str(path), "--threads", str(threads), "--max-batch", str(max_batch)],
+                                            env=env, stdout=subprocess.DEVNULL) for _ in range(n)]
+                try:
+                    pipe = wait_for_model(url, None, timeout=120, say=lambda _m: None)
+                    limits = Limits(max_width=args.size, max_height=args.size, max_steps=max(150, args.steps),
+                                    max_pixel_steps=args.size**2 * args.steps)
+                    app = create_app(pipe, ServeConfig(max_queue=max(args.clients) + 1, max_batch=max_batch,
+                                                       limits=limits, broker=url))
+                    with BackgroundServer(app) as server:
+                        wait_workers(app.state.queue, n)
+                        for _ in range(n):  # warm-up (first-call allocations) on every worker
+                            run_setting(server.url, n, 1, args.time_limit, body)
+                        for clients in args.clients:
+                            r = run_setting(server.url, clients, args.requests, args.time_limit, body)
+                            print(f"{n:>7} {max_batch:>9} {clients:>7} {r['done']:>5} {r['failed']:>6} "
+                                  f"{r['throughput']:>7.2f} {r['p50']:>7.3f} {r['p95']:>7.3f}", flush=True)
+                            for e in r["errors"]:
+                                print(f"          error: {e}")
+                finally:
+                    for w in workers:
+                        w.terminate()
+                    for w in workers:
+                        w.wait(30)
+                    redis_proc.terminate()
+                    redis_proc.wait(10)
+    return 0
+
+
+def wait_workers(queue, n: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(queue.workers()) < n:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {len(queue.workers())} of {n} workers came up")
+        time.sleep(0.2)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -66,12 +67,22 @@ class Cluster:
         self.folder, self.procs = folder, []
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.redis = self.spawn([REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no", "--dir", str(folder)], "redis")
         import redis
 
         self.db = redis.Redis(port=self.port)
+        self.start_redis()
+
+    def start_redis(self) -> None:
+        """Every write on disk before it is acknowledged (what survives a kill -9 of the broker)."""
+        self.redis = self.spawn([REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.folder)],
+                                "redis")
         wait_until(self._ping, 10, "redis-server")
+
+    def restart_redis(self) -> None:
+        self.redis.kill()
+        self.redis.wait(10)
+        self.start_redis()
 
     def _ping(self) -> bool:
         try:
@@ -154,6 +165,21 @@ def cluster(tmp_path_factory, models):
         c.stop()
 
 
+@contextmanager
+def local_front(cluster: Cluster, model: str, max_queue: int = 16):
+    """A front in this process (the same app `t2i serve --broker` runs), cheaper to start than a process."""
+    from t2i.serve.app import create_app
+    from t2i.serve.background import BackgroundServer
+    from t2i.serve.config import Limits, ServeConfig
+    from t2i.serve.distributed import wait_for_model
+
+    pipe = wait_for_model(cluster.url, model, timeout=30)
+    app = create_app(pipe, ServeConfig(max_queue=max_queue, broker=cluster.url,
+                                       limits=Limits(max_steps=2000, max_pixel_steps=10**9)))
+    with BackgroundServer(app) as server:
+        yield server.url
+
+
 def submit(url: str, body: dict, job_id: str | None = None) -> dict:
     status, _, job = request("POST", url + "/v1/jobs", {"prompt": "a red circle", **body},
                              headers={"X-Job-Id": job_id} if job_id else None)
@@ -174,7 +200,11 @@ def test_models_routed(cluster):
     assert set(cluster.workers_of("ddpm")) <= set(cluster.workers_of("dit-tiny"))
     assert len(cluster.workers_of("ddpm")) == 1
     (ddpm_worker,) = cluster.workers_of("ddpm")
-    front_ddpm, url = cluster.front("ddpm")
+    with local_front(cluster, "ddpm") as url:
+        routed(cluster, url, ddpm_worker)
+
+
+def routed(cluster: Cluster, url: str, ddpm_worker: str) -> None:
     info = request("GET", url + "/v1/info")[2]
     assert (info["model"], info["family"]) == ("ddpm", "ddpm")
     assert request("GET", cluster.front_url + "/v1/info")[2]["family"] == "dit"
@@ -188,7 +218,6 @@ def test_models_routed(cluster):
     assert request("POST", url + "/v1/jobs", {"prompt": "x", "negative_prompt": "y", "steps": 2})[0] == 202
     status, _, err = request("POST", cluster.front_url + "/v1/jobs", {"prompt": "a red circle", "negative_prompt": "y"})
     assert status == 422 and err["error"]["param"] == "negative_prompt"
-    front_ddpm.kill()
 
 
 def test_progress_cancel_and_interrupt_across_processes(cluster):
@@ -232,7 +261,11 @@ def test_queue_bound_429_and_cancel_queued(cluster):
     cancelling a queued job frees its place."""
     card = json.loads(cluster.db.hget("t2i:models", "dit-tiny"))
     cluster.db.hset("t2i:models", "idle", json.dumps({**card, "name": "idle"}))
-    front, url = cluster.front("idle", "--max-queue", "2")
+    with local_front(cluster, "idle", max_queue=2) as url:
+        queue_bound(url)
+
+
+def queue_bound(url: str) -> None:
     a, b = submit(url, {"steps": 2})["id"], submit(url, {"steps": 2})["id"]
     status, headers, err = request("POST", url + "/v1/jobs", {"prompt": "a red circle"})
     assert status == 429 and int(headers["retry-after"]) >= 1 and err["error"]["type"] == "rate_limit_error"
@@ -242,7 +275,6 @@ def test_queue_bound_429_and_cancel_queued(cluster):
     assert request("GET", f"{url}/v1/jobs/{b}")[2]["position"] == 1
     submit(url, {"steps": 2})
     assert request("GET", url + "/health")[2]["queued"] == 2
-    front.kill()
 
 
 def test_front_restarted_jobs_still_done(cluster):
@@ -262,6 +294,24 @@ def test_front_restarted_jobs_still_done(cluster):
         assert status == 200 and headers["content-type"] == "image/png"
     listed = {j["id"] for j in request("GET", url2 + "/v1/jobs")[2]["jobs"]}
     assert set(ids) <= listed
+
+
+def test_broker_restarted_queued_jobs_kept(cluster):
+    """Redis with every write on disk (appendonly, appendfsync always) killed -9 with jobs queued: once
+    it is back, the workers and the front reconnect by themselves and the jobs are done."""
+    url = cluster.front_url
+    pids = list(cluster.workers_of("dit-tiny").values())
+    for pid in pids:  # paused, so the jobs are still queued when the broker dies
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        ids = [submit(url, {"steps": 20, "seed": i})["id"] for i in range(3)]
+        cluster.restart_redis()
+        assert [cluster.record(i)["status"] for i in ids] == ["queued"] * 3
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    for i in ids:
+        assert wait_done(url, i)["status"] == "done"
 
 
 def request_png(url: str):

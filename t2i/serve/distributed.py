@@ -325,6 +325,8 @@ class RedisJobQueue:
 
     async def _poll(self) -> None:
         """Resolve the futures of jobs that ended (one pipelined read per tick for all of them)."""
+        import redis
+
         while True:
             await asyncio.sleep(POLL)
             ids = list(self._waiting)
@@ -333,7 +335,14 @@ class RedisJobQueue:
             pipe = self.db.pipeline()
             for i in ids:
                 pipe.hget(key("job", id=i), "status")
-            for i, status in zip(ids, pipe.execute(), strict=True):
+            try:
+                statuses = pipe.execute()
+            except redis.ConnectionError:  # the broker restarting: the requests wait on
+                await asyncio.sleep(0.5)
+                continue
+            for i, status in zip(ids, statuses, strict=True):
+                if i not in self._waiting:  # answered by close() meanwhile
+                    continue
                 if status is not None and status.decode() in (QUEUED, RUNNING):
                     continue
                 job = self._waiting.pop(i)
