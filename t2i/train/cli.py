@@ -32,11 +32,16 @@ RUN: list[Option] = [
     ("--log-every", "log_every", {"type": int}, "scalars to log.txt and TensorBoard every N steps"),
     ("--ckpt-every", "ckpt_every", {"type": int}, "checkpoint every N steps"),
     ("--keep", "keep", {"type": int}, "checkpoints kept"),
+    ("--parallel", "parallel", {"choices": ("ddp", "fsdp")}, "under torchrun: DDP (weights replicated) or FSDP "
+     "(weights, gradients and optimizer state sharded; checkpoints step_N.dcp, `t2i convert` makes the model file)"),
 ]
 IMAGES: list[Option] = [
-    ("--data", "data", {"choices": ("shapes", "folder", "jsonl")},
-     "the endless shapes world, an image folder with .txt captions, or a JSONL manifest"),
-    ("--data-path", "data_path", {}, "folder or manifest for --data folder/jsonl"),
+    ("--data", "data", {"choices": ("shapes", "folder", "jsonl", "webdataset")},
+     "the endless shapes world, an image folder with .txt captions, a JSONL manifest, or WebDataset tar shards"),
+    ("--data-path", "data_path", {}, "folder or manifest for --data folder/jsonl; for webdataset a folder of "
+     ".tar shards or a pattern 'DIR/shard-{000000..000009}.tar'"),
+    ("--data-workers", "data_workers", {"type": int}, "loader processes reading the WebDataset shards (each "
+     "reads its own shards; part of the data order, so a resumed run keeps it)"),
     ("--image-size", "image_size", {"type": int}, "training image side in pixels"),
     ("--background-p", "background_p", {"type": float}, "shapes data: share of black/gray backgrounds "
      "(unset: the world's 0.25; more helps a first stage learn dark scenes)"),
@@ -271,19 +276,11 @@ def _run_layout_renderer(args: argparse.Namespace) -> int:
                             given=_config(args, cfg, args.options))
 
 
-def _run_lora(args: argparse.Namespace) -> int:
-    from t2i.train.lora import LoraTrainConfig, train_lora
-
-    cfg = LoraTrainConfig(out=args.out)
-    return train_lora(cfg, resume=args.resume, resume_lr=args.resume_lr, given=_config(args, cfg, args.options))
-
-
-def _run_textual_inversion(args: argparse.Namespace) -> int:
-    from t2i.train.textual_inversion import TextualInversionConfig, train_textual_inversion
-
-    cfg = TextualInversionConfig(out=args.out)
-    return train_textual_inversion(cfg, resume=args.resume, resume_lr=args.resume_lr,
-                                   given=_config(args, cfg, args.options))
+def _run_plain(args: argparse.Namespace) -> int:
+    """A family whose config is its options and nothing more: args.config (the config class) and
+    args.train (its train function) set by its parser."""
+    cfg = args.config(out=args.out)
+    return args.train(cfg, resume=args.resume, resume_lr=args.resume_lr, given=_config(args, cfg, args.options))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -339,12 +336,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _parser(sub, "layout-renderer", "the layout renderer (t2i.systems.shapes_layout): a shapes LDM whose U-Net "
             "also reads boxes with phrases", LayoutLDMTrainConfig(out=""), RUN + RENDERER
             ).set_defaults(func=_run_layout_renderer)
-    from t2i.train.lora import LoraTrainConfig
-    from t2i.train.textual_inversion import TextualInversionConfig
+    from t2i.train.lora import LoraTrainConfig, train_lora
+    from t2i.train.textual_inversion import TextualInversionConfig, train_textual_inversion
 
     _parser(sub, "lora", "a LoRA on a frozen model's U-Net (and CLIP text encoder), written in the kohya format "
             "A1111, ComfyUI and diffusers read", LoraTrainConfig(out=""), RUN + ADAPTER + LORA
-            ).set_defaults(func=_run_lora)
+            ).set_defaults(func=_run_plain, config=LoraTrainConfig, train=train_lora)
     _parser(sub, "textual-inversion", "a new word's input vectors on a frozen model, written as an A1111 "
             "embedding (emb_params .safetensors)", TextualInversionConfig(out=""), RUN + ADAPTER + TEXTUAL_INVERSION
-            ).set_defaults(func=_run_textual_inversion)
+            ).set_defaults(func=_run_plain, config=TextualInversionConfig, train=train_textual_inversion)
