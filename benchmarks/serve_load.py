@@ -73,6 +73,21 @@ def run_setting(url: str, clients: int, requests: int, time_limit: float, body: 
             "errors": sorted(set(failures))[:3]}
 
 
+def request_body(args: argparse.Namespace) -> dict:
+    return {"prompt": "a red circle above a blue square", "steps": args.steps, "width": args.size,
+            "height": args.size, "cfg_scale": 7.0}
+
+
+def serve_config(args: argparse.Namespace, max_batch: int, broker: str | None = None):
+    """The server's settings, with limits that admit the benchmark's requests whatever the model's
+    native size (they follow it by default)."""
+    from t2i.serve.config import Limits, ServeConfig
+
+    limits = Limits(max_width=args.size, max_height=args.size, max_steps=max(150, args.steps),
+                    max_pixel_steps=args.size**2 * args.steps)
+    return ServeConfig(max_queue=max(args.clients) + 1, max_batch=max_batch, limits=limits, broker=broker)
+
+
 def tiny_model(folder: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from sd_oracles import build_sd1  # test-only: builds random weights with diffusers
@@ -102,24 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     import t2i
     from t2i.serve.app import create_app
     from t2i.serve.background import BackgroundServer
-    from t2i.serve.config import Limits, ServeConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or tiny_model(Path(tmp) / "sd1")
         pipe = t2i.load(path)
-        body = {"prompt": "a red circle above a blue square", "steps": args.steps, "width": args.size,
-                "height": args.size, "cfg_scale": 7.0}
+        body = request_body(args)
         print(f"model {pipe.name}, {args.size}x{args.size}, {args.steps} steps, torch threads "
               f"{torch.get_num_threads()}, {args.requests} requests per client, limit {args.time_limit:.0f} s")
         print(f"{'max_batch':>9} {'clients':>7} {'done':>5} {'failed':>6} {'img/s':>7} {'p50 s':>7} {'p95 s':>7} "
               f"{'calls':>5}")
         for max_batch in args.batches:
-            # Limits that admit the benchmark's requests whatever the model's native size (they follow it by default).
-            limits = Limits(max_width=args.size, max_height=args.size, max_steps=max(150, args.steps),
-                            max_pixel_steps=args.size**2 * args.steps)
-            app = create_app(pipe, ServeConfig(max_queue=max(args.clients) + 1, max_batch=max_batch, limits=limits))
+            app = create_app(pipe, serve_config(args, max_batch))
             with BackgroundServer(app) as server:
                 # one warm-up request (first-call allocations) outside the measurement
                 run_setting(server.url, 1, 1, args.time_limit, body)
@@ -167,14 +177,12 @@ def distributed(args: argparse.Namespace) -> int:
 
     from t2i.serve.app import create_app
     from t2i.serve.background import BackgroundServer
-    from t2i.serve.config import Limits, ServeConfig
     from t2i.serve.distributed import wait_for_model
 
     threads = args.threads or 1
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or tiny_model(Path(tmp) / "sd1")
-        body = {"prompt": "a red circle above a blue square", "steps": args.steps, "width": args.size,
-                "height": args.size, "cfg_scale": 7.0}
+        body = request_body(args)
         print(f"distributed: {args.size}x{args.size}, {args.steps} steps, {threads} torch thread(s) per worker, "
               f"{args.requests} requests per client, limit {args.time_limit:.0f} s, cpu: {cpu_name()}")
         print(f"{'workers':>7} {'max_batch':>9} {'clients':>7} {'done':>5} {'failed':>6} {'img/s':>7} {'p50 s':>7} "
@@ -188,10 +196,7 @@ def distributed(args: argparse.Namespace) -> int:
                                             env=env, stdout=subprocess.DEVNULL) for _ in range(n)]
                 try:
                     pipe = wait_for_model(url, None, timeout=120, say=lambda _m: None)
-                    limits = Limits(max_width=args.size, max_height=args.size, max_steps=max(150, args.steps),
-                                    max_pixel_steps=args.size**2 * args.steps)
-                    app = create_app(pipe, ServeConfig(max_queue=max(args.clients) + 1, max_batch=max_batch,
-                                                       limits=limits, broker=url))
+                    app = create_app(pipe, serve_config(args, max_batch, broker=url))
                     with BackgroundServer(app) as server:
                         wait_workers(app.state.queue, n)
                         for _ in range(n):  # warm-up (first-call allocations) on every worker
