@@ -321,6 +321,46 @@ def request_png(url: str):
         return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
 
 
+def test_web_page_unchanged(cluster):
+    """The page, served by a front, generates through a worker and cancels a running job."""
+    chromium = os.environ.get("T2I_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None or importlib.util.find_spec("playwright") is None:
+        reason = "the page test needs chromium and playwright (see tests/test_serve_browser.py)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + " (CI=true: this test must run, not skip)", pytrace=False)
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True,
+                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(30_000)
+            page.goto(cluster.front_url + "/")
+            page.wait_for_function("document.querySelectorAll('#sampler option').length > 0")
+            assert page.input_value("#sampler") == "ddim"  # the DiT's default, from the worker's card
+            page.fill("#prompt", "a red circle")
+            page.fill("#steps", "30")
+            page.fill("#seed", "1234")
+            page.click("#generate")
+            page.wait_for_selector("#gallery figure img.result")
+            assert "done: seed 1234" in page.inner_text("#status")
+            # A long job, cancelled from the page while a worker runs it.
+            page.fill("#steps", "900")
+            page.select_option("#sampler", "heun")
+            page.fill("#width", "64")
+            page.fill("#height", "64")
+            page.click("#generate")
+            wait_until(lambda: cluster.db.smembers("t2i:running"), 30, "the job to start")
+            (job_id,) = [i.decode() for i in cluster.db.smembers("t2i:running")]
+            page.click("#cancel")
+            wait_until(lambda: cluster.record(job_id)["status"] == "cancelled", 10, "the cancellation")
+            assert page.locator("#gallery figure img.result").count() == 1
+        finally:
+            browser.close()
+
+
 def test_worker_killed_mid_job_finished_by_the_other(cluster):
     """SIGKILL the worker running a job: after the heartbeat timeout the other worker runs it; the
     waiting client gets one answer, the same image as an undisturbed run of that request."""
