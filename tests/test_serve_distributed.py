@@ -98,9 +98,9 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def worker(self, *models: Path, max_batch: int = 1) -> subprocess.Popen:
+    def worker(self, *models: Path, max_batch: int = 1, batch_wait: float = 0.0) -> subprocess.Popen:
         argv = [sys.executable, "-m", "t2i.cli", "worker", "--broker", self.url, "--threads", "1",
-                "--heartbeat-timeout", str(HEARTBEAT), "--max-batch", str(max_batch)]
+                "--heartbeat-timeout", str(HEARTBEAT), "--max-batch", str(max_batch), "--batch-wait", str(batch_wait)]
         for m in models:
             argv += ["--model", str(m)]
         return self.spawn(argv, "worker")
@@ -122,13 +122,13 @@ class Cluster:
         except OSError:
             return False
 
-    def workers_of(self, model: str) -> dict[str, int]:
-        """Live worker id -> pid, for those holding `model`."""
+    def workers_of(self, model: str, field: str = "pid") -> dict[str, int]:
+        """Live worker id -> its advertised `field` (pid, batches), for those holding `model`."""
         out = {}
         for k in self.db.scan_iter("t2i:worker:*"):
             raw = self.db.get(k)
             if raw is not None and model in json.loads(raw)["models"]:
-                out[json.loads(raw)["id"]] = json.loads(raw)["pid"]
+                out[json.loads(raw)["id"]] = json.loads(raw)[field]
         return out
 
     def record(self, job_id: str) -> dict[str, str]:
@@ -153,11 +153,11 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, models):
-    """Two workers holding the DiT (the second also the DDPM) and a front for the DiT."""
+    """Two workers holding the DiT (the second also the DDPM, batching two images) and a front for the DiT."""
     c = Cluster(tmp_path_factory.mktemp("cluster"))
     try:
         c.w1 = c.worker(models["dit-tiny"])
-        c.w2 = c.worker(models["dit-tiny"], models["ddpm"])
+        c.w2 = c.worker(models["dit-tiny"], models["ddpm"], max_batch=2, batch_wait=0.3)
         wait_until(lambda: len(c.workers_of("dit-tiny")) == 2, 60, "two workers")
         c.front_proc, c.front_url = c.front("dit-tiny")
         yield c
@@ -208,11 +208,19 @@ def routed(cluster: Cluster, url: str, ddpm_worker: str) -> None:
     info = request("GET", url + "/v1/info")[2]
     assert (info["model"], info["family"]) == ("ddpm", "ddpm")
     assert request("GET", cluster.front_url + "/v1/info")[2]["family"] == "dit"
+    (before,) = cluster.workers_of("ddpm", "batches").values()
     ids = [submit(url, {"steps": 4, "seed": i})["id"] for i in range(4)]
     ids_dit = [submit(cluster.front_url, {"steps": 4, "seed": i})["id"] for i in range(4)]
     for i in ids + ids_dit:
         assert wait_done(cluster.front_url, i)["status"] == "done"  # any front answers for any job
     assert {cluster.record(i)["worker"] for i in ids} == {ddpm_worker}
+    # Compatible jobs are batched on the worker as in one process: 4 jobs, 2 model calls.
+    def calls() -> int:  # as the worker advertises it (once a second)
+        return list(cluster.workers_of("ddpm", "batches").values())[0]["ddpm"] - before["ddpm"]
+
+    wait_until(lambda: calls() >= 2, 5, "the worker's batch count")
+    time.sleep(1.2)
+    assert calls() == 2
     assert {cluster.record(i)["worker"] for i in ids_dit} <= set(cluster.workers_of("dit-tiny"))
     # An option the DDPM takes and the DiT does not is refused by the DiT's front, before queueing.
     assert request("POST", url + "/v1/jobs", {"prompt": "x", "negative_prompt": "y", "steps": 2})[0] == 202

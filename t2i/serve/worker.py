@@ -108,7 +108,9 @@ class Worker:
         pipe.hset(key("models"), mapping={n: c.to_json() for n, c in self.cards.items()})
         pipe.set(key("worker", id=self.id), json.dumps({"id": self.id, "models": sorted(self.cards), "pid": os.getpid(),
                                                         "host": socket.gethostname(),
-                                                        "seconds_per_image": per_image}), ex=WORKER_TTL)
+                                                        "seconds_per_image": per_image,
+                                                        "batches": {n: q.batches for n, q in self.queues.items()}}),
+                ex=WORKER_TTL)
         pipe.zadd(key("workers"), {self.id: time.time()})
         pipe.execute()
 
