@@ -6,6 +6,10 @@ export is refused, naming it. For Stable Diffusion: a diffusers folder <-> one `
 the original SD layout, the direction following DST (a name ending in `.safetensors` gets a single
 file, anything else a new diffusers folder); SRC may also be a `.ckpt`, read with
 `torch.load(weights_only=True)`. Weights keep their dtype and values exactly.
+
+SRC may also be a sharded training checkpoint (`RUN/checkpoints/step_N.dcp`, written by
+`t2i train ... --parallel fsdp`): its shards are reassembled and its family exports what it ships
+(for the LDM the EMA model, the `model.safetensors` that `t2i generate` loads).
 """
 
 from __future__ import annotations
@@ -34,6 +38,12 @@ def convert(src: str | Path, dst: str | Path, prediction: str | None = None, con
     dst = Path(dst)
     if dst.exists():
         raise ValueError(f"{dst} exists; choose a new name (convert never overwrites)")
+    from t2i.train.checkpoint import SHARDED_META
+
+    if (Path(src) / SHARDED_META).is_file():
+        from t2i.train.fsdp import export_sharded
+
+        return export_sharded(src, dst)
     system, path = resolve(src)
     export = exporter(system)
     options: dict[str, Any] = {k: v for k, v in (("prediction", prediction), ("config", config)) if v is not None}
@@ -49,11 +59,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "convert", help="diffusers folder <-> single .safetensors (original SD layout)",
+        "convert", help="diffusers folder <-> single .safetensors (original SD layout); sharded training "
+        "checkpoint -> model file",
         description="Convert a Stable Diffusion 1/2/XL checkpoint between a diffusers folder and one "
                     ".safetensors file in the original key layout (DST ending in .safetensors: a file; "
-                    "otherwise a new folder). Weights are copied bit for bit.")
-    p.add_argument("src", help="diffusers folder, or .safetensors / .ckpt single file (or a shipped model's name)")
+                    "otherwise a new folder). Weights are copied bit for bit. A sharded training checkpoint "
+                    "(RUN/checkpoints/step_N.dcp of an FSDP run) becomes the model file its family ships.")
+    p.add_argument("src", help="diffusers folder, or .safetensors / .ckpt single file (or a shipped model's name), "
+                   "or a sharded training checkpoint directory")
     p.add_argument("dst", help="output .safetensors file, or a new folder")
     p.add_argument("--prediction", choices=PREDICTIONS, default=None,
                    help="single-file source only: eps or v prediction (default: file metadata, a v_pred key, "

@@ -11,6 +11,9 @@ fsync, rename): a run killed while saving leaves the previous checkpoint untouch
 worst a hidden `.tmp-*` file that `latest_checkpoint` never looks at. A file damaged later
 (a full disk, a bad copy) is caught by the SHA-256 of its tensors written into its metadata:
 `--resume` then falls back to the newest intact checkpoint and names the bad one.
+
+Runs sharded with FSDP save directories instead (`step_N.dcp`, written by `t2i.train.fsdp`): the
+same names, listing, pruning and fallback apply, checked by the SHA-256 of every file in them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import hashlib
 import json
 import random
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,15 +33,21 @@ from safetensors import safe_open
 
 from t2i.checkpoints.io import CheckpointError, check_finite, load_state_dict, save_state_dict
 
-_NAME = re.compile(r"^step_(\d{8})\.safetensors$")
+_NAME = re.compile(r"^step_(\d{8})\.(safetensors|dcp)$")
+SHARDED_META = "t2i_train.json"  # a sharded checkpoint's metadata, written last
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}.safetensors"
 
 
+def sharded_checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}.dcp"
+
+
 def checkpoints(run_dir: str | Path) -> list[Path]:
-    """A run's checkpoints, oldest first. Temporary files are never considered."""
+    """A run's checkpoints (files, or directories of a sharded run), oldest first. Temporary files
+    are never considered."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
@@ -61,10 +71,35 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_sharded(path: str | Path) -> dict[str, Any]:
+    """A sharded checkpoint's metadata once every file listed in it matches its SHA-256, or
+    CheckpointError naming what does not."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / SHARDED_META).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: no readable {SHARDED_META} ({e})") from None
+    for name, digest in meta["sha256"].items():
+        if not (path / name).is_file() or file_sha256(path / name) != digest:
+            raise CheckpointError(f"{path}: {name} is missing or does not match the SHA-256 saved with it")
+    return meta
+
+
 def verify_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a checkpoint whole and check it: (tensors, metadata), or CheckpointError naming the file
     (empty, truncated, not a training checkpoint, or tensors that no longer match the SHA-256 saved
-    with them). Checkpoints written before the checksum existed are accepted if they read."""
+    with them). Checkpoints written before the checksum existed are accepted if they read. A sharded
+    checkpoint (a directory) is checked file by file and returns no tensors."""
+    if Path(path).is_dir():
+        return {}, verify_sharded(path)
     tensors = load_state_dict(path)
     try:
         meta = read_metadata(path)
@@ -175,6 +210,8 @@ def load_checkpoint(path: str | Path, *, modules: dict[str, torch.nn.Module],
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
+    if Path(path).is_dir():
+        return json.loads((Path(path) / SHARDED_META).read_text())
     with safe_open(str(path), framework="pt") as f:
         raw = (f.metadata() or {}).get("t2i_train")
     if raw is None:
@@ -185,6 +222,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (the newest is always kept)."""
     for p in checkpoints(run_dir)[:-max(keep, 1)]:
-        p.unlink(missing_ok=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 

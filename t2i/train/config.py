@@ -35,6 +35,8 @@ class LoopConfig:
     export_every: int = 0  # the family's shipped file(s); 0: with every checkpoint
     eval_every: int = 0  # the family's held-out evaluation, if it has one; 0: only at the end
     keep: int = 2  # checkpoints kept
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicated weights) or "fsdp" (sharded; t2i.train.fsdp)
+    data_workers: int = 0  # DataLoader processes reading WebDataset shards (part of the data order)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

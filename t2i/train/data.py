@@ -1,7 +1,9 @@
-"""Training data by random access: item i -> ((3, S, S) image in [-1, 1], caption).
+"""Training data: `batch(position, batch_size, info)` -> this rank's images, captions and indices.
 
-Every source is indexed, so a run's data position (samples consumed, over all ranks) is
-all that is needed to resume it exactly (`t2i.train.loop.batch_indices`).
+A run's data position (samples consumed, over all ranks) is all that is needed to resume it
+exactly. The shapes world, folders and manifests are indexed (`t2i.train.loop.batch_indices`);
+WebDataset shards are a stream whose order is a pure function of the position
+(`t2i.data.webdataset`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,22 @@ class IndexedData(Protocol):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]: ...
 
 
+class BatchSource(Protocol):
+    def batch(self, position: int, batch_size: int, info: DistInfo) -> tuple[torch.Tensor, list[str], list[int]]: ...
+
+
+# DataLoader worker processes per WebDataset source, set by `fit` from the run's `data_workers` (as it sets
+# torch's threads from `threads`), so every family's `open_data` call gets it without a new argument.
+LOADER_WORKERS = 0
+
+
+def set_loader_workers(n: int) -> None:
+    global LOADER_WORKERS
+    if n < 0:
+        raise ValueError(f"--data-workers must be >= 0, got {n}")
+    LOADER_WORKERS = n
+
+
 class TrainData:
     """A source and its length (None: the endless shapes stream, read in index order)."""
 
@@ -33,10 +51,11 @@ class TrainData:
 
 
 def open_data(kind: str, path: str | None, size: int, seed: int,
-              log: Callable[[str], None] = print, background_p: float | None = None) -> TrainData:
+              log: Callable[[str], None] = print, background_p: float | None = None) -> BatchSource:
     """kind: "shapes" (the endless world of `seed`), "folder" (images + .txt sidecars under
-    `path`) or "jsonl" (a manifest at `path`). background_p: the shapes world's share of
-    black/gray backgrounds (None: the world's own)."""
+    `path`), "jsonl" (a manifest at `path`) or "webdataset" (tar shards: a folder of them or a
+    brace pattern at `path`, read by LOADER_WORKERS processes). background_p: the shapes world's
+    share of black/gray backgrounds (None: the world's own)."""
     if kind == "shapes":
         from t2i.data.shapes import BACKGROUND_P, ShapesDataset
 
@@ -49,5 +68,9 @@ def open_data(kind: str, path: str | None, size: int, seed: int,
 
     if path is None:
         raise ValueError(f"--data {kind} needs --data-path")
+    if kind == "webdataset":
+        from t2i.data.webdataset import WebDatasetSource
+
+        return WebDatasetSource(path, size, seed, LOADER_WORKERS, log)
     ds = image_folder(path, size, log) if kind == "folder" else jsonl_manifest(path, size, log)
     return TrainData(ds, len(ds), seed)

@@ -29,10 +29,14 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group if torchrun started us, else return the single-process info."""
+def init_distributed(group: bool = False) -> DistInfo:
+    """Join the process group if torchrun started us, else return the single-process info.
+    group: join it even as torchrun's only process (FSDP shards over a process group of any size);
+    without torchrun that is an error."""
+    if group and "WORLD_SIZE" not in os.environ:
+        raise ValueError("--parallel fsdp runs under torchrun (torchrun --nproc_per_node N -m t2i.cli train ...)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not group:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
@@ -43,7 +47,7 @@ def init_distributed() -> DistInfo:
 
 
 def cleanup(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -5,9 +5,10 @@ extends `LoopConfig` and a `build(cfg, run) -> Task`: the modules and optimizers
 checkpoint, `prepare(position, generator) -> batch` (the step's data and frozen work, run one
 step ahead in a thread) and `step(batch, Step) -> scalars` (its losses and optimizer
 updates, through `Step.update`). Everything else is here, once, in the order of DiT's
-train.py: DDP under torchrun, the learning-rate schedule, EMA, gradient clipping, the
-NaN/Inf stop naming the step, atomic checksummed checkpoints with exact `--resume`,
-SIGINT/SIGTERM save-and-stop, TensorBoard + text log, captioned sample grids and a progress bar.
+train.py: DDP (or FSDP, `--parallel fsdp`: `t2i.train.fsdp`) under torchrun, the learning-rate
+schedule, EMA, gradient clipping, the NaN/Inf stop naming the step, atomic checksummed checkpoints
+with exact `--resume`, SIGINT/SIGTERM save-and-stop, TensorBoard + text log, captioned sample grids
+and a progress bar.
 
 Exact resume: a step's randomness comes from `step_generator(seed, step, rank)` and its data
 from the data position, both pure functions of the checkpointed (step, position); the global
@@ -19,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from t2i.train.checkpoint import checkpoint_path, load_checkpoint, prune_checkpoints, save_checkpoint
+from t2i.train import fsdp
+from t2i.train.checkpoint import (
+    checkpoint_path,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    sharded_checkpoint_path,
+)
 from t2i.train.config import C, resolve_config
+from t2i.train.data import set_loader_workers
 from t2i.train.distributed import DistInfo, broadcast_flag, init_distributed
 from t2i.train.ema import EMA
 from t2i.train.loop import (
@@ -78,7 +87,7 @@ class Step:
                 p.grad /= self.info.world_size
         gnorm = None
         if clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(clip, self.grad_clip)
+            norm = fsdp.full_norm(torch.nn.utils.clip_grad_norm_(clip, self.grad_clip))
             check_finite_loss(norm, self.index, f"{name} gradient norm")
             gnorm = norm.item()
         optimizer.step()
@@ -109,9 +118,14 @@ class Run:
 
     info: DistInfo
     log: RunLog
+    mode: str = "ddp"  # "fsdp": `parallel` shards
+    sharded: fsdp.ParamMap = field(default_factory=dict)  # original parameter id -> its FSDP replacement
 
     def parallel(self, module: nn.Module) -> nn.Module:
-        """The module to call in the step: DDP-wrapped (gradients averaged over ranks) under torchrun."""
+        """The module to call in the step: DDP-wrapped (gradients averaged over ranks) under torchrun,
+        or with mode "fsdp" sharded in place (`t2i.train.fsdp.shard_module`) and returned."""
+        if self.mode == "fsdp":
+            return fsdp.shard_module(module, self.info, self.sharded)
         return DDP(module) if self.info.enabled else module
 
 
@@ -122,18 +136,34 @@ def fit(cfg: C, build: Callable[[C, Run], Task], *, resume: bool = False, resume
     info = init_distributed()
     notes: list[str] = []
     cfg, ckpt = resolve_config(cfg, resume, resume_lr, given, notes.append, info.is_main)
+    if cfg.parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"--parallel must be ddp or fsdp, not {cfg.parallel!r}")
+    sharded = cfg.parallel == "fsdp"
+    if sharded:
+        info = init_distributed(group=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    set_loader_workers(cfg.data_workers)
     out = Path(cfg.out)
     log = RunLog(out, info, 0, cfg.steps)
     for note in notes:
         log.text(note)
     torch.manual_seed(cfg.seed)
-    task = build(cfg, Run(info, log))
+    run = Run(info, log, cfg.parallel)
+    task = build(cfg, run)
+    if sharded:
+        fsdp.rebind_optimizers(task.optimizers, run.sharded)
+        if task.ema is not None:
+            fsdp.shard_module(task.ema.averaged, info)  # its update stays a lerp of local shards
+        log.text("FSDP: sample grids, exports and evaluations are made from a checkpoint after the run: "
+                 "t2i convert RUN/checkpoints/step_N.dcp OUT")
     # After the build (whose random init it overwrites), before anything draws: restores the RNGs too.
     step, position = 0, 0
     if ckpt is not None:
-        meta = load_checkpoint(ckpt, modules=task.modules, optimizers=task.optimizers)
+        if sharded:
+            meta = fsdp.load_sharded(ckpt, modules=task.modules, optimizers=task.optimizers, info=info)
+        else:
+            meta = load_checkpoint(ckpt, modules=task.modules, optimizers=task.optimizers)
         step, position = meta["step"], meta["data_position"]
     log.resumed_at(step)
     log.text(f"{task.name} run {out}: step {step}/{cfg.steps}{task.about}"
@@ -147,9 +177,15 @@ def fit(cfg: C, build: Callable[[C, Run], Task], *, resume: bool = False, resume
             return task.prepare(position, gen), gen
 
     def save() -> None:
-        save_checkpoint(checkpoint_path(out, step), step=step, data_position=position, config=cfg.to_dict(),
-                        modules=task.modules, optimizers=task.optimizers)
-        prune_checkpoints(out, cfg.keep)
+        if sharded:  # collective: every rank writes its shards
+            fsdp.save_sharded(sharded_checkpoint_path(out, step), step=step, data_position=position,
+                              config=cfg.to_dict(), family=task.name, modules=task.modules,
+                              optimizers=task.optimizers, info=info)
+        else:
+            save_checkpoint(checkpoint_path(out, step), step=step, data_position=position, config=cfg.to_dict(),
+                            modules=task.modules, optimizers=task.optimizers)
+        if info.is_main:
+            prune_checkpoints(out, cfg.keep)
 
     # The next step's batch is prepared in a thread while this step trains (torch and numpy release the
     # GIL), so even with --threads 1 a second core is used. Its numbers are the same as in line.
@@ -180,7 +216,9 @@ def fit(cfg: C, build: Callable[[C, Run], Task], *, resume: bool = False, resume
                     t_data = t_step = 0.0
                 stopping = broadcast_flag(stop.signum is not None, info)
                 end = step == cfg.steps or stopping
-                if info.is_main:
+                if sharded and (step % cfg.ckpt_every == 0 or end):
+                    save()
+                elif info.is_main and not sharded:
                     if task.grid is not None and cfg.image_every > 0 and (step % cfg.image_every == 0 or end):
                         grid = task.grid()
                         save_grid(grid.images, out / "samples" / f"{task.grid_name}_{step:08d}.png", grid.nrow,

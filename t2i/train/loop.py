@@ -148,10 +148,10 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, captions: l
 
 class RunLog:
     """Scalars to TensorBoard (if installed) and to `log.txt`, a tqdm bar with it/s and ETA.
-    On ranks other than 0 everything is silent."""
+    On ranks other than 0 everything is silent (and everywhere with `quiet`)."""
 
-    def __init__(self, run_dir: Path, info: DistInfo, start_step: int, total_steps: int) -> None:
-        self.enabled = info.is_main
+    def __init__(self, run_dir: Path, info: DistInfo, start_step: int, total_steps: int, quiet: bool = False) -> None:
+        self.enabled = info.is_main and not quiet
         self.run_dir = run_dir
         self.tb = None
         self.bar = None

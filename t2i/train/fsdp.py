@@ -1,0 +1,232 @@
+"""FSDP (PyTorch's `fully_shard`, "FSDP2") in the one training loop, and its sharded checkpoints.
+
+`--parallel fsdp` under torchrun: each module a family passes to `Run.parallel` is sharded in place
+(every element of its nn.ModuleLists, then the module itself: one all-gather per block in forward,
+one reduce-scatter per block in backward, gradients averaged over the ranks as DDP does), so each
+rank holds 1/W of its weights, gradients and optimizer state. Three things about a family's build
+that FSDP changes, all handled here rather than in every family:
+
+- `fully_shard` replaces the parameters by DTensors, so the optimizers the family made before
+  `Run.parallel` are pointed at the new parameters (`rebind_optimizers`, before any step);
+- the EMA copy is sharded the same way, so its update stays a local lerp of shards (`shard_module`);
+- rank-0-only work that needs whole weights (sample grids, periodic exports, evaluations) is not
+  done during the run: convert a checkpoint with `t2i convert RUN/checkpoints/step_N.dcp OUT`.
+
+Checkpoints are `torch.distributed.checkpoint` (DCP) directories `checkpoints/step_N.dcp`, each
+rank writing its own shards: tensors only (DCP pickles non-tensor values and reads them back with
+`torch.load(weights_only=False)`, which we never do), the rest (step, data position, config,
+optimizer hyper-parameters, every rank's RNG states, a SHA-256 of every file) as JSON beside them.
+A save is written under a hidden name and renamed when complete, as the single-file checkpoints are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from t2i.train.checkpoint import SHARDED_META, file_sha256, rng_state, verify_sharded
+from t2i.train.distributed import DistInfo
+
+ParamMap = dict[int, nn.Parameter]  # id(parameter before sharding) -> its sharded replacement
+
+
+def _mesh(info: DistInfo):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (info.world_size,))
+
+
+def shard_module(module: nn.Module, info: DistInfo, params: ParamMap | None = None) -> nn.Module:
+    """`fully_shard` every block (a non-leaf element of one of `module`'s nn.ModuleLists, innermost
+    first), then `module`, in place. Leaf elements (a Linear in a list of projections) stay with their
+    parent: a unit of their own would add a collective for one matrix, and FSDP's backward hook on a
+    unit's output is lost if the caller changes that output in place. Records in `params` which sharded
+    parameter replaced which original one."""
+    from torch.distributed.fsdp import fully_shard
+
+    before = dict(module.named_parameters())
+    mesh = _mesh(info)
+    lists = [m for m in module.modules() if isinstance(m, nn.ModuleList)]
+    for block in (b for lst in reversed(lists) for b in lst):
+        if next(block.children(), None) is not None and any(p.requires_grad for p in block.parameters()):
+            fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    if params is not None:
+        after = dict(module.named_parameters())
+        params.update({id(p): after[name] for name, p in before.items()})
+    return module
+
+
+def rebind_optimizers(optimizers: dict[str, torch.optim.Optimizer], params: ParamMap) -> None:
+    """Point optimizers made before sharding at the sharded parameters (they hold no state yet)."""
+    for name, opt in optimizers.items():
+        if opt.state:
+            raise RuntimeError(f"optimizer {name!r} has taken steps before FSDP sharding")
+        for group in opt.param_groups:
+            group["params"] = [params.get(id(p), p) for p in group["params"]]
+
+
+def full_norm(norm: torch.Tensor) -> torch.Tensor:
+    """A gradient norm clip_grad_norm_ returns over sharded gradients (a DTensor) as a plain tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+# ---- sharded checkpoints -------------------------------------------------------------------------
+
+def _state(modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]
+           ) -> tuple[dict[str, torch.Tensor], dict[str, Any], nn.Module]:
+    """Every module's (sharded) weights and every optimizer's state as one flat dict of tensors:
+    `<module>.<param>` (the keys of the single-file checkpoints) and `optim.<optimizer>.<param>.<key>`;
+    the optimizers' non-tensor parts as JSON-able values. Initialises optimizer state that is still
+    empty (a step with zero gradients and learning rate 0), so that a load has somewhere to go."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    root = nn.ModuleDict(modules)
+    tensors: dict[str, torch.Tensor] = dict(get_model_state_dict(root))
+    rest: dict[str, Any] = {}
+    for name, opt in optimizers.items():
+        osd = get_optimizer_state_dict(root, opt)
+        rest[name] = {"param_groups": osd["param_groups"], "state": {}}
+        for fqn, st in osd["state"].items():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"optim.{name}.{fqn}.{k}"] = v
+                else:
+                    rest[name]["state"].setdefault(fqn, {})[k] = v
+    return tensors, rest, root
+
+
+def _rng_json() -> dict[str, Any]:
+    tensors, meta = rng_state()
+    return {**meta, "torch": tensors["rng.torch"].tolist()}
+
+
+def _set_rng_json(state: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    n, p = state["numpy"], state["python"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def save_sharded(path: Path, *, step: int, data_position: int, config: dict[str, Any], family: str,
+                 modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer], info: DistInfo) -> None:
+    """Write checkpoint directory `path` (collective: every rank calls it with its shards)."""
+    import torch.distributed.checkpoint as dcp
+
+    tmp = path.with_name(f".tmp-{path.name}")
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    tensors, rest, _ = _state(modules, optimizers)
+    dcp.save(tensors, checkpoint_id=str(tmp))
+    (tmp / f"rng_rank{info.rank}.json").write_text(json.dumps(_rng_json()))
+    dist.barrier()
+    if info.is_main:
+        files = sorted(p.name for p in tmp.iterdir())
+        meta = {"step": step, "data_position": data_position, "config": config, "family": family,
+                "world_size": info.world_size, "optimizers": rest,
+                "sha256": {f: file_sha256(tmp / f) for f in files}}
+        with open(tmp / SHARDED_META, "w") as f:
+            f.write(json.dumps(meta))
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.replace(path)
+    dist.barrier()
+
+
+def load_sharded(path: Path, *, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                 info: DistInfo) -> dict[str, Any]:
+    """Restore modules, optimizers and this rank's RNG states from a checkpoint directory (collective);
+    returns its metadata."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    meta = verify_sharded(path)
+    tensors, _, root = _state(modules, optimizers)
+    dcp.load(tensors, checkpoint_id=str(path))
+    set_model_state_dict(root, {k: v for k, v in tensors.items() if not k.startswith("optim.")})
+    for name, opt in optimizers.items():
+        saved = meta["optimizers"][name]
+        state: dict[str, dict[str, Any]] = {fqn: dict(st) for fqn, st in saved["state"].items()}
+        prefix = f"optim.{name}."
+        for key, value in tensors.items():
+            if key.startswith(prefix):
+                fqn, k = key[len(prefix):].rsplit(".", 1)
+                state.setdefault(fqn, {})[k] = value
+        set_optimizer_state_dict(root, opt, {"state": state, "param_groups": saved["param_groups"]})
+    rng = path / f"rng_rank{info.rank}.json"
+    _set_rng_json(json.loads((rng if rng.is_file() else path / "rng_rank0.json").read_text()))
+    return meta
+
+
+# ---- conversion to the single file a family ships --------------------------------------------------
+
+def _family(name: str) -> tuple[Any, Callable]:
+    """A family's (config class, build) by its Task name, for building it outside its run."""
+    if name == "ldm":
+        from t2i.train.ldm import LDMTrainConfig, build_ldm
+        return LDMTrainConfig, build_ldm
+    if name == "ddpm":
+        from t2i.train.ddpm import DDPMTrainConfig, build_ddpm
+        return DDPMTrainConfig, build_ddpm
+    if name == "layout_ldm":
+        from t2i.train.layout_ldm import LayoutLDMTrainConfig, build_layout_ldm
+        return LayoutLDMTrainConfig, build_layout_ldm
+    raise ValueError(f"converting sharded checkpoints of the {name!r} family is not supported "
+                     "(families: ldm, ddpm, layout_ldm)")
+
+
+def export_sharded(src: str | Path, dst: str | Path) -> Path:
+    """A sharded checkpoint -> the file(s) its family exports (for the LDM: the EMA model as the
+    `model.safetensors` that `t2i generate` loads). One process, no process group: DCP reassembles
+    whole tensors from the shards. dst ending in `.safetensors`: that file; else a new folder."""
+    import torch.distributed.checkpoint as dcp
+
+    from t2i.train.fit import Run
+    from t2i.train.loop import RunLog
+
+    src, dst = Path(src), Path(dst)
+    meta = verify_sharded(src)
+    config_cls, build = _family(meta["family"])
+    cfg = config_cls.from_dict(meta["config"])
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".convert-") as tmp:
+        cfg.out, cfg.parallel = tmp, "ddp"
+        torch.manual_seed(cfg.seed)
+        log = RunLog(Path(tmp), DistInfo(), 0, 0, quiet=True)
+        task = build(cfg, Run(DistInfo(), log))
+        if task.export is None:
+            raise ValueError(f"the {meta['family']} family has no export")
+        state = {f"{name}.{k}": v for name, mod in task.modules.items() for k, v in mod.state_dict().items()}
+        dcp.load(state, checkpoint_id=str(src), no_dist=True)
+        for name, mod in task.modules.items():
+            mod.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+        before = set(Path(tmp).iterdir())
+        task.export()
+        made = sorted(set(Path(tmp).iterdir()) - before)
+        if dst.suffix == ".safetensors":
+            if len(made) != 1:
+                raise ValueError(f"the {meta['family']} export writes {len(made)} files; give a folder as DST")
+            made[0].replace(dst)
+        else:
+            dst.mkdir()
+            for p in made:
+                p.replace(dst / p.name)
+        log.close()
+    return dst
