@@ -399,3 +399,18 @@ def test_worker_killed_mid_job_finished_by_the_other(cluster):
 
     assert cluster.db.llen(f"t2i-dramatiq:{queue_name('dit-tiny')}") == 0
     assert cluster.db.hlen(f"t2i-dramatiq:{queue_name('dit-tiny')}.msgs") == 0  # every message acknowledged
+
+
+def test_worker_sigterm_finishes_its_job_then_exits(cluster):
+    """SIGTERM (a deploy): the worker takes no new job, finishes the running one, leaves the listing, exits 0."""
+    url = cluster.front_url
+    alive = {p.pid: p for p in cluster.procs if p.poll() is None}
+    # The survivor of the previous test (the killed one stays listed until its advertisement expires).
+    ((worker_id, pid),) = [(w, pid) for w, pid in cluster.workers_of("dit-tiny").items() if pid in alive]
+    job = submit(url, {**LONG, "seed": 9})
+    wait_until(lambda: int(cluster.record(job["id"]).get("step", 0)) > 0, 30, "a step")
+    os.kill(pid, signal.SIGTERM)
+    assert alive[pid].wait(60) == 0
+    record = cluster.record(job["id"])
+    assert record["status"] == "done" and record["worker"] == worker_id
+    assert worker_id not in cluster.workers_of("dit-tiny")
