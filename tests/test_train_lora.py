@@ -167,3 +167,29 @@ def test_targets_that_match_nothing_are_named(sd1, tmp_path, capsys):
             "--out", str(tmp_path / "run"), "--unet-targets", "to_q,to_qq"]
     assert main(args) != 0
     assert "to_qq" in capsys.readouterr().err
+
+
+def test_sdxl_unet_lora_is_read_by_diffusers_with_every_key(tmp_path, caplog):
+    """SDXL: kohya's SDXL names (`lora_unet_input_blocks_...`, the original U-Net layout)."""
+    from diffusers import DiffusionPipeline
+    from sd_oracles import build_sdxl
+
+    build_sdxl(tmp_path / "model")
+    data = write_captioned_folder(tmp_path / "data")
+    path = train(tmp_path / "model", data, tmp_path / "run", "--steps", "3", "--lr", "1e-2")
+    layers = read_lora(path)[0]
+    assert all(name.startswith(("lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks"))
+               for name in layers)
+    ref = DiffusionPipeline.from_pretrained(tmp_path / "model")
+    with caplog.at_level(logging.WARNING):
+        ref.load_lora_weights(str(path))
+    assert not [r for r in caplog.records if "unexpected" in r.getMessage().lower()]
+    assert len([m for m in ref.unet.modules() if hasattr(m, "lora_A") and m.lora_A]) == len(layers)
+    ref.fuse_lora(lora_scale=1.0)
+    ref.unload_lora_weights()
+    ours = t2i.load(tmp_path / "model")
+    moved = _unet_error(ref, ours)
+    with apply_loras(ours, [(path, 1.0)]):
+        err = _unet_error(ref, ours)
+    print(f"trained SDXL LoRA, {len(layers)} layers: U-Net {err:.2e} (moved {moved:.2e})")
+    assert moved > 1e-3 and err < WEIGHT_TOL
