@@ -30,7 +30,7 @@ MISSING = [msg for absent, msg in [
     (REDIS is None, "redis-server (apt-get install -y redis-server, or set T2I_REDIS_SERVER)"),
 ] if absent]
 HEARTBEAT = 2.0  # seconds: how long a killed worker's job waits before another worker takes it
-LONG = {"steps": 900, "sampler": "heun", "width": 64, "height": 64}  # several seconds on the tiny DiT
+LONG = {"steps": 500, "sampler": "heun", "width": 64, "height": 64}  # seconds on the tiny DiT
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -355,7 +355,7 @@ def test_web_page_unchanged(cluster):
             page.wait_for_selector("#gallery figure img.result")
             assert "done: seed 1234" in page.inner_text("#status")
             # A long job, cancelled from the page while a worker runs it.
-            page.fill("#steps", "900")
+            page.fill("#steps", "500")
             page.select_option("#sampler", "heun")
             page.fill("#width", "64")
             page.fill("#height", "64")
@@ -414,3 +414,37 @@ def test_worker_sigterm_finishes_its_job_then_exits(cluster):
     record = cluster.record(job["id"])
     assert record["status"] == "done" and record["worker"] == worker_id
     assert worker_id not in cluster.workers_of("dit-tiny")
+
+
+def test_request_and_model_card_cross_the_wire_intact():
+    """What the front writes is what the worker reads: settings, img2img images, layout; the model card."""
+    import numpy as np
+    from PIL import Image
+
+    import t2i
+    from t2i.layout.spec import as_layout
+    from t2i.serve.distributed import ModelCard, RemotePipeline, read_request, request_fields
+    from t2i.systems.base import GenerationRequest
+
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    mask = Image.fromarray(rng.integers(0, 2, (24, 32), dtype=np.uint8) * 255)
+    layout = as_layout({"objects": [{"phrase": "a red circle", "box": [0, 4, 16, 20]}]}, 32, 24)
+    r = GenerationRequest("a red circle", "blurry", seed=5, num_images=2, steps=7, guidance=3.5, sampler="euler",
+                          schedule="karras", width=32, height=24, init_image=init, strength=0.6, mask=mask,
+                          layout=layout)
+    fields = {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in request_fields(r).items()}
+    back = read_request(fields)
+    for name in ("prompt", "negative_prompt", "seed", "num_images", "steps", "guidance", "sampler", "schedule",
+                 "width", "height", "strength"):
+        assert getattr(back, name) == getattr(r, name), name
+    assert back.layout == layout
+    assert np.array_equal(np.asarray(back.init_image), np.asarray(init))
+    assert np.array_equal(np.asarray(back.mask), np.asarray(mask))
+
+    pipe = t2i.load(None)  # the built-in model: layout-capable, with its own limits
+    card = ModelCard.from_json(ModelCard.of(pipe).to_json())
+    remote = RemotePipeline(card)
+    assert (remote.name, remote.family, remote.defaults, remote.capabilities) == (
+        pipe.name, pipe.family, pipe.defaults, pipe.capabilities)
+    assert remote.max_objects == getattr(pipe, "max_objects", None)
