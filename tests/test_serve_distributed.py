@@ -226,6 +226,9 @@ def routed(cluster: Cluster, url: str, ddpm_worker: str) -> None:
     assert request("POST", url + "/v1/jobs", {"prompt": "x", "negative_prompt": "y", "steps": 2})[0] == 202
     status, _, err = request("POST", cluster.front_url + "/v1/jobs", {"prompt": "a red circle", "negative_prompt": "y"})
     assert status == 422 and err["error"]["param"] == "negative_prompt"
+    # So is a LoRA tag this front cannot find (it has no --lora-dir), as in one process.
+    status, _, err = request("POST", url + "/v1/jobs", {"prompt": "a red circle <lora:nothing:1>"})
+    assert status == 422 and err["error"]["param"] == "prompt"
 
 
 def test_progress_cancel_and_interrupt_across_processes(cluster):

@@ -52,7 +52,8 @@ class ServeContext:
         if config.broker is not None:
             from t2i.serve.distributed import RedisJobQueue
 
-            queue = RedisJobQueue(config.broker, pipe.name, config.max_queue, config.max_batch, config.retain_jobs)
+            queue = RedisJobQueue(config.broker, pipe.name, config.max_queue, config.max_batch, config.retain_jobs,
+                                  config.lora_dir)
         else:
             queue = JobQueue(pipe, config.max_queue, config.max_batch, config.batch_wait, config.retain_jobs,
                              config.lora_dir)

@@ -37,6 +37,7 @@ from PIL import Image
 
 from t2i.layout.spec import Layout
 from t2i.serve.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SHUTTING_DOWN, DuplicateJob, Job, Output, QueueFull
+from t2i.serve.networks import prompt_lora_files
 from t2i.systems.base import Capabilities, GenerationDefaults, GenerationRequest
 
 ACTOR = "t2i_generate"  # the one dramatiq actor: its argument is a job id
@@ -293,10 +294,11 @@ class RedisJobQueue:
     answered 503 while their jobs go on (fetch them by id)."""
 
     def __init__(self, url: str, model: str, max_queue: int = 16, max_batch: int = 4, listed: int = 64,
-                 heartbeat_timeout: float = 15.0) -> None:
+                 lora_dir: str | None = None) -> None:
         self.url, self.model, self.max_queue, self.max_batch = url, model, max_queue, max_batch
+        self.lora_dir = lora_dir  # the front checks <lora:...> tags as in one process; the workers merge them
         self.db = connect(url)
-        self.broker = make_broker(url, heartbeat_timeout)
+        self.broker = make_broker(url)
         self.queue = queue_name(model)
         self.broker.declare_queue(self.queue)
         self.jobs = RemoteJobs(self.db, listed)
@@ -360,6 +362,7 @@ class RedisJobQueue:
     def submit(self, request: GenerationRequest, job_id: str | None = None) -> RemoteJob:
         from dramatiq import Message
 
+        prompt_lora_files(request.prompt, self.lora_dir)  # FieldError (422) naming a tag without a file
         if self.closing:
             raise QueueFull(1)
         job_id = job_id or secrets.token_hex(8)
