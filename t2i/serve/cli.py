@@ -12,7 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Serve a model: OpenAI Images API (/v1/images/generations), "
                                    "AUTOMATIC1111 API (/sdapi/v1/...), a job API and a web page at /. "
                                    "SIGTERM or Ctrl-C stops the running job within a fraction of a step "
-                                   "and answers waiting jobs 503 (they are not kept).",
+                                   "and answers waiting jobs 503 (they are not kept); with --broker, jobs live in "
+                                   "Redis and go on (`t2i worker` runs them).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None,
                    help="model name or path (default: the built-in shapes model); with --broker, the name of a "
