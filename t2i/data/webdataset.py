@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import sys
 import tarfile
 from collections.abc import Callable, Iterator
@@ -254,13 +255,21 @@ class WebDatasetSource:
         self._stream: Iterator[Sample] | None = None
 
     def _open(self, info: DistInfo, start: int) -> Iterator[Sample]:
+        self.streams.slot_shards(0, info.world_size)  # too few shards for the slots: say so here, not in a worker
         dataset = _SlotDataset(self.streams, info, start)
         if self.workers == 0:
             return iter(dataset)
-        # The platform's default start method (fork on Linux), as every torch DataLoader: spawn costs seconds
-        # of imports per worker and per seek. Workers run one intra-op thread (the DataLoader sets it).
+        # Workers are forked by a fork server that has imported this module (and torch) once: `fit` opens the
+        # loader from its prefetch thread, and a child forked from a thread that is not the main one fails at
+        # exit (exit code 1, which the DataLoader raises in the main thread) and may inherit locks other
+        # threads held; spawn would import torch again for every worker and every seek. Its own generator:
+        # the workers' base seed (unused) would otherwise be drawn from the global RNG, which a resumed run
+        # restores before it opens its stream and an uninterrupted one after.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.workers, collate_fn=_identity,
-                               prefetch_factor=4))
+                               prefetch_factor=4, generator=torch.Generator().manual_seed(0),
+                               multiprocessing_context=context))
 
     def samples(self, position: int, batch_size: int, info: DistInfo) -> list[Sample]:
         """This rank's `batch_size` samples at the global data position `position` (all ranks'
