@@ -214,13 +214,14 @@ def routed(cluster: Cluster, url: str, ddpm_worker: str) -> None:
     for i in ids + ids_dit:
         assert wait_done(cluster.front_url, i)["status"] == "done"  # any front answers for any job
     assert {cluster.record(i)["worker"] for i in ids} == {ddpm_worker}
-    # Compatible jobs are batched on the worker as in one process: 4 jobs, 2 model calls.
+    # Compatible jobs are batched on the worker as in one process: 4 jobs, 2 model calls (3 if a
+    # message reached the worker after its batch had started; 4 would be no batching at all).
     def calls() -> int:  # as the worker advertises it (once a second)
         return list(cluster.workers_of("ddpm", "batches").values())[0]["ddpm"] - before["ddpm"]
 
     wait_until(lambda: calls() >= 2, 5, "the worker's batch count")
     time.sleep(1.2)
-    assert calls() == 2
+    assert calls() in (2, 3)
     assert {cluster.record(i)["worker"] for i in ids_dit} <= set(cluster.workers_of("dit-tiny"))
     # An option the DDPM takes and the DiT does not is refused by the DiT's front, before queueing.
     assert request("POST", url + "/v1/jobs", {"prompt": "x", "negative_prompt": "y", "steps": 2})[0] == 202
@@ -419,8 +420,10 @@ def test_worker_sigterm_finishes_its_job_then_exits(cluster):
     assert worker_id not in cluster.workers_of("dit-tiny")
 
 
-def test_request_and_model_card_cross_the_wire_intact():
+def test_request_and_model_card_cross_the_wire_intact(models):
     """What the front writes is what the worker reads: settings, img2img images, layout; the model card."""
+    from dataclasses import replace
+
     import numpy as np
     from PIL import Image
 
@@ -445,9 +448,9 @@ def test_request_and_model_card_cross_the_wire_intact():
     assert np.array_equal(np.asarray(back.init_image), np.asarray(init))
     assert np.array_equal(np.asarray(back.mask), np.asarray(mask))
 
-    pipe = t2i.load(None)  # the built-in model: layout-capable, with its own limits
-    card = ModelCard.from_json(ModelCard.of(pipe).to_json())
-    remote = RemotePipeline(card)
-    assert (remote.name, remote.family, remote.defaults, remote.capabilities) == (
-        pipe.name, pipe.family, pipe.defaults, pipe.capabilities)
-    assert remote.max_objects == getattr(pipe, "max_objects", None)
+    pipe = t2i.load(models["dit-tiny"])
+    for max_objects in (None, 4):  # a layout model's limit on objects travels too
+        card = replace(ModelCard.of(pipe), max_objects=max_objects)
+        remote = RemotePipeline(ModelCard.from_json(card.to_json()))
+        assert (remote.name, remote.family, remote.defaults, remote.capabilities, remote.max_objects) == (
+            pipe.name, pipe.family, pipe.defaults, pipe.capabilities, max_objects)
