@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import signal
 import socket
@@ -158,3 +159,21 @@ def test_fsdp_kill9_then_resume_is_bitwise_equal(fsdp_run, tmp_path):
                   for run in (full, killed))
         assert ra["torch"] == rb["torch"]
     assert _logged(killed)[-2:] == _logged(full)[-2:]
+
+
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_checkpoint_index_cannot_run_code(tmp_path):
+    from t2i.train.fsdp import _safe_reader
+
+    marker = tmp_path / "ran"
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(_Exploit(marker)))
+    with pytest.raises(pickle.UnpicklingError, match="may not refer to"):
+        _safe_reader(tmp_path).read_metadata()
+    assert not marker.exists()

@@ -17,25 +17,29 @@ rank writing its own shards: tensors only (DCP pickles non-tensor values and rea
 `torch.load(weights_only=False)`, which we never do), the rest (step, data position, config,
 optimizer hyper-parameters, every rank's RNG states, a SHA-256 of every file) as JSON beside them.
 A save is written under a hidden name and renamed when complete, as the single-file checkpoints are.
+DCP's own index (`.metadata`) is a pickle: it is read with an unpickler that builds only DCP's
+metadata dataclasses and torch's sizes and dtypes (`SafeReader`), so a checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import os
-import random
+import pickle
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from t2i.train.checkpoint import SHARDED_META, file_sha256, rng_state, verify_sharded
+from t2i.train.checkpoint import SHARDED_META, file_sha256, rng_state, set_rng_state, verify_sharded
 from t2i.train.distributed import DistInfo
 
 ParamMap = dict[int, nn.Parameter]  # id(parameter before sharding) -> its sharded replacement
@@ -86,6 +90,41 @@ def full_norm(norm: torch.Tensor) -> torch.Tensor:
 
 # ---- sharded checkpoints -------------------------------------------------------------------------
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata dataclasses and enums, torch.Size, dtypes, layouts (by name, through
+    torch.serialization._get_layout) and paths; refuses every other global (a function or class a
+    crafted pickle would call)."""
+
+    ALLOWED = frozenset({("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                         ("pathlib", "WindowsPath"), ("collections", "OrderedDict")})
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = super().find_class(module, name)
+        if module.startswith("torch.distributed.checkpoint.") and isinstance(obj, type) and (
+                dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+            return obj
+        if obj is torch.Size or isinstance(obj, (torch.dtype, torch.memory_format)) or (module, name) in self.ALLOWED:
+            return obj
+        raise pickle.UnpicklingError(f"a sharded checkpoint's index may not refer to {module}.{name}")
+
+
+def _safe_reader(path: Path):
+    """DCP's FileSystemReader with its `.metadata` read by `_MetadataUnpickler`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            with open(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
 def _state(modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]
            ) -> tuple[dict[str, torch.Tensor], dict[str, Any], nn.Module]:
     """Every module's (sharded) weights and every optimizer's state as one flat dict of tensors:
@@ -115,10 +154,7 @@ def _rng_json() -> dict[str, Any]:
 
 
 def _set_rng_json(state: dict[str, Any]) -> None:
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    n, p = state["numpy"], state["python"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
-    random.setstate((p[0], tuple(p[1]), p[2]))
+    set_rng_state({"rng.torch": torch.tensor(state["torch"], dtype=torch.uint8)}, state)
 
 
 def save_sharded(path: Path, *, step: int, data_position: int, config: dict[str, Any], family: str,
@@ -159,7 +195,7 @@ def load_sharded(path: Path, *, modules: dict[str, nn.Module], optimizers: dict[
 
     meta = verify_sharded(path)
     tensors, _, root = _state(modules, optimizers)
-    dcp.load(tensors, checkpoint_id=str(path))
+    dcp.load(tensors, storage_reader=_safe_reader(path))
     set_model_state_dict(root, {k: v for k, v in tensors.items() if not k.startswith("optim.")})
     for name, opt in optimizers.items():
         saved = meta["optimizers"][name]
@@ -214,7 +250,9 @@ def export_sharded(src: str | Path, dst: str | Path) -> Path:
         if task.export is None:
             raise ValueError(f"the {meta['family']} family has no export")
         state = {f"{name}.{k}": v for name, mod in task.modules.items() for k, v in mod.state_dict().items()}
-        dcp.load(state, checkpoint_id=str(src), no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=_safe_reader(src), no_dist=True)
         for name, mod in task.modules.items():
             mod.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
         before = set(Path(tmp).iterdir())
