@@ -34,14 +34,17 @@ LONG = {"steps": 500, "sampler": "heun", "width": 64, "height": 64}  # seconds o
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def skip_or_fail(reason: str) -> None:
+    """Skip (locally) or fail (CI=true: CI must run every test), so that the rest of the suite still runs."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason + " (CI=true: this test must run, not skip)", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def requirements():
-    """Skip (locally) or fail (CI=true) each test, so that the rest of the suite still runs."""
     if MISSING:
-        reason = "distributed serving tests need " + " and ".join(MISSING)
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason + " (CI=true: this test must run, not skip)", pytrace=False)
-        pytest.skip(reason)
+        skip_or_fail("distributed serving tests need " + " and ".join(MISSING))
 
 
 def free_port() -> int:
@@ -337,10 +340,7 @@ def test_web_page_unchanged(cluster):
     """The page, served by a front, generates through a worker and cancels a running job."""
     chromium = os.environ.get("T2I_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None or importlib.util.find_spec("playwright") is None:
-        reason = "the page test needs chromium and playwright (see tests/test_serve_browser.py)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason + " (CI=true: this test must run, not skip)", pytrace=False)
-        pytest.skip(reason)
+        skip_or_fail("the page test needs chromium and playwright (see tests/test_serve_browser.py)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
