@@ -73,6 +73,14 @@ def run_setting(url: str, clients: int, requests: int, time_limit: float, body: 
             "errors": sorted(set(failures))[:3]}
 
 
+def header(*first: str) -> str:
+    """The table's column names: `first` ones, then every setting's results (calls last, when named)."""
+    names = [n for n in first if n != "calls"] + ["clients", "done", "failed", "img/s", "p50 s", "p95 s"]
+    names += ["calls"] if "calls" in first else []
+    widths = {"img/s": 7, "p50 s": 7, "p95 s": 7}  # as wide as the numbers under them
+    return " ".join(f"{n:>{widths.get(n, max(5, len(n)))}}" for n in names)
+
+
 def request_body(args: argparse.Namespace) -> dict:
     return {"prompt": "a red circle above a blue square", "steps": args.steps, "width": args.size,
             "height": args.size, "cfg_scale": 7.0}
@@ -126,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         body = request_body(args)
         print(f"model {pipe.name}, {args.size}x{args.size}, {args.steps} steps, torch threads "
               f"{torch.get_num_threads()}, {args.requests} requests per client, limit {args.time_limit:.0f} s")
-        print(f"{'max_batch':>9} {'clients':>7} {'done':>5} {'failed':>6} {'img/s':>7} {'p50 s':>7} {'p95 s':>7} "
-              f"{'calls':>5}")
+        print(header("max_batch", "calls"))
         for max_batch in args.batches:
             app = create_app(pipe, serve_config(args, max_batch))
             with BackgroundServer(app) as server:
@@ -185,8 +192,7 @@ def distributed(args: argparse.Namespace) -> int:
         body = request_body(args)
         print(f"distributed: {args.size}x{args.size}, {args.steps} steps, {threads} torch thread(s) per worker, "
               f"{args.requests} requests per client, limit {args.time_limit:.0f} s, cpu: {cpu_name()}")
-        print(f"{'workers':>7} {'max_batch':>9} {'clients':>7} {'done':>5} {'failed':>6} {'img/s':>7} {'p50 s':>7} "
-              f"{'p95 s':>7}")
+        print(header("workers", "max_batch"))
         for n in args.workers:
             for max_batch in args.batches:
                 redis_proc, url = start_redis(Path(tmp))
