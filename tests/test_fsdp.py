@@ -1,7 +1,7 @@
-"""`t2i train ldm --parallel fsdp` under `torchrun --nproc_per_node 2` (FSDP2 over gloo on CPU): the
-run computes what one process computes on the same global batch, a kill -9 and `--resume` end bitwise
-equal to the uninterrupted run, and its sharded checkpoint converts to the model file `t2i generate`
-loads."""
+"""`t2i train ldm --parallel fsdp` under `torchrun --nproc_per_node 2` (FSDP2 over gloo on CPU), reading
+WebDataset shards: the run computes what one process computes on the same global batch, a kill -9 and
+`--resume` end bitwise equal to the uninterrupted run, and its sharded checkpoint converts to the model
+file `t2i generate` loads."""
 
 from __future__ import annotations
 
@@ -43,15 +43,20 @@ def _free_port() -> int:
 
 
 def _torchrun(out: Path, vae: Path, *extra: str) -> list[str]:
-    """The tiny LDM's command under `torchrun --nproc_per_node 2`, sharded."""
-    python, *args = _cmd(out, vae, *RUN, *extra)
+    """The tiny LDM's command under `torchrun --nproc_per_node 2`, sharded, on the shards beside `vae`."""
+    data = ("--data", "webdataset", "--data-path", str(vae.parent / "shards"))
+    python, *args = _cmd(out, vae, *RUN, *data, *extra)
     return [python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), *args]
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory) -> tuple[Path, Path]:
     """(vae file, run directory) of one uninterrupted 2-process FSDP run."""
+    from t2i.cli import main
+
     tmp = tmp_path_factory.mktemp("fsdp")
+    assert main(["data", "shapes", "--n", "32", "--size", "16", "--format", "webdataset", "--shard-size", "8",
+                 "--out", str(tmp / "shards")]) == 0
     torch.manual_seed(0)
     vae = tmp / "vae.safetensors"
     save_vae(AutoencoderKL(VAE_PRESETS["tiny"]), vae)
@@ -71,7 +76,8 @@ def _single_process_reference(vae: Path, out: Path
     drawn as the ranks draw them) averaged into one loss and one optimizer step. Returns rank 0's share of
     each step's loss and the gradient norm (what the FSDP run logs), the initial and the final EMA U-Net."""
     cfg = LDMTrainConfig(out=str(out), vae_path=str(vae), unet_preset="tiny", image_size=16, batch_size=BATCH,
-                         steps=STEPS, lr=LR, warmup=2, threads=1)
+                         steps=STEPS, lr=LR, warmup=2, threads=1, data="webdataset",
+                         data_path=str(vae.parent / "shards"))
     torch.manual_seed(cfg.seed)
     run = Run(DistInfo(), RunLog(out, DistInfo(), 0, 0, quiet=True))
     task = build_ldm(cfg, run)
