@@ -183,3 +183,28 @@ def test_a_crafted_checkpoint_index_cannot_run_code(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="may not refer to"):
         _safe_reader(tmp_path).read_metadata()
     assert not marker.exists()
+
+
+def test_a_damaged_shard_falls_back_to_the_checkpoint_before(fsdp_run, tmp_path):
+    import shutil
+
+    from t2i.train.checkpoint import latest_intact_checkpoint
+
+    _, run = fsdp_run
+    shutil.copytree(run / "checkpoints", tmp_path / "checkpoints")
+    newest = tmp_path / "checkpoints" / f"step_{STEPS:08d}.dcp"
+    shard = newest / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    warnings: list[str] = []
+    assert latest_intact_checkpoint(tmp_path, warnings.append) == tmp_path / "checkpoints" / "step_00000002.dcp"
+    assert "__1_0.distcp" in warnings[0] and (tmp_path / "checkpoints" / f"{newest.name}.corrupt").is_dir()
+
+
+def test_fsdp_without_torchrun_is_refused(tmp_path, monkeypatch):
+    from t2i.train.fit import fit
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match="runs under torchrun"):
+        fit(LDMTrainConfig(out=str(tmp_path), parallel="fsdp"), build_ldm)
