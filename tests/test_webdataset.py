@@ -16,6 +16,7 @@ from test_train import vae_file as vae_file  # noqa: F401  (a fixture: the tiny 
 
 from t2i.data.shapes import shapes_example
 from t2i.data.webdataset import WebDatasetSource, count_samples
+from t2i.train.data import open_data
 from t2i.train.distributed import DistInfo
 from t2i.train.ldm import train_ldm
 
@@ -119,3 +120,5 @@ def test_a_run_on_shards_resumes_at_the_exact_sample(shards, tmp_path, vae_file)
     assert "resumed from" in (tmp_path / "split" / "log.txt").read_text()
     a, b = _weights(tmp_path / "full", 6), _weights(tmp_path / "split", 6)
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    # The run's --data-workers applied to its own build only, not to data opened after it.
+    assert open_data("webdataset", str(shards), 16, 0).workers == 0

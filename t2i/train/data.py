@@ -8,7 +8,8 @@ WebDataset shards are a stream whose order is a pure function of the position
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
@@ -25,16 +26,22 @@ class BatchSource(Protocol):
     def batch(self, position: int, batch_size: int, info: DistInfo) -> tuple[torch.Tensor, list[str], list[int]]: ...
 
 
-# DataLoader worker processes per WebDataset source, set by `fit` from the run's `data_workers` (as it sets
-# torch's threads from `threads`), so every family's `open_data` call gets it without a new argument.
-LOADER_WORKERS = 0
+# DataLoader worker processes of a WebDataset source that `open_data` is not given them: the run's
+# `data_workers` while `fit` builds the family's task (`loader_workers`), so every family's `open_data`
+# call gets it without a new argument; 0 anywhere else.
+_LOADER_WORKERS = 0
 
 
-def set_loader_workers(n: int) -> None:
-    global LOADER_WORKERS
+@contextmanager
+def loader_workers(n: int) -> Iterator[None]:
+    global _LOADER_WORKERS
     if n < 0:
         raise ValueError(f"--data-workers must be >= 0, got {n}")
-    LOADER_WORKERS = n
+    old, _LOADER_WORKERS = _LOADER_WORKERS, n
+    try:
+        yield
+    finally:
+        _LOADER_WORKERS = old
 
 
 class TrainData:
@@ -50,12 +57,12 @@ class TrainData:
         return torch.stack([im for im, _ in items]), [c for _, c in items], idx
 
 
-def open_data(kind: str, path: str | None, size: int, seed: int,
-              log: Callable[[str], None] = print, background_p: float | None = None) -> BatchSource:
+def open_data(kind: str, path: str | None, size: int, seed: int, log: Callable[[str], None] = print,
+              background_p: float | None = None, workers: int | None = None) -> BatchSource:
     """kind: "shapes" (the endless world of `seed`), "folder" (images + .txt sidecars under
     `path`), "jsonl" (a manifest at `path`) or "webdataset" (tar shards: a folder of them or a
-    brace pattern at `path`, read by LOADER_WORKERS processes). background_p: the shapes world's
-    share of black/gray backgrounds (None: the world's own)."""
+    brace pattern at `path`, read by `workers` loader processes; None: `loader_workers`' setting).
+    background_p: the shapes world's share of black/gray backgrounds (None: the world's own)."""
     if kind == "shapes":
         from t2i.data.shapes import BACKGROUND_P, ShapesDataset
 
@@ -71,6 +78,6 @@ def open_data(kind: str, path: str | None, size: int, seed: int,
     if kind == "webdataset":
         from t2i.data.webdataset import WebDatasetSource
 
-        return WebDatasetSource(path, size, seed, LOADER_WORKERS, log)
+        return WebDatasetSource(path, size, seed, _LOADER_WORKERS if workers is None else workers, log)
     ds = image_folder(path, size, log) if kind == "folder" else jsonl_manifest(path, size, log)
     return TrainData(ds, len(ds), seed)

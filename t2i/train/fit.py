@@ -38,7 +38,7 @@ from t2i.train.checkpoint import (
     sharded_checkpoint_path,
 )
 from t2i.train.config import C, resolve_config
-from t2i.train.data import set_loader_workers
+from t2i.train.data import loader_workers
 from t2i.train.distributed import DistInfo, broadcast_flag, init_distributed
 from t2i.train.ema import EMA
 from t2i.train.loop import (
@@ -143,14 +143,14 @@ def fit(cfg: C, build: Callable[[C, Run], Task], *, resume: bool = False, resume
         info = init_distributed(group=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    set_loader_workers(cfg.data_workers)
     out = Path(cfg.out)
     log = RunLog(out, info, 0, cfg.steps)
     for note in notes:
         log.text(note)
     torch.manual_seed(cfg.seed)
     run = Run(info, log, cfg.parallel)
-    task = build(cfg, run)
+    with loader_workers(cfg.data_workers):  # the family's WebDataset sources read with this many workers
+        task = build(cfg, run)
     if sharded:
         fsdp.rebind_optimizers(task.optimizers, run.sharded)
         if task.ema is not None:
