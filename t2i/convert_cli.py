@@ -41,7 +41,7 @@ def convert(src: str | Path, dst: str | Path, prediction: str | None = None, con
     from t2i.train.checkpoint import SHARDED_META
 
     if (Path(src) / SHARDED_META).is_file():
-        from t2i.train.fsdp import export_sharded
+        from t2i.train.sharded_export import export_sharded
 
         return export_sharded(src, dst)
     system, path = resolve(src)

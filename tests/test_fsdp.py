@@ -176,12 +176,12 @@ class _Exploit:
 
 
 def test_a_crafted_checkpoint_index_cannot_run_code(tmp_path):
-    from t2i.train.fsdp import _safe_reader
+    from t2i.train.fsdp import safe_reader
 
     marker = tmp_path / "ran"
     (tmp_path / ".metadata").write_bytes(pickle.dumps(_Exploit(marker)))
     with pytest.raises(pickle.UnpicklingError, match="may not refer to"):
-        _safe_reader(tmp_path).read_metadata()
+        safe_reader(tmp_path).read_metadata()
     assert not marker.exists()
 
 

@@ -29,9 +29,6 @@ import json
 import os
 import pickle
 import shutil
-import tempfile
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +105,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"a sharded checkpoint's index may not refer to {module}.{name}")
 
 
-def _safe_reader(path: Path):
+def safe_reader(path: Path):
     """DCP's FileSystemReader with its `.metadata` read by `_MetadataUnpickler`."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
@@ -195,7 +192,7 @@ def load_sharded(path: Path, *, modules: dict[str, nn.Module], optimizers: dict[
 
     meta = verify_sharded(path)
     tensors, _, root = _state(modules, optimizers)
-    dcp.load(tensors, storage_reader=_safe_reader(path))
+    dcp.load(tensors, storage_reader=safe_reader(path))
     set_model_state_dict(root, {k: v for k, v in tensors.items() if not k.startswith("optim.")})
     for name, opt in optimizers.items():
         saved = meta["optimizers"][name]
@@ -209,62 +206,3 @@ def load_sharded(path: Path, *, modules: dict[str, nn.Module], optimizers: dict[
     rng = path / f"rng_rank{info.rank}.json"
     _set_rng_json(json.loads((rng if rng.is_file() else path / "rng_rank0.json").read_text()))
     return meta
-
-
-# ---- conversion to the single file a family ships --------------------------------------------------
-
-def _family(name: str) -> tuple[Any, Callable]:
-    """A family's (config class, build) by its Task name, for building it outside its run."""
-    if name == "ldm":
-        from t2i.train.ldm import LDMTrainConfig, build_ldm
-        return LDMTrainConfig, build_ldm
-    if name == "ddpm":
-        from t2i.train.ddpm import DDPMTrainConfig, build_ddpm
-        return DDPMTrainConfig, build_ddpm
-    if name == "layout_ldm":
-        from t2i.train.layout_ldm import LayoutLDMTrainConfig, build_layout_ldm
-        return LayoutLDMTrainConfig, build_layout_ldm
-    raise ValueError(f"converting sharded checkpoints of the {name!r} family is not supported "
-                     "(families: ldm, ddpm, layout_ldm)")
-
-
-def export_sharded(src: str | Path, dst: str | Path) -> Path:
-    """A sharded checkpoint -> the file(s) its family exports (for the LDM: the EMA model as the
-    `model.safetensors` that `t2i generate` loads). One process, no process group: DCP reassembles
-    whole tensors from the shards. dst ending in `.safetensors`: that file; else a new folder."""
-    import torch.distributed.checkpoint as dcp
-
-    from t2i.train.fit import Run
-    from t2i.train.loop import RunLog
-
-    src, dst = Path(src), Path(dst)
-    meta = verify_sharded(src)
-    config_cls, build = _family(meta["family"])
-    cfg = config_cls.from_dict(meta["config"])
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".convert-") as tmp:
-        cfg.out, cfg.parallel = tmp, "ddp"
-        torch.manual_seed(cfg.seed)
-        log = RunLog(Path(tmp), DistInfo(), 0, 0, quiet=True)
-        task = build(cfg, Run(DistInfo(), log))
-        if task.export is None:
-            raise ValueError(f"the {meta['family']} family has no export")
-        state = {f"{name}.{k}": v for name, mod in task.modules.items() for k, v in mod.state_dict().items()}
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, storage_reader=_safe_reader(src), no_dist=True)
-        for name, mod in task.modules.items():
-            mod.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
-        before = set(Path(tmp).iterdir())
-        task.export()
-        made = sorted(set(Path(tmp).iterdir()) - before)
-        if dst.suffix == ".safetensors":
-            if len(made) != 1:
-                raise ValueError(f"the {meta['family']} export writes {len(made)} files; give a folder as DST")
-            made[0].replace(dst)
-        else:
-            dst.mkdir()
-            for p in made:
-                p.replace(dst / p.name)
-        log.close()
-    return dst
