@@ -120,7 +120,7 @@ PLANNER: list[Option] = [
 ADAPTER: list[Option] = [
     ("--model", "model", {}, "the frozen model: a diffusers folder, an SD single file or a t2i model file "
      "(e.g. t2i/assets/default/model.safetensors)"),
-    *(o for o in IMAGES if o[1] in ("data", "data_path", "image_size", "image_every")),
+    *(o for o in IMAGES if o[1] in ("data", "data_path", "data_workers", "image_size", "image_every")),
     ("--min-snr-gamma", "min_snr_gamma", {"type": float}, "Min-SNR loss weighting; 0 turns it off"),
     ("--caption-dropout", "caption_dropout", {"type": float}, "share of empty captions"),
     ("--sample-prompt", "sample_prompts", {"action": "append"},

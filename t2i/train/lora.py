@@ -51,9 +51,9 @@ class AdapterTrainConfig(LoopConfig):
     image_size: int = 0  # training image side in pixels; 0: the model's native size
     min_snr_gamma: float = 0.0  # Min-SNR weighting; 0: plain MSE (kohya's default)
     caption_dropout: float = 0.0
-    sample_prompts: list[str] | None = None  # sample grid prompts; None: the first 4 distinct captions
+    sample_prompts: list[str] | None = None  # sample grid prompts; None: the data's first 4 distinct captions
     sample_steps: int = 20
-    eval_items: int = 8  # data items in the fixed-noise loss logged at eval_every (and at the end)
+    eval_items: int = 4  # data items in the fixed-noise loss logged at eval_every (and at the end)
     steps: int = 500
     batch_size: int = 1
     warmup: int = 0
@@ -134,26 +134,23 @@ class FrozenModel:
 
     @torch.no_grad()
     def fixed_loss(self, encode) -> float:
-        """The loss of the first `eval_items` data items at fixed timesteps and noise (EVAL_SEED), one
-        item at a time, through `encode(captions) -> TextEncoding`: the number that must fall while
-        training overfits, free of the step loss's draw of t."""
+        """The loss of the first `eval_items` items of the data order at fixed timesteps and noise
+        (EVAL_SEED), one item at a time, through `encode(captions) -> TextEncoding`: the number that must
+        fall while training overfits, free of the step loss's draw of t."""
         gen = torch.Generator().manual_seed(EVAL_SEED)
-        n = min(self.cfg.eval_items, self.data.length or self.cfg.eval_items)
-        losses = [self.loss(*self._item(i, gen, encode), gen).item() for i in range(n)]
+        x, captions, _ = self.data.batch(0, self.cfg.eval_items, DistInfo())  # any source: folder, shards...
+        vae, losses = self.pipe.vae, []
+        for image, caption in zip(x, captions, strict=True):
+            z = vae.scale(vae.encode(image[None]).sample(gen)).float()  # (1, C, h, w)
+            losses.append(self.loss(z, encode([caption]), gen).item())
         return sum(losses) / len(losses)
 
-    def _item(self, i: int, gen: torch.Generator, encode) -> tuple[torch.Tensor, TextEncoding]:
-        x, captions = self.data.source[i]
-        vae = self.pipe.vae
-        z = vae.scale(vae.encode(x[None]).sample(gen)).float()  # (1, C, h, w)
-        return z, encode([captions])
-
     def sample_prompts(self, rewrite=lambda c: c) -> list[str]:
-        """The grid's prompts: the config's, or the first 4 distinct captions of the data (rewritten)."""
+        """The grid's prompts: the config's, or the first 4 distinct captions of the data order (rewritten)."""
         if self.cfg.sample_prompts:
             return list(self.cfg.sample_prompts)
-        n = min(self.data.length or 4, 64)
-        return list(dict.fromkeys(rewrite(self.data.source[i][1]) for i in range(n)))[:4]
+        _, captions, _ = self.data.batch(0, 16, DistInfo())
+        return list(dict.fromkeys(rewrite(c) for c in captions))[:4]
 
     @torch.no_grad()
     def grid(self, prompts: list[str]) -> Grid:
