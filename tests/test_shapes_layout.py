@@ -107,6 +107,15 @@ def test_each_image_is_drawn_in_one_batch_from_its_own_planned_layout_and_record
         assert request_fields(parse_parameters(alone.info["parameters"]))["layout"] == layout  # the seed's own plan
     again = pipe.generate("a red circle above a blue square", seed=6, layout=layouts[1]).images[0]
     assert again.tobytes() == result.images[1].tobytes()  # the recorded layout regenerates the image
+    # A server that stops the run early records the same plan (t2i.serve.jobs.interrupted_parameters).
+    from t2i.serve.jobs import interrupted_parameters
+    from t2i.systems.base import GenerationRequest
+
+    planned = pipe.planned_layout("a red circle above a blue square", 6)
+    text = interrupted_parameters(GenerationRequest("a red circle above a blue square", steps=20, guidance=1.5,
+                                                    width=64, height=64, sampler="dpmpp_2m"),
+                                  "a red circle above a blue square", "", 6, pipe.name, planned)
+    assert request_fields(parse_parameters(text))["layout"] == layouts[1]
 
 
 def test_a_layout_background_round_trips_through_json():

@@ -28,6 +28,7 @@ from PIL import Image, PngImagePlugin
 
 from t2i.adapters.lora import apply_loras, keep_tags, prompt_loras
 from t2i.imageio import format_parameters
+from t2i.layout.spec import Layout
 from t2i.serve.networks import LoraSet, prompt_lora_files
 from t2i.systems.base import GenerationRequest, GenerationResult, Interrupted, Pipeline
 
@@ -381,13 +382,18 @@ class JobQueue:
         outputs = []
         for im, prompt, negative, seed in zip(images, request.prompt, request.negative_prompt, request.seed,
                                               strict=True):
-            im.info["parameters"] = interrupted_parameters(request, prompt, negative, seed, self.pipe.name)
+            layout = request.layout
+            if layout is None and hasattr(self.pipe, "planned_layout"):  # the layout it was drawing
+                layout = self.pipe.planned_layout(prompt, seed)
+            im.info["parameters"] = interrupted_parameters(request, prompt, negative, seed, self.pipe.name, layout)
             outputs.append(Output(encode_png(im), seed, im.info["parameters"]))
         self._deliver(batch, outputs, [f"interrupted after step {step} of {batch[0].steps}"])
 
 
-def interrupted_parameters(r: GenerationRequest, prompt: str, negative: str, seed: int, model: str) -> str:
-    """A1111 `parameters` of an image taken from an interrupted run (its settings as asked)."""
+def interrupted_parameters(r: GenerationRequest, prompt: str, negative: str, seed: int, model: str,
+                           layout: Layout | None = None) -> str:
+    """A1111 `parameters` of an image taken from an interrupted run (its settings as asked; `layout`:
+    the one it was drawn from, given or planned)."""
     return format_parameters(prompt, negative, steps=r.steps, sampler=r.sampler, schedule=r.schedule,
                              guidance=r.guidance, seed=seed, width=r.width, height=r.height, model=model,
-                             layout=None if r.layout is None else r.layout.to_json(), interrupted="true")
+                             layout=None if layout is None else layout.to_json(), interrupted="true")

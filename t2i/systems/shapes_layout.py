@@ -177,8 +177,7 @@ class ShapesLayoutPipeline(LatentDiffusionPipeline):
         if given is not None:
             layouts = [given] * len(prompts)
         elif self.planner is not None:
-            plan = planner_sampler(self.planner, self.text_encoder, self.planner_temperature)
-            layouts = [plan(p, s) for p, s in zip(prompts, seeds, strict=True)]
+            layouts = [self.planned_layout(p, s) for p, s in zip(prompts, seeds, strict=True)]
         else:  # the renderer's no-layout mode (its layout dropout): the caption alone
             layouts = [Layout(())] * len(prompts)
             warnings.append(f"{self.name} has no layout planner: drawn from the caption alone "
@@ -187,6 +186,14 @@ class ShapesLayoutPipeline(LatentDiffusionPipeline):
                                      num_images=1, layout=layouts))
         result.warnings += warnings
         return result
+
+    def planned_layout(self, prompt: str, seed: int) -> Layout | None:
+        """The layout `run` draws the image of (prompt, seed) from when no layout is given (None
+        without a planner): a pure function of the two, so a server can record it in the PNG
+        parameters of an image it stopped early."""
+        if self.planner is None:
+            return None
+        return planner_sampler(self.planner, self.text_encoder, self.planner_temperature)(prompt, seed)
 
     def _background(self, layout: Layout, prompt: str) -> str | None:
         """The layout's background, else the one the planner reads in the prompt (recaptioning names
