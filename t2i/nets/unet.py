@@ -214,11 +214,10 @@ def _mid(cfg: UNetConfig, temb_dim: int) -> MidBlock:
 # ---------------------------------------------------------------------------------------
 
 
-class UNet(nn.Module):
-    """Conditional U-Net eps(x_t, t, text): the raw network, before any preconditioning.
-
-    forward(x, t, context, text_embeds=None, time_ids=None) -> (B, out_channels, h, w).
-    """
+class UNetEncoder(nn.Module):
+    """The encoder half of the U-Net: conv_in, the time (and SDXL added) embeddings, the down levels
+    and the mid block. The U-Net adds its up path to it; a ControlNet (`t2i.nets.controlnet`) is a
+    trainable copy of it. Parameter names are the U-Net's (and diffusers')."""
 
     def __init__(self, cfg: UNetConfig) -> None:
         super().__init__()
@@ -244,28 +243,35 @@ class UNet(nn.Module):
             self.down_blocks.append(_down_level(cfg, level, c_in, temb_dim))
             c_in = c
         self.mid_block = _mid(cfg, temb_dim) if cfg.mid_block else None
-        self.up_blocks = nn.ModuleList()
-        c_prev = ch[-1]
-        for i in range(len(ch)):
-            self.up_blocks.append(_up_level(cfg, i, c_prev, temb_dim))
-            c_prev = ch[len(ch) - 1 - i]
 
-        self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch[0], eps=cfg.norm_eps)
-        self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+    @property
+    def temb_dim(self) -> int:
+        return self.cfg.time_embed_dim or 4 * self.cfg.block_channels[0]
 
-    def fuse_projections(self, cache_context: bool = True) -> UNet:
-        """Inference option: every attention's input projections as one GEMM (q/k/v for
-        self-attention, k/v for cross-attention) and, with cache_context, the text tokens' K/V
-        kept between calls that pass the same context (every step of one sampling run). The state
-        dict keeps the reference names. Measured on SD 1.5 at 256 px, fp32, AVX2: no gain beyond
-        noise (the projections are a small share of the U-Net), so the pipeline does not turn
-        it on. Returns self."""
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.fuse_projections()
-                module.cache_context = cache_context
-        return self
+    def skip_channels(self) -> list[int]:
+        """Channels of each skip `encode` returns, in order: conv_in's, then per level one per ResBlock
+        and one after its Downsample (all levels but the last)."""
+        ch = self.cfg.block_channels
+        out = [ch[0]]
+        for level, c in enumerate(ch):
+            out += [c] * self.cfg.layers_per_block[level] + ([c] if level < len(ch) - 1 else [])
+        return out
+
+    def encode(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+               input_features: torch.Tensor | None = None,
+               levels: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x: (B, C_in, h, w); emb: (B, temb_dim) from `embed_time`; context: (B, T, context_dim);
+        input_features: (B, C0, h, w) added to conv_in's output; levels: run only the first `levels`
+        down levels (None: all). Returns (the last level's output, the skips: conv_in's output and
+        every down level's, as `skip_channels` lists them). The mid block is not run here."""
+        h = self.conv_in(x)  # (B, C0, h, w)
+        if input_features is not None:
+            h = h + input_features
+        skips = [h]
+        for block in self.down_blocks[:levels]:
+            h, level_skips = block(h, emb, context)
+            skips.extend(level_skips)
+        return h, skips
 
     def embed_time(
         self,
@@ -299,6 +305,39 @@ class UNet(nn.Module):
             emb = emb + self.add_embedding(torch.cat([text_embeds, ids], dim=-1).to(dtype))
         return emb
 
+
+class UNet(UNetEncoder):
+    """Conditional U-Net eps(x_t, t, text): the raw network, before any preconditioning.
+
+    forward(x, t, context, text_embeds=None, time_ids=None) -> (B, out_channels, h, w).
+    """
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__(cfg)
+        ch = cfg.block_channels
+        self.up_blocks = nn.ModuleList()
+        c_prev = ch[-1]
+        for i in range(len(ch)):
+            self.up_blocks.append(_up_level(cfg, i, c_prev, self.temb_dim))
+            c_prev = ch[len(ch) - 1 - i]
+
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch[0], eps=cfg.norm_eps)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def fuse_projections(self, cache_context: bool = True) -> UNet:
+        """Inference option: every attention's input projections as one GEMM (q/k/v for
+        self-attention, k/v for cross-attention) and, with cache_context, the text tokens' K/V
+        kept between calls that pass the same context (every step of one sampling run). The state
+        dict keeps the reference names. Measured on SD 1.5 at 256 px, fp32, AVX2: no gain beyond
+        noise (the projections are a small share of the U-Net), so the pipeline does not turn
+        it on. Returns self."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fuse_projections()
+                module.cache_context = cache_context
+        return self
+
     def forward(
         self,
         x: torch.Tensor,
@@ -309,6 +348,8 @@ class UNet(nn.Module):
         timestep_cond: torch.Tensor | None = None,
         feature_cache: DeepFeatureCache | None = None,
         input_features: torch.Tensor | None = None,
+        down_residuals: list[torch.Tensor] | None = None,
+        mid_residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, C_in, h, w) noisy latents; t: (B,) float timesteps in [0, 1000);
         context: (B, T, context_dim) text hidden states; text_embeds: (B, P) and time_ids:
@@ -322,16 +363,19 @@ class UNet(nn.Module):
         h and w need not be divisible by 2 ** (levels - 1): the up path resizes to the skips.
 
         input_features: (B, C0, h, w) added to conv_in's output (a layout U-Net's spatial conditioning).
+
+        down_residuals, mid_residual: a ControlNet's outputs (Zhang et al. 2023 sec. 3.2), one per skip
+        (as `skip_channels` lists them) added to the skips, and one added to the mid block's output.
         """
         emb = self.embed_time(t, x.shape[0], x.dtype, text_embeds, time_ids, timestep_cond)
-        h = self.conv_in(x)  # (B, C0, h, w)
-        if input_features is not None:
-            h = h + input_features
-        skips = [h]
         reuse = feature_cache is not None and feature_cache.reuse
-        for block in self.down_blocks[:1] if reuse else self.down_blocks:
-            h, level_skips = block(h, emb, context)
-            skips.extend(level_skips)
+        if reuse and (down_residuals is not None or mid_residual is not None):
+            raise ValueError("DeepCache's cheap steps skip the levels a ControlNet's residuals go to")
+        h, skips = self.encode(x, emb, context, input_features, 1 if reuse else None)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"{len(down_residuals)} down residuals for the U-Net's {len(skips)} skips")
+            skips = [s + r for s, r in zip(skips, down_residuals, strict=True)]
         up_blocks = list(self.up_blocks)
         if reuse:
             assert feature_cache is not None and feature_cache.features is not None
@@ -339,6 +383,8 @@ class UNet(nn.Module):
             h, up_blocks = feature_cache.features, up_blocks[-1:]
         elif self.mid_block is not None:
             h = self.mid_block(h, emb, context)
+        if mid_residual is not None and not reuse:
+            h = h + mid_residual  # diffusers adds it after the mid block, or to the encoder output without one
         for block in up_blocks:
             n = len(block.resnets)
             level_skips, skips = skips[-n:], skips[:-n]

@@ -75,6 +75,11 @@ class GenerationRequest:
     # prompt when it is None. A list (one per image) is what a layout model passes to its own
     # batched run.
     layout: Layout | list[Layout] | None = None
+    # ControlNet (t2i.nets.controlnet.ControlNet, e.g. from t2i.checkpoints.diffusers_controlnet.load_controlnet)
+    # and the conditioning image it reads (resized to the output size); control_scale multiplies its residuals.
+    controlnet: Any = None
+    control_image: Image.Image | None = None
+    control_scale: float = 1.0
 
     def set_options(self) -> list[str]:
         """The names of the options this request sets to something other than their default."""

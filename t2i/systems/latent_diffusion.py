@@ -24,6 +24,7 @@ from t2i.autoencoders.preview import PreviewDecoder
 from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.imageio import from_pil, request_parameters, to_pil
+from t2i.nets.controlnet import ControlledUNet, ControlNet, check_fits
 from t2i.nets.unet import DeepCacheUNet, UNet, guidance_scale_embedding
 from t2i.quantize import precision_of
 from t2i.samplers.diffusers_plan import SamplingPlan, prepare_sampling
@@ -87,7 +88,8 @@ class _FrozenCompiled(nn.Module):
 # The GenerationRequest options every latent diffusion model honours (besides prompt, seed, ...).
 LATENT_DIFFUSION_OPTIONS = frozenset({
     "negative_prompt", "steps", "guidance", "guidance_rescale", "sampler", "schedule", "eta", "width", "height",
-    "init_image", "strength", "mask", "refiner", "refiner_start", "deepcache", "preview"})
+    "init_image", "strength", "mask", "refiner", "refiner_start", "deepcache", "preview",
+    "controlnet", "control_image", "control_scale"})
 
 
 class LatentDiffusionPipeline(RequestMethods):
@@ -159,7 +161,8 @@ class LatentDiffusionPipeline(RequestMethods):
         w = torch.full((cond["context"].shape[0],), guidance - 1.0, dtype=torch.float32)  # (B,)
         return {**cond, "timestep_cond": guidance_scale_embedding(w, dim)}  # (B, dim)
 
-    def _cond(self, enc: TextEncoding, height: int, width: int, aesthetic: float) -> dict[str, torch.Tensor]:
+    def network_conditioning(self, enc: TextEncoding, height: int, width: int,
+                             aesthetic: float) -> dict[str, torch.Tensor]:
         """Network keyword arguments for a batch of encoded prompts."""
         cond = {"context": enc.context}
         if self.micro_conditioning:
@@ -201,7 +204,7 @@ class LatentDiffusionPipeline(RequestMethods):
             mask = None if enc.mask is None else enc.mask[idx]
             return TextEncoding(enc.context[idx], pooled, mask, [])
 
-        cond = self._cond(pick(prompts), height, width, aesthetic=6.0)
+        cond = self.network_conditioning(pick(prompts), height, width, aesthetic=6.0)
         if not guided:
             return cond, None, warnings
         neg = pick(negative_prompts)
@@ -209,7 +212,7 @@ class LatentDiffusionPipeline(RequestMethods):
             empty = torch.tensor([not n for n in negative_prompts])
             neg = replace(neg, context=torch.where(empty[:, None, None], 0.0, neg.context),
                           pooled=None if neg.pooled is None else torch.where(empty[:, None], 0.0, neg.pooled))
-        return cond, self._cond(neg, height, width, aesthetic=2.5), warnings
+        return cond, self.network_conditioning(neg, height, width, aesthetic=2.5), warnings
 
     # ------------------------------------------------------------------ images <-> latents
 
@@ -252,13 +255,37 @@ class LatentDiffusionPipeline(RequestMethods):
         """
         self._compiled_unet = _FrozenCompiled(torch.compile(self.unet))
 
-    def _sampling_net(self, deepcache: int = 1) -> nn.Module:
-        """The U-Net as the float32 samplers call it (deepcache > 1: a DeepCacheUNet for one run)."""
+    def _sampling_net(self, deepcache: int = 1, control: tuple[ControlNet, torch.Tensor, float] | None = None
+                      ) -> nn.Module:
+        """The U-Net as the float32 samplers call it (deepcache > 1: a DeepCacheUNet for one run;
+        control: (ControlNet, its (1, C, H, W) image in [0, 1], scale), its residuals added)."""
         if deepcache > 1:
             net: nn.Module = DeepCacheUNet(self.unet, deepcache)
         else:
             net = self._compiled_unet if self._compiled_unet is not None else self.unet
+        if control is not None:
+            net = ControlledUNet(net, *control)
         return CastInputs.around(net, self.unet)
+
+    def _control(self, request: GenerationRequest, width: int, height: int
+                 ) -> tuple[ControlNet, torch.Tensor, float] | None:
+        """The request's ControlNet, checked against this model, with its image as diffusers'
+        `StableDiffusionControlNetPipeline.prepare_image` makes it: RGB, Lanczos-resized to the output
+        size, in [0, 1] (not normalised to [-1, 1]); None without one."""
+        controlnet, image = request.controlnet, request.control_image
+        if controlnet is None and image is None:
+            return None
+        if controlnet is None or image is None:
+            raise ValueError("a ControlNet needs both controlnet and control_image")
+        if not isinstance(controlnet, ControlNet):
+            raise ValueError(f"controlnet must be a loaded ControlNet, got {type(controlnet).__name__}")
+        check_fits(controlnet.control_cfg, self.unet.cfg, self.latent_channels, self.vae_scale)
+        if request.mask is not None or request.deepcache > 1:
+            raise ValueError("a ControlNet cannot be combined with inpainting or DeepCache (yet)")
+        if not math.isfinite(request.control_scale):
+            raise ValueError(f"control_scale must be a finite number, got {request.control_scale}")
+        x = (from_pil(image, (width, height)) + 1) / 2  # (1, 3, H, W) in [0, 1]
+        return controlnet, x.to(next(controlnet.parameters()).dtype), request.control_scale
 
     def _latent_mask(self, mask: Image.Image, h: int, w: int) -> torch.Tensor:
         """White = repaint. -> (1, 1, h, w) in {0, 1} at latent resolution (nearest, as diffusers)."""
@@ -306,9 +333,13 @@ class LatentDiffusionPipeline(RequestMethods):
         deepcache N > 1: the U-Net runs in full every N-th call and otherwise only its first level on
         the deep features of the last full call (DeepCache; faster, slightly different images).
         preview: decode with `self.preview_decoder` (a PreviewDecoder) instead of the VAE decoder.
+        controlnet + control_image (+ control_scale): a ControlNet's residuals added to the U-Net's skips
+        for both guidance branches (diffusers' StableDiffusionControlNetPipeline, guess_mode off); without
+        width/height the output takes the control image's size, as there.
         callback(step, total) is called after each sampler step (for progress reporting).
         """
-        with stop_polling(request.should_stop, self.unet, self.vae):
+        nets = (self.unet, self.vae) + ((request.controlnet,) if isinstance(request.controlnet, nn.Module) else ())
+        with stop_polling(request.should_stop, *nets):
             return self._generate(request)
 
     def _generate(self, request: GenerationRequest) -> GenerationResult:
@@ -318,7 +349,8 @@ class LatentDiffusionPipeline(RequestMethods):
         guidance_rescale, eta, deepcache, preview = r.guidance_rescale, r.eta, r.deepcache, r.preview
         refiner_start, progress, callback = r.refiner_start, r.progress, r.callback
         steps, guidance, sampler, schedule, width, height = self._resolve(
-            r.steps, r.guidance, r.sampler, r.schedule, r.width, r.height, init_image)
+            r.steps, r.guidance, r.sampler, r.schedule, r.width, r.height,
+            init_image if init_image is not None else r.control_image)  # diffusers: the control image's size
         if mask is not None and init_image is None:
             raise ValueError("a mask needs an init image")
         if self.unet.cfg.in_channels != self.latent_channels and mask is None:
@@ -349,7 +381,7 @@ class LatentDiffusionPipeline(RequestMethods):
         if refiner is not None:
             plan, _ = plan.split(refiner_start)
             refiner_plan = refiner.plan(sampler, steps, schedule, eta).split(refiner_start)[1]
-        net = self._sampling_net(deepcache)
+        net = self._sampling_net(deepcache, self._control(r, width, height))
         init = keep = None
         if init_image is not None:
             init = self.encode_image(init_image, width, height).expand(n, -1, -1, -1)
