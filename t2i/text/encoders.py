@@ -73,6 +73,11 @@ class CLIPTextEncoder(nn.Module):
     @torch.no_grad()
     def encode_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """ids: (B, T) -> (context (B, T, D), pooled (B, P) or None). For pre-tokenized chunks."""
+        return self.encode_ids_trainable(ids)
+
+    def encode_ids_trainable(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`encode_ids` with autograd on: for adapters trained through the text encoder (LoRA on its
+        projections, textual inversion's new embedding rows)."""
         out = self.model(ids.to(self.model.token_embedding.weight.device))
         context = out.last_hidden_state if self.layer == "last" else out.hidden_states[-2]
         pooled = {"none": None, "pooled": out.pooled, "text_embeds": out.text_embeds}[self.pooled_kind]

@@ -82,14 +82,14 @@ def encode_trainable(pipe: Any, prompts: list[str]) -> TextEncoding:
     """The prompts' encoding with autograd on, for adapters trained through the text encoder.
 
     `CLIPTextEncoder.encode_ids` runs under `torch.no_grad` (encoders are frozen everywhere else);
-    its undecorated function (`__wrapped__`) is the same computation with gradients. One CLIP tower
+    `encode_ids_trainable` is the same computation with gradients. One CLIP tower
     only (SD 1.x/2.x): SDXL's pair would need the same for `SDXLTextEncoder.encode`."""
     enc = pipe.text_encoder
     if not isinstance(enc, CLIPTextEncoder):
         raise ValueError(f"{pipe.name}: training through the text encoder needs one CLIP text encoder (SD 1.x/2.x); "
                          f"this model has {type(enc).__name__}")
     batch = enc.tokenizer.tokenize(prompts, enc.max_length)
-    context, pooled = CLIPTextEncoder.encode_ids.__wrapped__(enc, batch.ids)  # (B, T, D), (B, P) or None
+    context, pooled = enc.encode_ids_trainable(batch.ids)  # (B, T, D), (B, P) or None
     return TextEncoding(context, pooled, None, batch.truncated)
 
 
@@ -129,7 +129,7 @@ class FrozenModel:
     def loss(self, z: torch.Tensor, enc: TextEncoding, gen: torch.Generator) -> torch.Tensor:
         """() the denoising loss of latents z (B, C, h, w) under the encoded captions."""
         # The pipeline's own network inputs: SDXL's size/crop time ids too (the full, uncropped image).
-        cond = self.pipe._cond(enc, self.size, self.size, 6.0)
+        cond = self.pipe.network_conditioning(enc, self.size, self.size, 6.0)
         return self.loss_fn(self.pipe.unet, z, cond, gen)
 
     @torch.no_grad()
