@@ -55,6 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="pad --init-image by these pixels on each side and paint the padding")
     p.add_argument("--refiner", default=None, help="SDXL refiner model; takes over at --refiner-start")
     p.add_argument("--refiner-start", type=float, default=0.8, help="fraction of the schedule run by the base")
+    p.add_argument("--controlnet", default=None, metavar="DIR",
+                   help="a diffusers ControlNetModel folder (config.json + weights); needs --control-image")
+    p.add_argument("--control-image", default=None, metavar="IMG",
+                   help="the ControlNet's conditioning image (edges, depth, pose...), resized to the output size; "
+                        "without --width/--height the output takes its size")
+    p.add_argument("--control-scale", type=float, default=1.0, help="multiplies the ControlNet's residuals")
     p.add_argument("--deepcache", type=int, default=1, metavar="N",
                    help="DeepCache: the full U-Net every N-th step, only its first level between (faster; 1: off)")
     p.add_argument("--preview-decoder", default=None, metavar="PATH",
@@ -137,6 +143,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--refiner-start must be between 0 and 1, got {args.refiner_start}")
     if args.deepcache < 1:
         raise UserError(f"--deepcache must be at least 1, got {args.deepcache}")
+    if (args.controlnet is None) != (args.control_image is None):
+        raise UserError("--controlnet and --control-image go together")
+    if not math.isfinite(args.control_scale):
+        raise UserError(f"--control-scale must be a finite number, got {args.control_scale}")
     if args.save_latents and not args.save_latents.endswith(".safetensors"):
         raise UserError("--save-latents must name a .safetensors file")
 
@@ -166,6 +176,20 @@ def _input_images(args: argparse.Namespace) -> dict:
 
         init, mask = outpaint_canvas(init, *(int(p) for p in args.outpaint.split(",")))
     return {"init_image": init, "mask": mask}
+
+
+def _control_image(args: argparse.Namespace) -> dict:
+    """control_image for the request, read before the model loads (a bad path fails at once)."""
+    return {"control_image": _open_image(args.control_image, "--control-image") if args.control_image else None}
+
+
+def _load_controlnet(pipe, path: str):
+    """--controlnet's folder, in the precision the model's U-Net computes in."""
+    import torch
+
+    from t2i.checkpoints.diffusers_controlnet import load_controlnet
+
+    return load_controlnet(path, torch.bfloat16 if getattr(pipe, "precision", "fp32") == "bf16" else torch.float32)
 
 
 def _read_layout(path: str):
@@ -303,10 +327,13 @@ def run(args: argparse.Namespace) -> int:
     paths = _check_outputs(args) if args.prompts_file is None else []
     prompts = _read_prompts(args) if args.prompts_file is not None else []
     layout = _read_layout(args.layout) if args.layout is not None else None
+    control = _control_image(args)
     pipe = _load(args)
     # Checked with the refiner's path standing in for the refiner (refused before it is loaded), and
     # the layout's JSON for the layout (read on the canvas once the model may take one).
-    request = _request(args, **_input_images(args), refiner=args.refiner, seed=0, prompt=args.prompt or prompts[0],
+    # (and --controlnet's path for the ControlNet).
+    request = _request(args, **_input_images(args), **control, controlnet=args.controlnet, refiner=args.refiner,
+                       seed=0, prompt=args.prompt or prompts[0],
                        preview=bool(args.preview_decoder), progress=not args.quiet, layout=layout)
     check_request(pipe, request)  # UnsupportedOption (a ValueError): one line naming option and model
     request = replace(request, layout=_layout(pipe, request, args.layout))
@@ -316,7 +343,8 @@ def run(args: argparse.Namespace) -> int:
         from t2i.adapters.embeddings import load_embedding_dir
 
         load_embedding_dir(refiner, args.embedding_dir)
-    request = replace(request, refiner=refiner, seed=_seed(args))
+    controlnet = _load_controlnet(pipe, args.controlnet) if args.controlnet else None
+    request = replace(request, refiner=refiner, controlnet=controlnet, seed=_seed(args))
     if args.preview_decoder:
         from t2i.autoencoders.preview import PreviewDecoder
 

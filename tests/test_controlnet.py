@@ -174,3 +174,46 @@ def test_request_needs_both_controlnet_and_image(models):
     sd = t2i.load(root / "sd1")
     with pytest.raises(ValueError, match="needs both controlnet and control_image"):
         sd.generate("a", steps=1, seed=0, controlnet=load_controlnet(root / "cn"))
+
+
+def test_cli_generate_with_controlnet(models, tmp_path, capsys):
+    """`t2i generate --controlnet DIR --control-image IMG` writes the image the Python API makes."""
+    from t2i.cli import main
+
+    root, _, _ = models
+    image = tmp_path / "edges.png"
+    _control_image().save(image)
+    out = tmp_path / "out.png"
+    common = ["--model", str(root / "sd1"), "--steps", "2", "--seed", "5", "--width", str(SIZE), "--height",
+              str(SIZE), "--sampler", "euler", "--quiet"]
+    assert main(["generate", "a red circle", *common, "--controlnet", str(root / "cn"), "--control-image",
+                 str(image), "--control-scale", "0.8", "--out", str(out), "--save-latents",
+                 str(tmp_path / "l.safetensors")]) == 0
+    from t2i.checkpoints.io import load_state_dict
+
+    got = load_state_dict(tmp_path / "l.safetensors")["latents"]
+    want = t2i.load(root / "sd1").generate("a red circle", steps=2, seed=5, width=SIZE, height=SIZE, sampler="euler",
+                                           controlnet=load_controlnet(root / "cn"), control_image=_control_image(),
+                                           control_scale=0.8).latents
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--control-image", "IMG"], "--controlnet and --control-image go together"),
+    (["--controlnet", "CN", "--control-image", "nowhere.png"], "--control-image file not found"),
+    (["--controlnet", "CN", "--control-image", "NOTIMG"], "is not a readable image"),
+    (["--controlnet", "nowhere", "--control-image", "IMG"], "ControlNet folder not found"),
+])
+def test_cli_bad_control_inputs_are_one_line_errors(models, tmp_path, capsys, args, message):
+    from t2i.cli import main
+
+    root, _, _ = models
+    _control_image().save(tmp_path / "edges.png")
+    (tmp_path / "notimg.png").write_bytes(b"not a png")
+    paths = {"IMG": str(tmp_path / "edges.png"), "NOTIMG": str(tmp_path / "notimg.png"), "CN": str(root / "cn"),
+             "nowhere": str(tmp_path / "nowhere"), "nowhere.png": str(tmp_path / "nowhere.png")}
+    args = [paths.get(a, a) for a in args]
+    code = main(["generate", "x", "--model", str(root / "sd1"), "--steps", "1", "--out", str(tmp_path / "o.png"),
+                 *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err

@@ -163,6 +163,8 @@ class ControlledUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
         image = self.image.expand(x.shape[0], -1, -1, -1)
-        extra = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
-        down, mid = self.controlnet(x, t, context, image, self.scale, **extra)
+        dtype = next(self.controlnet.parameters()).dtype  # may differ from an int8 U-Net's inputs
+        extra = {k: cond[k].to(dtype) for k in ("text_embeds", "time_ids") if k in cond}
+        down, mid = self.controlnet(x.to(dtype), t, context.to(dtype), image, self.scale, **extra)
+        down, mid = [d.to(x.dtype) for d in down], mid.to(x.dtype)
         return self.unet(x, t, context=context, down_residuals=down, mid_residual=mid, **cond)
