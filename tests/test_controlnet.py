@@ -217,3 +217,28 @@ def test_cli_bad_control_inputs_are_one_line_errors(models, tmp_path, capsys, ar
                  *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_sdxl_controlnet_residuals_match_diffusers(tmp_path):
+    """An SDXL-like ControlNet (text_time micro-conditioning, linear projections, a level without attention)
+    loads and computes diffusers' residuals."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(sample_size=8, layers_per_block=1, block_out_channels=(32, 64),
+                                          norm_num_groups=8, cross_attention_dim=64,
+                                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                          attention_head_dim=(2, 4), use_linear_projection=True,
+                                          transformer_layers_per_block=(1, 2), addition_embed_type="text_time",
+                                          addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
+    ref = _perturbed_controlnet(unet)
+    ref.save_pretrained(tmp_path / "cn", safe_serialization=True)
+    ours = load_controlnet(tmp_path / "cn")
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([700.0, 3.0]), torch.randn(2, 77, 64)
+    pooled, time_ids = torch.randn(2, 32), torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)
+    image = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        want_down, want_mid = ref(x, t, context, image, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+                                  return_dict=False)
+        got_down, got_mid = ours(x, t, context, image, text_embeds=pooled, time_ids=time_ids)
+    for got, want in [*zip(got_down, want_down, strict=True), (got_mid, want_mid)]:
+        assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
