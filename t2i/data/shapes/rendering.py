@@ -46,13 +46,20 @@ def shape_coverage(shape: str, box: tuple[float, float, float, float], height: i
     return slice(r0, r1), slice(c0, c1), cov
 
 
-def render_array(scene: Scene, size: int = CANVAS) -> np.ndarray:
-    """The scene as a (size, size, 3) uint8 array; edges anti-aliased, interiors exact."""
+def render_array(scene: Scene, size: int = CANVAS, canvas: tuple[int, int] = (CANVAS, CANVAS)) -> np.ndarray:
+    """The scene as a uint8 array; edges anti-aliased, interiors exact.
+
+    canvas: the scene's (width, height) in world units (64 per side of the square world;
+    `place_on_canvas` lays scenes out on other aspect ratios). `size` is the pixel size of 64
+    world units, so the array is (height * size / 64, width * size / 64, 3): (size, size, 3)
+    for the square world.
+    """
     k = size / CANVAS
-    img = np.empty((size, size, 3), np.float32)
+    width, height = round(canvas[0] * k), round(canvas[1] * k)
+    img = np.empty((height, width, 3), np.float32)
     img[:] = BACKGROUND_RGB[scene.background]
     for obj in scene.objects:
-        rows, cols, cov = shape_coverage(obj.shape, tuple(v * k for v in obj.box), size, size)
+        rows, cols, cov = shape_coverage(obj.shape, tuple(v * k for v in obj.box), height, width)
         colour = np.asarray(PALETTE[obj.colour], np.float32)
         patch = img[rows, cols]
         img[rows, cols] = patch + (colour - patch) * cov[..., None]  # cov == 1 gives colour exactly

@@ -148,3 +148,25 @@ def sample_scene(rng: np.random.Generator, family: str | None = None, background
         objects = _place(full, rng, accept)
         if objects is not None:
             return Scene(objects, background, family, n_focus)
+
+
+def place_on_canvas(scene: Scene, width: int, height: int) -> Scene | None:
+    """The square-world scene moved onto a width x height canvas (world units, 64 per side of
+    the square world), or None when it does not fit there.
+
+    Object sides stay as drawn; each centre keeps its place as a fraction of the canvas
+    (cx' = cx * width / 64), so the caption's regions still hold, read as fractions of the
+    canvas (`left`: cx' < 24/64 of the width), as do its relations, whose 6-unit margin then
+    scales with the side it is measured along. None when an object leaves the canvas or two
+    come closer than MIN_GAP (the caller draws another scene).
+    """
+    moved = []
+    for o in scene.objects:
+        x = round(o.centre[0] * width / CANVAS - o.s / 2)
+        y = round(o.centre[1] * height / CANVAS - o.s / 2)
+        if not (0 <= x <= width - o.s and 0 <= y <= height - o.s):
+            return None
+        moved.append(ShapeObject(o.shape, o.colour, o.size, x, y, o.s))
+    if any(gap(a, b) < MIN_GAP for i, a in enumerate(moved) for b in moved[:i]):
+        return None
+    return Scene(moved, scene.background, scene.family, scene.n_focus)
