@@ -58,7 +58,8 @@ class UNetConfig:
         addition_time_embed_dim: SDXL micro-conditioning; width of each time id's sinusoidal
             embedding (256), None when the model has no `text_time` embedding.
         projection_class_embeddings_input_dim: input width of that embedding's MLP, pooled
-            text width + number of time ids * addition_time_embed_dim (SDXL 1280 + 6 * 256).
+            text width + number of time ids * addition_time_embed_dim (SDXL 1280 + 6 * 256; a
+            model conditioned on the time ids alone: 6 * addition_time_embed_dim).
         time_cond_proj_dim: width of an extra condition added to the timestep features through a
             bias-free projection (LCM's guidance-scale embedding, 256); None: no such input.
         dropout: ResBlock and feed-forward dropout.
@@ -299,10 +300,15 @@ class UNetEncoder(nn.Module):
         else:
             raise ValueError("timestep_cond given to a U-Net without time_cond_proj_dim")
         if self.add_embedding is not None and self.add_time_proj is not None:
-            if text_embeds is None or time_ids is None:
+            if time_ids is None:
                 raise ValueError("this U-Net has SDXL micro-conditioning: pass text_embeds and time_ids")
             ids = self.add_time_proj(time_ids.flatten()).reshape(batch, -1)  # (B, K * add_dim)
-            emb = emb + self.add_embedding(torch.cat([text_embeds, ids], dim=-1).to(dtype))
+            # A model whose added embedding reads the time ids alone (projection input K * add_dim:
+            # no pooled text, the shapes LDM's MiniLM has none) takes text_embeds=None.
+            if text_embeds is None and ids.shape[1] != self.cfg.projection_class_embeddings_input_dim:
+                raise ValueError("this U-Net has SDXL micro-conditioning: pass text_embeds and time_ids")
+            features = ids if text_embeds is None else torch.cat([text_embeds, ids], dim=-1)
+            emb = emb + self.add_embedding(features.to(dtype))
         return emb
 
 

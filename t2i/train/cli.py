@@ -68,6 +68,12 @@ LDM: list[Option] = [
      "bf16 autocast (slower than fp32 on CPUs without AVX512-BF16/AMX)"),
     ("--sample-steps", "sample_steps", {"type": int}, "sampler steps for the sample grids"),
     ("--export-every", "export_every", {"type": int}, "write the EMA model as model.safetensors every N steps"),
+    ("--aspect-buckets", "aspect_buckets", {"action": "store_true"}, "SDXL multi-aspect training: the shapes "
+     "world at many aspect ratios, each batch one bucket of about --image-size^2 pixels"),
+    ("--micro-conditioning", "micro_conditioning", {"action": "store_true"}, "SDXL micro-conditioning of a new "
+     "model: the U-Net embeds each image's original size and crop top-left (needs --aspect-buckets)"),
+    ("--timestep-range", "timestep_range", {"type": int, "nargs": 2, "metavar": ("LO", "HI")},
+     "train timesteps [LO, HI) only (0 200: an SDXL refiner-style expert on the lowest noise levels)"),
 ]
 DDPM: list[Option] = [
     ("--preset", "net_preset", {}, "pixel U-Net shape (t2i.nets.pixel_unet.PIXEL_UNET_PRESETS)"),

@@ -66,7 +66,19 @@ class LDMTrainConfig(LoopConfig):
     # trained and the EMA weights; the optimizer starts afresh). How training continues across
     # machines that keep nothing but the repository. vae_path may then be empty.
     init_from: str | None = None
+    # SDXL-style training (Podell et al. 2023, sec. 2.2-2.4). aspect_buckets: the shapes world at many
+    # aspect ratios, batched by bucket (`t2i.train.buckets`); micro_conditioning: a new model's U-Net
+    # embeds each image's original size and crop top-left (plus the target size) into its time
+    # embedding (needs aspect_buckets); timestep_range: [lo, hi) of the training timesteps, e.g.
+    # (0, 200) for a refiner-style expert on the lowest noise levels (None: all T).
+    aspect_buckets: bool = False
+    micro_conditioning: bool = False
+    timestep_range: tuple[int, int] | None = None
     model: dict[str, Any] | None = None  # the resolved ShapesLDMConfig
+
+# Width of each micro-conditioning id's sinusoidal embedding (SDXL: 256 for 1024 px images).
+MICRO_CONDITIONING_DIM = 64
+N_TIME_IDS = 6  # original h, w, crop top, left, target h, w
 
 
 @torch.no_grad()
@@ -76,7 +88,7 @@ def latent_scale(vae: torch.nn.Module, data, n: int = 256, batch: int = 32) -> f
     zs, gen = [], torch.Generator().manual_seed(0)
     for pos in range(0, n, batch):
         x, _, _ = data.batch(pos, batch, DistInfo())
-        zs.append(vae.encode(x).sample(gen))
+        zs.append(vae.encode(x).sample(gen).flatten())  # flat: aspect buckets differ in shape
     return float(1.0 / torch.cat(zs).std())
 
 
@@ -86,13 +98,37 @@ def resolve_model_config(cfg: LDMTrainConfig, vae: torch.nn.Module, data) -> Sha
     model_cfg.schedule.prediction_type = cfg.prediction_type
     model_cfg.vae.scaling_factor = latent_scale(vae, data)
     model_cfg.unet.sample_size = cfg.image_size // model_cfg.vae.downsample_factor
+    if cfg.micro_conditioning:  # the time ids alone feed SDXL's added embedding (no pooled text)
+        model_cfg.unet.addition_time_embed_dim = MICRO_CONDITIONING_DIM
+        model_cfg.unet.projection_class_embeddings_input_dim = N_TIME_IDS * MICRO_CONDITIONING_DIM
     return model_cfg
+
+
+def size_multiple(cfg: LDMTrainConfig, vae: torch.nn.Module, init: ShapesLDM | None) -> int | None:
+    """Pixel multiple every bucket side needs (the VAE's factor times the U-Net's downsamplings);
+    None without aspect buckets."""
+    if not cfg.aspect_buckets:
+        return None
+    unet = (ShapesLDMConfig.from_dict(cfg.model).unet if cfg.model is not None
+            else init.cfg.unet if init is not None else UNET_PRESETS[cfg.unet_preset])
+    return vae.cfg.downsample_factor * 2 ** (len(unet.block_channels) - 1)
+
+
+def shifted_timesteps(net: torch.nn.Module, lo: int):
+    """The network for a DiffusionLoss over alphas_cumprod[lo:hi]: the loss draws t' in
+    [0, hi - lo) (and weighs it by alphas_cumprod[lo + t']), the network sees t' + lo."""
+    if lo == 0:
+        return net
+    return lambda x, t, **cond: net(x, t + lo, **cond)
 
 
 def build_ldm(cfg: LDMTrainConfig, run: Run, text_encoder: torch.nn.Module | None = None) -> Task:
     init = ShapesLDM.load(cfg.init_from) if cfg.init_from else None
     vae = init.vae if init is not None else load_vae(cfg.vae_path)
-    data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, run.log.text, cfg.background_p)
+    if cfg.micro_conditioning and not cfg.aspect_buckets:
+        raise ValueError("--micro-conditioning conditions on the crops of --aspect-buckets: give both")
+    data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, run.log.text, cfg.background_p,
+                     size_multiple=size_multiple(cfg, vae, init))
     if cfg.model is None:
         cfg.model = (init.cfg if init is not None else resolve_model_config(cfg, vae, data)).to_dict()
     model_cfg = ShapesLDMConfig.from_dict(cfg.model)
@@ -107,25 +143,36 @@ def build_ldm(cfg: LDMTrainConfig, run: Run, text_encoder: torch.nn.Module | Non
         unet.load_state_dict(init.unet.state_dict())
     ema = EMA(unet, cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = DiffusionLoss(model_cfg.schedule.alphas_cumprod(), cfg.prediction_type, cfg.min_snr_gamma or None)
-    net = run.parallel(unet)
+    acp = model_cfg.schedule.alphas_cumprod()
+    lo, hi = cfg.timestep_range or (0, len(acp))
+    if not 0 <= lo < hi <= len(acp):
+        raise ValueError(f"--timestep-range {lo} {hi} is not within [0, {len(acp)}]")
+    loss_fn = DiffusionLoss(acp[lo:hi], cfg.prediction_type, cfg.min_snr_gamma or None)
+    micro = unet.add_embedding is not None
+    if micro and not cfg.aspect_buckets:
+        raise ValueError("this model has micro-conditioning: train it with --aspect-buckets")
+    net = shifted_timesteps(run.parallel(unet), lo)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
 
-    def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Everything frozen for one step: latents (B, 4, h, w) and context (B, T, 384); draws the
-        caption dropout and the posterior samples from the step's generator."""
+    def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Everything frozen for one step: latents (B, 4, h, w) and the network's conditioning:
+        context (B, T, 384), with micro-conditioning time_ids (B, 6); draws the caption dropout and
+        the posterior samples from the step's generator."""
         x, captions, _ = data.batch(position, cfg.batch_size, run.info)
         drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         z = vae.scale(vae.encode(x).sample(gen))  # (B, 4, h, w) diffusion latents
         # One batched call per step (not per caption, not cached): 3x cheaper than single captions,
         # and a step's batch is fixed by its position, so a resumed run sees the same numbers.
-        return z, text.encode(captions).context.float()
+        cond = {"context": text.encode(captions).context.float()}
+        if micro:
+            cond["time_ids"] = data.time_ids(position, cfg.batch_size, run.info)
+        return z, cond
 
-    def step(batch: tuple[torch.Tensor, torch.Tensor], s: Step) -> dict[str, float]:
-        z, context = batch
+    def step(batch: tuple[torch.Tensor, dict[str, torch.Tensor]], s: Step) -> dict[str, float]:
+        z, cond = batch
         with autocast:
-            loss = loss_fn(net, z, {"context": context}, s.generator)
+            loss = loss_fn(net, z, cond, s.generator)
         gnorm = s.update(loss, opt, unet.parameters())
         return {"ldm/loss": loss.item(), "ldm/grad_norm": gnorm}
 
@@ -156,10 +203,25 @@ def sample_grid(ema: torch.nn.Module, system: ShapesLDM, text_encoder: torch.nn.
     """SAMPLE_PROMPTS (seed 0 each) generated with the EMA U-Net and the model's default sampler."""
     train_unet = system.unet
     system.unet = ema
+    hook = (ema.register_forward_pre_hook(partial(uncropped_time_ids, factor=system.vae.cfg.downsample_factor),
+                                          with_kwargs=True) if ema.add_embedding is not None else None)
     try:
         pipe = system.pipeline(text_encoder)
         images = [pipe.generate(p, seed=0, steps=steps).latents for p in SAMPLE_PROMPTS]
         decoded = system.vae.decode(system.vae.unscale(torch.cat(images)))
     finally:
         system.unet = train_unet
+        if hook is not None:
+            hook.remove()
     return Grid(decoded, list(SAMPLE_PROMPTS))
+
+
+def uncropped_time_ids(module: torch.nn.Module, args: tuple, kwargs: dict, factor: int) -> tuple[tuple, dict]:
+    """Forward pre-hook giving a micro-conditioned U-Net SDXL's sampling default when its caller
+    passes no time_ids: the (h, w) of the canvas as original and target size, crop (0, 0).
+    factor: the VAE's, from the latent x (args[0], (B, C, h, w)) to pixels."""
+    if kwargs.get("time_ids") is None:
+        x = args[0] if args else kwargs["x"]
+        h, w = x.shape[-2] * factor, x.shape[-1] * factor
+        kwargs = {**kwargs, "time_ids": torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).expand(x.shape[0], 6)}
+    return args, kwargs
