@@ -107,6 +107,8 @@ def request_parameters(request: GenerationRequest, prompt: str, negative_prompt:
         extra["decoder"] = "preview"
     if precision != "fp32":
         extra["precision"] = precision
+    if r.controlnet is not None:  # the conditioning image itself is the user's file, not recorded
+        extra.update(controlnet=getattr(r.controlnet, "name", "controlnet"), control_scale=r.control_scale)
     if r.layout is not None:  # given or planned: the boxes that were drawn
         extra["layout"] = r.layout.to_json()
     return format_parameters(prompt, negative_prompt, steps=r.steps, sampler=r.sampler, schedule=r.schedule,

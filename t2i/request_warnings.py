@@ -13,12 +13,14 @@ from t2i.systems.base import GenerationRequest, Pipeline
 
 
 def resolved_request(pipe: Pipeline, request: GenerationRequest) -> GenerationRequest:
-    """The request with the model's defaults filled in, and the size an img2img input gives
-    (its own size rounded down to the model's size multiple) where no width/height is set."""
-    if request.init_image is not None:
+    """The request with the model's defaults filled in, and the size an img2img input (else a
+    ControlNet's conditioning image) gives (its own size rounded down to the model's size multiple)
+    where no width/height is set."""
+    source = request.init_image if request.init_image is not None else request.control_image
+    if source is not None:
         m = pipe.capabilities.size_multiple
-        request = replace(request, width=request.width or request.init_image.width // m * m,
-                          height=request.height or request.init_image.height // m * m)
+        request = replace(request, width=request.width or source.width // m * m,
+                          height=request.height or source.height // m * m)
     return request.with_defaults(pipe.defaults)
 
 

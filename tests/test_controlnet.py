@@ -196,6 +196,22 @@ def test_cli_generate_with_controlnet(models, tmp_path, capsys):
                                            controlnet=load_controlnet(root / "cn"), control_image=_control_image(),
                                            control_scale=0.8).latents
     assert torch.equal(got, want)
+    from PIL import Image
+
+    from t2i.imageio import parse_parameters
+
+    params = parse_parameters(Image.open(out).info["parameters"])  # the PNG says which ControlNet, how strong
+    assert params["Controlnet"] == "cn" and float(params["Control scale"]) == 0.8, params
+
+
+def test_size_warning_reads_the_control_image_size(models):
+    from t2i.request_warnings import resolved_request
+    from t2i.systems.base import GenerationRequest
+
+    root, _, _ = models
+    sd = t2i.load(root / "sd1")
+    r = resolved_request(sd, GenerationRequest("a", controlnet=object(), control_image=_control_image(size=13)))
+    assert (r.width, r.height) == (20, 12)  # what the pipeline draws (test_output_takes_the_control_image_size)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from t2i.checkpoints.diffusers_folder import _build_and_load, read_config_file
+from t2i.checkpoints.diffusers_folder import build_and_load, read_config_file
 from t2i.checkpoints.diffusers_nets import check_unsupported, unet_config_from_diffusers
 from t2i.checkpoints.io import CheckpointError
 from t2i.checkpoints.limits import MAX_LEVELS, WIDE
@@ -60,6 +60,8 @@ def load_controlnet(folder: str | Path, dtype: torch.dtype | None = torch.float3
                                 f"diffusion_pytorch_model.safetensors): {folder}")
     cfg = read_config_file(controlnet_config_from_diffusers, folder / "config.json")
     try:
-        return _build_and_load(lambda: ControlNet(cfg), cfg.unet, folder, dtype, variant)
+        net = build_and_load(lambda: ControlNet(cfg), cfg.unet, folder, dtype, variant)
     except FileNotFoundError as e:
         raise CheckpointError(f"{folder}: {e}") from None
+    net.name = folder.resolve().name  # what the PNG parameters record, as A1111 records the model
+    return net

@@ -79,7 +79,7 @@ def file_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 M = TypeVar("M", bound=torch.nn.Module)
 
 
-def _build_and_load(build: Callable[[], M], cfg: Any, folder: Path, dtype: torch.dtype | None, variant: str | None,
+def build_and_load(build: Callable[[], M], cfg: Any, folder: Path, dtype: torch.dtype | None, variant: str | None,
                     stem: str = "diffusion_pytorch_model") -> M:
     """Check the config against bounds and the files' tensors (names and shapes, from the headers),
     build the module on the meta device (no random init: for the SD U-Net that alone took most of
@@ -96,12 +96,12 @@ def _build_and_load(build: Callable[[], M], cfg: Any, folder: Path, dtype: torch
 
 def load_unet(folder: Path, dtype: torch.dtype | None = torch.float32, variant: str | None = None) -> UNet:
     cfg = read_config_file(unet_config_from_diffusers, folder / "config.json")
-    return _build_and_load(lambda: UNet(cfg), cfg, folder, dtype, variant)
+    return build_and_load(lambda: UNet(cfg), cfg, folder, dtype, variant)
 
 
 def load_vae(folder: Path, dtype: torch.dtype = torch.float32, variant: str | None = None) -> AutoencoderKL:
     cfg = read_config_file(vae_config_from_diffusers, folder / "config.json")
-    return _build_and_load(lambda: AutoencoderKL(cfg), cfg, folder, dtype, variant)
+    return build_and_load(lambda: AutoencoderKL(cfg), cfg, folder, dtype, variant)
 
 
 def check_text_encoder(folder: Path) -> None:
