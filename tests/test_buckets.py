@@ -118,3 +118,15 @@ def test_shapes_on_non_square_canvases_keep_the_world_rules():
         assert all(gap(a, b) >= MIN_GAP for j, a in enumerate(wide.objects) for b in wide.objects[:j])
         assert render_array(wide, 64, (96, 43)).shape == (43, 96, 3)
     assert math.isclose(render_array(scene, 32, (64, 64)).mean(), render_array(scene, 32).mean())
+
+
+def test_center_crop_baseline_is_square_and_centred():
+    data = BucketedData(ShapesCanvases(0, 32), [(32, 32)], 0, center=True)
+    src = ShapesCanvases(0, 32)
+    x, _, idx = data.batch(0, 4, DistInfo())
+    assert x.shape == (4, 3, 32, 32)
+    for (h, w), (oh, ow, top, left, _, _) in zip(src.sizes(np.asarray(idx)).tolist(),
+                                                 data.time_ids(0, 4, DistInfo()).tolist(), strict=True):
+        rh, rw = cover_size(h, w, (32, 32))
+        assert (oh, ow) == (h, w) and (top, left) == ((rh - 32) // 2, (rw - 32) // 2)
+    assert any(v > 0 for v in data.time_ids(0, 4, DistInfo())[:, 2:4].flatten().tolist())

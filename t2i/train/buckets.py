@@ -56,9 +56,10 @@ def cover_size(height: int, width: int, bucket: tuple[int, int]) -> tuple[int, i
     return max(bh, math.ceil(height * bw / width - 1e-9)), bw
 
 
-def fit_to_bucket(image: torch.Tensor, bucket: tuple[int, int], gen: torch.Generator) -> tuple[torch.Tensor, int, int]:
+def fit_to_bucket(image: torch.Tensor, bucket: tuple[int, int],
+                  gen: torch.Generator | None) -> tuple[torch.Tensor, int, int]:
     """(3, H, W) image -> ((3, bh, bw) crop, top, left): resized to `cover_size` (antialiased
-    bilinear) and cropped at a random offset drawn from `gen` along the excess."""
+    bilinear) and cropped at a random offset drawn from `gen` along the excess (None: centred)."""
     rh, rw = cover_size(image.shape[1], image.shape[2], bucket)
     if (rh, rw) != tuple(image.shape[1:]):
         image = F.interpolate(image[None], (rh, rw), mode="bilinear", antialias=True, align_corners=False)[0]
@@ -66,8 +67,12 @@ def fit_to_bucket(image: torch.Tensor, bucket: tuple[int, int], gen: torch.Gener
     return image[:, top:top + bucket[0], left:left + bucket[1]], top, left
 
 
-def crop_offset(resized: tuple[int, int], bucket: tuple[int, int], gen: torch.Generator) -> tuple[int, int]:
-    """(top, left) of a uniformly random bucket-sized crop of a `resized` (h, w) image."""
+def crop_offset(resized: tuple[int, int], bucket: tuple[int, int],
+                gen: torch.Generator | None) -> tuple[int, int]:
+    """(top, left) of a uniformly random bucket-sized crop of a `resized` (h, w) image; the centred
+    one (rounded down) when gen is None."""
+    if gen is None:
+        return (resized[0] - bucket[0]) // 2, (resized[1] - bucket[1]) // 2
     top = int(torch.randint(0, resized[0] - bucket[0] + 1, (), generator=gen))
     left = int(torch.randint(0, resized[1] - bucket[1] + 1, (), generator=gen))
     return top, left
@@ -91,8 +96,10 @@ class BucketedData:
 
     CHUNK = 4096  # items whose sizes the walk reads at once
 
-    def __init__(self, source: SizedSource, buckets: list[tuple[int, int]], seed: int) -> None:
-        self.source, self.buckets, self.seed = source, buckets, seed
+    def __init__(self, source: SizedSource, buckets: list[tuple[int, int]], seed: int, center: bool = False) -> None:
+        """center: crop the middle of the excess instead of a random offset (with one square bucket,
+        the centre-crop training SDXL's buckets are compared against)."""
+        self.source, self.buckets, self.seed, self.center = source, buckets, seed, center
         self._walk: dict[int, tuple[list[tuple[int, list[int]]], list[list[int]], int]] = {}
 
     def _order(self, start: int, stop: int) -> np.ndarray:
@@ -130,7 +137,9 @@ class BucketedData:
         j, idx = self.global_batch(position // g, g)
         return j, idx[info.rank * batch_size:(info.rank + 1) * batch_size]
 
-    def _crop_generator(self, i: int) -> torch.Generator:
+    def _crop_generator(self, i: int) -> torch.Generator | None:
+        if self.center:
+            return None
         # SeedSequence, not hash(): Python salts str hashes per process, and a resumed run must match.
         return torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, i, 2]).generate_state(1)[0]))
 

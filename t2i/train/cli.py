@@ -70,6 +70,8 @@ LDM: list[Option] = [
     ("--export-every", "export_every", {"type": int}, "write the EMA model as model.safetensors every N steps"),
     ("--aspect-buckets", "aspect_buckets", {"action": "store_true"}, "SDXL multi-aspect training: the shapes "
      "world at many aspect ratios, each batch one bucket of about --image-size^2 pixels"),
+    ("--center-crop", "center_crop", {"action": "store_true"}, "the baseline to --aspect-buckets: the same "
+     "many-aspect shapes world, every image centre-cropped to the square"),
     ("--micro-conditioning", "micro_conditioning", {"action": "store_true"}, "SDXL micro-conditioning of a new "
      "model: the U-Net embeds each image's original size and crop top-left (needs --aspect-buckets)"),
     ("--timestep-range", "timestep_range", {"type": int, "nargs": 2, "metavar": ("LO", "HI")},

@@ -59,20 +59,22 @@ class TrainData:
 
 def open_data(kind: str, path: str | None, size: int, seed: int, log: Callable[[str], None] = print,
               background_p: float | None = None, workers: int | None = None,
-              size_multiple: int | None = None) -> BatchSource:
+              size_multiple: int | None = None, center_crop: bool = False) -> BatchSource:
     """kind: "shapes" (the endless world of `seed`), "folder" (images + .txt sidecars under
     `path`), "jsonl" (a manifest at `path`) or "webdataset" (tar shards: a folder of them or a
     brace pattern at `path`, read by `workers` loader processes; None: `loader_workers`' setting).
     background_p: the shapes world's share of black/gray backgrounds (None: the world's own).
     size_multiple: multi-aspect training (`t2i.train.buckets`): the shapes world at many aspect
-    ratios in buckets of about size x size pixels whose sides are multiples of this; None: square."""
-    if size_multiple is not None:
+    ratios in buckets of about size x size pixels whose sides are multiples of this; None: square.
+    center_crop: the same many-aspect world, each image centre-cropped to size x size (the baseline
+    that aspect buckets are measured against)."""
+    if size_multiple is not None or center_crop:
         if kind != "shapes":
             raise ValueError(f"aspect buckets read --data shapes only for now, not --data {kind}")
         from t2i.train.buckets import BucketedData, ShapesCanvases, aspect_buckets
 
-        return BucketedData(ShapesCanvases(seed, size, background_p=background_p),
-                            aspect_buckets(size, size_multiple), seed)
+        buckets = [(size, size)] if center_crop else aspect_buckets(size, size_multiple)
+        return BucketedData(ShapesCanvases(seed, size, background_p=background_p), buckets, seed, center_crop)
     if kind == "shapes":
         from t2i.data.shapes import BACKGROUND_P, ShapesDataset
 

@@ -72,6 +72,7 @@ class LDMTrainConfig(LoopConfig):
     # embedding (needs aspect_buckets); timestep_range: [lo, hi) of the training timesteps, e.g.
     # (0, 200) for a refiner-style expert on the lowest noise levels (None: all T).
     aspect_buckets: bool = False
+    center_crop: bool = False  # the baseline: the same many-aspect originals, centre-cropped to the square
     micro_conditioning: bool = False
     timestep_range: tuple[int, int] | None = None
     model: dict[str, Any] | None = None  # the resolved ShapesLDMConfig
@@ -125,10 +126,13 @@ def shifted_timesteps(net: torch.nn.Module, lo: int):
 def build_ldm(cfg: LDMTrainConfig, run: Run, text_encoder: torch.nn.Module | None = None) -> Task:
     init = ShapesLDM.load(cfg.init_from) if cfg.init_from else None
     vae = init.vae if init is not None else load_vae(cfg.vae_path)
-    if cfg.micro_conditioning and not cfg.aspect_buckets:
-        raise ValueError("--micro-conditioning conditions on the crops of --aspect-buckets: give both")
+    bucketed = cfg.aspect_buckets or cfg.center_crop
+    if cfg.micro_conditioning and not bucketed:
+        raise ValueError("--micro-conditioning conditions on the crops of --aspect-buckets or --center-crop")
+    if cfg.aspect_buckets and cfg.center_crop:
+        raise ValueError("give one of --aspect-buckets and --center-crop")
     data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, run.log.text, cfg.background_p,
-                     size_multiple=size_multiple(cfg, vae, init))
+                     size_multiple=size_multiple(cfg, vae, init), center_crop=cfg.center_crop)
     if cfg.model is None:
         cfg.model = (init.cfg if init is not None else resolve_model_config(cfg, vae, data)).to_dict()
     model_cfg = ShapesLDMConfig.from_dict(cfg.model)
@@ -149,8 +153,8 @@ def build_ldm(cfg: LDMTrainConfig, run: Run, text_encoder: torch.nn.Module | Non
         raise ValueError(f"--timestep-range {lo} {hi} is not within [0, {len(acp)}]")
     loss_fn = DiffusionLoss(acp[lo:hi], cfg.prediction_type, cfg.min_snr_gamma or None)
     micro = unet.add_embedding is not None
-    if micro and not cfg.aspect_buckets:
-        raise ValueError("this model has micro-conditioning: train it with --aspect-buckets")
+    if micro and not bucketed:
+        raise ValueError("this model has micro-conditioning: train it with --aspect-buckets or --center-crop")
     net = shifted_timesteps(run.parallel(unet), lo)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
 

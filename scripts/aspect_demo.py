@@ -1,0 +1,79 @@
+"""SDXL-style training on the shapes world, judged on non-square canvases (issue 21).
+
+For each model file: the shapes judge's accuracy on the held-out prompts that name no size word
+(the judge reads sizes in units of the canvas width, which v1 of the contract defines for square
+canvases only) at several canvases, and the share of images with an object cut by the canvas
+edge (a detection whose box touches the border). A micro-conditioned model is also sampled with
+a crop conditioning (top, left) = (h/4, w/4): SDXL's paper (fig. 5) shows such models draw
+cropped-looking objects when asked for a crop and centred ones at (0, 0).
+
+    python scripts/aspect_demo.py runs/buckets_micro/model.safetensors runs/center_crop/model.safetensors \
+        --out runs/aspect_demo.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+import torch
+
+from t2i.data.shapes.heldout import heldout_prompts
+from t2i.eval.shapes_judge import detect, evaluate
+from t2i.systems.shapes_ldm import ShapesLDM
+
+CANVASES = [(64, 64), (80, 48), (48, 80), (96, 40), (40, 96)]  # (width, height)
+
+
+def cut_share(images) -> float:
+    """Share of images with a detected object whose box reaches the canvas edge (64-unit boxes)."""
+    def cut(image) -> bool:
+        return any(min(d.box[:2]) < 0.5 or max(d.box[2:]) > 63.5 for d in detect(image))
+    return sum(cut(im) for im in images) / max(len(images), 1)
+
+
+def sample(model: ShapesLDM, prompts: list[str], width: int, height: int, crop: tuple[int, int], steps: int):
+    """Images of `prompts` (seed 0 each) at width x height; a micro-conditioned U-Net gets
+    (h, w, top, left, h, w) as its time ids."""
+    pipe = model.pipeline()
+    hook = None
+    if model.unet.add_embedding is not None:
+        ids = torch.tensor([[height, width, *crop, height, width]], dtype=torch.float32)
+
+        def with_ids(module, args, kwargs):
+            return args, {**kwargs, "time_ids": ids.expand(args[0].shape[0], 6)}
+        hook = model.unet.register_forward_pre_hook(with_ids, with_kwargs=True)
+    try:
+        return [pipe(p, seed=0, steps=steps, width=width, height=height)[0] for p in prompts]
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--limit", type=int, default=0, help="at most N prompts (0: all)")
+    args = ap.parse_args()
+    prompts = [p for _, p in heldout_prompts() if not re.search(r"\b(small|medium|large)\b", p)]
+    prompts = prompts[: args.limit or None]
+    report = {}
+    for path in args.models:
+        model = ShapesLDM.load(path)
+        crops = [(0, 0)] + ([None] if model.unet.add_embedding is not None else [])
+        for w, h in CANVASES:
+            for crop in crops:
+                crop = crop or (h // 4, w // 4)
+                images = sample(model, prompts, w, h, crop, args.steps)
+                key = f"{path} {w}x{h} crop {crop[0]},{crop[1]}"
+                report[key] = {"judge": evaluate(images, prompts)["overall"], "cut": cut_share(images)}
+                print(key, report[key], flush=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
