@@ -107,5 +107,10 @@ def test_bucket_trained_model_generates_80x48_end_to_end(tmp_path, vae_file):  #
 def test_micro_conditioning_needs_buckets(tmp_path, vae_file):  # noqa: F811
     with pytest.raises(ValueError, match="aspect-buckets"):
         train_ldm(_cfg(tmp_path / "run", vae_file, aspect_buckets=False), text_encoder=HashText())
+    plain = _cfg(tmp_path / "plain", vae_file, micro_conditioning=False, timestep_range=None, steps=1)
+    assert train_ldm(plain, text_encoder=HashText()) == 0
+    warm = _cfg(tmp_path / "warm", "", init_from=str(tmp_path / "plain" / "model.safetensors"))
+    with pytest.raises(ValueError, match="new model"):
+        train_ldm(warm, text_encoder=HashText())
     with pytest.raises(ValueError, match="one of"):
         train_ldm(_cfg(tmp_path / "run2", vae_file, center_crop=True), text_encoder=HashText())

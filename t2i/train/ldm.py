@@ -153,6 +153,8 @@ def build_ldm(cfg: LDMTrainConfig, run: Run, text_encoder: torch.nn.Module | Non
         raise ValueError(f"--timestep-range {lo} {hi} is not within [0, {len(acp)}]")
     loss_fn = DiffusionLoss(acp[lo:hi], cfg.prediction_type, cfg.min_snr_gamma or None)
     micro = unet.add_embedding is not None
+    if cfg.micro_conditioning and not micro:
+        raise ValueError("--micro-conditioning makes a new model's U-Net (--vae); the --init-from model has none")
     if micro and not bucketed:
         raise ValueError("this model has micro-conditioning: train it with --aspect-buckets or --center-crop")
     net = shifted_timesteps(run.parallel(unet), lo)
