@@ -93,10 +93,11 @@ def test_bucketed_micro_conditioned_training_and_non_square_generation(tmp_path,
     assert "nan" not in log.lower()
 
 
-def test_bucket_trained_model_generates_80x48_end_to_end(tmp_path, vae_file):  # noqa: F811
+@pytest.mark.parametrize("micro", [False, True])
+def test_bucket_trained_model_generates_80x48_end_to_end(tmp_path, vae_file, micro):  # noqa: F811
     from t2i.cli import main
 
-    cfg = _cfg(tmp_path / "run", vae_file, micro_conditioning=False, timestep_range=None, steps=2)
+    cfg = _cfg(tmp_path / "run", vae_file, micro_conditioning=micro, timestep_range=None, steps=2)
     assert train_ldm(cfg, text_encoder=HashText()) == 0
     out = tmp_path / "wide.png"
     assert main(["generate", "a red circle", "--model", str(tmp_path / "run" / "model.safetensors"), "--steps", "2",

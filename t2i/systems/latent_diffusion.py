@@ -130,6 +130,11 @@ class LatentDiffusionPipeline(RequestMethods):
             and text_encoder.pooled_dim is not None and unet.cfg.addition_time_embed_dim is not None
             and unet.cfg.projection_class_embeddings_input_dim - text_encoder.pooled_dim
             == 5 * unet.cfg.addition_time_embed_dim)
+        # A U-Net whose added embedding reads the 6 time ids alone (t2i's micro-conditioned shapes
+        # models: `t2i train ldm --micro-conditioning`) takes no pooled text, unlike SDXL's.
+        self.time_ids_only = bool(
+            micro_conditioning and unet.cfg.addition_time_embed_dim is not None
+            and unet.cfg.projection_class_embeddings_input_dim == 6 * unet.cfg.addition_time_embed_dim)
 
     @property
     def precision(self) -> str:
@@ -166,14 +171,15 @@ class LatentDiffusionPipeline(RequestMethods):
         """Network keyword arguments for a batch of encoded prompts."""
         cond = {"context": enc.context}
         if self.micro_conditioning:
-            if enc.pooled is None:
+            if enc.pooled is None and not self.time_ids_only:
                 raise ValueError("micro-conditioning needs a text encoder with a pooled output")
             b = enc.context.shape[0]
             # SDXL paper sec. 2.2: original size and crop top-left as (h, w) pairs, then the target
             # size (base) or an aesthetic score (refiner).
             tail = [aesthetic] if self.aesthetic_conditioning else [height, width]
             ids = torch.tensor([height, width, 0, 0, *tail], dtype=torch.float32)
-            cond["text_embeds"] = enc.pooled
+            if not self.time_ids_only:
+                cond["text_embeds"] = enc.pooled
             cond["time_ids"] = ids.expand(b, ids.shape[0])
         return cond
 

@@ -134,7 +134,8 @@ class ShapesLDM(nn.Module):
         defaults = GenerationDefaults(sampler=c.sampler, steps=c.steps, guidance=c.guidance,
                                       width=c.image_size, height=c.image_size)
         pipe = LatentDiffusionPipeline(self.unet, self.vae, text_encoder or load_text_encoder(c), c.schedule,
-                                       name=name, family=SYSTEM.name, defaults=defaults)
+                                       name=name, family=SYSTEM.name, defaults=defaults,
+                                       micro_conditioning=c.unet.addition_time_embed_dim is not None)
         pipe.prompt_check = out_of_world_warning  # words the shapes world has not got: a blank canvas otherwise
         return pipe
 
