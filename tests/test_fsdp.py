@@ -208,3 +208,14 @@ def test_fsdp_without_torchrun_is_refused(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ValueError, match="runs under torchrun"):
         fit(LDMTrainConfig(out=str(tmp_path), parallel="fsdp"), build_ldm)
+
+
+@pytest.mark.parametrize("family", ["autoencoder", "vqvae", "preview", "lora", "textual-inversion"])
+def test_fsdp_is_offered_only_to_families_whose_checkpoints_convert(family, tmp_path, capsys):
+    """FSDP needs the family's sharded checkpoint to convert to its model file (t2i.train.fsdp.FAMILIES);
+    the autoencoder's clip list and the adapters' rank-0 exports would silently break under it."""
+    from t2i.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", family, "--out", str(tmp_path), "--parallel", "fsdp"])
+    assert e.value.code == 2 and "--parallel" in capsys.readouterr().err

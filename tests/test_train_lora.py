@@ -193,3 +193,27 @@ def test_sdxl_unet_lora_is_read_by_diffusers_with_every_key(tmp_path, caplog):
         err = _unet_error(ref, ours)
     print(f"trained SDXL LoRA, {len(layers)} layers: U-Net {err:.2e} (moved {moved:.2e})")
     assert moved > 1e-3 and err < WEIGHT_TOL
+
+
+def test_evaluations_read_their_own_source_not_the_training_stream(sd1, tmp_path, monkeypatch):
+    """The fixed-noise loss and the grid prompts read a second source: the training source (a stream
+    for WebDataset shards, read by the loop's prefetch thread meanwhile) sees training batches only."""
+    import t2i.train.lora as lora_module
+
+    sources = []
+    real_open = lora_module.open_data
+
+    def recording_open(*args, **kwargs):
+        source = real_open(*args, **kwargs)
+        calls = []
+        batch = source.batch
+        source.batch = lambda position, n, info: calls.append((position, n)) or batch(position, n, info)
+        sources.append(calls)
+        return source
+
+    monkeypatch.setattr(lora_module, "open_data", recording_open)
+    model, data = sd1
+    train(model, data, tmp_path / "run", "--steps", "3", "--eval-every", "1", "--eval-items", "3")
+    training = sources[0]
+    assert training and all(n == 2 for _, n in training), training  # --batch-size 2 only
+    assert any(n == 3 for _, n in sources[1]), sources[1:]  # the evaluation's 3 items, elsewhere

@@ -32,9 +32,11 @@ RUN: list[Option] = [
     ("--log-every", "log_every", {"type": int}, "scalars to log.txt and TensorBoard every N steps"),
     ("--ckpt-every", "ckpt_every", {"type": int}, "checkpoint every N steps"),
     ("--keep", "keep", {"type": int}, "checkpoints kept"),
-    ("--parallel", "parallel", {"choices": ("ddp", "fsdp")}, "under torchrun: DDP (weights replicated) or FSDP "
-     "(weights, gradients and optimizer state sharded; checkpoints step_N.dcp, `t2i convert` makes the model file)"),
 ]
+# Only for the families whose sharded checkpoints convert to their model file (t2i.train.fsdp.FAMILIES).
+PARALLEL: Option = ("--parallel", "parallel", {"choices": ("ddp", "fsdp")}, "under torchrun: DDP (weights "
+                    "replicated) or FSDP (weights, gradients and optimizer state sharded; checkpoints step_N.dcp, "
+                    "`t2i convert` makes the model file)")
 IMAGES: list[Option] = [
     ("--data", "data", {"choices": ("shapes", "folder", "jsonl", "webdataset")},
      "the endless shapes world, an image folder with .txt captions, a JSONL manifest, or WebDataset tar shards"),
@@ -315,12 +317,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     unet_preset = ("--preset", "unet_preset", {"choices": sorted(UNET_PRESETS)},
                    _presets("U-Net shape", UNET_PRESETS, _unet_shape))
     _parser(sub, "ldm", "latent diffusion U-Net on a frozen autoencoder and MiniLM text encoder",
-            LDMTrainConfig(out=""), [*RUN, *IMAGES, *LDM, unet_preset]).set_defaults(func=_run_ldm)
+            LDMTrainConfig(out=""), [*RUN, PARALLEL, *IMAGES, *LDM, unet_preset]).set_defaults(func=_run_ldm)
 
     from t2i.train.ddpm import DDPMTrainConfig
 
     _parser(sub, "ddpm", "pixel-space DDPM (eps prediction; text-conditional on MiniLM for the shapes world)",
-            DDPMTrainConfig(out=""), [*RUN, *IMAGES, *DDPM]).set_defaults(func=_run_ddpm)
+            DDPMTrainConfig(out=""), [*RUN, PARALLEL, *IMAGES, *DDPM]).set_defaults(func=_run_ddpm)
     from t2i.autoencoders.vq import VQ_CONFIGS
     from t2i.train.vqvae import VQTrainConfig
 
@@ -342,7 +344,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from t2i.train.layout_ldm import LayoutLDMTrainConfig
 
     _parser(sub, "layout-renderer", "the layout renderer (t2i.systems.shapes_layout): a shapes LDM whose U-Net "
-            "also reads boxes with phrases", LayoutLDMTrainConfig(out=""), RUN + RENDERER
+            "also reads boxes with phrases", LayoutLDMTrainConfig(out=""), [*RUN, PARALLEL, *RENDERER]
             ).set_defaults(func=_run_layout_renderer)
     from t2i.train.lora import LoraTrainConfig, train_lora
     from t2i.train.textual_inversion import TextualInversionConfig, train_textual_inversion

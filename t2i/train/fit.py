@@ -151,6 +151,8 @@ def fit(cfg: C, build: Callable[[C, Run], Task], *, resume: bool = False, resume
     run = Run(info, log, cfg.parallel)
     with loader_workers(cfg.data_workers):  # the family's WebDataset sources read with this many workers
         task = build(cfg, run)
+    if sharded and task.name not in fsdp.FAMILIES:
+        raise ValueError(f"--parallel fsdp: not for the {task.name} family yet (families: {', '.join(fsdp.FAMILIES)})")
     if sharded:
         fsdp.rebind_optimizers(task.optimizers, run.sharded)
         if task.ema is not None:

@@ -42,6 +42,11 @@ from t2i.train.distributed import DistInfo
 ParamMap = dict[int, nn.Parameter]  # id(parameter before sharding) -> its sharded replacement
 
 
+# The families whose sharded checkpoints `t2i convert` turns into their model file (t2i.train.sharded_export):
+# the others (their rank-0 exports, clip lists or adapter files built before sharding) refuse FSDP.
+FAMILIES = ("ldm", "ddpm", "layout_ldm")
+
+
 def _mesh(info: DistInfo):
     from torch.distributed.device_mesh import init_device_mesh
 

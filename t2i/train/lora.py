@@ -113,6 +113,8 @@ class FrozenModel:
         if self.size % pipe.vae_scale:
             raise ValueError(f"--image-size {self.size} must be a multiple of the autoencoder's {pipe.vae_scale}")
         self.data = open_data(cfg.data, cfg.data_path, self.size, cfg.seed, run.log.text)
+        self._log = run.log.text
+        self._fixed_data: Any = None
         s = pipe.schedule
         self.loss_fn = DiffusionLoss(s.alphas_cumprod(), s.prediction_type, cfg.min_snr_gamma or None)
 
@@ -132,13 +134,23 @@ class FrozenModel:
         cond = self.pipe.network_conditioning(enc, self.size, self.size, 6.0)
         return self.loss_fn(self.pipe.unet, z, cond, gen)
 
+    @property
+    def fixed_data(self) -> Any:
+        """A second source over the same data order, for the evaluations and grids: the training
+        source may be read by the loop's prefetch thread at the same time (a stream, e.g. WebDataset
+        shards, cannot serve two readers) and must see only the training positions, for an exact resume."""
+        if self._fixed_data is None:
+            c = self.cfg
+            self._fixed_data = open_data(c.data, c.data_path, self.size, c.seed, self._log)
+        return self._fixed_data
+
     @torch.no_grad()
     def fixed_loss(self, encode) -> float:
         """The loss of the first `eval_items` items of the data order at fixed timesteps and noise
         (EVAL_SEED), one item at a time, through `encode(captions) -> TextEncoding`: the number that must
         fall while training overfits, free of the step loss's draw of t."""
         gen = torch.Generator().manual_seed(EVAL_SEED)
-        x, captions, _ = self.data.batch(0, self.cfg.eval_items, DistInfo())  # any source: folder, shards...
+        x, captions, _ = self.fixed_data.batch(0, self.cfg.eval_items, DistInfo())  # any source: folder, shards...
         vae, losses = self.pipe.vae, []
         for image, caption in zip(x, captions, strict=True):
             z = vae.scale(vae.encode(image[None]).sample(gen)).float()  # (1, C, h, w)
@@ -149,7 +161,7 @@ class FrozenModel:
         """The grid's prompts: the config's, or the first 4 distinct captions of the data order (rewritten)."""
         if self.cfg.sample_prompts:
             return list(self.cfg.sample_prompts)
-        _, captions, _ = self.data.batch(0, 16, DistInfo())
+        _, captions, _ = self.fixed_data.batch(0, 16, DistInfo())
         return list(dict.fromkeys(rewrite(c) for c in captions))[:4]
 
     @torch.no_grad()

@@ -16,7 +16,7 @@ import torch
 
 from t2i.train.checkpoint import verify_sharded
 from t2i.train.distributed import DistInfo
-from t2i.train.fsdp import safe_reader
+from t2i.train.fsdp import FAMILIES, safe_reader
 
 
 def _family(name: str) -> tuple[Any, Callable]:
@@ -31,7 +31,7 @@ def _family(name: str) -> tuple[Any, Callable]:
         from t2i.train.layout_ldm import LayoutLDMTrainConfig, build_layout_ldm
         return LayoutLDMTrainConfig, build_layout_ldm
     raise ValueError(f"converting sharded checkpoints of the {name!r} family is not supported "
-                     "(families: ldm, ddpm, layout_ldm)")
+                     f"(families: {', '.join(FAMILIES)})")
 
 
 def export_sharded(src: str | Path, dst: str | Path) -> Path:
