@@ -183,6 +183,14 @@ def test_a_crafted_checkpoint_index_cannot_run_code(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="may not refer to"):
         safe_reader(tmp_path).read_metadata()
     assert not marker.exists()
+    # A global from a module nobody imported is refused before the module is imported.
+    import sys
+
+    (tmp_path / ".metadata").write_bytes(b"cxml.dom.minidom\nparseString\n.")  # protocol 0 GLOBAL, never imported
+    assert "xml.dom.minidom" not in sys.modules
+    with pytest.raises(pickle.UnpicklingError, match="may not refer to xml.dom.minidom"):
+        safe_reader(tmp_path).read_metadata()
+    assert "xml.dom.minidom" not in sys.modules
 
 
 def test_a_damaged_shard_falls_back_to_the_checkpoint_before(fsdp_run, tmp_path):

@@ -101,6 +101,10 @@ class _MetadataUnpickler(pickle.Unpickler):
                          ("pathlib", "WindowsPath"), ("collections", "OrderedDict")})
 
     def find_class(self, module: str, name: str) -> Any:
+        # Only modules that torch or the standard library have imported anyway: a crafted index
+        # naming another module must not get it imported (its import could run code).
+        if not (module.startswith(("torch.", "pathlib", "collections")) or module == "torch"):
+            raise pickle.UnpicklingError(f"a sharded checkpoint's index may not refer to {module}.{name}")
         obj = super().find_class(module, name)
         if module.startswith("torch.distributed.checkpoint.") and isinstance(obj, type) and (
                 dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
