@@ -41,6 +41,13 @@ async def bad_field(_request: Request, exc: FieldError) -> JSONResponse:
     return error(exc.status, str(exc), param=exc.field)
 
 
+async def broker_away(_request: Request, exc: Exception) -> JSONResponse:
+    """`t2i serve --broker`: Redis unreachable (or timing out) is the service being unavailable for
+    a moment, not a server bug: 503 + Retry-After, as a client retries it."""
+    return error(503, f"the job broker is unreachable, try again shortly ({type(exc).__name__}: {exc})",
+                 headers={"Retry-After": "5"}, kind="server_error")
+
+
 def create_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
     """The app for one pipeline. The job queue starts and stops with the app (its lifespan)."""
     ctx = ServeContext.create(pipe, config or ServeConfig())
@@ -56,6 +63,10 @@ def create_app(pipe: Pipeline, config: ServeConfig | None = None) -> FastAPI:
     app.state.queue, app.state.config, app.state.context = ctx.queue, ctx.config, ctx
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(FieldError, bad_field)
+    if ctx.config.broker is not None:
+        import redis
+
+        app.add_exception_handler(redis.RedisError, broker_away)
     for api in (api_openai, api_a1111, api_jobs):
         app.include_router(api.router(ctx))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -54,12 +54,20 @@ KEYS = {
 RESULT_TTL = 3600  # seconds a finished job's record (and images) stays fetchable
 WORKER_TTL = 30  # seconds after its last heartbeat a worker is no longer listed
 POLL = 0.05  # seconds between the front's checks of the jobs its open requests wait for
+REDIS_TIMEOUT = 5.0  # seconds a Redis call may take before it raises (a broker outage is an error, not a hang)
+RESEND_AFTER = 5.0  # seconds after which a front re-sends a waiting job whose message was never sent
+RESEND_EVERY = 1.0  # seconds between the front's looks for such jobs
+MAX_ATTEMPTS = 3  # claims of one job (each worker died running it) before it is answered `failed`
 
 # One status change each, atomic. Claim: a worker starts a queued job, or takes over a running one
-# (redelivered: its first worker died). Finish: only an active job gets an answer.
+# (redelivered: its first worker died); -1 once it has been claimed ARGV[4] times (a job that kills
+# every worker that runs it: its worker answers it `failed` instead of running it again).
+# Finish: only an active job gets an answer. Submit also forgets listed ids older than RESULT_TTL
+# (their records have expired), so the listing does not grow forever.
 CLAIM = """
 local s = redis.call('hget', KEYS[1], 'status')
 if s ~= 'queued' and s ~= 'running' then return 0 end
+if redis.call('hincrby', KEYS[1], 'attempts', 1) > tonumber(ARGV[4]) then return -1 end
 redis.call('hset', KEYS[1], 'status', 'running', 'worker', ARGV[2], 'started', ARGV[3], 'step', 0)
 redis.call('zrem', KEYS[2], ARGV[1])
 redis.call('sadd', KEYS[3], ARGV[1])
@@ -75,7 +83,8 @@ redis.call('srem', KEYS[3], ARGV[1])
 redis.call('expire', KEYS[1], ARGV[2])
 return 1
 """
-SUBMIT = """
+SUBMIT = f"""
+redis.call('zremrangebyscore', KEYS[2], '-inf', tonumber(ARGV[3]) - {RESULT_TTL})
 if redis.call('exists', KEYS[1]) == 1 then return -2 end
 if redis.call('zcard', KEYS[3]) >= tonumber(ARGV[1]) then return -1 end
 for i = 4, #ARGV, 2 do redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 1]) end
@@ -96,20 +105,27 @@ def queue_name(model: str) -> str:
     return f"t2i.{slug}.{hashlib.sha1(model.encode()).hexdigest()[:8]}"
 
 
-def make_broker(url: str, heartbeat_timeout: float = 15.0):
+def make_broker(url: str, heartbeat_timeout: float = 15.0, maintenance: bool = True):
     """dramatiq's Redis broker with no middleware (no retries: a job's failure is its answer; no
     time limit: a generation takes what it takes) and queue maintenance on every poll, so a dead
-    worker's messages come back `heartbeat_timeout` seconds after its last heartbeat."""
+    worker's messages come back `heartbeat_timeout` seconds after its last heartbeat.
+
+    maintenance=False (the fronts): no sweeping at all. Maintenance requeues the messages of workers
+    silent for longer than *this* broker's heartbeat_timeout, so only the workers, which all run with
+    the deployment's --heartbeat-timeout, may do it; a front's would use the default."""
     from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker
 
     return RedisBroker(url=url, middleware=[], heartbeat_timeout=int(heartbeat_timeout * 1000),
-                       maintenance_chance=MAINTENANCE_SCALE, namespace="t2i-dramatiq")
+                       maintenance_chance=MAINTENANCE_SCALE if maintenance else 0, namespace="t2i-dramatiq",
+                       socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
 
 
 def connect(url: str):
+    """A client whose calls raise redis.TimeoutError after REDIS_TIMEOUT instead of hanging on a
+    broker that is away (the front answers 503, the worker retries)."""
     import redis
 
-    return redis.Redis.from_url(url)
+    return redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
 
 
 # ---------------------------------------------------------------------- what crosses the wire
@@ -298,7 +314,7 @@ class RedisJobQueue:
         self.url, self.model, self.max_queue, self.max_batch = url, model, max_queue, max_batch
         self.lora_dir = lora_dir  # the front checks <lora:...> tags as in one process; the workers merge them
         self.db = connect(url)
-        self.broker = make_broker(url)
+        self.broker = make_broker(url, maintenance=False)
         self.queue = queue_name(model)
         self.broker.declare_queue(self.queue)
         self.jobs = RemoteJobs(self.db, listed)
@@ -326,42 +342,76 @@ class RedisJobQueue:
         self.broker.close()
 
     async def _poll(self) -> None:
-        """Resolve the futures of jobs that ended (one pipelined read per tick for all of them)."""
-        import redis
-
+        """Resolve the futures of jobs that ended. Redis is read off the event loop (a broker that
+        is away blocks no route); any failure (the broker restarting, a malformed record) is logged
+        and the next tick tries again, so the poller never dies and leaves requests unanswered."""
+        last_resend = 0.0
         while True:
             await asyncio.sleep(POLL)
-            ids = list(self._waiting)
-            if not ids:
-                continue
-            pipe = self.db.pipeline()
-            for i in ids:
-                pipe.hget(key("job", id=i), "status")
             try:
-                statuses = pipe.execute()
-            except redis.ConnectionError:  # the broker restarting: the requests wait on
+                if time.monotonic() - last_resend > RESEND_EVERY:
+                    last_resend = time.monotonic()
+                    await asyncio.to_thread(self.resend_unsent)
+                ids = list(self._waiting)
+                if ids:
+                    self._resolve(await asyncio.to_thread(self._ended, ids))
+            except Exception as e:  # noqa: BLE001 - see the docstring
+                print(f"t2i serve: polling the broker failed: {type(e).__name__}: {e}", flush=True)
                 await asyncio.sleep(0.5)
+
+    def _ended(self, ids: list[str]) -> dict[str, RemoteJob | str]:
+        """The jobs among `ids` that are no longer active, read afresh, or why they cannot be read."""
+        pipe = self.db.pipeline()
+        for i in ids:
+            pipe.hget(key("job", id=i), "status")
+        out: dict[str, RemoteJob | str] = {}
+        for i, status in zip(ids, pipe.execute(), strict=True):
+            if status is not None and status.decode() in (QUEUED, RUNNING):
                 continue
-            for i, status in zip(ids, statuses, strict=True):
-                if i not in self._waiting:  # answered by close() meanwhile
-                    continue
-                if status is not None and status.decode() in (QUEUED, RUNNING):
-                    continue
-                job = self._waiting.pop(i)
-                fresh = self.jobs.get(i)
-                if fresh is None:  # expired before we looked: an answer all the same
-                    job.status, job.error = FAILED, "the job's record expired"
-                else:  # in place: the route holds this object
-                    for f in ("status", "step", "steps", "started", "finished", "outputs", "warnings", "error"):
-                        setattr(job, f, getattr(fresh, f))
-                if job.future is not None and not job.future.done():
-                    job.future.set_result(job)
+            try:
+                out[i] = self.jobs.get(i) or "the job's record expired"  # an answer all the same
+            except (ValueError, KeyError, TypeError) as e:  # a malformed record: answer it, not every tick
+                out[i] = f"the job's record is unreadable: {type(e).__name__}: {e}"
+        return out
+
+    def _resolve(self, ended: dict[str, RemoteJob | str]) -> None:
+        for i, fresh in ended.items():
+            job = self._waiting.pop(i, None)
+            if job is None:  # answered by close() meanwhile
+                continue
+            if isinstance(fresh, str):
+                job.status, job.error = FAILED, fresh
+            else:  # in place: the route holds this object
+                for f in ("status", "step", "steps", "started", "finished", "outputs", "warnings", "error"):
+                    setattr(job, f, getattr(fresh, f))
+            if job.future is not None and not job.future.done():
+                job.future.set_result(job)
+
+    def resend_unsent(self, age: float = RESEND_AFTER) -> list[str]:
+        """Send the message of every job of this model waiting for over `age` seconds whose record
+        lacks `enqueued` (its front died, or Redis dropped, between SUBMIT and the enqueue): without
+        this it would hold a place in the queue bound forever. Harmless if the message did go out
+        (CLAIM runs a job once). Returns the ids sent."""
+        ids = [i.decode() for i in self.db.zrangebyscore(key("waiting", model=self.model), "-inf", time.time() - age)]
+        if not ids:
+            return []
+        pipe = self.db.pipeline()
+        for i in ids:
+            pipe.hget(key("job", id=i), "enqueued")
+        unsent = [i for i, sent in zip(ids, pipe.execute(), strict=True) if sent is None]
+        for i in unsent:
+            self._enqueue(i)
+        return unsent
+
+    def _enqueue(self, job_id: str) -> None:
+        from dramatiq import Message
+
+        self.broker.enqueue(Message(queue_name=self.queue, actor_name=ACTOR, args=(job_id,), kwargs={}, options={}))
+        self.db.hset(key("job", id=job_id), "enqueued", 1)
 
     # ------------------------------------------------------------------ what the routes call
 
     def submit(self, request: GenerationRequest, job_id: str | None = None) -> RemoteJob:
-        from dramatiq import Message
-
         prompt_lora_files(request.prompt, self.lora_dir)  # FieldError (422) naming a tag without a file
         if self.closing:
             raise QueueFull(1)
@@ -377,8 +427,7 @@ class RedisJobQueue:
         if accepted == -1:
             raise QueueFull(self.retry_after())
         try:
-            self.broker.enqueue(Message(queue_name=self.queue, actor_name=ACTOR, args=(job_id,), kwargs={},
-                                        options={}))
+            self._enqueue(job_id)
         except Exception:
             self.db.delete(key("job", id=job_id))
             self.db.zrem(key("waiting", model=self.model), job_id)

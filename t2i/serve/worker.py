@@ -31,6 +31,7 @@ import time
 from t2i.serve.distributed import (
     ACTOR,
     CLAIM,
+    MAX_ATTEMPTS,
     WORKER_TTL,
     ModelCard,
     answer_fields,
@@ -43,6 +44,8 @@ from t2i.serve.distributed import (
 )
 from t2i.serve.jobs import FAILED, Job, JobQueue
 from t2i.systems.base import Pipeline
+
+RETRY = 0.5  # seconds between tries of a Redis call that `handle` cannot do without
 
 
 class Worker:
@@ -112,6 +115,8 @@ class Worker:
                                                         "batches": {n: q.batches for n, q in self.queues.items()}}),
                 ex=WORKER_TTL)
         pipe.zadd(key("workers"), {self.id: time.time()})
+        # A worker killed without stop() leaves its entry; whoever advertises next forgets it.
+        pipe.zremrangebyscore(key("workers"), "-inf", time.time() - WORKER_TTL)
         pipe.execute()
 
     # ------------------------------------------------------------------ one message (a dramatiq thread)
@@ -119,12 +124,17 @@ class Worker:
     def handle(self, job_id: str) -> None:
         """Run one job and write its answer. Returning acknowledges the message, so it returns only once
         the job is answered (or was answered elsewhere: cancelled while queued, finished by another)."""
-        record = self.db.hgetall(key("job", id=job_id))
+        record = self._redis(self.db.hgetall, key("job", id=job_id))
         model = record.get(b"model", b"").decode()
         if model not in self.queues:  # expired, or a queue shared by mistake: nothing to run
             return
-        if not self.db.eval(CLAIM, 3, key("job", id=job_id), key("waiting", model=model), key("running"), job_id,
-                            self.id, repr(time.time())):
+        claimed = self._redis(self.db.eval, CLAIM, 3, key("job", id=job_id), key("waiting", model=model),
+                              key("running"), job_id, self.id, repr(time.time()), MAX_ATTEMPTS)
+        if claimed == -1:
+            error = f"the job was started {MAX_ATTEMPTS} times and each time its worker died; not trying again"
+            self._redis(finish, self.db, job_id, model, answer_fields(FAILED, error, [], []))
+            return
+        if not claimed:
             return
         try:
             request = read_request(record)
@@ -135,7 +145,22 @@ class Worker:
         finally:
             with self.lock:
                 self.running.pop(job_id, None)
-        finish(self.db, job_id, model, fields)
+        self._redis(finish, self.db, job_id, model, fields)  # a repeat after a lost reply returns False: safe
+
+    def _redis(self, call, *args):
+        """`call(*args)`, retried while Redis is unreachable: returning from `handle` acknowledges the
+        message, so giving up on a blip would leave its job `queued` or `running` forever. Gives up
+        (raises) only once the worker is stopping; the message then stays unacknowledged and comes back."""
+        import redis
+
+        while True:
+            try:
+                return call(*args)
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                if self.stopping.is_set():
+                    raise
+                print(f"t2i worker: Redis unreachable ({type(e).__name__}: {e}); retrying", flush=True)
+                time.sleep(RETRY)
 
     async def _run(self, job_id: str, model: str, request) -> Job:
         queue = self.queues[model]
