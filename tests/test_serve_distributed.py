@@ -101,11 +101,12 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def worker(self, *models: Path, max_batch: int = 1, batch_wait: float = 0.0) -> subprocess.Popen:
+    def worker(self, *models: Path | str, max_batch: int = 1, batch_wait: float = 0.0) -> subprocess.Popen:
+        """A worker for `models` (paths; strings are passed on as options)."""
         argv = [sys.executable, "-m", "t2i.cli", "worker", "--broker", self.url, "--threads", "1",
                 "--heartbeat-timeout", str(HEARTBEAT), "--max-batch", str(max_batch), "--batch-wait", str(batch_wait)]
         for m in models:
-            argv += ["--model", str(m)]
+            argv += [m] if isinstance(m, str) else ["--model", str(m)]
         return self.spawn(argv, "worker")
 
     def front(self, model: str, *extra: str) -> tuple[subprocess.Popen, str]:
@@ -567,6 +568,30 @@ def test_worker_sigterm_finishes_its_job_then_exits(cluster, models):
     record = cluster.record(job["id"])
     assert record["status"] == "done" and record["worker"] == worker_id
     assert worker_id not in cluster.workers_of("dit-tiny")
+
+
+def test_worker_stop_timeout_hands_the_job_back(cluster, models):
+    """SIGTERM with a job that outlasts --stop-timeout: the job is not failed but run by another worker."""
+    url = cluster.front_url
+    others = [p.pid for p in cluster.procs[1:] if p.poll() is None and p.pid in cluster.workers_of("dit-tiny").values()]
+    assert others, "a worker to hand the job to"
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        proc = cluster.worker(models["dit-tiny"], "--stop-timeout", "0.5")
+        worker_id = wait_until(lambda: next((w for w, pid in cluster.workers_of("dit-tiny").items()
+                                             if pid == proc.pid), None), 60, "the new worker")
+        job = submit(url, {**LONG, "seed": 11})
+        wait_until(lambda: int(cluster.record(job["id"]).get("step", 0)) > 0, 30, "a step")
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
+    done = wait_done(url, job["id"], timeout=60)
+    assert done["status"] == "done", done
+    record = cluster.record(job["id"])
+    assert record["worker"] != worker_id and record["attempts"] == "1"
 
 
 def test_request_and_model_card_cross_the_wire_intact(models):

@@ -120,6 +120,13 @@ def make_broker(url: str, heartbeat_timeout: float = 15.0, maintenance: bool = T
                        socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
 
 
+def send_job(broker, model: str, job_id: str) -> None:
+    """The dramatiq message that has a worker holding `model` run the job `job_id`."""
+    from dramatiq import Message
+
+    broker.enqueue(Message(queue_name=queue_name(model), actor_name=ACTOR, args=(job_id,), kwargs={}, options={}))
+
+
 def connect(url: str):
     """A client whose calls raise redis.TimeoutError after REDIS_TIMEOUT instead of hanging on a
     broker that is away (the front answers 503, the worker retries)."""
@@ -404,9 +411,7 @@ class RedisJobQueue:
         return unsent
 
     def _enqueue(self, job_id: str) -> None:
-        from dramatiq import Message
-
-        self.broker.enqueue(Message(queue_name=self.queue, actor_name=ACTOR, args=(job_id,), kwargs={}, options={}))
+        send_job(self.broker, self.model, job_id)
         self.db.hset(key("job", id=job_id), "enqueued", 1)
 
     # ------------------------------------------------------------------ what the routes call

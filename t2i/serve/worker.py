@@ -41,8 +41,9 @@ from t2i.serve.distributed import (
     make_broker,
     queue_name,
     read_request,
+    send_job,
 )
-from t2i.serve.jobs import FAILED, Job, JobQueue
+from t2i.serve.jobs import FAILED, SHUTTING_DOWN, Job, JobQueue
 from t2i.systems.base import Pipeline
 
 RETRY = 0.5  # seconds between tries of a Redis call that `handle` cannot do without
@@ -95,11 +96,15 @@ class Worker:
 
     def stop(self, timeout: float = 600.0) -> None:
         """Take no new job, let the running ones finish (their answers written and acknowledged), then
-        leave: the worker is no longer listed (its models' cards stay for the fronts)."""
+        leave: the worker is no longer listed (its models' cards stay for the fronts). Jobs still
+        running after `timeout` seconds are stopped and handed back (another worker runs them)."""
         self.worker.stop(timeout=int(timeout * 1000))
         self.stopping.set()
         for q in self.queues.values():
             asyncio.run_coroutine_threadsafe(q.stop(), self.loop).result()
+        deadline = time.monotonic() + 5.0  # the handing back (`handle`) before the process exits
+        while self.running and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.db.zrem(key("workers"), self.id)
         self.db.delete(key("worker", id=self.id))
@@ -139,6 +144,13 @@ class Worker:
         try:
             request = read_request(record)
             job = asyncio.run_coroutine_threadsafe(self._run(job_id, model, request), self.loop).result()
+            if self.stopping.is_set() and job.status == FAILED and SHUTTING_DOWN in (job.error or ""):
+                # stop() outlasted its timeout: the job is not failed but handed back, in a new
+                # message (returning acknowledges this one) that another worker takes at once
+                # (CLAIM takes over a `running` job); this claim does not count towards MAX_ATTEMPTS.
+                self._redis(self.db.hincrby, key("job", id=job_id), "attempts", -1)
+                send_job(self.broker, model, job_id)
+                return
             fields = answer_fields(job.status, job.error, job.outputs, job.warnings)
         except Exception as e:  # noqa: BLE001 - a job that cannot run still gets an answer
             fields = answer_fields(FAILED, f"generation failed: {type(e).__name__}: {e}", [], [])

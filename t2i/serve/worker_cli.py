@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heartbeat-timeout", type=float, default=15.0,
                    help="seconds without a heartbeat before a worker's unfinished jobs go to another worker "
                         "(the same on every worker)")
+    p.add_argument("--stop-timeout", type=float, default=600.0,
+                   help="seconds SIGTERM waits for the running jobs; those still running then go to another worker")
     p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "int8"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.set_defaults(func=run)
@@ -58,5 +60,5 @@ def run(args: argparse.Namespace) -> int:
     worker.start()
     print(f"t2i worker {worker.id}: {', '.join(worker.cards)} on {args.broker}", flush=True)
     done.wait()
-    worker.stop()
+    worker.stop(args.stop_timeout)
     return 0
