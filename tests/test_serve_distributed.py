@@ -548,49 +548,42 @@ def test_worker_killed_mid_job_finished_by_the_other(cluster):
     assert cluster.db.hlen(f"t2i-dramatiq:{queue_name('dit-tiny')}.msgs") == 0  # every message acknowledged
 
 
-def test_worker_sigterm_finishes_its_job_then_exits(cluster, models):
-    """SIGTERM (a deploy): the worker takes no new job, finishes the running one, leaves the listing, exits 0."""
-    url = cluster.front_url
+def sigterm_mid_job(cluster: Cluster, models, seed: int, *options: str) -> tuple[str, str, list[int]]:
+    """A worker of the caller's own (`options` on its command line) runs a long job and gets SIGTERM
+    in the middle; it must exit 0. The cluster's workers are paused meanwhile, so the job goes to it.
+    Returns the job id, the worker's id and the pids of the other live workers."""
     others = [p.pid for p in cluster.procs[1:] if p.poll() is None and p.pid in cluster.workers_of("dit-tiny").values()]
-    for pid in others:  # paused, so the job goes to a worker of this test's own
+    for pid in others:
         os.kill(pid, signal.SIGSTOP)
     try:
-        proc = cluster.worker(models["dit-tiny"])
+        proc = cluster.worker(models["dit-tiny"], *options)
         worker_id = wait_until(lambda: next((w for w, pid in cluster.workers_of("dit-tiny").items()
                                              if pid == proc.pid), None), 60, "the new worker")
-        job = submit(url, {**LONG, "seed": 9})
+        job = submit(cluster.front_url, {**LONG, "seed": seed})
         wait_until(lambda: int(cluster.record(job["id"]).get("step", 0)) > 0, 30, "a step")
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:
         for pid in others:
             os.kill(pid, signal.SIGCONT)
-    record = cluster.record(job["id"])
+    return job["id"], worker_id, others
+
+
+def test_worker_sigterm_finishes_its_job_then_exits(cluster, models):
+    """SIGTERM (a deploy): the worker takes no new job, finishes the running one, leaves the listing, exits 0."""
+    job_id, worker_id, _ = sigterm_mid_job(cluster, models, 9)
+    record = cluster.record(job_id)
     assert record["status"] == "done" and record["worker"] == worker_id
     assert worker_id not in cluster.workers_of("dit-tiny")
 
 
 def test_worker_stop_timeout_hands_the_job_back(cluster, models):
     """SIGTERM with a job that outlasts --stop-timeout: the job is not failed but run by another worker."""
-    url = cluster.front_url
-    others = [p.pid for p in cluster.procs[1:] if p.poll() is None and p.pid in cluster.workers_of("dit-tiny").values()]
+    job_id, worker_id, others = sigterm_mid_job(cluster, models, 11, "--stop-timeout", "0.5")
     assert others, "a worker to hand the job to"
-    for pid in others:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        proc = cluster.worker(models["dit-tiny"], "--stop-timeout", "0.5")
-        worker_id = wait_until(lambda: next((w for w, pid in cluster.workers_of("dit-tiny").items()
-                                             if pid == proc.pid), None), 60, "the new worker")
-        job = submit(url, {**LONG, "seed": 11})
-        wait_until(lambda: int(cluster.record(job["id"]).get("step", 0)) > 0, 30, "a step")
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(30) == 0
-    finally:
-        for pid in others:
-            os.kill(pid, signal.SIGCONT)
-    done = wait_done(url, job["id"], timeout=60)
+    done = wait_done(cluster.front_url, job_id, timeout=60)
     assert done["status"] == "done", done
-    record = cluster.record(job["id"])
+    record = cluster.record(job_id)
     assert record["worker"] != worker_id and record["attempts"] == "1"
 
 
