@@ -15,7 +15,10 @@ a worker killed mid-job leaves its messages unacknowledged and another worker ru
 A reporter thread writes each running job's progress to its record every `report_interval`
 seconds, and reads back what the fronts decided: a job answered meanwhile (cancelled) is cancelled
 here too (its batch stops within a fraction of a step), an interrupted one answers with its image
-as it stood. SIGTERM / Ctrl-C: no new job is taken, the running ones finish, then the process exits.
+as it stood. SIGTERM / Ctrl-C: no new job is taken, the running ones finish, then the process exits; those still
+running after `--stop-timeout` are stopped and handed back to the queue (another worker runs them).
+Redis calls a job cannot do without (claim, answer) are retried while Redis is away; a job claimed
+MAX_ATTEMPTS times (each time its worker died: a job that kills workers) is answered `failed`.
 """
 
 from __future__ import annotations
