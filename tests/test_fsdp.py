@@ -92,8 +92,8 @@ def _single_process_reference(vae: Path, out: Path
             run.info = DistInfo(rank, 2, 0)  # `prepare` reads this rank's slice of the global batch
             gen = step_generator(cfg.seed, step, rank)
             with torch.no_grad():
-                z, context = task.prepare(step * BATCH * 2, gen)
-            shares.append(loss_fn(unet, z, {"context": context}, gen))
+                z, cond = task.prepare(step * BATCH * 2, gen)
+            shares.append(loss_fn(unet, z, cond, gen))
         rank0.append(shares[0].item())
         set_lr(opt, warmup_lr(step, cfg.lr, cfg.warmup))
         opt.zero_grad()
@@ -186,11 +186,11 @@ def test_a_crafted_checkpoint_index_cannot_run_code(tmp_path):
     # A global from a module nobody imported is refused before the module is imported.
     import sys
 
-    (tmp_path / ".metadata").write_bytes(b"cxml.dom.minidom\nparseString\n.")  # protocol 0 GLOBAL, never imported
-    assert "xml.dom.minidom" not in sys.modules
-    with pytest.raises(pickle.UnpicklingError, match="may not refer to xml.dom.minidom"):
+    (tmp_path / ".metadata").write_bytes(b"cthis\ns\n.")  # protocol 0 GLOBAL this.s: importing `this` prints
+    assert "this" not in sys.modules  # nothing imports the Zen of Python
+    with pytest.raises(pickle.UnpicklingError, match="may not refer to this.s"):
         safe_reader(tmp_path).read_metadata()
-    assert "xml.dom.minidom" not in sys.modules
+    assert "this" not in sys.modules
 
 
 def test_a_damaged_shard_falls_back_to_the_checkpoint_before(fsdp_run, tmp_path):
