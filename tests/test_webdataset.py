@@ -120,5 +120,5 @@ def test_a_run_on_shards_resumes_at_the_exact_sample(shards, tmp_path, vae_file)
     assert "resumed from" in (tmp_path / "split" / "log.txt").read_text()
     a, b = _weights(tmp_path / "full", 6), _weights(tmp_path / "split", 6)
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
-    # The run's --data-workers applied to its own build only, not to data opened after it.
+    # --data-workers reaches the run's training source only; data opened elsewhere reads without workers.
     assert open_data("webdataset", str(shards), 16, 0).workers == 0

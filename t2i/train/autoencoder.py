@@ -72,7 +72,8 @@ def build_autoencoder(cfg: AETrainConfig, run: Run) -> Task:
     betas = (0.5, 0.9)  # the GAN setting of LDM's first stage
     opt_g = torch.optim.AdamW([*trained, loss_fn.logvar], lr=cfg.lr, betas=betas, weight_decay=0.0)
     opt_d = torch.optim.AdamW(loss_fn.discriminator.parameters(), lr=cfg.lr, betas=betas, weight_decay=0.0)
-    data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, run.log.text, cfg.background_p)
+    data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, run.log.text, cfg.background_p,
+                     workers=cfg.data_workers)
     fixed = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed + 1, run.log.text)
     fixed_x, fixed_captions, _ = fixed.batch(0, 8, DistInfo())  # the same 8 images in every grid
     vae_ddp, disc_ddp = run.parallel(vae), run.parallel(loss_fn.discriminator)

@@ -8,8 +8,7 @@ WebDataset shards are a stream whose order is a pure function of the position
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -26,24 +25,6 @@ class BatchSource(Protocol):
     def batch(self, position: int, batch_size: int, info: DistInfo) -> tuple[torch.Tensor, list[str], list[int]]: ...
 
 
-# DataLoader worker processes of a WebDataset source that `open_data` is not given them: the run's
-# `data_workers` while `fit` builds the family's task (`loader_workers`), so every family's `open_data`
-# call gets it without a new argument; 0 anywhere else.
-_LOADER_WORKERS = 0
-
-
-@contextmanager
-def loader_workers(n: int) -> Iterator[None]:
-    global _LOADER_WORKERS
-    if n < 0:
-        raise ValueError(f"--data-workers must be >= 0, got {n}")
-    old, _LOADER_WORKERS = _LOADER_WORKERS, n
-    try:
-        yield
-    finally:
-        _LOADER_WORKERS = old
-
-
 class TrainData:
     """A source and its length (None: the endless shapes stream, read in index order)."""
 
@@ -58,11 +39,12 @@ class TrainData:
 
 
 def open_data(kind: str, path: str | None, size: int, seed: int, log: Callable[[str], None] = print,
-              background_p: float | None = None, workers: int | None = None,
+              background_p: float | None = None, workers: int = 0,
               size_multiple: int | None = None, center_crop: bool = False) -> BatchSource:
     """kind: "shapes" (the endless world of `seed`), "folder" (images + .txt sidecars under
     `path`), "jsonl" (a manifest at `path`) or "webdataset" (tar shards: a folder of them or a
-    brace pattern at `path`, read by `workers` loader processes; None: `loader_workers`' setting).
+    brace pattern at `path`, read by `workers` loader processes; the families pass the run's
+    `data_workers` for their training source).
     background_p: the shapes world's share of black/gray backgrounds (None: the world's own).
     size_multiple: multi-aspect training (`t2i.train.buckets`): the shapes world at many aspect
     ratios in buckets of about size x size pixels whose sides are multiples of this; None: square.
@@ -90,6 +72,6 @@ def open_data(kind: str, path: str | None, size: int, seed: int, log: Callable[[
     if kind == "webdataset":
         from t2i.data.webdataset import WebDatasetSource
 
-        return WebDatasetSource(path, size, seed, _LOADER_WORKERS if workers is None else workers, log)
+        return WebDatasetSource(path, size, seed, workers, log)
     ds = image_folder(path, size, log) if kind == "folder" else jsonl_manifest(path, size, log)
     return TrainData(ds, len(ds), seed)

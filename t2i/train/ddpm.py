@@ -66,7 +66,8 @@ def build_ddpm(cfg: DDPMTrainConfig, run: Run, text_encoder: torch.nn.Module | N
         cfg.model = dataclasses.asdict(resolve_model_config(cfg))
     model_cfg = DDPMConfig.from_dict(cfg.model)
     text = (text_encoder or load_text_encoder(model_cfg)) if model_cfg.net.text_conditional else None
-    data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, run.log.text, cfg.background_p)
+    data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, run.log.text, cfg.background_p,
+                     workers=cfg.data_workers)
     net = PixelUNet(model_cfg.net)
     ema = EMA(net, cfg.ema_decay)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

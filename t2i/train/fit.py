@@ -38,7 +38,6 @@ from t2i.train.checkpoint import (
     sharded_checkpoint_path,
 )
 from t2i.train.config import C, resolve_config
-from t2i.train.data import loader_workers
 from t2i.train.distributed import DistInfo, broadcast_flag, init_distributed
 from t2i.train.ema import EMA
 from t2i.train.loop import (
@@ -136,6 +135,8 @@ def fit(cfg: C, build: Callable[[C, Run], Task], *, resume: bool = False, resume
     info = init_distributed()
     notes: list[str] = []
     cfg, ckpt = resolve_config(cfg, resume, resume_lr, given, notes.append, info.is_main)
+    if cfg.data_workers < 0:
+        raise ValueError(f"--data-workers must be >= 0, got {cfg.data_workers}")
     if cfg.parallel not in ("ddp", "fsdp"):
         raise ValueError(f"--parallel must be ddp or fsdp, not {cfg.parallel!r}")
     sharded = cfg.parallel == "fsdp"
@@ -149,8 +150,7 @@ def fit(cfg: C, build: Callable[[C, Run], Task], *, resume: bool = False, resume
         log.text(note)
     torch.manual_seed(cfg.seed)
     run = Run(info, log, cfg.parallel)
-    with loader_workers(cfg.data_workers):  # the family's WebDataset sources read with this many workers
-        task = build(cfg, run)
+    task = build(cfg, run)
     if sharded and task.name not in fsdp.FAMILIES:
         raise ValueError(f"--parallel fsdp: not for the {task.name} family yet (families: {', '.join(fsdp.FAMILIES)})")
     if sharded:

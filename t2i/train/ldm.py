@@ -132,7 +132,7 @@ def build_ldm(cfg: LDMTrainConfig, run: Run, text_encoder: torch.nn.Module | Non
     if cfg.aspect_buckets and cfg.center_crop:
         raise ValueError("give one of --aspect-buckets and --center-crop")
     data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, run.log.text, cfg.background_p,
-                     size_multiple=size_multiple(cfg, vae, init), center_crop=cfg.center_crop)
+                     workers=cfg.data_workers, size_multiple=size_multiple(cfg, vae, init), center_crop=cfg.center_crop)
     if cfg.model is None:
         cfg.model = (init.cfg if init is not None else resolve_model_config(cfg, vae, data)).to_dict()
     model_cfg = ShapesLDMConfig.from_dict(cfg.model)

@@ -112,7 +112,8 @@ class FrozenModel:
         self.size = cfg.image_size or pipe.defaults.width
         if self.size % pipe.vae_scale:
             raise ValueError(f"--image-size {self.size} must be a multiple of the autoencoder's {pipe.vae_scale}")
-        self.data = open_data(cfg.data, cfg.data_path, self.size, cfg.seed, run.log.text)
+        self.data = open_data(cfg.data, cfg.data_path, self.size, cfg.seed, run.log.text,
+                              workers=cfg.data_workers)
         self._log = run.log.text
         self._fixed_data: Any = None
         s = pipe.schedule

@@ -76,7 +76,8 @@ def build_preview(cfg: PreviewTrainConfig, run: Run) -> Task:
     torch.manual_seed(cfg.seed)  # again: the decoder's init must not depend on what loading the teacher drew
     decoder = PreviewDecoder(cfg.decoder)
     opt = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=0.0)
-    data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, run.log.text, cfg.background_p)
+    data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, run.log.text, cfg.background_p,
+                     workers=cfg.data_workers)
     held_out = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed + 1, run.log.text)
     eval_x, eval_captions, _ = held_out.batch(0, cfg.eval_images, DistInfo())  # the same images every time
     # two wrappers: under DDP every parameter of a wrapped module must take part in its forward

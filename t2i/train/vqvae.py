@@ -65,7 +65,8 @@ def vq_loss(model: torch.nn.Module, x: torch.Tensor,
 def build_vqvae(cfg: VQTrainConfig, run: Run) -> Task:
     model = VQAutoencoder(cfg.vq)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, run.log.text, cfg.background_p)
+    data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, run.log.text, cfg.background_p,
+                     workers=cfg.data_workers)
     fixed = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed + 1, run.log.text)
     fixed_x, fixed_captions, _ = fixed.batch(0, 8, DistInfo())  # the same 8 images in every grid
     model_ddp = run.parallel(model)
