@@ -1,0 +1,166 @@
+"""What the token families (MaskGIT, DALL-E) share: their self-describing file and the part of
+their pipeline around the token sampler.
+
+A token model's file is one safetensors holding the transformer (`transformer.*`), the frozen
+VQ tokenizer it writes codes for (`vq.*`, so the file needs no other path) and the family's
+resolved config (with both network configs) as JSON in the metadata, its `t2i_system` naming the
+family. A pipeline encodes the prompts, lets the family's sampler write a (B, N) token map,
+decodes the codes with the tokenizer and returns PIL images with A1111 parameters; image i of a
+prompt with seed s draws from ``torch.Generator("cpu").manual_seed(s + i)`` only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from t2i.autoencoders.vq import VQAutoencoder, VQAutoencoderConfig
+from t2i.checkpoints.io import (
+    CheckpointError,
+    check_safetensors_header,
+    header_tensors,
+    load_state_dict,
+    read_config,
+    save_with_config,
+)
+from t2i.checkpoints.limits import build_checked, fill
+from t2i.imageio import request_parameters, to_pil
+from t2i.nets.token_transformer import TokenTransformer, TokenTransformerConfig
+from t2i.quantize import precision_of
+from t2i.seeds import seed_generators
+from t2i.systems.base import (
+    GenerationDefaults,
+    GenerationRequest,
+    GenerationResult,
+    RequestMethods,
+    StepReport,
+    per_image,
+)
+from t2i.systems.latent_diffusion import stop_polling
+
+PARTS = ("transformer", "vq")  # the file's key prefixes
+
+
+def save_token_model(net: TokenTransformer, vq: VQAutoencoder, config: dict[str, Any], path: str | Path,
+                     system: str) -> None:
+    """Write the transformer and the tokenizer (float32) with `config` in the metadata, atomically."""
+    state = {f"{name}.{k}": v.detach().float() for name, module in zip(PARTS, (net, vq), strict=True)
+             for k, v in module.state_dict().items()}
+    save_with_config(state, path, config, system)
+
+
+def load_token_model(path: Path, system: str, what: str, from_dict: Callable[[dict[str, Any]], Any]
+                     ) -> tuple[TokenTransformer, VQAutoencoder, Any]:
+    """(transformer, tokenizer, config) of a file written by `save_token_model`: the config parsed by
+    `from_dict` (its `net` and `vq` the two network configs), both networks built on the meta
+    device and checked against the file's tensors before any weight is read. Frozen, eval mode."""
+    raw = read_config(path, what, system)
+    try:
+        cfg = from_dict(raw)
+    except (TypeError, KeyError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{path}: malformed config of {what} ({type(e).__name__}: {e})") from None
+    if cfg.net.num_codes != cfg.vq.num_codes:
+        raise CheckpointError(f"{path}: the transformer writes {cfg.net.num_codes} codes, the tokenizer has "
+                              f"{cfg.vq.num_codes}")
+    tensors = header_tensors(check_safetensors_header(path))
+
+    def part(name: str, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k.removeprefix(f"{name}."): v for k, v in source.items() if k.startswith(f"{name}.")}
+
+    net = build_checked(lambda: TokenTransformer(cfg.net), {"net": cfg.net}, part("transformer", tensors), str(path))
+    vq = build_checked(lambda: VQAutoencoder(cfg.vq), {"vq": cfg.vq}, part("vq", tensors), str(path))
+    if set(tensors) != {f"{p}.{k}" for p, m in zip(PARTS, (net, vq), strict=True) for k in m.state_dict()}:
+        raise CheckpointError(f"{path}: tensors outside {' and '.join(PARTS)}")
+    state = load_state_dict(path)
+    return fill(net, part("transformer", state), torch.float32), fill(vq, part("vq", state), torch.float32), cfg
+
+
+def network_configs(d: dict[str, Any]) -> dict[str, Any]:
+    """The `net` and `vq` entries of a saved config dict as their dataclasses (the rest as given)."""
+    d = dict(d)
+    d["net"] = TokenTransformerConfig(**d.pop("net"))
+    d["vq"] = VQAutoencoderConfig(**d.pop("vq"))
+    return d
+
+
+class TokenPipeline(RequestMethods):
+    """A token transformer (`unet`, as every family names its main network, so that int8 precision
+    quantizes it) and its tokenizer; a family supplies `capabilities`, `_sample` and `_check`.
+
+    Args:
+        net: the transformer.
+        vq: the frozen tokenizer whose codes it writes.
+        name: shown in the PNG parameters; defaults: settings a request does not give.
+    """
+
+    family = "tokens"
+
+    def __init__(self, net: TokenTransformer, vq: VQAutoencoder, name: str, defaults: GenerationDefaults) -> None:
+        if net.cfg.num_codes != vq.cfg.num_codes:
+            raise ValueError(f"the transformer writes {net.cfg.num_codes} codes, the tokenizer has {vq.cfg.num_codes}")
+        self.unet, self.vq, self.name, self.defaults = net, vq, name, defaults
+
+    @property
+    def image_size(self) -> int:
+        """Pixels per side: the learned positions fix the token map, the tokenizer its scale."""
+        return self.unet.cfg.grid * self.vq.cfg.downsample_factor
+
+    def _resolve(self, r: GenerationRequest) -> GenerationRequest:
+        r = r.with_defaults(self.defaults)
+        for what, v in (("width", r.width), ("height", r.height)):
+            if v != self.image_size:
+                raise ValueError(f"{what} must be {self.image_size}: {self.name} writes a {self.unet.cfg.grid}x"
+                                 f"{self.unet.cfg.grid} token map with learned positions, got {v}")
+        if not math.isfinite(r.guidance):
+            raise ValueError(f"guidance must be a finite number, got {r.guidance}")
+        self._check(r)
+        return r
+
+    def _check(self, r: GenerationRequest) -> None:
+        """The family's own checks of a resolved request (ValueError naming the setting)."""
+
+    def _sample(self, r: GenerationRequest, prompts: list[str], negatives: list[str],
+                generators: list[torch.Generator], report: StepReport) -> torch.Tensor:
+        """(B, N) int64 codes of the images, drawn from `generators` (one per image)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> list[Image.Image]:
+        """(B, N) codes -> images through the tokenizer (also the server's image of an interrupted run)."""
+        return to_pil(self.decode_pixels(codes))
+
+    @torch.no_grad()
+    def decode_pixels(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, N) codes -> (B, 3, H, W) images in [-1, 1]."""
+        g = self.unet.cfg.grid
+        dtype = next(self.vq.parameters()).dtype
+        return self.vq.decode(self.vq.quantize.lookup(codes.view(-1, g, g)).to(dtype)).float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def run(self, request: GenerationRequest) -> GenerationResult:
+        """Generate request.num_images images per prompt; image i of seed s draws from seed s + i."""
+        with stop_polling(request.should_stop, self.unet, self.vq):
+            start = time.perf_counter()
+            r = self._resolve(request)
+            prompts, negatives, seeds = per_image(r.prompt, r.negative_prompt, r.seed, r.num_images)
+            with StepReport.of(r, self.total_steps(r)) as report:
+                codes = self._sample(r, prompts, negatives, seed_generators(seeds), report)  # (B, N)
+            pictures = self.decode(codes)
+            for im, p, neg, sd in zip(pictures, prompts, negatives, seeds, strict=True):
+                im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, precision_of(self.unet))
+            warnings = [m for m in map(self.prompt_warning, dict.fromkeys(prompts)) if m]
+            return GenerationResult(pictures, codes, seeds, warnings, time.perf_counter() - start)
+
+    def total_steps(self, r: GenerationRequest) -> int:
+        """Model calls of one run (the progress bar's length)."""
+        return r.steps
+
+    def prompt_warning(self, prompt: str) -> str | None:
+        """A warning for a prompt the model cannot draw (e.g. words it never saw), or None."""
+        return None
