@@ -30,7 +30,8 @@ from t2i.systems.token_models import TokenPipeline, load_token_model, network_co
 from t2i.tokens import CFGTokenModel, GuidedCond, sample_masked
 
 SYSTEM_NAME = "maskgit"
-OPTIONS = frozenset({"steps", "guidance", "negative_prompt", "width", "height"})  # what run() honours
+OPTIONS = frozenset({"steps", "sampler", "guidance", "negative_prompt", "width", "height"})  # what run() honours
+SAMPLERS = ("maskgit",)  # parallel decoding (the only one: named so the PNG parameters say how it was drawn)
 
 
 @dataclass
@@ -95,9 +96,12 @@ class MaskGITPipeline(TokenPipeline):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(options=OPTIONS, size_multiple=self.image_size, native_size=(self.image_size,) * 2)
+        return Capabilities(options=OPTIONS, samplers=SAMPLERS, size_multiple=self.image_size,
+                            native_size=(self.image_size,) * 2)
 
     def _check(self, r: GenerationRequest) -> None:
+        if r.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if not 1 <= r.steps <= self.unet.cfg.num_tokens:
             raise ValueError(f"steps must be between 1 and the {self.unet.cfg.num_tokens} tokens, got {r.steps}")
 
