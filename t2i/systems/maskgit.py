@@ -59,9 +59,10 @@ class MaskGITConfig:
 
 def text_conditioning(text_encoder: nn.Module, prompts: list[str]) -> dict[str, torch.Tensor]:
     """The network's cross-attention inputs for prompts: context (B, T, 384) float32 and
-    context_mask (B, T) bool, True on real tokens."""
+    context_mask (B, T) bool, True on real tokens (left out for an encoder without a mask)."""
     enc = text_encoder.encode(prompts)
-    return {"context": enc.context.float(), "context_mask": enc.mask}
+    cond = {"context": enc.context.float()}
+    return cond if enc.mask is None else {**cond, "context_mask": enc.mask}  # None: every position is real
 
 
 def load_text_encoder(name: str, length: int) -> nn.Module:
