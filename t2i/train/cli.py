@@ -154,6 +154,16 @@ TEXTUAL_INVERSION: list[Option] = [
     ("--init-word", "init_word", {}, "the vectors start as this text's token embeddings"),
     ("--vectors", "vectors", {"type": int}, "vectors per word (prompt tokens it takes)"),
 ]
+MASKGIT: list[Option] = [
+    ("--vqvae", "vqvae", {}, "the frozen tokenizer: vqvae.safetensors of `t2i train vqvae` (embedded in the model)"),
+    ("--preset", "net_preset", {}, "token transformer shape (t2i.nets.token_transformer.TOKEN_TRANSFORMER_PRESETS)"),
+    ("--attention", "attention", {"choices": ("full", "row", "column", "conv", "window", "dalle")},
+     "self-attention mask (t2i.tokens.masks): full, DALL-E's sparse ones, or a sliding window"),
+    ("--label-smoothing", "label_smoothing", {"type": float}, "label smoothing of the token cross-entropy"),
+    *(o for o in IMAGES if o[1] in ("data", "data_path", "data_workers", "background_p", "image_every")),
+    *(o for o in LDM if o[1] in ("caption_dropout", "ema_decay", "weight_decay", "export_every")),
+    ("--sample-steps", "sample_steps", {"type": int}, "decoding steps of the sample grids (and the model's default)"),
+]
 # What each preset is for (their shapes are printed from the configs themselves).
 PRESET_USE = {"shapes_f4": "the built-in model's", "shapes_s": "the built-in model's",
               "tiny": "tests and smoke runs: a fraction of a second per step on one CPU core"}
@@ -253,6 +263,16 @@ def _run_vqvae(args: argparse.Namespace) -> int:
     return train_vqvae(cfg, resume=args.resume, resume_lr=args.resume_lr, given=given)
 
 
+def _run_maskgit(args: argparse.Namespace) -> int:
+    from t2i.train.maskgit import MaskGITTrainConfig, train_maskgit
+
+    cfg = MaskGITTrainConfig(out=args.out)
+    given = _config(args, cfg, args.options)
+    if not cfg.vqvae and not args.resume:
+        raise ValueError("--vqvae is required: the tokenizer file written by `t2i train vqvae`")
+    return train_maskgit(cfg, resume=args.resume, resume_lr=args.resume_lr, given=given)
+
+
 def _run_preview(args: argparse.Namespace) -> int:
     from t2i.train.preview import PreviewTrainConfig, train_preview
 
@@ -331,6 +351,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     vq.add_argument("--preset", choices=sorted(VQ_CONFIGS), help=_presets(
         "tokenizer shape", VQ_CONFIGS, lambda c: f"{_vae_shape(c)}, {c.num_codes} codes") + " (default: f4)")
     vq.set_defaults(func=_run_vqvae)
+    from t2i.train.maskgit import MaskGITTrainConfig
+
+    _parser(sub, "maskgit", "MaskGIT: a masked token transformer on a frozen VQ tokenizer and MiniLM text states",
+            MaskGITTrainConfig(out=""), [*RUN, *MASKGIT]).set_defaults(func=_run_maskgit)
     _parser(sub, "preview", "distil a tiny TAESD-like preview decoder from a model's VAE decoder",
             PreviewTrainConfig(out="", decoder=PreviewDecoderConfig()), RUN + IMAGES + PREVIEW
             ).set_defaults(func=_run_preview)
