@@ -76,19 +76,27 @@ def dit_config_to_diffusers(cfg: DiTConfig) -> dict[str, Any]:
             "attention_bias": True}
 
 
-def _rename(key: str) -> str | None:
-    """A diffusers key -> t2i's, None for the per-block embedding copies past block 0."""
-    for old, new in _TOP.items():
+def rename_transformer_key(key: str, top: dict[str, str], block: dict[str, str]) -> str:
+    """A diffusers transformer key -> t2i's DiT name by prefix maps: `top` for the block-independent
+    parts, `block` inside `transformer_blocks.i` (-> `blocks.i`). An unknown key is left as is, so
+    that the shape check names it."""
+    for old, new in top.items():
         if key.startswith(old):
             return new + key[len(old):]
     if key.startswith("transformer_blocks."):
         _, i, rest = key.split(".", 2)
-        if rest.startswith("norm1.emb."):
-            return None
-        for old, new in _BLOCK.items():
+        for old, new in block.items():
             if rest.startswith(old):
                 return f"blocks.{i}.{new}{rest[len(old):]}"
-    return key  # unknown: left as is, so the shape check names it
+    return key
+
+
+def _rename(key: str) -> str | None:
+    """A diffusers DiT key -> t2i's, None for the per-block embedding copies past block 0."""
+    copy = key.startswith("transformer_blocks.") and key.split(".", 2)[2].startswith("norm1.emb.")
+    if copy and not key.startswith(_EMB):
+        return None
+    return rename_transformer_key(key, _TOP, _BLOCK)
 
 
 def dit_state_dict_from_diffusers(state: dict[str, torch.Tensor], check_copies: bool = True) -> dict[str, torch.Tensor]:

@@ -6,21 +6,30 @@ refused naming the known ones. Guidance is classifier-free against the null clas
 guidance on eps; the network's learned-variance half is dropped at the edge by `LearnedVariance`, and
 guiding x0 equals guiding eps since the denoiser is affine in eps).
 
-Layout: a diffusers DiTPipeline folder (`t2i.checkpoints.diffusers_dit`); `write_tiny` writes one.
+A prompt that is not a class name answers to the one class all of whose words it holds ("a picture
+of a large green circle" -> "a green circle", with a warning); none or several are refused.
+
+Layouts: a diffusers DiTPipeline folder (`t2i.checkpoints.diffusers_dit`; `write_tiny` writes one) and
+t2i's own file, one safetensors holding `vae.*` and `net.*` with the resolved `LatentTransformerConfig`
+in its metadata (what `t2i train dit` exports; `LatentTransformer` is shared with the PixArt family).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
-from t2i.autoencoders.kl import AUTOENCODER_KL_CONFIGS, AutoencoderKL
+from t2i.autoencoders.kl import AUTOENCODER_KL_CONFIGS, AutoencoderKL, AutoencoderKLConfig
 from t2i.checkpoints.diffusers_dit import (
     PIPELINE,
     dit_config_from_diffusers,
@@ -32,13 +41,20 @@ from t2i.checkpoints.diffusers_dit import (
 from t2i.checkpoints.diffusers_folder import file_tensors, load_vae, read_config_file, read_schedule
 from t2i.checkpoints.diffusers_nets import vae_config_to_diffusers
 from t2i.checkpoints.diffusers_scheduler import write_scheduler_config
-from t2i.checkpoints.io import CheckpointError, find_weights, load_state_dict
-from t2i.checkpoints.limits import build_checked, fill
+from t2i.checkpoints.io import (
+    CheckpointError,
+    find_weights,
+    is_system_file,
+    load_state_dict,
+    save_with_config,
+    system_file,
+)
+from t2i.checkpoints.limits import build_checked, check_schedule, fill, load_system_file
 from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.precond import LearnedVariance
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.imageio import request_parameters, to_pil
-from t2i.nets.dit import DIT_PRESETS, DiT
+from t2i.nets.dit import DIT_PRESETS, DiT, DiTConfig
 from t2i.quantize import precision_of
 from t2i.samplers.diffusers_plan import prepare_sampling
 from t2i.samplers.sampling import SAMPLERS
@@ -102,14 +118,25 @@ class DiTPipeline(RequestMethods):
         return self.factor * self.unet.cfg.patch_size
 
     def class_id(self, prompt: str) -> int:
-        """The class id a prompt names; ValueError naming the known names otherwise."""
+        """The class id a prompt names (`read_class`)."""
+        return self.read_class(prompt)[0]
+
+    def read_class(self, prompt: str) -> tuple[int, str | None]:
+        """(class id, a warning or None) of a prompt: a class name, a class id where the model names none, or
+        the one class all of whose words the prompt holds (warned); ValueError naming the classes otherwise."""
         name = prompt.strip()
         if name in self.labels:
-            return self.labels[name]
+            return self.labels[name], None
         if not self.labels and name.isdigit() and int(name) < self.unet.cfg.num_classes:
-            return int(name)
+            return int(name), None
+        words = set(_words(name))
+        held = {cid for label, cid in self.labels.items() if set(_words(label)) <= words}
+        if len(held) == 1:
+            cid = held.pop()
+            return cid, f"{prompt[:60]!r} is not a class name: read as the class {self.id2label[cid]!r}"
         known = ", ".join(repr(n) for n in sorted(self.labels)) or f"class ids 0..{self.unet.cfg.num_classes - 1}"
-        raise ValueError(f"{self.name} is class-conditional: {prompt!r} is not one of its classes ({known})")
+        what = "names several classes" if held else "is not one of its classes"
+        raise ValueError(f"{self.name} is class-conditional: {prompt!r} {what} ({known})")
 
     def _resolve(self, r: GenerationRequest) -> GenerationRequest:
         r = r.with_defaults(self.defaults)
@@ -132,7 +159,9 @@ class DiTPipeline(RequestMethods):
         start = time.perf_counter()
         r = self._resolve(request)
         prompts, negatives, seeds = per_image(r.prompt, r.negative_prompt, r.seed, r.num_images)
-        labels = torch.tensor([self.class_id(p) for p in prompts])  # (N,) refused before any work
+        read = [self.read_class(p) for p in prompts]  # refused before any work
+        labels = torch.tensor([cid for cid, _ in read])  # (N,)
+        warnings = list(dict.fromkeys(w for _, w in read if w))
         guided = r.guidance > 1.0
         cond = {"class_labels": labels}
         uncond = {"class_labels": torch.full_like(labels, self.unet.null_class)} if guided else None
@@ -150,7 +179,85 @@ class DiTPipeline(RequestMethods):
         pictures = to_pil(images)
         for im, p, neg, sd in zip(pictures, prompts, negatives, seeds, strict=True):
             im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, precision_of(self.unet))
-        return GenerationResult(pictures, latents, seeds, [], time.perf_counter() - start)
+        return GenerationResult(pictures, latents, seeds, warnings, time.perf_counter() - start)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+# ---------------------------------------------------------------------------------------
+# t2i's own file: a DiT or PixArt network and its autoencoder, self-described
+# ---------------------------------------------------------------------------------------
+
+SYSTEM_NAME = "dit"
+
+
+def latent_schedule() -> ScheduleConfig:
+    """DDPM's linear betas (T = 1000) with eps prediction, as DiT and PixArt train, every sampler setting
+    stated (no x0 clipping: latents are not images; trailing spacing, so a few-step run starts at T - 1)."""
+    return ScheduleConfig(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, prediction_type="epsilon",
+                          timestep_spacing="trailing", steps_offset=0, clip_sample=False, thresholding=False,
+                          set_alpha_to_one=True, final_sigmas_type="zero")
+
+
+@dataclass
+class LatentTransformerConfig:
+    """Everything needed to rebuild a t2i DiT / PixArt model from its weight file."""
+
+    net: DiTConfig = field(default_factory=lambda: replace(DIT_PRESETS["shapes_s"]))
+    vae: AutoencoderKLConfig = field(default_factory=AutoencoderKLConfig)
+    schedule: ScheduleConfig = field(default_factory=latent_schedule)
+    labels: list[str] = field(default_factory=list)  # class names in id order (a class-conditional net)
+    text_encoder: str | None = None  # "minilm": frozen all-MiniLM-L6-v2 token states (a text-conditional net)
+    text_length: int = 32
+    sampler: str = "dpmpp_2m"
+    steps: int = 20
+    guidance: float = 4.0
+    image_size: int = 64
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LatentTransformerConfig:
+        d = dict(d)
+        return cls(net=DiTConfig(**d.pop("net")), vae=AutoencoderKLConfig(**d.pop("vae")),
+                   schedule=ScheduleConfig(**d.pop("schedule")), **d)
+
+    def defaults(self) -> GenerationDefaults:
+        return GenerationDefaults(sampler=self.sampler, steps=self.steps, guidance=self.guidance,
+                                  width=self.image_size, height=self.image_size)
+
+
+class LatentTransformer(nn.Module):
+    """The weights of a t2i DiT or PixArt model: the frozen autoencoder `vae` and the network `net`."""
+
+    def __init__(self, cfg: LatentTransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vae = AutoencoderKL(cfg.vae)
+        self.net = DiT(cfg.net)
+
+    def save(self, path: str | Path, system: str) -> None:
+        """Write `vae.*` and `net.*` in float32 atomically, with the resolved config in the metadata under
+        `system` ("dit" or "pixart": the family that loads it)."""
+        state = {f"{part}.{k}": v.detach().float() for part in ("vae", "net")
+                 for k, v in getattr(self, part).state_dict().items()}
+        save_with_config(state, path, self.cfg.to_dict(), system)
+
+    @classmethod
+    def load(cls, path: str | Path, system: str) -> LatentTransformer:
+        """Rebuild from a file written by `save` for `system`, config and tensors checked before anything
+        is allocated; float32, frozen."""
+        return load_system_file(path, system, f"a t2i {system} model file", LatentTransformerConfig.from_dict, cls,
+                                lambda c: {"vae": c.vae, "net": c.net},
+                                lambda c: check_schedule(c.schedule, f"{path}: schedule"))
+
+
+def model_name(file: Path) -> str:
+    """A model file's name: its folder's for `model.safetensors`, else its stem."""
+    return file.parent.name if file.name == "model.safetensors" else file.stem
 
 
 # ---------------------------------------------------------------------------------------
@@ -171,16 +278,25 @@ def load_transformer(folder: Path) -> DiT:
 
 
 def load(path: Path, dtype: torch.dtype = torch.float32) -> DiTPipeline:
-    """A diffusers DiTPipeline folder -> DiTPipeline (float32 weights unless dtype says otherwise)."""
+    """A diffusers DiTPipeline folder or a t2i DiT file -> DiTPipeline (float32 weights unless dtype says
+    otherwise)."""
     root = Path(path)
-    if not is_diffusers_dit(root):
-        raise CheckpointError(f"{root}: not a diffusers DiTPipeline folder")
-    net = load_transformer(root / "transformer").eval()
-    id2label = read_id2label(root)
-    if any(not 0 <= k < net.cfg.num_classes for k in id2label):
-        raise CheckpointError(f"{root}: id2label names classes outside 0..{net.cfg.num_classes - 1}")
-    schedule, _ = read_schedule(root)
-    pipe = DiTPipeline(net, load_vae(root / "vae").eval(), schedule, id2label, name=root.name)
+    if is_system_file(root, SYSTEM_NAME):
+        file = system_file(root)
+        model = LatentTransformer.load(file, SYSTEM_NAME)
+        if not model.cfg.labels or model.cfg.text_encoder is not None:
+            raise CheckpointError(f"{file}: a t2i DiT file names its classes and no text encoder")
+        pipe = DiTPipeline(model.net, model.vae, model.cfg.schedule, dict(enumerate(model.cfg.labels)),
+                           name=model_name(file), defaults=model.cfg.defaults())
+    elif is_diffusers_dit(root):
+        net = load_transformer(root / "transformer").eval()
+        id2label = read_id2label(root)
+        if any(not 0 <= k < net.cfg.num_classes for k in id2label):
+            raise CheckpointError(f"{root}: id2label names classes outside 0..{net.cfg.num_classes - 1}")
+        schedule, _ = read_schedule(root)
+        pipe = DiTPipeline(net, load_vae(root / "vae").eval(), schedule, id2label, name=root.name)
+    else:
+        raise CheckpointError(f"{root}: neither a diffusers DiTPipeline folder nor a t2i DiT file")
     if dtype != torch.float32:
         pipe.unet.to(dtype)
     return pipe
@@ -220,9 +336,10 @@ def write_tiny(folder: Path, seed: int = 0) -> Path:
 
 
 SYSTEM = System(
-    name="dit",
-    description="DiT: a class-conditional diffusion transformer (prompt = class name), a diffusers DiTPipeline folder",
-    detect=lambda path: is_diffusers_dit(Path(path)),
+    name=SYSTEM_NAME,
+    description="DiT: a class-conditional diffusion transformer (prompt = class name), a diffusers DiTPipeline "
+                "folder or a t2i DiT .safetensors (`t2i train dit`)",
+    detect=lambda path: is_diffusers_dit(Path(path)) or is_system_file(Path(path), SYSTEM_NAME),
     load=load,
     write_tiny=write_tiny,
 )
