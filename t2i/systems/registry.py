@@ -28,6 +28,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "t2i.systems.stable_diffusion",
     "t2i.systems.dit",
     "t2i.systems.maskgit",
+    "t2i.systems.amused",
 )
 
 
