@@ -13,6 +13,8 @@ pixel at a diamond's tips or a triangle's apex (enough to call a 16 px diamond s
 judge: checks a prompt's claims (background, presence, colour-shape binding, exact
 counts, regions, relations) against the detections. Positions and sizes are read in
 64x64 canvas units whatever the (square) image size.
+new_shapes (opt-in, default none): shapes outside the v1 contract (`world.NEW_SHAPES`, e.g. 'ring') join
+the templates and the prompt language, for a model taught a new word; without it nothing changes.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 from t2i.data import shapes as world
 from t2i.data.shapes.heldout import heldout_prompts
 from t2i.data.shapes.phrasings import uses_heldout_phrasing
-from t2i.data.shapes.prompts import Claims, ObjectClaim, PromptError, family_of, parse_prompt
+from t2i.data.shapes.prompts import Claims, ObjectClaim, PromptError, check_new_shapes, family_of, parse_prompt
 from t2i.data.shapes.world import FAMILIES
 from t2i.layout.spec import Layout
 
@@ -112,7 +114,8 @@ def connected_components(labels: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 # Area of each shape as a fraction of its box (circle pi/4, cross 5/9, ...).
-AREA_FRACTION = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5, "diamond": 0.5, "cross": 5 / 9}
+AREA_FRACTION = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5, "diamond": 0.5, "cross": 5 / 9,
+                 "ring": np.pi / 4 * (1 - world.RING_HOLE**2)}
 
 
 def size_word(side: float) -> str:
@@ -124,7 +127,8 @@ def size_word(side: float) -> str:
     return "medium" if side < (medium_hi + large_lo) / 2 else "large"
 
 
-def _fit(alpha: np.ndarray) -> tuple[str | None, float, tuple[float, float, float, float]]:
+def _fit(alpha: np.ndarray, shapes: Sequence[str] = world.SHAPES
+         ) -> tuple[str | None, float, tuple[float, float, float, float]]:
     """Best shape for a coverage map: (shape or None, IoU, box (x0, y0, x1, y1) in window px).
 
     For each shape the box is the square whose side gives the measured area and whose
@@ -138,7 +142,7 @@ def _fit(alpha: np.ndarray) -> tuple[str | None, float, tuple[float, float, floa
     ys, xs = np.mgrid[0:h, 0:w]
     cx, cy = float((alpha * (xs + 0.5)).sum() / area), float((alpha * (ys + 0.5)).sum() / area)
     best: tuple[str | None, float, tuple[float, float, float, float]] = (None, 0.0, (0.0, 0.0, 0.0, 0.0))
-    for shape in world.SHAPES:
+    for shape in shapes:
         s = float(np.sqrt(area / AREA_FRACTION[shape]))
         by = cy - s / 6 if shape == "triangle" else cy
         box = (cx - s / 2, by - s / 2, cx + s / 2, by + s / 2)
@@ -151,8 +155,11 @@ def _fit(alpha: np.ndarray) -> tuple[str | None, float, tuple[float, float, floa
     return (best[0] if best[1] >= MIN_SHAPE_IOU else None), best[1], best[2]
 
 
-def analyse(image) -> tuple[str, list[Detection]]:
-    """(background name, detections) of an image; see the module docstring."""
+def analyse(image, new_shapes: Sequence[str] = ()) -> tuple[str, list[Detection]]:
+    """(background name, detections) of an image; see the module docstring. new_shapes: templates
+    of world.NEW_SHAPES tried too."""
+    check_new_shapes(new_shapes)
+    shapes = tuple(world.SHAPES) + tuple(new_shapes)
     arr = _as_array(image)
     labels, background = segment(arr)
     h, w = labels.shape
@@ -180,16 +187,16 @@ def analyse(image) -> tuple[str, list[Detection]]:
         alpha = np.clip(win @ target / float(target @ target), 0.0, 1.0)
         own = owner[r0:r1, c0:c1]
         alpha[(own != cid) & (own != -1)] = 0.0
-        shape, iou, (bx0, by0, bx1, by1) = _fit(alpha)
+        shape, iou, (bx0, by0, bx1, by1) = _fit(alpha, shapes)
         box = ((c0 + bx0) * sx, (r0 + by0) * sy, (c0 + bx1) * sx, (r0 + by1) * sy)
         centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
         detections.append(Detection(colour, shape, size_word(box[2] - box[0]), box, centre, area, iou))
     return background, detections
 
 
-def detect(image) -> list[Detection]:
+def detect(image, new_shapes: Sequence[str] = ()) -> list[Detection]:
     """The objects in an image (PIL, (H, W, 3) uint8 array, or (3, H, W) tensor in [-1, 1])."""
-    return analyse(image)[1]
+    return analyse(image, new_shapes)[1]
 
 
 def _matches(d: Detection, c: ObjectClaim) -> bool:
@@ -234,27 +241,29 @@ def check(claims: Claims, background: str, detections: list[Detection]) -> Verdi
     return Verdict(ok=not reasons, reasons=reasons)
 
 
-def judge(image, prompt: str | Claims) -> Verdict:
-    """Whether `image` shows what `prompt` says; reasons name each failed claim."""
-    claims = parse_prompt(prompt) if isinstance(prompt, str) else prompt
-    background, detections = analyse(image)
+def judge(image, prompt: str | Claims, new_shapes: Sequence[str] = ()) -> Verdict:
+    """Whether `image` shows what `prompt` says; reasons name each failed claim. new_shapes: words of
+    world.NEW_SHAPES the prompt may use and the detector may find."""
+    claims = parse_prompt(prompt, new_shapes) if isinstance(prompt, str) else prompt
+    background, detections = analyse(image, new_shapes)
     return check(claims, background, detections)
 
 
-def evaluate(images: Sequence, prompts: Sequence[str], families: Sequence[str] | None = None) -> dict:
+def evaluate(images: Sequence, prompts: Sequence[str], families: Sequence[str] | None = None,
+             new_shapes: Sequence[str] = ()) -> dict:
     """Judges images[i] against prompts[i]. Returns JSON-ready results:
 
     {"overall": accuracy, "n": count, "accuracy": {family: accuracy}, "count": {family: n},
      "unseen_phrasing": unseen_phrasing(results), "results": [{"prompt", "family", "ok", "reasons"}, ...]};
-    families default to family_of.
+    families default to family_of. new_shapes: as in `judge`.
     """
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
     results = []
     for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
-        claims = parse_prompt(prompt)
+        claims = parse_prompt(prompt, new_shapes)
         family = families[i] if families is not None else family_of(claims)
-        v = judge(image, claims)
+        v = judge(image, claims, new_shapes)
         results.append({"prompt": prompt, "family": family, "ok": v.ok, "reasons": v.reasons})
     overall, acc, cnt = accuracy_by_family([r["family"] for r in results], [r["ok"] for r in results])
     return {"overall": overall, "n": len(results), "accuracy": acc, "count": cnt,
@@ -321,11 +330,11 @@ def save_grid(images: Sequence, prompts: Sequence[str], verdicts: Sequence[Verdi
 
 def run_shapes_eval(generate: Callable[[list[str]], Sequence],
                     prompts: Sequence[tuple[str, str]] | None = None, out_dir: str | None = None,
-                    batch_size: int = 16, grid_size: int = 64) -> dict:
+                    batch_size: int = 16, grid_size: int = 64, new_shapes: Sequence[str] = ()) -> dict:
     """Generates an image per prompt and judges it: the body of `t2i eval shapes`.
 
     generate(list of prompts) -> list of images (PIL, (H, W, 3) uint8, or (3, H, W) in
-    [-1, 1]). prompts: (family, prompt) pairs, default the held-out set. With out_dir,
+    [-1, 1]). prompts: (family, prompt) pairs, default the held-out set. new_shapes: as in `judge`. With out_dir,
     writes results.json (the evaluate() dict) and grid.png (the first grid_size images).
     """
     import json
@@ -336,7 +345,7 @@ def run_shapes_eval(generate: Callable[[list[str]], Sequence],
     images: list = []
     for i in range(0, len(texts), batch_size):
         images.extend(generate(texts[i:i + batch_size]))
-    result = evaluate(images, texts, [f for f, _ in pairs])
+    result = evaluate(images, texts, [f for f, _ in pairs], new_shapes)
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:

@@ -23,10 +23,12 @@ from t2i.data.shapes.world import (
     CAPTION_SAFETY,
     FAMILIES,
     MIN_GAP,
+    NEW_SHAPES,
     PALETTE,
     REGION_HI,
     REGION_LO,
     RELATION_MARGIN,
+    RING_HOLE,
     SHAPES,
     SIZE_RANGES,
     Scene,
@@ -39,7 +41,8 @@ from t2i.data.shapes.world import (
 
 __all__ = [
     "BACKGROUND_P", "BACKGROUND_RGB", "CANVAS", "CAPTION_SAFETY", "FAMILIES", "FAMILY_WEIGHTS", "MIN_GAP",
-    "PALETTE", "PRIMARY_P", "REGION_HI", "REGION_LO", "RELATION_MARGIN", "SHAPES", "SIZE_RANGES", "Scene",
+    "NEW_SHAPES", "PALETTE", "PRIMARY_P", "REGION_HI", "REGION_LO", "RELATION_MARGIN", "RING_HOLE", "SHAPES",
+    "SIZE_RANGES", "Scene",
     "ShapeObject", "ShapesDataset", "ShapesStream", "captions", "default_exclude", "gap", "object_masks",
     "region_holds", "regions_of", "relation_holds", "render", "render_array", "sample_scene", "shape_coverage",
     "shapes_example", "to_tensor", "write_shapes_dataset",

@@ -15,6 +15,7 @@ Grammar (after lower-casing; commas count as 'and'):
     background:= 'on a' ('black' | 'gray' | 'white') 'background'
 A number word or a plural anywhere makes the prompt a counting prompt: every count in it is
 then exact ('two orange circles and a cyan square' means exactly one cyan square).
+`new_shapes` (opt-in) adds shape nouns outside the v1 contract (`world.NEW_SHAPES`, e.g. 'ring'/'rings').
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from t2i.data import captions as lang
+from t2i.data.shapes.world import NEW_SHAPES
 
 _SINGULAR = {p: s for s, p in lang.PLURALS.items()}
+_ALL_PLURALS = {**lang.PLURALS, **NEW_SHAPES}
 _REGION_WORDS = {"top", "bottom", "left", "right", "center"}
 
 
@@ -50,7 +53,7 @@ class ObjectClaim:
 
     def describe(self) -> str:
         words = [w for w in (self.size, self.colour) if w]
-        noun = lang.PLURALS[self.shape] if self.count > 1 else self.shape
+        noun = _ALL_PLURALS[self.shape] if self.count > 1 else self.shape
         return " ".join([str(self.count)] + words + [noun])
 
 
@@ -144,7 +147,7 @@ def _region(words: list[str], text: str) -> tuple[str | None, str | None]:
     return (vertical[0] if vertical else None, horizontal[0] if horizontal else None)
 
 
-def _phrase(tokens: list[str], text: str) -> tuple[ObjectClaim, bool]:
+def _phrase(tokens: list[str], text: str, new_shapes: Sequence[str] = ()) -> tuple[ObjectClaim, bool]:
     """One noun phrase -> (claim, whether it used a number word or a plural)."""
     if tokens and tokens[0] == "exactly":
         tokens = tokens[1:]
@@ -165,10 +168,12 @@ def _phrase(tokens: list[str], text: str) -> tuple[ObjectClaim, bool]:
     if not rest:
         raise PromptError(f"missing shape in {text!r}")
     noun, rest = rest[0], rest[1:]
-    if noun in lang.SHAPES:
+    if noun in lang.SHAPES or noun in new_shapes:
         plural = False
     elif noun in _SINGULAR:
         noun, plural = _SINGULAR[noun], True
+    elif noun in (singular := {NEW_SHAPES[n]: n for n in new_shapes}):
+        noun, plural = singular[noun], True
     else:
         raise PromptError(f"unknown word {noun!r} (expected a shape) in {text!r}")
     if plural != (count > 1):
@@ -189,8 +194,17 @@ def _split(tokens: list[str]) -> list[list[str]]:
     return [p for p in parts if p] if any(parts) else [[]]
 
 
-def parse_prompt(text: str) -> Claims:
-    """Parses a shapes-world prompt into Claims; raises PromptError on anything else."""
+def check_new_shapes(new_shapes: Sequence[str]) -> None:
+    """Refuse a name that is not one of world.NEW_SHAPES (ValueError naming it)."""
+    unknown = [n for n in new_shapes if n not in NEW_SHAPES]
+    if unknown:
+        raise ValueError(f"new shapes {unknown}: the world draws {sorted(NEW_SHAPES)} outside its contract")
+
+
+def parse_prompt(text: str, new_shapes: Sequence[str] = ()) -> Claims:
+    """Parses a shapes-world prompt into Claims; raises PromptError on anything else.
+    new_shapes: names of world.NEW_SHAPES the prompt may also use (default: the v1 language only)."""
+    check_new_shapes(new_shapes)
     tokens, background = _strip_background(_tokens(text), text)
     tokens = _strip_prefixes(tokens)
     claims = Claims(text=text, background=background)
@@ -203,7 +217,7 @@ def parse_prompt(text: str) -> Claims:
         phrases = [left, right]
     else:
         phrases = _split(tokens)
-    parsed = [_phrase(p, text) for p in phrases]
+    parsed = [_phrase(p, text, new_shapes) for p in phrases]
     counting = any(numbered for _, numbered in parsed)
     for claim, _ in parsed:
         if claims.relation and claim.count != 1:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from t2i.data.shapes.world import BACKGROUND_RGB, CANVAS, PALETTE, Scene
+from t2i.data.shapes.world import BACKGROUND_RGB, CANVAS, PALETTE, RING_HOLE, Scene
 
 
 def shape_coverage(shape: str, box: tuple[float, float, float, float], height: int, width: int,
@@ -39,6 +39,9 @@ def shape_coverage(shape: str, box: tuple[float, float, float, float], height: i
         inside = inside & (du + dv <= 0.5)
     elif shape == "cross":  # arms of width s/3 reaching the box edges
         inside = inside & ((du <= 1 / 6) | (dv <= 1 / 6))
+    elif shape == "ring":  # outside the v1 contract (world.NEW_SHAPES): the inscribed disc less a hole
+        r2 = du * du + dv * dv
+        inside = inside & (r2 <= 0.25) & (r2 >= 0.25 * RING_HOLE**2)
     elif shape != "square":
         raise ValueError(f"unknown shape {shape!r}")
     h, w = r1 - r0, c1 - c0

@@ -19,6 +19,13 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 BACKGROUND_RGB: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "black": (0, 0, 0),
                                                    "gray": (128, 128, 128)}
 SHAPES = lang.SHAPES
+# Shapes outside the v1 contract, {name: plural}: never sampled, captioned or judged unless asked for
+# (`t2i.data.shapes.new_words`, the judge's `new_shapes=`). They give the built-in model a word it never
+# saw (issue 21's LoRA / textual-inversion demonstration). A shape rather than a colour: the built-in
+# autoencoder, trained on the 8 palette colours only, decodes any other colour as a palette one (brown
+# comes back olive-green), while it reconstructs new geometry in palette colours (a ring: IoU 0.89-0.94).
+NEW_SHAPES: dict[str, str] = {"ring": "rings"}
+RING_HOLE = 0.5  # a ring's inner radius over its outer radius (the outer circle is the box's inscribed disc)
 SIZE_RANGES: dict[str, tuple[int, int]] = {"small": (10, 13), "medium": (16, 21), "large": (26, 32)}
 MIN_GAP = 2  # px between bounding boxes
 REGION_LO, REGION_HI = 24.0, 40.0  # left: cx < 24, right: cx > 40, center: both in [24, 40]
