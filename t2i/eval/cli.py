@@ -35,6 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--layouts", default=None, choices=["truth"],
                    help="truth: draw each held-out prompt from its scene's true layout (boxes and phrases) instead "
                         "of the model's own plan; models that take layouts only, held-out prompts only")
+    s.add_argument("--regions", default=None, choices=["truth"],
+                   help="truth: paint-with-words (eDiff-I) with each held-out scene's true boxes, each tied to the "
+                        "words that name its object in the prompt (colour and shape); models that take regions only, "
+                        "held-out prompts only")
+    s.add_argument("--region-weight", type=float, default=None, metavar="W",
+                   help="w', the strength of the paint-with-words boost (default: the model's)")
     s.set_defaults(func=run_shapes)
     _register_fid(kinds)
     _register_clip_score(kinds)
@@ -52,8 +58,30 @@ def checked_request(pipe, prompt: str | list[str], **settings):
     return request
 
 
+def truth_regions(prompts: list[str]) -> dict[str, list]:
+    """prompt -> paint-with-words regions from its held-out scene (`--regions truth`): each object the
+    prompt names gets its true box, tied to the prompt's words for it ("red circle", "purple triangles");
+    the scene's other objects (a single-object caption of a busier scene) get none. ValueError naming
+    a prompt that is not a held-out one."""
+    import re
+
+    from t2i.diffusion.paint_with_words import Region
+    from t2i.eval.shapes_judge import truth_layouts
+
+    out: dict[str, list] = {}
+    for prompt, layout in truth_layouts(prompts).items():
+        out[prompt] = []
+        for obj in layout.objects:
+            colour, shape = obj.phrase.split()[-2:]  # "a small red circle" -> red, circle
+            m = re.search(rf"\b{colour} {shape}(?:e?s)?\b", prompt)
+            if m is not None:
+                out[prompt].append(Region(obj.box, m.group(0)))
+    return out
+
+
 def run_shapes(args: argparse.Namespace) -> int:
     import t2i
+    from t2i.cli import UserError
     from t2i.data.shapes.heldout import heldout_prompts
     from t2i.data.shapes.prompts import first_per_family, read_prompt_file
     from t2i.eval.shapes_judge import run_shapes_eval, truth_layouts
@@ -63,11 +91,17 @@ def run_shapes(args: argparse.Namespace) -> int:
         prompts = first_per_family(prompts or heldout_prompts(), args.limit)
     # prompt -> its scene's layout; refused (naming a prompt) before the model loads if it has no scene
     layouts = truth_layouts([p for _, p in prompts or heldout_prompts()]) if args.layouts == "truth" else None
+    regions = truth_regions([p for _, p in prompts or heldout_prompts()]) if args.regions == "truth" else None
+    if args.region_weight is not None and regions is None:
+        raise UserError("--region-weight needs --regions")
     pipe = t2i.load(args.model, precision=args.precision)
     settings = dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler, deepcache=args.deepcache,
                     preview=bool(args.preview_decoder))
     # a model without the "layout" option is refused here, by name, before any image
     checked_request(pipe, "", **settings, **({"layout": next(iter(layouts.values()))} if layouts else {}))
+    if regions is not None:  # likewise a model without regions (paint-with-words)
+        settings["region_weight"] = args.region_weight
+        checked_request(pipe, "", **settings, regions=["0,0,1,1:x"])
     if args.preview_decoder:
         from t2i.autoencoders.preview import PreviewDecoder
 
@@ -77,15 +111,23 @@ def run_shapes(args: argparse.Namespace) -> int:
         if layouts is not None:  # a request holds one layout: one call per prompt
             return [im for t in texts
                     for im in pipe.run(checked_request(pipe, t, seed=args.seed, layout=layouts[t], **settings)).images]
+        if regions is not None:  # likewise one call per prompt: each has its own regions
+            return [im for t in texts
+                    for im in pipe.run(checked_request(pipe, t, seed=args.seed, regions=regions[t] or None,
+                                                       **settings)).images]
         # one batched call per chunk of prompts, every prompt with the same seed
         return pipe.run(checked_request(pipe, texts, seed=[args.seed] * len(texts), **settings)).images
 
     precision = t2i.resolve_precision(args.precision, args.model)  # what `auto` became, for the report
     if args.rerank > 1:
+        if regions is not None:
+            raise UserError("--regions with --rerank is not supported")
         return _run_shapes_rerank(pipe, prompts or heldout_prompts(), args, precision, layouts)
     report = run_shapes_eval(generate, prompts, args.out)
     summary = {k: report[k] for k in ("overall", "n", "accuracy", "unseen_phrasing") if k in report}
     summary.update(precision=precision, model=pipe.name, family=pipe.family, layouts=args.layouts or "model")
+    if regions is not None:
+        summary.update(regions=args.regions, region_weight=args.region_weight)
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out}/results.json and {args.out}/grid.png", file=sys.stderr)
     return 0

@@ -10,6 +10,8 @@ in `t2i.checkpoints`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,6 +59,10 @@ class Attention(nn.Module):
         # passes the same text tokens at every step, so they are projected once per image.
         self.cache_context = False
         self._kv_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # logit_bias: set while sampling by a guidance trick that edits the attention map (paint-with-words,
+        # t2i.diffusion.paint_with_words): logits (B, H, N, M) -> an additive bias of that shape. None (the
+        # default) keeps the fused scaled_dot_product_attention path untouched.
+        self.logit_bias: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.register_load_state_dict_post_hook(lambda module, _keys: module.unfuse_projections())
 
     def fuse_projections(self) -> None:
@@ -125,5 +131,22 @@ class Attention(nn.Module):
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, N, Dh)
         if mask is not None and mask.dtype == torch.bool and mask.dim() == 2:
             mask = mask[:, None, None, :]  # (B, 1, 1, M)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        if self.logit_bias is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        else:
+            out = self._biased_attention(q, k, v, mask, causal)
         return self.to_out(out.transpose(1, 2).flatten(2))  # (B, N, dim)
+
+    def _biased_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                          causal: bool) -> torch.Tensor:
+        """softmax(L + mask + logit_bias(L)) V with L = Q K^T / sqrt(d), in float32: the explicit form,
+        since the bias reads the logits themselves (eDiff-I's max). q: (B, H, N, Dh), k, v: (B, H, M, Dh)
+        -> (B, H, N, Dh) in v's dtype."""
+        if causal:
+            raise ValueError("a logit bias is for cross-attention, not causal attention")
+        assert self.logit_bias is not None
+        logits = q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5  # (B, H, N, M)
+        bias = self.logit_bias(logits)  # from the logits before any mask (a -inf would be the max)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
+        return ((logits + bias).softmax(dim=-1) @ v.float()).to(v.dtype)

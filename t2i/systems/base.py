@@ -9,7 +9,7 @@ diffusion model samples a denoiser, a token model decodes a codebook, a cascade 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from PIL import Image
 
+from t2i.diffusion.paint_with_words import Region
 from t2i.layout.spec import Layout
 from t2i.seeds import resolve_seed
 
@@ -80,6 +81,11 @@ class GenerationRequest:
     controlnet: Any = None
     control_image: Image.Image | None = None
     control_scale: float = 1.0
+    # Paint-with-words (eDiff-I): boxes of the canvas tied to words of the prompt (a tuple of
+    # t2i.diffusion.paint_with_words.Region, or what its `as_regions` reads: "x0,y0,x1,y1:words" strings,
+    # {"box", "words"} dicts), and w', the strength of the cross-attention boost (None: the default).
+    regions: Sequence[Region | str | dict] | None = None
+    region_weight: float | None = None
 
     def set_options(self) -> list[str]:
         """The names of the options this request sets to something other than their default."""

@@ -22,6 +22,16 @@ from torch import nn
 from t2i.autoencoders.kl import AutoencoderKL
 from t2i.autoencoders.preview import PreviewDecoder
 from t2i.diffusion.guidance import CFGDenoiser
+from t2i.diffusion.paint_with_words import (
+    COND_KEY,
+    DEFAULT_WEIGHT,
+    PaintWithWords,
+    Region,
+    as_regions,
+    check_regions,
+    cross_attentions,
+    region_masks,
+)
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.imageio import from_pil, request_parameters, to_pil
 from t2i.nets.controlnet import ControlledUNet, ControlNet, check_fits
@@ -90,6 +100,8 @@ LATENT_DIFFUSION_OPTIONS = frozenset({
     "negative_prompt", "steps", "guidance", "guidance_rescale", "sampler", "schedule", "eta", "width", "height",
     "init_image", "strength", "mask", "refiner", "refiner_start", "deepcache", "preview",
     "controlnet", "control_image", "control_scale"})
+# Paint-with-words (eDiff-I): offered where the prompt is encoded here (see `paints_words`).
+REGION_OPTIONS = frozenset({"regions", "region_weight"})
 
 
 class LatentDiffusionPipeline(RequestMethods):
@@ -144,9 +156,28 @@ class LatentDiffusionPipeline(RequestMethods):
     @property
     def capabilities(self) -> Capabilities:
         d = self.defaults
-        return Capabilities(options=LATENT_DIFFUSION_OPTIONS, samplers=tuple(SAMPLERS),
+        options = LATENT_DIFFUSION_OPTIONS | (REGION_OPTIONS if self.paints_words else frozenset())
+        return Capabilities(options=options, samplers=tuple(SAMPLERS),
                             schedules=("default", "karras"), size_multiple=self.vae_scale,
                             native_size=(d.width, d.height))
+
+    @property
+    def paints_words(self) -> bool:
+        """Whether regions (paint-with-words) are honoured: the U-Net has cross-attention and the context it
+        reads is the prompt's own encoding. A subclass that adds its own conditioning may re-encode the
+        prompt (the layout model recaptions it), which would move the words' tokens, so it is left out."""
+        own = type(self).extra_conditioning is LatentDiffusionPipeline.extra_conditioning
+        return own and bool(cross_attentions(self.unet))
+
+    def request_regions(self, request: GenerationRequest) -> tuple[Region, ...] | None:
+        """request.regions parsed (pixels read on the request's size, the model's default where unset)
+        and checked against every prompt of the request through this model's tokenizer; RegionError
+        (a ValueError naming the region) for a bad box or words that are not in a prompt."""
+        regions = as_regions(request.regions, request.width or self.defaults.width,
+                             request.height or self.defaults.height)
+        if regions is not None:
+            check_regions(self.text_encoder, per_image(request.prompt, request.negative_prompt, 0, 1)[0], regions)
+        return regions
 
     # ------------------------------------------------------------------ conditioning
 
@@ -261,14 +292,16 @@ class LatentDiffusionPipeline(RequestMethods):
         """
         self._compiled_unet = _FrozenCompiled(torch.compile(self.unet))
 
-    def _sampling_net(self, deepcache: int = 1, control: tuple[ControlNet, torch.Tensor, float] | None = None
-                      ) -> nn.Module:
+    def _sampling_net(self, deepcache: int = 1, control: tuple[ControlNet, torch.Tensor, float] | None = None,
+                      eager: bool = False) -> nn.Module:
         """The U-Net as the float32 samplers call it (deepcache > 1: a DeepCacheUNet for one run;
-        control: (ControlNet, its (1, C, H, W) image in [0, 1], scale), its residuals added)."""
+        control: (ControlNet, its (1, C, H, W) image in [0, 1], scale), its residuals added; eager: never
+        the compiled U-Net, for runs that change its attention between calls, as paint-with-words does)."""
         if deepcache > 1:
             net: nn.Module = DeepCacheUNet(self.unet, deepcache)
         else:
-            net = self._compiled_unet if self._compiled_unet is not None else self.unet
+            compiled = self._compiled_unet is not None and not eager
+            net = self._compiled_unet if compiled else self.unet  # type: ignore[assignment]
         if control is not None:
             net = ControlledUNet(net, *control)
         return CastInputs.around(net, self.unet)
@@ -368,6 +401,10 @@ class LatentDiffusionPipeline(RequestMethods):
             raise ValueError(f"deepcache must be at least 1, got {deepcache}")
         if preview:
             self._checked_preview_decoder()  # refuse before sampling, not after
+        regions = self.request_regions(replace(r, width=width, height=height)) if self.paints_words else None
+        region_weight = DEFAULT_WEIGHT if r.region_weight is None else r.region_weight
+        if not math.isfinite(region_weight):
+            raise ValueError(f"region_weight must be a finite number, got {r.region_weight}")
         start = time.perf_counter()
         h, w = height // self.vae_scale, width // self.vae_scale
 
@@ -382,12 +419,18 @@ class LatentDiffusionPipeline(RequestMethods):
             warnings += [m for m in map(self.prompt_check, dict.fromkeys(prompts)) if m]
         n = len(prompts)
         cond, uncond = self.extra_conditioning(r, n, cond, uncond)
+        if regions is not None:  # eDiff-I's mask A rides with the conditional branch; zeros leave uncond alone
+            masks = region_masks(self.text_encoder, prompts, regions, cond["context"].shape[1], (h, w))
+            cond = {**cond, COND_KEY: masks}
+            uncond = None if uncond is None else {**uncond, COND_KEY: torch.zeros_like(masks)}
+            if refiner is not None:
+                warnings.append("regions steer the base model's steps only, not the refiner's")
         plan = self.plan(sampler, steps, schedule, eta)
         refiner_plan = None
         if refiner is not None:
             plan, _ = plan.split(refiner_start)
             refiner_plan = refiner.plan(sampler, steps, schedule, eta).split(refiner_start)[1]
-        net = self._sampling_net(deepcache, self._control(r, width, height))
+        net = self._sampling_net(deepcache, self._control(r, width, height), eager=regions is not None)
         init = keep = None
         if init_image is not None:
             init = self.encode_image(init_image, width, height).expand(n, -1, -1, -1)
@@ -401,7 +444,10 @@ class LatentDiffusionPipeline(RequestMethods):
         generators = seed_generators(seeds)
         noise = seed_noise(generators, (self.latent_channels, h, w))
         x = plan.start(noise, init)
-        denoiser = plan.limit_x0(CFGDenoiser(plan.denoiser(net), guidance, guidance_rescale))
+        inner = plan.denoiser(net)
+        if regions is not None:
+            inner = PaintWithWords(inner, cross_attentions(self.unet), region_weight)
+        denoiser = plan.limit_x0(CFGDenoiser(inner, guidance, guidance_rescale))
         if keep is not None:
             denoiser = KeepUnmasked(denoiser, init, keep)
         x = self._run(plan, denoiser, x, cond, uncond, generators, progress, callback, r.on_sample)
@@ -421,7 +467,8 @@ class LatentDiffusionPipeline(RequestMethods):
             # pasted back from the input, as A1111 and diffusers' overlay do.
             images = [_overlay(init_image, im, mask) for im in images]
         resolved = replace(r, steps=steps, guidance=guidance, sampler=sampler, schedule=schedule, width=width,
-                           height=height, strength=strength)
+                           height=height, strength=strength, regions=regions,
+                           region_weight=region_weight if regions is not None else None)
         precision = self.precision
         # a layout model draws image i from layouts[i] (its own planned layout)
         layouts = r.layout if isinstance(r.layout, list) else [r.layout] * n
