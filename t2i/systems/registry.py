@@ -27,6 +27,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "t2i.systems.ddpm",
     "t2i.systems.stable_diffusion",
     "t2i.systems.dit",
+    "t2i.systems.pixart",
     "t2i.systems.maskgit",
     "t2i.systems.amused",
 )
