@@ -135,7 +135,7 @@ def test_amused_pipeline_matches_diffusers(amused, steps, guidance, negative, si
     assert result.sample.shape == want_tokens.shape == (1, height // 4, width // 4)
     assert len(want_tokens.unique()) > 4  # a real draw among many codes
     assert torch.equal(result.sample, want_tokens)
-    image = ours.decode_pixels(result.sample)
+    image = (ours.decode_pixels(result.sample) + 1) / 2  # [-1, 1] -> diffusers' [0, 1]
     err = ((image - want_image).abs().max() / want_image.std()).item()
     print(f"steps {steps} guidance {guidance}: image max |diff| / std {err:.2e}")
     assert err < TOLERANCE
@@ -209,4 +209,4 @@ def test_write_tiny_is_read_by_diffusers_with_the_same_tokens(tmp_path):
     result = ours.generate("a red circle", seed=2, steps=4)
     want = _reference(reference, "a red circle", 2, "np", num_inference_steps=4).permute(0, 3, 1, 2)
     assert torch.equal(result.sample, _reference(reference, "a red circle", 2, "latent", num_inference_steps=4))
-    assert ((ours.decode_pixels(result.sample) - want).abs().max() / want.std()).item() < TOLERANCE
+    assert (((ours.decode_pixels(result.sample) + 1) / 2 - want).abs().max() / want.std()).item() < TOLERANCE

@@ -72,6 +72,11 @@ class UVit2DConfig:
     affine: bool = True
     sample_size: int = 16
 
+    @property
+    def num_codes(self) -> int:
+        """The codes it writes (the token families' name for the codebook size)."""
+        return self.codebook_size
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) (* weight): Zhang & Sennrich 2019, eq. 4, over the last axis; rms in float32.

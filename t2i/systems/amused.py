@@ -17,37 +17,24 @@ Layout: a diffusers AmusedPipeline folder (`t2i.checkpoints.diffusers_amused`); 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from t2i.autoencoders.vq import VQ_CONFIGS, VQAutoencoder
 from t2i.checkpoints.diffusers_amused import AmusedParts, is_amused_folder, load_amused_parts, save_amused_folder
-from t2i.imageio import request_parameters, to_pil
 from t2i.nets.uvit2d import UVIT2D_PRESETS, UVit2DModel
-from t2i.quantize import precision_of
-from t2i.seeds import seed_generators
-from t2i.systems.base import (
-    Capabilities,
-    GenerationDefaults,
-    GenerationRequest,
-    GenerationResult,
-    RequestMethods,
-    StepReport,
-    System,
-    per_image,
-)
-from t2i.systems.latent_diffusion import stop_polling
+from t2i.systems.base import Capabilities, GenerationDefaults, GenerationRequest, StepReport, System
+from t2i.systems.token_models import TokenPipeline
 from t2i.text.clip import CLIPTextConfig, CLIPTextModel
 from t2i.text.clip_tokenizer import CLIPTokenizer
 from t2i.text.encoders import CLIPTextEncoder
 from t2i.tokens import CFGTokenModel, GuidedCond, sample_masked
 
 NAME = "amused"
-OPTIONS = frozenset({"negative_prompt", "steps", "guidance", "width", "height"})  # what run() honours
+OPTIONS = frozenset({"negative_prompt", "steps", "sampler", "guidance", "width", "height"})  # what run() honours
+SAMPLERS = ("maskgit",)  # parallel decoding, the only one (named so that the PNG parameters say how)
 # diffusers' AmusedPipeline defaults: 12 steps, guidance 10, Gumbel scale linspace(2, 0, steps),
 # micro-conditioning crop (0, 0) and aesthetic score 6
 STEPS, GUIDANCE = 12, 10.0
@@ -68,35 +55,32 @@ class UVitTokenModel:
         return logits.flatten(2).transpose(1, 2)  # (B, N, K)
 
 
-class AmusedPipeline(RequestMethods):
-    """A CLIP text encoder, the U-ViT token model and the VQ tokenizer of an aMUSEd folder.
-
-    `unet` is the token transformer under the name `t2i.load`'s int8 precision looks for.
-    """
+class AmusedPipeline(TokenPipeline):
+    """A CLIP text encoder, the U-ViT token model (`unet`, the name int8 precision looks for) and
+    the VQ tokenizer of an aMUSEd folder. Codes are (N, h, w): any size the VQ factor (times 2 with
+    the U-ViT's down/up stage) divides, the token grid of `sample_size` being the native one."""
 
     family = NAME
 
     def __init__(self, parts: AmusedParts, defaults: GenerationDefaults | None = None) -> None:
-        self.transformer, self.vqvae, self.text_encoder = parts.transformer, parts.vqvae, parts.text_encoder
-        self.mask_id, self.schedule, self.name = parts.mask_id, parts.schedule, parts.name
-        self.factor = self.vqvae.cfg.downsample_factor
+        factor = parts.vqvae.cfg.downsample_factor
+        size = parts.transformer.cfg.sample_size * factor
+        super().__init__(parts.transformer, parts.vqvae, parts.name, defaults or GenerationDefaults(
+            sampler=SAMPLERS[0], steps=STEPS, guidance=GUIDANCE, width=size, height=size))
+        self.text_encoder, self.mask_id, self.schedule = parts.text_encoder, parts.mask_id, parts.schedule
+        self.factor = factor
         # the transformer's 2x2 down/up stage needs an even token grid
-        self.size_multiple = self.factor * (2 if self.transformer.cfg.downsample else 1)
-        size = self.transformer.cfg.sample_size * self.factor
-        self.defaults = defaults or GenerationDefaults(sampler="maskgit", steps=STEPS, guidance=GUIDANCE, width=size,
-                                                       height=size)
-
-    @property
-    def unet(self) -> UVit2DModel:
-        return self.transformer
+        self.size_multiple = factor * (2 if self.unet.cfg.downsample else 1)
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(options=OPTIONS, size_multiple=self.size_multiple,
+        return Capabilities(options=OPTIONS, samplers=SAMPLERS, size_multiple=self.size_multiple,
                             native_size=(self.defaults.width, self.defaults.height))
 
     def _resolve(self, request: GenerationRequest) -> GenerationRequest:
         r = request.with_defaults(self.defaults)
+        if r.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         for what, v in (("width", r.width), ("height", r.height)):
             if v <= 0 or v % self.size_multiple:
                 raise ValueError(f"{what} must be a positive multiple of {self.size_multiple}, got {v}")
@@ -113,24 +97,15 @@ class AmusedPipeline(RequestMethods):
         micro = torch.tensor([[width, height, *CROP, AESTHETIC_SCORE]], dtype=enc.context.dtype)
         return {"context": enc.context, "pooled": enc.pooled, "micro_conds": micro.expand(len(prompts), -1)}
 
-    def decode_pixels(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(N, h, w) codes -> (N, 3, h f, w f) float32 images in [0, 1] (aMUSEd's VQ works in [0, 1])."""
-        return self.vqvae.decode_codes(tokens).float().clamp(0, 1)
-
-    def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
-        """(N, h, w) codes -> N PIL images (also the server's picture of an interrupted run)."""
-        return to_pil(self.decode_pixels(tokens) * 2 - 1)
-
     @torch.no_grad()
-    def run(self, request: GenerationRequest) -> GenerationResult:
-        """Generate request.num_images images per prompt; image i of seed s draws from seed s + i."""
-        with stop_polling(request.should_stop, self.transformer):
-            return self._generate(request)
+    def decode_pixels(self, codes: torch.Tensor) -> torch.Tensor:
+        """(N, h, w) codes -> (N, 3, h f, w f) images in [-1, 1]: aMUSEd's VQ decodes to [0, 1],
+        clipped there as diffusers clips it, then mapped."""
+        dtype = next(self.vq.parameters()).dtype
+        return self.vq.decode(self.vq.quantize.lookup(codes).to(dtype)).float().clamp(0, 1) * 2 - 1
 
-    def _generate(self, request: GenerationRequest) -> GenerationResult:
-        start = time.perf_counter()
-        r = self._resolve(request)
-        prompts, negatives, seeds = per_image(r.prompt, r.negative_prompt, r.seed, r.num_images)
+    def _sample(self, r: GenerationRequest, prompts: list[str], negatives: list[str],
+                generators: list[torch.Generator], report: StepReport) -> torch.Tensor:
         grid = (r.height // self.factor, r.width // self.factor)
         # as diffusers: guidance <= 1 runs the conditional branch alone (no mixing below 1)
         guided = r.guidance > 1.0
@@ -142,19 +117,13 @@ class AmusedPipeline(RequestMethods):
             return {k: v[index] for k, v in every.items()}
 
         cond = GuidedCond(pick(prompts), pick(negatives) if guided else None)
-        model = CFGTokenModel(UVitTokenModel(self.transformer, grid), r.guidance)
+        model = CFGTokenModel(UVitTokenModel(self.unet, grid), r.guidance)
         n = len(prompts)
-        with StepReport.of(r, r.steps) as report:
-            tokens = sample_masked(
-                model, cond, grid[0] * grid[1], steps=r.steps, mask_id=self.mask_id,
-                generators=seed_generators(seeds), schedule=self.schedule,
-                choice_temperature=torch.linspace(*CHOICE_TEMPERATURE, r.steps),
-                callback=lambda d: report({"i": d["i"], "denoised": d["pred"].view(n, *grid)}))
-        tokens = tokens.view(n, *grid)  # (N, h, w)
-        images = self.decode(tokens)
-        for im, p, neg, sd in zip(images, prompts, negatives, seeds, strict=True):
-            im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, precision_of(self.transformer))
-        return GenerationResult(images, tokens, seeds, [], time.perf_counter() - start)
+        tokens = sample_masked(
+            model, cond, grid[0] * grid[1], steps=r.steps, mask_id=self.mask_id, generators=generators,
+            schedule=self.schedule, choice_temperature=torch.linspace(*CHOICE_TEMPERATURE, r.steps),
+            callback=lambda d: report({"i": d["i"], "denoised": d["pred"].view(n, *grid)}))
+        return tokens.view(n, *grid)  # (N, h, w)
 
 
 def load(path: Path, dtype: torch.dtype = torch.float32) -> AmusedPipeline:
