@@ -56,7 +56,7 @@ class TokenTransformerConfig:
     heads: int = 4
     mlp_dim: int = 1024
     causal: bool = False
-    context_dim: int | None = 384
+    context_dim: int | None = None
     text_vocab: int = 0
     text_length: int = 0
     attention: str = "full"
@@ -195,7 +195,8 @@ class TokenTransformer(nn.Module):
 TOKEN_TRANSFORMER_PRESETS: dict[str, TokenTransformerConfig] = {
     # 8x8 tokens of the f8 shapes tokenizer, cross-attending to MiniLM (384): what one CPU core
     # trains in about an hour (see t2i/train/maskgit.py for the measured speed).
-    "shapes": TokenTransformerConfig(num_codes=512, grid=8, width=192, layers=6, heads=4, mlp_dim=768),
+    "shapes": TokenTransformerConfig(num_codes=512, grid=8, width=192, layers=6, heads=4, mlp_dim=768,
+                                     context_dim=384),
     # A few-millisecond test network on the tiny tokenizer's 4x4 map of 32 codes.
-    "tiny": TokenTransformerConfig(num_codes=32, grid=4, width=32, layers=2, heads=2, mlp_dim=64),
+    "tiny": TokenTransformerConfig(num_codes=32, grid=4, width=32, layers=2, heads=2, mlp_dim=64, context_dim=384),
 }

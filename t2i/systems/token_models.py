@@ -152,14 +152,20 @@ class TokenPipeline(RequestMethods):
             with StepReport.of(r, self.total_steps(r)) as report:
                 codes = self._sample(r, prompts, negatives, seed_generators(seeds), report)  # (B, N)
             pictures = self.decode(codes)
+            extra = "".join(f", {k.replace('_', ' ').capitalize()}: {v}"
+                            for k, v in self.extra_parameters(r).items() if v is not None)
             for im, p, neg, sd in zip(pictures, prompts, negatives, seeds, strict=True):
-                im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, precision_of(self.unet))
+                im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, precision_of(self.unet)) + extra
             warnings = [m for m in map(self.prompt_warning, dict.fromkeys(prompts)) if m]
             return GenerationResult(pictures, codes, seeds, warnings, time.perf_counter() - start)
 
     def total_steps(self, r: GenerationRequest) -> int:
         """Model calls of one run (the progress bar's length)."""
         return r.steps
+
+    def extra_parameters(self, r: GenerationRequest) -> dict[str, Any]:
+        """Settings beyond the request's that change the pixels, for the PNG parameters (None: left out)."""
+        return {}
 
     def prompt_warning(self, prompt: str) -> str | None:
         """A warning for a prompt the model cannot draw (e.g. words it never saw), or None."""

@@ -1,0 +1,202 @@
+"""DALL-E (Ramesh et al. 2021): a decoder-only transformer over one stream of text tokens then VQ
+image tokens, written one token at a time.
+
+The text is the caption in the model's own word vocabulary (DALL-E's BPE text tokens; here the
+words of the shapes world's caption language, `t2i.data.shapes_vocab`, stored in the model's
+config so that a file keeps the vocabulary it was trained with): ``[BOS] w1 .. wk [PAD] ..``,
+``text_length`` tokens. Every image token sees every text token; among the image tokens the
+self-attention mask is causal, optionally DALL-E's sparse row / column / convolutional masks by
+layer (`t2i.tokens.masks`, the config's ``net.attention``). Sampling is
+`t2i.tokens.sample_autoregressive` with the model's temperature, top-k and top-p (sampler
+"multinomial"; "greedy" takes the most likely token), classifier-free guidance on the logits
+against the empty caption or the negative prompt (not in DALL-E, which reranked instead; guidance
+1 turns it off), and DALL-E's sample-and-rank is `--rerank K` with the shapes CLIP
+(`t2i.eval.rerank`, which works on any pipeline). The tokenizer is stored in the same file
+(`t2i.systems.token_models`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from t2i.autoencoders.vq import VQ_CONFIGS, VQAutoencoder, VQAutoencoderConfig
+from t2i.checkpoints.io import is_system_file, system_file
+from t2i.data.shapes_vocab import out_of_world_warning, vocabulary
+from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS, TokenTransformer, TokenTransformerConfig
+from t2i.systems.base import Capabilities, GenerationDefaults, GenerationRequest, StepReport, System
+from t2i.systems.maskgit import randomize, tiny_tokenizer
+from t2i.systems.token_models import TokenPipeline, load_token_model, network_configs, save_token_model
+from t2i.tokens import CFGTokenModel, GuidedCond, sample_autoregressive
+
+SYSTEM_NAME = "dalle"
+OPTIONS = frozenset({"sampler", "guidance", "negative_prompt", "width", "height"})  # what run() honours
+SAMPLERS = ("multinomial", "greedy")
+SPECIALS = ("[PAD]", "[BOS]", "[UNK]")  # ids 0, 1, 2; the words follow
+PAD, BOS, UNK = range(3)
+
+
+class WordTokenizer:
+    """Captions -> (B, length) ids over a word list: ``[BOS]`` then one id per word (lower case,
+    letters only; a word outside the list is ``[UNK]``), cut to fit, then ``[PAD]``."""
+
+    def __init__(self, words: list[str], length: int) -> None:
+        self.words, self.length = list(words), length
+        self.ids = {w: i + len(SPECIALS) for i, w in enumerate(self.words)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(SPECIALS) + len(self.words)
+
+    def split(self, text: str) -> list[str]:
+        return re.findall(r"[a-z]+", text.lower())
+
+    def unknown(self, text: str) -> list[str]:
+        """The words of text outside the vocabulary, each once."""
+        return list(dict.fromkeys(w for w in self.split(text) if w not in self.ids))
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        """(B, length) int64 ids."""
+        out = torch.full((len(texts), self.length), PAD, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = [BOS, *(self.ids.get(w, UNK) for w in self.split(text))][: self.length]
+            out[row, : len(ids)] = torch.tensor(ids)
+        return out
+
+
+@dataclass
+class DalleConfig:
+    """Everything needed to rebuild a DALL-E model from its file (and its generation defaults).
+
+    words: the text vocabulary after SPECIALS (the network's text_vocab = len(SPECIALS) + len(words)).
+    temperature, top_k, top_p: the token draws (t2i.tokens.sample_logits; None: no cut)."""
+
+    net: TokenTransformerConfig = field(default_factory=lambda: replace(TOKEN_TRANSFORMER_PRESETS["shapes"]))
+    vq: VQAutoencoderConfig = field(default_factory=lambda: replace(VQ_CONFIGS["f8"]))
+    words: list[str] = field(default_factory=lambda: sorted(vocabulary()))
+    guidance: float = 3.0
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DalleConfig:
+        return cls(**network_configs(d))
+
+    def tokenizer(self) -> WordTokenizer:
+        return WordTokenizer(self.words, self.net.text_length)
+
+
+def dalle_net_config(preset: TokenTransformerConfig, words: list[str], text_length: int,
+                     attention: str = "full") -> TokenTransformerConfig:
+    """A preset's shape as DALL-E's causal stream: text tokens first, no cross-attention."""
+    return replace(preset, causal=True, context_dim=None, text_vocab=len(SPECIALS) + len(words),
+                   text_length=text_length, attention=attention)
+
+
+class DallePipeline(TokenPipeline):
+    """A causal [text; image] transformer, its tokenizer and its word vocabulary.
+
+    The draws take `temperature`, `top_k` and `top_p` from the model config; set them on the
+    pipeline (`pipe.temperature = 0.8`) to change them (GenerationRequest has no field for them).
+    """
+
+    family = SYSTEM_NAME
+
+    def __init__(self, net: TokenTransformer, vq: VQAutoencoder, cfg: DalleConfig, name: str = "dalle",
+                 defaults: GenerationDefaults | None = None) -> None:
+        if not net.cfg.causal or not net.cfg.text_vocab:
+            raise ValueError("DALL-E needs a causal transformer that reads text tokens first")
+        size = net.cfg.grid * vq.cfg.downsample_factor
+        super().__init__(net, vq, name, defaults or GenerationDefaults(
+            sampler="multinomial", steps=net.cfg.num_tokens, guidance=cfg.guidance, width=size, height=size))
+        self.cfg, self.tokenize = cfg, cfg.tokenizer()
+        self.temperature, self.top_k, self.top_p = cfg.temperature, cfg.top_k, cfg.top_p
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(options=OPTIONS, samplers=SAMPLERS, size_multiple=self.image_size,
+                            native_size=(self.image_size,) * 2)
+
+    def _check(self, r: GenerationRequest) -> None:
+        if r.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+
+    def total_steps(self, r: GenerationRequest) -> int:
+        return self.unet.cfg.num_tokens  # one model call per image token
+
+    def prompt_warning(self, prompt: str) -> str | None:
+        unknown = self.tokenize.unknown(prompt)
+        return out_of_world_warning(prompt) or (f"{self.name} does not know {', '.join(map(repr, unknown))}: "
+                                                "read as [UNK]" if unknown else None)
+
+    def _sample(self, r: GenerationRequest, prompts: list[str], negatives: list[str],
+                generators: list[torch.Generator], report: StepReport) -> torch.Tensor:
+        guided = r.guidance != 1.0
+        cond = GuidedCond(self.tokenize(prompts), self.tokenize(negatives) if guided else None)
+        model = CFGTokenModel(lambda tokens, text: self.unet(tokens, text=text), r.guidance)
+        n = self.unet.cfg.num_tokens
+
+        def on_token(info: dict) -> None:
+            so_far = info["tokens"]  # (B, i + 1); the rest of the map shows as code 0
+            report({"i": info["i"], "denoised": torch.nn.functional.pad(so_far, (0, n - so_far.shape[1]))})
+
+        temperature = 0.0 if r.sampler == "greedy" else self.temperature  # 0: argmax, no draw
+        return sample_autoregressive(model, cond, n, generators=generators, temperature=temperature, top_k=self.top_k,
+                                     top_p=self.top_p, callback=on_token)
+
+    def extra_parameters(self, r: GenerationRequest) -> dict[str, Any]:
+        if r.sampler == "greedy":
+            return {}
+        return {"temperature": self.temperature if self.temperature != 1.0 else None, "top_k": self.top_k,
+                "top_p": self.top_p}
+
+
+# ---------------------------------------------------------------------------------------
+# The t2i file: save, detect, load, a tiny one
+# ---------------------------------------------------------------------------------------
+
+
+def save_dalle(net: TokenTransformer, vq: VQAutoencoder, cfg: DalleConfig, path: str | Path) -> None:
+    """The transformer, the tokenizer and the resolved config (vocabulary included) in one file."""
+    save_token_model(net, vq, dataclasses.asdict(cfg), path, SYSTEM_NAME)
+
+
+def load(path: Path, dtype: torch.dtype = torch.float32) -> DallePipeline:
+    """A DALL-E file (or a folder holding it as model.safetensors) -> DallePipeline."""
+    file = system_file(path)
+    net, vq, cfg = load_token_model(file, SYSTEM_NAME, "a t2i DALL-E file", DalleConfig.from_dict)
+    if net.cfg.text_vocab != len(SPECIALS) + len(cfg.words):
+        raise ValueError(f"{file}: {len(cfg.words)} words for a text vocabulary of {net.cfg.text_vocab}")
+    name = file.parent.name if file.name == "model.safetensors" else file.stem
+    pipe = DallePipeline(net, vq, cfg, name=name)
+    if dtype != torch.float32:
+        pipe.unet.to(dtype)
+    return pipe
+
+
+def write_tiny(folder: Path, seed: int = 0) -> Path:
+    """A random model of the tiny presets (16x16 images, the shapes vocabulary) as folder/model.safetensors."""
+    vq = tiny_tokenizer(seed)
+    words = sorted(vocabulary())
+    cfg = DalleConfig(net=dalle_net_config(TOKEN_TRANSFORMER_PRESETS["tiny"], words, 12), vq=vq.cfg, words=words)
+    net = TokenTransformer(cfg.net)
+    randomize(net)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_dalle(net, vq, cfg, folder / "model.safetensors")
+    return folder / "model.safetensors"
+
+
+SYSTEM = System(
+    name=SYSTEM_NAME,
+    description="DALL-E: an autoregressive [text; image-token] transformer with its VQ tokenizer, a t2i "
+                ".safetensors with a t2i_config (or a folder holding it as model.safetensors)",
+    detect=lambda path: is_system_file(Path(path), SYSTEM_NAME),
+    load=load,
+    write_tiny=write_tiny,
+)
