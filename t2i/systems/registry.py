@@ -29,6 +29,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "t2i.systems.dit",
     "t2i.systems.pixart",
     "t2i.systems.maskgit",
+    "t2i.systems.dalle",
     "t2i.systems.amused",
 )
 
