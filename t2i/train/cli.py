@@ -164,6 +164,12 @@ MASKGIT: list[Option] = [
     *(o for o in LDM if o[1] in ("caption_dropout", "ema_decay", "weight_decay", "export_every")),
     ("--sample-steps", "sample_steps", {"type": int}, "decoding steps of the sample grids (and the model's default)"),
 ]
+DALLE: list[Option] = [
+    *(o for o in MASKGIT if o[1] not in ("label_smoothing", "sample_steps")),
+    ("--text-length", "text_length", {"type": int}, "text tokens of the stream ([BOS] + caption words + [PAD])"),
+    ("--text-loss-weight", "text_loss_weight", {"type": float}, "weight of the text cross-entropy; the image "
+     "tokens' takes 1 - this (DALL-E: 1/8)"),
+]
 # What each preset is for (their shapes are printed from the configs themselves).
 PRESET_USE = {"shapes_f4": "the built-in model's", "shapes_s": "the built-in model's",
               "tiny": "tests and smoke runs: a fraction of a second per step on one CPU core"}
@@ -263,16 +269,6 @@ def _run_vqvae(args: argparse.Namespace) -> int:
     return train_vqvae(cfg, resume=args.resume, resume_lr=args.resume_lr, given=given)
 
 
-def _run_maskgit(args: argparse.Namespace) -> int:
-    from t2i.train.maskgit import MaskGITTrainConfig, train_maskgit
-
-    cfg = MaskGITTrainConfig(out=args.out)
-    given = _config(args, cfg, args.options)
-    if not cfg.vqvae and not args.resume:
-        raise ValueError("--vqvae is required: the tokenizer file written by `t2i train vqvae`")
-    return train_maskgit(cfg, resume=args.resume, resume_lr=args.resume_lr, given=given)
-
-
 def _run_preview(args: argparse.Namespace) -> int:
     from t2i.train.preview import PreviewTrainConfig, train_preview
 
@@ -351,10 +347,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     vq.add_argument("--preset", choices=sorted(VQ_CONFIGS), help=_presets(
         "tokenizer shape", VQ_CONFIGS, lambda c: f"{_vae_shape(c)}, {c.num_codes} codes") + " (default: f4)")
     vq.set_defaults(func=_run_vqvae)
-    from t2i.train.maskgit import MaskGITTrainConfig
+    from t2i.train.dalle import DalleTrainConfig, train_dalle
+    from t2i.train.maskgit import MaskGITTrainConfig, train_maskgit
 
     _parser(sub, "maskgit", "MaskGIT: a masked token transformer on a frozen VQ tokenizer and MiniLM text states",
-            MaskGITTrainConfig(out=""), [*RUN, *MASKGIT]).set_defaults(func=_run_maskgit)
+            MaskGITTrainConfig(out=""), [*RUN, *MASKGIT]
+            ).set_defaults(func=_run_plain, config=MaskGITTrainConfig, train=train_maskgit)
+    _parser(sub, "dalle", "DALL-E: an autoregressive transformer over [caption words; VQ image tokens]",
+            DalleTrainConfig(out=""), [*RUN, *DALLE]).set_defaults(func=_run_plain, config=DalleTrainConfig,
+                                                                  train=train_dalle)
     _parser(sub, "preview", "distil a tiny TAESD-like preview decoder from a model's VAE decoder",
             PreviewTrainConfig(out="", decoder=PreviewDecoderConfig()), RUN + IMAGES + PREVIEW
             ).set_defaults(func=_run_preview)
