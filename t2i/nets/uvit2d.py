@@ -177,30 +177,19 @@ class TextAttention(nn.Module):
         return x + self.attn2(self.norm2(x), context)
 
 
-class Downsample(nn.Module):
-    """RMSNorm, then a 2x2 stride-2 convolution (right/bottom zero-padded by one, as diffusers)."""
+class Resample(nn.Module):
+    """RMSNorm, then a 2x2 stride-2 convolution (down: (B, C, H, W) -> (B, C, H / 2, W / 2), the
+    input zero-padded by one on the right and bottom first, as diffusers does) or transposed
+    convolution (up: -> (B, C, 2H, 2W))."""
 
-    def __init__(self, cfg: UVit2DConfig) -> None:
+    def __init__(self, cfg: UVit2DConfig, up: bool) -> None:
         super().__init__()
         self.norm = RMSNorm(cfg.channels, cfg.eps, cfg.affine)
-        self.conv = nn.Conv2d(cfg.channels, cfg.channels, kernel_size=2, stride=2)
+        self.conv = (nn.ConvTranspose2d if up else nn.Conv2d)(cfg.channels, cfg.channels, kernel_size=2, stride=2)
+        self.pad = (0, 0, 0, 0) if up else (0, 1, 0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, C, H / 2, W / 2)."""
-        return self.conv(F.pad(norm_channels(self.norm, x), (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """RMSNorm, then a 2x2 stride-2 transposed convolution."""
-
-    def __init__(self, cfg: UVit2DConfig) -> None:
-        super().__init__()
-        self.norm = RMSNorm(cfg.channels, cfg.eps, cfg.affine)
-        self.conv = nn.ConvTranspose2d(cfg.channels, cfg.channels, kernel_size=2, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, C, 2H, 2W)."""
-        return self.conv(norm_channels(self.norm, x))
+        return self.conv(F.pad(norm_channels(self.norm, x), self.pad))
 
 
 class UVitBlock(nn.Module):
@@ -209,10 +198,10 @@ class UVitBlock(nn.Module):
 
     def __init__(self, cfg: UVit2DConfig, downsample: bool, upsample: bool) -> None:
         super().__init__()
-        self.downsample = Downsample(cfg) if downsample else None
+        self.downsample = Resample(cfg, up=False) if downsample else None
         self.res_blocks = nn.ModuleList(ConvNeXtBlock(cfg) for _ in range(cfg.res_blocks))
         self.attention_blocks = nn.ModuleList(TextAttention(cfg) for _ in range(cfg.res_blocks))
-        self.upsample = Upsample(cfg) if upsample else None
+        self.upsample = Resample(cfg, up=True) if upsample else None
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W); c: (B, width); context: (B, T, width) -> (B, C, H', W')."""
