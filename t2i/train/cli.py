@@ -170,6 +170,16 @@ DALLE: list[Option] = [
     ("--text-loss-weight", "text_loss_weight", {"type": float}, "weight of the text cross-entropy; the image "
      "tokens' takes 1 - this (DALL-E: 1/8)"),
 ]
+DIT: list[Option] = [
+    ("--preset", "preset", {}, "transformer shape (t2i.nets.dit.DIT_PRESETS: shapes_s / pixart_shapes_s, tiny / "
+     "pixart_tiny)"),
+    ("--vae-from", "vae_from", {}, "a shapes LDM model file whose frozen autoencoder gives the latents (unset: the "
+     "built-in t2i/assets/default/model.safetensors)"),
+    ("--condition-dropout", "condition_dropout", {"type": float}, "share of examples without their class or "
+     "caption (for CFG)"),
+    *(o for o in IMAGES if o[1] in ("image_size", "background_p", "image_every")),
+    *(o for o in LDM if o[1] in ("ema_decay", "weight_decay", "min_snr_gamma", "sample_steps", "export_every")),
+]
 # What each preset is for (their shapes are printed from the configs themselves).
 PRESET_USE = {"shapes_f4": "the built-in model's", "shapes_s": "the built-in model's",
               "tiny": "tests and smoke runs: a fraction of a second per step on one CPU core"}
@@ -356,6 +366,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _parser(sub, "dalle", "DALL-E: an autoregressive transformer over [caption words; VQ image tokens]",
             DalleTrainConfig(out=""), [*RUN, *DALLE]).set_defaults(func=_run_plain, config=DalleTrainConfig,
                                                                   train=train_dalle)
+    from t2i.train.dit import DiTTrainConfig, train_dit
+    from t2i.train.pixart import PixArtTrainConfig, train_pixart
+
+    _parser(sub, "dit", "DiT: a class-conditional diffusion transformer (adaLN-Zero) on the built-in autoencoder's "
+            "latents of one-object shapes scenes, 40 classes 'a <colour> <shape>'", DiTTrainConfig(out=""),
+            [*RUN, *DIT]).set_defaults(func=_run_plain, config=DiTTrainConfig, train=train_dit)
+    _parser(sub, "pixart", "PixArt-alpha: a text-conditional diffusion transformer (adaLN-single, cross-attention "
+            "to MiniLM caption states) on the built-in autoencoder's latents", PixArtTrainConfig(out=""),
+            [*RUN, *DIT]).set_defaults(func=_run_plain, config=PixArtTrainConfig, train=train_pixart)
     _parser(sub, "preview", "distil a tiny TAESD-like preview decoder from a model's VAE decoder",
             PreviewTrainConfig(out="", decoder=PreviewDecoderConfig()), RUN + IMAGES + PREVIEW
             ).set_defaults(func=_run_preview)
