@@ -16,6 +16,7 @@ from t2i.checkpoints.diffusers_amused import (
     uvit_config_from_diffusers,
     uvit_config_to_diffusers,
 )
+from t2i.systems.base import GenerationRequest
 from t2i.systems.registry import systems
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -210,3 +211,48 @@ def test_write_tiny_is_read_by_diffusers_with_the_same_tokens(tmp_path):
     want = _reference(reference, "a red circle", 2, "np", num_inference_steps=4).permute(0, 3, 1, 2)
     assert torch.equal(result.sample, _reference(reference, "a red circle", 2, "latent", num_inference_steps=4))
     assert (((ours.decode_pixels(result.sample) + 1) / 2 - want).abs().max() / want.std()).item() < TOLERANCE
+
+
+@pytest.mark.parametrize(("steps", "strength", "guidance", "negative"),
+                         [(12, 1.0, 10.0, None), (8, 0.5, 4.0, "blurry")])
+def test_inpainting_matches_diffusers(amused, steps, strength, guidance, negative):
+    """Muse-style editing: the image's tokens kept under the black part of the mask, the white part
+    redrawn, as diffusers' AmusedInpaintPipeline (its own scheduler: it switches it to the linear schedule)."""
+    import numpy as np
+    from diffusers import AmusedInpaintPipeline, AmusedScheduler
+    from PIL import Image
+
+    reference, _, ours = amused
+    parts = {**reference.components, "scheduler": AmusedScheduler(mask_token_id=39)}
+    inpaint = AmusedInpaintPipeline(**parts)
+    inpaint.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[:, :7] = 255  # the left columns of tokens, one of them half covered
+    mask = Image.fromarray(mask)
+    prompt, seed = "a red circle", 3
+    kw = dict(image=image, mask_image=mask, num_inference_steps=steps, strength=strength, guidance_scale=guidance,
+              negative_prompt=negative)
+    want = _reference(inpaint, prompt, seed, "latent", **kw)  # (1, 4, 4)
+    calls = []
+    got = ours.generate(prompt, negative or "", seed=seed, steps=steps, strength=strength, guidance=guidance,
+                        init_image=image, mask=mask, callback=lambda i, n: calls.append((i, n)))
+    assert torch.equal(got.sample, want)
+    codes, keep = ours.edit_tokens(ours._resolve(GenerationRequest(prompt, init_image=image, mask=mask)), (4, 4))
+    assert keep.view(4, 4)[:, 2:].all() and not keep.view(4, 4)[:, :2].any()  # Lanczos + 0.5: 1.75 columns -> 2
+    assert torch.equal(got.sample.flatten()[keep], codes[keep])  # the black part is the image's own tokens
+    assert not torch.equal(got.sample.flatten(), codes)  # ... and the white part is redrawn
+    assert calls == [(i, int(steps * strength)) for i in range(1, int(steps * strength) + 1)]
+    assert "Denoising strength: " in got.images[0].info["parameters"]
+
+
+def test_editing_needs_an_image_and_a_mask(amused):
+    from PIL import Image
+
+    _, _, ours = amused
+    image = Image.new("RGB", (16, 16))
+    with pytest.raises(ValueError, match="init_image and mask"):
+        ours.generate("a red circle", init_image=image)
+    with pytest.raises(ValueError, match="strength"):
+        ours.generate("a red circle", init_image=image, mask=image, steps=4, strength=0.1)

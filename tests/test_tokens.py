@@ -301,9 +301,12 @@ def test_choice_temperature_anneals_to_zero():
         choice_temperatures([1.0, 0.5], 3)
 
 
-def test_masked_matches_diffusers_amused_scheduler():
+@pytest.mark.parametrize(("start_step", "known", "schedule"), [(0, 0, "cosine"), (4, 100, "linear"), (0, 37, "cosine")])
+def test_masked_matches_diffusers_amused_scheduler(start_step, known, schedule):
     """Same CPU generator, same logits: the tokens of diffusers' AmusedScheduler loop (batch 1,
-    choice temperatures linspace(2, 0), cosine schedule), step by step."""
+    choice temperatures linspace(2, 0)), step by step: text-to-image from all masked, and its
+    inpainting (`known` tokens given, `starting_mask_ratio`, the last steps only) with
+    count_rule="total"."""
     from diffusers import AmusedScheduler
 
     n, vocab, mask_id, steps = 256, 32, 40, 12  # aMUSEd-256's 16x16 tokens and 12 steps
@@ -313,20 +316,57 @@ def test_masked_matches_diffusers_amused_scheduler():
         emb = torch.nn.functional.one_hot(tokens.clamp(max=vocab), vocab + 1).float() @ w
         return emb + emb.mean(1, keepdim=True)
 
-    sched = AmusedScheduler(mask_token_id=mask_id)
+    start = torch.full((1, n), mask_id)
+    start[0, torch.randperm(n, generator=torch.Generator().manual_seed(4))[:known]] = torch.arange(known) % vocab
+    sched = AmusedScheduler(mask_token_id=mask_id, masking_schedule=schedule)
     sched.set_timesteps(steps, temperature=(2, 0))
+    ratio = (start == mask_id).sum() / start.numel()
     g = torch.Generator("cpu").manual_seed(123)
-    latents, ref_steps = torch.full((1, n), mask_id), []
-    for t in sched.timesteps:
-        latents = sched.step(model(latents, None), t, latents, generator=g).prev_sample
+    latents, ref_steps = start.clone(), []
+    for t in sched.timesteps[start_step:]:
+        latents = sched.step(model(latents, None), t, latents, generator=g, starting_mask_ratio=ratio).prev_sample
         ref_steps.append(latents.clone())
 
     ours = []
-    out = sample_masked(model, None, n, steps=steps, mask_id=mask_id, generators=gens(123),
+    out = sample_masked(model, None, n, steps=steps, mask_id=mask_id, generators=gens(123), tokens=start,
+                        schedule=schedule, start_step=start_step, count_rule="total" if known else "unknown",
                         choice_temperature=sched.temperatures, callback=lambda d: ours.append(d["tokens"].clone()))
+    assert len(ours) == steps - start_step
     for s, (a, b) in enumerate(zip(ours, ref_steps, strict=True)):
         assert torch.equal(a, b), f"step {s}"
     assert torch.equal(out, ref_steps[-1])
+    assert (out[start != mask_id] == start[start != mask_id]).all()
+
+
+def test_masked_count_rules_and_start_step():
+    """Golden counts: "total" floors N * (n0 / N * gamma) in float32, "unknown" n0 * gamma; a
+    start step runs only the later steps of the schedule."""
+    n, mask_id = 30, 9
+    start = torch.full((1, n), mask_id)
+    start[0, :10] = 1  # 20 unknown of 30
+    logits = torch.randn(1, n, 8, generator=torch.Generator().manual_seed(1))
+    for rule in ("unknown", "total"):
+        counts: list[int] = []
+        sample_masked(Fixed(logits, mask_id), None, n, steps=6, mask_id=mask_id, generators=gens(0), tokens=start,
+                      count_rule=rule, callback=lambda d, c=counts: c.append(int((d["tokens"] == mask_id).sum())))
+        assert counts == SCHEDULE_COUNTS[6, 20]  # the two rules agree here
+    after = []
+    sample_masked(Fixed(logits, mask_id), None, n, steps=6, mask_id=mask_id, generators=gens(0), tokens=start,
+                  start_step=3, callback=lambda d: after.append((d["i"], int((d["tokens"] == mask_id).sum()))))
+    assert after == [(3, 9), (4, 5), (5, 0)]  # steps 3..5 of 6: floor(20 cos(pi/2 (s + 1) / 6))
+    # where the float32 products round differently (30 tokens, 9 unknown, linear, step 3 of 12):
+    # floor(9 * 0.6667) = 5 but floor(30 * (0.3 * 0.6667)) = 6, as diffusers counts
+    start[0, :21] = 1
+    for rule, want in (("unknown", 5), ("total", 6)):
+        counts = []
+        sample_masked(Fixed(logits, mask_id), None, n, steps=12, mask_id=mask_id, generators=gens(0), tokens=start,
+                      schedule="linear", start_step=3, count_rule=rule,
+                      callback=lambda d, c=counts: c.append(int((d["tokens"] == mask_id).sum())))
+        assert counts[0] == want, rule
+    with pytest.raises(ValueError, match="start_step"):
+        sample_masked(Fixed(logits, mask_id), None, n, steps=6, mask_id=mask_id, batch_size=1, start_step=6)
+    with pytest.raises(ValueError, match="count_rule"):
+        sample_masked(Fixed(logits, mask_id), None, n, steps=6, mask_id=mask_id, batch_size=1, count_rule="x")
 
 
 def test_training_mask_counts():

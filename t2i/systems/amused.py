@@ -11,6 +11,10 @@ scaled by linspace(2, 0, steps), guidance 10 against the empty (or negative) pro
 micro-conditions (width, height, crop (0, 0), aesthetic score 6). Image i of seed s draws from its
 own CPU generator seeded s + i: for one image, diffusers' tokens with `generator=manual_seed(s)`.
 
+Inpainting and outpainting are Muse's zero-shot editing, diffusers' `AmusedInpaintPipeline`: the
+init image's tokens are kept where the mask is black and masked where it is white (the mask resized
+to the token grid), and only the last int(steps * strength) steps run, on the linear schedule.
+
 Layout: a diffusers AmusedPipeline folder (`t2i.checkpoints.diffusers_amused`); `write_tiny` writes one.
 """
 
@@ -20,10 +24,13 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from t2i.autoencoders.vq import VQ_CONFIGS, VQAutoencoder
 from t2i.checkpoints.diffusers_amused import AmusedParts, is_amused_folder, load_amused_parts, save_amused_folder
+from t2i.imageio import from_pil
 from t2i.nets.uvit2d import UVIT2D_PRESETS, UVit2DModel
 from t2i.systems.base import Capabilities, GenerationDefaults, GenerationRequest, StepReport, System
 from t2i.systems.token_models import TokenPipeline
@@ -33,13 +40,16 @@ from t2i.text.encoders import CLIPTextEncoder
 from t2i.tokens import CFGTokenModel, GuidedCond, sample_masked
 
 NAME = "amused"
-OPTIONS = frozenset({"negative_prompt", "steps", "sampler", "guidance", "width", "height"})  # what run() honours
+OPTIONS = frozenset({"negative_prompt", "steps", "sampler", "guidance", "width", "height", "init_image", "mask",
+                     "strength"})  # what run() honours
 SAMPLERS = ("maskgit",)  # parallel decoding, the only one (named so that the PNG parameters say how)
 # diffusers' AmusedPipeline defaults: 12 steps, guidance 10, Gumbel scale linspace(2, 0, steps),
 # micro-conditioning crop (0, 0) and aesthetic score 6
 STEPS, GUIDANCE = 12, 10.0
 CHOICE_TEMPERATURE = (2.0, 0.0)
 CROP, AESTHETIC_SCORE = (0, 0), 6
+# diffusers' AmusedInpaintPipeline sets its scheduler's masking_schedule to "linear"
+EDIT_SCHEDULE = "linear"
 
 
 class UVitTokenModel:
@@ -88,7 +98,32 @@ class AmusedPipeline(TokenPipeline):
             raise ValueError(f"steps must be at least 1, got {r.steps}")
         if not math.isfinite(r.guidance):
             raise ValueError(f"guidance must be a finite number, got {r.guidance}")
+        if (r.init_image is None) != (r.mask is None):
+            raise ValueError("aMUSEd edits an image by masking its tokens: give init_image and mask (white = "
+                             "repaint) together")
+        if r.strength is not None and r.init_image is None:
+            raise ValueError("strength applies to an init image and a mask")
+        if r.init_image is not None:
+            r = replace(r, strength=1.0 if r.strength is None else r.strength)
+            if not 0 < r.strength <= 1 or int(r.steps * r.strength) < 1:
+                raise ValueError(f"strength must be in (0, 1] and leave at least one of the {r.steps} steps, "
+                                 f"got {r.strength}")
         return r
+
+    def total_steps(self, r: GenerationRequest) -> int:
+        """Model calls: the last int(steps * strength) of the steps when editing, as diffusers."""
+        return r.steps if r.init_image is None else int(r.steps * r.strength)
+
+    def edit_tokens(self, r: GenerationRequest, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Muse's zero-shot inpainting / outpainting (Chang et al. 2023), as diffusers' AmusedInpaintPipeline:
+        the init image's codes (h w,) and the positions to keep (h w,) bool: the mask resized to
+        the token grid (Lanczos, grey, >= 0.5 repaints), where it is black."""
+        image = from_pil(r.init_image, (r.width, r.height))  # (1, 3, H, W) in [-1, 1]
+        dtype = next(self.vq.parameters()).dtype
+        codes = self.vq.encode(((image + 1) / 2).to(dtype))[0]  # (1, h, w): aMUSEd's VQ reads [0, 1]
+        small = r.mask.resize((grid[1], grid[0]), Image.LANCZOS).convert("L")
+        repaint = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0) >= 0.5  # (h, w)
+        return codes.flatten(), ~repaint.flatten()
 
     def conditioning(self, prompts: list[str], width: int, height: int) -> dict[str, torch.Tensor]:
         """The transformer's conditioning of each prompt: CLIP's penultimate states (B, 77, D), its
@@ -119,10 +154,17 @@ class AmusedPipeline(TokenPipeline):
         cond = GuidedCond(pick(prompts), pick(negatives) if guided else None)
         model = CFGTokenModel(UVitTokenModel(self.unet, grid), r.guidance)
         n = len(prompts)
+        edit: dict = {}
+        if r.init_image is not None:  # the masked tokens only, over the last steps, on the linear schedule
+            codes, keep = self.edit_tokens(r, grid)
+            edit = dict(tokens=codes.expand(n, -1), fixed=keep.expand(n, -1), start_step=r.steps - self.total_steps(r),
+                        schedule=EDIT_SCHEDULE, count_rule="total")
+        first = edit.get("start_step", 0)
+        settings = {"schedule": self.schedule, **edit}
         tokens = sample_masked(
             model, cond, grid[0] * grid[1], steps=r.steps, mask_id=self.mask_id, generators=generators,
-            schedule=self.schedule, choice_temperature=torch.linspace(*CHOICE_TEMPERATURE, r.steps),
-            callback=lambda d: report({"i": d["i"], "denoised": d["pred"].view(n, *grid)}))
+            choice_temperature=torch.linspace(*CHOICE_TEMPERATURE, r.steps), **settings,
+            callback=lambda d: report({"i": d["i"] - first, "denoised": d["pred"].view(n, *grid)}))
         return tokens.view(n, *grid)  # (N, h, w)
 
 

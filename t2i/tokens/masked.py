@@ -116,6 +116,7 @@ def sample_masked(model: TokenModel, cond: Any, num_tokens: int, *, steps: int, 
                   choice_temperature: float | Sequence[float] | torch.Tensor = 4.5,
                   tokens: torch.Tensor | None = None, fixed: torch.Tensor | None = None,
                   batch_size: int | None = None, device: torch.device | str = "cpu",
+                  start_step: int = 0, count_rule: str = "unknown",
                   callback: Callback | None = None) -> torch.Tensor:
     """MaskGIT iterative decoding (Chang et al. 2022, sec. 3.2): all unknown tokens filled in
     exactly ``steps`` model calls.
@@ -139,6 +140,13 @@ def sample_masked(model: TokenModel, cond: Any, num_tokens: int, *, steps: int, 
             masked first (Muse-style inpainting: pass the image's tokens and the region to keep).
         batch_size, device: B and the tokens' device when tokens is None and generators does
             not give B.
+        start_step: the first of the `steps` to run (0: all): steps s = start_step .. steps - 1
+            run with their own schedule and Gumbel scale, as diffusers' aMUSEd inpainting runs the
+            last int(steps * strength) of them (fewer model calls, a shorter edit).
+        count_rule: how many stay masked after step s. "unknown": floor(n0 * gamma) (MaskGIT);
+            "total": floor(N * (n0 / N * gamma)) in float32, diffusers' ``AmusedScheduler`` with its
+            ``starting_mask_ratio`` (what its inpainting passes). Equal for n0 = N; for n0 < N they
+            can differ by one token where the float32 products round differently.
         callback: called after every step with {"i": step, "tokens": (B, N) the next step's
             input (all known after the last), "pred": (B, N) this step's full prediction}.
     Returns:
@@ -146,6 +154,10 @@ def sample_masked(model: TokenModel, cond: Any, num_tokens: int, *, steps: int, 
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0 <= start_step < steps:
+        raise ValueError(f"start_step must be in [0, {steps}), got {start_step}")
+    if count_rule not in ("unknown", "total"):
+        raise ValueError(f"count_rule must be 'unknown' or 'total', got {count_rule!r}")
     if tokens is None:
         batch = len(generators) if generators is not None else batch_size
         if batch is None:
@@ -162,7 +174,8 @@ def sample_masked(model: TokenModel, cond: Any, num_tokens: int, *, steps: int, 
     unknown_at_start = (tokens == mask_id).sum(-1).float()  # (B,) n0
     temps = choice_temperatures(choice_temperature, steps)
 
-    for s in range(steps):
+    start_ratio = unknown_at_start / num_tokens  # (B,) float32, for count_rule "total"
+    for s in range(start_step, steps):
         logits = model(tokens, cond).float()  # (B, N, V)
         if mask_id < logits.shape[-1]:  # out of place: the model may hold on to its output
             logits = logits.index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
@@ -176,7 +189,8 @@ def sample_masked(model: TokenModel, cond: Any, num_tokens: int, *, steps: int, 
             # step decides at least one token) and at least one (so the last step has work)
             ratio = mask_ratio(torch.tensor(s + 1, dtype=torch.float32) / steps, schedule)
             unknown_now = unknown.sum(-1)  # (B,)
-            count = torch.floor(unknown_at_start * ratio).long().to(tokens.device)  # (B,)
+            scheduled = unknown_at_start * ratio if count_rule == "unknown" else num_tokens * (start_ratio * ratio)
+            count = torch.floor(scheduled).long().to(tokens.device)  # (B,)
             count = torch.minimum(count, unknown_now - 1).clamp(min=1)
             count = torch.minimum(count, unknown_now)  # nothing left to mask: mask nothing
             # confidence: log p(sampled token) + annealed Gumbel noise; known tokens are +inf,
