@@ -319,8 +319,11 @@ class UVit2DModel(nn.Module):
 
 
 UVIT2D_PRESETS: dict[str, UVit2DConfig] = {
-    # diffusers' UVit2DModel defaults: aMUSEd-256's transformer (16x16 tokens of an 8192-code VQ-GAN)
+    # diffusers' UVit2DModel defaults with aMUSEd-256's grid: 16x16 tokens of an 8192-code f=16 VQ-GAN
     "amused_256": UVit2DConfig(),
+    # aMUSEd-512: 32x32 tokens, through the 2x2 down/up stage (diffusers' scripts/convert_amused.py: the
+    # 512 run "with downsample", sample_size 32)
+    "amused_512": UVit2DConfig(downsample=True, upsample=True, sample_size=32),
     # test-sized: 2 layers of width 32, a 2x2 down/up stage, 32 codes + the mask token
     "tiny": UVit2DConfig(width=32, layers=2, heads=2, mlp_dim=48, text_dim=32, pooled_dim=32, micro_cond_dim=8,
                          vocab_size=40, codebook_size=32, embed_dim=16, channels=24, res_blocks=1, block_heads=2,
