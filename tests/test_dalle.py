@@ -15,8 +15,8 @@ import torch.nn.functional as F
 import t2i
 from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS, TokenTransformer
 from t2i.systems.dalle import BOS, PAD, SYSTEM, UNK, DallePipeline, WordTokenizer, dalle_net_config
-from t2i.systems.maskgit import tiny_tokenizer
 from t2i.systems.registry import resolve, system
+from t2i.systems.token_models import tiny_tokenizer
 from t2i.train.dalle import dalle_loss
 from t2i.train.vqvae import save_vqvae
 
@@ -138,7 +138,7 @@ def _held_out_image_loss(path) -> float:
     from t2i.systems.token_models import load_token_model
     from t2i.train.data import open_data
     from t2i.train.distributed import DistInfo
-    from t2i.train.maskgit import image_codes
+    from t2i.train.token_models import image_codes
 
     net, vq, cfg = load_token_model(path, "dalle", "a DALL-E file", DalleConfig.from_dict)
     x, captions, _ = open_data("shapes", None, 16, 123, print).batch(0, 32, DistInfo())

@@ -11,9 +11,11 @@ from test_ddpm import _Words
 
 import t2i
 from t2i.systems.base import Interrupted
-from t2i.systems.maskgit import SYSTEM, MaskGITPipeline, tiny_tokenizer
+from t2i.systems.maskgit import SYSTEM, MaskGITPipeline
 from t2i.systems.registry import resolve, system
-from t2i.train.maskgit import MaskGITTrainConfig, image_codes, masked_token_loss, train_maskgit
+from t2i.systems.token_models import tiny_tokenizer
+from t2i.train.maskgit import MaskGITTrainConfig, masked_token_loss, train_maskgit
+from t2i.train.token_models import image_codes
 from t2i.train.vqvae import save_vqvae
 
 pytestmark = pytest.mark.usefixtures("one_thread")

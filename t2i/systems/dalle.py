@@ -26,12 +26,10 @@ from typing import Any
 import torch
 
 from t2i.autoencoders.vq import VQ_CONFIGS, VQAutoencoder, VQAutoencoderConfig
-from t2i.checkpoints.io import is_system_file, system_file
 from t2i.data.shapes_vocab import out_of_world_warning, vocabulary
 from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS, TokenTransformer, TokenTransformerConfig
-from t2i.systems.base import Capabilities, GenerationDefaults, GenerationRequest, StepReport, System
-from t2i.systems.maskgit import randomize, tiny_tokenizer
-from t2i.systems.token_models import TokenPipeline, load_token_model, network_configs, save_token_model
+from t2i.systems.base import GenerationDefaults, GenerationRequest, StepReport
+from t2i.systems.token_models import TokenPipeline, load_pipeline, network_configs, save_token_model, token_system
 from t2i.tokens import CFGTokenModel, GuidedCond, sample_autoregressive
 
 SYSTEM_NAME = "dalle"
@@ -107,25 +105,20 @@ class DallePipeline(TokenPipeline):
     """
 
     family = SYSTEM_NAME
+    options, samplers = OPTIONS, SAMPLERS
 
     def __init__(self, net: TokenTransformer, vq: VQAutoencoder, cfg: DalleConfig, name: str = "dalle",
                  defaults: GenerationDefaults | None = None) -> None:
         if not net.cfg.causal or not net.cfg.text_vocab:
             raise ValueError("DALL-E needs a causal transformer that reads text tokens first")
+        if net.cfg.text_vocab != len(SPECIALS) + len(cfg.words):
+            raise ValueError(f"{len(cfg.words)} words (+ {len(SPECIALS)} special tokens) for a text vocabulary of "
+                             f"{net.cfg.text_vocab}")
         size = net.cfg.grid * vq.cfg.downsample_factor
         super().__init__(net, vq, name, defaults or GenerationDefaults(
             sampler="multinomial", steps=net.cfg.num_tokens, guidance=cfg.guidance, width=size, height=size))
         self.cfg, self.tokenize = cfg, cfg.tokenizer()
         self.temperature, self.top_k, self.top_p = cfg.temperature, cfg.top_k, cfg.top_p
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(options=OPTIONS, samplers=SAMPLERS, size_multiple=self.image_size,
-                            native_size=(self.image_size,) * 2)
-
-    def _check(self, r: GenerationRequest) -> None:
-        if r.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
     def total_steps(self, r: GenerationRequest) -> int:
         return self.unet.cfg.num_tokens  # one model call per image token
@@ -169,34 +162,14 @@ def save_dalle(net: TokenTransformer, vq: VQAutoencoder, cfg: DalleConfig, path:
 
 def load(path: Path, dtype: torch.dtype = torch.float32) -> DallePipeline:
     """A DALL-E file (or a folder holding it as model.safetensors) -> DallePipeline."""
-    file = system_file(path)
-    net, vq, cfg = load_token_model(file, SYSTEM_NAME, "a t2i DALL-E file", DalleConfig.from_dict)
-    if net.cfg.text_vocab != len(SPECIALS) + len(cfg.words):
-        raise ValueError(f"{file}: {len(cfg.words)} words for a text vocabulary of {net.cfg.text_vocab}")
-    name = file.parent.name if file.name == "model.safetensors" else file.stem
-    pipe = DallePipeline(net, vq, cfg, name=name)
-    if dtype != torch.float32:
-        pipe.unet.to(dtype)
-    return pipe
+    return load_pipeline(path, dtype, SYSTEM_NAME, "a t2i DALL-E file", DalleConfig.from_dict, DallePipeline)
 
 
-def write_tiny(folder: Path, seed: int = 0) -> Path:
-    """A random model of the tiny presets (16x16 images, the shapes vocabulary) as folder/model.safetensors."""
-    vq = tiny_tokenizer(seed)
+def tiny_config(vq: VQAutoencoderConfig) -> DalleConfig:
+    """The tiny preset as DALL-E (12 text tokens over the shapes vocabulary) on a tokenizer config."""
     words = sorted(vocabulary())
-    cfg = DalleConfig(net=dalle_net_config(TOKEN_TRANSFORMER_PRESETS["tiny"], words, 12), vq=vq.cfg, words=words)
-    net = TokenTransformer(cfg.net)
-    randomize(net)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_dalle(net, vq, cfg, folder / "model.safetensors")
-    return folder / "model.safetensors"
+    return DalleConfig(net=dalle_net_config(TOKEN_TRANSFORMER_PRESETS["tiny"], words, 12), vq=vq, words=words)
 
 
-SYSTEM = System(
-    name=SYSTEM_NAME,
-    description="DALL-E: an autoregressive [text; image-token] transformer with its VQ tokenizer, a t2i "
-                ".safetensors with a t2i_config (or a folder holding it as model.safetensors)",
-    detect=lambda path: is_system_file(Path(path), SYSTEM_NAME),
-    load=load,
-    write_tiny=write_tiny,
-)
+SYSTEM = token_system(SYSTEM_NAME, "DALL-E: an autoregressive [caption words; image tokens] transformer", load,
+                      tiny_config)

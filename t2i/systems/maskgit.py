@@ -22,11 +22,16 @@ import torch
 from torch import nn
 
 from t2i.autoencoders.vq import VQ_CONFIGS, VQAutoencoder, VQAutoencoderConfig
-from t2i.checkpoints.io import is_system_file, system_file
 from t2i.data.shapes_vocab import out_of_world_warning
 from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS, TokenTransformer, TokenTransformerConfig
-from t2i.systems.base import Capabilities, GenerationDefaults, GenerationRequest, StepReport, System
-from t2i.systems.token_models import TokenPipeline, load_token_model, network_configs, save_token_model
+from t2i.systems.base import GenerationDefaults, GenerationRequest, StepReport
+from t2i.systems.token_models import (
+    TokenPipeline,
+    load_pipeline,
+    network_configs,
+    save_token_model,
+    token_system,
+)
 from t2i.tokens import CFGTokenModel, GuidedCond, sample_masked
 
 SYSTEM_NAME = "maskgit"
@@ -85,6 +90,7 @@ class MaskGITPipeline(TokenPipeline):
     """
 
     family = SYSTEM_NAME
+    options, samplers = OPTIONS, SAMPLERS
 
     def __init__(self, net: TokenTransformer, vq: VQAutoencoder, text_encoder: nn.Module, cfg: MaskGITConfig,
                  name: str = "maskgit", defaults: GenerationDefaults | None = None) -> None:
@@ -95,14 +101,7 @@ class MaskGITPipeline(TokenPipeline):
             sampler="maskgit", steps=cfg.steps, guidance=cfg.guidance, width=size, height=size))
         self.text_encoder, self.cfg = text_encoder, cfg
 
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(options=OPTIONS, samplers=SAMPLERS, size_multiple=self.image_size,
-                            native_size=(self.image_size,) * 2)
-
     def _check(self, r: GenerationRequest) -> None:
-        if r.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if not 1 <= r.steps <= self.unet.cfg.num_tokens:
             raise ValueError(f"steps must be between 1 and the {self.unet.cfg.num_tokens} tokens, got {r.steps}")
 
@@ -139,50 +138,11 @@ def save_maskgit(net: TokenTransformer, vq: VQAutoencoder, cfg: MaskGITConfig, p
 
 
 def load(path: Path, dtype: torch.dtype = torch.float32) -> MaskGITPipeline:
-    """A MaskGIT file (or a folder holding it as model.safetensors) -> MaskGITPipeline; the
-    transformer in `dtype` (float32 unless asked), the tokenizer in float32."""
-    file = system_file(path)
-    net, vq, cfg = load_token_model(file, SYSTEM_NAME, "a t2i MaskGIT file", MaskGITConfig.from_dict)
-    name = file.parent.name if file.name == "model.safetensors" else file.stem
-    pipe = MaskGITPipeline(net, vq, load_text_encoder(cfg.text_encoder, cfg.text_length), cfg, name=name)
-    if dtype != torch.float32:
-        pipe.unet.to(dtype)
-    return pipe
+    """A MaskGIT file (or a folder holding it as model.safetensors) -> MaskGITPipeline."""
+    return load_pipeline(path, dtype, SYSTEM_NAME, "a t2i MaskGIT file", MaskGITConfig.from_dict,
+                         lambda net, vq, cfg, name: MaskGITPipeline(
+                             net, vq, load_text_encoder(cfg.text_encoder, cfg.text_length), cfg, name=name))
 
 
-def randomize(net: nn.Module) -> None:
-    """Give the zero-initialised image head random weights, as a trained one has (a random tiny
-    model whose logits were all equal would ignore the prompt and the guidance)."""
-    with torch.no_grad():
-        net.to_logits.weight.normal_(0, net.cfg.width ** -0.5)  # logits of about unit spread
-
-
-def tiny_tokenizer(seed: int = 0) -> VQAutoencoder:
-    """A random tokenizer of the tiny preset (16x16 images, 4x4 codes of 32), codebook spread out so
-    that different codes decode to different pixels."""
-    torch.manual_seed(seed)
-    vq = VQAutoencoder(replace(VQ_CONFIGS["tiny"]))
-    with torch.no_grad():
-        vq.quantize.codebook.normal_()
-    return vq.eval()
-
-
-def write_tiny(folder: Path, seed: int = 0) -> Path:
-    """A random model of the tiny presets (16x16 images) as folder/model.safetensors."""
-    vq = tiny_tokenizer(seed)
-    cfg = MaskGITConfig(net=replace(TOKEN_TRANSFORMER_PRESETS["tiny"]), vq=vq.cfg, steps=4)
-    net = TokenTransformer(cfg.net)
-    randomize(net)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_maskgit(net, vq, cfg, folder / "model.safetensors")
-    return folder / "model.safetensors"
-
-
-SYSTEM = System(
-    name=SYSTEM_NAME,
-    description="MaskGIT: a masked token transformer with its VQ tokenizer, a t2i .safetensors with a "
-                "t2i_config (or a folder holding it as model.safetensors)",
-    detect=lambda path: is_system_file(Path(path), SYSTEM_NAME),
-    load=load,
-    write_tiny=write_tiny,
-)
+SYSTEM = token_system(SYSTEM_NAME, "MaskGIT: a masked token transformer reading MiniLM text states", load,
+                      lambda vq: MaskGITConfig(net=replace(TOKEN_TRANSFORMER_PRESETS["tiny"]), vq=vq, steps=4))

@@ -11,23 +11,27 @@ prompt with seed s draws from ``torch.Generator("cpu").manual_seed(s + i)`` only
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from t2i.autoencoders.vq import VQAutoencoder, VQAutoencoderConfig
+from t2i.autoencoders.vq import VQ_CONFIGS, VQAutoencoder, VQAutoencoderConfig
 from t2i.checkpoints.io import (
     CheckpointError,
     check_safetensors_header,
     header_tensors,
+    is_system_file,
     load_state_dict,
     read_config,
     save_with_config,
+    system_file,
 )
 from t2i.checkpoints.limits import build_checked, fill
 from t2i.imageio import request_parameters, to_pil
@@ -35,11 +39,13 @@ from t2i.nets.token_transformer import TokenTransformer, TokenTransformerConfig
 from t2i.quantize import precision_of
 from t2i.seeds import seed_generators
 from t2i.systems.base import (
+    Capabilities,
     GenerationDefaults,
     GenerationRequest,
     GenerationResult,
     RequestMethods,
     StepReport,
+    System,
     per_image,
 )
 from t2i.systems.latent_diffusion import stop_polling
@@ -91,7 +97,7 @@ def network_configs(d: dict[str, Any]) -> dict[str, Any]:
 
 class TokenPipeline(RequestMethods):
     """A token transformer (`unet`, as every family names its main network, so that int8 precision
-    quantizes it) and its tokenizer; a family supplies `capabilities`, `_sample` and `_check`.
+    quantizes it) and its tokenizer; a family supplies `options`, `samplers`, `_sample` and `_check`.
 
     Args:
         net: the transformer.
@@ -100,6 +106,13 @@ class TokenPipeline(RequestMethods):
     """
 
     family = "tokens"
+    options: frozenset[str] = frozenset()  # the request fields run() honours (Capabilities.options)
+    samplers: tuple[str, ...] = ()  # the sampler names it takes
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(options=self.options, samplers=self.samplers, size_multiple=self.image_size,
+                            native_size=(self.image_size,) * 2)
 
     def __init__(self, net: TokenTransformer, vq: VQAutoencoder, name: str, defaults: GenerationDefaults) -> None:
         if net.cfg.num_codes != vq.cfg.num_codes:
@@ -119,6 +132,8 @@ class TokenPipeline(RequestMethods):
                                  f"{self.unet.cfg.grid} token map with learned positions, got {v}")
         if not math.isfinite(r.guidance):
             raise ValueError(f"guidance must be a finite number, got {r.guidance}")
+        if r.sampler not in self.samplers:
+            raise ValueError(f"unknown sampler {r.sampler!r}; choose one of {', '.join(self.samplers)}")
         self._check(r)
         return r
 
@@ -170,3 +185,54 @@ class TokenPipeline(RequestMethods):
     def prompt_warning(self, prompt: str) -> str | None:
         """A warning for a prompt the model cannot draw (e.g. words it never saw), or None."""
         return None
+
+
+# ---------------------------------------------------------------------------------------
+# A token family's file: load, a tiny random one, the System
+# ---------------------------------------------------------------------------------------
+
+
+def load_pipeline(path: Path, dtype: torch.dtype, system: str, what: str, from_dict: Callable[[dict[str, Any]], Any],
+                  make: Callable[[TokenTransformer, VQAutoencoder, Any, str], TokenPipeline]) -> TokenPipeline:
+    """A family's file (or a folder holding it as model.safetensors) -> `make(net, vq, cfg, name)`, the
+    transformer then cast to `dtype` (the tokenizer stays float32)."""
+    file = system_file(path)
+    net, vq, cfg = load_token_model(file, system, what, from_dict)
+    pipe = make(net, vq, cfg, file.parent.name if file.name == "model.safetensors" else file.stem)
+    if dtype != torch.float32:
+        pipe.unet.to(dtype)
+    return pipe
+
+
+def tiny_tokenizer(seed: int = 0) -> VQAutoencoder:
+    """A random tokenizer of the tiny preset (16x16 images, 4x4 codes of 32), codebook spread out so
+    that different codes decode to different pixels."""
+    torch.manual_seed(seed)
+    vq = VQAutoencoder(replace(VQ_CONFIGS["tiny"]))
+    with torch.no_grad():
+        vq.quantize.codebook.normal_()
+    return vq.eval()
+
+
+def write_tiny_model(folder: Path, seed: int, system: str, config: Callable[[VQAutoencoderConfig], Any]) -> Path:
+    """A random model (the tiny tokenizer, the transformer of `config(tokenizer config).net`) as
+    folder/model.safetensors. Its image head gets random weights, as a trained one has: a new
+    network's zero head gives equal logits, which would ignore the prompt and the guidance."""
+    vq = tiny_tokenizer(seed)
+    cfg = config(vq.cfg)
+    net = TokenTransformer(cfg.net)
+    with torch.no_grad():
+        net.to_logits.weight.normal_(0, net.cfg.width ** -0.5)  # logits of about unit spread
+    folder.mkdir(parents=True, exist_ok=True)
+    save_token_model(net, vq, dataclasses.asdict(cfg), folder / "model.safetensors", system)
+    return folder / "model.safetensors"
+
+
+def token_system(name: str, description: str, load: Callable[[Path, torch.dtype], TokenPipeline],
+                 config: Callable[[VQAutoencoderConfig], Any]) -> System:
+    """The System of a token family whose files `save_token_model` writes: detected by their metadata
+    only; its tiny model built from `config` (see `write_tiny_model`)."""
+    return System(name=name, description=f"{description}, a t2i .safetensors with its VQ tokenizer and a "
+                  "t2i_config (or a folder holding it as model.safetensors)",
+                  detect=lambda path: is_system_file(Path(path), name), load=load,
+                  write_tiny=lambda folder, seed=0: write_tiny_model(Path(folder), seed, name, config))

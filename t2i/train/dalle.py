@@ -24,40 +24,20 @@ import torch
 import torch.nn.functional as F
 
 from t2i.data.shapes_vocab import vocabulary
-from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS, TokenTransformer
+from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS
 from t2i.systems.dalle import DalleConfig, DallePipeline, dalle_net_config, save_dalle
-from t2i.train.config import LoopConfig
-from t2i.train.data import open_data
-from t2i.train.ema import EMA
 from t2i.train.fit import Grid, Run, Step, Task, fit
 from t2i.train.ldm import SAMPLE_PROMPTS
-from t2i.train.maskgit import image_codes
-from t2i.train.vqvae import load_vqvae
+from t2i.train.token_models import TokenTrainConfig, drop_captions, image_codes, token_setup
 
 
 @dataclass
-class DalleTrainConfig(LoopConfig):
-    """One DALL-E run. `model` (the resolved DalleConfig: networks and vocabulary) is filled in at the
-    start and saved in every checkpoint; the tokenizer's weights are read from `vqvae`."""
+class DalleTrainConfig(TokenTrainConfig):
+    """One DALL-E run (`TokenTrainConfig`'s settings and these; attention "dalle" is DALL-E's sparse
+    masks by layer)."""
 
-    vqvae: str = ""  # vqvae.safetensors written by `t2i train vqvae`
-    net_preset: str = "shapes"
-    attention: str = "full"  # "dalle": DALL-E's sparse masks by layer (t2i.tokens.masks)
     text_length: int = 20  # [BOS] + the longest shapes caption (18 words) + 1
     text_loss_weight: float = 0.125  # DALL-E's 1/8; the image loss takes 1 - this
-    caption_dropout: float = 0.1
-    data: str = "shapes"
-    data_path: str | None = None
-    background_p: float | None = None
-    steps: int = 3500
-    batch_size: int = 32
-    lr: float = 4e-4
-    warmup: int = 200
-    weight_decay: float = 0.01
-    ema_decay: float = 0.999
-    export_every: int = 500
-    image_every: int = 500
-    model: dict[str, Any] | None = None
 
 
 def resolve_model_config(cfg: DalleTrainConfig, vq_cfg: Any) -> DalleConfig:
@@ -84,32 +64,18 @@ def dalle_loss(net: torch.nn.Module, text: torch.Tensor, codes: torch.Tensor,
 
 
 def build_dalle(cfg: DalleTrainConfig, run: Run) -> Task:
-    if not cfg.vqvae:
-        raise ValueError("--vqvae: the tokenizer file (vqvae.safetensors of `t2i train vqvae`) is required")
-    vq = load_vqvae(cfg.vqvae)
-    if cfg.model is None:
-        cfg.model = dataclasses.asdict(resolve_model_config(cfg, vq.cfg))
-    model_cfg = DalleConfig.from_dict(cfg.model)
-    if model_cfg.vq != vq.cfg:
-        raise ValueError(f"{cfg.vqvae}: not the tokenizer this run was started with")
+    t = token_setup(cfg, run, lambda vq: resolve_model_config(cfg, vq.cfg), DalleConfig.from_dict)
+    vq, model_cfg, net, ema = t.vq, t.model_cfg, t.net, t.ema
     tokenize = model_cfg.tokenizer()
-    data = open_data(cfg.data, cfg.data_path, vq.cfg.sample_size, cfg.seed, run.log.text, cfg.background_p,
-                     workers=cfg.data_workers)
-    torch.manual_seed(cfg.seed)  # the network's init must not depend on what loading drew
-    net = TokenTransformer(model_cfg.net)
-    ema = EMA(net, cfg.ema_decay)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.96))
-    parallel = run.parallel(net)
 
     def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(text ids (B, Lt) with caption dropout drawn from `gen`, codes (B, N))."""
-        x, captions, _ = data.batch(position, cfg.batch_size, run.info)
-        drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
-        return tokenize(["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]), image_codes(vq, x)
+        x, captions, _ = t.data.batch(position, cfg.batch_size, run.info)
+        return tokenize(drop_captions(captions, cfg.caption_dropout, gen)), image_codes(vq, x)
 
     def step(batch: tuple[torch.Tensor, torch.Tensor], s: Step) -> dict[str, float]:
-        loss, logs = dalle_loss(parallel, *batch, cfg.text_loss_weight)
-        gnorm = s.update(loss, opt, net.parameters(), "DALL-E loss")
+        loss, logs = dalle_loss(t.parallel, *batch, cfg.text_loss_weight)
+        gnorm = s.update(loss, t.opt, net.parameters(), "DALL-E loss")
         return {"dalle/loss": loss.item(), **logs, "dalle/grad_norm": gnorm}
 
     def export() -> None:
@@ -124,7 +90,7 @@ def build_dalle(cfg: DalleTrainConfig, run: Run) -> Task:
     n_params = sum(p.numel() for p in net.parameters())
     about = (f", causal token transformer {n_params / 1e6:.2f}M parameters over {model_cfg.net.text_length} text + "
              f"{model_cfg.net.num_tokens} image tokens ({model_cfg.net.attention} attention, tokenizer {cfg.vqvae})")
-    return Task("dalle", {"net": net, "ema": ema.averaged}, {"opt": opt}, prepare=prepare, step=step, ema=ema,
+    return Task("dalle", {"net": net, "ema": ema.averaged}, {"opt": t.opt}, prepare=prepare, step=step, ema=ema,
                 grid=grid, export=export, about=about)
 
 

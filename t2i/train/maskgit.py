@@ -22,40 +22,20 @@ import torch
 import torch.nn.functional as F
 
 from t2i.autoencoders.vq import VQAutoencoder
-from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS, TokenTransformer
+from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS
 from t2i.systems.maskgit import MaskGITConfig, MaskGITPipeline, load_text_encoder, save_maskgit, text_conditioning
 from t2i.tokens import sample_training_mask
-from t2i.train.config import LoopConfig
-from t2i.train.data import open_data
-from t2i.train.ema import EMA
 from t2i.train.fit import Grid, Run, Step, Task, fit
 from t2i.train.ldm import SAMPLE_PROMPTS
-from t2i.train.vqvae import load_vqvae
+from t2i.train.token_models import TokenTrainConfig, drop_captions, image_codes, token_setup
 
 
 @dataclass
-class MaskGITTrainConfig(LoopConfig):
-    """One MaskGIT run. `model` (the resolved MaskGITConfig, tokenizer config included) is filled
-    in at the start and saved in every checkpoint; the tokenizer's weights are read from `vqvae`."""
+class MaskGITTrainConfig(TokenTrainConfig):
+    """One MaskGIT run (`TokenTrainConfig`'s settings and these)."""
 
-    vqvae: str = ""  # vqvae.safetensors written by `t2i train vqvae`
-    net_preset: str = "shapes"
-    attention: str = "full"  # self-attention mask pattern (t2i.tokens.masks.PATTERNS)
-    caption_dropout: float = 0.1
     label_smoothing: float = 0.1
-    data: str = "shapes"
-    data_path: str | None = None
-    background_p: float | None = None
-    steps: int = 3500
-    batch_size: int = 32
-    lr: float = 4e-4
-    warmup: int = 200
-    weight_decay: float = 0.01
-    ema_decay: float = 0.999
-    export_every: int = 500
-    image_every: int = 500
-    sample_steps: int = 8
-    model: dict[str, Any] | None = None
+    sample_steps: int = 8  # decoding steps of the grids and the model's default
 
 
 def resolve_model_config(cfg: MaskGITTrainConfig, vq: VQAutoencoder) -> MaskGITConfig:
@@ -69,12 +49,6 @@ def resolve_model_config(cfg: MaskGITTrainConfig, vq: VQAutoencoder) -> MaskGITC
     return MaskGITConfig(net=net, vq=vq.cfg, steps=cfg.sample_steps)
 
 
-@torch.no_grad()
-def image_codes(vq: VQAutoencoder, x: torch.Tensor) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] -> (B, N) codes in raster order, N = (H / f) * (W / f)."""
-    return vq.encode(x)[0].flatten(1)
-
-
 def masked_token_loss(logits: torch.Tensor, codes: torch.Tensor, masked: torch.Tensor,
                       label_smoothing: float = 0.0) -> torch.Tensor:
     """MaskGIT eq. 1: mean cross-entropy of the true codes at the masked positions only.
@@ -83,40 +57,24 @@ def masked_token_loss(logits: torch.Tensor, codes: torch.Tensor, masked: torch.T
 
 
 def build_maskgit(cfg: MaskGITTrainConfig, run: Run, text_encoder: torch.nn.Module | None = None) -> Task:
-    if not cfg.vqvae:
-        raise ValueError("--vqvae: the tokenizer file (vqvae.safetensors of `t2i train vqvae`) is required")
-    vq = load_vqvae(cfg.vqvae)
-    if cfg.model is None:
-        cfg.model = dataclasses.asdict(resolve_model_config(cfg, vq))
-    model_cfg = MaskGITConfig.from_dict(cfg.model)
-    if model_cfg.vq != vq.cfg:
-        raise ValueError(f"{cfg.vqvae}: not the tokenizer this run was started with")
+    t = token_setup(cfg, run, partial(resolve_model_config, cfg), MaskGITConfig.from_dict)
+    vq, model_cfg, net, ema = t.vq, t.model_cfg, t.net, t.ema
     text = text_encoder or load_text_encoder(model_cfg.text_encoder, model_cfg.text_length)
-    size = vq.cfg.sample_size
-    data = open_data(cfg.data, cfg.data_path, size, cfg.seed, run.log.text, cfg.background_p,
-                     workers=cfg.data_workers)
-    torch.manual_seed(cfg.seed)  # the network's init must not depend on what loading drew
-    net = TokenTransformer(model_cfg.net)
-    ema = EMA(net, cfg.ema_decay)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.96))
-    parallel = run.parallel(net)
-    mask_id = model_cfg.net.mask_id
 
-    def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, ...] | Any:
+    def prepare(position: int, gen: torch.Generator) -> tuple[Any, ...]:
         """(inputs (B, N) with [MASK] at the masked positions, codes (B, N), masked (B, N) bool,
         the text conditioning of the captions with caption dropout); all drawn from `gen`."""
-        x, captions, _ = data.batch(position, cfg.batch_size, run.info)
+        x, captions, _ = t.data.batch(position, cfg.batch_size, run.info)
         codes = image_codes(vq, x)  # (B, N)
-        drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        captions = drop_captions(captions, cfg.caption_dropout, gen)
         masked = sample_training_mask(codes.shape[0], codes.shape[1], gen)  # (B, N)
-        return codes.masked_fill(masked, mask_id), codes, masked, text_conditioning(text, captions)
+        return codes.masked_fill(masked, model_cfg.net.mask_id), codes, masked, text_conditioning(text, captions)
 
     def step(batch: tuple[Any, ...], s: Step) -> dict[str, float]:
         inputs, codes, masked, cond = batch
-        logits = parallel(inputs, **cond)  # (B, N, V)
+        logits = t.parallel(inputs, **cond)  # (B, N, V)
         loss = masked_token_loss(logits, codes, masked, cfg.label_smoothing)
-        gnorm = s.update(loss, opt, net.parameters(), "MaskGIT loss")
+        gnorm = s.update(loss, t.opt, net.parameters(), "MaskGIT loss")
         with torch.no_grad():
             accuracy = (logits[masked].argmax(-1) == codes[masked]).float().mean().item()
         return {"maskgit/loss": loss.item(), "maskgit/masked_accuracy": accuracy, "maskgit/grad_norm": gnorm}
@@ -134,7 +92,7 @@ def build_maskgit(cfg: MaskGITTrainConfig, run: Run, text_encoder: torch.nn.Modu
     n_params = sum(p.numel() for p in net.parameters())
     about = (f", token transformer {n_params / 1e6:.2f}M parameters on {model_cfg.net.grid}x{model_cfg.net.grid} "
              f"tokens of {model_cfg.net.num_codes} codes (tokenizer {cfg.vqvae})")
-    return Task("maskgit", {"net": net, "ema": ema.averaged}, {"opt": opt}, prepare=prepare, step=step, ema=ema,
+    return Task("maskgit", {"net": net, "ema": ema.averaged}, {"opt": t.opt}, prepare=prepare, step=step, ema=ema,
                 grid=grid, export=export, about=about)
 
 
