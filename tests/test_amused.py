@@ -256,3 +256,12 @@ def test_editing_needs_an_image_and_a_mask(amused):
         ours.generate("a red circle", init_image=image)
     with pytest.raises(ValueError, match="strength"):
         ours.generate("a red circle", init_image=image, mask=image, steps=4, strength=0.1)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_reduced_precisions_generate(amused, precision):
+    """bf16 weights, and int8 Linear layers in the token transformer (`unet`), run end to end."""
+    _, path, _ = amused
+    result = t2i.load(path, precision=precision).generate("a red circle", seed=1, steps=3)
+    assert result.sample.shape == (1, 4, 4) and ((result.sample >= 0) & (result.sample < 32)).all()
+    assert f"Precision: {precision}" in result.images[0].info["parameters"]

@@ -304,7 +304,7 @@ class UVit2DModel(nn.Module):
     def forward(self, tokens: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
                 micro_conds: torch.Tensor) -> torch.Tensor:
         b = tokens.shape[0]
-        dtype = self.encoder_proj.weight.dtype
+        dtype = self.embed.embeddings.weight.dtype  # (an Embedding: int8 precision leaves it as it is)
         context = self.encoder_proj_layer_norm(self.encoder_proj(context.to(dtype)))  # (B, T, D)
         micro = self.micro_cond(micro_conds.flatten()).reshape(b, -1)  # (B, 5 * E) float32
         c = self.cond_embed(torch.cat([pooled.float(), micro], dim=1).to(dtype))  # (B, D)
