@@ -46,6 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         '{"units": "pixels" or "fractions", "objects": [{"phrase": "a red circle", "box": '
                         '[x0, y0, x1, y1]}, ...]}; pixels are on --width x --height (the model\'s size if left '
                         'out); - reads stdin')
+    p.add_argument("--region", action="append", dest="regions", default=None, metavar="X0,Y0,X1,Y1:WORDS",
+                   help="paint-with-words (eDiff-I): the box's cross-attention to WORDS (words of the prompt) is "
+                        "boosted; numbers all within [0, 1] are fractions of the canvas, otherwise pixels on --width x "
+                        "--height; repeatable")
+    p.add_argument("--region-weight", type=float, default=None, metavar="W",
+                   help="strength w' of the --region boost (default 0.5; 0: off)")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--init-image", default=None, help="img2img / inpainting input image")
     p.add_argument("--strength", type=float, default=None,
@@ -147,6 +153,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError("--controlnet and --control-image go together")
     if not math.isfinite(args.control_scale):
         raise UserError(f"--control-scale must be a finite number, got {args.control_scale}")
+    if args.region_weight is not None and not math.isfinite(args.region_weight):
+        raise UserError(f"--region-weight must be a finite number, got {args.region_weight}")
     if args.save_latents and not args.save_latents.endswith(".safetensors"):
         raise UserError("--save-latents must name a .safetensors file")
 
@@ -221,6 +229,21 @@ def _layout(pipe, request: GenerationRequest, path: str):
         return as_layout(request.layout, r.width, r.height, getattr(pipe, "max_objects", None))
     except LayoutError as e:
         raise UserError(f"--layout {path}: {e}") from None
+
+
+def _regions(pipe, request: GenerationRequest):
+    """request.regions (--region's strings) parsed on the size the image will have and, where the model
+    knows its tokenizer (`request_regions`), checked against the prompt: one line naming the region."""
+    from t2i.cli import UserError
+    from t2i.diffusion.paint_with_words import RegionError, as_regions
+    from t2i.request_warnings import resolved_request
+
+    r = resolved_request(pipe, request)
+    try:
+        check = getattr(pipe, "request_regions", None)
+        return check(r) if check is not None else as_regions(r.regions, r.width, r.height)
+    except RegionError as e:
+        raise UserError(f"--region: {e}") from None
 
 
 def _seed(args: argparse.Namespace) -> int:
@@ -320,7 +343,7 @@ def _merges_loras(args: argparse.Namespace) -> bool:
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     import t2i
-    from t2i.request_warnings import size_warning
+    from t2i.request_warnings import regions_warning, size_warning
     from t2i.systems.base import check_request
 
     # Cheap refusals first: outputs that exist, a prompts file that cannot be read.
@@ -336,7 +359,7 @@ def run(args: argparse.Namespace) -> int:
                        seed=0, prompt=args.prompt or prompts[0],
                        preview=bool(args.preview_decoder), progress=not args.quiet, layout=layout)
     check_request(pipe, request)  # UnsupportedOption (a ValueError): one line naming option and model
-    request = replace(request, layout=_layout(pipe, request, args.layout))
+    request = replace(request, layout=_layout(pipe, request, args.layout), regions=_regions(pipe, request))
     refiner = t2i.load(args.refiner, precision=args.precision, quantizable=not _merges_loras(args)) \
         if args.refiner else None
     if refiner is not None and args.embedding_dir:  # it reads the same prompt: the same trigger words
@@ -355,8 +378,9 @@ def run(args: argparse.Namespace) -> int:
         from t2i.eval.rerank import load_embedder
 
         embedder = load_embedder(args.rerank_clip)
-    if (warning := size_warning(pipe, request)) is not None:
-        _warn(warning)
+    for warning in (size_warning(pipe, request), regions_warning(request)):
+        if warning is not None:
+            _warn(warning)
     if args.prompts_file is not None:
         return _run_prompts_file(pipe, request, prompts, args, embedder)
     result = _generate(pipe, request, args, embedder)

@@ -1,8 +1,8 @@
 """What a caller should tell the user about a request that will run, but not as they probably hope.
 
 Generic, from a pipeline's `capabilities` and `defaults` only (any family): a size other than the
-one the model was trained at. Family-specific warnings (a prompt outside a model's vocabulary)
-come back from `pipe.run` in `GenerationResult.warnings`.
+one the model was trained at, a region weight without regions. Family-specific warnings (a prompt
+outside a model's vocabulary) come back from `pipe.run` in `GenerationResult.warnings`.
 """
 
 from __future__ import annotations
@@ -35,3 +35,10 @@ def size_warning(pipe: Pipeline, request: GenerationRequest) -> str | None:
         return None
     return (f"{r.width}x{r.height} is not the native size of {pipe.name} ({native[0]}x{native[1]}, what it was "
             "trained at): other sizes compose worse (repeated or scattered objects)")
+
+
+def regions_warning(request: GenerationRequest) -> str | None:
+    """A one-line warning when a paint-with-words weight is given without any region (it does nothing)."""
+    if request.region_weight is not None and not request.regions:
+        return "a region weight without regions does nothing (give regions: --region X0,Y0,X1,Y1:WORDS)"
+    return None

@@ -47,6 +47,7 @@ from t2i.nets.attention import Attention
 # The cond key the masks travel under, from the pipeline to `PaintWithWords` (never to the network).
 COND_KEY = "regions"
 DEFAULT_WEIGHT = 0.5  # w' when a request gives none (see the measurements in the README)
+MAX_REGIONS = 64  # more is a mistake, or a server's client making the mask cost T x h x w each
 
 _REGION_RE = re.compile(r"^\s*([^:]+?)\s*:(.*)$", re.S)
 
@@ -122,6 +123,8 @@ def as_regions(value: Any, width: int, height: int) -> tuple[Region, ...] | None
             raise RegionError(f"regions are not valid JSON: {e}") from None
     if not isinstance(value, (list, tuple)):
         raise RegionError('regions are a list: ["x0,y0,x1,y1:words", ...] or [{"box": [...], "words": "..."}, ...]')
+    if len(value) > MAX_REGIONS:
+        raise RegionError(f"{len(value)} regions; at most {MAX_REGIONS}")
     regions = tuple(parse_region(v, width, height, i + 1) for i, v in enumerate(value))
     return regions or None
 

@@ -10,6 +10,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from t2i.diffusion.paint_with_words import regions_to_json
 from t2i.imageio import A1111_SAMPLER_NAMES
 from t2i.serve.context import ServeContext
 from t2i.serve.jobs import Job, encode_png, sketch
@@ -34,10 +35,18 @@ def generation_info(ctx: ServeContext, r: GenerationRequest, job: Job, batch_siz
             "scheduler": (r.schedule or "").capitalize(), "cfg_scale": r.guidance, "steps": r.steps,
             "batch_size": batch_size, "restore_faces": False, "sd_model_name": ctx.pipe.name,
             "denoising_strength": r.strength, "styles": [],
-            "extra_generation_params": {} if r.layout is None else {"Layout": r.layout.to_json()},
+            "extra_generation_params": extra_generation_params(r),
             "index_of_first_image": 0, "infotexts": [o.parameters for o in job.outputs],
             "job_timestamp": timestamp(job), "clip_skip": 1, "is_using_inpainting_conditioning": False,
             "version": "t2i", "warnings": job.warnings}
+
+
+def extra_generation_params(r: GenerationRequest) -> dict[str, str]:
+    """What t2i adds to A1111's settings, as its PNG parameters name it: the layout, the regions."""
+    out = {} if r.layout is None else {"Layout": r.layout.to_json()}  # type: ignore[union-attr]
+    if r.regions:
+        out["Regions"] = regions_to_json(r.regions)  # resolved by then: Region objects
+    return out
 
 
 def preview_png(ctx: ServeContext, job: Job) -> str | None:

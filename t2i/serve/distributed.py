@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, fields
 
 from PIL import Image
 
+from t2i.diffusion.paint_with_words import as_regions, regions_to_json
 from t2i.layout.spec import Layout
 from t2i.serve.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SHUTTING_DOWN, DuplicateJob, Job, Output, QueueFull
 from t2i.serve.networks import prompt_lora_files
@@ -138,7 +139,7 @@ def connect(url: str):
 # ---------------------------------------------------------------------- what crosses the wire
 
 REQUEST_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "steps", "guidance", "guidance_rescale",
-                  "sampler", "schedule", "eta", "width", "height", "strength")
+                  "sampler", "schedule", "eta", "width", "height", "strength", "region_weight")
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -151,7 +152,8 @@ def request_fields(r: GenerationRequest) -> dict[str, bytes | str]:
     """A resolved request as job-record fields: its settings as JSON, its images as PNG bytes."""
     out: dict[str, bytes | str] = {"request": json.dumps({
         **{k: getattr(r, k) for k in REQUEST_FIELDS},
-        "layout": None if r.layout is None else r.layout.to_json()})}  # type: ignore[union-attr]
+        "layout": None if r.layout is None else r.layout.to_json(),  # type: ignore[union-attr]
+        "regions": None if not r.regions else regions_to_json(as_regions(r.regions, r.width or 0, r.height or 0))})}
     if r.init_image is not None:
         out["init_image"] = png_bytes(r.init_image)
     if r.mask is not None:
@@ -162,12 +164,13 @@ def request_fields(r: GenerationRequest) -> dict[str, bytes | str]:
 def read_request(record: dict[bytes, bytes]) -> GenerationRequest:
     """The request of a job record (request_fields' inverse; images only while the job is active)."""
     data = json.loads(record[b"request"])
-    layout = data.pop("layout")
+    layout, regions = data.pop("layout"), data.pop("regions", None)
     width, height = data.get("width") or 0, data.get("height") or 0
     images = {name: Image.open(io.BytesIO(record[name.encode()])) for name in ("init_image", "mask")
               if name.encode() in record}
     return GenerationRequest(**data, **images,
-                             layout=None if layout is None else Layout.from_json(layout, width, height))
+                             layout=None if layout is None else Layout.from_json(layout, width, height),
+                             regions=as_regions(regions, width, height))
 
 
 class RemoteJob(Job):

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
+from t2i.diffusion.paint_with_words import Region, RegionError, as_regions
 from t2i.imageio import A1111_SAMPLER_NAMES
 from t2i.layout.spec import Layout, LayoutError, as_layout
 from t2i.seeds import RANDOM, random_seed
@@ -47,6 +48,11 @@ Prompt = Field(default="", max_length=100_000)  # the configured (smaller) limit
 # here: Resolver's as_layout checks it, with messages naming the object.
 LayoutParam = Field(default=None, description='for models that take a layout: {"units": "pixels" | "fractions", '
                                                '"objects": [{"phrase": "a red circle", "box": [x0, y0, x1, y1]}, ...]}')
+# Paint-with-words (t2i.diffusion.paint_with_words.as_regions reads it; messages name the region).
+RegionsParam = Field(default=None, description='paint-with-words: ["x0,y0,x1,y1:words", ...] or [{"box": [x0, y0, '
+                                               'x1, y1], "words": "red circle"}, ...]; numbers all within [0, 1] are '
+                                               'fractions of the canvas, otherwise pixels')
+RegionWeight = Field(default=None, allow_inf_nan=False, description="paint-with-words strength w' (default 0.5)")
 
 
 class OpenAIImageRequest(BaseModel):
@@ -89,6 +95,8 @@ class JobRequest(BaseModel):
     sampler: str | None = Field(default=None, max_length=50)
     schedule: str | None = Field(default=None, max_length=20)
     layout: Any = LayoutParam
+    regions: Any = RegionsParam
+    region_weight: float | None = RegionWeight
 
 
 class A1111Txt2Img(BaseModel):
@@ -117,6 +125,8 @@ class A1111Txt2Img(BaseModel):
     subseed_strength: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
     script_name: str | None = None
     layout: Any = LayoutParam  # ours: A1111 has none
+    regions: Any = RegionsParam  # ours too
+    region_weight: float | None = RegionWeight
 
 
 class A1111Img2Img(A1111Txt2Img):
@@ -194,7 +204,7 @@ def load_resized(image: Image.Image, size: tuple[int, int], field: str, mask: bo
 
 # The GenerationRequest fields every API names alike; each API maps the others to its own names.
 SAME_NAMES = ("prompt", "negative_prompt", "steps", "guidance", "width", "height", "seed", "sampler",
-              "schedule", "eta", "layout")
+              "schedule", "eta", "layout", "regions", "region_weight")
 
 
 class Resolver:
@@ -250,6 +260,7 @@ class Resolver:
                                       if getattr(request, k) is None and self.caps.accepts(k)})
         self.check_limits(request, f)
         request = replace(request, layout=self.layout(request, f["layout"]))
+        request = replace(request, regions=self.regions(request, f["regions"]))
         if request.eta is not None and request.sampler != "ddim":
             request = replace(request, eta=None)  # only DDIM reads it: other samplers batch with any eta
         if seed == RANDOM:
@@ -272,6 +283,17 @@ class Resolver:
             if len(o.phrase) > top:
                 raise FieldError(field, f"layout object {i + 1}: a phrase of {len(o.phrase)} characters; at most {top}")
         return layout
+
+    def regions(self, r: GenerationRequest, field: str) -> tuple[Region, ...] | None:
+        """The client's regions parsed (pixels on the request's size) and, where the model can tell
+        (`request_regions`), their words found in the prompt; FieldError naming the region otherwise."""
+        d = self.pipe.defaults
+        sized = replace(r, width=r.width or d.width, height=r.height or d.height)
+        try:
+            check = getattr(self.pipe, "request_regions", None)
+            return check(sized) if check is not None else as_regions(r.regions, sized.width, sized.height)
+        except RegionError as e:
+            raise FieldError(field, str(e)) from None
 
     def check_limits(self, r: GenerationRequest, f: dict[str, str]) -> None:
         """FieldError for the first setting over the limits, or for a cost over the budget."""
@@ -321,7 +343,8 @@ class Resolver:
         sampler, schedule = self.sampler(req.sampler, req.schedule, "sampler", "schedule")
         return self.request(dict(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed,
                                  num_images=req.n, steps=req.steps, guidance=req.guidance, sampler=sampler,
-                                 schedule=schedule, width=req.width, height=req.height, layout=req.layout))
+                                 schedule=schedule, width=req.width, height=req.height, layout=req.layout,
+                                 regions=req.regions, region_weight=req.region_weight))
 
     def a1111(self, req: A1111Txt2Img) -> GenerationRequest:
         """txt2img and img2img. Decodes the init image and mask (resized to the job's size), so the
@@ -338,7 +361,7 @@ class Resolver:
         given = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed,
                      num_images=req.batch_size * req.n_iter, steps=req.steps, guidance=req.cfg_scale,
                      sampler=sampler, schedule=schedule, eta=req.eta, width=req.width, height=req.height,
-                     layout=req.layout)
+                     layout=req.layout, regions=req.regions, region_weight=req.region_weight)
         if not isinstance(req, A1111Img2Img):
             return self.request(given, names)
         if len(req.init_images) > 1:
