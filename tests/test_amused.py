@@ -168,6 +168,9 @@ def test_images_do_not_depend_on_the_batch(amused):
     want = _reference(reference, "a red circle", 5, "latent", num_inference_steps=4)
     assert torch.equal(both.sample[1], want[0])
     assert "Seed: 10," in both.images[3].info["parameters"]
+    assert not both.warnings
+    long = ours.generate("a red circle " * 30, seed=1, steps=2)
+    assert len(long.warnings) == 1 and "was cut" in long.warnings[0]
 
 
 def test_progress_callback_and_stop(amused):

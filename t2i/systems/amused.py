@@ -125,6 +125,13 @@ class AmusedPipeline(TokenPipeline):
         repaint = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0) >= 0.5  # (h, w)
         return codes.flatten(), ~repaint.flatten()
 
+    def prompt_warning(self, prompt: str) -> str | None:
+        """A prompt longer than CLIP's window is cut (as diffusers cuts it): say so."""
+        window = self.text_encoder.max_length
+        if self.text_encoder.tokenizer.tokenize([prompt], window).truncated[0]:
+            return f"prompt {prompt[:40]!r} was cut to the text encoder's {window} tokens"
+        return None
+
     def conditioning(self, prompts: list[str], width: int, height: int) -> dict[str, torch.Tensor]:
         """The transformer's conditioning of each prompt: CLIP's penultimate states (B, 77, D), its
         projected text_embeds (B, P) and the micro-conditions (B, 5) for this image size."""
