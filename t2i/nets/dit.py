@@ -77,10 +77,11 @@ DIT_PRESETS: dict[str, DiTConfig] = {
                                   **_PIXART),
     "PixArt-XL/2-512": DiTConfig(sample_size=64, caption_dim=4096, **_PIXART),
     # the shapes world: 16x16x4 latents of the shipped f=4 autoencoder, 64 tokens; eps only (the hybrid
-    # VLB loss that trains the variance half is not in t2i.diffusion.losses)
-    "shapes_s": DiTConfig(sample_size=16, width=192, layers=6, heads=3, mlp_dim=768, num_classes=40,
+    # VLB loss that trains the variance half is not in t2i.diffusion.losses); sized for a 90-minute run on one
+    # CPU thread (about 1.9M parameters, ~1 s per step of 32)
+    "shapes_s": DiTConfig(sample_size=16, width=128, layers=6, heads=2, mlp_dim=512, num_classes=40,
                           learn_sigma=False),
-    "pixart_shapes_s": DiTConfig(sample_size=16, width=192, layers=6, heads=3, mlp_dim=768, caption_dim=384,
+    "pixart_shapes_s": DiTConfig(sample_size=16, width=128, layers=6, heads=2, mlp_dim=512, caption_dim=384,
                                  learn_sigma=False, **_PIXART),
     # test-sized: 8x8 latents, 16 tokens
     "tiny": DiTConfig(sample_size=8, width=32, layers=2, heads=2, mlp_dim=128, num_classes=8),

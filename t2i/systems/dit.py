@@ -183,7 +183,9 @@ class DiTPipeline(RequestMethods):
 
 
 def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
+    """The words that name a class: lower case, articles left out ("an orange cross" is in "a small orange
+    cross")."""
+    return [w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in ("a", "an", "the")]
 
 
 # ---------------------------------------------------------------------------------------
