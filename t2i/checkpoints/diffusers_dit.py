@@ -37,15 +37,20 @@ _TOP = {"pos_embed.proj.": "patch_embed.", _EMB + "timestep_embedder.": "t_embed
 _BLOCK = {"norm1.linear.": "ada.", "attn1.": "attn.", "ff.net.0.proj.": "mlp.fc1.", "ff.net.2.": "mlp.fc2."}
 
 
-def is_diffusers_dit(path: Path) -> bool:
-    """A folder whose model_index.json names DiTPipeline (reads that file only)."""
+def names_pipeline(path: Path, pipeline: str) -> bool:
+    """A folder whose model_index.json names `pipeline` as its _class_name (reads that file only)."""
     index = Path(path) / "model_index.json"
     if not index.is_file():
         return False
     try:
-        return read_json_object(index, "a diffusers model index").get("_class_name") == PIPELINE
+        return read_json_object(index, "a diffusers model index").get("_class_name") == pipeline
     except (ValueError, OSError):
         return False
+
+
+def is_diffusers_dit(path: Path) -> bool:
+    """A DiTPipeline folder."""
+    return names_pipeline(path, PIPELINE)
 
 
 def dit_config_from_diffusers(cfg: dict[str, Any]) -> DiTConfig:

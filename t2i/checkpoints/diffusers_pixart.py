@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 
-from t2i.checkpoints.diffusers_dit import rename_transformer_key
+from t2i.checkpoints.diffusers_dit import names_pipeline, rename_transformer_key
 from t2i.checkpoints.diffusers_nets import check_unsupported
-from t2i.checkpoints.io import read_json_object
 from t2i.nets.dit import DiTConfig
 
 PIPELINE = "PixArtAlphaPipeline"
@@ -40,14 +39,8 @@ _BLOCK = {"attn1.": "attn.", "attn2.": "cross_attn.", "ff.net.0.proj.": "mlp.fc1
 
 
 def is_diffusers_pixart(path: Path) -> bool:
-    """A folder whose model_index.json names PixArtAlphaPipeline (reads that file only)."""
-    index = Path(path) / "model_index.json"
-    if not index.is_file():
-        return False
-    try:
-        return read_json_object(index, "a diffusers model index").get("_class_name") == PIPELINE
-    except (ValueError, OSError):
-        return False
+    """A PixArtAlphaPipeline folder (reads its model_index.json only)."""
+    return names_pipeline(path, PIPELINE)
 
 
 def pixart_config_from_diffusers(cfg: dict[str, Any]) -> DiTConfig:

@@ -304,6 +304,16 @@ def load(path: Path, dtype: torch.dtype = torch.float32) -> DiTPipeline:
     return pipe
 
 
+@torch.no_grad()
+def randomise_zeros(net: DiT) -> DiT:
+    """The zero-initialised layers (adaLN-Zero, cross-attention outputs, the final layer) drawn from N(0, 0.02)
+    in place, for a tiny random test model: as initialised, it would output 0."""
+    for p in net.parameters():
+        if not p.abs().sum():
+            p.normal_(0, 0.02)
+    return net
+
+
 # The tiny model's classes: shapes-world captions, so the registry tests' prompts are classes.
 TINY_LABELS = ("a red circle", "a blue square", "a green triangle", "a yellow star", "a red square",
                "a blue circle", "a green square", "a yellow circle")
@@ -314,11 +324,7 @@ def write_tiny(folder: Path, seed: int = 0) -> Path:
     diffusers DiTPipeline folder; adaLN-Zero weights randomised too, or the network would output 0."""
     torch.manual_seed(seed)
     cfg = replace(DIT_PRESETS["tiny"], num_classes=len(TINY_LABELS))
-    net = DiT(cfg)
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.abs().sum():
-                p.normal_(0, 0.02)
+    net = randomise_zeros(DiT(cfg))
     vae_cfg = replace(AUTOENCODER_KL_CONFIGS["tiny"], sample_size=32)
     vae = AutoencoderKL(vae_cfg)
     root = folder / "dit-tiny"

@@ -39,7 +39,7 @@ from t2i.diffusion.schedules import ScheduleConfig
 from t2i.nets.dit import DIT_PRESETS, DiT
 from t2i.samplers.sampling import SAMPLERS
 from t2i.systems.base import Capabilities, GenerationDefaults, System
-from t2i.systems.dit import LatentTransformer, LatentTransformerConfig, model_name
+from t2i.systems.dit import LatentTransformer, LatentTransformerConfig, model_name, randomise_zeros
 from t2i.systems.latent_diffusion import LatentDiffusionPipeline
 from t2i.systems.shapes_ldm import VAE_PRESETS
 from t2i.systems.stable_diffusion import SCHEDULER_SAMPLERS
@@ -183,10 +183,7 @@ def write_tiny(folder: Path, seed: int = 0) -> Path:
     cfg = LatentTransformerConfig(net=replace(DIT_PRESETS["pixart_tiny"], caption_dim=384), vae=vae,
                                   text_encoder="minilm", image_size=32, steps=STEPS, guidance=GUIDANCE)
     model = LatentTransformer(cfg)
-    with torch.no_grad():
-        for p in model.net.parameters():
-            if not p.abs().sum():
-                p.normal_(0, 0.02)
+    randomise_zeros(model.net)
     folder.mkdir(parents=True, exist_ok=True)
     model.save(folder / "model.safetensors", SYSTEM_NAME)
     return folder / "model.safetensors"
