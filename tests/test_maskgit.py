@@ -56,6 +56,12 @@ def test_steps_are_model_calls_and_progress_and_cancel_are_honoured(tiny):
     samples = []
     pipe.generate("a red circle", seed=0, steps=2, on_sample=lambda i, n, x: samples.append(x.clone()))
     assert len(samples) == 2 and samples[0].shape == (1, 16) and (samples[0] < 32).all()  # every token drawn
+    raster = []
+    result = pipe.generate("a red circle", seed=0, sampler="raster", callback=lambda i, n: raster.append((i, n)))
+    assert raster == [(i, 16) for i in range(1, 17)] and "Steps: 16, Sampler: raster" in result.images[0].info[
+        "parameters"]
+    with pytest.raises(ValueError, match="one step per token"):
+        pipe.generate("a red circle", sampler="raster", steps=4)
     with pytest.raises(Interrupted):
         pipe.generate("a red circle", seed=0, should_stop=lambda: True)
     images = pipe.decode(samples[-1])
@@ -183,5 +189,7 @@ def test_a_network_trained_on_two_captions_draws_the_map_of_the_prompt_it_is_giv
         loss.backward()
         opt.step()
     pipe = MaskGITPipeline(net.eval(), tiny_tokenizer(), text, cfg)
-    red, blue = (pipe.generate(p, seed=0, num_images=2, guidance=2.0).sample for p in ("a red circle", "a blue square"))
-    assert (red == 3).float().mean() > 0.8 and (blue == 7).float().mean() > 0.8
+    for sampler in ("maskgit", "raster"):  # parallel decoding, and one token per call in raster order
+        red, blue = (pipe.generate(p, seed=0, num_images=2, guidance=2.0, sampler=sampler).sample
+                     for p in ("a red circle", "a blue square"))
+        assert (red == 3).float().mean() > 0.8 and (blue == 7).float().mean() > 0.8, sampler

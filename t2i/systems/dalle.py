@@ -29,7 +29,14 @@ from t2i.autoencoders.vq import VQ_CONFIGS, VQAutoencoder, VQAutoencoderConfig
 from t2i.data.shapes_vocab import out_of_world_warning, vocabulary
 from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS, TokenTransformer, TokenTransformerConfig
 from t2i.systems.base import GenerationDefaults, GenerationRequest, StepReport
-from t2i.systems.token_models import TokenPipeline, load_pipeline, network_configs, save_token_model, token_system
+from t2i.systems.token_models import (
+    TokenPipeline,
+    load_pipeline,
+    network_configs,
+    prefix_reporter,
+    save_token_model,
+    token_system,
+)
 from t2i.tokens import CFGTokenModel, GuidedCond, sample_autoregressive
 
 SYSTEM_NAME = "dalle"
@@ -134,14 +141,9 @@ class DallePipeline(TokenPipeline):
         cond = GuidedCond(self.tokenize(prompts), self.tokenize(negatives) if guided else None)
         model = CFGTokenModel(lambda tokens, text: self.unet(tokens, text=text), r.guidance)
         n = self.unet.cfg.num_tokens
-
-        def on_token(info: dict) -> None:
-            so_far = info["tokens"]  # (B, i + 1); the rest of the map shows as code 0
-            report({"i": info["i"], "denoised": torch.nn.functional.pad(so_far, (0, n - so_far.shape[1]))})
-
         temperature = 0.0 if r.sampler == "greedy" else self.temperature  # 0: argmax, no draw
         return sample_autoregressive(model, cond, n, generators=generators, temperature=temperature, top_k=self.top_k,
-                                     top_p=self.top_p, callback=on_token)
+                                     top_p=self.top_p, callback=prefix_reporter(report, n))
 
     def extra_parameters(self, r: GenerationRequest) -> dict[str, Any]:
         if r.sampler == "greedy":

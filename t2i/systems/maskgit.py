@@ -7,8 +7,11 @@ Decoding is `t2i.tokens.sample_masked` (sec. 3.2: all tokens unknown at first; e
 every unknown one, keeps the most confident and re-masks the rest by the cosine schedule; the
 confidence is the sampled token's log probability plus Gumbel noise annealed to 0). `steps` is the
 number of decoding steps (model calls), `guidance` the CFG scale (1: conditional only), and the
-negative prompt, when given, is the unconditional branch. The tokens are decoded by the VQ
-tokenizer stored in the same file (`t2i.systems.token_models`), so a model file needs no other.
+negative prompt, when given, is the unconditional branch. The sampler "raster" decodes the same
+network one token per call in raster order (`RasterOrder` + `sample_autoregressive`): the
+autoregressive baseline MaskGIT's parallel decoding is measured against (speed and quality). The
+tokens are decoded by the VQ tokenizer stored in the same file (`t2i.systems.token_models`), so a
+model file needs no other.
 """
 
 from __future__ import annotations
@@ -29,14 +32,17 @@ from t2i.systems.token_models import (
     TokenPipeline,
     load_pipeline,
     network_configs,
+    prefix_reporter,
     save_token_model,
     token_system,
 )
-from t2i.tokens import CFGTokenModel, GuidedCond, sample_masked
+from t2i.tokens import CFGTokenModel, GuidedCond, sample_autoregressive, sample_masked
 
 SYSTEM_NAME = "maskgit"
 OPTIONS = frozenset({"steps", "sampler", "guidance", "negative_prompt", "width", "height"})  # what run() honours
-SAMPLERS = ("maskgit",)  # parallel decoding (the only one: named so the PNG parameters say how it was drawn)
+# "maskgit": parallel decoding in `steps` calls; "raster": one token per call in raster order, the
+# autoregressive decoding of the same network (MaskGIT's sec. 4.4 comparison of the two orders)
+SAMPLERS = ("maskgit", "raster")
 
 
 @dataclass
@@ -79,6 +85,21 @@ def load_text_encoder(name: str, length: int) -> nn.Module:
     return MiniLMTextEncoder.load(max_length=length)
 
 
+class RasterOrder:
+    """A masked token model read as an autoregressive one: ``model(prefix (B, T), cond) -> logits
+    (B, T + 1, V)`` from the map with the prefix known and every position from T on masked, so
+    that `sample_autoregressive` decodes the bidirectional network one token at a time in raster order."""
+
+    def __init__(self, model: Any, num_tokens: int, mask_id: int) -> None:
+        self.model, self.num_tokens, self.mask_id = model, num_tokens, mask_id
+
+    def __call__(self, tokens: torch.Tensor, cond: Any) -> torch.Tensor:
+        b, t = tokens.shape
+        full = tokens.new_full((b, self.num_tokens), self.mask_id)  # (B, N)
+        full[:, :t] = tokens
+        return self.model(full, cond)[:, : t + 1]
+
+
 class MaskGITPipeline(TokenPipeline):
     """A bidirectional token transformer, its tokenizer and the frozen text encoder.
 
@@ -101,6 +122,15 @@ class MaskGITPipeline(TokenPipeline):
             sampler="maskgit", steps=cfg.steps, guidance=cfg.guidance, width=size, height=size))
         self.text_encoder, self.cfg = text_encoder, cfg
 
+    def _resolve(self, request: GenerationRequest) -> GenerationRequest:
+        r = super()._resolve(request)
+        n = self.unet.cfg.num_tokens
+        if r.sampler != "raster":
+            return r
+        if request.steps not in (None, n):
+            raise ValueError(f"the raster sampler takes one step per token: steps must be {n} (or unset)")
+        return replace(r, steps=n)
+
     def _check(self, r: GenerationRequest) -> None:
         if not 1 <= r.steps <= self.unet.cfg.num_tokens:
             raise ValueError(f"steps must be between 1 and the {self.unet.cfg.num_tokens} tokens, got {r.steps}")
@@ -120,8 +150,11 @@ class MaskGITPipeline(TokenPipeline):
 
         cond = GuidedCond(pick(prompts), pick(negatives) if guided else None)
         model = CFGTokenModel(lambda tokens, c: self.unet(tokens, **c), r.guidance)
-        c = self.cfg
-        return sample_masked(model, cond, self.unet.cfg.num_tokens, steps=r.steps, mask_id=self.unet.cfg.mask_id,
+        c, n = self.cfg, self.unet.cfg.num_tokens
+        if r.sampler == "raster":
+            return sample_autoregressive(RasterOrder(model, n, self.unet.cfg.mask_id), cond, n, generators=generators,
+                                         temperature=c.temperature, callback=prefix_reporter(report, n))
+        return sample_masked(model, cond, n, steps=r.steps, mask_id=self.unet.cfg.mask_id,
                              generators=generators, schedule=c.schedule, temperature=c.temperature,
                              choice_temperature=c.choice_temperature,
                              callback=lambda info: report({"i": info["i"], "denoised": info["pred"]}))

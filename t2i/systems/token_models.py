@@ -87,6 +87,17 @@ def load_token_model(path: Path, system: str, what: str, from_dict: Callable[[di
     return fill(net, part("transformer", state), torch.float32), fill(vq, part("vq", state), torch.float32), cfg
 
 
+def prefix_reporter(report: StepReport, num_tokens: int) -> Callable[[dict[str, Any]], None]:
+    """`sample_autoregressive`'s callback as a StepReport: after each token, the (B, N) map so far with
+    the positions not yet drawn shown as code 0 (the live preview of a token-by-token run)."""
+
+    def on_token(info: dict[str, Any]) -> None:
+        so_far = info["tokens"]  # (B, i + 1)
+        report({"i": info["i"], "denoised": torch.nn.functional.pad(so_far, (0, num_tokens - so_far.shape[1]))})
+
+    return on_token
+
+
 def network_configs(d: dict[str, Any]) -> dict[str, Any]:
     """The `net` and `vq` entries of a saved config dict as their dataclasses (the rest as given)."""
     d = dict(d)
