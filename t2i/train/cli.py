@@ -148,6 +148,12 @@ LORA: list[Option] = [
     ("--text-encoder", "text_encoder", {"action": "store_true"}, "also train LoRAs on the CLIP text encoder"),
     ("--text-targets", "text_targets", {}, "comma-separated endings of CLIP's (transformers) module names"),
     ("--name", "name", {}, "the file's stem: <out>/NAME.safetensors, <lora:NAME:1> in A1111"),
+    ("--instance-prompt", "instance_prompt", {}, "DreamBooth: every data image's caption, e.g. 'a sks dog' "
+     "(unset: the data's captions)"),
+    ("--class-prompt", "class_prompt", {}, "DreamBooth prior preservation: the subject's class, e.g. 'a dog'"),
+    ("--class-images", "class_images", {"type": int}, "class images the frozen model draws into OUT/class_images "
+     "(where missing)"),
+    ("--prior-weight", "prior_weight", {"type": float}, "lambda: loss = instance + lambda * class-image loss"),
 ]
 TEXTUAL_INVERSION: list[Option] = [
     ("--token", "token", {}, "the new word (and the file's stem), e.g. '<my-style>'"),

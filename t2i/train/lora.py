@@ -15,6 +15,9 @@ The file written (`<out>/<name>.safetensors`) is in the kohya / A1111 layout (`l
 `lora_te_...` with `.lora_down.weight`, `.lora_up.weight`, `.alpha`; `t2i.adapters.lora.write_lora`),
 which A1111, ComfyUI, diffusers' `load_lora_weights` and t2i's `--lora FILE` read.
 
+DreamBooth (`--class-prompt`, `--class-images`, `--prior-weight`, `--instance-prompt`): the instance loss plus
+lambda times the loss on class images the frozen model draws first (`t2i.train.dreambooth`, eq. 2).
+
 `AdapterTrainConfig` and `FrozenModel` are shared with textual inversion (`t2i.train.textual_inversion`):
 what a run that trains something small on a frozen model needs besides the small thing itself.
 """
@@ -32,10 +35,11 @@ from torch import nn
 
 from t2i.adapters.lora import LoraLayer, NamedLayer, named_layers, write_lora
 from t2i.diffusion.losses import DiffusionLoss
-from t2i.text.encoders import CLIPTextEncoder, TextEncoding
+from t2i.text.encoders import CLIPTextEncoder, MiniLMTextEncoder, TextEncoding
 from t2i.train.config import LoopConfig
 from t2i.train.data import open_data
 from t2i.train.distributed import DistInfo
+from t2i.train.dreambooth import check_prior, with_prior, write_class_images
 from t2i.train.fit import Grid, Run, Step, Task, fit
 
 EVAL_SEED = 1234  # the fixed timesteps and noise of the held-fixed loss (`FrozenModel.fixed_loss`)
@@ -73,6 +77,11 @@ class LoraTrainConfig(AdapterTrainConfig):
     text_targets: str = "q_proj,k_proj,v_proj,out_proj"
     name: str = "lora"  # the file is <out>/<name>.safetensors; A1111's <lora:name:1>
     lr: float = 1e-4
+    # DreamBooth (t2i.train.dreambooth): prior preservation is on when class_prompt is given
+    instance_prompt: str = ""  # every data image's caption (e.g. 'a sks dog'); "": the data's own captions
+    class_prompt: str = ""  # the subject's class ('a dog'): class images are drawn from it
+    class_images: int = 0  # how many (in <out>/class_images, drawn by the frozen model where missing)
+    prior_weight: float = 1.0  # lambda of DreamBooth's eq. 2
 
 
 # ============================================================================ the frozen model
@@ -83,8 +92,11 @@ def encode_trainable(pipe: Any, prompts: list[str]) -> TextEncoding:
 
     `CLIPTextEncoder.encode_ids` runs under `torch.no_grad` (encoders are frozen everywhere else);
     `encode_ids_trainable` is the same computation with gradients. One CLIP tower
-    only (SD 1.x/2.x): SDXL's pair would need the same for `SDXLTextEncoder.encode`."""
+    only (SD 1.x/2.x): SDXL's pair would need the same for `SDXLTextEncoder.encode`. The shapes models'
+    MiniLM: its `encode` body run without the `torch.no_grad` it is decorated with (no trainable form yet)."""
     enc = pipe.text_encoder
+    if isinstance(enc, MiniLMTextEncoder):
+        return MiniLMTextEncoder.encode.__wrapped__(enc, prompts)
     if not isinstance(enc, CLIPTextEncoder):
         raise ValueError(f"{pipe.name}: training through the text encoder needs one CLIP text encoder (SD 1.x/2.x); "
                          f"this model has {type(enc).__name__}")
@@ -120,10 +132,13 @@ class FrozenModel:
         self.loss_fn = DiffusionLoss(s.alphas_cumprod(), s.prediction_type, cfg.min_snr_gamma or None)
 
     def latents(self, position: int, gen: torch.Generator, batch_size: int | None = None,
-                info: DistInfo | None = None) -> tuple[torch.Tensor, list[str]]:
-        """The batch at data `position`: VAE posterior samples (B, C, h, w), scaled as the U-Net sees
-        them, and the captions (caption dropout drawn from `gen`)."""
-        x, captions, _ = self.data.batch(position, batch_size or self.cfg.batch_size, info or self.info)
+                info: DistInfo | None = None, source: Any = None, caption: str = "") -> tuple[torch.Tensor, list[str]]:
+        """The batch at data `position` (of `source`, default the training data): VAE posterior samples
+        (B, C, h, w), scaled as the U-Net sees them, and the captions (`caption` in place of each when
+        given; caption dropout drawn from `gen`)."""
+        source = self.data if source is None else source
+        x, captions, _ = source.batch(position, batch_size or self.cfg.batch_size, info or self.info)
+        captions = [caption] * len(captions) if caption else captions
         drop = torch.rand(len(captions), generator=gen) < self.cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         vae = self.pipe.vae
@@ -263,6 +278,12 @@ def build_lora(cfg: LoraTrainConfig, run: Run) -> Task:
                          "text-encoder LoRAs are trained on one CLIP encoder (SD 1.x/2.x)")
     alpha = float(cfg.rank if cfg.alpha is None else cfg.alpha)
     layers = select_layers(pipe, cfg.unet_targets, cfg.text_targets if cfg.text_encoder else None)
+    prior_data = None
+    if cfg.class_prompt or cfg.class_images:  # drawn before the LoRA is attached: the frozen model's prior
+        check_prior(cfg.class_prompt, cfg.class_images, cfg.prior_weight)
+        folder = write_class_images(pipe, cfg.class_prompt, cfg.class_images, Path(cfg.out) / "class_images",
+                                    frozen.size, cfg.sample_steps, run.log.text)
+        prior_data = open_data("folder", str(folder), frozen.size, cfg.seed + 1, run.log.text)
     for m in pipe.unet.modules():  # fused inference projections (t2i.nets.attention) would bypass the hooks
         if hasattr(m, "unfuse_projections"):
             m.unfuse_projections()
@@ -274,17 +295,28 @@ def build_lora(cfg: LoraTrainConfig, run: Run) -> Task:
     def encode(captions: list[str]) -> TextEncoding:
         return encode_trainable(pipe, captions) if cfg.text_encoder else pipe.text_encoder.encode(captions)
 
-    def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, Any]:
+    def latents(position: int, gen: torch.Generator, source: Any = None) -> tuple[torch.Tensor, Any]:
         """Latents and, unless the text encoder trains, the captions' (frozen) encoding."""
-        z, captions = frozen.latents(position, gen)
+        z, captions = frozen.latents(position, gen, source=source, caption="" if source else cfg.instance_prompt)
         return z, captions if cfg.text_encoder else pipe.text_encoder.encode(captions)
 
-    def step(batch: tuple[torch.Tensor, Any], s: Step) -> dict[str, float]:
-        z, text = batch
-        loss = frozen.loss(z, encode(text) if cfg.text_encoder else text, s.generator)
+    def prepare(position: int, gen: torch.Generator) -> tuple[tuple[torch.Tensor, Any], Any]:
+        """The data's latents and text, and the class images' (DreamBooth) or None. The class images' draws
+        come from their own generator (a function of the position, so resume stays exact): the instance
+        batch and loss see the same numbers as without a prior, and lambda 0 is the plain run."""
+        if prior_data is None:
+            return latents(position, gen), None
+        prior_gen = torch.Generator().manual_seed(cfg.seed * 2**32 + position)
+        return latents(position, gen), latents(position, prior_gen, prior_data)
+
+    def term(z: torch.Tensor, text: Any, gen: torch.Generator) -> torch.Tensor:
+        return frozen.loss(z, encode(text) if cfg.text_encoder else text, gen)
+
+    def step(batch: tuple[tuple[torch.Tensor, Any], Any], s: Step) -> dict[str, float]:
+        loss, parts = with_prior(term, cfg.prior_weight, *batch, s.generator)
         gnorm = s.update(loss, opt, params, average=params)  # LoRA weights sit outside any DDP module
         done["steps"] = s.index + 1
-        return {"lora/loss": loss.item(), "lora/grad_norm": gnorm}
+        return {"lora/loss": loss.item(), "lora/grad_norm": gnorm, **parts}
 
     def export() -> None:
         meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank),
