@@ -41,6 +41,8 @@ from torch import nn
 from torch.ao.nn.quantized import dynamic as nnqd
 from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+from t2i.compact import is_compact, uncompact_
+
 
 class Int8Linear(nnqd.Linear):
     """A dynamic int8 Linear that may quantize activations to the full 8 bits.
@@ -84,6 +86,9 @@ def quantize_linears(module: nn.Module, vnni: bool) -> nn.Module:
     engine = "onednn" if vnni and "onednn" in engines else "x86" if "x86" in engines else "fbgemm"
     for layer in module.modules():
         if type(layer) is nn.Linear:
+            # torch.ao copies a module's forward hooks onto its int8 replacement, so compact layers
+            # (t2i.compact) are made plain first: their int8 weights come from the rounded values
+            uncompact_(layer)
             layer.float()  # the observers need float32: from bf16 the packed layers failed (min > max)
     with _engine(engine), warnings.catch_warnings():
         # torch.ao warns on every call that eager quantization will move to torchao (module docstring)
@@ -101,7 +106,10 @@ def int8_linears(module: nn.Module) -> list[nn.Module]:
 
 
 def precision_of(net: nn.Module) -> str:
-    """"int8" (layers quantized here), "bf16" or "fp32": what `net` computes in (PNG metadata)."""
+    """"int8" (layers quantized here), "compact" (16-bit weights, float32 compute: t2i.compact),
+    "bf16" or "fp32": what `net` computes in (PNG metadata)."""
     if int8_linears(net):
         return "int8"
+    if is_compact(net):
+        return "compact"
     return "fp32" if next(net.parameters()).dtype == torch.float32 else "bf16"

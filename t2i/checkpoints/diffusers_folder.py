@@ -33,12 +33,13 @@ from t2i.checkpoints.io import (
     read_json_object,
 )
 from t2i.checkpoints.limits import build_checked, check_schedule, fill
-from t2i.checkpoints.parts import LatentDiffusionParts, text_layout
+from t2i.checkpoints.parts import LatentDiffusionParts, text_layout, text_towers
 from t2i.checkpoints.transformers_text import clip_config_from_transformers, clip_state_dict_from_transformers
+from t2i.compact import compact_, loading_cast
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.nets.unet import UNet
 from t2i.text.clip import CLIPTextModel
-from t2i.text.encoders import load_diffusers_text_encoder
+from t2i.text.encoders import TextEncoder, load_diffusers_text_encoder
 
 SUPPORTED_PIPELINES = (
     "StableDiffusionPipeline",
@@ -80,28 +81,37 @@ M = TypeVar("M", bound=torch.nn.Module)
 
 
 def build_and_load(build: Callable[[], M], cfg: Any, folder: Path, dtype: torch.dtype | None, variant: str | None,
-                    stem: str = "diffusion_pytorch_model") -> M:
+                    stem: str = "diffusion_pytorch_model", compact: torch.dtype | None = None) -> M:
     """Check the config against bounds and the files' tensors (names and shapes, from the headers),
     build the module on the meta device (no random init: for the SD U-Net that alone took most of
-    the load time), then read the weights and assign them, cast to dtype (None: as stored)."""
+    the load time), then read the weights and assign them, cast to dtype (None: as stored).
+    compact (a 16-bit dtype): read tensor by tensor straight into compact storage, float32 compute
+    (`t2i.compact`; dtype must then be float32)."""
+    cast = loading_cast(compact, dtype)
     files = find_weights(folder, stem, variant)
     tensors = file_tensors(files)
     module = build_checked(build, {"config": cfg}, tensors, str(folder))
     if any(t.is_meta for t in tensors.values()):
         tensors = {}
         for file in files:
-            tensors.update(load_state_dict(file))  # safetensors: memory-mapped; NaN/Inf refused
-    return fill(module, tensors, dtype)
+            tensors.update(load_state_dict(file, cast=cast))  # safetensors: memory-mapped unless cast; NaN/Inf refused
+    elif cast is not None:
+        tensors = {k: cast(v) for k, v in tensors.items()}
+    if cast is None:
+        return fill(module, tensors, dtype)
+    return compact_(fill(module, tensors, None), compact)
 
 
-def load_unet(folder: Path, dtype: torch.dtype | None = torch.float32, variant: str | None = None) -> UNet:
+def load_unet(folder: Path, dtype: torch.dtype | None = torch.float32, variant: str | None = None,
+              compact: torch.dtype | None = None) -> UNet:
     cfg = read_config_file(unet_config_from_diffusers, folder / "config.json")
-    return build_and_load(lambda: UNet(cfg), cfg, folder, dtype, variant)
+    return build_and_load(lambda: UNet(cfg), cfg, folder, dtype, variant, compact=compact)
 
 
-def load_vae(folder: Path, dtype: torch.dtype = torch.float32, variant: str | None = None) -> AutoencoderKL:
+def load_vae(folder: Path, dtype: torch.dtype = torch.float32, variant: str | None = None,
+             compact: torch.dtype | None = None) -> AutoencoderKL:
     cfg = read_config_file(vae_config_from_diffusers, folder / "config.json")
-    return build_and_load(lambda: AutoencoderKL(cfg), cfg, folder, dtype, variant)
+    return build_and_load(lambda: AutoencoderKL(cfg), cfg, folder, dtype, variant, compact=compact)
 
 
 def check_text_encoder(folder: Path) -> None:
@@ -111,6 +121,18 @@ def check_text_encoder(folder: Path) -> None:
     projection = "text_projection.weight" in tensors
     cfg = read_config_file(clip_config_from_transformers, folder / "config.json", with_projection=projection)
     build_checked(lambda: CLIPTextModel(cfg), {"config": cfg}, tensors, str(folder))
+
+
+def _load_text_encoder(root: Path, dtype: torch.dtype | None, compact: torch.dtype | None) -> TextEncoder:
+    """The folder's text encoder(s), checked first; compact: each tower's model compacted."""
+    for sub in ("text_encoder", "text_encoder_2"):
+        if (root / sub).is_dir():
+            check_text_encoder(root / sub)
+    text_encoder = load_diffusers_text_encoder(root, dtype)
+    if compact is not None:
+        for tower in text_towers(text_encoder):
+            compact_(tower.model, compact, keep_first=False)  # nothing reads a text model's dtype
+    return text_encoder
 
 
 def read_schedule(folder: Path) -> tuple[ScheduleConfig, str | None]:
@@ -125,9 +147,10 @@ def read_schedule(folder: Path) -> tuple[ScheduleConfig, str | None]:
 
 
 def load_diffusers_parts(path: str | Path, dtype: torch.dtype | None = torch.float32,
-                         variant: str | None = None) -> LatentDiffusionParts:
+                         variant: str | None = None, compact: torch.dtype | None = None) -> LatentDiffusionParts:
     """A diffusers Stable Diffusion (1.x, 2.x, XL) folder -> its parts, in `dtype` (None: the dtype the
-    U-Net's weights are stored in, for every part)."""
+    U-Net's weights are stored in, for every part). compact (a 16-bit dtype, with dtype float32):
+    every part with compact weights (`t2i.compact`)."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"model folder not found: {root}")
@@ -139,13 +162,16 @@ def load_diffusers_parts(path: str | Path, dtype: torch.dtype | None = torch.flo
     for part in ("unet", "vae", "scheduler"):
         if not (root / part).is_dir():
             raise FileNotFoundError(f"{root / part} is missing: not a complete diffusers folder")
+    loading_cast(compact, dtype)  # a compact load that does not compute in float32 is refused here
     schedule, scheduler_class = read_schedule(root)
-    unet = load_unet(root / "unet", dtype, variant)
+    if compact is not None:
+        # The text encoder loader reads float32 (memory-mapped), compacted right after: first, so
+        # that its transient float32 copy (3.3 GB for SDXL's two towers) meets no other part.
+        text_encoder = _load_text_encoder(root, dtype, compact)
+    unet = load_unet(root / "unet", dtype, variant, compact)
     dtype = dtype or next(unet.parameters()).dtype
-    vae = load_vae(root / "vae", dtype, variant)
-    for sub in ("text_encoder", "text_encoder_2"):
-        if (root / sub).is_dir():
-            check_text_encoder(root / sub)
-    text_encoder = load_diffusers_text_encoder(root, dtype)
+    vae = load_vae(root / "vae", dtype, variant, compact)
+    if compact is None:
+        text_encoder = _load_text_encoder(root, dtype, None)
     return LatentDiffusionParts(unet, vae, text_encoder, schedule, root.name, text_layout(text_encoder),
                                 scheduler_class, bool(index.get("force_zeros_for_empty_prompt", False)))

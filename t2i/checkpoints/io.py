@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import struct
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -142,11 +143,19 @@ def check_finite(state: dict[str, torch.Tensor], path: str | os.PathLike) -> Non
                 raise CheckpointError(f"{path}: tensor {name!r} contains NaN or Inf values")
 
 
-def load_state_dict(path: str | os.PathLike, check_values: bool = True) -> dict[str, torch.Tensor]:
-    """Read a weight file (safetensors, or a pickle through weights_only loading) into a dict."""
+def load_state_dict(path: str | os.PathLike, check_values: bool = True,
+                    cast: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Read a weight file (safetensors, or a pickle through weights_only loading) into a dict.
+
+    Without `cast` a safetensors file is memory-mapped (its tensors are views of the mapping). With
+    `cast` (e.g. `t2i.compact.compact_cast`) each tensor is read, checked and cast one at a time
+    through plain file reads, so only the cast tensors stay resident: a mapping would keep every
+    page read resident for as long as any tensor of the file lives. Pickles are read whole first."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weight file not found: {path}")
+    if path.suffix == ".safetensors" and cast is not None:
+        return _read_safetensors(path, check_safetensors_header(path), check_values, cast)
     if path.suffix == ".safetensors":
         check_safetensors_header(path)
         try:
@@ -160,6 +169,33 @@ def load_state_dict(path: str | os.PathLike, check_values: bool = True) -> dict[
                               "(expected .safetensors, .bin, .ckpt, .pt or .pth)")
     if check_values:
         check_finite(state, path)
+    return state if cast is None else {k: cast(v) for k, v in state.items()}
+
+
+def _read_safetensors(path: Path, header: dict, check_values: bool,
+                      cast: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`load_state_dict` with `cast`: the tensors of a checked safetensors file, one at a time, each
+    read into its own buffer (little-endian, as the format and x86 are), checked and cast."""
+    state = {}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            dtype = _META_DTYPES.get(info["dtype"])
+            if dtype is None:  # a dtype torch.frombuffer cannot view (fp8, unsigned): safetensors reads it
+                with safe_open(str(path), framework="pt") as g:
+                    t = g.get_tensor(name).clone()
+            else:
+                raw = torch.empty(end - start, dtype=torch.uint8)
+                f.seek(8 + n + start)
+                if f.readinto(raw.numpy()) != end - start:
+                    raise CheckpointError(f"{path}: tensor {name!r} is cut short")
+                t = raw.view(dtype).reshape(info["shape"])
+            if check_values:
+                check_finite({name: t}, path)
+            state[name] = cast(t)
     return state
 
 

@@ -38,6 +38,7 @@ from t2i.checkpoints.sd_keys import (
     vae_from_original,
 )
 from t2i.checkpoints.single_file_config import SingleFileConfig, resolve_config
+from t2i.compact import compact_, loading_cast
 from t2i.nets.unet import UNet
 from t2i.text.clip import CLIPTextModel
 from t2i.text.clip_tokenizer import CLIPTokenizer
@@ -45,16 +46,21 @@ from t2i.text.encoders import CLIPTextEncoder, SDXLTextEncoder
 
 
 def _network(build: Callable[[Any], torch.nn.Module], cfg: Any, state: dict[str, torch.Tensor],
-             dtype: torch.dtype, what: str) -> Any:
-    """Build on the meta device, check against the mapped weights, assign them (cast to dtype)."""
-    return fill(build_checked(lambda: build(cfg), {"config": cfg}, state, what), state, dtype)
+             dtype: torch.dtype, what: str, compact: torch.dtype | None = None, keep_first: bool = True) -> Any:
+    """Build on the meta device, check against the mapped weights, assign them (cast to dtype; with
+    `compact`, as read: `t2i.compact`)."""
+    module = fill(build_checked(lambda: build(cfg), {"config": cfg}, state, what), state,
+                  dtype if compact is None else None)
+    return module if compact is None else compact_(module, compact, keep_first=keep_first)
 
 
 def parts_from_state_dict(state: dict[str, torch.Tensor], cfg: SingleFileConfig, dtype: torch.dtype | None = None,
-                          name: str = "model") -> LatentDiffusionParts:
+                          name: str = "model", compact: torch.dtype | None = None) -> LatentDiffusionParts:
     """The parts of an SD checkpoint from its original-layout weights and their resolved config.
 
-    dtype None keeps the dtype the U-Net weights are stored in."""
+    dtype None keeps the dtype the U-Net weights are stored in. compact (a 16-bit dtype, dtype
+    float32): `state` was read with `t2i.compact.compact_cast` and every network is compact."""
+    loading_cast(compact, dtype)  # refuses a compact load that does not compute in float32
     slots = TEXT_SLOTS[cfg.family]
     if len(cfg.text) != len(slots) or len(cfg.pad_tokens) != len(slots):
         raise CheckpointError(f"{name}: {len(cfg.text)} text encoder configs for a {cfg.family} model")
@@ -68,11 +74,13 @@ def parts_from_state_dict(state: dict[str, torch.Tensor], cfg: SingleFileConfig,
     unet_state = unet_from_original(unet_orig, cfg.unet)
     if dtype is None:
         dtype = next(iter(unet_state.values())).dtype
-    unet = _network(UNet, cfg.unet, unet_state, dtype, f"{name}: U-Net")
-    vae = _network(AutoencoderKL, cfg.vae, vae_from_original(vae_orig, cfg.vae), dtype, f"{name}: autoencoder")
+    unet = _network(UNet, cfg.unet, unet_state, dtype, f"{name}: U-Net", compact)
+    vae = _network(AutoencoderKL, cfg.vae, vae_from_original(vae_orig, cfg.vae), dtype, f"{name}: autoencoder",
+                   compact)
     encoders = []
     for i, (slot, tcfg, pad) in enumerate(zip(slots, cfg.text, cfg.pad_tokens, strict=True)):
-        model = _network(CLIPTextModel, tcfg, text_state(state, slot, tcfg), dtype, f"{name}: text encoder {i}")
+        model = _network(CLIPTextModel, tcfg, text_state(state, slot, tcfg), dtype, f"{name}: text encoder {i}",
+                         compact, keep_first=False)  # nothing reads a text model's dtype
         if cfg.family in ("sd1", "sd2"):
             encoders.append(CLIPTextEncoder(CLIPTokenizer.default(pad), model, "last"))
         else:
@@ -84,7 +92,8 @@ def parts_from_state_dict(state: dict[str, torch.Tensor], cfg: SingleFileConfig,
 
 
 def load_single_file(path: str | Path, *, prediction: str | None = None, config: str | Path | None = None,
-                     dtype: torch.dtype | None = torch.float32) -> LatentDiffusionParts:
+                     dtype: torch.dtype | None = torch.float32,
+                     compact: torch.dtype | None = None) -> LatentDiffusionParts:
     """A single-file SD 1.x / 2.x / XL (base, refiner, inpainting) checkpoint -> its parts.
 
     Args:
@@ -93,11 +102,13 @@ def load_single_file(path: str | Path, *, prediction: str | None = None, config:
         config: a diffusers folder whose config.json files describe the nets (needed for
             models whose head counts or GroupNorm groups differ from the released ones).
         dtype: weights dtype; None keeps the file's.
+        compact: a 16-bit dtype: the weights read tensor by tensor into compact storage, float32
+            compute (`t2i.compact`; dtype must be float32).
     """
     path = Path(path)
-    state = load_state_dict(path)
+    state = load_state_dict(path, cast=loading_cast(compact, dtype))
     cfg = resolve_config(state, path, prediction, config)
-    return parts_from_state_dict(state, cfg, dtype, name=path.stem)
+    return parts_from_state_dict(state, cfg, dtype, name=path.stem, compact=compact)
 
 
 def is_single_file(path: str | Path) -> bool:

@@ -121,16 +121,19 @@ def detect(path: Path) -> bool:
 
 
 def load(path: Path, dtype: torch.dtype | None = torch.float32, *, prediction: str | None = None,
-         config: Path | None = None) -> LatentDiffusionPipeline:
+         config: Path | None = None, compact: torch.dtype | None = None) -> LatentDiffusionPipeline:
     """A diffusers folder or a single file -> LatentDiffusionPipeline. dtype None keeps the dtype the
     U-Net's weights are stored in. prediction and config ("epsilon" / "v_prediction", a diffusers
-    folder describing the nets) apply to single files only (see t2i.checkpoints.single_file_config)."""
+    folder describing the nets) apply to single files only (see t2i.checkpoints.single_file_config).
+    compact (torch.bfloat16 or torch.float16, with dtype float32): weights read straight into 16-bit
+    storage and widened layer by layer, float32 compute: about half the memory (`t2i.compact`)."""
     path = Path(path)
     if is_diffusers_folder(path):
         if prediction or config:
             raise ValueError("--prediction and --config apply to single-file sources only")
-        return pipeline_from_parts(load_diffusers_parts(path, dtype))
-    return pipeline_from_parts(load_single_file(path, prediction=prediction, config=config, dtype=dtype))
+        return pipeline_from_parts(load_diffusers_parts(path, dtype, compact=compact))
+    return pipeline_from_parts(load_single_file(path, prediction=prediction, config=config, dtype=dtype,
+                                                compact=compact))
 
 
 def export(pipe: LatentDiffusionPipeline, dst: Path) -> Path:
