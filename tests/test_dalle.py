@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import t2i
 from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS, TokenTransformer
+from t2i.systems.base import Interrupted
 from t2i.systems.dalle import BOS, PAD, SYSTEM, UNK, DallePipeline, WordTokenizer, dalle_net_config
 from t2i.systems.registry import resolve, system
 from t2i.systems.token_models import tiny_tokenizer
@@ -97,6 +98,8 @@ def test_generates_reproducibly_and_guidance_greedy_and_top_k_change_it(tiny):
     steps = []
     pipe.generate("a red circle", seed=3, callback=lambda i, n: steps.append((i, n)))
     assert steps == [(i, 16) for i in range(1, 17)]
+    with pytest.raises(Interrupted):  # the cached path runs through the blocks, where the hooks poll
+        pipe.generate("a red circle", seed=0, should_stop=lambda: True)
     pipe.top_k = 1  # top-1 is greedy whatever the draw
     try:
         top1 = pipe.generate("a red circle", seed=5)
@@ -193,3 +196,34 @@ def test_a_network_trained_on_two_captions_writes_the_map_of_the_prompt_it_is_gi
     pipe = DallePipeline(net.eval(), vq, cfg)
     red, blue = (pipe.generate(p, seed=0, num_images=2, guidance=1.0).sample for p in ("a red circle", "a blue square"))
     assert (red == 3).float().mean() > 0.8 and (blue == 7).float().mean() > 0.8
+
+
+@pytest.mark.parametrize("attention", ["full", "dalle", "window"])
+def test_the_kv_cache_gives_the_logits_and_tokens_of_full_passes(attention):
+    """CachedDecoder (one new position per call) against the network over the whole prefix at every
+    step: the same last-row logits (within float rounding) and the same drawn tokens; a call that does
+    not extend the cached stream (other text) starts over and still agrees."""
+    from t2i.nets.token_transformer import CachedDecoder
+    from t2i.tokens import sample_autoregressive
+
+    net = _net(attention, grid=5)
+    text = WordTokenizer(WORDS, 5)(["a red circle", "blue square"])
+    cached, rows = CachedDecoder(net), []
+
+    def full(tokens, t):
+        rows.append((tokens.clone(), t))
+        return net(tokens, text=t)
+
+    with torch.no_grad():
+        gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+        reference = sample_autoregressive(full, text, 25, generators=gens)
+        gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+        ours = sample_autoregressive(cached, text, 25, generators=gens)
+        assert torch.equal(ours, reference)
+        for tokens, t in rows[::6]:
+            fresh = CachedDecoder(net)
+            for i in range(tokens.shape[1] + 1):  # grow a fresh cache up to this prefix
+                got = fresh(tokens[:, :i], t)[:, -1]
+            assert (got - net(tokens, text=t)[:, -1]).abs().max() < 1e-5
+        other = WordTokenizer(WORDS, 5)(["a blue circle", "red square"])
+        assert (cached(reference[:, :7], other)[:, -1] - net(reference[:, :7], text=other)[:, -1]).abs().max() < 1e-5

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from t2i.nets.attention import Attention
@@ -79,6 +80,33 @@ class TokenTransformerConfig:
         return self.num_codes
 
 
+class KVCache:
+    """Each layer's self-attention keys and values of the stream so far, so that a causal network
+    decoding one token at a time feeds only the new positions (their queries attend to the cached
+    keys; a causal stream's earlier states never change, so the result equals the full pass).
+
+    `length` counts the stream positions cached (text included); `tokens` and `text` are what the
+    cached stream was built from, for the caller to check that the next call extends it."""
+
+    def __init__(self, layers: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * layers  # (B, H, S, Dh) per layer
+        self.values: list[torch.Tensor | None] = [None] * layers
+        self.length = 0
+        self.tokens: torch.Tensor | None = None
+        self.text: torch.Tensor | None = None
+
+    def attend(self, layer: int, attn: Attention, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """attn over the cached stream and h (B, S_new, D), the new positions' normed states, whose
+        keys and values are appended; mask (1, 1, S_new, S_total) bool. Returns (B, S_new, D)."""
+        q, k, v = (p(h).unflatten(-1, (attn.heads, -1)).transpose(1, 2) for p in (attn.to_q, attn.to_k, attn.to_v))
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)  # (B, H, S_total, Dh)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, S_new, Dh)
+        return attn.to_out(out.transpose(1, 2).flatten(2))
+
+
 class TokenBlock(PreNormBlock):
     """x + self_attn(norm1(x), mask); x + cross_attn(norm_cross(x), context) when the block reads
     text states; x + mlp(norm2(x)). (B, S, width) -> (B, S, width)."""
@@ -89,8 +117,13 @@ class TokenBlock(PreNormBlock):
         self.cross = Attention(width, heads, context_dim=context_dim, qkv_bias=True) if context_dim else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,  # type: ignore[override]
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), mask=mask)  # (B, S, D)
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                cache: tuple[KVCache, int] | None = None) -> torch.Tensor:
+        """cache: (the KV cache, this block's layer index): x holds only the new positions."""
+        if cache is None:
+            x = x + self.attn(self.norm1(x), mask=mask)  # (B, S, D)
+        else:
+            x = x + cache[0].attend(cache[1], self.attn, self.norm1(x), mask)  # (B, S_new, D)
         if self.cross is not None:
             x = x + self.cross(self.norm_cross(x), context, mask=context_mask)  # (B, S, D)
         return x + self.mlp(self.norm2(x))
@@ -140,8 +173,10 @@ class TokenTransformer(nn.Module):
         return masks
 
     def hidden(self, tokens: torch.Tensor, text: torch.Tensor | None = None, context: torch.Tensor | None = None,
-               context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The final states (B, S, D) of the stream [text; tokens] (S = text_length + T)."""
+               context_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """The final states (B, S, D) of the stream [text; tokens] (S = text_length + T); with a
+        cache (causal networks), of the positions after the cached ones only, (B, S - cached, D),
+        which the cache then holds too."""
         c = self.cfg
         x = self.token_embedding(tokens)  # (B, T, D)
         if self.text_embedding is not None:
@@ -158,10 +193,17 @@ class TokenTransformer(nn.Module):
             context = context.to(x.dtype)
         # a prefix of the stream takes the top-left block of each mask: every mask is prefix-closed
         # where it is causal, and the bidirectional network always reads the whole map
-        masks = [m[:s, :s] for m in self.layer_masks(x.device)]
+        start = 0
+        if cache is not None:
+            if not c.causal:
+                raise ValueError("a KV cache serves causal networks only")
+            start, cache.length = cache.length, s
+            x = x[:, start:]  # (B, S - start, D): the new positions
+        masks = [m[start:s, :s] for m in self.layer_masks(x.device)]
         full = c.attention == "full" and not c.causal  # no mask at all: SDPA's fastest path
-        for block, mask in zip(self.blocks, masks, strict=True):
-            x = block(x, None if full else mask[None, None], context, context_mask)
+        for i, (block, mask) in enumerate(zip(self.blocks, masks, strict=True)):
+            x = block(x, None if full else mask[None, None], context, context_mask,
+                      None if cache is None else (cache, i))
         return self.norm(x)
 
     def forward(self, tokens: torch.Tensor, text: torch.Tensor | None = None, context: torch.Tensor | None = None,
@@ -190,6 +232,41 @@ class TokenTransformer(nn.Module):
         if not with_text_logits:
             return logits
         return logits, self.to_text_logits(h[:, : lt - 1]).float()  # type: ignore[misc]
+
+
+class CachedDecoder:
+    """A causal TokenTransformer as `t2i.tokens.sample_autoregressive`'s model, with a KV cache.
+
+    The sampler calls ``model(tokens (B, T), text)`` on prefixes that grow by one token; each call
+    here feeds only the positions after the previous call's (`KVCache`), so a map of N tokens costs
+    N one-position passes instead of N passes over ever longer prefixes. Only the last row of the
+    returned logits (B, T + 1, V) is computed, the one the sampler reads; the rows before it are 0.
+    A call that does not extend the cached stream (other text, batch or earlier tokens) starts a
+    new cache, so the result never depends on what was cached.
+    """
+
+    def __init__(self, net: TokenTransformer) -> None:
+        if not net.cfg.causal:
+            raise ValueError("a KV cache serves causal networks only")
+        self.net = net
+        self.cache: KVCache | None = None
+
+    def _extends(self, tokens: torch.Tensor, text: torch.Tensor) -> bool:
+        c = self.cache
+        if c is None or c.tokens is None or c.text is None or c.tokens.shape[1] >= tokens.shape[1]:
+            return False
+        return torch.equal(c.text, text) and torch.equal(c.tokens, tokens[:, : c.tokens.shape[1]])
+
+    def __call__(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        if not self._extends(tokens, text):
+            self.cache = KVCache(len(self.net.blocks))
+            self.cache.text = text.clone()
+        h = self.net.hidden(tokens, text, cache=self.cache)  # (B, new positions, D)
+        self.cache.tokens = tokens.clone()  # type: ignore[union-attr]
+        last = self.net.to_logits(h[:, -1]).float()  # (B, V): the distribution of token T
+        logits = last.new_zeros(tokens.shape[0], tokens.shape[1] + 1, last.shape[-1])
+        logits[:, -1] = last
+        return logits
 
 
 TOKEN_TRANSFORMER_PRESETS: dict[str, TokenTransformerConfig] = {

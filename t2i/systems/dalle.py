@@ -27,7 +27,12 @@ import torch
 
 from t2i.autoencoders.vq import VQ_CONFIGS, VQAutoencoder, VQAutoencoderConfig
 from t2i.data.shapes_vocab import out_of_world_warning, vocabulary
-from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS, TokenTransformer, TokenTransformerConfig
+from t2i.nets.token_transformer import (
+    TOKEN_TRANSFORMER_PRESETS,
+    CachedDecoder,
+    TokenTransformer,
+    TokenTransformerConfig,
+)
 from t2i.systems.base import GenerationDefaults, GenerationRequest, StepReport
 from t2i.systems.token_models import (
     TokenPipeline,
@@ -139,7 +144,7 @@ class DallePipeline(TokenPipeline):
                 generators: list[torch.Generator], report: StepReport) -> torch.Tensor:
         guided = r.guidance != 1.0
         cond = GuidedCond(self.tokenize(prompts), self.tokenize(negatives) if guided else None)
-        model = CFGTokenModel(lambda tokens, text: self.unet(tokens, text=text), r.guidance)
+        model = CFGTokenModel(CachedDecoder(self.unet), r.guidance)  # one new position per call
         n = self.unet.cfg.num_tokens
         temperature = 0.0 if r.sampler == "greedy" else self.temperature  # 0: argmax, no draw
         return sample_autoregressive(model, cond, n, generators=generators, temperature=temperature, top_k=self.top_k,
