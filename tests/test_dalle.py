@@ -227,3 +227,21 @@ def test_the_kv_cache_gives_the_logits_and_tokens_of_full_passes(attention):
             assert (got - net(tokens, text=t)[:, -1]).abs().max() < 1e-5
         other = WordTokenizer(WORDS, 5)(["a blue circle", "red square"])
         assert (cached(reference[:, :7], other)[:, -1] - net(reference[:, :7], text=other)[:, -1]).abs().max() < 1e-5
+
+
+def test_resuming_with_a_tokenizer_whose_weights_changed_is_refused(tmp_path, capsys):
+    """The tokenizer file of a run still training is rewritten at each checkpoint: a resumed token run
+    that found other weights behind the same path would learn other codes without a word."""
+    from t2i.cli import main
+
+    vq_file = tmp_path / "vqvae.safetensors"
+    save_vqvae(tiny_tokenizer(0), vq_file)
+    args = ["train", "dalle", "--vqvae", str(vq_file), "--preset", "tiny", "--batch-size", "2", "--image-every", "0",
+            "--text-length", "12", "--out", str(tmp_path / "run")]
+    assert main([*args, "--steps", "1"]) == 0
+    save_vqvae(tiny_tokenizer(1), vq_file)
+    capsys.readouterr()
+    assert main([*args, "--steps", "2", "--resume"]) == 2
+    assert "not the tokenizer this run was started with" in capsys.readouterr().err
+    save_vqvae(tiny_tokenizer(0), vq_file)
+    assert main([*args, "--steps", "2", "--resume"]) == 0

@@ -8,6 +8,7 @@ checkpoint, so `--resume` rebuilds the same network) and writes its own loss, ex
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ class TokenTrainConfig(LoopConfig):
     export_every: int = 500
     image_every: int = 500
     model: dict[str, Any] | None = None
+    vqvae_digest: str = ""  # of the tokenizer's weights, set at the start: a resumed run must find the same
 
 
 @dataclass
@@ -72,14 +74,26 @@ def token_setup(cfg: TokenTrainConfig, run: Run, resolve: Callable[[VQAutoencode
     if cfg.model is None:
         cfg.model = dataclasses.asdict(resolve(vq))
     model_cfg = from_dict(cfg.model)
-    if model_cfg.vq != vq.cfg:
-        raise ValueError(f"{cfg.vqvae}: not the tokenizer this run was started with")
+    digest = weights_digest(vq)
+    if model_cfg.vq != vq.cfg or cfg.vqvae_digest not in ("", digest):
+        raise ValueError(f"{cfg.vqvae}: not the tokenizer this run was started with (a tokenizer still training "
+                         "rewrites its file: train on a copy)")
+    cfg.vqvae_digest = digest
     data = open_data(cfg.data, cfg.data_path, vq.cfg.sample_size, cfg.seed, run.log.text, cfg.background_p,
                      workers=cfg.data_workers)
     torch.manual_seed(cfg.seed)  # the network's init must not depend on what loading drew
     net = TokenTransformer(model_cfg.net)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.96))
     return TokenSetup(vq, model_cfg, data, net, run.parallel(net), EMA(net, cfg.ema_decay), opt)
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 of a module's state (names, shapes and float32 bytes), to recognise the same weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(t.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 @torch.no_grad()
