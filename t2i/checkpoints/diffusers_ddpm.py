@@ -7,6 +7,12 @@
 `t2i.nets.pixel_unet.PixelUNet` carries UNet2DModel's parameter names, so the weights need no key
 map: this module translates the config (refusing the options t2i does not implement, by name)
 and names the weight files. The family (`t2i.systems.ddpm`) builds and fills the network.
+
+A learned-variance model (IDDPM) is a UNet2DModel with out_channels = 2 * in_channels under a
+DDPMScheduler with `variance_type="learned_range"`; the two go together (diffusers splits the output
+only for a learned variance type, and a learned type without the variance half fails), so a folder
+pairing one without the other is refused. The variance is then the network's: the schedule read
+here leaves variance_type unset, and the family samples with the learned one.
 """
 
 from __future__ import annotations
@@ -14,9 +20,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from t2i.checkpoints.diffusers_folder import read_config_file, read_schedule
+from t2i.checkpoints.diffusers_folder import read_config_file
 from t2i.checkpoints.diffusers_nets import check_unsupported, sample_size_of
+from t2i.checkpoints.diffusers_scheduler import scheduler_config_from_dict
 from t2i.checkpoints.io import CheckpointError, find_weights, read_json_object
+from t2i.checkpoints.limits import check_schedule
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.nets.pixel_unet import PixelUNetConfig
 
@@ -91,5 +99,27 @@ def read_diffusers_ddpm(path: str | Path) -> tuple[PixelUNetConfig, ScheduleConf
     if not is_diffusers_ddpm(root):
         raise CheckpointError(f"{root}: not a diffusers DDPM folder (model_index.json naming one of {PIPELINES})")
     cfg = read_config_file(pixel_unet_config_from_diffusers, root / "unet" / "config.json")
-    schedule, _ = read_schedule(root)
+    schedule = read_ddpm_schedule(root / "scheduler" / "scheduler_config.json",
+                                  learned=cfg.out_channels == 2 * cfg.in_channels)
     return cfg, schedule, find_weights(root / "unet", "diffusion_pytorch_model")
+
+
+LEARNED_VARIANCE = "learned_range"  # IDDPM eq. 15, the one learned variance type t2i samples
+
+
+def read_ddpm_schedule(file: Path, learned: bool) -> ScheduleConfig:
+    """The folder's scheduler config; for a learned-variance network (learned) it must say
+    variance_type "learned_range", which is then left out of the ScheduleConfig (see the module
+    docstring), and for any other network it must not."""
+    def read(raw: dict[str, Any], source: str) -> ScheduleConfig:
+        said = raw.get("variance_type") == LEARNED_VARIANCE
+        if said != learned:
+            raise CheckpointError(
+                f"{source}: variance_type {raw.get('variance_type')!r} with a U-Net of "
+                f"{'2x' if learned else '1x'} its input channels (learned_range needs 2x, and only it)")
+        return scheduler_config_from_dict({k: v for k, v in raw.items() if not (said and k == "variance_type")},
+                                          source)
+
+    schedule = read_config_file(read, file, source=str(file))
+    check_schedule(schedule, str(file))
+    return schedule

@@ -7,7 +7,9 @@ shapes world needs text: the judge scores prompts), with classifier-free guidanc
 sampler runs on it through the denoiser contract: "ddpm" is Algorithm 2, "ddim" Song et al.
 (2021); the schedules are diffusers' spacings ("default", "karras") or IDDPM's respacing
 ("iddpm": `steps` timesteps evenly over [0, T), the first and last included; Nichol & Dhariwal
-2021 sec. 4), the few-step DDPM of the improved paper.
+2021 sec. 4), the few-step DDPM of the improved paper. A network with 2C output channels learns its
+variance (IDDPM): "ddpm" then samples with it (`t2i.samplers.learned_variance`, diffusers'
+`variance_type="learned_range"`, also over the respaced betas); the other samplers use its eps half.
 
 Two layouts load: t2i's own file (one safetensors, `unet.*` weights, the resolved `DDPMConfig`
 as JSON in its metadata, like the shapes LDM) and a diffusers DDPM/DDIM folder
@@ -45,6 +47,7 @@ from t2i.imageio import request_parameters, to_pil
 from t2i.nets.pixel_unet import PIXEL_UNET_PRESETS, PixelUNet, PixelUNetConfig
 from t2i.quantize import precision_of
 from t2i.samplers.diffusers_plan import SamplingPlan, prepare_sampling
+from t2i.samplers.learned_variance import VarianceTap, sample_ddpm_learned
 from t2i.samplers.sampling import SAMPLERS
 from t2i.seeds import seed_generators, seed_noise
 from t2i.systems.base import (
@@ -128,6 +131,12 @@ class DDPMPipeline(RequestMethods):
     def size_multiple(self) -> int:
         return 2 ** (len(self.unet.pixel_cfg.block_channels) - 1)
 
+    @property
+    def learned_variance(self) -> bool:
+        """Whether the network outputs its variance values after eps (IDDPM's learned Sigma)."""
+        c = self.unet.pixel_cfg
+        return c.out_channels == 2 * c.in_channels
+
     def plan(self, sampler: str, steps: int, schedule: str, eta: float | None = None) -> SamplingPlan:
         """The sampler run: diffusers' spacing of the model's schedule ("default", "karras"), or
         IDDPM's respacing, the same plan over `respaced_sigmas` with x0 limited as configured."""
@@ -184,13 +193,27 @@ class DDPMPipeline(RequestMethods):
         plan = self.plan(r.sampler, r.steps, r.schedule, r.eta)
         generators = seed_generators(seeds)
         x = plan.start(seed_noise(generators, (self.unet.pixel_cfg.in_channels, r.height, r.width)))  # (N, 3, H, W)
-        denoiser = plan.limit_x0(CFGDenoiser(plan.denoiser(CastInputs.around(self.unet)), r.guidance))
+        net = CastInputs.around(self.unet)
+        tap = VarianceTap(net) if self.learned_variance else None
+        denoiser = plan.limit_x0(CFGDenoiser(plan.denoiser(tap or net), r.guidance))
         with StepReport.of(r, plan.steps) as on_step:
-            images = plan.finish(plan.run(denoiser, x, {"cond": cond, "uncond": uncond}, on_step, generators))
+            images = plan.finish(run_plan(plan, denoiser, x, {"cond": cond, "uncond": uncond}, on_step, generators,
+                                          tap))
         pictures = to_pil(images)
         for im, p, neg, sd in zip(pictures, prompts, negatives, seeds, strict=True):
             im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, precision_of(self.unet))
         return GenerationResult(pictures, images, seeds, warnings, time.perf_counter() - start)
+
+
+def run_plan(plan: SamplingPlan, denoiser: Any, x: torch.Tensor, extra_args: dict, callback: Any, generators: Any,
+             tap: VarianceTap | None) -> torch.Tensor:
+    """plan.run, except that "ddpm" on a learned-variance network (`tap` around it) draws its noise with the
+    learned variance, the betas of the plan's own timesteps (respaced ones included)."""
+    if tap is None or plan.sampler != "ddpm" or plan.steps == 0:
+        return plan.run(denoiser, x, extra_args, callback, generators)
+    acp = torch.cat([plan.alphas_cumprod[plan.timesteps.long()], torch.ones(1)])  # (N+1,), 1 after t = 0
+    return sample_ddpm_learned(denoiser, x, plan.sigmas, extra_args, callback, generators, variance=tap,
+                               alphas_cumprod=acp)
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,6 +7,10 @@ frozen MiniLM token states of the captions, 10% of them replaced by the empty ca
 one network also learns the unconditional model for classifier-free guidance. The EMA weights
 are exported as a self-describing `model.safetensors` (`t2i.systems.ddpm`) and sampled into
 captioned grids.
+
+`learn_sigma` (IDDPM, Nichol & Dhariwal 2021): the U-Net outputs 2C channels, eps then the variance
+interpolation values, trained by the hybrid loss L_simple + 0.001 L_vlb (`HybridLoss`); the family samples
+it with the learned variance (`t2i.samplers.learned_variance`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 import torch
 
-from t2i.diffusion.losses import DiffusionLoss
+from t2i.diffusion.losses import DiffusionLoss, HybridLoss
 from t2i.nets.pixel_unet import PIXEL_UNET_PRESETS, PixelUNet
 from t2i.systems.base import GenerationDefaults
 from t2i.systems.ddpm import DDPMConfig, DDPMPipeline, ddpm_schedule, load_text_encoder, save_ddpm
@@ -37,6 +41,7 @@ class DDPMTrainConfig(LoopConfig):
 
     net_preset: str = "shapes_32"
     beta_schedule: str = "linear"  # or "cosine" (IDDPM)
+    learn_sigma: bool = False  # IDDPM: 2C output channels (eps, variance values), the hybrid loss
     caption_dropout: float = 0.1
     data: str = "shapes"
     data_path: str | None = None
@@ -56,6 +61,8 @@ def resolve_model_config(cfg: DDPMTrainConfig) -> DDPMConfig:
     if cfg.net_preset not in PIXEL_UNET_PRESETS:
         raise ValueError(f"unknown pixel U-Net preset {cfg.net_preset!r}; choose from {sorted(PIXEL_UNET_PRESETS)}")
     net = dataclasses.replace(PIXEL_UNET_PRESETS[cfg.net_preset], sample_size=cfg.image_size)
+    if cfg.learn_sigma:
+        net = dataclasses.replace(net, out_channels=2 * net.in_channels)
     schedule = ddpm_schedule("squaredcos_cap_v2" if cfg.beta_schedule == "cosine" else cfg.beta_schedule)
     return DDPMConfig(net=net, schedule=schedule, text_encoder="minilm" if net.text_conditional else None,
                       image_size=cfg.image_size)
@@ -71,7 +78,9 @@ def build_ddpm(cfg: DDPMTrainConfig, run: Run, text_encoder: torch.nn.Module | N
     net = PixelUNet(model_cfg.net)
     ema = EMA(net, cfg.ema_decay)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = DiffusionLoss(model_cfg.schedule.alphas_cumprod(), "epsilon")
+    # the network's output width says whether it learns its variance (files written before learn_sigma too)
+    learned = model_cfg.net.out_channels == 2 * model_cfg.net.in_channels
+    loss_fn = (HybridLoss if learned else DiffusionLoss)(model_cfg.schedule.alphas_cumprod(), "epsilon")
     parallel = run.parallel(net)
 
     def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -104,7 +113,8 @@ def build_ddpm(cfg: DDPMTrainConfig, run: Run, text_encoder: torch.nn.Module | N
         return Grid(images, list(prompts))
 
     n_params = sum(p.numel() for p in net.parameters())
-    about = f", pixel U-Net {n_params / 1e6:.2f}M parameters, {model_cfg.schedule.beta_schedule} betas"
+    about = (f", pixel U-Net {n_params / 1e6:.2f}M parameters, {model_cfg.schedule.beta_schedule} betas"
+             + (", learned variance (hybrid loss)" if learned else ""))
     return Task("ddpm", {"net": net, "ema": ema.averaged}, {"opt": opt}, prepare=prepare, step=step, ema=ema,
                 grid=grid, export=export, about=about)
 

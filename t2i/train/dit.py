@@ -4,8 +4,9 @@ one-object scene (`t2i train dit`), and the shared step function that PixArt's t
 
 The network works on the latents of a frozen shapes autoencoder (the built-in model's, with its latent
 scale), as DiT on the SD VAE's: images -> posterior sample -> DiffusionLoss with the eps target (DDPM's
-L_simple, Min-SNR weighting optional) on the DiT's eps half. Learned variance is off in the shapes presets:
-the hybrid loss that trains the variance half (IDDPM's L_vlb) is not among the shared losses. The condition
+L_simple, Min-SNR weighting optional) on the DiT's eps half. With `learn_sigma` the network also outputs
+the variance half, trained as DiT trains it by IDDPM's hybrid loss L_simple + 0.001 L_vlb (`HybridLoss`);
+the families sample the eps half (the variance is dropped at the edge), so it is off by default. The condition
 is dropped for a share of the examples (DiT's class dropout to the null class, PixArt's empty caption) so
 one network also learns the unconditional model for classifier-free guidance. The EMA network is exported
 with the autoencoder as a self-describing `model.safetensors` (`t2i.systems.dit.LatentTransformer`) that
@@ -29,7 +30,7 @@ from torch import nn
 
 from t2i.autoencoders.kl import AutoencoderKL
 from t2i.data.captions import COLOURS, SHAPES, noun_phrase
-from t2i.diffusion.losses import DiffusionLoss
+from t2i.diffusion.losses import DiffusionLoss, HybridLoss
 from t2i.nets.dit import DIT_PRESETS, DiT
 from t2i.systems.dit import DiTPipeline, LatentTransformer, LatentTransformerConfig
 from t2i.systems.shapes_ldm import DEFAULT_MODEL_FILE, ShapesLDM
@@ -51,6 +52,7 @@ class LatentTrainConfig(LoopConfig):
     vae_from: str = ""  # a shapes LDM model file whose autoencoder gives the latents ("": the built-in model)
     condition_dropout: float = 0.1  # share of examples without their class / caption (for CFG)
     min_snr_gamma: float = 5.0  # 0: plain MSE
+    learn_sigma: bool = False  # 2C outputs (eps, variance values) trained by the hybrid loss (IDDPM, DiT)
     image_size: int = 64
     background_p: float | None = None  # share of black/gray backgrounds (None: the shapes world's own)
     steps: int = 10000
@@ -95,13 +97,12 @@ def load_autoencoder(path: str) -> AutoencoderKL:
 
 
 def model_config(cfg: LatentTrainConfig, vae: AutoencoderKL, **fields: Any) -> LatentTransformerConfig:
-    """The network preset at this image size over this autoencoder, eps only, and `fields` (labels, text
-    encoder)."""
+    """The network preset at this image size over this autoencoder, eps only unless cfg.learn_sigma, and
+    `fields` (labels, text encoder)."""
     if cfg.preset not in DIT_PRESETS:
         raise ValueError(f"unknown DiT preset {cfg.preset!r}; choose from {sorted(DIT_PRESETS)}")
-    # learn_sigma off: only L_simple trains here, which leaves a variance half untrained
     net = dataclasses.replace(DIT_PRESETS[cfg.preset], sample_size=cfg.image_size // vae.cfg.downsample_factor,
-                              in_channels=vae.cfg.latent_channels, learn_sigma=False)
+                              in_channels=vae.cfg.latent_channels, learn_sigma=cfg.learn_sigma)
     return LatentTransformerConfig(net=net, vae=dataclasses.replace(vae.cfg), image_size=cfg.image_size, **fields)
 
 
@@ -119,8 +120,9 @@ def build_latent_transformer(cfg: LatentTrainConfig, run: Run, name: str, vae: A
     net = DiT(model_cfg.net)
     ema = EMA(net, cfg.ema_decay)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = DiffusionLoss(model_cfg.schedule.alphas_cumprod(), model_cfg.schedule.prediction_type,
-                            cfg.min_snr_gamma or None)
+    loss_cls = HybridLoss if model_cfg.net.learn_sigma else DiffusionLoss  # the variance half needs L_vlb
+    loss_fn = loss_cls(model_cfg.schedule.alphas_cumprod(), model_cfg.schedule.prediction_type,
+                       cfg.min_snr_gamma or None)
     parallel = run.parallel(net)
 
     def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

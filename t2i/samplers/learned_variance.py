@@ -1,0 +1,73 @@
+"""Ancestral DDPM sampling with a learned reverse-process variance (IDDPM, Nichol & Dhariwal 2021).
+
+The denoiser contract carries x0 only, so the variance half of a learned-variance network travels
+beside it: ``VarianceTap`` is the network seen as a plain (mean-only) one that keeps the variance
+values of its latest call, and ``sample_ddpm_learned`` reads them after each denoiser call. Every
+wrapper between the two (CFG, x0 clipping, classifier guidance) is untouched; with CFG the network
+is called on [uncond; cond] and the conditional rows' variance is used, as GLIDE does.
+
+Each step is Algorithm 2 of Ho et al. (2020) with Sigma_theta of IDDPM eq. 15,
+``log Sigma = v log beta_t + (1 - v) log beta~_t`` for this step's beta_t = 1 - acp_t / acp_prev
+(a respaced run's betas, IDDPM sec. 4: acp_prev is the next kept timestep's), as diffusers'
+DDPMScheduler with ``variance_type="learned_range"``. In VE form (x = x_vp / sqrt(acp)):
+
+    x_next = x0 + (sigma_next / sigma)^2 (x - x0) + sqrt(Sigma) / sqrt(acp_prev) * z
+"""
+
+from __future__ import annotations
+
+import torch
+
+from t2i.diffusion.precond import LearnedVariance, learned_log_variance
+from t2i.samplers.sampling import Callback, Denoiser, Generator, _batch, _report, ancestral_step, randn_like
+
+
+class VarianceTap(LearnedVariance):
+    """``net(x, t, **cond) -> (B, 2C, ...)`` as a mean-only network that keeps the variance values of
+    its latest call (``take``)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__(net)
+        self.last: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        mean, var_values = self.both(x, t, **cond)
+        self.last = var_values.detach()
+        return mean
+
+    def take(self, batch: int) -> torch.Tensor:
+        """(batch, C, ...) variance values of the latest call: its last `batch` rows (CFG batches the
+        unconditional rows first, so these are the conditional branch's)."""
+        if self.last is None or self.last.shape[0] < batch:
+            raise RuntimeError("the learned-variance network was not called for this batch")
+        return self.last[-batch:]
+
+
+@torch.no_grad()
+def sample_ddpm_learned(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
+                        callback: Callback | None = None, generator: Generator = None, *,
+                        variance: VarianceTap, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """DDPM ancestral steps with the learned variance (see the module docstring).
+
+    Args:
+        denoiser: D(x, sigma, **extra_args) -> x0 whose network is `variance` (possibly wrapped).
+        x: (B, C, H, W) VE samples at sigmas[0].
+        sigmas: (N+1,) descending noise levels ending at 0.
+        variance: the tap around the network.
+        alphas_cumprod: (N+1,) the training alphas_cumprod of each sigma (1 for the final 0), taken from
+            the table rather than recomputed from sigma, so that beta_t = 1 - acp_t / acp_prev keeps
+            float32 precision where it is ~1e-4.
+    Noise is drawn for every step that ends above sigma 0, as in `sample_ddpm`.
+    """
+    extra_args = extra_args or {}
+    acp = alphas_cumprod.to(torch.float32)
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, _batch(sigmas[i], x), **extra_args)
+        var_values = variance.take(x.shape[0])
+        sigma_down, _ = ancestral_step(sigmas[i], sigmas[i + 1], 1.0)
+        x = denoised + (x - denoised) * (sigma_down / sigmas[i])  # the posterior mean
+        if sigmas[i + 1] > 0:
+            log_var = learned_log_variance(var_values, acp[i], acp[i + 1])  # (B, C, H, W), VP
+            x = x + randn_like(x, generator) * ((0.5 * log_var).exp() / acp[i + 1].sqrt())
+        _report(callback, x, i, sigmas, denoised)
+    return x
