@@ -82,6 +82,8 @@ LDM: list[Option] = [
 DDPM: list[Option] = [
     ("--preset", "net_preset", {}, "pixel U-Net shape (t2i.nets.pixel_unet.PIXEL_UNET_PRESETS)"),
     ("--beta-schedule", "beta_schedule", {"choices": ("linear", "cosine")}, "training betas (DDPM / IDDPM)"),
+    ("--learn-sigma", "learn_sigma", {"action": "store_true"}, "IDDPM: the U-Net also outputs its variance, "
+     "trained by the hybrid loss L_simple + 0.001 L_vlb; the ddpm sampler uses it"),
     *(o for o in LDM if o[1] in ("caption_dropout", "ema_decay", "weight_decay", "sample_steps", "export_every")),
 ]
 VQVAE: list[Option] = [
@@ -185,6 +187,8 @@ DIT: list[Option] = [
      "caption (for CFG)"),
     *(o for o in IMAGES if o[1] in ("image_size", "background_p", "image_every")),
     *(o for o in LDM if o[1] in ("ema_decay", "weight_decay", "min_snr_gamma", "sample_steps", "export_every")),
+    ("--learn-sigma", "learn_sigma", {"action": "store_true"}, "the network also outputs its variance (IDDPM's "
+     "Sigma, as DiT), trained by the hybrid loss L_simple + 0.001 L_vlb"),
 ]
 # What each preset is for (their shapes are printed from the configs themselves).
 PRESET_USE = {"shapes_f4": "the built-in model's", "shapes_s": "the built-in model's",
