@@ -15,6 +15,10 @@ word's last piece) is an error naming it, not a step without gradient.
 The file written, `<out>/<token>.safetensors`, holds `emb_params` (n, D), the single-tensor form A1111
 and kohya write as safetensors, which A1111, diffusers' `load_textual_inversion` and t2i's
 `--embedding FILE` / `--embedding-dir` read; used by its file stem (the token) in prompts.
+
+The shapes models' MiniLM encoder (BERT WordPiece) takes a word too, one vector (`add_minilm_word`: the
+token becomes an added token of its tokenizer, one new embedding row); t2i's `--embedding` does not read
+those yet: `add_learned_word(pipe.text_encoder, token, file's emb_params)` loads one in Python.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 from torch import nn
 
 from t2i.checkpoints.io import save_state_dict
-from t2i.text.encoders import CLIPTextEncoder
+from t2i.text.encoders import CLIPTextEncoder, MiniLMTextEncoder
 from t2i.train.fit import Run, Step, Task, fit
 from t2i.train.lora import AdapterTrainConfig, FrozenModel, encode_trainable
 
@@ -45,17 +49,50 @@ class TextualInversionConfig(AdapterTrainConfig):
     lr: float = 5e-3  # A1111's default
 
 
-class LearnedWord(nn.Module):
-    """A word's n trainable vectors (n, D), read in place of its rows of a CLIP token embedding."""
+def add_minilm_word(encoder: MiniLMTextEncoder, token: str, vectors: torch.Tensor) -> int:
+    """Add `token` to a MiniLM encoder with its vector (1, D) as a new row of the token embedding; returns
+    its id. The token becomes an added token of the WordPiece tokenizer (matched before WordPiece splits,
+    wherever it appears, also inside `<w>s`). Refuses a vocabulary word (one token already: it would
+    vanish from every prompt), a word already added, and n != 1 (ValueError, nothing changed)."""
+    from tokenizers import AddedToken
 
-    def __init__(self, encoder: CLIPTextEncoder, token: str, vectors: int, init_word: str) -> None:
+    emb, tok = encoder.model.token_embedding, encoder.tokenizer._tok  # no add_words on WordPieceTokenizer yet
+    if vectors.shape != (1, emb.weight.shape[1]):
+        raise ValueError(f"{token!r}: a MiniLM word takes one vector (1, {emb.weight.shape[1]}), "
+                         f"got {tuple(vectors.shape)}")
+    if len(encoder.tokenizer.token_ids([token])[0]) < 2:
+        raise ValueError(f"{token!r} is one token of MiniLM's vocabulary (or an added word); choose a new word, "
+                         "e.g. '<my-word>'")
+    if tok.get_vocab_size(with_added_tokens=True) != emb.num_embeddings:
+        raise ValueError(f"the tokenizer ({tok.get_vocab_size(with_added_tokens=True)} ids) and the embedding "
+                         f"({emb.num_embeddings} rows) disagree")
+    tok.add_tokens([AddedToken(token, single_word=False, normalized=True)])
+    emb.weight = nn.Parameter(torch.cat([emb.weight.detach(), vectors.to(emb.weight)]),
+                              requires_grad=emb.weight.requires_grad)  # (V + 1, D)
+    emb.num_embeddings += 1
+    return emb.num_embeddings - 1
+
+
+def add_learned_word(encoder: CLIPTextEncoder | MiniLMTextEncoder, token: str, vectors: torch.Tensor) -> int:
+    """Add a word with its vectors (n, D) to a CLIP or MiniLM encoder; returns its first id (its n ids
+    are consecutive)."""
+    if isinstance(encoder, MiniLMTextEncoder):
+        return add_minilm_word(encoder, token, vectors)
+    encoder.add_words({token: vectors})  # refuses a vocabulary word or a clash, before anything changed
+    return encoder.tokenizer.words[token][0]
+
+
+class LearnedWord(nn.Module):
+    """A word's n trainable vectors (n, D), read in place of its rows of a CLIP or MiniLM token embedding."""
+
+    def __init__(self, encoder: CLIPTextEncoder | MiniLMTextEncoder, token: str, vectors: int,
+                 init_word: str) -> None:
         super().__init__()
         emb = encoder.model.token_embedding
         ids = encoder.tokenizer.token_ids([init_word])[0] if init_word else []
         rows = emb.weight.detach()[ids] if ids else torch.zeros(1, emb.weight.shape[1])  # (len, D)
         init = rows[torch.arange(vectors) % len(rows)].float()  # (n, D) cycled, as A1111 fills n vectors
-        encoder.add_words({token: init})  # refuses a vocabulary word or a clash, before anything changed
-        self.first = encoder.tokenizer.words[token][0]
+        self.first = add_learned_word(encoder, token, init)
         self.vectors = nn.Parameter(init.clone())  # (n, D)
         self._hook = emb.register_forward_hook(self._replace)
 
@@ -95,9 +132,9 @@ def build_textual_inversion(cfg: TextualInversionConfig, run: Run) -> Task:
         raise ValueError(f"--vectors must be at least 1, got {cfg.vectors}")
     frozen = FrozenModel(cfg, run)
     pipe = frozen.pipe
-    if not isinstance(pipe.text_encoder, CLIPTextEncoder):
-        raise ValueError(f"{pipe.name}: textual inversion trains a word of one CLIP text encoder (SD 1.x/2.x); "
-                         f"this model has {type(pipe.text_encoder).__name__}")
+    if not isinstance(pipe.text_encoder, CLIPTextEncoder | MiniLMTextEncoder):
+        raise ValueError(f"{pipe.name}: textual inversion trains a word of one CLIP text encoder (SD 1.x/2.x) or "
+                         f"of MiniLM (the shapes models); this model has {type(pipe.text_encoder).__name__}")
     word = LearnedWord(pipe.text_encoder, cfg.token, cfg.vectors, cfg.init_word)
     opt = torch.optim.AdamW(word.parameters(), lr=cfg.lr, weight_decay=0.0)
     done = {"steps": 0}
