@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import test_train_lora
 import torch
 from PIL import Image
-from test_train_lora import write_captioned_folder
 
 import t2i
 from t2i.adapters.lora import read_lora
@@ -19,15 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 CLASS = "a square"
 SIZE = 16
-
-
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    from sd_oracles import build_sd1
-
-    root = tmp_path_factory.mktemp("sd1")
-    build_sd1(root / "model")
-    return root / "model", write_captioned_folder(root / "data")
+sd1 = test_train_lora.sd1  # the fixture: a tiny random SD1 model and a captioned 16x16 folder
 
 
 def train(model, data, out, *extra: str):
