@@ -205,3 +205,30 @@ class HybridLoss(DiffusionLoss):
         vlb = self.vlb_terms(x0.float(), x_t.float(), t, mean_out.detach(), var_values)  # (B,) stop-gradient mean
         T = self.alphas_cumprod.shape[0]
         return (simple + self.vlb_weight * T * vlb).mean()
+
+
+class NoisyClassifierLoss:
+    """Cross-entropy of a noise-aware classifier on noised images (Dhariwal & Nichol 2021, sec. 4.1: the
+    classifier of classifier guidance is trained on x_t, t drawn uniformly, "on noisy images").
+
+    ``loss(classifier, x0, {"labels": (B,)}, generator) -> scalar``: t and eps are drawn exactly as
+    DiffusionLoss draws them (``DiffusionLoss.noised``), then ``classifier(x_t, t) -> (B, K)`` logits.
+
+    Args:
+        alphas_cumprod: (T,) the schedule of the diffusion model it will guide.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        self.draws = DiffusionLoss(alphas_cumprod)
+
+    def with_accuracy(self, classifier: nn.Module | Callable, x0: torch.Tensor, labels: torch.Tensor,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(() mean cross-entropy, () share of rows whose argmax is their label)."""
+        t, _, _, x_t = self.draws.noised(x0, generator)
+        logits = classifier(x_t, t.to(torch.float32)).float()  # (B, K)
+        labels = labels.to(logits.device)
+        return nn.functional.cross_entropy(logits, labels), (logits.argmax(-1) == labels).float().mean()
+
+    def __call__(self, classifier: nn.Module | Callable, x0: torch.Tensor, cond: dict,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.with_accuracy(classifier, x0, cond["labels"], generator)[0]

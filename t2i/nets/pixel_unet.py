@@ -25,7 +25,7 @@ from torch import nn
 from t2i.nets.levels import MidBlock
 from t2i.nets.resnet import ResBlock
 from t2i.nets.spatial_attention import SpatialSelfAttention
-from t2i.nets.unet import UNet, UNetConfig
+from t2i.nets.unet import UNet, UNetConfig, UNetEncoder
 
 
 @dataclass
@@ -92,6 +92,27 @@ class PixelUNetConfig:
 _PER_LEVEL = ("layers_per_block", "attention", "num_heads", "transformer_depth")
 
 
+def self_attentions(cfg: PixelUNetConfig, level: int, count: int) -> nn.ModuleList:
+    """`count` of DDPM's self-attention blocks at a level's width."""
+    return nn.ModuleList(SpatialSelfAttention(cfg.block_channels[level], cfg.num_heads[level], cfg.norm_groups,
+                                              cfg.norm_eps) for _ in range(count))
+
+
+def add_self_attention(encoder: UNetEncoder, cfg: PixelUNetConfig) -> None:
+    """DDPM's attention in an unconditional U-Net's down levels: self-attention blocks where the SD layout
+    would put transformers. Shared by `PixelUNet` and the noise-aware classifier (`t2i.nets.classifier`)."""
+    for level, block in enumerate(encoder.down_blocks):
+        if cfg.attention[level]:
+            block.attentions = self_attentions(cfg, level, len(block.resnets))
+
+
+def ddpm_mid_block(cfg: PixelUNetConfig) -> MidBlock:
+    """diffusers' UNetMidBlock2D: two ResBlocks, with or without self-attention between them."""
+    c, temb = cfg.block_channels[-1], 4 * cfg.block_channels[0]
+    resnets = [ResBlock(c, c, temb, cfg.norm_groups, cfg.norm_eps, cfg.dropout) for _ in range(2)]
+    return MidBlock(resnets, self_attentions(cfg, len(cfg.block_channels) - 1, 1) if cfg.mid_attention else None)
+
+
 class PixelUNet(UNet):
     """eps(x_t, t[, text]) on images: forward(x (B, C, H, W), t (B,), context (B, T, D) or None)
     -> (B, out_channels, H, W). Unconditional networks take no context."""
@@ -101,23 +122,12 @@ class PixelUNet(UNet):
         self.pixel_cfg = cfg
         if cfg.text_conditional:
             return
-        # DDPM's attention: self-attention blocks where the SD layout would put transformers.
+        add_self_attention(self, cfg)
         n = len(cfg.block_channels)
-        for level, block in enumerate(self.down_blocks):
-            if cfg.attention[level]:
-                block.attentions = self._self_attentions(level, len(block.resnets))
         for i, block in enumerate(self.up_blocks):
             if cfg.attention[n - 1 - i]:
-                block.attentions = self._self_attentions(n - 1 - i, len(block.resnets))
-        c, temb = cfg.block_channels[-1], 4 * cfg.block_channels[0]
-        # diffusers' UNetMidBlock2D: two ResBlocks, with or without attention between them
-        resnets = [ResBlock(c, c, temb, cfg.norm_groups, cfg.norm_eps, cfg.dropout) for _ in range(2)]
-        self.mid_block = MidBlock(resnets, self._self_attentions(n - 1, 1) if cfg.mid_attention else None)
-
-    def _self_attentions(self, level: int, count: int) -> nn.ModuleList:
-        c = self.pixel_cfg
-        return nn.ModuleList(SpatialSelfAttention(c.block_channels[level], c.num_heads[level], c.norm_groups,
-                                                  c.norm_eps) for _ in range(count))
+                block.attentions = self_attentions(cfg, n - 1 - i, len(block.resnets))
+        self.mid_block = ddpm_mid_block(cfg)  # last, as before: the same seed gives the same weights
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,  # type: ignore[override]
                 **kwargs) -> torch.Tensor:

@@ -1,0 +1,125 @@
+"""ADM classifier guidance (Dhariwal & Nichol 2021): the guided x0 against a hand-computed case and ADM's
+eps form, next to CFG; the noise-aware classifier (the pixel U-Net's encoder half) and a tiny run of
+`t2i train classifier` whose held-out accuracy rises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from t2i.diffusion.classifier_guidance import ClassifierGuidance
+from t2i.diffusion.denoiser import DiscreteDenoiser
+from t2i.diffusion.guidance import CFGDenoiser
+from t2i.diffusion.losses import NoisyClassifierLoss
+from t2i.nets.classifier import NoisyClassifier, NoisyClassifierConfig, load_noisy_classifier
+from t2i.systems.ddpm import ddpm_schedule
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class _Linear:
+    """logits = W x_vp.flatten() + b, whose log-softmax gradient is known in closed form."""
+
+    def __init__(self, k: int, d: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.W, self.b = torch.randn(k, d, generator=g), torch.randn(k, generator=g)
+
+    def __call__(self, x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x_vp.flatten(1) @ self.W.T + self.b
+
+
+def _eps_net(x_vp: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    """An 'eps network' (deterministic, nonlinear) standing in for a U-Net."""
+    return torch.tanh(x_vp * 1.3 + 0.01 * t.reshape(-1, 1, 1, 1)) + cond.get("shift", 0.0)
+
+
+def test_guided_x0_equals_the_hand_computed_eps_shift():
+    """eps' = eps - sqrt(1 - abar) s grad_{x_vp} log p(y | x_vp) (ADM Algorithm 2), with the softmax gradient of a
+    linear classifier written out, W_y - sum_k p_k W_k; then x0' = (x_vp - sqrt(1 - abar) eps') / sqrt(abar)."""
+    acp = ddpm_schedule().alphas_cumprod()
+    den = DiscreteDenoiser(_eps_net, acp)
+    clf, labels, scale = _Linear(4, 3 * 2 * 2), torch.tensor([1, 3]), 2.5
+    guided = ClassifierGuidance(den, clf, labels, scale, den.sigma_to_t)
+    t = torch.tensor([100, 700])
+    a = acp[t].double().reshape(-1, 1, 1, 1)
+    sigma = ((1 - a) / a).sqrt().float().reshape(-1)
+    x_vp = torch.randn(2, 3, 2, 2, generator=torch.Generator().manual_seed(1)).double()
+    x = (x_vp / a.sqrt()).float()  # VE input
+    ours = guided(x, sigma)
+    # by hand, in float64
+    p = torch.softmax(x_vp.flatten(1) @ clf.W.double().T + clf.b.double(), dim=-1)  # (2, 4)
+    grad = (clf.W.double()[labels] - p @ clf.W.double()).reshape(x_vp.shape)
+    eps = _eps_net(x_vp.float(), den.sigma_to_t(sigma)).double()
+    eps_guided = eps - (1 - a).sqrt() * scale * grad
+    expected = (x_vp - (1 - a).sqrt() * eps_guided) / a.sqrt()
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-4, atol=1e-5)
+    assert (ours - den(x, sigma)).abs().max() > 1e-2  # the guidance moved it
+    assert torch.equal(ClassifierGuidance(den, clf, labels, 0.0, den.sigma_to_t)(x, sigma), den(x, sigma))
+
+
+def test_classifier_guidance_composes_with_cfg():
+    """Around CFG the classifier's shift adds to the CFG mix: D_cfg + s sigma^2 grad_x log p, whatever the CFG scale."""
+    acp = ddpm_schedule().alphas_cumprod()
+    den = DiscreteDenoiser(_eps_net, acp)
+    clf, labels = _Linear(3, 3 * 2 * 2), torch.tensor([2])
+    x, sigma = torch.randn(1, 3, 2, 2, generator=torch.Generator().manual_seed(2)) * 3, torch.tensor([2.0])
+    cond, uncond = {"shift": torch.full((1, 1, 1, 1), 0.3)}, {"shift": torch.zeros(1, 1, 1, 1)}
+    shifts = []
+    for w in (1.0, 4.0):
+        cfg = CFGDenoiser(den, w)
+        both = ClassifierGuidance(cfg, clf, labels, 3.0, den.sigma_to_t)
+        shifts.append(both(x, sigma, cond=cond, uncond=uncond) - cfg(x, sigma, cond=cond, uncond=uncond))
+    torch.testing.assert_close(shifts[0], shifts[1])
+    assert shifts[0].abs().max() > 1e-3
+
+
+def test_noisy_classifier_is_the_pixel_unets_encoder_half():
+    from t2i.nets.pixel_unet import PIXEL_UNET_PRESETS, PixelUNet
+
+    cfg = NoisyClassifierConfig(trunk=PIXEL_UNET_PRESETS["tiny_uncond"], num_classes=5)
+    clf, unet = NoisyClassifier(cfg), PixelUNet(cfg.trunk)
+    names = {k for k in clf.state_dict() if not k.startswith("head.")}
+    unet_names = {k for k in unet.state_dict() if k.startswith(("conv_in", "time_", "down_blocks", "mid_block"))}
+    assert names == unet_names  # the same blocks under the same names: the trunk loads from a U-Net
+    logits = clf(torch.randn(3, 3, 16, 16), torch.tensor([0.0, 500.0, 999.0]))
+    assert logits.shape == (3, 5)
+    with pytest.raises(ValueError, match="unconditional"):
+        NoisyClassifierConfig(trunk=PIXEL_UNET_PRESETS["tiny"])
+
+
+def _accuracy(path) -> tuple[float, float]:
+    """Held-out colour accuracy on 64 fixed one-object scenes (seed 123): (noised at t ~ U{0..T-1}, fixed
+    draws; noised at t = 100, where the colour is still plain to see)."""
+    from t2i.train.classifier import class_of
+    from t2i.train.distributed import DistInfo
+    from t2i.train.dit import SingleObjects
+
+    net, labels, schedule = load_noisy_classifier(path)
+    x, ids = SingleObjects(123, 16, 0.25).batch(0, 64, DistInfo())
+    y = class_of(ids, "colour")
+    acp = schedule.alphas_cumprod()
+    loss = NoisyClassifierLoss(acp)
+    with torch.no_grad():
+        uniform = sum(loss.with_accuracy(net, x, y, torch.Generator().manual_seed(k))[1].item() for k in range(4)) / 4
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+        x_t = acp[100].sqrt() * x + (1 - acp[100]).sqrt() * noise
+        low = (net(x_t, torch.full((64,), 100.0)).argmax(-1) == y).float().mean().item()
+    return uniform, low
+
+
+def test_t2i_train_classifier_raises_its_held_out_accuracy(tmp_path):
+    """`t2i train classifier --preset tiny --label colour`, 300 steps at 16x16 (~15 s): held-out accuracy among the
+    8 colours rises from chance, at t = 100 and over t ~ U{0..T-1} (where half the images are nearly pure noise).
+    Measured: t = 100 0.16 -> 0.38; uniform t 0.13 -> 0.22. (Shapes need more: a 32x32 run of thousands of steps.)"""
+    from t2i.cli import main
+
+    common = ["--preset", "tiny", "--label", "colour", "--image-size", "16", "--batch-size", "16", "--warmup", "5",
+              "--ckpt-every", "1000", "--log-every", "100", "--seed", "0", "--threads", "1"]
+    assert main(["train", "classifier", "--out", str(tmp_path / "r0"), "--steps", "1", "--lr", "1e-12", *common]) == 0
+    assert main(["train", "classifier", "--out", str(tmp_path / "r"), "--steps", "300", "--lr", "2e-3", *common]) == 0
+    (before, low_before), (after, low_after) = (_accuracy(tmp_path / r / "classifier.safetensors") for r in ("r0", "r"))
+    print(f"held-out colour accuracy: t = 100 {low_before:.3f} -> {low_after:.3f}; uniform {before:.3f} -> {after:.3f}")
+    assert low_after > low_before + 0.15 and after > before + 0.05
+    assert "classifier/accuracy" in (tmp_path / "r" / "log.txt").read_text()
+    _, labels, _ = load_noisy_classifier(tmp_path / "r" / "classifier.safetensors")
+    assert labels == ["red", "green", "blue", "yellow", "purple", "orange", "cyan", "pink"]
