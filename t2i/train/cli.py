@@ -190,6 +190,13 @@ DIT: list[Option] = [
     ("--learn-sigma", "learn_sigma", {"action": "store_true"}, "the network also outputs its variance (IDDPM's "
      "Sigma, as DiT), trained by the hybrid loss L_simple + 0.001 L_vlb"),
 ]
+CLASSIFIER: list[Option] = [
+    ("--preset", "preset", {}, "trunk shape (t2i.nets.classifier.NOISY_CLASSIFIER_PRESETS: shapes_32, tiny)"),
+    ("--label", "label", {"choices": ("shape", "colour")}, "what it tells apart, from the scene truth"),
+    ("--beta-schedule", "beta_schedule", {"choices": ("linear", "cosine")}, "the guided DDPM's training betas"),
+    *(o for o in IMAGES if o[1] in ("image_size", "background_p")),
+    *(o for o in LDM if o[1] in ("weight_decay", "export_every")),
+]
 # What each preset is for (their shapes are printed from the configs themselves).
 PRESET_USE = {"shapes_f4": "the built-in model's", "shapes_s": "the built-in model's",
               "tiny": "tests and smoke runs: a fraction of a second per step on one CPU core"}
@@ -385,6 +392,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _parser(sub, "pixart", "PixArt-alpha: a text-conditional diffusion transformer (adaLN-single, cross-attention "
             "to MiniLM caption states) on the built-in autoencoder's latents", PixArtTrainConfig(out=""),
             [*RUN, *DIT]).set_defaults(func=_run_plain, config=PixArtTrainConfig, train=train_pixart)
+    from t2i.train.classifier import ClassifierTrainConfig, train_classifier
+
+    _parser(sub, "classifier", "ADM's noise-aware classifier for classifier guidance: the pixel U-Net's encoder "
+            "half on noised one-object shapes scenes, labelled by shape or colour", ClassifierTrainConfig(out=""),
+            [*RUN, *CLASSIFIER]).set_defaults(func=_run_plain, config=ClassifierTrainConfig, train=train_classifier)
     _parser(sub, "preview", "distil a tiny TAESD-like preview decoder from a model's VAE decoder",
             PreviewTrainConfig(out="", decoder=PreviewDecoderConfig()), RUN + IMAGES + PREVIEW
             ).set_defaults(func=_run_preview)
