@@ -123,3 +123,36 @@ def test_t2i_train_classifier_raises_its_held_out_accuracy(tmp_path):
     assert "classifier/accuracy" in (tmp_path / "r" / "log.txt").read_text()
     _, labels, _ = load_noisy_classifier(tmp_path / "r" / "classifier.safetensors")
     assert labels == ["red", "green", "blue", "yellow", "purple", "orange", "cyan", "pink"]
+
+
+def test_ddpm_pipeline_with_classifier_guidance_raises_the_named_class_probability(tmp_path):
+    """A random unconditional DDPM guided by a random classifier file: the final images' log p(named class | x, t=0)
+    rises with the scale for the class the prompt names (and the classifier steers towards another class for
+    another prompt); a prompt naming none is refused, and so is a classifier of another schedule."""
+    from t2i.nets.classifier import save_noisy_classifier
+    from t2i.nets.pixel_unet import PIXEL_UNET_PRESETS, PixelUNet
+    from t2i.systems.ddpm import DDPMPipeline
+
+    torch.manual_seed(0)
+    labels = ["red", "green", "blue"]
+    clf = NoisyClassifier(NoisyClassifierConfig(trunk=PIXEL_UNET_PRESETS["tiny_uncond"], num_classes=3))
+    with torch.no_grad():
+        clf.head.weight.mul_(30.0)  # a decided classifier: a random one's gradients are tiny
+    save_noisy_classifier(clf, tmp_path / "c.safetensors", labels, ddpm_schedule())
+    pipe = DDPMPipeline(PixelUNet(PIXEL_UNET_PRESETS["tiny_uncond"]).eval(), ddpm_schedule())
+
+    def log_p(prompt: str, scale: float) -> torch.Tensor:
+        images = pipe.with_classifier(tmp_path / "c.safetensors", scale).generate(prompt, seed=0, num_images=2,
+                                                                                  steps=10).sample
+        with torch.no_grad():
+            return torch.log_softmax(clf.eval()(images, torch.zeros(2)), -1)[:, labels.index(prompt.split()[1])]
+
+    for prompt in ("a green circle", "a red circle"):  # blue is the unguided images' class already
+        plain, guided = log_p(prompt, 0.0), log_p(prompt, 20.0)
+        print(prompt, plain.tolist(), guided.tolist())
+        assert (guided > plain + 0.5).all()
+    with pytest.raises(ValueError, match="exactly one of red, green, blue"):
+        pipe.with_classifier(tmp_path / "c.safetensors", 1.0).generate("a circle", steps=2)
+    save_noisy_classifier(clf, tmp_path / "cos.safetensors", labels, ddpm_schedule("squaredcos_cap_v2"))
+    with pytest.raises(ValueError, match="another noise schedule"):
+        pipe.with_classifier(tmp_path / "cos.safetensors", 1.0)

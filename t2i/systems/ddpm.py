@@ -10,6 +10,8 @@ sampler runs on it through the denoiser contract: "ddpm" is Algorithm 2, "ddim" 
 2021 sec. 4), the few-step DDPM of the improved paper. A network with 2C output channels learns its
 variance (IDDPM): "ddpm" then samples with it (`t2i.samplers.learned_variance`, diffusers'
 `variance_type="learned_range"`, also over the respaced betas); the other samplers use its eps half.
+`with_classifier` adds ADM's classifier guidance (a `t2i train classifier` file) to every sampler,
+towards the class the prompt names, next to classifier-free guidance.
 
 Two layouts load: t2i's own file (one safetensors, `unet.*` weights, the resolved `DDPMConfig`
 as JSON in its metadata, like the shapes LDM) and a diffusers DDPM/DDIM folder
@@ -41,9 +43,11 @@ from t2i.checkpoints.io import (
 )
 from t2i.checkpoints.limits import build_checked, check_schedule, fill
 from t2i.data.shapes_vocab import out_of_world_warning
+from t2i.diffusion.classifier_guidance import ClassifierGuidance
 from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.schedules import ScheduleConfig, respace_timesteps, respaced_sigmas
 from t2i.imageio import request_parameters, to_pil
+from t2i.nets.classifier import load_noisy_classifier
 from t2i.nets.pixel_unet import PIXEL_UNET_PRESETS, PixelUNet, PixelUNetConfig
 from t2i.quantize import precision_of
 from t2i.samplers.diffusers_plan import SamplingPlan, prepare_sampling
@@ -119,6 +123,21 @@ class DDPMPipeline(RequestMethods):
         self.defaults = defaults or GenerationDefaults(sampler="ddpm", steps=50, guidance=1.0, width=size,
                                                        height=size)
         self.prompt_check = out_of_world_warning if text_encoder is not None else None
+        self.classifier_guide: ClassifierGuide | None = None  # ADM's classifier guidance (`with_classifier`)
+
+    def with_classifier(self, path: str | Path, scale: float) -> DDPMPipeline:
+        """Guide every later request with a noise-aware classifier file (`t2i train classifier`) at scale s
+        (Dhariwal & Nichol 2021), towards the class the prompt names ("a red circle" -> "circle"), on top
+        of classifier-free guidance if the request asks for it. Scale 0 turns it off. Returns self."""
+        if scale == 0:
+            self.classifier_guide = None
+            return self
+        classifier, labels, schedule = load_noisy_classifier(path)
+        if not torch.allclose(schedule.alphas_cumprod(), self.schedule.alphas_cumprod()):
+            raise ValueError(f"{path}: the classifier was trained on another noise schedule "
+                             f"({schedule.beta_schedule}) than this model's ({self.schedule.beta_schedule})")
+        self.classifier_guide = ClassifierGuide(classifier, labels, float(scale))
+        return self
 
     @property
     def capabilities(self) -> Capabilities:
@@ -195,7 +214,11 @@ class DDPMPipeline(RequestMethods):
         x = plan.start(seed_noise(generators, (self.unet.pixel_cfg.in_channels, r.height, r.width)))  # (N, 3, H, W)
         net = CastInputs.around(self.unet)
         tap = VarianceTap(net) if self.learned_variance else None
-        denoiser = plan.limit_x0(CFGDenoiser(plan.denoiser(tap or net), r.guidance))
+        base = plan.denoiser(tap or net)
+        denoiser: Any = CFGDenoiser(base, r.guidance)
+        if self.classifier_guide is not None:  # inside the x0 limit: the shifted x0 is what gets clipped
+            denoiser = self.classifier_guide.around(denoiser, prompts, base.sigma_to_t)
+        denoiser = plan.limit_x0(denoiser)
         with StepReport.of(r, plan.steps) as on_step:
             images = plan.finish(run_plan(plan, denoiser, x, {"cond": cond, "uncond": uncond}, on_step, generators,
                                           tap))
@@ -203,6 +226,28 @@ class DDPMPipeline(RequestMethods):
         for im, p, neg, sd in zip(pictures, prompts, negatives, seeds, strict=True):
             im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, precision_of(self.unet))
         return GenerationResult(pictures, images, seeds, warnings, time.perf_counter() - start)
+
+
+@dataclass
+class ClassifierGuide:
+    """A noise-aware classifier (logits of VP images at t), its class names and ADM's scale s."""
+
+    classifier: nn.Module
+    labels: list[str]
+    scale: float
+
+    def label_of(self, prompt: str) -> int:
+        """The one class whose name is a word of the prompt; ValueError naming the classes otherwise."""
+        words = set(prompt.lower().replace(",", " ").split())
+        found = [i for i, name in enumerate(self.labels) if name.lower() in words]
+        if len(found) != 1:
+            raise ValueError(f"classifier guidance needs a prompt naming exactly one of {', '.join(self.labels)}; "
+                             f"{prompt!r} names {len(found)}")
+        return found[0]
+
+    def around(self, denoiser: Any, prompts: list[str], sigma_to_t: Any) -> ClassifierGuidance:
+        labels = torch.tensor([self.label_of(p) for p in prompts])  # (B,)
+        return ClassifierGuidance(denoiser, self.classifier, labels, self.scale, sigma_to_t)
 
 
 def run_plan(plan: SamplingPlan, denoiser: Any, x: torch.Tensor, extra_args: dict, callback: Any, generators: Any,
