@@ -177,6 +177,8 @@ def test_families_without_regions_refuse_them(tmp_path):
     pipe = t2i.load(write_tiny_model(tmp_path / "layout"))  # re-encodes the prompt: not offered
     with pytest.raises(UnsupportedOption, match="regions"):
         check_request(pipe, GenerationRequest("x", regions=["0,0,1,1:x"]))
+    with pytest.raises(ValueError, match="does not take regions"):  # the API without check_request: not ignored
+        pipe.generate("x", steps=1, regions=["0,0,1,1:x"])
 
 
 def test_shapes_ldm_minilm_regions(tmp_path):

@@ -60,11 +60,12 @@ def checked_request(pipe, prompt: str | list[str], **settings):
 
 def truth_regions(prompts: list[str]) -> dict[str, list]:
     """prompt -> paint-with-words regions from its held-out scene (`--regions truth`): each object the
-    prompt names gets its true box, tied to the prompt's words for it ("red circle", "purple triangles");
+    prompt names gets its true box, tied to the prompt's words for it ("small red circle", "purple triangles");
     the scene's other objects (a single-object caption of a busier scene) get none. ValueError naming
     a prompt that is not a held-out one."""
     import re
 
+    from t2i.data import captions as lang
     from t2i.diffusion.paint_with_words import Region
     from t2i.eval.shapes_judge import truth_layouts
 
@@ -73,7 +74,8 @@ def truth_regions(prompts: list[str]) -> dict[str, list]:
         out[prompt] = []
         for obj in layout.objects:
             colour, shape = obj.phrase.split()[-2:]  # "a small red circle" -> red, circle
-            m = re.search(rf"\b{colour} {shape}(?:e?s)?\b", prompt)
+            sizes = "|".join(lang.SIZE_WORDS)  # with the prompt's size word when it has one ("small red circle")
+            m = re.search(rf"\b(?:(?:{sizes}) )?{colour} {shape}(?:e?s)?\b", prompt)
             if m is not None:
                 out[prompt].append(Region(obj.box, m.group(0)))
     return out

@@ -401,7 +401,9 @@ class LatentDiffusionPipeline(RequestMethods):
             raise ValueError(f"deepcache must be at least 1, got {deepcache}")
         if preview:
             self._checked_preview_decoder()  # refuse before sampling, not after
-        regions = self.request_regions(replace(r, width=width, height=height)) if self.paints_words else None
+        if r.regions and not self.paints_words:
+            raise ValueError(f"{self.name} ({self.family}) does not take regions (paint-with-words)")
+        regions = self.request_regions(replace(r, width=width, height=height))
         region_weight = DEFAULT_WEIGHT if r.region_weight is None else r.region_weight
         if not math.isfinite(region_weight):
             raise ValueError(f"region_weight must be a finite number, got {r.region_weight}")
