@@ -24,19 +24,28 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 OUTPUT_SCALE = 8.0  # as tests/sd_oracles.py: a random U-Net barely moves the sample otherwise
 
 
-@pytest.fixture(scope="module")
-def diffusers_ddpm(tmp_path_factory):
-    """(folder, the diffusers DDPMPipeline): a tiny random UNet2DModel (self-attention at the lower
-    level, output scaled x8) with the default DDPMScheduler (linear betas, clip_sample, leading)."""
+def tiny_unet2d(out_channels: int = 3):
+    """A tiny random diffusers UNet2DModel (seed 0; 16x16, self-attention at the lower level) whose first
+    three output channels (eps) are scaled x8; a 6-channel (learned-variance) model's variance half is left
+    as it is (its values, up to ~1.6, already span more than [beta~_t, beta_t]; x8 would overflow exp)."""
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+    unet = diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=out_channels, layers_per_block=1,
                                  block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=8,
                                  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"))
     with torch.no_grad():
-        unet.conv_out.weight.mul_(OUTPUT_SCALE)
-        unet.conv_out.bias.mul_(OUTPUT_SCALE)
+        unet.conv_out.weight[:3].mul_(OUTPUT_SCALE)
+        unet.conv_out.bias[:3].mul_(OUTPUT_SCALE)
+    return unet
+
+
+@pytest.fixture(scope="module")
+def diffusers_ddpm(tmp_path_factory):
+    """(folder, the diffusers DDPMPipeline): `tiny_unet2d` with the default DDPMScheduler (linear betas,
+    clip_sample, leading)."""
+    diffusers = pytest.importorskip("diffusers")
+    unet = tiny_unet2d()
     pipe = diffusers.DDPMPipeline(unet, diffusers.DDPMScheduler())
     pipe.set_progress_bar_config(disable=True)
     folder = tmp_path_factory.mktemp("ddpm") / "ddpm-tiny"

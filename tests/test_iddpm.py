@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_ddpm import tiny_unet2d
 
 import t2i
 from t2i.checkpoints.io import CheckpointError
@@ -18,9 +19,6 @@ from t2i.diffusion.schedules import make_betas, respace_timesteps
 from t2i.train.ddpm import DDPMTrainConfig, train_ddpm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-OUTPUT_SCALE = 8.0  # as tests/test_ddpm.py: a random U-Net barely moves the sample otherwise
-
 
 def _acp() -> torch.Tensor:
     return torch.cumprod(1 - make_betas("linear"), 0)  # (1000,) float32, as ScheduleConfig builds it
@@ -171,18 +169,10 @@ def test_learn_sigma_run_lowers_the_hybrid_loss_and_its_vlb_and_samples_with_the
 
 @pytest.fixture(scope="module")
 def learned_folder(tmp_path_factory):
-    """(folder, unet, scheduler): a tiny random UNet2DModel with 6 output channels under
-    DDPMScheduler(learned_range); the eps half scaled x8 as in test_ddpm, the variance half left as it is
-    (its values, up to ~1.6, already span more than [beta~_t, beta_t]; x8 would overflow exp)."""
+    """(folder, unet, scheduler): test_ddpm's tiny random UNet2DModel with 6 output channels (eps x8, the
+    variance half as initialised) under DDPMScheduler(learned_range)."""
     diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=6, layers_per_block=1,
-                                 block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=8,
-                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"))
-    with torch.no_grad():
-        unet.conv_out.weight[:3].mul_(OUTPUT_SCALE)
-        unet.conv_out.bias[:3].mul_(OUTPUT_SCALE)
+    unet = tiny_unet2d(out_channels=6)
     scheduler = diffusers.DDPMScheduler(variance_type="learned_range")
     folder = tmp_path_factory.mktemp("iddpm") / "iddpm-tiny"
     diffusers.DDPMPipeline(unet, scheduler).save_pretrained(folder)
