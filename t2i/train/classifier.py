@@ -43,12 +43,11 @@ class ClassifierTrainConfig(LoopConfig):
     beta_schedule: str = "linear"  # the guided DDPM's: linear or cosine
     image_size: int = 32
     background_p: float | None = None  # share of black/gray backgrounds (None: the shapes world's own)
+    weight_decay: float = 0.0
     steps: int = 5000
     batch_size: int = 32
     lr: float = 3e-4
-    weight_decay: float = 0.0
-    export_every: int = 500
-    model: dict[str, Any] | None = None
+    model: dict[str, Any] | None = None  # the export follows every checkpoint (LoopConfig.export_every 0)
 
 
 def class_of(class_ids: torch.Tensor, label: str) -> torch.Tensor:
