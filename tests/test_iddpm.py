@@ -157,6 +157,7 @@ def test_learn_sigma_run_lowers_the_hybrid_loss_and_its_vlb_and_samples_with_the
     (before, vlb_before), (after, vlb_after) = (_held_out(tmp_path / r / "model.safetensors") for r in ("r0", "r30"))
     print(f"hybrid {before:.4f} -> {after:.4f}; L_t {vlb_before:.4f} -> {vlb_after:.4f} bits/dim")
     assert after < 0.6 * before and vlb_after < vlb_before
+    assert "ddpm/vlb_bpd" in (tmp_path / "r30" / "log.txt").read_text()
     pipe = t2i.load(tmp_path / "r30" / "model.safetensors")
     assert pipe.learned_variance and pipe.unet.pixel_cfg.out_channels == 6
     images = pipe.generate("", seed=0, steps=10).sample

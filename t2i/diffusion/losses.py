@@ -195,16 +195,24 @@ class HybridLoss(DiffusionLoss):
         nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var).mean(dim=dims) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
-    def __call__(self, model: nn.Module | Callable, x0: torch.Tensor, cond: dict | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Args as DiffusionLoss's; the network returns (B, 2C, H, W). Returns () the hybrid loss."""
+    def terms(self, model: nn.Module | Callable, x0: torch.Tensor, cond: dict | None = None,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two parts for each sample: ((B,) weighted L_simple, (B,) L_t in bits/dim); args as __call__."""
         net = model.net if isinstance(model, DiscreteDenoiser) else model
         t, noise, acp, x_t = self.noised(x0, generator)
         mean_out, var_values = split_learned_variance(net(x_t, t.to(torch.float32), **(cond or {})))
         simple = self.weights(t) * self.simple(mean_out, x0, noise, acp)  # (B,)
         vlb = self.vlb_terms(x0.float(), x_t.float(), t, mean_out.detach(), var_values)  # (B,) stop-gradient mean
-        T = self.alphas_cumprod.shape[0]
-        return (simple + self.vlb_weight * T * vlb).mean()
+        return simple, vlb
+
+    def combine(self, simple: torch.Tensor, vlb: torch.Tensor) -> torch.Tensor:
+        """() L_simple + lambda * T * L_t, averaged over the batch, from `terms`."""
+        return (simple + self.vlb_weight * self.alphas_cumprod.shape[0] * vlb).mean()
+
+    def __call__(self, model: nn.Module | Callable, x0: torch.Tensor, cond: dict | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Args as DiffusionLoss's; the network returns (B, 2C, H, W). Returns () the hybrid loss."""
+        return self.combine(*self.terms(model, x0, cond, generator))
 
 
 class NoisyClassifierLoss:

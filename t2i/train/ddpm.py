@@ -95,9 +95,14 @@ def build_ddpm(cfg: DDPMTrainConfig, run: Run, text_encoder: torch.nn.Module | N
 
     def step(batch: tuple[torch.Tensor, dict[str, torch.Tensor]], s: Step) -> dict[str, float]:
         x, cond = batch
-        loss = loss_fn(parallel, x, cond, s.generator)
-        gnorm = s.update(loss, opt, net.parameters())
-        return {"ddpm/loss": loss.item(), "ddpm/grad_norm": gnorm}
+        if not isinstance(loss_fn, HybridLoss):
+            loss = loss_fn(parallel, x, cond, s.generator)
+            gnorm = s.update(loss, opt, net.parameters())
+            return {"ddpm/loss": loss.item(), "ddpm/grad_norm": gnorm}
+        simple, vlb = loss_fn.terms(parallel, x, cond, s.generator)  # (B,), (B,)
+        loss = loss_fn.combine(simple, vlb)
+        return {"ddpm/loss": loss.item(), "ddpm/grad_norm": s.update(loss, opt, net.parameters()),
+                "ddpm/simple": simple.mean().item(), "ddpm/vlb_bpd": vlb.mean().item()}
 
     def export() -> None:
         save_ddpm(ema.averaged, model_cfg, Path(cfg.out) / "model.safetensors")
