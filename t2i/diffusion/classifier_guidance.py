@@ -11,6 +11,11 @@ which is the score-based form of the same idea and works for every sampler. In t
 (x0 = x + sigma^2 score, Tweedie's formula, with the classifier's score added), so the wrapper needs
 only the classifier's gradient with respect to its own input x. It composes with classifier-free
 guidance: wrap the CFG denoiser, and both apply (GLIDE compares the two, sec. 3).
+
+Under an ancestral DDPM step this moves the (VP) mean by beta_t / sqrt(alpha_t) * s * grad_{x_vp} log p
+(the posterior's x0 coefficient times the x0 shift), where Algorithm 1 moves it by Sigma_t * s * grad:
+the same direction, with beta_t / sqrt(alpha_t) in place of Sigma_t in [beta~_t, beta_t] (equal up to
+sqrt(alpha_t) for DDPM's fixed-large variance, within beta~_t / beta_t of it otherwise).
 """
 
 from __future__ import annotations
