@@ -154,6 +154,16 @@ def test_loading_reads_into_compact_storage_and_keeps_16_bit_files(tmp_path):
         load_state_dict(path, cast=compact_cast(torch.bfloat16))
 
 
+def test_a_16_bit_folder_keeps_its_dtype_in_every_part(tiny, tmp_path):
+    """fp16 files (most released SD weights) are not re-rounded to bf16, text encoders included."""
+    half = sd.export(sd.load(tiny, torch.float16), tmp_path / "half")
+    pipe = sd.load(half, compact=torch.bfloat16)
+    for net in (pipe.unet, pipe.vae, pipe.text_encoder.model):
+        assert is_compact(net)
+        assert {p.dtype for p in net.parameters() if p.dim() >= 2} - {torch.float32} == {torch.float16}
+        assert {p.dtype for p in net.parameters() if p.dim() < 2} == {torch.float32}
+
+
 def test_compact_needs_float32_compute_and_a_16_bit_storage(tiny):
     with pytest.raises(ValueError, match="float32"):
         sd.load(tiny, torch.bfloat16, compact=torch.bfloat16)

@@ -128,10 +128,13 @@ def _load_text_encoder(root: Path, dtype: torch.dtype | None, compact: torch.dty
     for sub in ("text_encoder", "text_encoder_2"):
         if (root / sub).is_dir():
             check_text_encoder(root / sub)
-    text_encoder = load_diffusers_text_encoder(root, dtype)
-    if compact is not None:
-        for tower in text_towers(text_encoder):
-            compact_(tower.model, compact, keep_first=False)  # nothing reads a text model's dtype
+    if compact is None:
+        return load_diffusers_text_encoder(root, dtype)
+    # as stored (memory-mapped), then compacted: a 16-bit file's weights stay as they are, as in
+    # `t2i.compact.compact_dtype`, and the float32 of a float32 file is resident only until then
+    text_encoder = load_diffusers_text_encoder(root, None)
+    for tower in text_towers(text_encoder):
+        compact_(tower.model, compact, keep_first=False)  # nothing reads a text model's dtype
     return text_encoder
 
 
@@ -165,8 +168,8 @@ def load_diffusers_parts(path: str | Path, dtype: torch.dtype | None = torch.flo
     loading_cast(compact, dtype)  # a compact load that does not compute in float32 is refused here
     schedule, scheduler_class = read_schedule(root)
     if compact is not None:
-        # The text encoder loader reads float32 (memory-mapped), compacted right after: first, so
-        # that its transient float32 copy (3.3 GB for SDXL's two towers) meets no other part.
+        # First, so that the text encoders' transient file pages (3.3 GB for SDXL's two towers in
+        # float32) meet no other part.
         text_encoder = _load_text_encoder(root, dtype, compact)
     unet = load_unet(root / "unet", dtype, variant, compact)
     dtype = dtype or next(unet.parameters()).dtype

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -75,11 +76,14 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def save_diffusers_folder(parts: LatentDiffusionParts, folder: str | Path) -> Path:
+def save_diffusers_folder(parts: LatentDiffusionParts, folder: str | Path,
+                          save: Callable[[dict[str, torch.Tensor], Path, dict[str, str]], None] = save_state_dict
+                          ) -> Path:
     """Write `parts` as a diffusers folder that `DiffusionPipeline.from_pretrained` and t2i read.
 
     The folder is built next to the target and renamed into place, so a failure leaves no
-    half-written model; an existing target is refused."""
+    half-written model; an existing target is refused. save(state, path, metadata) writes each
+    weight file (benchmarks pass one that streams random values for networks on the meta device)."""
     folder = Path(folder)
     if folder.exists():  # ValueError: the CLI reports it as a one-line user error
         raise ValueError(f"{folder} exists; choose a new folder")
@@ -89,9 +93,9 @@ def save_diffusers_folder(parts: LatentDiffusionParts, folder: str | Path) -> Pa
     dtype = str(next(parts.unet.parameters()).dtype).removeprefix("torch.")
 
     _write_json(tmp / "unet" / "config.json", unet_config_to_diffusers(parts.unet.cfg))
-    save_state_dict(_state(parts.unet), tmp / "unet" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    save(_state(parts.unet), tmp / "unet" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
     _write_json(tmp / "vae" / "config.json", vae_config_to_diffusers(parts.vae.cfg))
-    save_state_dict(_state(parts.vae), tmp / "vae" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    save(_state(parts.vae), tmp / "vae" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
 
     suffixes = {"sd1": [""], "sd2": [""], "sdxl": ["", "_2"], "sdxl_refiner": ["_2"]}[family]
     components: dict[str, list] = {}
@@ -99,7 +103,7 @@ def save_diffusers_folder(parts: LatentDiffusionParts, folder: str | Path) -> Pa
         config = {**clip_config_to_transformers(enc.model.cfg), "dtype": dtype}
         _write_json(tmp / f"text_encoder{s}" / "config.json", config)
         weights = clip_state_dict_to_transformers(_state(enc.model), prefixed=True)
-        save_state_dict(weights, tmp / f"text_encoder{s}" / "model.safetensors", {"format": "pt"})
+        save(weights, tmp / f"text_encoder{s}" / "model.safetensors", {"format": "pt"})
         enc.tokenizer.save(tmp / f"tokenizer{s}")
         components[f"text_encoder{s}"] = ["transformers", config["architectures"][0]]
         components[f"tokenizer{s}"] = ["transformers", "CLIPTokenizer"]

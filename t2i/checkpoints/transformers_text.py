@@ -211,7 +211,7 @@ def clip_config_to_transformers(cfg: CLIPTextConfig) -> dict:
 
 
 def clip_text_model_from_transformers(
-    config: dict, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+    config: dict, state: dict[str, torch.Tensor], dtype: torch.dtype | None = torch.float32
 ) -> CLIPTextModel:
     """Build our CLIPTextModel from a transformers config dict and state dict (either layout)."""
     mapped = clip_state_dict_from_transformers(state)
@@ -220,7 +220,7 @@ def clip_text_model_from_transformers(
 
 
 def load_clip_text_folder(
-    folder: str | Path, dtype: torch.dtype = torch.float32, variant: str | None = None
+    folder: str | Path, dtype: torch.dtype | None = torch.float32, variant: str | None = None
 ) -> CLIPTextModel:
     """A diffusers `text_encoder/` (or `text_encoder_2/`) folder: config.json + model weights."""
     folder = Path(folder)
@@ -307,9 +307,10 @@ def _read_config(folder: Path) -> dict:
     return json.loads(file.read_text(encoding="utf-8"))
 
 
-def _build(cls: type, cfg: object, state: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.nn.Module:
-    """Construct on the meta device (no random init of large towers) and adopt the loaded tensors."""
+def _build(cls: type, cfg: object, state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> torch.nn.Module:
+    """Construct on the meta device (no random init of large towers) and adopt the loaded tensors,
+    cast to dtype (None: as stored)."""
     with torch.device("meta"):
         model = cls(cfg)
     model.load_state_dict(state, strict=True, assign=True)
-    return model.to(dtype)
+    return model if dtype is None else model.to(dtype)
