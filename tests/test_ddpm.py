@@ -216,3 +216,26 @@ def test_cosine_betas_are_iddpms_and_reach_the_file_config():
     expected = torch.tensor([cosine_alpha_bar((t + 1) / 1000) / cosine_alpha_bar(0) for t in range(1000)])
     assert torch.allclose(acp[:-1], expected[:-1].double(), rtol=1e-4)
     assert acp[-1] < 1e-6 < linear.alphas_cumprod()[-1] < 1e-4
+
+
+def test_v_prediction_reaches_the_loss_and_the_file_and_learned_sigma_refuses_it(tmp_path):
+    """`--prediction v_prediction`: the saved model's schedule says v (so every sampler reads the network
+    as v), the training loss regresses v (a 2-step tiny run logs a loss that the eps target would not
+    give from the same draws), and IDDPM's hybrid loss, defined on eps, refuses it by name."""
+    from t2i.train.ddpm import resolve_model_config
+
+    assert resolve_model_config(DDPMTrainConfig(out="", prediction_type="v_prediction")).schedule.prediction_type \
+        == "v_prediction"
+    with pytest.raises(ValueError, match="prediction"):
+        resolve_model_config(DDPMTrainConfig(out="", prediction_type="v_prediction", learn_sigma=True))
+    text = _Words(384)
+    losses = {}
+    for kind in ("epsilon", "v_prediction"):
+        out = tmp_path / kind
+        assert train_ddpm(DDPMTrainConfig(out=str(out), steps=1, net_preset="tiny", image_size=16, batch_size=4,
+                                          prediction_type=kind, ckpt_every=1000, image_every=0, log_every=1, seed=0),
+                          text_encoder=text) == 0
+        line = next(line for line in (out / "log.txt").read_text().splitlines() if "ddpm/loss=" in line)
+        losses[kind] = float(line.split("ddpm/loss=")[1].split()[0])
+        assert t2i.load(out / "model.safetensors").schedule.prediction_type == kind
+    assert abs(losses["epsilon"] - losses["v_prediction"]) > 1e-3 * losses["epsilon"]

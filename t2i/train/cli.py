@@ -84,7 +84,8 @@ DDPM: list[Option] = [
     ("--beta-schedule", "beta_schedule", {"choices": ("linear", "cosine")}, "training betas (DDPM / IDDPM)"),
     ("--learn-sigma", "learn_sigma", {"action": "store_true"}, "IDDPM: the U-Net also outputs its variance, "
      "trained by the hybrid loss L_simple + 0.001 L_vlb; the ddpm sampler uses it"),
-    *(o for o in LDM if o[1] in ("caption_dropout", "ema_decay", "weight_decay", "sample_steps", "export_every")),
+    *(o for o in LDM if o[1] in ("prediction_type", "caption_dropout", "ema_decay", "weight_decay", "sample_steps",
+                                  "export_every")),
 ]
 VQVAE: list[Option] = [
     ("--codes", "vq.num_codes", {"type": int}, "codebook size"),

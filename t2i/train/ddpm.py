@@ -42,6 +42,9 @@ class DDPMTrainConfig(LoopConfig):
     net_preset: str = "shapes_32"
     beta_schedule: str = "linear"  # or "cosine" (IDDPM)
     learn_sigma: bool = False  # IDDPM: 2C output channels (eps, variance values), the hybrid loss
+    # What the network predicts. "v_prediction" (Salimans & Ho 2022) keeps a learning signal for x0 where the
+    # cosine schedule's SNR is near zero; eps there learns almost nothing about the image (see the model card).
+    prediction_type: str = "epsilon"
     caption_dropout: float = 0.1
     data: str = "shapes"
     data_path: str | None = None
@@ -63,7 +66,12 @@ def resolve_model_config(cfg: DDPMTrainConfig) -> DDPMConfig:
     net = dataclasses.replace(PIXEL_UNET_PRESETS[cfg.net_preset], sample_size=cfg.image_size)
     if cfg.learn_sigma:
         net = dataclasses.replace(net, out_channels=2 * net.in_channels)
-    schedule = ddpm_schedule("squaredcos_cap_v2" if cfg.beta_schedule == "cosine" else cfg.beta_schedule)
+    if cfg.learn_sigma and cfg.prediction_type != "epsilon":
+        raise ValueError("--learn-sigma trains IDDPM's hybrid loss on an eps-predicting network: leave --prediction "
+                         "at epsilon")
+    schedule = dataclasses.replace(
+        ddpm_schedule("squaredcos_cap_v2" if cfg.beta_schedule == "cosine" else cfg.beta_schedule),
+        prediction_type=cfg.prediction_type)
     return DDPMConfig(net=net, schedule=schedule, text_encoder="minilm" if net.text_conditional else None,
                       image_size=cfg.image_size)
 
@@ -80,7 +88,8 @@ def build_ddpm(cfg: DDPMTrainConfig, run: Run, text_encoder: torch.nn.Module | N
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # the network's output width says whether it learns its variance (files written before learn_sigma too)
     learned = model_cfg.net.out_channels == 2 * model_cfg.net.in_channels
-    loss_fn = (HybridLoss if learned else DiffusionLoss)(model_cfg.schedule.alphas_cumprod(), "epsilon")
+    loss_fn = (HybridLoss if learned else DiffusionLoss)(model_cfg.schedule.alphas_cumprod(),
+                                                         model_cfg.schedule.prediction_type)
     parallel = run.parallel(net)
 
     def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
