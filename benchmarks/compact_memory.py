@@ -1,13 +1,16 @@
 """Peak memory of compact weights (t2i.compact) against float32, each configuration a whole process.
 
     python benchmarks/compact_memory.py                       # SD 1.5 architecture, 256x256
-    python benchmarks/compact_memory.py --sdxl --threads 2    # and the SDXL architecture at 1024x1024 (heavy)
+    python benchmarks/compact_memory.py --skip-sd15 --sdxl    # the SDXL architecture at 1024x1024 (heavy:
+                                                              # ~27 min on 2 shared Zen 4 cores)
+    python benchmarks/compact_memory.py --skip-sd15 --sdxl --sdxl-size 256 --steps 1   # a quick check of the path
 
 The job: 4 steps of Euler without guidance (guidance 1: the U-Net runs on a batch of 1), seed 0,
 VAE decode, as `t2i.systems.stable_diffusion.load(folder, compact=...)` then `pipe.generate(...)` in a
-fresh Python process per configuration. Each child reports its peak RSS (getrusage) after loading
-and after generating, and the seconds of each; the table prints ratios against float32 from the
-same run, and the CPU from /proc/cpuinfo.
+fresh Python process per configuration. Each child reports its peak RSS (getrusage) after loading,
+before the VAE decode and at the end, and the seconds of each; the table prints ratios against
+float32 from the same run, and the CPU from /proc/cpuinfo. The decode's activations (the SD VAE at
+1024x1024: 3.2 GB) set the SDXL peak; t2i has no tiled decode yet.
 
 The models are the real architectures with random weights, written once under /tmp by this script
 (nothing is downloaded): SD 1.5 in float32 (as runwayml's files), by `sd15_folder.py`; SDXL in

@@ -24,9 +24,10 @@ weights (tests/test_compact.py). The cost is one cast per layer call (the U-Net'
 step), small beside the convolutions at image sizes. At most one widened copy of a layer lives at
 a time: the hooks put the 16-bit tensor back when the layer returns (also when it raises).
 
-Storage: bf16 keeps float32's range (no overflow) with 8 bits of mantissa; fp16 has 11 bits but
-overflows past 65504. A file whose weights are already 16-bit (most released SD checkpoints are
-fp16) keeps them as stored when loaded compact: re-rounding fp16 to bf16 would lose 3 bits.
+Storage: bf16 keeps float32's range with 8 bits of mantissa (relative rounding error up to 2^-9);
+fp16 has 11 bits (2^-12) but overflows past 65504, so a tensor beyond that is kept in bf16 instead
+(`narrow`). A file whose weights are already 16-bit (most released SD checkpoints are fp16) keeps
+them as stored when loaded compact: re-rounding fp16 to bf16 would lose 3 bits.
 """
 
 from __future__ import annotations
@@ -62,10 +63,24 @@ def compact_dtype(t: torch.Tensor, storage: torch.dtype, compute: torch.dtype = 
     return t.dtype if t.dtype in STORAGE_DTYPES else storage
 
 
+def narrow(t: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
+    """`t` (finite) in `storage`; a tensor past float16's range (65504) goes to bf16 instead, whose
+    range is float32's, rather than holding infinities."""
+    out = t.to(storage)
+    if out.dtype == torch.float16 and t.dtype != torch.float16 and not torch.isfinite(out.sum(dtype=torch.float32)):
+        return t.to(torch.bfloat16)
+    return out
+
+
 def compact_cast(storage: torch.dtype, compute: torch.dtype = torch.float32) -> Cast:
-    """The cast a loader applies to each tensor as it is read (`compact_dtype`)."""
+    """The cast a loader applies to each tensor as it is read (`compact_dtype`, then `narrow`)."""
     _check_storage(storage)
-    return lambda t: t.to(compact_dtype(t, storage, compute))
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        dtype = compact_dtype(t, storage, compute)
+        return narrow(t, dtype) if dtype in STORAGE_DTYPES else t.to(dtype)
+
+    return cast
 
 
 def loading_cast(storage: torch.dtype | None, dtype: torch.dtype | None) -> Cast | None:
@@ -131,7 +146,7 @@ def compact_(module: nn.Module, storage: torch.dtype = torch.bfloat16, compute: 
         if _widener(layer) is not None:
             continue
         if w.dtype not in STORAGE_DTYPES:
-            w.data = w.data.to(storage)
+            w.data = narrow(w.data, storage)
         layer.__dict__["_t2i_compact"] = _Widen(layer, compute)
     for t in (*module.parameters(), *module.buffers()):
         if t.is_floating_point() and t not in compacted:

@@ -164,6 +164,17 @@ def test_a_16_bit_folder_keeps_its_dtype_in_every_part(tiny, tmp_path):
         assert {p.dtype for p in net.parameters() if p.dim() < 2} == {torch.float32}
 
 
+def test_fp16_storage_keeps_a_tensor_past_its_range_in_bf16():
+    big = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        big.weight.fill_(1e5)  # past fp16's 65504
+    small = torch.nn.Sequential(torch.nn.Linear(2, 2), big)
+    compact_(small, torch.float16, keep_first=False)
+    assert small[0].weight.dtype == torch.float16 and big.weight.dtype == torch.bfloat16
+    assert torch.isfinite(small(torch.ones(1, 2))).all()
+    assert compact_cast(torch.float16)(torch.full((2, 2), 1e5)).dtype == torch.bfloat16
+
+
 def test_compact_needs_float32_compute_and_a_16_bit_storage(tiny):
     with pytest.raises(ValueError, match="float32"):
         sd.load(tiny, torch.bfloat16, compact=torch.bfloat16)
