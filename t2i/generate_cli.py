@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "boosted; numbers all within [0, 1] are fractions of the canvas, otherwise pixels on --width x "
                         "--height; repeatable")
     p.add_argument("--region-weight", type=float, default=None, metavar="W",
-                   help="strength w' of the --region boost (default 0.5; 0: off)")
+                   help="strength w' of the --region boost (default 1; 0: off)")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--init-image", default=None, help="img2img / inpainting input image")
     p.add_argument("--strength", type=float, default=None,

@@ -52,7 +52,7 @@ LayoutParam = Field(default=None, description='for models that take a layout: {"
 RegionsParam = Field(default=None, description='paint-with-words: ["x0,y0,x1,y1:words", ...] or [{"box": [x0, y0, '
                                                'x1, y1], "words": "red circle"}, ...]; numbers all within [0, 1] are '
                                                'fractions of the canvas, otherwise pixels')
-RegionWeight = Field(default=None, allow_inf_nan=False, description="paint-with-words strength w' (default 0.5)")
+RegionWeight = Field(default=None, allow_inf_nan=False, description="paint-with-words strength w' (default 1)")
 
 
 class OpenAIImageRequest(BaseModel):
