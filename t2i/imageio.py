@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from t2i.diffusion.paint_with_words import DEFAULT_WEIGHT, as_regions, regions_to_json
 from t2i.layout.spec import Layout
 from t2i.systems.base import GenerationRequest
 
@@ -111,6 +112,9 @@ def request_parameters(request: GenerationRequest, prompt: str, negative_prompt:
         extra.update(controlnet=getattr(r.controlnet, "name", "controlnet"), control_scale=r.control_scale)
     if r.layout is not None:  # given or planned: the boxes that were drawn
         extra["layout"] = r.layout.to_json()
+    if r.regions:  # paint-with-words, with its weight (resolved requests hold Region objects)
+        extra.update(regions=regions_to_json(as_regions(r.regions, r.width or 1, r.height or 1)),
+                     region_weight=DEFAULT_WEIGHT if r.region_weight is None else r.region_weight)
     return format_parameters(prompt, negative_prompt, steps=r.steps, sampler=r.sampler, schedule=r.schedule,
                              guidance=r.guidance, seed=seed, width=r.width, height=r.height, model=model, **extra)
 
@@ -198,6 +202,7 @@ _REQUEST_KEYS: dict[str, tuple[str, type]] = {
     "Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int), "Eta": ("eta", float),
     "Guidance rescale": ("guidance_rescale", float), "Denoising strength": ("strength", float),
     "Refiner switch at": ("refiner_start", float), "Deepcache interval": ("deepcache", int),
+    "Region weight": ("region_weight", float),
 }
 _OUR_SAMPLER_NAMES = {v: k for k, v in A1111_SAMPLER_NAMES.items()}
 
@@ -222,6 +227,8 @@ def request_fields(params: dict[str, str]) -> dict[str, Any]:
         out["preview"] = True
     if "Layout" in params:  # fractions: the size does not matter
         out["layout"] = Layout.from_json(params["Layout"], out.get("width", 1), out.get("height", 1))
+    if "Regions" in params:  # fractions, as the layout
+        out["regions"] = as_regions(params["Regions"], out.get("width", 1), out.get("height", 1))
     for key in ("Model", "Refiner", "Precision"):
         if key in params:
             out[key.lower()] = params[key]

@@ -250,15 +250,6 @@ def test_regions_json_is_compact_and_exact():
     assert json.loads(text) == [{"box": [0.1, 0.2, 0.3, 0.4], "words": "red circle"}]
 
 
-def _imageio_records_regions() -> bool:
-    from t2i.imageio import request_parameters
-
-    r = GenerationRequest("x", regions=(Region((0.0, 0.0, 1.0, 1.0), "x"),), steps=1, width=8, height=8)
-    return "Regions" in request_parameters(r, "x", "", 0, "m")
-
-
-@pytest.mark.xfail(not _imageio_records_regions(), strict=True,
-                   reason="t2i/imageio.py records regions once the lead applies the paint-with-words patch")
 def test_png_records_regions_and_regenerates(sd_pipe):
     from t2i.imageio import parse_parameters, request_fields
 
