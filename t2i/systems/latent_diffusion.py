@@ -186,12 +186,12 @@ class LatentDiffusionPipeline(RequestMethods):
         """The U-Net takes the guidance scale as an input (an LCM distilled with guidance, Luo et al.
         2023 sec. 4.2): guidance is its embedding, not a classifier-free guidance batch, as in every
         diffusers SD pipeline whose U-Net has `time_cond_proj_dim`."""
-        return self.unet.cfg.time_cond_proj_dim is not None
+        return getattr(self.unet.cfg, "time_cond_proj_dim", None) is not None
 
     def _with_guidance_embedding(self, cond: dict[str, torch.Tensor], guidance: float) -> dict[str, torch.Tensor]:
         """cond plus `timestep_cond`, the embedding of w = guidance - 1 (the LCM paper's CFG weight
         for diffusers' guidance scale), for a U-Net that embeds guidance; cond unchanged otherwise."""
-        dim = self.unet.cfg.time_cond_proj_dim
+        dim = getattr(self.unet.cfg, "time_cond_proj_dim", None)  # networks without it (DiT, PixArt) never embed w
         if dim is None:
             return cond
         w = torch.full((cond["context"].shape[0],), guidance - 1.0, dtype=torch.float32)  # (B,)

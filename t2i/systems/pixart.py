@@ -56,7 +56,6 @@ STEPS, GUIDANCE = 20, 4.5  # PixArtAlphaPipeline's defaults
 class PixArtPipeline(LatentDiffusionPipeline):
     """A PixArt network (`DiT` with caption_dim), its autoencoder, text encoder and schedule."""
 
-    embeds_guidance = False  # no LCM guidance embedding: guidance is a classifier-free batch
     paints_words = False  # eDiff-I's regions act on U-Net cross-attention maps, not these projected captions
 
     def __init__(self, net: DiT, vae: AutoencoderKL, text_encoder: nn.Module, schedule: ScheduleConfig, *,
@@ -77,9 +76,6 @@ class PixArtPipeline(LatentDiffusionPipeline):
     @property
     def size_multiple(self) -> int:
         return self.vae_scale * self.unet.cfg.patch_size
-
-    def _with_guidance_embedding(self, cond: dict[str, torch.Tensor], guidance: float) -> dict[str, torch.Tensor]:
-        return cond
 
     def network_conditioning(self, enc: TextEncoding, height: int, width: int,
                              aesthetic: float) -> dict[str, torch.Tensor]:
