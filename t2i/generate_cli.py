@@ -359,7 +359,9 @@ def run(args: argparse.Namespace) -> int:
                        seed=0, prompt=args.prompt or prompts[0],
                        preview=bool(args.preview_decoder), progress=not args.quiet, layout=layout)
     check_request(pipe, request)  # UnsupportedOption (a ValueError): one line naming option and model
-    request = replace(request, layout=_layout(pipe, request, args.layout), regions=_regions(pipe, request))
+    # --region's words are checked against every line of a prompts file before the first image is drawn
+    regions = _regions(pipe, replace(request, prompt=prompts) if prompts else request)
+    request = replace(request, layout=_layout(pipe, request, args.layout), regions=regions)
     refiner = t2i.load(args.refiner, precision=args.precision, quantizable=not _merges_loras(args)) \
         if args.refiner else None
     if refiner is not None and args.embedding_dir:  # it reads the same prompt: the same trigger words

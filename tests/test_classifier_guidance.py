@@ -156,3 +156,22 @@ def test_ddpm_pipeline_with_classifier_guidance_raises_the_named_class_probabili
     save_noisy_classifier(clf, tmp_path / "cos.safetensors", labels, ddpm_schedule("squaredcos_cap_v2"))
     with pytest.raises(ValueError, match="another noise schedule"):
         pipe.with_classifier(tmp_path / "cos.safetensors", 1.0)
+
+
+def test_classifier_guided_images_record_the_classifier_and_its_scale(tmp_path):
+    """A guided image's PNG parameters name the classifier file and its scale (they change every pixel);
+    an unguided image's do not."""
+    from t2i.imageio import parse_parameters
+    from t2i.nets.classifier import save_noisy_classifier
+    from t2i.nets.pixel_unet import PIXEL_UNET_PRESETS, PixelUNet
+    from t2i.systems.ddpm import DDPMPipeline
+
+    torch.manual_seed(0)
+    clf = NoisyClassifier(NoisyClassifierConfig(trunk=PIXEL_UNET_PRESETS["tiny_uncond"], num_classes=2))
+    save_noisy_classifier(clf, tmp_path / "colours.safetensors", ["red", "blue"], ddpm_schedule())
+    pipe = DDPMPipeline(PixelUNet(PIXEL_UNET_PRESETS["tiny_uncond"]).eval(), ddpm_schedule())
+    plain = parse_parameters(pipe.generate("a red circle", seed=0, steps=2).images[0].info["parameters"])
+    assert "Classifier" not in plain
+    guided = pipe.with_classifier(tmp_path / "colours.safetensors", 3.5).generate("a red circle", seed=0, steps=2)
+    params = parse_parameters(guided.images[0].info["parameters"])
+    assert params["Classifier"] == "colours" and float(params["Classifier scale"]) == 3.5

@@ -261,3 +261,33 @@ def test_png_records_regions_and_regenerates(sd_pipe):
         fields.pop(key)
     again = sd_pipe.run(GenerationRequest(**fields))
     assert torch.equal(again.latents, first.latents)
+
+
+def test_prompts_file_region_words_are_checked_on_every_line_before_any_image(tmp_path, capsys):
+    """--region with --prompts-file: a later line without the words is refused before line 1 is drawn."""
+    from t2i.systems.stable_diffusion import write_tiny
+
+    folder = write_tiny(tmp_path / "m")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    args = ["generate", "--prompts-file", str(prompts), "--model", str(folder), "--steps", "1", "--width", "32",
+            "--height", "32", "--quiet", "--precision", "fp32", "--region", "0,0,16,32:red", "--out-dir",
+            str(tmp_path / "out")]
+    assert main(args) == 2
+    assert "--region: region 1 ('red')" in capsys.readouterr().err
+    assert not list(tmp_path.glob("out/*.png"))
+
+
+def test_empty_regions_are_none_for_a_model_without_them_and_a1111_info_has_the_weight(tmp_path, sd_pipe):
+    """`regions: []` asks for nothing: a model that takes no regions answers it, not a 422; the A1111 info
+    of a request with regions carries their weight, so a non-default weight can be reproduced from it."""
+    from t2i.serve.api_a1111 import extra_generation_params
+    from t2i.serve.config import Limits
+    from t2i.serve.schemas import JobRequest, Resolver
+    from t2i.systems.shapes_layout import write_tiny_model
+
+    layout = t2i.load(write_tiny_model(tmp_path / "layout"))
+    assert Resolver(layout, Limits()).job(JobRequest(prompt="a red circle", regions=[])).regions is None
+    r = Resolver(sd_pipe, Limits(max_width=64, max_height=64)).job(
+        JobRequest(prompt="a red circle", width=32, height=32, regions=["0,0,16,32:red circle"], region_weight=0.8))
+    assert extra_generation_params(r)["Region weight"] == "0.8"

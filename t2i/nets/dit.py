@@ -76,8 +76,8 @@ DIT_PRESETS: dict[str, DiTConfig] = {
     "PixArt-XL/2-1024": DiTConfig(sample_size=128, caption_dim=4096, micro_conditions=True, pos_scale=2.0,
                                   **_PIXART),
     "PixArt-XL/2-512": DiTConfig(sample_size=64, caption_dim=4096, **_PIXART),
-    # the shapes world: 16x16x4 latents of the shipped f=4 autoencoder, 64 tokens; eps only (the hybrid
-    # VLB loss that trains the variance half is not in t2i.diffusion.losses); sized for a 90-minute run on one
+    # the shapes world: 16x16x4 latents of the shipped f=4 autoencoder, 64 tokens; eps only (`--learn-sigma`
+    # trains IDDPM's variance half, which the dit/pixart samplers do not use yet); sized for a 90-minute run on one
     # CPU thread (about 1.9M parameters, ~1 s per step of 32)
     "shapes_s": DiTConfig(sample_size=16, width=128, layers=6, heads=2, mlp_dim=512, num_classes=40,
                           learn_sigma=False),

@@ -10,7 +10,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from t2i.diffusion.paint_with_words import regions_to_json
+from t2i.diffusion.paint_with_words import DEFAULT_WEIGHT, regions_to_json
 from t2i.imageio import A1111_SAMPLER_NAMES
 from t2i.serve.context import ServeContext
 from t2i.serve.jobs import Job, encode_png, sketch
@@ -46,6 +46,7 @@ def extra_generation_params(r: GenerationRequest) -> dict[str, str]:
     out = {} if r.layout is None else {"Layout": r.layout.to_json()}  # type: ignore[union-attr]
     if r.regions:
         out["Regions"] = regions_to_json(r.regions)  # resolved by then: Region objects
+        out["Region weight"] = str(DEFAULT_WEIGHT if r.region_weight is None else r.region_weight)
     return out
 
 

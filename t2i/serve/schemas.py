@@ -250,6 +250,8 @@ class Resolver:
         pixels are read on the request's size, the model's default size where none is given."""
         f = {k: k for k in SAME_NAMES} | {"num_images": "n"} | (names or {})
         seed = given.pop("seed", -1)
+        if not given.get("regions"):  # `regions: []` asks for none: not an option a model without them refuses
+            given.pop("regions", None)
         request = GenerationRequest(**{k: v for k, v in given.items() if v is not None})
         try:
             check_request(self.pipe, request)

@@ -136,7 +136,7 @@ class DDPMPipeline(RequestMethods):
         if not torch.allclose(schedule.alphas_cumprod(), self.schedule.alphas_cumprod()):
             raise ValueError(f"{path}: the classifier was trained on another noise schedule "
                              f"({schedule.beta_schedule}) than this model's ({self.schedule.beta_schedule})")
-        self.classifier_guide = ClassifierGuide(classifier, labels, float(scale))
+        self.classifier_guide = ClassifierGuide(classifier, labels, float(scale), Path(path).stem)
         return self
 
     @property
@@ -223,8 +223,10 @@ class DDPMPipeline(RequestMethods):
             images = plan.finish(run_plan(plan, denoiser, x, {"cond": cond, "uncond": uncond}, on_step, generators,
                                           tap))
         pictures = to_pil(images)
+        guide = {} if self.classifier_guide is None else {  # it changes every image: recorded with them
+            "classifier": self.classifier_guide.name, "classifier_scale": self.classifier_guide.scale}
         for im, p, neg, sd in zip(pictures, prompts, negatives, seeds, strict=True):
-            im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, precision_of(self.unet))
+            im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, precision_of(self.unet), guide)
         return GenerationResult(pictures, images, seeds, warnings, time.perf_counter() - start)
 
 
@@ -235,6 +237,7 @@ class ClassifierGuide:
     classifier: nn.Module
     labels: list[str]
     scale: float
+    name: str = "classifier"  # the file's name, for the PNG parameters
 
     def label_of(self, prompt: str) -> int:
         """The one class whose name is a word of the prompt; ValueError naming the classes otherwise."""
