@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "default"
 
-PRECISIONS = ("auto", "fp32", "bf16", "int8")
+PRECISIONS = ("auto", "fp32", "bf16", "int8", "compact")
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
@@ -93,7 +93,7 @@ def resolve_precision(precision: str, model: str | Path | None = None, quantizab
                       size: Callable[[], int] | None = None) -> str:
     """"auto" -> `auto_precision` for this CPU and the size of `model` (a name or path; None: the
     default model; `size` gives it where the caller has already found the model); "fp32", "bf16"
-    and "int8" are kept."""
+    "int8" and "compact" are kept."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
@@ -108,7 +108,9 @@ def load(model: str | Path | None = None, precision: str = "fp32", quantizable: 
 
     precision: "fp32"; "bf16" (weights and compute; the samplers stay float32); "int8" (the U-Net's
     Linear layers int8 with dynamic int8 activations, `t2i.quantize`; everything else bf16 where
-    the CPU computes bf16 natively, else float32); or "auto": `auto_precision` for this CPU and
+    the CPU computes bf16 natively, else float32); "compact" (Stable Diffusion: weights read straight
+    into bf16 storage, fp16 files kept fp16, widened layer by layer to float32 compute, `t2i.compact`:
+    about half the memory, float32's results on the rounded weights); or "auto": `auto_precision` for this CPU and
     this model's size. quantizable=False keeps "auto" off int8 (a model that LoRAs will be merged into).
 
     Returns a Pipeline (t2i.systems.base): `pipe(prompt, seed=..., steps=...) -> list[PIL.Image]`,
@@ -120,6 +122,11 @@ def load(model: str | Path | None = None, precision: str = "fp32", quantizable: 
 
     family, path = resolve(model)  # once: its size decides "auto", then its family loads it
     resolved = resolve_precision(precision, quantizable=quantizable, size=lambda: weight_bytes(path))
+    if resolved == "compact":
+        if family.name != "stable_diffusion":
+            raise ValueError(f"precision compact loads Stable Diffusion models; {path} is {family.name}: use fp32, "
+                             "bf16 or int8")
+        return family.load(path, torch.float32, compact=torch.bfloat16)
     rest_bf16 = resolved == "bf16" or (resolved == "int8" and native_bf16())
     pipe = family.load(path, torch.bfloat16 if rest_bf16 else torch.float32)
     if resolved == "int8":

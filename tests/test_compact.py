@@ -222,3 +222,23 @@ def test_int8_on_a_compact_unet_quantizes_the_rounded_weights():
     x, t, ctx = _unet_inputs()
     with torch.no_grad():
         assert torch.equal(compact(x, t, ctx), fp32(x, t, ctx))
+
+
+def test_precision_compact_through_t2i_load_and_the_cli_and_refused_where_it_cannot_apply(tiny, tmp_path, capsys):
+    """`t2i.load(..., precision="compact")` gives a compact SD pipeline whose image is float32's on the
+    rounded weights; `t2i generate --precision compact` writes it; another family and --compile are refused
+    by name."""
+    import t2i
+    from t2i.cli import main
+    from t2i.systems.shapes_ldm import write_tiny_model
+
+    pipe = t2i.load(tiny, precision="compact")
+    assert is_compact(pipe.unet) and precision_of(pipe.unet) == "compact"
+    assert torch.equal(_generate(pipe).latents, _generate(_rounded_pipe(tiny, pipe)).latents)
+    out = tmp_path / "c.png"
+    assert main(["generate", "a cat", "--model", str(tiny), "--precision", "compact", "--steps", "2", "--width", "32",
+                 "--height", "32", "--seed", "0", "--quiet", "--out", str(out)]) == 0 and out.exists()
+    with pytest.raises(ValueError, match="compact loads Stable Diffusion"):
+        t2i.load(write_tiny_model(tmp_path / "ldm"), precision="compact")
+    with pytest.raises(ValueError, match="cannot be compiled"):
+        pipe.compile()

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--deepcache", type=int, default=1, metavar="N", help="DeepCache interval (1: off)")
     s.add_argument("--preview-decoder", default=None, metavar="PATH",
                    help="decode with this preview decoder (`t2i train preview`) instead of the VAE")
-    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
+    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8", "compact"],
                    help="as in `t2i generate` (default auto: chosen by CPU flags, t2i.auto_precision)")
     s.add_argument("--rerank", type=int, default=1, metavar="K",
                    help="also judge sample-and-rank: K candidates per prompt (seeds seed..seed+K-1), the shapes "

@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-alive", type=int, default=5, help="seconds an idle connection stays open")
     p.add_argument("--max-connections", type=int, default=128,
                    help="open connections at once; more are answered 503 and closed")
-    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "int8"])
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "int8", "compact"])
     p.set_defaults(func=run)
 
 

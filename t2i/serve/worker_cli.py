@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(the same on every worker)")
     p.add_argument("--stop-timeout", type=float, default=600.0,
                    help="seconds SIGTERM waits for the running jobs; those still running then go to another worker")
-    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "int8"])
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "int8", "compact"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.set_defaults(func=run)
 

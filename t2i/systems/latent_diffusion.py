@@ -290,6 +290,11 @@ class LatentDiffusionPipeline(RequestMethods):
         process compiles faster. Frozen weights: call it again after changing the U-Net's weights.
         DeepCache runs (deepcache > 1) use the eager U-Net.
         """
+        from t2i.compact import is_compact
+
+        if is_compact(self.unet):  # frozen constants would be fp32 copies of every weight: the saving gone
+            raise ValueError("--compile freezes the weights as float32 constants; a compact model cannot be compiled "
+                             "(use --precision fp32 or bf16 with --compile)")
         self._compiled_unet = _FrozenCompiled(torch.compile(self.unet))
 
     def _sampling_net(self, deepcache: int = 1, control: tuple[ControlNet, torch.Tensor, float] | None = None,
