@@ -52,6 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--height; repeatable")
     p.add_argument("--region-weight", type=float, default=None, metavar="W",
                    help="strength w' of the --region boost (default 1; 0: off)")
+    p.add_argument("--classifier", default=None, metavar="FILE",
+                   help="ADM classifier guidance for pixel DDPMs: a noise-aware classifier (`t2i train classifier`) "
+                        "steers towards the class the prompt names")
+    p.add_argument("--classifier-scale", type=float, default=None, metavar="S",
+                   help="its scale s (default 1; 0: off), alone or with --guidance")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--init-image", default=None, help="img2img / inpainting input image")
     p.add_argument("--strength", type=float, default=None,
@@ -154,6 +159,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError("--controlnet and --control-image go together")
     if not math.isfinite(args.control_scale):
         raise UserError(f"--control-scale must be a finite number, got {args.control_scale}")
+    if args.classifier_scale is not None and not math.isfinite(args.classifier_scale):
+        raise UserError(f"--classifier-scale must be a finite number, got {args.classifier_scale}")
+    if args.classifier is not None and not Path(args.classifier).is_file():
+        raise UserError(f"--classifier {args.classifier}: no such file")
     if args.region_weight is not None and not math.isfinite(args.region_weight):
         raise UserError(f"--region-weight must be a finite number, got {args.region_weight}")
     if args.save_latents and not args.save_latents.endswith(".safetensors"):

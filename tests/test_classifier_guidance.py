@@ -7,11 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+import t2i
 from t2i.diffusion.classifier_guidance import ClassifierGuidance
 from t2i.diffusion.denoiser import DiscreteDenoiser
 from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.losses import NoisyClassifierLoss
 from t2i.nets.classifier import NoisyClassifier, NoisyClassifierConfig, load_noisy_classifier
+from t2i.systems.base import GenerationRequest
 from t2i.systems.ddpm import ddpm_schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -175,3 +177,47 @@ def test_classifier_guided_images_record_the_classifier_and_its_scale(tmp_path):
     guided = pipe.with_classifier(tmp_path / "colours.safetensors", 3.5).generate("a red circle", seed=0, steps=2)
     params = parse_parameters(guided.images[0].info["parameters"])
     assert params["Classifier"] == "colours" and float(params["Classifier scale"]) == 3.5
+
+
+def test_classifier_guidance_from_the_request_and_the_cli_and_refused_by_other_families(tmp_path, capsys):
+    """`classifier=` / `classifier_scale=` on a request guide exactly as `with_classifier` does (the same
+    images); `t2i generate --classifier FILE --classifier-scale S` writes an image that records them; a model
+    without classifier guidance refuses the option by name, and a missing file is a one-line error."""
+    from t2i.cli import main
+    from t2i.imageio import parse_parameters
+    from t2i.nets.classifier import save_noisy_classifier
+    from t2i.nets.pixel_unet import PIXEL_UNET_PRESETS, PixelUNet
+    from t2i.systems.base import UnsupportedOption, check_request
+    from t2i.systems.ddpm import DDPMConfig, DDPMPipeline, save_ddpm
+    from t2i.systems.stable_diffusion import write_tiny
+
+    torch.manual_seed(0)
+    net_cfg = PIXEL_UNET_PRESETS["tiny_uncond"]
+    clf = NoisyClassifier(NoisyClassifierConfig(trunk=net_cfg, num_classes=2))
+    with torch.no_grad():
+        clf.head.weight.mul_(30.0)
+    save_noisy_classifier(clf, tmp_path / "colours.safetensors", ["red", "blue"], ddpm_schedule())
+    net = PixelUNet(net_cfg).eval()
+    pipe = DDPMPipeline(net, ddpm_schedule())
+    by_request = pipe.generate("a red circle", seed=0, steps=3, classifier=tmp_path / "colours.safetensors",
+                               classifier_scale=5.0).sample
+    by_method = pipe.with_classifier(tmp_path / "colours.safetensors", 5.0).generate("a red circle", seed=0,
+                                                                                    steps=3).sample
+    plain = pipe.with_classifier(tmp_path / "colours.safetensors", 0).generate("a red circle", seed=0, steps=3).sample
+    assert torch.equal(by_request, by_method) and not torch.allclose(by_request, plain)
+    model = tmp_path / "ddpm.safetensors"
+    save_ddpm(net, DDPMConfig(net=net_cfg, schedule=ddpm_schedule(), text_encoder=None, image_size=16), model)
+    out = tmp_path / "g.png"
+    assert main(["generate", "a red circle", "--model", str(model), "--steps", "3", "--seed", "0", "--quiet",
+                 "--classifier", str(tmp_path / "colours.safetensors"), "--classifier-scale", "5",
+                 "--out", str(out)]) == 0
+    from PIL import Image
+
+    params = parse_parameters(Image.open(out).info["parameters"])
+    assert params["Classifier"] == "colours" and float(params["Classifier scale"]) == 5.0
+    assert main(["generate", "a red circle", "--model", str(model), "--classifier", str(tmp_path / "none.st"),
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "--classifier" in capsys.readouterr().err
+    sd = t2i.load(write_tiny(tmp_path / "sd"))
+    with pytest.raises(UnsupportedOption, match="classifier"):
+        check_request(sd, GenerationRequest("a red circle", classifier=tmp_path / "colours.safetensors"))

@@ -86,6 +86,10 @@ class GenerationRequest:
     # {"box", "words"} dicts), and w', the strength of the cross-attention boost (None: the default).
     regions: Sequence[Region | str | dict] | None = None
     region_weight: float | None = None
+    # ADM's classifier guidance (pixel DDPMs): a noise-aware classifier file (`t2i train classifier`) and
+    # its scale s (None: 1), towards the class the prompt names.
+    classifier: str | Path | None = None
+    classifier_scale: float | None = None
 
     def set_options(self) -> list[str]:
         """The names of the options this request sets to something other than their default."""

@@ -69,6 +69,7 @@ from t2i.systems.latent_diffusion import CastInputs, stop_polling
 SCHEDULES = ("default", "karras", "iddpm")
 OPTIONS = frozenset({"steps", "sampler", "schedule", "eta", "width", "height"})  # what run() honours
 TEXT_OPTIONS = OPTIONS | {"negative_prompt", "guidance"}  # and with a text-conditional network
+GUIDE_OPTIONS = frozenset({"classifier", "classifier_scale"})  # ADM's classifier guidance: any DDPM
 
 
 def ddpm_schedule(beta_schedule: str = "linear") -> ScheduleConfig:
@@ -124,25 +125,32 @@ class DDPMPipeline(RequestMethods):
                                                        height=size)
         self.prompt_check = out_of_world_warning if text_encoder is not None else None
         self.classifier_guide: ClassifierGuide | None = None  # ADM's classifier guidance (`with_classifier`)
+        self._classifiers: dict[str, tuple[nn.Module, list[str]]] = {}
 
     def with_classifier(self, path: str | Path, scale: float) -> DDPMPipeline:
         """Guide every later request with a noise-aware classifier file (`t2i train classifier`) at scale s
         (Dhariwal & Nichol 2021), towards the class the prompt names ("a red circle" -> "circle"), on top
         of classifier-free guidance if the request asks for it. Scale 0 turns it off. Returns self."""
-        if scale == 0:
-            self.classifier_guide = None
-            return self
-        classifier, labels, schedule = load_noisy_classifier(path)
-        if not torch.allclose(schedule.alphas_cumprod(), self.schedule.alphas_cumprod()):
-            raise ValueError(f"{path}: the classifier was trained on another noise schedule "
-                             f"({schedule.beta_schedule}) than this model's ({self.schedule.beta_schedule})")
-        self.classifier_guide = ClassifierGuide(classifier, labels, float(scale), Path(path).stem)
+        self.classifier_guide = None if scale == 0 else self._classifier_guide(path, scale)
         return self
+
+    def _classifier_guide(self, path: str | Path, scale: float) -> ClassifierGuide:
+        """The classifier file at `path` as a guide at scale s, checked against this model's schedule;
+        loaded once per path (a request may name it at every call)."""
+        key = str(Path(path).resolve())
+        if key not in self._classifiers:
+            classifier, labels, schedule = load_noisy_classifier(path)
+            if not torch.allclose(schedule.alphas_cumprod(), self.schedule.alphas_cumprod()):
+                raise ValueError(f"{path}: the classifier was trained on another noise schedule "
+                                 f"({schedule.beta_schedule}) than this model's ({self.schedule.beta_schedule})")
+            self._classifiers = {key: (classifier, labels)}  # one kept: a later file replaces it
+        classifier, labels = self._classifiers[key]
+        return ClassifierGuide(classifier, labels, float(scale), Path(path).stem)
 
     @property
     def capabilities(self) -> Capabilities:
         d = self.defaults
-        return Capabilities(options=TEXT_OPTIONS if self.text_encoder is not None else OPTIONS,
+        return Capabilities(options=(TEXT_OPTIONS if self.text_encoder is not None else OPTIONS) | GUIDE_OPTIONS,
                             samplers=tuple(SAMPLERS), schedules=SCHEDULES, size_multiple=self.size_multiple,
                             native_size=(d.width, d.height))
 
@@ -216,17 +224,19 @@ class DDPMPipeline(RequestMethods):
         tap = VarianceTap(net) if self.learned_variance else None
         base = plan.denoiser(tap or net)
         denoiser: Any = CFGDenoiser(base, r.guidance)
-        if self.classifier_guide is not None:  # inside the x0 limit: the shifted x0 is what gets clipped
-            denoiser = self.classifier_guide.around(denoiser, prompts, base.sigma_to_t)
+        guide = self.classifier_guide if r.classifier is None else self._classifier_guide(
+            r.classifier, 1.0 if r.classifier_scale is None else r.classifier_scale)
+        if guide is not None and guide.scale != 0:  # inside the x0 limit: the shifted x0 is what gets clipped
+            denoiser = guide.around(denoiser, prompts, base.sigma_to_t)
         denoiser = plan.limit_x0(denoiser)
         with StepReport.of(r, plan.steps) as on_step:
             images = plan.finish(run_plan(plan, denoiser, x, {"cond": cond, "uncond": uncond}, on_step, generators,
                                           tap))
         pictures = to_pil(images)
-        guide = {} if self.classifier_guide is None else {  # it changes every image: recorded with them
-            "classifier": self.classifier_guide.name, "classifier_scale": self.classifier_guide.scale}
+        more = {} if guide is None or guide.scale == 0 else {  # it changes every image: recorded with them
+            "classifier": guide.name, "classifier_scale": guide.scale}
         for im, p, neg, sd in zip(pictures, prompts, negatives, seeds, strict=True):
-            im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, precision_of(self.unet), guide)
+            im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, precision_of(self.unet), more)
         return GenerationResult(pictures, images, seeds, warnings, time.perf_counter() - start)
 
 
