@@ -215,6 +215,14 @@ def test_classifier_guidance_from_the_request_and_the_cli_and_refused_by_other_f
 
     params = parse_parameters(Image.open(out).info["parameters"])
     assert params["Classifier"] == "colours" and float(params["Classifier scale"]) == 5.0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue circle\n")
+    batch = ["generate", "--prompts-file", str(prompts), "--model", str(model), "--steps", "2", "--seed", "0",
+             "--quiet", "--classifier", str(tmp_path / "colours.safetensors"), "--out-dir", str(tmp_path / "batch")]
+    assert main(batch) == 0
+    capsys.readouterr()
+    assert main(batch) == 0  # a rerun finds both images with their classifier: nothing to redo, no conflict
+    assert "already holds" not in capsys.readouterr().err
     assert main(["generate", "a red circle", "--model", str(model), "--classifier", str(tmp_path / "none.st"),
                  "--out", str(tmp_path / "x.png")]) == 2
     assert "--classifier" in capsys.readouterr().err

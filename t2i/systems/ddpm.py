@@ -233,7 +233,8 @@ class DDPMPipeline(RequestMethods):
             images = plan.finish(run_plan(plan, denoiser, x, {"cond": cond, "uncond": uncond}, on_step, generators,
                                           tap))
         pictures = to_pil(images)
-        more = {} if guide is None or guide.scale == 0 else {  # it changes every image: recorded with them
+        # a guide set by `with_classifier` changes every image: recorded with them (a request's is in the request)
+        more = {} if r.classifier is not None or guide is None else {
             "classifier": guide.name, "classifier_scale": guide.scale}
         for im, p, neg, sd in zip(pictures, prompts, negatives, seeds, strict=True):
             im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, precision_of(self.unet), more)
