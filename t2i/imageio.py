@@ -86,15 +86,14 @@ def format_parameters(prompt: str, negative_prompt: str = "", **settings: object
 
 
 def request_parameters(request: GenerationRequest, prompt: str, negative_prompt: str, seed: int, model: str,
-                       precision: str = "fp32", more: dict[str, object] | None = None) -> str:
+                       precision: str = "fp32") -> str:
     """The `parameters` of one image of a resolved request (steps, guidance, sampler, schedule, width,
     height and, with an init image, strength filled in): every setting that changes its pixels, so
     that `request_fields(parse_parameters(text))` regenerates it. Settings at their no-op value
     (eta 0, guidance rescale 0, deepcache 1, fp32) are left out, as A1111 leaves out what is off.
-    precision: the weights' precision ("bf16" changes pixels slightly). more: settings a family holds
-    outside the request (key -> value, written as `Key: value`), e.g. a DDPM's guiding classifier."""
+    precision: the weights' precision ("bf16" changes pixels slightly)."""
     r = request
-    extra: dict[str, object] = dict(more or {})
+    extra: dict[str, object] = {}
     if r.eta:
         extra["eta"] = r.eta
     if r.guidance_rescale:

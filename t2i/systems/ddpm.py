@@ -124,14 +124,17 @@ class DDPMPipeline(RequestMethods):
         self.defaults = defaults or GenerationDefaults(sampler="ddpm", steps=50, guidance=1.0, width=size,
                                                        height=size)
         self.prompt_check = out_of_world_warning if text_encoder is not None else None
-        self.classifier_guide: ClassifierGuide | None = None  # ADM's classifier guidance (`with_classifier`)
+        # ADM's classifier guidance set by `with_classifier`: (file, scale), what a request without its own uses
+        self.default_classifier: tuple[str | Path, float] | None = None
         self._classifiers: dict[str, tuple[nn.Module, list[str]]] = {}
 
     def with_classifier(self, path: str | Path, scale: float) -> DDPMPipeline:
         """Guide every later request with a noise-aware classifier file (`t2i train classifier`) at scale s
         (Dhariwal & Nichol 2021), towards the class the prompt names ("a red circle" -> "circle"), on top
         of classifier-free guidance if the request asks for it. Scale 0 turns it off. Returns self."""
-        self.classifier_guide = None if scale == 0 else self._classifier_guide(path, scale)
+        if scale != 0:
+            self._classifier_guide(path, scale)  # loaded and checked now, not at the first request
+        self.default_classifier = None if scale == 0 else (path, float(scale))
         return self
 
     def _classifier_guide(self, path: str | Path, scale: float) -> ClassifierGuide:
@@ -145,7 +148,7 @@ class DDPMPipeline(RequestMethods):
                                  f"({schedule.beta_schedule}) than this model's ({self.schedule.beta_schedule})")
             self._classifiers = {key: (classifier, labels)}  # one kept: a later file replaces it
         classifier, labels = self._classifiers[key]
-        return ClassifierGuide(classifier, labels, float(scale), Path(path).stem)
+        return ClassifierGuide(classifier, labels, float(scale))
 
     @property
     def capabilities(self) -> Capabilities:
@@ -190,6 +193,8 @@ class DDPMPipeline(RequestMethods):
                 raise ValueError(f"{what} must be a positive multiple of {self.size_multiple}, got {v}")
         if not math.isfinite(r.guidance):
             raise ValueError(f"guidance must be a finite number, got {r.guidance}")
+        if r.classifier is None and self.default_classifier is not None:  # `with_classifier`'s, recorded as any
+            r = replace(r, classifier=self.default_classifier[0], classifier_scale=self.default_classifier[1])
         return r
 
     def _conditioning(self, prompts: list[str], negatives: list[str], guided: bool) -> tuple[dict, dict | None]:
@@ -224,20 +229,16 @@ class DDPMPipeline(RequestMethods):
         tap = VarianceTap(net) if self.learned_variance else None
         base = plan.denoiser(tap or net)
         denoiser: Any = CFGDenoiser(base, r.guidance)
-        guide = self.classifier_guide if r.classifier is None else self._classifier_guide(
-            r.classifier, 1.0 if r.classifier_scale is None else r.classifier_scale)
-        if guide is not None and guide.scale != 0:  # inside the x0 limit: the shifted x0 is what gets clipped
+        if r.classifier is not None and r.classifier_scale != 0:  # inside the x0 limit: the shifted x0 is clipped
+            guide = self._classifier_guide(r.classifier, 1.0 if r.classifier_scale is None else r.classifier_scale)
             denoiser = guide.around(denoiser, prompts, base.sigma_to_t)
         denoiser = plan.limit_x0(denoiser)
         with StepReport.of(r, plan.steps) as on_step:
             images = plan.finish(run_plan(plan, denoiser, x, {"cond": cond, "uncond": uncond}, on_step, generators,
                                           tap))
         pictures = to_pil(images)
-        # a guide set by `with_classifier` changes every image: recorded with them (a request's is in the request)
-        more = {} if r.classifier is not None or guide is None else {
-            "classifier": guide.name, "classifier_scale": guide.scale}
         for im, p, neg, sd in zip(pictures, prompts, negatives, seeds, strict=True):
-            im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, precision_of(self.unet), more)
+            im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, precision_of(self.unet))
         return GenerationResult(pictures, images, seeds, warnings, time.perf_counter() - start)
 
 
@@ -248,7 +249,6 @@ class ClassifierGuide:
     classifier: nn.Module
     labels: list[str]
     scale: float
-    name: str = "classifier"  # the file's name, for the PNG parameters
 
     def label_of(self, prompt: str) -> int:
         """The one class whose name is a word of the prompt; ValueError naming the classes otherwise."""
