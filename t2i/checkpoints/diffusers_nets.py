@@ -48,6 +48,7 @@ _UNET_DEFAULTS: dict[str, Any] = {
     "projection_class_embeddings_input_dim": None,
     "time_embedding_dim": None,
     "time_cond_proj_dim": None,
+    "num_class_embeds": None,
 }
 
 # Options we do not implement, with the only value we accept.
@@ -59,8 +60,7 @@ _UNET_UNSUPPORTED: dict[str, Any] = {
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "dual_cross_attention": False,
-    "class_embed_type": None,
-    "num_class_embeds": None,
+    "class_embed_type": None,  # None with num_class_embeds: one learned row per label (the x4 upscaler)
     "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
     "resnet_out_scale_factor": 1.0,
@@ -204,6 +204,7 @@ def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
         projection_class_embeddings_input_dim=add_in_dim,
         dropout=float(get("dropout")),
         sample_size=sample_size_of(get("sample_size"), 64),
+        num_class_embeds=None if get("num_class_embeds") is None else int(get("num_class_embeds")),
     )
 
 
@@ -248,6 +249,8 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
         "addition_time_embed_dim": cfg.addition_time_embed_dim,
         "projection_class_embeddings_input_dim": cfg.projection_class_embeddings_input_dim,
     }
+    if cfg.num_class_embeds is not None:  # written only when set: other configs stay as they were
+        out["num_class_embeds"] = cfg.num_class_embeds
     return out
 
 

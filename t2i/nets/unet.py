@@ -62,6 +62,9 @@ class UNetConfig:
             model conditioned on the time ids alone: 6 * addition_time_embed_dim).
         time_cond_proj_dim: width of an extra condition added to the timestep features through a
             bias-free projection (LCM's guidance-scale embedding, 256); None: no such input.
+        num_class_embeds: a learned embedding per integer class label, added to the time embedding
+            (diffusers' `num_class_embeds` with `class_embed_type=None`: the SD x4 upscaler gives the
+            noise level of its low-res input this way, 1000 labels); None: no class input.
         dropout: ResBlock and feed-forward dropout.
         sample_size: default latent size the model was trained at (64 for SD1 at 512 px).
     """
@@ -88,6 +91,7 @@ class UNetConfig:
     time_cond_proj_dim: int | None = None
     dropout: float = 0.0
     sample_size: int = 64
+    num_class_embeds: int | None = None
 
     def __post_init__(self) -> None:
         # JSON round-trips give lists; the dataclass holds tuples so configs compare equal.
@@ -237,6 +241,9 @@ class UNetEncoder(nn.Module):
                 cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift
             )
             self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb_dim)
+        self.class_embedding: nn.Embedding | None = None
+        if cfg.num_class_embeds is not None:
+            self.class_embedding = nn.Embedding(cfg.num_class_embeds, temb_dim)
 
         self.down_blocks = nn.ModuleList()
         c_in = ch[0]
@@ -282,6 +289,7 @@ class UNetEncoder(nn.Module):
         text_embeds: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
         timestep_cond: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The (B, temb_dim) embedding every ResBlock receives.
 
@@ -289,7 +297,9 @@ class UNetEncoder(nn.Module):
         embedding and time_ids: (B, K) micro-conditioning (SDXL: original h, w, crop top,
         left, target h, w), both required iff the model has the `text_time` embedding;
         timestep_cond: (B, time_cond_proj_dim) LCM's `guidance_scale_embedding`, only for a model
-        with that input (optional there, as in diffusers: without it the projection is skipped).
+        with that input (optional there, as in diffusers: without it the projection is skipped);
+        class_labels: (B,) integer labels, required iff the model has `num_class_embeds` (the SD x4
+        upscaler's noise level), their embedding added after the time embedding's, as in diffusers.
         """
         t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
         features = self.time_proj(t).to(dtype)  # (B, C0)
@@ -299,6 +309,11 @@ class UNetEncoder(nn.Module):
             emb = self.time_embedding(features, timestep_cond)
         else:
             raise ValueError("timestep_cond given to a U-Net without time_cond_proj_dim")
+        if (class_labels is None) != (self.class_embedding is None):
+            raise ValueError("class_labels go with a U-Net that has num_class_embeds, and only with one")
+        if self.class_embedding is not None and class_labels is not None:
+            labels = class_labels.reshape(-1).expand(batch) if class_labels.numel() == 1 else class_labels
+            emb = emb + self.class_embedding(labels.long()).to(emb.dtype)  # (B, temb_dim)
         if self.add_embedding is not None and self.add_time_proj is not None:
             if time_ids is None:
                 raise ValueError("this U-Net has SDXL micro-conditioning: pass text_embeds and time_ids")
@@ -356,6 +371,7 @@ class UNet(UNetEncoder):
         input_features: torch.Tensor | None = None,
         down_residuals: list[torch.Tensor] | None = None,
         mid_residual: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, C_in, h, w) noisy latents; t: (B,) float timesteps in [0, 1000);
         context: (B, T, context_dim) text hidden states; text_embeds: (B, P) and time_ids:
@@ -372,8 +388,10 @@ class UNet(UNetEncoder):
 
         down_residuals, mid_residual: a ControlNet's outputs (Zhang et al. 2023 sec. 3.2), one per skip
         (as `skip_channels` lists them) added to the skips, and one added to the mid block's output.
+
+        class_labels: (B,) integer labels for a U-Net with `num_class_embeds` (see `embed_time`).
         """
-        emb = self.embed_time(t, x.shape[0], x.dtype, text_embeds, time_ids, timestep_cond)
+        emb = self.embed_time(t, x.shape[0], x.dtype, text_embeds, time_ids, timestep_cond, class_labels)
         reuse = feature_cache is not None and feature_cache.reuse
         if reuse and (down_residuals is not None or mid_residual is not None):
             raise ValueError("DeepCache's cheap steps skip the levels a ControlNet's residuals go to")
