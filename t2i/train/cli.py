@@ -113,6 +113,8 @@ CLIP: list[Option] = [
 RENDERER: list[Option] = [
     ("--init-from", "init_from", {}, "a shapes LDM model file to warm-start from (the plain "
      "t2i/assets/default/model.safetensors), or a layout renderer's model.safetensors to continue"),
+    ("--vae", "vae", {}, "an autoencoder file (t2i train autoencoder) in place of the init's: the U-Net is "
+     "warm-started and learns the new latent space (its scale measured at the start)"),
     ("--recaption", "recaption", {"action": "store_true"},
      "train on the layout's complete caption (the pipeline then rewrites prompts the same way)"),
     ("--layout-dropout", "layout_dropout", {"type": float}, "share of examples without their layout"),

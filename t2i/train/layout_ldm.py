@@ -12,6 +12,7 @@ input starts at zero, so training begins from the text-only model.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from t2i.systems.shapes_layout import (
     is_layout_model,
 )
 from t2i.systems.shapes_ldm import ShapesLDM, load_text_encoder
+from t2i.train.autoencoder import load_vae
 from t2i.train.config import LoopConfig
 from t2i.train.ema import EMA
 from t2i.train.fit import Grid, Run, Step, Task, fit
@@ -49,6 +51,9 @@ class LayoutLDMTrainConfig(LoopConfig):
     # a ShapesLDM model.safetensors (autoencoder, U-Net, schedule, defaults), or a layout renderer's
     # own model.safetensors to continue from (its config and every weight)
     init_from: str = ""
+    # another autoencoder (a `t2i train autoencoder` vae.safetensors) in place of the init's: the U-Net
+    # is still warm-started, but learns a new latent space, whose scale is measured at the start
+    vae: str = ""
     phrase_channels: int = 8
     # Half the captions dropped: with the caption, the U-Net can take an object's colour from
     # cross-attention and never learn it from the box's phrase, and then binds colours as badly as
@@ -80,18 +85,36 @@ def layout_batch(seed: int, indices: list[int], background_p: float,
     return images, [c for _, c, _ in examples], [lay for _, _, lay in examples]
 
 
+@torch.no_grad()
+def layout_latent_scale(vae: torch.nn.Module, seed: int, background_p: float, n: int = 256) -> float:
+    """LDM's scaling factor of a new autoencoder, measured on the renderer's own training scenes:
+    1 / std of the posterior samples of the first n (the U-Net trains on unit-variance latents)."""
+    gen = torch.Generator().manual_seed(0)
+    zs = [vae.encode(layout_batch(seed, list(range(i, i + 32)), background_p)[0]).sample(gen).flatten()
+          for i in range(0, n, 32)]
+    return float(1.0 / torch.cat(zs).std())
+
+
 def build_layout_ldm(cfg: LayoutLDMTrainConfig, run: Run) -> Task:
     init: ShapesLDM | ShapesLayoutModel = (ShapesLayoutModel.load(cfg.init_from) if is_layout_model(cfg.init_from)
                                            else ShapesLDM.load(cfg.init_from))
-    if cfg.model is None:
-        cfg.model = (init.cfg if isinstance(init, ShapesLayoutModel) else ShapesLayoutConfig(
+    first_stage = load_vae(cfg.vae) if cfg.vae else init.vae
+    if cfg.model is None:  # a new run: its model config is resolved once, then saved with its checkpoints
+        model_cfg = (init.cfg if isinstance(init, ShapesLayoutModel) else ShapesLayoutConfig(
             ldm=init.cfg, layout=LayoutConfig(phrase_channels=cfg.phrase_channels,
-                                              fold=init.cfg.vae.downsample_factor))).to_dict()
+                                              fold=init.cfg.vae.downsample_factor)))
+        if cfg.vae:
+            if first_stage.cfg.latent_channels != model_cfg.ldm.vae.latent_channels:
+                raise ValueError(f"--vae {cfg.vae}: {first_stage.cfg.latent_channels} latent channels, but the "
+                                 f"U-Net of {cfg.init_from} takes {model_cfg.ldm.vae.latent_channels}")
+            model_cfg.ldm.vae = dataclasses.replace(first_stage.cfg, scaling_factor=layout_latent_scale(
+                first_stage, cfg.seed, cfg.background_p))
+        cfg.model = model_cfg.to_dict()
     model_cfg = ShapesLayoutConfig.from_dict(cfg.model)
     model_cfg.recaption = cfg.recaption
     cfg.model = model_cfg.to_dict()
     system = ShapesLayoutModel(model_cfg)
-    system.vae.load_state_dict(init.vae.state_dict())
+    system.vae.load_state_dict(first_stage.state_dict())
     system.vae.requires_grad_(False).eval()
     vae, unet = system.vae, system.unet
     unet.load_state_dict(init.unet.state_dict(), strict=False)  # from a text-only U-Net the layout input stays zero
