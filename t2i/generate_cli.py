@@ -57,6 +57,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "steers towards the class the prompt names")
     p.add_argument("--classifier-scale", type=float, default=None, metavar="S",
                    help="its scale s (default 1; 0: off), alone or with --guidance")
+    p.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help="token models (MaskGIT, DALL-E): temperature of the token draws (0: the most likely "
+                        "token; default: the model's)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="token models: draw each token from the K most likely only")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="token models: draw each token from the smallest set holding probability P (nucleus)")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--init-image", default=None, help="img2img / inpainting input image")
     p.add_argument("--strength", type=float, default=None,
@@ -115,6 +122,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     from t2i.cli import UserError
+    from t2i.tokens.sampling import check_draws
 
     if args.prompts_file is None and args.prompt is None:
         raise UserError("give a PROMPT or --prompts-file FILE")
@@ -161,6 +169,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--control-scale must be a finite number, got {args.control_scale}")
     if args.classifier_scale is not None and not math.isfinite(args.classifier_scale):
         raise UserError(f"--classifier-scale must be a finite number, got {args.classifier_scale}")
+    try:
+        check_draws(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        raise UserError(f"--{str(e).replace('_', '-')}") from None
     if args.classifier is not None and not Path(args.classifier).is_file():
         raise UserError(f"--classifier {args.classifier}: no such file")
     if args.region_weight is not None and not math.isfinite(args.region_weight):

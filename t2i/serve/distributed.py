@@ -139,7 +139,8 @@ def connect(url: str):
 # ---------------------------------------------------------------------- what crosses the wire
 
 REQUEST_FIELDS = ("prompt", "negative_prompt", "seed", "num_images", "steps", "guidance", "guidance_rescale",
-                  "sampler", "schedule", "eta", "width", "height", "strength", "region_weight")
+                  "sampler", "schedule", "eta", "width", "height", "strength", "region_weight", "temperature",
+                  "top_k", "top_p")
 
 
 def png_bytes(image: Image.Image) -> bytes:

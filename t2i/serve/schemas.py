@@ -53,6 +53,12 @@ RegionsParam = Field(default=None, description='paint-with-words: ["x0,y0,x1,y1:
                                                'x1, y1], "words": "red circle"}, ...]; numbers all within [0, 1] are '
                                                'fractions of the canvas, otherwise pixels')
 RegionWeight = Field(default=None, allow_inf_nan=False, description="paint-with-words strength w' (default 1)")
+# Token models' draws (MaskGIT, DALL-E); other models refuse them by name.
+Temperature = Field(default=None, ge=0, allow_inf_nan=False,
+                    description="token models: temperature of the token draws (0: the most likely token)")
+TopK = Field(default=None, ge=1, description="token models: draw from the k most likely tokens")
+TopP = Field(default=None, gt=0, le=1, allow_inf_nan=False,
+             description="token models: draw from the smallest set of tokens holding probability p")
 
 
 class OpenAIImageRequest(BaseModel):
@@ -77,6 +83,9 @@ class OpenAIImageRequest(BaseModel):
     sampler: str | None = Field(default=None, max_length=50)
     schedule: str | None = Field(default=None, max_length=20)
     layout: Any = LayoutParam
+    temperature: float | None = Temperature
+    top_k: int | None = TopK
+    top_p: float | None = TopP
 
 
 class JobRequest(BaseModel):
@@ -97,6 +106,9 @@ class JobRequest(BaseModel):
     layout: Any = LayoutParam
     regions: Any = RegionsParam
     region_weight: float | None = RegionWeight
+    temperature: float | None = Temperature
+    top_k: int | None = TopK
+    top_p: float | None = TopP
 
 
 class A1111Txt2Img(BaseModel):
@@ -127,6 +139,9 @@ class A1111Txt2Img(BaseModel):
     layout: Any = LayoutParam  # ours: A1111 has none
     regions: Any = RegionsParam  # ours too
     region_weight: float | None = RegionWeight
+    temperature: float | None = Temperature
+    top_k: int | None = TopK
+    top_p: float | None = TopP
 
 
 class A1111Img2Img(A1111Txt2Img):
@@ -202,9 +217,14 @@ def load_resized(image: Image.Image, size: tuple[int, int], field: str, mask: bo
         image.close()
 
 
+def draws(req: BaseModel) -> dict[str, Any]:
+    """The token-draw settings of a request body (every API names them alike)."""
+    return {k: getattr(req, k) for k in ("temperature", "top_k", "top_p")}
+
+
 # The GenerationRequest fields every API names alike; each API maps the others to its own names.
 SAME_NAMES = ("prompt", "negative_prompt", "steps", "guidance", "width", "height", "seed", "sampler",
-              "schedule", "eta", "layout", "regions", "region_weight")
+              "schedule", "eta", "layout", "regions", "region_weight", "temperature", "top_k", "top_p")
 
 
 class Resolver:
@@ -338,7 +358,8 @@ class Resolver:
         sampler, schedule = self.sampler(req.sampler, req.schedule, "sampler", "schedule")
         return self.request(dict(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed,
                                  num_images=req.n, steps=req.steps, guidance=req.guidance, sampler=sampler,
-                                 schedule=schedule, width=width, height=height, layout=req.layout),
+                                 schedule=schedule, width=width, height=height, layout=req.layout,
+                                 **draws(req)),
                             {"width": "size", "height": "size"})
 
     def job(self, req: JobRequest) -> GenerationRequest:
@@ -346,7 +367,7 @@ class Resolver:
         return self.request(dict(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed,
                                  num_images=req.n, steps=req.steps, guidance=req.guidance, sampler=sampler,
                                  schedule=schedule, width=req.width, height=req.height, layout=req.layout,
-                                 regions=req.regions, region_weight=req.region_weight))
+                                 regions=req.regions, region_weight=req.region_weight, **draws(req)))
 
     def a1111(self, req: A1111Txt2Img) -> GenerationRequest:
         """txt2img and img2img. Decodes the init image and mask (resized to the job's size), so the
@@ -363,7 +384,7 @@ class Resolver:
         given = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed,
                      num_images=req.batch_size * req.n_iter, steps=req.steps, guidance=req.cfg_scale,
                      sampler=sampler, schedule=schedule, eta=req.eta, width=req.width, height=req.height,
-                     layout=req.layout, regions=req.regions, region_weight=req.region_weight)
+                     layout=req.layout, regions=req.regions, region_weight=req.region_weight, **draws(req))
         if not isinstance(req, A1111Img2Img):
             return self.request(given, names)
         if len(req.init_images) > 1:

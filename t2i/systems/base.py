@@ -90,6 +90,11 @@ class GenerationRequest:
     # its scale s (None: 1), towards the class the prompt names.
     classifier: str | Path | None = None
     classifier_scale: float | None = None
+    # Token models' draws (t2i.tokens.sampling): temperature (0: argmax), top-k and nucleus top-p cuts
+    # of each token's distribution (None: the model's own setting).
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
 
     def set_options(self) -> list[str]:
         """The names of the options this request sets to something other than their default."""

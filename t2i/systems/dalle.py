@@ -35,6 +35,7 @@ from t2i.nets.token_transformer import (
 )
 from t2i.systems.base import GenerationDefaults, GenerationRequest, StepReport
 from t2i.systems.token_models import (
+    DRAW_OPTIONS,
     TokenPipeline,
     load_pipeline,
     network_configs,
@@ -45,7 +46,7 @@ from t2i.systems.token_models import (
 from t2i.tokens import CFGTokenModel, GuidedCond, sample_autoregressive
 
 SYSTEM_NAME = "dalle"
-OPTIONS = frozenset({"sampler", "guidance", "negative_prompt", "width", "height"})  # what run() honours
+OPTIONS = DRAW_OPTIONS | {"sampler", "guidance", "negative_prompt", "width", "height"}  # what run() honours
 SAMPLERS = ("multinomial", "greedy")
 SPECIALS = ("[PAD]", "[BOS]", "[UNK]")  # ids 0, 1, 2; the words follow
 PAD, BOS, UNK = range(3)
@@ -112,8 +113,8 @@ def dalle_net_config(preset: TokenTransformerConfig, words: list[str], text_leng
 class DallePipeline(TokenPipeline):
     """A causal [text; image] transformer, its tokenizer and its word vocabulary.
 
-    The draws take `temperature`, `top_k` and `top_p` from the model config; set them on the
-    pipeline (`pipe.temperature = 0.8`) to change them (GenerationRequest has no field for them).
+    The draws take `temperature`, `top_k` and `top_p` from the request, else from the model config
+    (or the pipeline: `pipe.temperature = 0.8`).
     """
 
     family = SYSTEM_NAME
@@ -146,15 +147,12 @@ class DallePipeline(TokenPipeline):
         cond = GuidedCond(self.tokenize(prompts), self.tokenize(negatives) if guided else None)
         model = CFGTokenModel(CachedDecoder(self.unet), r.guidance)  # one new position per call
         n = self.unet.cfg.num_tokens
-        temperature = 0.0 if r.sampler == "greedy" else self.temperature  # 0: argmax, no draw
-        return sample_autoregressive(model, cond, n, generators=generators, temperature=temperature, top_k=self.top_k,
-                                     top_p=self.top_p, callback=prefix_reporter(report, n))
+        draws = self.draws(r) | ({"temperature": 0.0} if r.sampler == "greedy" else {})  # 0: argmax, no draw
+        return sample_autoregressive(model, cond, n, generators=generators, **draws,
+                                     callback=prefix_reporter(report, n))
 
     def extra_parameters(self, r: GenerationRequest) -> dict[str, Any]:
-        if r.sampler == "greedy":
-            return {}
-        return {"temperature": self.temperature if self.temperature != 1.0 else None, "top_k": self.top_k,
-                "top_p": self.top_p}
+        return {} if r.sampler == "greedy" else super().extra_parameters(r)
 
 
 # ---------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from t2i.data.shapes_vocab import out_of_world_warning
 from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS, TokenTransformer, TokenTransformerConfig
 from t2i.systems.base import GenerationDefaults, GenerationRequest, StepReport
 from t2i.systems.token_models import (
+    DRAW_OPTIONS,
     TokenPipeline,
     load_pipeline,
     network_configs,
@@ -39,7 +40,7 @@ from t2i.systems.token_models import (
 from t2i.tokens import CFGTokenModel, GuidedCond, sample_autoregressive, sample_masked
 
 SYSTEM_NAME = "maskgit"
-OPTIONS = frozenset({"steps", "sampler", "guidance", "negative_prompt", "width", "height"})  # what run() honours
+OPTIONS = DRAW_OPTIONS | {"steps", "sampler", "guidance", "negative_prompt", "width", "height"}  # what run() honours
 # "maskgit": parallel decoding in `steps` calls; "raster": one token per call in raster order, the
 # autoregressive decoding of the same network (MaskGIT's sec. 4.4 comparison of the two orders)
 SAMPLERS = ("maskgit", "raster")
@@ -121,6 +122,7 @@ class MaskGITPipeline(TokenPipeline):
         super().__init__(net, vq, name, defaults or GenerationDefaults(
             sampler="maskgit", steps=cfg.steps, guidance=cfg.guidance, width=size, height=size))
         self.text_encoder, self.cfg = text_encoder, cfg
+        self.temperature = cfg.temperature
 
     def _resolve(self, request: GenerationRequest) -> GenerationRequest:
         r = super()._resolve(request)
@@ -150,12 +152,12 @@ class MaskGITPipeline(TokenPipeline):
 
         cond = GuidedCond(pick(prompts), pick(negatives) if guided else None)
         model = CFGTokenModel(lambda tokens, c: self.unet(tokens, **c), r.guidance)
-        c, n = self.cfg, self.unet.cfg.num_tokens
+        c, n, draws = self.cfg, self.unet.cfg.num_tokens, self.draws(r)
         if r.sampler == "raster":
             return sample_autoregressive(RasterOrder(model, n, self.unet.cfg.mask_id), cond, n, generators=generators,
-                                         temperature=c.temperature, callback=prefix_reporter(report, n))
+                                         **draws, callback=prefix_reporter(report, n))
         return sample_masked(model, cond, n, steps=r.steps, mask_id=self.unet.cfg.mask_id,
-                             generators=generators, schedule=c.schedule, temperature=c.temperature,
+                             generators=generators, schedule=c.schedule, **draws,
                              choice_temperature=c.choice_temperature,
                              callback=lambda info: report({"i": info["i"], "denoised": info["pred"]}))
 

@@ -49,8 +49,11 @@ from t2i.systems.base import (
     per_image,
 )
 from t2i.systems.latent_diffusion import stop_polling
+from t2i.tokens.sampling import check_draws
 
 PARTS = ("transformer", "vq")  # the file's key prefixes
+# The request fields of the token draws (t2i.tokens.sampling) every token family honours.
+DRAW_OPTIONS = frozenset({"temperature", "top_k", "top_p"})
 
 
 def save_token_model(net: TokenTransformer, vq: VQAutoencoder, config: dict[str, Any], path: str | Path,
@@ -119,6 +122,11 @@ class TokenPipeline(RequestMethods):
     family = "tokens"
     options: frozenset[str] = frozenset()  # the request fields run() honours (Capabilities.options)
     samplers: tuple[str, ...] = ()  # the sampler names it takes
+    # The token draws a request leaves unset take these (a family sets them from its config;
+    # `pipe.temperature = 0.8` changes them for every later request).
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
 
     @property
     def capabilities(self) -> Capabilities:
@@ -145,8 +153,15 @@ class TokenPipeline(RequestMethods):
             raise ValueError(f"guidance must be a finite number, got {r.guidance}")
         if r.sampler not in self.samplers:
             raise ValueError(f"unknown sampler {r.sampler!r}; choose one of {', '.join(self.samplers)}")
+        check_draws(r.temperature, r.top_k, r.top_p)
         self._check(r)
         return r
+
+    def draws(self, r: GenerationRequest) -> dict[str, Any]:
+        """temperature, top_k and top_p of the token draws: the request's, else the pipeline's."""
+        return {"temperature": self.temperature if r.temperature is None else r.temperature,
+                "top_k": self.top_k if r.top_k is None else r.top_k,
+                "top_p": self.top_p if r.top_p is None else r.top_p}
 
     def _check(self, r: GenerationRequest) -> None:
         """The family's own checks of a resolved request (ValueError naming the setting)."""
@@ -190,8 +205,10 @@ class TokenPipeline(RequestMethods):
         return r.steps
 
     def extra_parameters(self, r: GenerationRequest) -> dict[str, Any]:
-        """Settings beyond the request's that change the pixels, for the PNG parameters (None: left out)."""
-        return {}
+        """Settings beyond the request's that change the pixels, for the PNG parameters (None: left out):
+        the token draws where they are not plain sampling at temperature 1."""
+        d = self.draws(r)
+        return {**d, "temperature": None if d["temperature"] == 1.0 else d["temperature"]}
 
     def prompt_warning(self, prompt: str) -> str | None:
         """A warning for a prompt the model cannot draw (e.g. words it never saw), or None."""

@@ -12,11 +12,22 @@ which is how diffusers' ``AmusedScheduler`` draws, so one CPU generator reproduc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 Generators = Sequence[torch.Generator | None] | None
+
+
+def check_draws(temperature: float | None, top_k: int | None, top_p: float | None) -> None:
+    """ValueError naming the first setting a draw cannot take (None: unset, always fine)."""
+    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: the most likely token), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be 1 or more, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
