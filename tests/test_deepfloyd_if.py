@@ -1,0 +1,211 @@
+"""The DeepFloyd IF family: parity with diffusers' IFPipeline (stage I) and IFSuperResolutionPipeline (stage II)
+on tiny random folders built and saved by the test (a Unigram T5 tokenizer and T5EncoderModel; U-Nets with IF's
+blocks: ResnetDownsampleBlock2D, SimpleCrossAttn*, scale-shift GELU ResBlocks, pooled text, the noise level
+as a timestep class embedding; DDPMScheduler with learned_range and dynamic thresholding), the U-Net alone,
+noise conditioning augmentation against diffusers' add_noise, and t2i's own IF file."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import t2i
+from t2i.checkpoints.diffusers_if import if_unet_config_from_diffusers, if_unet_config_to_diffusers
+from t2i.diffusion.noise_augmentation import NoiseAugmentation
+from t2i.nets.if_unet import IFUNet
+from t2i.systems.base import GenerationRequest
+from t2i.systems.deepfloyd_if import IFPipeline, noising_schedule
+from t2i.systems.registry import resolve, systems
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from test_pixart import _randomize, _tokenizer  # noqa: E402  (the tiny T5 tokenizer the PixArt test trains)
+
+OUTPUT_SCALE = 8.0  # as tests/sd_oracles.py: a random U-Net barely moves the sample otherwise
+PROMPT = "A red circle above a blue square "
+BASE_STEPS, SR_STEPS = 6, 5
+
+
+def _unet(**kwargs):
+    """A tiny IF U-Net (diffusers' own IF test layout): 2 levels of 32/64, text attention at the second,
+    32-wide T5 states projected to 32; output convolution x OUTPUT_SCALE."""
+    cfg = {"sample_size": 16, "layers_per_block": 1, "block_out_channels": [32, 64],
+           "down_block_types": ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+           "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
+           "up_block_types": ["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"], "in_channels": 3,
+           "out_channels": 6, "cross_attention_dim": 32, "encoder_hid_dim": 32, "attention_head_dim": 8,
+           "addition_embed_type": "text", "addition_embed_type_num_heads": 2, "cross_attention_norm": "group_norm",
+           "resnet_time_scale_shift": "scale_shift", "act_fn": "gelu", "norm_num_groups": 8, **kwargs}
+    unet = diffusers.UNet2DConditionModel(**cfg)
+    _randomize(unet)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(OUTPUT_SCALE)
+        unet.conv_out.bias.mul_(OUTPUT_SCALE)
+    return unet.eval()
+
+
+# Stage II: IF-II's options (noise level embedded as a timestep, skipped time activation, sqrt(2)-scaled
+# residuals, GELU after the summed embedding, its own time width, more blocks low, text-only attention).
+SR_OPTIONS = {"sample_size": 32, "in_channels": 6, "class_embed_type": "timestep", "resnet_skip_time_act": True,
+              "resnet_out_scale_factor": 1.414, "mid_block_scale_factor": 1.414, "time_embedding_act_fn": "gelu",
+              "time_embedding_dim": 48, "layers_per_block": [1, 2], "only_cross_attention": [False, True]}
+
+
+def _scheduler(**kwargs):
+    return diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", beta_start=0.0001,
+                                   beta_end=0.02, thresholding=True, dynamic_thresholding_ratio=0.95,
+                                   sample_max_value=1.5, prediction_type="epsilon", variance_type="learned_range",
+                                   **kwargs)
+
+
+@pytest.fixture(scope="module")
+def if_folders(tmp_path_factory):
+    """(cascade folder holding stage_1/ and stage_2/, the diffusers stage I and stage II pipelines)."""
+    torch.manual_seed(0)
+    t5 = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=80, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, relative_attention_num_buckets=32,
+        relative_attention_max_distance=20, feed_forward_proj="gated-gelu", dropout_rate=0.0)).eval()
+    _randomize(t5, 0.3)
+    root = tmp_path_factory.mktemp("if") / "if-tiny"
+    tokenizer = _tokenizer(root)
+    none = {"safety_checker": None, "feature_extractor": None, "watermarker": None, "requires_safety_checker": False}
+    diffusers.IFPipeline(tokenizer, t5, _unet(), _scheduler(), **none).save_pretrained(root / "stage_1")
+    noising = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    diffusers.IFSuperResolutionPipeline(tokenizer, t5, _unet(**SR_OPTIONS), _scheduler(), noising,
+                                        **none).save_pretrained(root / "stage_2")
+    base = diffusers.IFPipeline.from_pretrained(root / "stage_1")
+    sr = diffusers.IFSuperResolutionPipeline.from_pretrained(root / "stage_2")
+    for p in (base, sr):
+        p.set_progress_bar_config(disable=True)
+    return root, base, sr
+
+
+def _relative(ours, ref) -> float:
+    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    return float(np.abs(ours - ref).max() / ref.std())
+
+
+def _generators(seed: int, n: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+@pytest.mark.parametrize("options", [{}, SR_OPTIONS, {**SR_OPTIONS, "class_embeddings_concat": True,
+                                                      "addition_embed_type": None, "only_cross_attention": True}])
+def test_the_unet_equals_diffusers(options):
+    """One call on two timesteps (and two noise levels), from the diffusers config, strict state dict."""
+    torch.manual_seed(1)
+    ref = _unet(**options)
+    cfg = if_unet_config_from_diffusers(dict(ref.config))
+    assert if_unet_config_from_diffusers(if_unet_config_to_diffusers(cfg)) == cfg
+    net = IFUNet(cfg).eval()
+    net.load_state_dict(ref.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(2)
+    size = ref.config.sample_size
+    x, context = torch.randn(2, ref.config.in_channels, size, size, generator=g), torch.randn(2, 7, 32, generator=g)
+    t, levels = torch.tensor([999, 10]), (torch.tensor([250, 30]) if cfg.class_embed else None)
+    with torch.no_grad():
+        want = ref(x, t, encoder_hidden_states=context, class_labels=levels).sample
+        got = net(x, t, context, levels)
+        other = net(x, t, context.flip(0), levels)  # the text matters at this scale
+    assert got.shape == want.shape == (2, 6, size, size)
+    assert _relative(got, want) < 1e-5
+    assert _relative(other, want) > 1e-3
+    if cfg.class_embed:
+        assert _relative(net(x, t, context, levels.flip(0)).detach(), want) > 1e-3  # so does the noise level
+
+
+def test_the_folders_are_detected_as_deepfloyd_if_only(if_folders):
+    root, _, _ = if_folders
+    for path in (root, root / "stage_1"):
+        assert resolve(path)[0].name == "deepfloyd_if"
+        assert [s.name for s in systems() if s.detect(path)] == ["deepfloyd_if"]
+    assert not any(s.detect(root / "stage_2") for s in systems())  # stage II alone cannot generate from text
+    cascade, base = t2i.load(root), t2i.load(root / "stage_1")
+    assert isinstance(cascade, IFPipeline) and cascade.sr is not None and base.sr is None
+    assert cascade.capabilities.native_size == (32, 32) and base.capabilities.native_size == (16, 16)
+    assert cascade.capabilities.size_multiple == 4 and cascade.scale == 2
+    assert base.defaults.sampler == "ddpm" and base.defaults.steps == 100 and base.defaults.guidance == 7.0
+    assert (cascade.sr_steps, cascade.sr_guidance, cascade.noise_level) == (50, 4.0, 250)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        cascade.generate("a red circle", width=18, height=16, steps=1)
+
+
+def test_stage_one_equals_ifpipeline(if_folders):
+    """Two images of one prompt (seeds 11, 12; one generator each), CFG 7, thresholding at cap 1.5."""
+    root, base, _ = if_folders
+    want = base(PROMPT, num_inference_steps=BASE_STEPS, guidance_scale=7.0, num_images_per_prompt=2,
+                generator=_generators(11, 2), output_type="pt", clean_caption=False).images
+    pipe = t2i.load(root / "stage_1")
+    got = pipe.run(GenerationRequest(PROMPT, seed=11, num_images=2, steps=BASE_STEPS, guidance=7.0)).sample
+    err = _relative(got, want)
+    print(f"IF stage I: max |diff| / std = {err:.2e}, std {want.std().item():.3f}, max |x| {want.abs().max():.2f}")
+    assert got.shape == want.shape == (2, 3, 16, 16)
+    assert err < 2e-4
+    assert want.abs().max() > 1.0  # thresholding's cap (1.5) was reached, not the [-1, 1] clip
+
+
+def test_the_cascade_equals_ifpipeline_then_ifsuperresolutionpipeline(if_folders):
+    """Stage I then stage II with the same generators carried on (diffusers' documented cascade use), the
+    stage I sample handed over as a tensor; stage II at noise level 100, CFG 4."""
+    root, base, sr = if_folders
+    generators = _generators(5, 1)
+    low = base(PROMPT, num_inference_steps=BASE_STEPS, guidance_scale=7.0, generator=generators, output_type="pt",
+               clean_caption=False).images
+    want = sr(PROMPT, image=low, num_inference_steps=SR_STEPS, guidance_scale=4.0, noise_level=100,
+              generator=generators, output_type="pt", clean_caption=False).images
+    pipe = t2i.load(root)
+    pipe.sr_steps, pipe.sr_guidance, pipe.noise_level = SR_STEPS, 4.0, 100
+    steps: list[tuple[int, int]] = []
+    result = pipe.run(GenerationRequest(PROMPT, seed=5, steps=BASE_STEPS, guidance=7.0,
+                                        callback=lambda i, n: steps.append((i, n))))
+    err = _relative(result.sample, want)
+    print(f"IF stage II: max |diff| / std = {err:.2e}, std {want.std().item():.3f}")
+    assert result.sample.shape == want.shape == (1, 3, 32, 32)
+    assert err < 2e-4
+    assert steps == [(i, BASE_STEPS + SR_STEPS) for i in range(1, BASE_STEPS + SR_STEPS + 1)]
+    pipe.noise_level = 400  # the augmentation level reaches the output
+    assert _relative(pipe.run(GenerationRequest(PROMPT, seed=5, steps=BASE_STEPS, guidance=7.0)).sample, want) > 1e-3
+
+
+def test_noise_augmentation_equals_diffusers_add_noise():
+    sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    aug = NoiseAugmentation(noising_schedule().alphas_cumprod())
+    g = torch.Generator().manual_seed(0)
+    image, noise = torch.rand(3, 3, 8, 8, generator=g) * 2 - 1, torch.randn(3, 3, 8, 8, generator=g)
+    levels = torch.tensor([0, 250, 999])
+    assert torch.allclose(aug.apply(image, levels, noise), sched.add_noise(image, noise, levels), atol=1e-6)
+    fixed, at = aug.at_level(image, 250, noise)
+    assert at.tolist() == [250] * 3 and torch.allclose(fixed[1], aug.apply(image, levels, noise)[1])
+    drawn, sampled = NoiseAugmentation(aug.alphas_cumprod, max_level=300).sample(torch.zeros(64, 3, 4, 4), g)
+    assert 0 <= int(sampled.min()) and int(sampled.max()) <= 300 and len(set(sampled.tolist())) > 10
+    assert torch.allclose(drawn.flatten(1).std(1), (1 - aug.alphas_cumprod[sampled]).sqrt(), rtol=0.5)
+    with pytest.raises(ValueError, match="noise levels"):
+        aug.apply(image, torch.tensor([0, 1, 1000]), noise)
+
+
+def test_the_t2i_file_round_trips(tmp_path):
+    """write_tiny's file loads with both stages, generates the final size, and refuses a foreign tensor."""
+    from t2i.checkpoints.io import CheckpointError, load_state_dict, read_config, save_with_config
+    from t2i.systems.deepfloyd_if import SYSTEM
+
+    path = SYSTEM.write_tiny(tmp_path / "tiny", 0)
+    pipe = t2i.load(path)
+    assert pipe.sr is not None and pipe.capabilities.native_size == (32, 32)
+    result = pipe.generate("a red circle", seed=1, steps=2)
+    assert result.sample.shape == (1, 3, 32, 32)
+    low = dataclasses.replace(pipe.defaults)
+    assert low.width == 32
+    state = load_state_dict(path)
+    state["extra.weight"] = torch.zeros(1)
+    bad = tmp_path / "bad.safetensors"
+    save_with_config(state, bad, read_config(path, "IF"), "deepfloyd_if")
+    with pytest.raises(CheckpointError):
+        t2i.load(bad)
+    assert os.path.getsize(path) < 3_000_000
