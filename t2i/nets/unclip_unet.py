@@ -13,6 +13,9 @@ the noisy high-resolution image concatenated with the upsampled low-resolution o
 Parameter names equal diffusers' `UNet2DConditionModel` / `UNet2DModel` (Karlo's `decoder`,
 `super_res_first`, `super_res_last`) and `UnCLIPTextProjModel`, so their weights load as they are
 (`t2i.checkpoints.diffusers_unclip` translates the configs). PyTorch's default init, as the reference.
+The ResBlocks and the attention are DeepFloyd IF's (`t2i.nets.if_unet`, the same GLIDE/ADM lineage); this
+module adds what Karlo has and IF lacks: a context mask, the image embedding added to the time embedding,
+a text-free variant for super-resolution.
 Read top to bottom: configs, blocks, levels, model, text projection, presets.
 """
 
@@ -24,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t2i.nets.attention import Attention
 from t2i.nets.embeddings import SinusoidalEmbedding, TimestepEmbedding
+from t2i.nets.if_unet import AddedKVAttention, IFResBlock
 from t2i.nets.resnet import ResBlock
 from t2i.nets.spatial_attention import SpatialSelfAttention
 
@@ -78,6 +81,12 @@ class UnCLIPUNetConfig:
     def time_embed_dim(self) -> int:
         return 4 * self.block_channels[0]
 
+    # What IF's ResBlock and attention read beside the norms (`t2i.nets.if_unet`): Karlo's are SiLU throughout,
+    # the time embedding activated before its projection, no GroupNorm on the context.
+    act = "silu"
+    skip_time_act = False
+    cross_attention_norm = None
+
 
 @dataclass
 class TextProjConfig:
@@ -95,42 +104,12 @@ class TextProjConfig:
 # ---------------------------------------------------------------------------------------
 
 
-class ResampleResBlock(ResBlock):
-    """ADM's resampling ResBlock: the input and the first normalised activation are average-pooled
-    ("down") or nearest-upsampled ("up") before conv1, so the level changes resolution inside a residual."""
+class MaskedAddedKVAttention(AddedKVAttention):
+    """GLIDE's attention over a feature map (IF's `AddedKVAttention`: the GroupNorm'd pixels query the keys and
+    values of the context tokens and of the pixels in one softmax; residual), with padded context tokens hidden."""
 
-    def __init__(self, channels: int, temb_dim: int, mode: str, cfg: UnCLIPUNetConfig) -> None:
-        super().__init__(channels, channels, temb_dim, cfg.norm_groups, cfg.norm_eps, cfg.dropout,
-                         scale_shift=cfg.scale_shift)
-        if mode not in ("down", "up"):
-            raise ValueError(f"mode is 'down' or 'up', got {mode!r}")
-        self.mode = mode
-
-    def resample(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, C, H/2, W/2) by 2x2 means, or (B, C, 2H, 2W) by nearest copies."""
-        return F.avg_pool2d(x, 2) if self.mode == "down" else F.interpolate(x, scale_factor=2.0, mode="nearest")
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(self.resample(F.silu(self.norm1(x))))  # (B, C, H', W')
-        t = self.time_emb_proj(F.silu(temb))[:, :, None, None] if self.time_emb_proj is not None else None
-        if self.scale_shift and t is not None:
-            scale, shift = t.chunk(2, dim=1)
-            h = self.norm2(h) * (1 + scale) + shift
-        else:
-            h = self.norm2(h if t is None else h + t)
-        return self.resample(x) + self.conv2(self.dropout(F.silu(h)))
-
-
-class AddedKVAttention(Attention):
-    """GLIDE's attention over a feature map: the GroupNorm'd pixels query keys/values of the context tokens
-    (their own projections, `add_k_proj` / `add_v_proj`) and of the pixels, in one softmax; residual."""
-
-    def __init__(self, channels: int, head_dim: int, context_dim: int, groups: int) -> None:
-        super().__init__(channels, channels // head_dim, head_dim, qkv_bias=True)
-        inner = channels // head_dim * head_dim
-        self.add_k_proj = nn.Linear(context_dim, inner)
-        self.add_v_proj = nn.Linear(context_dim, inner)
-        self.group_norm = nn.GroupNorm(groups, channels, eps=1e-5)
+    def __init__(self, channels: int, head_dim: int, context_dim: int, cfg: UnCLIPUNetConfig) -> None:
+        super().__init__(channels, head_dim, context_dim, cfg, only_cross_attention=False)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None  # type: ignore[override]
                 ) -> torch.Tensor:
@@ -159,7 +138,7 @@ class Level(nn.Module):
     """One resolution level: [ResBlock (-> attention)] * n, then an optional resampling ResBlock
     (`downsamplers.0` / `upsamplers.0`). The up levels concatenate one skip before each ResBlock."""
 
-    def __init__(self, resnets: list[ResBlock], attentions: list[nn.Module] | None, resample: ResampleResBlock | None,
+    def __init__(self, resnets: list[ResBlock], attentions: list[nn.Module] | None, resample: ResBlock | None,
                  up: bool) -> None:
         super().__init__()
         self.up = up
@@ -197,7 +176,7 @@ class MidLevel(nn.Module):
         self.resnets = nn.ModuleList(_resblock(cfg, c, c, temb) for _ in range(2))
         self.attentions: nn.ModuleList | None = None
         if cfg.mid_attention and cfg.context_dim is not None:
-            self.attentions = nn.ModuleList([AddedKVAttention(c, cfg.head_dim, cfg.context_dim, cfg.norm_groups)])
+            self.attentions = nn.ModuleList([MaskedAddedKVAttention(c, cfg.head_dim, cfg.context_dim, cfg)])
         elif cfg.mid_attention:
             if cfg.scale_shift:  # diffusers then drops the attention's GroupNorm; no Karlo model has this
                 raise ValueError("a text-free mid attention with scale_shift ResBlocks is not supported")
@@ -209,12 +188,13 @@ class MidLevel(nn.Module):
         h = self.resnets[0](h, emb)
         if self.attentions is not None:
             attn = self.attentions[0]
-            h = attn(h, context, mask) if isinstance(attn, AddedKVAttention) else attn(h)
+            h = attn(h, context, mask) if isinstance(attn, MaskedAddedKVAttention) else attn(h)
         return self.resnets[1](h, emb)
 
 
-def _resblock(cfg: UnCLIPUNetConfig, c_in: int, c_out: int, temb: int) -> ResBlock:
-    return ResBlock(c_in, c_out, temb, cfg.norm_groups, cfg.norm_eps, cfg.dropout, scale_shift=cfg.scale_shift)
+def _resblock(cfg: UnCLIPUNetConfig, c_in: int, c_out: int, temb: int, resample: str | None = None) -> ResBlock:
+    """IF's ResBlock (ADM's: FiLM time conditioning, resampling inside the residual) with Karlo's SiLU."""
+    return IFResBlock(c_in, c_out, temb, cfg, 1.0, resample)  # type: ignore[arg-type]
 
 
 def _attentions(cfg: UnCLIPUNetConfig, level: int, count: int) -> list[nn.Module] | None:
@@ -222,7 +202,7 @@ def _attentions(cfg: UnCLIPUNetConfig, level: int, count: int) -> list[nn.Module
         return None
     assert cfg.context_dim is not None
     c = cfg.block_channels[level]
-    return [AddedKVAttention(c, cfg.head_dim, cfg.context_dim, cfg.norm_groups) for _ in range(count)]
+    return [MaskedAddedKVAttention(c, cfg.head_dim, cfg.context_dim, cfg) for _ in range(count)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,7 +225,7 @@ class UnCLIPUNet(nn.Module):
         c_in = ch[0]
         for level, c in enumerate(ch):
             resnets = [_resblock(cfg, c_in if j == 0 else c, c, temb) for j in range(cfg.layers_per_block)]
-            resample = ResampleResBlock(c, temb, "down", cfg) if level < n - 1 else None
+            resample = _resblock(cfg, c, c, temb, "down") if level < n - 1 else None
             self.down_blocks.append(Level(resnets, _attentions(cfg, level, len(resnets)), resample, up=False))
             c_in = c
         self.mid_block = MidLevel(cfg, temb)
@@ -257,7 +237,7 @@ class UnCLIPUNet(nn.Module):
             k = cfg.layers_per_block + 1
             resnets = [_resblock(cfg, (c_prev if j == 0 else c) + (c_skip_last if j == k - 1 else c), c, temb)
                        for j in range(k)]
-            resample = ResampleResBlock(c, temb, "up", cfg) if level > 0 else None
+            resample = _resblock(cfg, c, c, temb, "up") if level > 0 else None
             self.up_blocks.append(Level(resnets, _attentions(cfg, level, k), resample, up=True))
             c_prev = c
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch[0], eps=cfg.norm_eps)
