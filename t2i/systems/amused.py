@@ -33,15 +33,16 @@ from t2i.checkpoints.diffusers_amused import AmusedParts, is_amused_folder, load
 from t2i.imageio import from_pil
 from t2i.nets.uvit2d import UVIT2D_PRESETS, UVit2DModel
 from t2i.systems.base import Capabilities, GenerationDefaults, GenerationRequest, StepReport, System
-from t2i.systems.token_models import TokenPipeline
+from t2i.systems.token_models import DRAW_OPTIONS, TokenPipeline
 from t2i.text.clip import CLIPTextConfig, CLIPTextModel
 from t2i.text.clip_tokenizer import CLIPTokenizer
 from t2i.text.encoders import CLIPTextEncoder
 from t2i.tokens import CFGTokenModel, GuidedCond, sample_masked
+from t2i.tokens.sampling import check_draws
 
 NAME = "amused"
-OPTIONS = frozenset({"negative_prompt", "steps", "sampler", "guidance", "width", "height", "init_image", "mask",
-                     "strength"})  # what run() honours
+OPTIONS = DRAW_OPTIONS | {"negative_prompt", "steps", "sampler", "guidance", "width", "height", "init_image", "mask",
+                          "strength"}  # what run() honours
 SAMPLERS = ("maskgit",)  # parallel decoding, the only one (named so that the PNG parameters say how)
 # diffusers' AmusedPipeline defaults: 12 steps, guidance 10, Gumbel scale linspace(2, 0, steps),
 # micro-conditioning crop (0, 0) and aesthetic score 6
@@ -98,6 +99,7 @@ class AmusedPipeline(TokenPipeline):
             raise ValueError(f"steps must be at least 1, got {r.steps}")
         if not math.isfinite(r.guidance):
             raise ValueError(f"guidance must be a finite number, got {r.guidance}")
+        check_draws(r.temperature, r.top_k, r.top_p)
         if (r.init_image is None) != (r.mask is None):
             raise ValueError("aMUSEd edits an image by masking its tokens: give init_image and mask (white = "
                              "repaint) together")
@@ -167,7 +169,7 @@ class AmusedPipeline(TokenPipeline):
             edit = dict(tokens=codes.expand(n, -1), fixed=keep.expand(n, -1), start_step=r.steps - self.total_steps(r),
                         schedule=EDIT_SCHEDULE, count_rule="total")
         first = edit.get("start_step", 0)
-        settings = {"schedule": self.schedule, **edit}
+        settings = {"schedule": self.schedule, **edit, **self.draws(r)}  # diffusers: temperature 1, no cut
         tokens = sample_masked(
             model, cond, grid[0] * grid[1], steps=r.steps, mask_id=self.mask_id, generators=generators,
             choice_temperature=torch.linspace(*CHOICE_TEMPERATURE, r.steps), **settings,
