@@ -12,6 +12,7 @@ SUBCOMMANDS = [
     ("generate", "t2i.generate_cli"),
     ("data", "t2i.data.cli"),
     ("train", "t2i.train.cli"),
+    ("distill", "t2i.distill.cli"),
     ("eval", "t2i.eval.cli"),
     ("convert", "t2i.convert_cli"),
     ("models", "t2i.systems.models_cli"),
