@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, metavar="NAME|PATH",
                    help="a shipped model's name (`t2i models`) or a model file or folder (default: the built-in "
                         "shapes model, t2i-shapes)")
+    p.add_argument("--fast", action="store_true",
+                   help="use the model's distilled few-step student (model.fast.safetensors beside it, from `t2i "
+                        "distill`) with its defaults (sampler lcm, 4 steps)")
     p.add_argument("--sampler", default=None, help="ddpm, ddim, euler, euler_a, heun, dpmpp_2m")
     p.add_argument("--schedule", default=None, help="sigma schedule: default or karras; DDPM models also take iddpm "
                    "(IDDPM respacing). A name the model does not list is refused")
@@ -316,7 +319,12 @@ def _load(args: argparse.Namespace):
     import t2i
     from t2i.cli import UserError
 
-    pipe = t2i.load(args.model, precision=args.precision, quantizable=not _merges_loras(args))
+    model = args.model
+    if args.fast:
+        from t2i.distill import fast_model_file
+
+        model = fast_model_file(args.model)
+    pipe = t2i.load(model, precision=args.precision, quantizable=not _merges_loras(args))
     if args.lora:  # merged for the whole run (before compiling, which freezes the weights)
         from t2i.adapters.lora import apply_loras, parse_lora_arg
 
