@@ -23,6 +23,7 @@ Read top to bottom: config, block, model, presets.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -243,6 +244,11 @@ class CachedDecoder:
     returned logits (B, T + 1, V) is computed, the one the sampler reads; the rows before it are 0.
     A call that does not extend the cached stream (other text, batch or earlier tokens) starts a
     new cache, so the result never depends on what was cached.
+
+    The cond is the text ids (B, text_length), or a mapping of `hidden`'s keyword arguments
+    ``{"text", "context", "context_mask"}`` for a network that also cross-attends to text states
+    (Parti's decoder reading its encoder); every tensor of it must be unchanged for a call to extend
+    the cache.
     """
 
     def __init__(self, net: TokenTransformer) -> None:
@@ -250,18 +256,24 @@ class CachedDecoder:
             raise ValueError("a KV cache serves causal networks only")
         self.net = net
         self.cache: KVCache | None = None
+        self.more: dict[str, torch.Tensor] = {}  # the cached stream's context and context_mask, if any
 
-    def _extends(self, tokens: torch.Tensor, text: torch.Tensor) -> bool:
+    def _extends(self, tokens: torch.Tensor, text: torch.Tensor, more: dict[str, torch.Tensor]) -> bool:
         c = self.cache
         if c is None or c.tokens is None or c.text is None or c.tokens.shape[1] >= tokens.shape[1]:
             return False
-        return torch.equal(c.text, text) and torch.equal(c.tokens, tokens[:, : c.tokens.shape[1]])
+        same = self.more.keys() == more.keys() and all(torch.equal(self.more[k], v) for k, v in more.items())
+        return same and torch.equal(c.text, text) and torch.equal(c.tokens, tokens[:, : c.tokens.shape[1]])
 
-    def __call__(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        if not self._extends(tokens, text):
+    def __call__(self, tokens: torch.Tensor, text: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        more: dict[str, torch.Tensor] = {}
+        if isinstance(text, Mapping):  # {"text", "context", "context_mask"} (class docstring)
+            more = {k: v for k, v in text.items() if k != "text"}
+            text = text["text"]
+        if not self._extends(tokens, text, more):
             self.cache = KVCache(len(self.net.blocks))
-            self.cache.text = text.clone()
-        h = self.net.hidden(tokens, text, cache=self.cache)  # (B, new positions, D)
+            self.cache.text, self.more = text.clone(), {k: v.clone() for k, v in more.items()}
+        h = self.net.hidden(tokens, text, cache=self.cache, **more)  # (B, new positions, D)
         self.cache.tokens = tokens.clone()  # type: ignore[union-attr]
         last = self.net.to_logits(h[:, -1]).float()  # (B, V): the distribution of token T
         logits = last.new_zeros(tokens.shape[0], tokens.shape[1] + 1, last.shape[-1])

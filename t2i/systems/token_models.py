@@ -64,6 +64,13 @@ def save_token_model(net: TokenTransformer, vq: VQAutoencoder, config: dict[str,
     save_with_config(state, path, config, system)
 
 
+def build_network(cfg: Any) -> TokenTransformer:
+    """The transformer of a family's model config: `cfg.network()` where the config builds its own (a
+    TokenTransformer subclass with more parts, as Parti's encoder-decoder), else TokenTransformer(cfg.net)."""
+    make = getattr(cfg, "network", None)
+    return make() if make is not None else TokenTransformer(cfg.net)
+
+
 def load_token_model(path: Path, system: str, what: str, from_dict: Callable[[dict[str, Any]], Any]
                      ) -> tuple[TokenTransformer, VQAutoencoder, Any]:
     """(transformer, tokenizer, config) of a file written by `save_token_model`: the config parsed by
@@ -82,7 +89,7 @@ def load_token_model(path: Path, system: str, what: str, from_dict: Callable[[di
     def part(name: str, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k.removeprefix(f"{name}."): v for k, v in source.items() if k.startswith(f"{name}.")}
 
-    net = build_checked(lambda: TokenTransformer(cfg.net), {"net": cfg.net}, part("transformer", tensors), str(path))
+    net = build_checked(lambda: build_network(cfg), {"net": cfg.net}, part("transformer", tensors), str(path))
     vq = build_checked(lambda: VQAutoencoder(cfg.vq), {"vq": cfg.vq}, part("vq", tensors), str(path))
     if set(tensors) != {f"{p}.{k}" for p, m in zip(PARTS, (net, vq), strict=True) for k in m.state_dict()}:
         raise CheckpointError(f"{path}: tensors outside {' and '.join(PARTS)}")
@@ -248,7 +255,7 @@ def write_tiny_model(folder: Path, seed: int, system: str, config: Callable[[VQA
     network's zero head gives equal logits, which would ignore the prompt and the guidance."""
     vq = tiny_tokenizer(seed)
     cfg = config(vq.cfg)
-    net = TokenTransformer(cfg.net)
+    net = build_network(cfg)
     with torch.no_grad():
         net.to_logits.weight.normal_(0, net.cfg.width ** -0.5)  # logits of about unit spread
     folder.mkdir(parents=True, exist_ok=True)

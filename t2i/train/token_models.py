@@ -18,6 +18,7 @@ from torch import nn
 
 from t2i.autoencoders.vq import VQAutoencoder
 from t2i.nets.token_transformer import TokenTransformer
+from t2i.systems.token_models import build_network
 from t2i.train.config import LoopConfig
 from t2i.train.data import BatchSource, open_data
 from t2i.train.ema import EMA
@@ -82,7 +83,7 @@ def token_setup(cfg: TokenTrainConfig, run: Run, resolve: Callable[[VQAutoencode
     data = open_data(cfg.data, cfg.data_path, vq.cfg.sample_size, cfg.seed, run.log.text, cfg.background_p,
                      workers=cfg.data_workers)
     torch.manual_seed(cfg.seed)  # the network's init must not depend on what loading drew
-    net = TokenTransformer(model_cfg.net)
+    net = build_network(model_cfg)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.96))
     return TokenSetup(vq, model_cfg, data, net, run.parallel(net), EMA(net, cfg.ema_decay), opt)
 
