@@ -30,6 +30,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "t2i.systems.pixart",
     "t2i.systems.maskgit",
     "t2i.systems.dalle",
+    "t2i.systems.parti",
     "t2i.systems.amused",
     "t2i.systems.sd_upscale",
 )
