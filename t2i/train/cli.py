@@ -88,11 +88,22 @@ DDPM: list[Option] = [
                                   "export_every")),
 ]
 VQVAE: list[Option] = [
-    ("--codes", "vq.num_codes", {"type": int}, "codebook size"),
-    ("--beta", "vq.beta", {"type": float}, "commitment loss weight"),
-    ("--codebook-decay", "vq.decay", {"type": float}, "EMA decay of the codebook"),
+    ("--kind", "kind", {"choices": ("vqvae", "vqgan", "vit-vqgan", "dvae", "vqvae2")}, "tokenizer: VQ-VAE, VQGAN (the "
+     "VQ-VAE network on L1 + CLIP-perceptual + patch-GAN), ViT-VQGAN, DALL-E's dVAE, VQ-VAE-2 (t2i.autoencoders)"),
+    ("--codes", "vq.num_codes", {"type": int}, "codebook size (vqvae, vqgan, vit-vqgan, dvae)"),
+    ("--beta", "vq.beta", {"type": float}, "commitment loss weight (vqvae, vqgan, vit-vqgan, vqvae2)"),
+    ("--codebook-decay", "vq.decay", {"type": float}, "EMA decay of the codebook (vqvae, vqgan, vqvae2)"),
     ("--dead-threshold", "vq.dead_threshold", {"type": float},
      "restart codes whose EMA usage (encodings per step) falls below this; 0: no restarts"),
+    ("--perceptual-weight", "gan.perceptual_weight", {"type": float}, "vqgan, vit-vqgan: weight of the perceptual "
+     "term (the frozen shapes CLIP image tower's features); 0: none"),
+    ("--disc-weight", "gan.disc_weight", {"type": float}, "vqgan, vit-vqgan: patch-GAN weight on top of the "
+     "adaptive weight; 0: no GAN"),
+    ("--disc-start", "gan.disc_start", {"type": int}, "vqgan, vit-vqgan: step at which the GAN terms start"),
+    ("--rec-loss", "gan.rec_loss", {"choices": ("l1", "mse")}, "vqgan, vit-vqgan: pixel reconstruction loss"),
+    ("--tau-steps", "tau_steps", {"type": int}, "dvae: Gumbel temperature annealed 1 -> 1/16 over these steps"),
+    ("--kl-weight", "kl_weight", {"type": float}, "dvae: weight of the KL to the uniform prior"),
+    ("--kl-steps", "kl_steps", {"type": int}, "dvae: the KL weight ramps up from 0 over these steps"),
 ]
 PREVIEW: list[Option] = [
     ("--model", "model", {}, "shapes-LDM model file (or a vae.safetensors) whose VAE is the teacher "
@@ -181,6 +192,15 @@ DALLE: list[Option] = [
     ("--text-loss-weight", "text_loss_weight", {"type": float}, "weight of the text cross-entropy; the image "
      "tokens' takes 1 - this (DALL-E: 1/8)"),
 ]
+PARTI: list[Option] = [
+    ("--preset", "preset", {"choices": ("parti", "dalle-mini")}, "branch member (t2i.systems.parti.PRESETS): Parti "
+     "(a 2-layer word encoder, a deep decoder) or DALL-E mini (BART-like: the encoder as deep as the decoder)"),
+    ("--net-preset", "net_preset", {}, "decoder shape (t2i.nets.token_transformer.TOKEN_TRANSFORMER_PRESETS)"),
+    ("--text-encoder", "text_encoder", {"choices": ("words", "minilm")}, "the caption encoder: words (trained with "
+     "the decoder) or frozen MiniLM states; unset: the preset's"),
+    ("--text-length", "text_length", {"type": int}, "word encoder tokens ([BOS] + caption words + [PAD])"),
+    *(o for o in MASKGIT if o[1] not in ("net_preset", "label_smoothing", "sample_steps")),
+]
 DIT: list[Option] = [
     ("--preset", "preset", {}, "transformer shape (t2i.nets.dit.DIT_PRESETS: shapes_s / pixart_shapes_s, tiny / "
      "pixart_tiny)"),
@@ -199,6 +219,20 @@ CLASSIFIER: list[Option] = [
     ("--beta-schedule", "beta_schedule", {"choices": ("linear", "cosine")}, "the guided DDPM's training betas"),
     *(o for o in IMAGES if o[1] in ("image_size", "background_p")),
     *(o for o in LDM if o[1] in ("weight_decay", "export_every")),
+]
+SD_UPSCALE: list[Option] = [
+    ("--vae", "vae", {}, "the frozen autoencoder: a shapes LDM model file (its autoencoder) or a vae.safetensors; "
+     "the model upscales by its factor"),
+    ("--preset", "unet_preset", {}, "upscaler U-Net shape (t2i.train.sd_upscale.SR_UNET_PRESETS: shapes_sr, tiny)"),
+    ("--max-noise-level", "max_noise_level", {"type": int}, "noise augmentation levels drawn in 0..this"),
+    ("--no-noise-augmentation", "noise_augmentation", {"action": "store_false"},
+     "the ablation: every low-res input at noise level 0"),
+    ("--noise-level", "noise_level", {"type": int}, "the exported model's default sampling noise level"),
+    ("--base", "base", {}, "a text-to-image model (name or path) the exported upscaler finishes without an image"),
+    ("--eval-every", "eval_every", {"type": int}, "held-out PSNR (and bicubic's) every N steps; 0: only at the end"),
+    *(o for o in IMAGES if o[1] in ("image_size", "background_p", "image_every")),
+    *(o for o in LDM if o[1] in ("caption_dropout", "ema_decay", "weight_decay", "min_snr_gamma", "sample_steps",
+                                  "export_every")),
 ]
 # What each preset is for (their shapes are printed from the configs themselves).
 PRESET_USE = {"shapes_f4": "the built-in model's", "shapes_s": "the built-in model's",
@@ -287,12 +321,11 @@ def _run_ddpm(args: argparse.Namespace) -> int:
 
 
 def _run_vqvae(args: argparse.Namespace) -> int:
-    from t2i.autoencoders.vq import VQ_CONFIGS
-    from t2i.train.vqvae import VQTrainConfig, train_vqvae
+    from t2i.train.vqvae import VQTrainConfig, tokenizer_preset, train_vqvae
 
     cfg = VQTrainConfig(out=args.out)
-    if args.preset is not None:  # the shape first, so that --codes etc. apply on top of it
-        cfg.vq = dataclasses.replace(VQ_CONFIGS[args.preset])
+    if args.preset is not None or args.kind is not None:  # the shape first, so that --codes etc. apply on top
+        cfg.vq = tokenizer_preset(args.kind or "vqvae", args.preset)
     given = _config(args, cfg, args.options)
     if args.preset is not None:
         given["vq"] = "--preset"
@@ -372,10 +405,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from t2i.autoencoders.vq import VQ_CONFIGS
     from t2i.train.vqvae import VQTrainConfig
 
-    vq = _parser(sub, "vqvae", "VQ-VAE image tokenizer (EMA codebook, dead-code restarts)", VQTrainConfig(out=""),
-                 [*RUN, *IMAGES, *VQVAE])
+    vq = _parser(sub, "vqvae", "image tokenizer: VQ-VAE (EMA codebook, dead-code restarts), VQGAN, ViT-VQGAN, dVAE "
+                 "or VQ-VAE-2 (--kind)", VQTrainConfig(out=""), [*RUN, *IMAGES, *VQVAE])
     vq.add_argument("--preset", choices=sorted(VQ_CONFIGS), help=_presets(
-        "tokenizer shape", VQ_CONFIGS, lambda c: f"{_vae_shape(c)}, {c.num_codes} codes") + " (default: f4)")
+        "tokenizer shape (--kind vqvae; the other kinds have presets of the same names and scale)", VQ_CONFIGS,
+        lambda c: f"{_vae_shape(c)}, {c.num_codes} codes") + " (default: f4)")
     vq.set_defaults(func=_run_vqvae)
     from t2i.train.dalle import DalleTrainConfig, train_dalle
     from t2i.train.maskgit import MaskGITTrainConfig, train_maskgit
@@ -386,6 +420,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _parser(sub, "dalle", "DALL-E: an autoregressive transformer over [caption words; VQ image tokens]",
             DalleTrainConfig(out=""), [*RUN, *DALLE]).set_defaults(func=_run_plain, config=DalleTrainConfig,
                                                                   train=train_dalle)
+    from t2i.train.parti import PartiTrainConfig, train_parti
+
+    _parser(sub, "parti", "Parti / DALL-E mini: a caption encoder and a causal VQ image-token decoder reading it by "
+            "cross-attention", PartiTrainConfig(out=""), [*RUN, *PARTI]
+            ).set_defaults(func=_run_plain, config=PartiTrainConfig, train=train_parti)
     from t2i.train.dit import DiTTrainConfig, train_dit
     from t2i.train.pixart import PixArtTrainConfig, train_pixart
 
@@ -415,6 +454,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _parser(sub, "layout-renderer", "the layout renderer (t2i.systems.shapes_layout): a shapes LDM whose U-Net "
             "also reads boxes with phrases", LayoutLDMTrainConfig(out=""), [*RUN, PARALLEL, *RENDERER]
             ).set_defaults(func=_run_layout_renderer)
+    from t2i.train.sd_upscale import SRTrainConfig, train_sd_upscale
+
+    _parser(sub, "sd-upscale", "a latent super-resolution model (the SD x4 upscaler's layout) on the shapes world: "
+            "BSR-degraded low-res inputs, noise augmentation level as class label", SRTrainConfig(out=""),
+            [*RUN, *SD_UPSCALE]).set_defaults(func=_run_plain, config=SRTrainConfig, train=train_sd_upscale)
     from t2i.train.lora import LoraTrainConfig, train_lora
     from t2i.train.textual_inversion import TextualInversionConfig, train_textual_inversion
 
