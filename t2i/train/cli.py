@@ -88,22 +88,11 @@ DDPM: list[Option] = [
                                   "export_every")),
 ]
 VQVAE: list[Option] = [
-    ("--kind", "kind", {"choices": ("vqvae", "vqgan", "vit-vqgan", "dvae", "vqvae2")}, "tokenizer: VQ-VAE, VQGAN (the "
-     "VQ-VAE network on L1 + CLIP-perceptual + patch-GAN), ViT-VQGAN, DALL-E's dVAE, VQ-VAE-2 (t2i.autoencoders)"),
-    ("--codes", "vq.num_codes", {"type": int}, "codebook size (vqvae, vqgan, vit-vqgan, dvae)"),
-    ("--beta", "vq.beta", {"type": float}, "commitment loss weight (vqvae, vqgan, vit-vqgan, vqvae2)"),
-    ("--codebook-decay", "vq.decay", {"type": float}, "EMA decay of the codebook (vqvae, vqgan, vqvae2)"),
+    ("--codes", "vq.num_codes", {"type": int}, "codebook size"),
+    ("--beta", "vq.beta", {"type": float}, "commitment loss weight"),
+    ("--codebook-decay", "vq.decay", {"type": float}, "EMA decay of the codebook"),
     ("--dead-threshold", "vq.dead_threshold", {"type": float},
      "restart codes whose EMA usage (encodings per step) falls below this; 0: no restarts"),
-    ("--perceptual-weight", "gan.perceptual_weight", {"type": float}, "vqgan, vit-vqgan: weight of the perceptual "
-     "term (the frozen shapes CLIP image tower's features); 0: none"),
-    ("--disc-weight", "gan.disc_weight", {"type": float}, "vqgan, vit-vqgan: patch-GAN weight on top of the "
-     "adaptive weight; 0: no GAN"),
-    ("--disc-start", "gan.disc_start", {"type": int}, "vqgan, vit-vqgan: step at which the GAN terms start"),
-    ("--rec-loss", "gan.rec_loss", {"choices": ("l1", "mse")}, "vqgan, vit-vqgan: pixel reconstruction loss"),
-    ("--tau-steps", "tau_steps", {"type": int}, "dvae: Gumbel temperature annealed 1 -> 1/16 over these steps"),
-    ("--kl-weight", "kl_weight", {"type": float}, "dvae: weight of the KL to the uniform prior"),
-    ("--kl-steps", "kl_steps", {"type": int}, "dvae: the KL weight ramps up from 0 over these steps"),
 ]
 PREVIEW: list[Option] = [
     ("--model", "model", {}, "shapes-LDM model file (or a vae.safetensors) whose VAE is the teacher "
@@ -220,20 +209,6 @@ CLASSIFIER: list[Option] = [
     *(o for o in IMAGES if o[1] in ("image_size", "background_p")),
     *(o for o in LDM if o[1] in ("weight_decay", "export_every")),
 ]
-SD_UPSCALE: list[Option] = [
-    ("--vae", "vae", {}, "the frozen autoencoder: a shapes LDM model file (its autoencoder) or a vae.safetensors; "
-     "the model upscales by its factor"),
-    ("--preset", "unet_preset", {}, "upscaler U-Net shape (t2i.train.sd_upscale.SR_UNET_PRESETS: shapes_sr, tiny)"),
-    ("--max-noise-level", "max_noise_level", {"type": int}, "noise augmentation levels drawn in 0..this"),
-    ("--no-noise-augmentation", "noise_augmentation", {"action": "store_false"},
-     "the ablation: every low-res input at noise level 0"),
-    ("--noise-level", "noise_level", {"type": int}, "the exported model's default sampling noise level"),
-    ("--base", "base", {}, "a text-to-image model (name or path) the exported upscaler finishes without an image"),
-    ("--eval-every", "eval_every", {"type": int}, "held-out PSNR (and bicubic's) every N steps; 0: only at the end"),
-    *(o for o in IMAGES if o[1] in ("image_size", "background_p", "image_every")),
-    *(o for o in LDM if o[1] in ("caption_dropout", "ema_decay", "weight_decay", "min_snr_gamma", "sample_steps",
-                                  "export_every")),
-]
 # What each preset is for (their shapes are printed from the configs themselves).
 PRESET_USE = {"shapes_f4": "the built-in model's", "shapes_s": "the built-in model's",
               "tiny": "tests and smoke runs: a fraction of a second per step on one CPU core"}
@@ -321,11 +296,12 @@ def _run_ddpm(args: argparse.Namespace) -> int:
 
 
 def _run_vqvae(args: argparse.Namespace) -> int:
-    from t2i.train.vqvae import VQTrainConfig, tokenizer_preset, train_vqvae
+    from t2i.autoencoders.vq import VQ_CONFIGS
+    from t2i.train.vqvae import VQTrainConfig, train_vqvae
 
     cfg = VQTrainConfig(out=args.out)
-    if args.preset is not None or args.kind is not None:  # the shape first, so that --codes etc. apply on top
-        cfg.vq = tokenizer_preset(args.kind or "vqvae", args.preset)
+    if args.preset is not None:  # the shape first, so that --codes etc. apply on top of it
+        cfg.vq = dataclasses.replace(VQ_CONFIGS[args.preset])
     given = _config(args, cfg, args.options)
     if args.preset is not None:
         given["vq"] = "--preset"
@@ -405,11 +381,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from t2i.autoencoders.vq import VQ_CONFIGS
     from t2i.train.vqvae import VQTrainConfig
 
-    vq = _parser(sub, "vqvae", "image tokenizer: VQ-VAE (EMA codebook, dead-code restarts), VQGAN, ViT-VQGAN, dVAE "
-                 "or VQ-VAE-2 (--kind)", VQTrainConfig(out=""), [*RUN, *IMAGES, *VQVAE])
+    vq = _parser(sub, "vqvae", "VQ-VAE image tokenizer (EMA codebook, dead-code restarts)", VQTrainConfig(out=""),
+                 [*RUN, *IMAGES, *VQVAE])
     vq.add_argument("--preset", choices=sorted(VQ_CONFIGS), help=_presets(
-        "tokenizer shape (--kind vqvae; the other kinds have presets of the same names and scale)", VQ_CONFIGS,
-        lambda c: f"{_vae_shape(c)}, {c.num_codes} codes") + " (default: f4)")
+        "tokenizer shape", VQ_CONFIGS, lambda c: f"{_vae_shape(c)}, {c.num_codes} codes") + " (default: f4)")
     vq.set_defaults(func=_run_vqvae)
     from t2i.train.dalle import DalleTrainConfig, train_dalle
     from t2i.train.maskgit import MaskGITTrainConfig, train_maskgit
@@ -454,11 +429,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _parser(sub, "layout-renderer", "the layout renderer (t2i.systems.shapes_layout): a shapes LDM whose U-Net "
             "also reads boxes with phrases", LayoutLDMTrainConfig(out=""), [*RUN, PARALLEL, *RENDERER]
             ).set_defaults(func=_run_layout_renderer)
-    from t2i.train.sd_upscale import SRTrainConfig, train_sd_upscale
-
-    _parser(sub, "sd-upscale", "a latent super-resolution model (the SD x4 upscaler's layout) on the shapes world: "
-            "BSR-degraded low-res inputs, noise augmentation level as class label", SRTrainConfig(out=""),
-            [*RUN, *SD_UPSCALE]).set_defaults(func=_run_plain, config=SRTrainConfig, train=train_sd_upscale)
     from t2i.train.lora import LoraTrainConfig, train_lora
     from t2i.train.textual_inversion import TextualInversionConfig, train_textual_inversion
 
