@@ -33,6 +33,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "t2i.systems.parti",
     "t2i.systems.amused",
     "t2i.systems.sd_upscale",
+    "t2i.systems.deepfloyd_if",
 )
 
 
