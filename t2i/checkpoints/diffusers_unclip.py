@@ -16,6 +16,7 @@ family (`t2i.systems.unclip`) builds and fills the networks.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 
 from t2i.checkpoints.diffusers_nets import check_unsupported
 from t2i.checkpoints.io import read_json_object
+from t2i.diffusion.schedules import ScheduleConfig
 from t2i.nets.prior_transformer import EXTRA_TOKENS, PriorConfig
 from t2i.nets.unclip_unet import TextProjConfig, UnCLIPUNetConfig
 
@@ -165,3 +167,49 @@ def unet_config_from_diffusers(cfg: dict[str, Any]) -> UnCLIPUNetConfig:
 def unet_state_dict_from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The Karlo U-Nets carry diffusers' names; the unused `attentions.j.to_out.1` dropout has no weight."""
     return dict(state)
+
+
+@dataclass
+class UnCLIPSchedulerConfig:
+    """diffusers' UnCLIPScheduler settings: the cosine schedule ("squaredcos_cap_v2", the only one it has), what
+    the network predicts ("epsilon" or "sample": x0, the prior), x0 clipping, and the posterior variance
+    ("fixed_small_log": beta-tilde; "learned_range": the network's interpolation values, IDDPM eq. 15)."""
+
+    num_train_timesteps: int = 1000
+    variance_type: str = "fixed_small_log"
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self) -> None:
+        if self.variance_type not in ("fixed_small_log", "learned_range"):
+            raise ValueError(f"UnCLIPScheduler variance_type {self.variance_type!r} is not supported")
+        if self.prediction_type not in ("epsilon", "sample"):
+            raise ValueError(f"UnCLIPScheduler prediction_type {self.prediction_type!r} is not supported")
+        if not 1 <= self.num_train_timesteps <= 100_000:
+            raise ValueError(f"UnCLIPScheduler num_train_timesteps {self.num_train_timesteps} is out of range")
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """(T,) float32, IDDPM's cosine schedule with betas capped at 0.999."""
+        return ScheduleConfig(num_train_timesteps=self.num_train_timesteps,
+                              beta_schedule="squaredcos_cap_v2").alphas_cumprod()
+
+    def final_scale(self) -> float:
+        """What UnCLIPScheduler's last step (t = 0) multiplies x0 by: beta_0 / (1 - alphas_cumprod_0), 1 in exact
+        arithmetic but 1 - 5e-4 in float32 for the cosine schedule (beta_0 ~ 4e-5 is read back from
+        1 - (1 - beta_0)). Karlo's prior embeddings and images carry that factor, so t2i applies it too."""
+        cfg = ScheduleConfig(num_train_timesteps=self.num_train_timesteps, beta_schedule="squaredcos_cap_v2")
+        return float(cfg.betas()[0] / (1 - cfg.alphas_cumprod()[0]))
+
+
+def scheduler_config_from_diffusers(cfg: dict[str, Any]) -> UnCLIPSchedulerConfig:
+    """UnCLIPSchedulerConfig from a diffusers `*_scheduler/scheduler_config.json`."""
+    if cfg.get("_class_name", "UnCLIPScheduler") != "UnCLIPScheduler":
+        raise ValueError(f"an unCLIP stage needs UnCLIPScheduler, got {cfg['_class_name']}")
+    if cfg.get("beta_schedule", "squaredcos_cap_v2") != "squaredcos_cap_v2":
+        raise ValueError(f"UnCLIPScheduler beta_schedule {cfg['beta_schedule']!r} is not supported")
+    return UnCLIPSchedulerConfig(num_train_timesteps=cfg.get("num_train_timesteps", 1000),
+                                 variance_type=cfg.get("variance_type", "fixed_small_log"),
+                                 clip_sample=cfg.get("clip_sample", True),
+                                 clip_sample_range=cfg.get("clip_sample_range", 1.0),
+                                 prediction_type=cfg.get("prediction_type", "epsilon"))

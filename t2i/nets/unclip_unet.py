@@ -57,9 +57,9 @@ class UnCLIPUNetConfig:
     out_channels: int = 6
     block_channels: tuple[int, ...] = (320, 640, 960, 1280)
     layers_per_block: int = 3
-    attention: tuple[bool, ...] = (False, True, True, True)
+    attention: tuple[bool, ...] = (False, False, False, False)
     head_dim: int = 64
-    context_dim: int | None = 1536
+    context_dim: int | None = None
     mid_attention: bool = True
     scale_shift: bool = True
     class_embedding: bool = True
@@ -312,6 +312,8 @@ class TextProj(nn.Module):
 
 UNCLIP_UNET_PRESETS: dict[str, UnCLIPUNetConfig] = {
     # shapes world: a 32x32 decoder on our shapes CLIP (64-wide embeddings), learned variance
+    # kakaobrain/karlo-v1-alpha's 64x64 decoder (its config.json)
+    "karlo_decoder": UnCLIPUNetConfig(attention=(False, True, True, True), context_dim=1536),
     "shapes_decoder_32": UnCLIPUNetConfig(block_channels=(32, 64, 96), layers_per_block=1,
                                           attention=(False, True, True), head_dim=32, context_dim=64,
                                           norm_groups=16, sample_size=32),
