@@ -34,6 +34,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "t2i.systems.amused",
     "t2i.systems.sd_upscale",
     "t2i.systems.deepfloyd_if",
+    "t2i.systems.unclip",
 )
 
 
