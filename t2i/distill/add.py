@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from t2i.distill.lcm import DistillConfig, guided_prediction, predicted_x0_eps
 from t2i.distill.teacher import FastDefaults, Teacher, teacher_file
+from t2i.nets.attention import Attention
 from t2i.nets.unet import UNet
 from t2i.samplers.diffusers_plan import prepare_sampling
 from t2i.train.ema import EMA
@@ -154,9 +154,16 @@ class FeatureDiscriminator(nn.Module):
         self.heads = nn.ModuleList(DiscriminatorHead(c, cond_dim, dim) for c in ch)
         self._unet = [unet]  # in a list: the frozen teacher is not a submodule (not checkpointed, not trained)
 
-    def features(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> list[torch.Tensor]:
+    def features(self, x: torch.Tensor, t: torch.Tensor, cond: dict,
+                 double_backward: bool = False) -> list[torch.Tensor]:
+        """The feature maps of x (B, C, h, w) at timesteps t (B,). double_backward: through attention in its
+        explicit form (softmax(Q K^T / sqrt(d)) V, the path a logit bias takes), whose graph can be
+        differentiated twice (R1), unlike the fused kernel's; set on the U-Net's own attention modules for
+        this call only (the global `sdpa_kernel` switch would also reach the encoders the loop's prefetch
+        thread runs at the same time)."""
         unet = self._unet[0]
         found: list[torch.Tensor] = []
+        explicit = [m for m in unet.modules() if isinstance(m, Attention)] if double_backward else []
         last = unet.mid_block if unet.mid_block is not None else unet.down_blocks[-1]
 
         def level(block: nn.Module, _args: tuple, out: tuple) -> None:
@@ -168,6 +175,8 @@ class FeatureDiscriminator(nn.Module):
             raise _FeaturesDone
 
         hooks = [b.register_forward_hook(level) for b in unet.down_blocks] + [last.register_forward_hook(mid)]
+        for m in explicit:
+            m.logit_bias = _no_bias
         try:
             unet(x, t.float(), **cond)
         except _FeaturesDone:
@@ -175,10 +184,18 @@ class FeatureDiscriminator(nn.Module):
         finally:
             for h in hooks:
                 h.remove()
+            for m in explicit:
+                m.logit_bias = None
         return found
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict, text: torch.Tensor) -> torch.Tensor:
-        return torch.stack([head(f, text) for head, f in zip(self.heads, self.features(x, t, cond), strict=True)])
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict, text: torch.Tensor,
+                double_backward: bool = False) -> torch.Tensor:
+        features = self.features(x, t, cond, double_backward)
+        return torch.stack([head(f, text) for head, f in zip(self.heads, features, strict=True)])
+
+
+def _no_bias(logits: torch.Tensor) -> float:
+    return 0.0
 
 
 # ============================================================================ the run
@@ -248,9 +265,8 @@ def build_add(cfg: ADDConfig, run: Run, text_encoder: nn.Module | None = None) -
         disc.heads.requires_grad_(True)
         # the discriminator: hinge on real and generated latents, R1 on the real ones
         real = b.z.detach().requires_grad_(cfg.r1_weight > 0)
-        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward (R1)
-            real_logits = disc(_noised(real, acp, d.t_d, d.eps_d), d.t_d, b.cond, b.pooled)
-            r1 = r1_penalty(real_logits, real) if cfg.r1_weight > 0 else real_logits.new_zeros(())
+        real_logits = disc(_noised(real, acp, d.t_d, d.eps_d), d.t_d, b.cond, b.pooled, cfg.r1_weight > 0)
+        r1 = r1_penalty(real_logits, real) if cfg.r1_weight > 0 else real_logits.new_zeros(())
         fake_logits = disc(_noised(x0.detach(), acp, d.t_d, d.eps_d), d.t_d, b.cond, b.pooled)
         d_hinge = hinge_d_loss(real_logits, fake_logits)
         d_norm = st.update(d_hinge + cfg.r1_weight / 2 * r1, opt_d, heads, "discriminator loss", average=heads)

@@ -182,12 +182,13 @@ class Teacher:
         `state`, and the fast defaults."""
         ldm = dataclasses.replace(self.ldm_cfg, unet=dataclasses.replace(unet_cfg), sampler=defaults.sampler,
                                   steps=defaults.steps, guidance=defaults.guidance)
-        if self.layout:
-            from t2i.systems.shapes_layout import ShapesLayoutModel
+        with torch.random.fork_rng(devices=[]):  # its random init is overwritten: leave the run's RNG as it was
+            if self.layout:
+                from t2i.systems.shapes_layout import ShapesLayoutModel
 
-            model = ShapesLayoutModel(dataclasses.replace(self.model.cfg, ldm=ldm))
-        else:
-            model = ShapesLDM(ldm)
+                model = ShapesLayoutModel(dataclasses.replace(self.model.cfg, ldm=ldm))
+            else:
+                model = ShapesLDM(ldm)
         model.vae.load_state_dict(self.vae.state_dict())
         model.unet.load_state_dict(state)
         return model.eval()
