@@ -160,11 +160,11 @@ def reference_run(pipe, prompt, seed, steps):
 
 @pytest.fixture(scope="module")
 def karlo(tmp_path_factory):
-    from t2i.systems.unclip import load
+    import t2i
 
     folder = tmp_path_factory.mktemp("karlo") / "karlo"
     reference = build_karlo(folder)
-    return reference, load(folder), folder
+    return reference, t2i.load(folder), folder
 
 
 def _relative(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -198,3 +198,132 @@ def test_karlo_folder_is_detected_as_unclip_only(karlo):
 
     _, _, folder = karlo
     assert [s.name for s in systems() if s.detect(folder)] == ["unclip"]
+
+
+# ---------------------------------------------------------------------------------------
+# The family's own uses, on its tiny t2i model (the shipped shapes CLIP)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import t2i
+    from t2i.systems.unclip import write_tiny
+
+    pipe = t2i.load(write_tiny(tmp_path_factory.mktemp("unclip_tiny"), 0))
+    with torch.no_grad():  # a random decoder barely moves the pixels; scaled up, its conditioning shows
+        pipe.unet.conv_out.weight.mul_(3.0)
+    return pipe
+
+
+def test_slerp_ends_at_both_embeddings_and_keeps_the_norm_between():
+    from t2i.systems.unclip import slerp
+
+    a, b = torch.randn(2, 8), 3 * torch.randn(2, 8)
+    assert torch.allclose(slerp(a, b, 0.0), a, atol=1e-5) and torch.allclose(slerp(a, b, 1.0), b, atol=1e-5)
+    mid = slerp(a, b, 0.5)
+    assert torch.allclose(mid.norm(dim=-1), (a.norm(dim=-1) + b.norm(dim=-1)) / 2, atol=1e-4)
+    cos = torch.nn.functional.cosine_similarity
+    assert torch.allclose(cos(mid, a), cos(mid, b), atol=1e-4)  # halfway in angle
+
+
+def test_two_prior_samples_keep_the_one_closer_to_the_text(tiny):
+    from t2i.seeds import seed_generators
+
+    text = tiny.encode_text(["a red circle", "two blue squares"])
+    empty = tiny.encode_text(["", ""])
+    generators = seed_generators([1, 2])
+    first, second = (tiny.sample_prior(text, empty, generators, steps=2) for _ in range(2))
+    picked = tiny.pick_closest([first, second], text.embeds)
+    best = torch.maximum((first * text.embeds).sum(-1), (second * text.embeds).sum(-1))
+    assert torch.allclose((picked * text.embeds).sum(-1), best)
+    assert not torch.equal(first, second)  # the second draw continues each image's generator
+    tiny.with_settings(prior_candidates=2)
+    try:
+        two = tiny.generate("a red circle", seed=1, steps=2)
+    finally:
+        tiny.with_settings(prior_candidates=1)
+    one = tiny.generate("a red circle", seed=1, steps=2)
+    assert two.sample.shape == one.sample.shape and not torch.equal(two.sample, one.sample)
+
+
+def test_variations_decode_the_image_embedding_with_new_noise(tiny):
+    source = tiny.generate("a red circle", seed=5, steps=2).images[0]
+    variations = tiny.variations(source, num_images=2, seed=11, steps=2)
+    assert len(variations.images) == 2 and variations.seeds == [11, 12]
+    assert not torch.equal(variations.sample[0], variations.sample[1])  # new noise per image
+    z = tiny.embed_images([source])
+    again = tiny.decode(z, seed=12, steps=2)
+    assert torch.allclose(again.sample[0], variations.sample[1], atol=1e-5)  # seed s + i, whatever the batch
+    other = tiny.decode(-z, seed=12, steps=2)  # the embedding is what the decoder reads
+    assert (other.sample - again.sample).abs().max() > 1e-3
+    assert "unCLIP: variation" in variations.images[0].info["parameters"]
+
+
+def test_interpolation_and_text_diff_start_at_the_image_and_share_one_seed(tiny):
+    a = tiny.generate("a red circle", seed=5, steps=2).images[0]
+    b = tiny.generate("a blue square", seed=6, steps=2).images[0]
+    path = tiny.interpolate(a, b, num_images=3, seed=4, steps=2)
+    za, zb = tiny.embed_images([a, b]).chunk(2)
+    assert path.seeds == [4, 4, 4]
+    assert torch.allclose(path.sample[0], tiny.decode(za, seed=4, steps=2).sample[0], atol=1e-5)
+    assert torch.allclose(path.sample[2], tiny.decode(zb, seed=4, steps=2).sample[0], atol=1e-5)
+    diff = tiny.text_diff(a, "a red circle", "a blue circle", num_images=3, seed=4, steps=2)
+    assert torch.allclose(diff.sample[0], path.sample[0], atol=1e-5)  # amount 0: the image itself
+    assert (diff.sample[2] - diff.sample[0]).abs().max() > 1e-3
+
+
+def test_karlo_folder_without_an_image_tower_refuses_variations(karlo):
+    _, ours, _ = karlo
+    with pytest.raises(ValueError, match="image tower"):
+        ours.variations(ours.generate("a red circle", seed=1, steps=2).images[0])
+
+
+# ---------------------------------------------------------------------------------------
+# Training on the shapes world
+# ---------------------------------------------------------------------------------------
+
+
+def _train_config(out, part, **overrides):
+    from t2i.train.unclip import UnCLIPTrainConfig
+
+    settings = dict(out=str(out), train=part, prior_preset="tiny", decoder_preset="tiny_decoder", image_size=16,
+                    steps=4, batch_size=8, lr=1e-3, warmup=1, log_every=1, image_every=0, ckpt_every=2,
+                    export_every=2, stats_images=32, sample_steps=2, threads=1)
+    return UnCLIPTrainConfig(**{**settings, **overrides})
+
+
+def _losses(out, key):
+    lines = (out / "log.txt").read_text().splitlines()
+    return [float(w.split("=")[1]) for line in lines for w in line.split() if w.startswith(key + "=")]
+
+
+def test_prior_then_decoder_train_and_export_a_loadable_model(tmp_path):
+    import t2i
+    from t2i.train.unclip import train_unclip
+
+    assert train_unclip(_train_config(tmp_path / "prior", "prior", steps=30, batch_size=16, ckpt_every=30,
+                                      export_every=30)) == 0
+    losses = _losses(tmp_path / "prior", "unclip/prior_loss")
+    assert len(losses) == 30 and sum(losses[-5:]) < 0.8 * sum(losses[:5])  # the prior learns
+    prior_file = tmp_path / "prior" / "model.safetensors"
+    assert train_unclip(_train_config(tmp_path / "decoder", "decoder", init=str(prior_file))) == 0
+    assert all(map(torch.isfinite, map(torch.tensor, _losses(tmp_path / "decoder", "unclip/decoder_loss"))))
+    pipe, trained_prior = t2i.load(tmp_path / "decoder" / "model.safetensors"), t2i.load(prior_file)
+    assert pipe.family == "unclip"
+    for name, p in trained_prior.prior.state_dict().items():  # the decoder run kept the prior it started from
+        assert torch.equal(p, pipe.prior.state_dict()[name]), name
+    assert pipe.prior.clip_std.std() > 0  # the embedding statistics were measured, not left at 1
+    assert pipe.generate("a red circle", seed=1, steps=2).sample.shape == (1, 3, 16, 16)
+
+
+def test_a_resumed_decoder_run_equals_an_uninterrupted_one(tmp_path):
+    from t2i.checkpoints.io import load_state_dict
+    from t2i.train.unclip import train_unclip
+
+    assert train_unclip(_train_config(tmp_path / "whole", "decoder")) == 0
+    assert train_unclip(_train_config(tmp_path / "cut", "decoder", steps=2)) == 0
+    assert train_unclip(_train_config(tmp_path / "cut", "decoder"), resume=True) == 0
+    whole = load_state_dict(tmp_path / "whole" / "model.safetensors")
+    cut = load_state_dict(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)

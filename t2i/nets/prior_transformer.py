@@ -148,7 +148,7 @@ class PriorTransformer(nn.Module):
 
 PRIOR_PRESETS: dict[str, PriorConfig] = {
     "karlo": PriorConfig(),  # kakaobrain/karlo-v1-alpha: ViT-L/14 CLIP, 20 layers of width 2048
-    # the shapes world: our shapes CLIP (64-wide embeddings and token states, 16 tokens)
-    "shapes_s": PriorConfig(heads=4, head_dim=32, layers=6, embed_dim=64, text_tokens=16),
+    # the shapes world: our shapes CLIP (128-wide embeddings and token states, 32 tokens)
+    "shapes_s": PriorConfig(heads=4, head_dim=32, layers=6, embed_dim=128, text_tokens=32),
     "tiny": PriorConfig(heads=2, head_dim=8, layers=2, embed_dim=16, text_tokens=8),
 }

@@ -144,8 +144,20 @@ class ShapesCLIPEncoder(nn.Module):
         out = self.clip.text(ids)
         return TextCondition(F.normalize(out.text_embeds, dim=-1), out.last_hidden_state, ids != PAD)
 
+    @property
+    def embed_dim(self) -> int:
+        return self.clip.cfg.embed_dim
+
+    @property
+    def text_tokens(self) -> int:
+        return self.clip.cfg.max_tokens
+
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
         return self.clip.embed_images(images)  # (B, E), unit norm
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [-1, 1] at the CLIP's image size -> (B, E) unit-norm embeddings (training)."""
+        return self.clip.encode_images(pixels)
 
 
 # ---------------------------------------------------------------------------------------

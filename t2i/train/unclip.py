@@ -1,0 +1,198 @@
+"""Train unCLIP on the shapes world with our shapes CLIP (`t2i train unclip-prior`, `t2i train unclip-decoder`).
+
+Both on the one training loop, both write the whole family file (`t2i.systems.unclip`: prior, text projection,
+decoder; the part not trained comes from `init`, another unCLIP file, or stays random):
+
+- the **prior** (unCLIP sec. 2.2): CLIP image embeddings z_i of the training images, normalised by their
+  mean and standard deviation (measured on `stats_images` images at the start, stored with the prior), are
+  noised on the cosine schedule and the transformer regresses z_i itself, L = ||f(z_t, t, y) - z_i||^2
+  (DiffusionLoss with the "sample" target), the text dropped (the empty caption) 10% of the time for
+  classifier-free guidance;
+- the **decoder** (sec. 2.1): the images at the decoder's size, conditioned on their own CLIP image embedding
+  (projected into the time embedding and four context tokens) and caption; the image embedding replaced by the
+  learned null embedding 10% of the time and the caption by the empty one 50% of the time, as the paper; it
+  learns its variance (IDDPM's hybrid loss, L_simple + 0.001 L_vlb).
+
+The CLIP is frozen and its embeddings are computed in `prepare` (no autograd). The EMA nets are exported as
+`model.safetensors` and sampled into captioned grids through the family's pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from t2i.checkpoints.io import load_state_dict
+from t2i.diffusion.losses import DiffusionLoss, HybridLoss
+from t2i.nets.prior_transformer import PRIOR_PRESETS
+from t2i.nets.unclip_unet import UNCLIP_UNET_PRESETS, TextProj, TextProjConfig, UnCLIPUNet
+from t2i.systems.unclip import (
+    StageSettings,
+    UnCLIPConfig,
+    UnCLIPNets,
+    load_clip,
+    pipeline_from_nets,
+    save_unclip,
+)
+from t2i.train.config import LoopConfig
+from t2i.train.data import open_data
+from t2i.train.ema import EMA
+from t2i.train.fit import Grid, Run, Step, Task, fit
+from t2i.train.ldm import SAMPLE_PROMPTS
+
+PARTS = ("prior", "decoder")
+
+
+@dataclass
+class UnCLIPTrainConfig(LoopConfig):
+    """One unCLIP run: `train` names the part trained ("prior" or "decoder"); `init` an unCLIP file whose
+    weights start the nets (the prior run's output for a decoder run). `model` (the resolved UnCLIPConfig)
+    is filled in at the start and saved in every checkpoint."""
+
+    train: str = "prior"
+    init: str | None = None
+    prior_preset: str = "shapes_s"
+    decoder_preset: str = "shapes_decoder_32"
+    image_size: int = 32  # the decoder's
+    clip_size: int = 64  # the shapes CLIP's input side (the images are drawn at it, then reduced)
+    text_dropout: float = 0.1  # prior: the caption dropped
+    image_dropout: float = 0.1  # decoder: the image embedding replaced by the null one
+    caption_dropout: float = 0.5  # decoder: the caption dropped
+    stats_images: int = 1024
+    data: str = "shapes"
+    data_path: str | None = None
+    background_p: float | None = None
+    steps: int = 20000
+    batch_size: int = 32
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    export_every: int = 500
+    sample_steps: int = 25
+    model: dict[str, Any] | None = None
+
+
+def resolve_model_config(cfg: UnCLIPTrainConfig, clip: nn.Module) -> UnCLIPConfig:
+    """The nets of the presets, the prior's widths and text length those of the CLIP."""
+    for name, preset, table in (("prior", cfg.prior_preset, PRIOR_PRESETS),
+                                ("decoder", cfg.decoder_preset, UNCLIP_UNET_PRESETS)):
+        if preset not in table:
+            raise ValueError(f"unknown {name} preset {preset!r}; choose from {sorted(table)}")
+    prior = dataclasses.replace(PRIOR_PRESETS[cfg.prior_preset], embed_dim=clip.embed_dim,
+                                text_tokens=clip.text_tokens)
+    decoder = dataclasses.replace(UNCLIP_UNET_PRESETS[cfg.decoder_preset], sample_size=cfg.image_size)
+    proj = TextProjConfig(extra_tokens=4, embed_dim=prior.embed_dim, time_embed_dim=decoder.time_embed_dim,
+                          context_dim=decoder.context_dim or 64)
+    return UnCLIPConfig(prior=prior, text_proj=proj, decoder=decoder,
+                        settings=StageSettings(prior_steps=cfg.sample_steps))
+
+
+class DecoderWithProjection(nn.Module):
+    """The decoder as the loss sees it: text_proj then the U-Net, the null image embedding where `drop_image`."""
+
+    def __init__(self, text_proj: TextProj, decoder: UnCLIPUNet) -> None:
+        super().__init__()
+        self.text_proj, self.decoder = text_proj, decoder
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, image_embeds: torch.Tensor, drop_image: torch.Tensor,
+                text_embeds: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        null = self.text_proj.null_image(image_embeds.shape[0])
+        image = torch.where(drop_image[:, None], null, image_embeds)  # (B, E)
+        return self.decoder(x, t, **self.text_proj(image, text_embeds, text_states, text_mask))
+
+
+@torch.no_grad()
+def set_embedding_statistics(nets: UnCLIPNets, embeds: torch.Tensor) -> None:
+    """The prior's normalisation: per-dimension mean and standard deviation of CLIP image embeddings (N, E)."""
+    nets.prior.clip_mean.copy_(embeds.mean(0, keepdim=True))
+    nets.prior.clip_std.copy_(embeds.std(0, keepdim=True).clamp(min=1e-4))
+
+
+def build_unclip(cfg: UnCLIPTrainConfig, run: Run, clip: nn.Module | None = None) -> Task:
+    if cfg.train not in PARTS:
+        raise ValueError(f"train is one of {PARTS}, got {cfg.train!r}")
+    fresh = cfg.model is None
+    clip = clip or load_clip(UnCLIPConfig.clip if fresh else cfg.model["clip"]).eval().requires_grad_(False)
+    if fresh:
+        cfg.model = dataclasses.asdict(resolve_model_config(cfg, clip))
+    model_cfg = UnCLIPConfig.from_dict(cfg.model)
+    data = open_data(cfg.data, cfg.data_path, cfg.clip_size, cfg.seed, run.log.text, cfg.background_p,
+                     workers=cfg.data_workers)
+    nets = UnCLIPNets(model_cfg)
+    if cfg.init is not None:
+        nets.load_state_dict(load_state_dict(cfg.init), strict=True)
+    prior_on = cfg.train == "prior"
+    if prior_on and cfg.init is None and fresh:  # (a resumed run reads them back from its checkpoint)
+        images, _, _ = data.batch(10**9, cfg.stats_images, run.info)  # far from the training positions
+        set_embedding_statistics(nets, clip.encode_pixels(images))
+    nets.requires_grad_(False)
+    trained = nets.prior if prior_on else nn.ModuleList([nets.text_proj, nets.decoder])
+    trained.requires_grad_(True)
+    nets.prior.clip_mean.requires_grad_(False)
+    nets.prior.clip_std.requires_grad_(False)
+    params = [p for p in nets.parameters() if p.requires_grad]
+    ema = EMA(nets, cfg.ema_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if prior_on:
+        net = run.parallel(nets.prior)
+        loss_fn: Any = DiffusionLoss(model_cfg.prior_schedule.alphas_cumprod(), "sample")
+    else:
+        net = run.parallel(DecoderWithProjection(nets.text_proj, nets.decoder))
+        loss_fn = HybridLoss(model_cfg.decoder_schedule.alphas_cumprod(), "epsilon")
+    empty = clip.encode_text([""])
+
+    def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(x0, cond): the prior's normalised image embeddings (B, E) or the decoder's images (B, 3, S, S),
+        with the network's keyword arguments; every dropout drawn from the step's generator."""
+        x, captions, _ = data.batch(position, cfg.batch_size, run.info)  # (B, 3, clip, clip) in [-1, 1]
+        z = clip.encode_pixels(x)  # (B, E)
+        b = x.shape[0]
+        drop_text = torch.rand(b, generator=gen) < (cfg.text_dropout if prior_on else cfg.caption_dropout)
+        text = clip.encode_text(captions)
+        keep = ~drop_text
+        cond = {"text_embeds": torch.where(keep[:, None], text.embeds, empty.embeds),
+                "text_states": torch.where(keep[:, None, None], text.states, empty.states),
+                "text_mask": torch.where(keep[:, None], text.mask, empty.mask)}
+        if prior_on:
+            return nets.prior.normalize(z), cond
+        small = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="area")  # (B, 3, S, S)
+        drop_image = torch.rand(b, generator=gen) < cfg.image_dropout
+        return small, {"image_embeds": z, "drop_image": drop_image, **cond}
+
+    def step(batch: tuple[torch.Tensor, dict[str, torch.Tensor]], s: Step) -> dict[str, float]:
+        x0, cond = batch
+        if prior_on:
+            loss = loss_fn(net, x0, cond, s.generator)
+            return {"unclip/prior_loss": loss.item(), "unclip/grad_norm": s.update(loss, opt, params)}
+        simple, vlb = loss_fn.terms(net, x0, cond, s.generator)  # (B,), (B,)
+        loss = loss_fn.combine(simple, vlb)
+        return {"unclip/decoder_loss": loss.item(), "unclip/grad_norm": s.update(loss, opt, params),
+                "unclip/simple": simple.mean().item(), "unclip/vlb_bpd": vlb.mean().item()}
+
+    def export() -> None:
+        save_unclip(ema.averaged, Path(cfg.out) / "model.safetensors")
+
+    @torch.no_grad()
+    def grid() -> Grid:
+        """SAMPLE_PROMPTS (seed 0 each) through the whole pipeline of the EMA nets."""
+        pipe = pipeline_from_nets(ema.averaged, clip, "ema")
+        images = pipe.generate(SAMPLE_PROMPTS, seed=0, steps=cfg.sample_steps).sample
+        return Grid(images, list(SAMPLE_PROMPTS))
+
+    n_params = sum(p.numel() for p in params)
+    about = f", unCLIP {cfg.train}: {n_params / 1e6:.2f}M trained parameters, shapes CLIP frozen"
+    return Task(f"unclip-{cfg.train}", {"nets": nets, "ema": ema.averaged}, {"opt": opt}, prepare=prepare,
+                step=step, ema=ema, grid=grid, export=export, about=about)
+
+
+def train_unclip(cfg: UnCLIPTrainConfig, resume: bool = False, resume_lr: float | None = None,
+                 clip: nn.Module | None = None, given: dict[str, str] | None = None) -> int:
+    """Run (or, with resume, continue) an unCLIP prior or decoder training. Returns the exit code."""
+    return fit(cfg, partial(build_unclip, clip=clip), resume=resume, resume_lr=resume_lr, given=given)
