@@ -106,3 +106,14 @@ def round_trip(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(model, VQVAE2):  # a token sequence: its grids' sizes come from the image's
         return model.decode_codes(codes, *x.shape[-2:])
     return model.decode_codes(codes)
+
+
+def dead_codes(model: nn.Module) -> int:
+    """Codes the saved usage statistics count as dead (EMA usage below the restart threshold), over
+    every codebook of the model: `cluster_size` of the EMA codebooks, `usage` of the others."""
+    n = 0
+    for m in model.modules():
+        usage = getattr(m, "cluster_size", None) if hasattr(m, "cluster_size") else getattr(m, "usage", None)
+        if isinstance(usage, torch.Tensor) and hasattr(m, "dead_threshold"):
+            n += int((usage < m.dead_threshold).sum())
+    return n
