@@ -376,8 +376,9 @@ def save_if(base: IFUNet, sr: IFUNet | None, cfg: IFConfig, path: str | Path) ->
     save_with_config(state, path, dataclasses.asdict(cfg), SYSTEM_NAME)
 
 
-def load_t2i_if(path: Path) -> IFPipeline:
-    """A t2i IF file -> IFPipeline with the MiniLM text encoder, checked before anything is allocated."""
+def read_if_file(path: Path) -> tuple[IFConfig, IFUNet, IFUNet | None]:
+    """A t2i IF file -> (its config, stage I network, stage II network or None), checked before anything is
+    allocated."""
     raw = read_config(path, "a t2i IF file", SYSTEM_NAME)
     try:
         cfg = IFConfig.from_dict(raw)
@@ -389,25 +390,44 @@ def load_t2i_if(path: Path) -> IFPipeline:
         check_schedule(schedule, f"{path}: {what}")
     tensors = header_tensors(check_safetensors_header(path))
     parts = {"base": cfg.base} | ({} if cfg.sr is None else {"sr": cfg.sr})
-    nets = {name: build_checked(lambda c=c: IFUNet(c), {name: c},  # type: ignore[misc]
-                                {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")},
-                                f"{path} ({name})") for name, c in parts.items()}
-    if set(tensors) != {k for k in tensors if k.split(".", 1)[0] in parts}:
+    if any(k.split(".", 1)[0] not in parts for k in tensors):
         raise CheckpointError(f"{path}: tensors outside the stages {sorted(parts)}")
+
+    def own(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+        return {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")}
+
+    nets = {name: build_checked(lambda c=c: IFUNet(c), {name: c}, own(tensors, name), f"{path} ({name})")
+            for name, c in parts.items()}
     state = load_state_dict(path)
     for name, net in nets.items():
-        fill(net, {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")}, torch.float32)
+        fill(net, own(state, name), torch.float32)
+    return cfg, nets["base"], nets.get("sr")
+
+
+def if_file_pipeline(cfg: IFConfig, base: IFUNet, sr: IFUNet | None, text_encoder: nn.Module,
+                     name: str) -> IFPipeline:
+    """The pipeline of a t2i IF model (a shapes model: words outside its world draw nothing, and it says so)."""
+    scale = 1 if sr is None else max(1, sr.cfg.sample_size // base.cfg.sample_size)
+    size = base.cfg.sample_size * scale
+    defaults = GenerationDefaults(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, width=size, height=size)
+    pipe = IFPipeline(IFStage(base, cfg.schedule), text_encoder,
+                      sr=None if sr is None else IFStage(sr, cfg.schedule, cfg.noising), name=name, defaults=defaults,
+                      sr_steps=cfg.sr_steps, sr_guidance=cfg.sr_guidance, noise_level=cfg.noise_level)
+    pipe.prompt_check = out_of_world_warning
+    return pipe
+
+
+def load_minilm(length: int) -> nn.Module:
     from t2i.text.encoders import MiniLMTextEncoder
 
-    sr = None if cfg.sr is None else IFStage(nets["sr"], cfg.schedule, cfg.noising)
-    size = cfg.base.sample_size * (1 if cfg.sr is None else max(1, cfg.sr.sample_size // cfg.base.sample_size))
-    defaults = GenerationDefaults(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, width=size, height=size)
+    return MiniLMTextEncoder.load(max_length=length)
+
+
+def load_t2i_if(path: Path) -> IFPipeline:
+    """A t2i IF file -> IFPipeline with the MiniLM text encoder."""
+    cfg, base, sr = read_if_file(path)
     name = path.parent.name if path.name == "model.safetensors" else path.stem
-    pipe = IFPipeline(IFStage(nets["base"], cfg.schedule), MiniLMTextEncoder.load(max_length=cfg.text_length), sr=sr,
-                      name=name, defaults=defaults, sr_steps=cfg.sr_steps, sr_guidance=cfg.sr_guidance,
-                      noise_level=cfg.noise_level)
-    pipe.prompt_check = out_of_world_warning  # a shapes model: words outside its world draw nothing
-    return pipe
+    return if_file_pipeline(cfg, base, sr, load_minilm(cfg.text_length), name)
 
 
 def load(path: Path, dtype: torch.dtype = torch.float32) -> IFPipeline:
