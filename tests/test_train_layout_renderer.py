@@ -25,10 +25,10 @@ def _files(tmp_path) -> tuple[str, str]:
     return str(tmp_path / "init.safetensors"), str(tmp_path / "vae.safetensors")
 
 
-def _cfg(out, init: str, vae: str, steps: int) -> LayoutLDMTrainConfig:
+def _cfg(out, init: str, vae: str, steps: int, **more) -> LayoutLDMTrainConfig:
     return LayoutLDMTrainConfig(out=str(out), init_from=init, vae=vae, steps=steps, batch_size=4, lr=1e-3,
                                 warmup=1, ckpt_every=2, export_every=2, image_every=0, log_every=1, seed=3,
-                                recaption=True, threads=1)
+                                recaption=True, threads=1, **more)
 
 
 def test_a_renderer_run_on_another_autoencoder_ships_it_with_its_measured_scale(tmp_path):
@@ -55,11 +55,13 @@ def test_a_renderer_run_with_the_wrong_latent_channels_is_refused(tmp_path):
         raise AssertionError("an 8-channel autoencoder was accepted for a 4-channel U-Net")
 
 
-def test_a_killed_renderer_run_resumes_to_the_uninterrupted_weights(tmp_path):
+def test_a_killed_renderer_run_with_the_pixel_loss_resumes_to_the_uninterrupted_weights(tmp_path):
     init, vae_file = _files(tmp_path)
-    assert train_layout_ldm(_cfg(tmp_path / "whole", init, vae_file, 4)) == 0
-    assert train_layout_ldm(_cfg(tmp_path / "parts", init, vae_file, 2)) == 0
-    assert train_layout_ldm(_cfg(tmp_path / "parts", init, vae_file, 4), resume=True, given={"steps": "--steps"}) == 0
+    pixel = {"pixel_weight": 1.0, "pixel_batch": 2}
+    assert train_layout_ldm(_cfg(tmp_path / "whole", init, vae_file, 4, **pixel)) == 0
+    assert train_layout_ldm(_cfg(tmp_path / "parts", init, vae_file, 2, **pixel)) == 0
+    assert train_layout_ldm(_cfg(tmp_path / "parts", init, vae_file, 4, **pixel), resume=True,
+                            given={"steps": "--steps"}) == 0
     assert "resumed from" in (tmp_path / "parts" / "log.txt").read_text()
     whole = load_file(latest_checkpoint(tmp_path / "whole"))
     parts = load_file(latest_checkpoint(tmp_path / "parts"))

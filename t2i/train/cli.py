@@ -118,6 +118,9 @@ RENDERER: list[Option] = [
     ("--recaption", "recaption", {"action": "store_true"},
      "train on the layout's complete caption (the pipeline then rewrites prompts the same way)"),
     ("--layout-dropout", "layout_dropout", {"type": float}, "share of examples without their layout"),
+    ("--pixel-weight", "pixel_weight", {"type": float}, "weight of an L1 loss on the decoded x0 estimate, through "
+     "the frozen decoder (0: off; it sees colours the latent loss barely weighs)"),
+    ("--pixel-batch", "pixel_batch", {"type": int}, "samples per batch decoded for --pixel-weight (the least noisy)"),
     ("--layout-lr-scale", "layout_lr_scale", {"type": float}, "learning-rate factor of the new layout layers"),
     ("--background-p", "background_p", {"type": float}, "share of black/gray backgrounds"),
     ("--image-every", "image_every", {"type": int}, "sample grid every N steps; 0: none"),

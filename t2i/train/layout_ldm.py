@@ -24,7 +24,7 @@ from t2i.data.shapes.datasets import default_exclude, to_tensor
 from t2i.data.shapes.layouts import layout_example
 from t2i.data.shapes.rendering import render_array
 from t2i.data.shapes.sampling import BACKGROUND_P
-from t2i.diffusion.losses import DiffusionLoss
+from t2i.diffusion.losses import DecodedLoss, DiffusionLoss
 from t2i.layout.spec import Layout
 from t2i.nets.layout_unet import LayoutConfig
 from t2i.systems.shapes_layout import (
@@ -65,6 +65,10 @@ class LayoutLDMTrainConfig(LoopConfig):
     recaption: bool = False
     layout_dropout: float = 0.1
     min_snr_gamma: float = 5.0
+    # lambda of the L1 loss through the frozen decoder (t2i.diffusion.losses.DecodedLoss; 0: off): the
+    # latent loss barely sees colours the decoder tells apart by small latent differences (dark scenes)
+    pixel_weight: float = 0.0
+    pixel_batch: int = 8  # samples of each batch decoded for it (the least noisy)
     background_p: float = BACKGROUND_P
     steps: int = 20000
     batch_size: int = 32
@@ -126,10 +130,15 @@ def build_layout_ldm(cfg: LayoutLDMTrainConfig, run: Run) -> Task:
     opt = torch.optim.AdamW([{"params": rest}, {"params": layout_params, "lr_scale": cfg.layout_lr_scale}],
                             lr=cfg.lr, weight_decay=0.0)
     schedule = model_cfg.ldm.schedule
-    loss_fn = DiffusionLoss(schedule.alphas_cumprod(), schedule.prediction_type, cfg.min_snr_gamma or None)
+    if cfg.pixel_weight:
+        loss_fn: DiffusionLoss = DecodedLoss(schedule.alphas_cumprod(), schedule.prediction_type,
+                                             cfg.min_snr_gamma or None, lambda z: vae.decode(vae.unscale(z)),
+                                             cfg.pixel_weight, cfg.pixel_batch)
+    else:
+        loss_fn = DiffusionLoss(schedule.alphas_cumprod(), schedule.prediction_type, cfg.min_snr_gamma or None)
     net = run.parallel(unet)
 
-    def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         idx = batch_indices(position, cfg.batch_size, run.info, None, cfg.seed)
         x, captions, layouts = layout_batch(cfg.seed, idx, cfg.background_p, cfg.recaption)
         drop_text = (torch.rand(len(captions), generator=gen) < cfg.caption_dropout).tolist()
@@ -138,11 +147,12 @@ def build_layout_ldm(cfg: LayoutLDMTrainConfig, run: Run) -> Task:
         layout = encode_layouts(layouts, phrases, model_cfg.max_objects)
         layout[drop_layout] = 0.0  # every object invalid: the model without a layout
         z = vae.scale(vae.encode(x).sample(gen))  # (B, 4, 16, 16)
-        return z, {"context": text.encode(captions).context.float(), "layout": layout}
+        return z, {"context": text.encode(captions).context.float(), "layout": layout}, x
 
-    def step(batch: tuple[torch.Tensor, dict[str, torch.Tensor]], s: Step) -> dict[str, float]:
-        z, cond = batch
-        loss = loss_fn(net, z, cond, s.generator)
+    def step(batch: tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor], s: Step) -> dict[str, float]:
+        z, cond, x = batch
+        loss = (loss_fn(net, z, cond, s.generator, pixels=x) if isinstance(loss_fn, DecodedLoss)
+                else loss_fn(net, z, cond, s.generator))
         gnorm = s.update(loss, opt, unet.parameters())
         return {"layout_ldm/loss": loss.item(), "layout_ldm/grad_norm": gnorm}
 
