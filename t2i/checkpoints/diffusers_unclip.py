@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from t2i.checkpoints.diffusers_dit import names_pipeline
 from t2i.checkpoints.diffusers_nets import check_unsupported
-from t2i.checkpoints.io import read_json_object
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.nets.prior_transformer import EXTRA_TOKENS, PriorConfig
 from t2i.nets.unclip_unet import TextProjConfig, UnCLIPUNetConfig
@@ -44,13 +44,7 @@ _PRIOR_UNSUPPORTED: dict[str, Any] = {
 
 def is_diffusers_unclip(path: Path) -> bool:
     """A folder whose model_index.json names an UnCLIPPipeline (reads that file only)."""
-    index = Path(path) / "model_index.json"
-    if not index.is_file():
-        return False
-    try:
-        return read_json_object(index, "a diffusers model index").get("_class_name") == PIPELINE
-    except (ValueError, OSError):
-        return False
+    return names_pipeline(path, PIPELINE)
 
 
 def prior_config_from_diffusers(cfg: dict[str, Any]) -> PriorConfig:
