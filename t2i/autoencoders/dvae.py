@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2i.autoencoders.codebook import update_usage
-from t2i.autoencoders.kl import AutoencoderKLConfig, Decoder, Encoder
+from t2i.autoencoders.conv_shape import ConvShape
+from t2i.autoencoders.kl import Decoder, Encoder
 from t2i.autoencoders.vq import Quantized, code_perplexity
 
 
@@ -100,38 +101,17 @@ class GumbelQuantizer(nn.Module):
 
 
 @dataclass
-class DVAEConfig:
-    """Shape of a dVAE: the KL autoencoder's blocks, `latent_channels` wide at the latent, a 1x1
+class DVAEConfig(ConvShape):
+    """Shape of a dVAE: the conv blocks (`ConvShape`), `latent_channels` wide at the latent, a 1x1
     convolution to K logits, a (K, code_dim) codebook and a 1x1 convolution back.
     `kind` names the tokenizer family in saved configs."""
 
     kind: str = "dvae"
-    in_channels: int = 3
-    out_channels: int = 3
-    block_channels: tuple[int, ...] = (32, 64, 128)
-    layers_per_block: int = 1
     latent_channels: int = 32
-    norm_groups: int = 8
-    mid_attention: bool = True
     num_codes: int = 256
     code_dim: int = 32
     usage_decay: float = 0.99
     dead_threshold: float = 1.0
-    sample_size: int = 64
-
-    def __post_init__(self) -> None:
-        self.block_channels = tuple(self.block_channels)
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.block_channels) - 1)
-
-    def blocks(self) -> AutoencoderKLConfig:
-        return AutoencoderKLConfig(
-            in_channels=self.in_channels, out_channels=self.out_channels, block_channels=self.block_channels,
-            layers_per_block=self.layers_per_block, latent_channels=self.latent_channels,
-            norm_groups=self.norm_groups, mid_attention=self.mid_attention, scaling_factor=1.0,
-            sample_size=self.sample_size)
 
 
 class DVAE(nn.Module):

@@ -50,6 +50,21 @@ def reconstruction_loss(kind: str, x: torch.Tensor, recon: torch.Tensor) -> torc
     raise ValueError(f"rec_loss must be l1 or mse, not {kind!r}")
 
 
+def adversarial_term(discriminator: nn.Module, recon: torch.Tensor, nll: torch.Tensor,
+                     last_layer: torch.Tensor | None, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_GAN = -mean D(recon), its weight lambda = adaptive weight (eq. 7) * `weight`) for the generator
+    step. The discriminator is called unwrapped with its parameters frozen: it gets no gradient here.
+    Without `last_layer` (or outside autograd) lambda is `weight` alone."""
+    discriminator.requires_grad_(False)
+    try:
+        g_loss = -discriminator(recon).mean()
+    finally:
+        discriminator.requires_grad_(True)
+    if last_layer is not None and torch.is_grad_enabled():
+        return g_loss, adaptive_weight(nll, g_loss, last_layer) * weight
+    return g_loss, torch.tensor(weight)
+
+
 class VQGANLoss(nn.Module):
     """The generator and discriminator losses. Holds the discriminator (trained, checkpointed); the
     frozen perceptual network is held outside the module tree (not in any state dict)."""
@@ -76,16 +91,7 @@ class VQGANLoss(nn.Module):
             logs["vq/perceptual"] = p.item()
         loss = nll + vq_loss
         if step >= self.cfg.disc_start and self.cfg.disc_weight > 0:
-            disc = self.discriminator
-            disc.requires_grad_(False)  # the generator step must not move the discriminator
-            try:
-                g_loss = -disc(recon).mean()
-            finally:
-                disc.requires_grad_(True)
-            if last_layer is not None and torch.is_grad_enabled():
-                d_weight = adaptive_weight(nll, g_loss, last_layer) * self.cfg.disc_weight
-            else:
-                d_weight = torch.tensor(self.cfg.disc_weight)
+            g_loss, d_weight = adversarial_term(self.discriminator, recon, nll, last_layer, self.cfg.disc_weight)
             loss = loss + d_weight * g_loss
             logs.update({"vq/g_loss": g_loss.item(), "vq/d_weight": d_weight.item()})
         return loss, logs

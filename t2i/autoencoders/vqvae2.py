@@ -23,24 +23,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from t2i.autoencoders.kl import AutoencoderKLConfig, Decoder, Encoder
+from t2i.autoencoders.conv_shape import ConvShape
+from t2i.autoencoders.kl import Decoder, Encoder
 from t2i.autoencoders.vq import Quantized, VectorQuantizer
 
 
 @dataclass
-class VQVAE2Config:
-    """Shape of a VQ-VAE-2. The bottom level is the VQ-VAE's (KL autoencoder blocks, f =
-    2^(levels - 1)); the top adds one stride-2 level of `top_channels`. Both codebooks are
-    `latent_channels` wide. `kind` names the tokenizer family in saved configs."""
+class VQVAE2Config(ConvShape):
+    """Shape of a VQ-VAE-2. The bottom level is the VQ-VAE's (the conv blocks of `ConvShape`, f =
+    2^(levels - 1) pixels per bottom code); the top adds one stride-2 level of `top_channels`. Both
+    codebooks are `latent_channels` wide. `kind` names the tokenizer family in saved configs."""
 
     kind: str = "vqvae2"
-    in_channels: int = 3
-    out_channels: int = 3
-    block_channels: tuple[int, ...] = (32, 64, 128)
-    layers_per_block: int = 1
-    latent_channels: int = 16
-    norm_groups: int = 8
-    mid_attention: bool = True
     top_channels: int = 64
     bottom_codes: int = 256
     top_codes: int = 256
@@ -48,15 +42,6 @@ class VQVAE2Config:
     decay: float = 0.99
     eps: float = 1e-5
     dead_threshold: float = 1.0
-    sample_size: int = 64
-
-    def __post_init__(self) -> None:
-        self.block_channels = tuple(self.block_channels)
-
-    @property
-    def downsample_factor(self) -> int:
-        """Pixels per bottom code along each axis (the top's is twice this)."""
-        return 2 ** (len(self.block_channels) - 1)
 
     @property
     def num_codes(self) -> int:
@@ -67,13 +52,6 @@ class VQVAE2Config:
         """Tokens per image of height x width pixels: top grid + bottom grid."""
         h, w = height // self.downsample_factor, width // self.downsample_factor
         return (h // 2) * (w // 2) + h * w
-
-    def blocks(self) -> AutoencoderKLConfig:
-        return AutoencoderKLConfig(
-            in_channels=self.in_channels, out_channels=self.out_channels, block_channels=self.block_channels,
-            layers_per_block=self.layers_per_block, latent_channels=self.latent_channels,
-            norm_groups=self.norm_groups, mid_attention=self.mid_attention, scaling_factor=1.0,
-            sample_size=self.sample_size)
 
 
 @dataclass
