@@ -118,7 +118,7 @@ def build_sd_upscale(cfg: SRTrainConfig, run: Run) -> Task:
         raise ValueError(f"--max-noise-level must be in 0..{MAX_NOISE_LEVEL}")
     data = open_data("shapes", None, cfg.image_size, cfg.seed, run.log.text, cfg.background_p)
     if cfg.scaling_factor is None:  # measured once, saved with the run's config
-        cfg.scaling_factor = latent_scale(vae, data)
+        cfg.scaling_factor = latent_scale(vae, data, n=64, batch=16)  # 64 images: plenty of latent values
     vae.cfg = dataclasses.replace(vae.cfg, scaling_factor=cfg.scaling_factor)
     unet = UNet(dataclasses.replace(SR_UNET_PRESETS[cfg.unet_preset], sample_size=cfg.image_size // f))
     text = CLIPTextEncoder(CLIPTokenizer.default(), CLIPTextModel(TEXT).requires_grad_(False).eval(), "last")
