@@ -212,6 +212,23 @@ CLASSIFIER: list[Option] = [
     *(o for o in IMAGES if o[1] in ("image_size", "background_p")),
     *(o for o in LDM if o[1] in ("weight_decay", "export_every")),
 ]
+DEEPFLOYD_IF: list[Option] = [
+    ("--stage", "stage", {"choices": ("base", "sr")}, "the cascade stage this run trains: base (text -> image) or "
+     "sr (text + the image at 1/--sr-factor -> image)"),
+    ("--preset", "preset", {}, "IF U-Net shape (t2i.nets.if_unet.IF_UNET_PRESETS; unset: shapes_base_32 for base, "
+     "shapes_sr_64 for sr)"),
+    ("--base-from", "base_from", {}, "sr: the cascade's stage I (the model.safetensors of a --stage base run), "
+     "exported with the new stage II"),
+    ("--sr-from", "sr_from", {}, "base: a cascade model file whose stage II is exported with the new base"),
+    ("--sr-factor", "sr_factor", {"type": int}, "sr: output side / input side (the input is the image downsampled)"),
+    ("--no-noise-augmentation", "noise_augmentation", {"action": "store_false"},
+     "sr, the ablation: the low-res input un-noised (level 0) in training and sampling"),
+    ("--max-aug-level", "max_aug_level", {"type": int}, "sr: noise augmentation levels drawn in 0..this"),
+    ("--noise-level", "noise_level", {"type": int}, "sr: the exported cascade's fixed sampling augmentation level"),
+    ("--text-length", "text_length", {"type": int}, "MiniLM tokens per caption (base; sr takes its base's)"),
+    *(o for o in IMAGES if o[1] in ("image_size", "background_p", "image_every")),
+    *(o for o in LDM if o[1] in ("caption_dropout", "ema_decay", "sample_steps", "export_every")),
+]
 # What each preset is for (their shapes are printed from the configs themselves).
 PRESET_USE = {"shapes_f4": "the built-in model's", "shapes_s": "the built-in model's",
               "tiny": "tests and smoke runs: a fraction of a second per step on one CPU core"}
@@ -441,3 +458,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _parser(sub, "textual-inversion", "a new word's input vectors on a frozen model, written as an A1111 "
             "embedding (emb_params .safetensors)", TextualInversionConfig(out=""), RUN + ADAPTER + TEXTUAL_INVERSION
             ).set_defaults(func=_run_plain, config=TextualInversionConfig, train=train_textual_inversion)
+    from t2i.train.deepfloyd_if import IFTrainConfig, train_if
+
+    _parser(sub, "deepfloyd-if", "one stage of an Imagen / DeepFloyd IF pixel cascade on MiniLM text states: the "
+            "32x32 base, or 32 -> 64 super-resolution with noise conditioning augmentation", IFTrainConfig(out=""),
+            [*RUN, *DEEPFLOYD_IF]).set_defaults(func=_run_plain, config=IFTrainConfig, train=train_if)
