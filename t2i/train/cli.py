@@ -229,6 +229,20 @@ DEEPFLOYD_IF: list[Option] = [
     *(o for o in IMAGES if o[1] in ("image_size", "background_p", "image_every")),
     *(o for o in LDM if o[1] in ("caption_dropout", "ema_decay", "sample_steps", "export_every")),
 ]
+UNCLIP: list[Option] = [
+    ("--prior-preset", "prior_preset", {}, "prior transformer shape (t2i.nets.prior_transformer.PRIOR_PRESETS: "
+     "shapes_s, tiny; its widths and text length are the CLIP's)"),
+    ("--decoder-preset", "decoder_preset", {}, "decoder U-Net shape (t2i.nets.unclip_unet.UNCLIP_UNET_PRESETS: "
+     "shapes_decoder_32, tiny_decoder)"),
+    ("--init", "init", {}, "an unCLIP model file whose weights start the nets (unclip-decoder: the unclip-prior "
+     "run's model.safetensors, whose prior the exported model keeps)"),
+    ("--text-dropout", "text_dropout", {"type": float}, "prior: share of empty captions (for CFG)"),
+    ("--image-dropout", "image_dropout", {"type": float}, "decoder: share of image embeddings replaced by the learned "
+     "null embedding (for CFG)"),
+    ("--stats-images", "stats_images", {"type": int}, "prior: images whose CLIP embeddings give the normalisation"),
+    *(o for o in IMAGES if o[1] in ("data", "data_path", "data_workers", "image_size", "background_p", "image_every")),
+    *(o for o in LDM if o[1] in ("caption_dropout", "ema_decay", "weight_decay", "sample_steps", "export_every")),
+]
 # What each preset is for (their shapes are printed from the configs themselves).
 PRESET_USE = {"shapes_f4": "the built-in model's", "shapes_s": "the built-in model's",
               "tiny": "tests and smoke runs: a fraction of a second per step on one CPU core"}
@@ -458,6 +472,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _parser(sub, "textual-inversion", "a new word's input vectors on a frozen model, written as an A1111 "
             "embedding (emb_params .safetensors)", TextualInversionConfig(out=""), RUN + ADAPTER + TEXTUAL_INVERSION
             ).set_defaults(func=_run_plain, config=TextualInversionConfig, train=train_textual_inversion)
+    from functools import partial
+
+    from t2i.train.unclip import UnCLIPTrainConfig, train_unclip
+
+    for part, what in (("prior", "the diffusion prior: shapes-CLIP text -> image embedding (x0 prediction)"),
+                       ("decoder", "the decoder: an image from its shapes-CLIP image embedding and caption")):
+        _parser(sub, f"unclip-{part}", f"unCLIP (DALL-E 2) {what}", UnCLIPTrainConfig(out="", train=part),
+                [*RUN, *UNCLIP]).set_defaults(func=_run_plain, config=partial(UnCLIPTrainConfig, train=part),
+                                              train=train_unclip)
     from t2i.train.deepfloyd_if import IFTrainConfig, train_if
 
     _parser(sub, "deepfloyd-if", "one stage of an Imagen / DeepFloyd IF pixel cascade on MiniLM text states: the "
