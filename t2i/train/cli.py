@@ -243,6 +243,20 @@ UNCLIP: list[Option] = [
     *(o for o in IMAGES if o[1] in ("data", "data_path", "data_workers", "image_size", "background_p", "image_every")),
     *(o for o in LDM if o[1] in ("caption_dropout", "ema_decay", "weight_decay", "sample_steps", "export_every")),
 ]
+SD_UPSCALE: list[Option] = [
+    ("--vae", "vae", {}, "the frozen autoencoder: a shapes LDM model file (its autoencoder) or a vae.safetensors; "
+     "the model upscales by its factor"),
+    ("--preset", "unet_preset", {}, "upscaler U-Net shape (t2i.train.sd_upscale.SR_UNET_PRESETS: shapes_sr, tiny)"),
+    ("--max-noise-level", "max_noise_level", {"type": int}, "noise augmentation levels drawn in 0..this"),
+    ("--no-noise-augmentation", "noise_augmentation", {"action": "store_false"},
+     "the ablation: every low-res input at noise level 0"),
+    ("--noise-level", "noise_level", {"type": int}, "the exported model's default sampling noise level"),
+    ("--base", "base", {}, "a text-to-image model (name or path) the exported upscaler finishes without an image"),
+    ("--eval-every", "eval_every", {"type": int}, "held-out PSNR (and bicubic's) every N steps; 0: only at the end"),
+    *(o for o in IMAGES if o[1] in ("image_size", "background_p", "image_every")),
+    *(o for o in LDM if o[1] in ("caption_dropout", "ema_decay", "weight_decay", "min_snr_gamma", "sample_steps",
+                                  "export_every")),
+]
 # What each preset is for (their shapes are printed from the configs themselves).
 PRESET_USE = {"shapes_f4": "the built-in model's", "shapes_s": "the built-in model's",
               "tiny": "tests and smoke runs: a fraction of a second per step on one CPU core"}
@@ -463,6 +477,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _parser(sub, "layout-renderer", "the layout renderer (t2i.systems.shapes_layout): a shapes LDM whose U-Net "
             "also reads boxes with phrases", LayoutLDMTrainConfig(out=""), [*RUN, PARALLEL, *RENDERER]
             ).set_defaults(func=_run_layout_renderer)
+    from t2i.train.sd_upscale import SRTrainConfig, train_sd_upscale
+
+    _parser(sub, "sd-upscale", "a latent super-resolution model (the SD x4 upscaler's layout) on the shapes world: "
+            "BSR-degraded low-res inputs, noise augmentation level as class label", SRTrainConfig(out=""),
+            [*RUN, *SD_UPSCALE]).set_defaults(func=_run_plain, config=SRTrainConfig, train=train_sd_upscale)
     from t2i.train.lora import LoraTrainConfig, train_lora
     from t2i.train.textual_inversion import TextualInversionConfig, train_textual_inversion
 
