@@ -194,6 +194,22 @@ def test_the_cascade_equals_ifpipeline_then_ifsuperresolutionpipeline(if_folders
     assert _relative(pipe.run(request).sample, want) > 1e-2
 
 
+def test_t2i_generate_runs_the_cascade_folder_as_the_api_does(if_folders, tmp_path):
+    """`t2i generate --model CASCADE_FOLDER`: stage I at the requested steps, stage II at its defaults (50 steps,
+    guidance 4, noise level 250), the final 32x32 image equal to the Python API's."""
+    from PIL import Image
+
+    from t2i.cli import main
+
+    root, _, _ = if_folders
+    out = tmp_path / "if.png"
+    assert main(["generate", PROMPT, "--model", str(root), "--steps", "3", "--seed", "9", "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        assert im.size == (32, 32)
+        pixels = im.convert("RGB").tobytes()
+    assert pixels == t2i.load(root).run(GenerationRequest(PROMPT, seed=9, steps=3)).images[0].tobytes()
+
+
 def test_noise_augmentation_equals_diffusers_add_noise():
     sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     aug = NoiseAugmentation(noising_schedule().alphas_cumprod())
