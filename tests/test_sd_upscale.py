@@ -156,3 +156,15 @@ def test_diffusers_reads_what_t2i_writes(tmp_path):
                          generator=torch.Generator("cpu").manual_seed(SEED), output_type="latent").images
     got = ours.upscale(low_res_image(), PROMPT, seed=SEED, steps=3, guidance=4.0, sampler="ddim").sample
     assert _rel(got, expected) < TOLERANCE
+
+
+def test_class_labels_go_with_a_class_embedding_only():
+    from t2i.nets.unet import UNet
+    from t2i.systems.sd_upscale import TINY_UNET
+    from t2i.systems.stable_diffusion import TINY_UNET as PLAIN
+
+    x, t, context = torch.randn(1, 7, 8, 8), torch.tensor([10.0]), torch.randn(1, 3, 32)
+    with pytest.raises(ValueError, match="class_labels"):
+        UNet(TINY_UNET)(x, t, context)
+    with pytest.raises(ValueError, match="class_labels"):
+        UNet(PLAIN)(x[:, :4], t, context, class_labels=torch.tensor([3]))

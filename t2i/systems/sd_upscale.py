@@ -57,6 +57,7 @@ from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.imageio import from_pil, request_parameters
 from t2i.nets.unet import UNet, UNetConfig
+from t2i.samplers.sampling import SAMPLERS
 from t2i.seeds import seed_generators, seed_noise
 from t2i.systems.base import Capabilities, GenerationRequest, GenerationResult, Pipeline, System, per_image
 from t2i.systems.latent_diffusion import LatentDiffusionPipeline, stop_polling
@@ -139,8 +140,6 @@ class SDUpscalePipeline(LatentDiffusionPipeline):
 
     @property
     def capabilities(self) -> Capabilities:
-        from t2i.samplers.sampling import SAMPLERS
-
         f = self.vae_scale
         if self.base is None:
             native, multiple = (self.defaults.width, self.defaults.height), f
