@@ -168,3 +168,33 @@ def test_class_labels_go_with_a_class_embedding_only():
         UNet(TINY_UNET)(x, t, context)
     with pytest.raises(ValueError, match="class_labels"):
         UNet(PLAIN)(x[:, :4], t, context, class_labels=torch.tensor([3]))
+
+
+# stabilityai/stable-diffusion-x4-upscaler unet/config.json, as published (abridged to the fields it carries)
+X4_UNET_JSON = {
+    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+    "block_out_channels": [256, 512, 512, 1024], "center_input_sample": False, "cross_attention_dim": 1024,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1, "dual_cross_attention": False, "flip_sin_to_cos": True, "freq_shift": 0,
+    "in_channels": 7, "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+    "num_class_embeds": 1000, "only_cross_attention": [True, True, True, False], "out_channels": 4,
+    "sample_size": 128,
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+
+
+def test_the_full_size_x4_upscaler_unet_has_diffusers_parameters():
+    """The published config builds (on the meta device) a U-Net with exactly diffusers' parameter names and shapes."""
+    from diffusers import UNet2DConditionModel
+
+    from t2i.checkpoints.diffusers_nets import unet_config_from_diffusers, unet_config_to_diffusers
+    from t2i.nets.unet import UNet
+
+    cfg = unet_config_from_diffusers(X4_UNET_JSON)
+    with torch.device("meta"):
+        ref = UNet2DConditionModel.from_config(X4_UNET_JSON)
+        ours = UNet(cfg)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert ours.class_embedding.weight.shape == (1000, 1024)
+    assert unet_config_from_diffusers(unet_config_to_diffusers(cfg)) == cfg
