@@ -2,10 +2,11 @@
 
 A step: the high-res images (image_size) -> posterior samples of a frozen autoencoder (the built-in model's
 f = 4 one unless told), scaled to unit variance; their low-res versions made by the LDM-BSR degradation
-pipeline (`t2i.data.degradation`, scale = the autoencoder's factor), then noised at a level drawn
-uniformly in 0..max_noise_level (noise conditioning augmentation, Ho et al. 2021 sec. 4.1), the level given
-to the U-Net as its class label; a v-prediction diffusion loss (Min-SNR) on the U-Net reading [noisy
-latents, noisy low-res image] with cross-attention to a frozen text tower (10% empty captions for CFG).
+pipeline (`t2i.data.degradation`, scale = the autoencoder's factor; `low_res="bicubic"`: plain downsampling,
+the ablation), then noised at a level drawn uniformly in 0..max_noise_level (noise conditioning
+augmentation, Ho et al. 2021 sec. 4.1), the level given to the U-Net as its class label; a v-prediction
+diffusion loss (Min-SNR) on the U-Net reading [noisy latents, noisy low-res image] with cross-attention to a
+frozen text tower (10% empty captions for CFG).
 The text tower is a small CLIP text model with random, frozen weights on the real CLIP tokenizer: the
 layout's (diffusers reads the folder), while the shapes world's words need no pretrained meaning here: the
 low-res image carries the content, and the frozen tower's features still tell the words apart.
@@ -13,7 +14,9 @@ low-res image carries the content, and the frozen tower's features still tell th
 The EMA U-Net is exported as an upscaler folder `OUT/model` (diffusers' StableDiffusionUpscalePipeline
 layout, `t2i.load` reads it); the sample grids show, per held-out scene, the low-res input (nearest-upsampled),
 the model's image and the truth; the held-out evaluation logs the PSNR of the model's images and of a plain
-bicubic upsampling of the same inputs.
+bicubic upsampling of the same inputs. The exported VAE config states the measured latent scale; diffusers'
+StableDiffusionUpscalePipeline replaces any scale other than 0.08333 by that value when it loads a folder (with
+a deprecation warning), so there set it back (`pipe.vae.register_to_config(scaling_factor=...)`) after loading.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class SRTrainConfig(LoopConfig):
     max_noise_level: int = MAX_NOISE_LEVEL  # augmentation levels drawn in 0..this
     noise_augmentation: bool = True  # False: the ablation, every low-res input at level 0
     degradation: DegradationConfig = field(default_factory=lambda: DegradationConfig(scale=4))
+    low_res: str = "bsr"  # or "bicubic": the ablation, plain antialiased bicubic downsampling (held-out: BSR)
     min_snr_gamma: float = 5.0
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
@@ -114,6 +118,8 @@ def build_sd_upscale(cfg: SRTrainConfig, run: Run) -> Task:
     if cfg.image_size % f:
         raise ValueError(f"--image-size must be a multiple of the autoencoder's factor {f}, got {cfg.image_size}")
     cfg.degradation = dataclasses.replace(cfg.degradation, scale=f)  # the model upscales by f
+    if cfg.low_res not in ("bsr", "bicubic"):
+        raise ValueError(f"--low-res must be bsr or bicubic, not {cfg.low_res!r}")
     if not 0 <= cfg.max_noise_level <= MAX_NOISE_LEVEL:
         raise ValueError(f"--max-noise-level must be in 0..{MAX_NOISE_LEVEL}")
     data = open_data("shapes", None, cfg.image_size, cfg.seed, run.log.text, cfg.background_p)
@@ -135,7 +141,10 @@ def build_sd_upscale(cfg: SRTrainConfig, run: Run) -> Task:
         x, captions, _ = data.batch(position, cfg.batch_size, run.info)
         drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-        low = degrade(x, cfg.degradation, as_rng(gen))  # (B, 3, h, w) in [-1, 1]
+        if cfg.low_res == "bsr":
+            low = degrade(x, cfg.degradation, as_rng(gen))  # (B, 3, h, w) in [-1, 1]
+        else:
+            low = F.interpolate(x, scale_factor=1 / f, mode="bicubic", antialias=True).clamp(-1, 1)
         level = (torch.randint(0, cfg.max_noise_level + 1, (len(captions),), generator=gen)
                  if cfg.noise_augmentation else torch.zeros(len(captions), dtype=torch.long))
         low = noise_low_res(low, torch.randn(low.shape, generator=gen), level, low_acp)
