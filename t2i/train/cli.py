@@ -251,6 +251,8 @@ SD_UPSCALE: list[Option] = [
     ("--no-noise-augmentation", "noise_augmentation", {"action": "store_false"},
      "the ablation: every low-res input at noise level 0"),
     ("--noise-level", "noise_level", {"type": int}, "the exported model's default sampling noise level"),
+    ("--low-res", "low_res", {"choices": ("bsr", "bicubic")}, "how training makes the low-res inputs: the LDM-BSR "
+     "degradations, or plain bicubic downsampling (the ablation; held-out inputs stay BSR)"),
     ("--base", "base", {}, "a text-to-image model (name or path) the exported upscaler finishes without an image"),
     ("--eval-every", "eval_every", {"type": int}, "held-out PSNR (and bicubic's) every N steps; 0: only at the end"),
     *(o for o in IMAGES if o[1] in ("image_size", "background_p", "image_every")),
