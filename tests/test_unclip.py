@@ -302,8 +302,9 @@ def test_prior_then_decoder_train_and_export_a_loadable_model(tmp_path):
     import t2i
     from t2i.train.unclip import train_unclip
 
+    # the prior run's file holds another (random) decoder shape: the decoder run replaces it, keeps the prior
     assert train_unclip(_train_config(tmp_path / "prior", "prior", steps=30, batch_size=16, ckpt_every=30,
-                                      export_every=30)) == 0
+                                      export_every=30, decoder_preset="shapes_decoder_32_s")) == 0
     losses = _losses(tmp_path / "prior", "unclip/prior_loss")
     assert len(losses) == 30 and sum(losses[-5:]) < 0.8 * sum(losses[:5])  # the prior learns
     prior_file = tmp_path / "prior" / "model.safetensors"

@@ -317,6 +317,10 @@ UNCLIP_UNET_PRESETS: dict[str, UnCLIPUNetConfig] = {
     "shapes_decoder_32": UnCLIPUNetConfig(block_channels=(32, 64, 96), layers_per_block=1,
                                           attention=(False, True, True), head_dim=32, context_dim=64,
                                           norm_groups=16, sample_size=32),
+    # what one shared CPU core trains in hours: attention at 8x8 only
+    "shapes_decoder_32_s": UnCLIPUNetConfig(block_channels=(32, 64, 64), layers_per_block=1,
+                                            attention=(False, False, True), head_dim=32, context_dim=64,
+                                            norm_groups=16, sample_size=32),
     "tiny_decoder": UnCLIPUNetConfig(block_channels=(16, 32), layers_per_block=1, attention=(False, True),
                                      head_dim=8, context_dim=16, norm_groups=8, sample_size=8),
     "tiny_super_res": UnCLIPUNetConfig(in_channels=6, out_channels=3, block_channels=(16, 32), layers_per_block=1,

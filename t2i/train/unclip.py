@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t2i.checkpoints.io import load_state_dict
+from t2i.checkpoints.io import load_state_dict, read_config
 from t2i.diffusion.losses import DiffusionLoss, HybridLoss
 from t2i.nets.prior_transformer import PRIOR_PRESETS
 from t2i.nets.unclip_unet import UNCLIP_UNET_PRESETS, TextProj, TextProjConfig, UnCLIPUNet
 from t2i.systems.unclip import (
+    SYSTEM_NAME,
     StageSettings,
     UnCLIPConfig,
     UnCLIPNets,
@@ -90,8 +91,31 @@ def resolve_model_config(cfg: UnCLIPTrainConfig, clip: nn.Module) -> UnCLIPConfi
     decoder = dataclasses.replace(UNCLIP_UNET_PRESETS[cfg.decoder_preset], sample_size=cfg.image_size)
     proj = TextProjConfig(extra_tokens=4, embed_dim=prior.embed_dim, time_embed_dim=decoder.time_embed_dim,
                           context_dim=decoder.context_dim or 64)
-    return UnCLIPConfig(prior=prior, text_proj=proj, decoder=decoder,
-                        settings=StageSettings(prior_steps=cfg.sample_steps))
+    own = UnCLIPConfig(prior=prior, text_proj=proj, decoder=decoder,
+                       settings=StageSettings(prior_steps=cfg.sample_steps))
+    if cfg.init is None:
+        return own
+    # the part not trained here is the init file's, shape included
+    base = UnCLIPConfig.from_dict(read_config(cfg.init, "an unCLIP model file", SYSTEM_NAME))
+    if cfg.train == "prior":
+        return dataclasses.replace(base, prior=own.prior)
+    return dataclasses.replace(base, text_proj=own.text_proj, decoder=own.decoder)
+
+
+def trained_prefixes(part: str) -> tuple[str, ...]:
+    """The state-dict prefixes of the nets a run of `part` trains (the rest come from its init file)."""
+    return ("prior.",) if part == "prior" else ("text_proj.", "decoder.")
+
+
+def load_init(nets: UnCLIPNets, path: str, part: str) -> None:
+    """The init file's weights for every net this run does not train (strict for those)."""
+    trained = trained_prefixes(part)
+    state = {k: v for k, v in load_state_dict(path).items() if not k.startswith(trained)}
+    result = nets.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(trained)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{path}: not the unCLIP nets this run needs (missing {missing[:3]}, unexpected "
+                         f"{result.unexpected_keys[:3]})")
 
 
 class DecoderWithProjection(nn.Module):
@@ -127,9 +151,9 @@ def build_unclip(cfg: UnCLIPTrainConfig, run: Run, clip: nn.Module | None = None
                      workers=cfg.data_workers)
     nets = UnCLIPNets(model_cfg)
     if cfg.init is not None:
-        nets.load_state_dict(load_state_dict(cfg.init), strict=True)
+        load_init(nets, cfg.init, cfg.train)
     prior_on = cfg.train == "prior"
-    if prior_on and cfg.init is None and fresh:  # (a resumed run reads them back from its checkpoint)
+    if prior_on and fresh:  # (a resumed run reads them back from its checkpoint)
         images, _, _ = data.batch(10**9, cfg.stats_images, run.info)  # far from the training positions
         set_embedding_statistics(nets, clip.encode_pixels(images))
     nets.requires_grad_(False)
