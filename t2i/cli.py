@@ -13,6 +13,7 @@ SUBCOMMANDS = [
     ("data", "t2i.data.cli"),
     ("train", "t2i.train.cli"),
     ("distill", "t2i.distill.cli"),
+    ("unclip", "t2i.systems.unclip_cli"),
     ("eval", "t2i.eval.cli"),
     ("convert", "t2i.convert_cli"),
     ("models", "t2i.systems.models_cli"),
