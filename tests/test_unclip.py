@@ -328,3 +328,23 @@ def test_a_resumed_decoder_run_equals_an_uninterrupted_one(tmp_path):
     whole = load_state_dict(tmp_path / "whole" / "model.safetensors")
     cut = load_state_dict(tmp_path / "cut" / "model.safetensors")
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+def test_unclip_cli_writes_variations_interpolations_and_text_diffs(tmp_path):
+    from t2i.cli import main
+    from t2i.imageio import read_parameters
+    from t2i.systems.unclip import write_tiny
+
+    model = write_tiny(tmp_path / "model", 0)
+    source = tmp_path / "source.png"
+    assert main(["generate", "a red circle", "--model", str(model), "--out", str(source), "--steps", "2",
+                 "--seed", "1"]) == 0
+    common = ["--model", str(model), "--steps", "2", "--seed", "3"]
+    assert main(["unclip", "variations", str(source), "--num", "2", "--out", str(tmp_path / "v"), *common]) == 0
+    assert main(["unclip", "interpolate", str(source), str(source), "--num", "3", "--out", str(tmp_path / "i"),
+                 *common]) == 0
+    assert main(["unclip", "text-diff", str(source), "--caption", "a red circle", "--target", "a blue circle",
+                 "--num", "2", "--out", str(tmp_path / "t"), *common]) == 0
+    assert len(list((tmp_path / "v").glob("*.png"))) == 2 and len(list((tmp_path / "i").glob("*.png"))) == 3
+    assert "unCLIP: text diff" in read_parameters(tmp_path / "t" / "source_text_diff_001.png")
+    assert main(["unclip", "variations", str(source), "--model", "no_such_model", "--out", str(tmp_path)]) == 2
