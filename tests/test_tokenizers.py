@@ -320,3 +320,13 @@ def test_configs_of_every_kind_have_the_token_interface() -> None:
     assert isinstance(build_tokenizer(VQVAE2_CONFIGS["tiny"]), VQVAE2)
     with pytest.raises(ValueError, match="must match"):
         train_vqvae(VQTrainConfig(out="/nonexistent/x", kind="vit-vqgan", vq=VIT_VQGAN_CONFIGS["tiny"], image_size=32))
+
+
+def test_options_of_another_kind_are_refused() -> None:
+    from t2i.train.vqvae import check_network_options
+
+    check_network_options(tokenizer_preset("dvae", "tiny"), {"vq.num_codes": "--codes"})  # the dVAE has K
+    with pytest.raises(ValueError, match="--codebook-decay does not apply to a dvae"):
+        check_network_options(tokenizer_preset("dvae", "tiny"), {"vq.decay": "--codebook-decay"})
+    with pytest.raises(ValueError, match="--codes does not apply to a vqvae2"):
+        check_network_options(tokenizer_preset("vqvae2", "tiny"), {"vq.num_codes": "--codes"})

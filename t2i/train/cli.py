@@ -88,11 +88,22 @@ DDPM: list[Option] = [
                                   "export_every")),
 ]
 VQVAE: list[Option] = [
-    ("--codes", "vq.num_codes", {"type": int}, "codebook size"),
-    ("--beta", "vq.beta", {"type": float}, "commitment loss weight"),
-    ("--codebook-decay", "vq.decay", {"type": float}, "EMA decay of the codebook"),
+    ("--kind", "kind", {"choices": ("vqvae", "vqgan", "vit-vqgan", "dvae", "vqvae2")}, "tokenizer: VQ-VAE, VQGAN (the "
+     "VQ-VAE network on L1 + CLIP-perceptual + patch-GAN), ViT-VQGAN, DALL-E's dVAE, VQ-VAE-2 (t2i.autoencoders)"),
+    ("--codes", "vq.num_codes", {"type": int}, "codebook size (vqvae, vqgan, vit-vqgan, dvae)"),
+    ("--beta", "vq.beta", {"type": float}, "commitment loss weight (vqvae, vqgan, vit-vqgan, vqvae2)"),
+    ("--codebook-decay", "vq.decay", {"type": float}, "EMA decay of the codebook (vqvae, vqgan, vqvae2)"),
     ("--dead-threshold", "vq.dead_threshold", {"type": float},
      "restart codes whose EMA usage (encodings per step) falls below this; 0: no restarts"),
+    ("--perceptual-weight", "gan.perceptual_weight", {"type": float}, "vqgan, vit-vqgan: weight of the perceptual "
+     "term (the frozen shapes CLIP image tower's features); 0: none"),
+    ("--disc-weight", "gan.disc_weight", {"type": float}, "vqgan, vit-vqgan: patch-GAN weight on top of the "
+     "adaptive weight; 0: no GAN"),
+    ("--disc-start", "gan.disc_start", {"type": int}, "vqgan, vit-vqgan: step at which the GAN terms start"),
+    ("--rec-loss", "gan.rec_loss", {"choices": ("l1", "mse")}, "vqgan, vit-vqgan: pixel reconstruction loss"),
+    ("--tau-steps", "tau_steps", {"type": int}, "dvae: Gumbel temperature annealed 1 -> 1/16 over these steps"),
+    ("--kl-weight", "kl_weight", {"type": float}, "dvae: weight of the KL to the uniform prior"),
+    ("--kl-steps", "kl_steps", {"type": int}, "dvae: the KL weight ramps up from 0 over these steps"),
 ]
 PREVIEW: list[Option] = [
     ("--model", "model", {}, "shapes-LDM model file (or a vae.safetensors) whose VAE is the teacher "
@@ -346,12 +357,12 @@ def _run_ddpm(args: argparse.Namespace) -> int:
 
 
 def _run_vqvae(args: argparse.Namespace) -> int:
-    from t2i.autoencoders.vq import VQ_CONFIGS
-    from t2i.train.vqvae import VQTrainConfig, train_vqvae
+    from t2i.train.vqvae import VQTrainConfig, check_network_options, tokenizer_preset, train_vqvae
 
     cfg = VQTrainConfig(out=args.out)
-    if args.preset is not None:  # the shape first, so that --codes etc. apply on top of it
-        cfg.vq = dataclasses.replace(VQ_CONFIGS[args.preset])
+    if args.preset is not None or args.kind is not None:  # the shape first, so that --codes etc. apply on top
+        cfg.vq = tokenizer_preset(args.kind or "vqvae", args.preset)
+    check_network_options(cfg.vq, {path: flag for flag, path, _, _ in args.options if getattr(args, path) is not None})
     given = _config(args, cfg, args.options)
     if args.preset is not None:
         given["vq"] = "--preset"
@@ -431,10 +442,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from t2i.autoencoders.vq import VQ_CONFIGS
     from t2i.train.vqvae import VQTrainConfig
 
-    vq = _parser(sub, "vqvae", "VQ-VAE image tokenizer (EMA codebook, dead-code restarts)", VQTrainConfig(out=""),
-                 [*RUN, *IMAGES, *VQVAE])
+    vq = _parser(sub, "vqvae", "image tokenizer: VQ-VAE (EMA codebook, dead-code restarts), VQGAN, ViT-VQGAN, dVAE "
+                 "or VQ-VAE-2 (--kind)", VQTrainConfig(out=""), [*RUN, *IMAGES, *VQVAE])
     vq.add_argument("--preset", choices=sorted(VQ_CONFIGS), help=_presets(
-        "tokenizer shape", VQ_CONFIGS, lambda c: f"{_vae_shape(c)}, {c.num_codes} codes") + " (default: f4)")
+        "tokenizer shape (--kind vqvae; the other kinds have presets of the same names and scale)", VQ_CONFIGS,
+        lambda c: f"{_vae_shape(c)}, {c.num_codes} codes") + " (default: f4)")
     vq.set_defaults(func=_run_vqvae)
     from t2i.train.dalle import DalleTrainConfig, train_dalle
     from t2i.train.maskgit import MaskGITTrainConfig, train_maskgit

@@ -81,6 +81,15 @@ def tokenizer_preset(kind: str, preset: str | None) -> Any:
     return dataclasses.replace(presets[preset or "f4"])
 
 
+def check_network_options(vq: Any, given: dict[str, str]) -> None:
+    """Refuse an option (config path "vq.FIELD" -> flag) whose field this kind's network config lacks
+    (e.g. --codebook-decay for the dVAE), rather than set an attribute nothing reads."""
+    fields = {f.name for f in dataclasses.fields(vq)}
+    for path, flag in given.items():
+        if path.startswith("vq.") and path[3:] not in fields:
+            raise ValueError(f"{flag} does not apply to a {kind_of(vq)} tokenizer")
+
+
 def export_name(kind: str) -> str:
     """The tokenizer file a run of `kind` exports: vqvae.safetensors, vit_vqgan.safetensors, ..."""
     return f"{kind.replace('-', '_')}.safetensors"
