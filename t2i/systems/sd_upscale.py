@@ -23,7 +23,10 @@ the asked size -> this model), which is what `t2i eval shapes` and a plain `t2i 
 UPSCALER "prompt"` then run. `pipe.with_base(other)` makes the same pair from any loaded model.
 
 Random draws follow diffusers for one image: each image's generator (seed + i) first draws the
-low-res noise, (1, 3, h, w), then the starting latents, (1, 4, h, w), then what the sampler needs.
+low-res noise, (1, 3, h, w), then the starting latents, (1, 4, h, w), then what the sampler needs. (diffusers
+draws the low-res noise once per call and shares it between the images of a prompt; here every image has its
+own, so an image does not depend on its batch.) The low-res image is resized with Lanczos when a request
+asks for an output size other than f times its own (diffusers' processor: bicubic, to a multiple of f).
 """
 
 from __future__ import annotations
