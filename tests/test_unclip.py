@@ -3,6 +3,8 @@ diffusers on tiny random weights, the whole UnCLIPPipeline from a folder, and th
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -348,3 +350,8 @@ def test_unclip_cli_writes_variations_interpolations_and_text_diffs(tmp_path):
     assert len(list((tmp_path / "v").glob("*.png"))) == 2 and len(list((tmp_path / "i").glob("*.png"))) == 3
     assert "unCLIP: text diff" in read_parameters(tmp_path / "t" / "source_text_diff_001.png")
     assert main(["unclip", "variations", str(source), "--model", "no_such_model", "--out", str(tmp_path)]) == 2
+    assert main(["unclip", "judge-variations", "--model", str(model), "--n", "2", "--num", "1", "--steps", "2",
+                 "--out", str(tmp_path / "j")]) == 0
+    report = json.loads((tmp_path / "j" / "results.json").read_text())
+    assert report["n"] == 2 and report["source_pass"] == 1.0  # rendered truth passes; the judge is the ceiling
+    assert 0.0 <= report["variation_pass"] <= 1.0 and 0.0 <= report["random_pass"] <= 1.0

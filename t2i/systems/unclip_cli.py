@@ -5,6 +5,7 @@ tower). Each writes OUT/NAME_000.png, ... with A1111 parameters naming the opera
     t2i unclip variations IMAGE --model M --num 4 --seed 1 --out DIR
     t2i unclip interpolate IMAGE_A IMAGE_B --model M --num 5 --out DIR
     t2i unclip text-diff IMAGE --caption "a red circle" --target "a blue circle" --model M --out DIR
+    t2i unclip judge-variations --model M --n 50 --out DIR   (t2i.eval.unclip_variations: do variations keep the scene?)
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ def _settings(args: argparse.Namespace) -> dict:
 def _image(path: str) -> Image.Image:
     with Image.open(path) as im:
         return im.convert("RGB")
+
+
+def _judge(args: argparse.Namespace) -> int:
+    from t2i.eval.unclip_variations import variation_agreement
+
+    result = variation_agreement(_load(args), args.n, args.num, args.seed, args.steps, args.out)
+    print(", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -68,6 +77,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "text-diff": sub.add_parser("text-diff", help="an image moved towards the difference of two captions' "
                                     "CLIP embeddings (one seed)"),
     }
+    judge = sub.add_parser("judge-variations", help="held-out shapes scenes: the judge's pass rate of their "
+                           "variations on the source caption, against variations of another scene")
+    judge.add_argument("--model", required=True, help="an unCLIP model on the shapes CLIP")
+    judge.add_argument("--out", help="folder for results.json")
+    judge.add_argument("--n", type=int, default=50, help="source scenes (default: 50)")
+    judge.add_argument("--num", type=int, default=2, help="variations per source (default: 2)")
+    judge.add_argument("--seed", type=int, default=20_000, help="scene seed, one no run trains on (default: 20000)")
+    judge.add_argument("--steps", type=int, help="decoder steps (unset: the model's)")
+    judge.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="weights' precision")
+    judge.set_defaults(func=_judge)
     parsers["variations"].add_argument("image", help="the input image")
     parsers["interpolate"].add_argument("image", help="the first image")
     parsers["interpolate"].add_argument("other", help="the last image")
