@@ -12,7 +12,7 @@ from test_ddpm import _Words
 import t2i
 from t2i.checkpoints.io import load_state_dict
 from t2i.diffusion.losses import HybridLoss
-from t2i.systems.deepfloyd_if import LowResInput, read_if_file
+from t2i.systems.deepfloyd_if import LowResInput, combine_stages, read_if_file
 from t2i.train.data import open_data
 from t2i.train.deepfloyd_if import IFTrainConfig, train_if
 from t2i.train.distributed import DistInfo
@@ -82,6 +82,12 @@ def test_both_stages_lower_their_loss_and_export_one_cascade(tmp_path):
     exported = load_state_dict(runs["sr20"])
     assert all(torch.equal(v, trained_base[k]) for k, v in exported.items() if k.startswith("base."))
     assert "if/vlb_bpd" in (tmp_path / "sr20" / "log.txt").read_text()
+    # stages trained side by side combine into one cascade: here the 1-step base with the trained stage II
+    combined = combine_stages(runs["base1"], runs["sr20"], tmp_path / "combined.safetensors")
+    state, other_base = load_state_dict(combined), load_state_dict(runs["base1"])
+    assert all(torch.equal(v, other_base[k] if k.startswith("base.") else exported[k]) for k, v in state.items())
+    assert not torch.equal(other_base["base.conv_out.weight"], trained_base["base.conv_out.weight"])
+    assert t2i.load(combined).sr is not None
 
 
 def test_a_resumed_sr_run_equals_an_uninterrupted_one(tmp_path):

@@ -404,6 +404,19 @@ def read_if_file(path: Path) -> tuple[IFConfig, IFUNet, IFUNet | None]:
     return cfg, nets["base"], nets.get("sr")
 
 
+def combine_stages(base_file: str | Path, sr_file: str | Path, out: str | Path) -> Path:
+    """One cascade file from the stage I of `base_file` and the stage II of `sr_file` (t2i IF files, e.g. a
+    base run and a super-resolution run trained side by side); stage II's sampling settings are kept."""
+    base_cfg, base, _ = read_if_file(Path(base_file))
+    sr_cfg, _, sr = read_if_file(Path(sr_file))
+    if sr is None or sr_cfg.sr is None:
+        raise CheckpointError(f"{sr_file}: holds no stage II")
+    if base_cfg.text_length != sr_cfg.text_length or base_cfg.text_encoder != sr_cfg.text_encoder:
+        raise CheckpointError(f"{base_file} and {sr_file} read different text encodings")
+    save_if(base, sr, replace(sr_cfg, base=base_cfg.base, steps=base_cfg.steps, guidance=base_cfg.guidance), out)
+    return Path(out)
+
+
 def if_file_pipeline(cfg: IFConfig, base: IFUNet, sr: IFUNet | None, text_encoder: nn.Module,
                      name: str) -> IFPipeline:
     """The pipeline of a t2i IF model (a shapes model: words outside its world draw nothing, and it says so)."""
