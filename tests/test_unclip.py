@@ -355,3 +355,19 @@ def test_unclip_cli_writes_variations_interpolations_and_text_diffs(tmp_path):
     report = json.loads((tmp_path / "j" / "results.json").read_text())
     assert report["n"] == 2 and report["source_pass"] == 1.0  # rendered truth passes; the judge is the ceiling
     assert 0.0 <= report["variation_pass"] <= 1.0 and 0.0 <= report["random_pass"] <= 1.0
+
+
+def test_an_init_image_request_is_a_variation_and_strength_moves_it_to_the_prompt(tiny):
+    from t2i.systems.base import GenerationRequest, check_request
+
+    source = tiny.generate("a red circle", seed=5, steps=2).images[0]
+    check_request(tiny, GenerationRequest("", init_image=source, strength=0.5))  # both are options here
+    request = tiny.generate("", init_image=source, seed=3, steps=2)
+    assert torch.allclose(request.sample, tiny.variations(source, 1, seed=3, steps=2).sample, atol=1e-5)
+    half = tiny.generate("a blue square", init_image=source, strength=0.5, seed=3, steps=2)
+    full = tiny.generate("a blue square", init_image=source, strength=1.0, seed=3, steps=2)
+    plain = tiny.generate("a blue square", seed=3, steps=2)
+    assert torch.allclose(full.sample, plain.sample, atol=1e-5)  # all the way: text-to-image
+    assert (half.sample - full.sample).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="strength"):
+        tiny.generate("x", init_image=source, strength=1.5, steps=2)

@@ -87,7 +87,8 @@ from t2i.systems.latent_diffusion import stop_polling
 from t2i.text.clip_tokenizer import CLIPTokenizer
 
 SYSTEM_NAME = "unclip"
-OPTIONS = frozenset({"steps", "guidance", "negative_prompt", "width", "height"})  # what run() honours
+# what run() honours; init_image (+ strength) is unCLIP's own img2img: a variation (see `run`)
+OPTIONS = frozenset({"steps", "guidance", "negative_prompt", "width", "height", "init_image", "strength"})
 SAMPLERS = ("ddpm",)
 
 
@@ -370,11 +371,18 @@ class UnCLIPPipeline(RequestMethods):
             raise ValueError(f"unknown sampler {r.sampler!r}; unCLIP samples with {', '.join(SAMPLERS)}")
         if not math.isfinite(r.guidance):
             raise ValueError(f"guidance must be a finite number, got {r.guidance}")
+        if r.strength is not None and not 0.0 <= r.strength <= 1.0:
+            raise ValueError(f"strength must be between 0 and 1, got {r.strength}")
         return r
 
     @torch.no_grad()
     def run(self, request: GenerationRequest) -> GenerationResult:
-        """Generate request.num_images images per prompt; image i of seed s draws all its noise from seed s + i."""
+        """Generate request.num_images images per prompt; image i of seed s draws all its noise from seed s + i.
+
+        With an init_image the request is a variation of it (unCLIP's img2img): the decoder decodes the image's
+        CLIP embedding, read with the prompt as its text; strength s > 0 first rotates that embedding towards the
+        prior's sample for the prompt, slerp(z_image, z_prior, s) (0 or unset: the image's own embedding, no prior
+        run, exactly `variations`; 1: plain text-to-image)."""
         with stop_polling(request.should_stop, self.prior, self.unet, *([self.super_res] if self.super_res else [])):
             start = time.perf_counter()
             r = self._resolve(request)
@@ -385,12 +393,19 @@ class UnCLIPPipeline(RequestMethods):
             s = self.settings
             sr_steps = s.super_res_steps if self.super_res is not None else 0
             total = s.prior_steps * s.prior_candidates + r.steps + sr_steps
+            use_prior = r.init_image is None or bool(r.strength)
+            if not use_prior:
+                total -= s.prior_steps * s.prior_candidates
             with StageReport.of(r, total) as report:
-                candidates = [self.sample_prior(cond, uncond, generators, callback=report.stage(k * s.prior_steps,
-                                                                                                False))
-                              for k in range(s.prior_candidates)]
-                embeds = self.pick_closest(candidates, cond.embeds) if len(candidates) > 1 else candidates[0]
-                offset = s.prior_steps * s.prior_candidates
+                embeds = self.embed_images([r.init_image]).expand(len(prompts), -1) if r.init_image else None
+                offset = 0
+                if use_prior:
+                    candidates = [self.sample_prior(cond, uncond, generators,
+                                                    callback=report.stage(k * s.prior_steps, False))
+                                  for k in range(s.prior_candidates)]
+                    drawn = self.pick_closest(candidates, cond.embeds) if len(candidates) > 1 else candidates[0]
+                    embeds = drawn if embeds is None else slerp(embeds, drawn, float(r.strength))
+                    offset = s.prior_steps * s.prior_candidates
                 small = self.sample_decoder(embeds, cond, uncond, generators, r.steps, r.guidance, size,
                                             report.stage(offset, True))
                 images = self.super_resolve(small, generators, callback=report.stage(offset + r.steps, True))
