@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from t2i.checkpoints.io import system_file
@@ -29,6 +30,7 @@ from t2i.train.distributed import DistInfo
 from t2i.train.loop import batch_indices
 
 FAMILIES = ("shapes_ldm", "shapes_layout")
+STORED_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}  # safetensors' names
 # Width of the student's guidance-scale embedding (LCM's and diffusers' LatentConsistencyModelPipeline's).
 GUIDANCE_EMBED_DIM = 256
 # The sample grids' prompts: a few of the judge families' kinds.
@@ -99,6 +101,8 @@ class Teacher:
         self.unet: UNet = self.model.unet.requires_grad_(False).eval()
         self.vae = self.model.vae.requires_grad_(False).eval()
         self.schedule = self.ldm_cfg.schedule
+        with safe_open(str(self.file), framework="pt") as f:  # the student's U-Net is stored as the teacher's is
+            self.unet_dtype = STORED_DTYPES.get(f.get_slice("unet.conv_in.weight").get_dtype(), torch.float32)
         self.text = text_encoder or load_text_encoder(self.ldm_cfg)
         self.planner_file = self.file.parent / "planner.safetensors"
         self.phrases = None
@@ -197,7 +201,7 @@ class Teacher:
         """`folder/model.safetensors` (loaded by the teacher's family), with the teacher's layout planner
         beside it when it has one, so `--model folder` plans layouts as the teacher does."""
         folder.mkdir(parents=True, exist_ok=True)
-        model.save(folder / "model.safetensors")
+        model.save(folder / "model.safetensors", self.unet_dtype)
         if self.layout and self.planner_file.is_file():
             shutil.copyfile(self.planner_file, folder / "planner.safetensors")
         return folder / "model.safetensors"
