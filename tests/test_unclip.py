@@ -371,3 +371,41 @@ def test_an_init_image_request_is_a_variation_and_strength_moves_it_to_the_promp
     assert (half.sample - full.sample).abs().max() > 1e-3
     with pytest.raises(ValueError, match="strength"):
         tiny.generate("x", init_image=source, strength=1.5, steps=2)
+
+
+def test_variations_through_generate_init_image_and_the_servers_img2img(tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    import t2i
+    from t2i.cli import main
+    from t2i.systems.unclip import write_tiny
+
+    model = write_tiny(tmp_path / "model", 0)
+    pipe = t2i.load(model)
+    source = tmp_path / "source.png"
+    pipe.generate("a red circle", seed=5, steps=2).images[0].save(source)
+    with Image.open(source) as im:  # a variation read with the prompt as the decoder's text: the API's answer
+        expected = pipe.generate("a red circle", init_image=im.convert("RGB"), seed=3, steps=2).images[0].tobytes()
+    out = tmp_path / "cli.png"
+    assert main(["generate", "a red circle", "--model", str(model), "--init-image", str(source), "--seed", "3",
+                 "--steps", "2", "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        assert im.convert("RGB").tobytes() == expected
+
+    pytest.importorskip("fastapi")
+    from test_families import _post
+
+    from t2i.serve.app import create_app
+    from t2i.serve.background import BackgroundServer
+    from t2i.serve.config import ServeConfig
+
+    body = {"prompt": "a red circle", "seed": 3, "steps": 2, "denoising_strength": 0.0,
+            "init_images": [base64.b64encode(source.read_bytes()).decode()]}
+    with BackgroundServer(create_app(pipe, ServeConfig())) as server:
+        status, reply = _post(server.url + "/sdapi/v1/img2img", body)
+    assert status == 200, reply
+    image = Image.open(io.BytesIO(base64.b64decode(reply["images"][0]))).convert("RGB")
+    assert image.tobytes() == expected
