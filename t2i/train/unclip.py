@@ -91,8 +91,9 @@ def resolve_model_config(cfg: UnCLIPTrainConfig, clip: nn.Module) -> UnCLIPConfi
     decoder = dataclasses.replace(UNCLIP_UNET_PRESETS[cfg.decoder_preset], sample_size=cfg.image_size)
     proj = TextProjConfig(extra_tokens=4, embed_dim=prior.embed_dim, time_embed_dim=decoder.time_embed_dim,
                           context_dim=decoder.context_dim or 64)
+    # the exported model keeps the closer of two prior samples to the text (unCLIP sec. 2.2)
     own = UnCLIPConfig(prior=prior, text_proj=proj, decoder=decoder,
-                       settings=StageSettings(prior_steps=cfg.sample_steps))
+                       settings=StageSettings(prior_steps=cfg.sample_steps, prior_candidates=2))
     if cfg.init is None:
         return own
     # the part not trained here is the init file's, shape included
