@@ -31,6 +31,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "t2i.systems.maskgit",
     "t2i.systems.dalle",
     "t2i.systems.parti",
+    "t2i.systems.vqgan_clip",
     "t2i.systems.amused",
     "t2i.systems.sd_upscale",
     "t2i.systems.deepfloyd_if",
