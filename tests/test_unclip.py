@@ -96,19 +96,12 @@ OUTPUT_SCALE = 4.0  # decoder and super-resolution outputs scaled up so a wrong 
 TOLERANCE = 2e-4  # max |ours - diffusers| relative to the std of diffusers' values
 
 
-def build_karlo(folder):
-    """A tiny random diffusers UnCLIPPipeline (Karlo's layout), saved to `folder`; returns the pipeline."""
+def _karlo_parts(folder):
+    """The components both Karlo pipelines share: CLIP text tower and tokenizer, text projection, decoder,
+    super-resolution, their schedulers (tiny, random, output layers scaled up)."""
     from sd_oracles import _clip, _tokenizer
 
-    torch.manual_seed(0)
     e = 32  # CLIP width = projection = prior embedding, as Karlo's (768 each)
-    text_encoder = _clip(e, 2, "gelu", 49407, projection=e)
-    tokenizer = _tokenizer(folder / "tokenizer", "<|endoftext|>")
-    prior = diffusers.PriorTransformer(num_attention_heads=2, attention_head_dim=12, num_layers=2, embedding_dim=e,
-                                       num_embeddings=77)
-    _randomize(prior, 0.2)
-    with torch.no_grad():
-        prior.clip_std.abs_().add_(0.5)
     decoder = diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=3, out_channels=6, layers_per_block=1, block_out_channels=(16, 32),
         norm_num_groups=8, down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
@@ -124,12 +117,40 @@ def build_karlo(folder):
             net.conv_out.weight.mul_(OUTPUT_SCALE)
             net.conv_out.bias.mul_(OUTPUT_SCALE)
     scheduler = diffusers.UnCLIPScheduler
-    pipe = diffusers.UnCLIPPipeline(
-        prior=prior, decoder=decoder, text_proj=text_proj, text_encoder=text_encoder, tokenizer=tokenizer,
-        super_res_first=super_res[0], super_res_last=super_res[1],
-        prior_scheduler=scheduler(variance_type="fixed_small_log", prediction_type="sample", clip_sample_range=5.0),
-        decoder_scheduler=scheduler(variance_type="learned_range", prediction_type="epsilon"),
-        super_res_scheduler=scheduler(variance_type="fixed_small_log", prediction_type="epsilon"))
+    return dict(text_encoder=_clip(e, 2, "gelu", 49407, projection=e),
+                tokenizer=_tokenizer(folder / "tokenizer", "<|endoftext|>"), decoder=decoder, text_proj=text_proj,
+                super_res_first=super_res[0], super_res_last=super_res[1],
+                decoder_scheduler=scheduler(variance_type="learned_range", prediction_type="epsilon"),
+                super_res_scheduler=scheduler(variance_type="fixed_small_log", prediction_type="epsilon"))
+
+
+def build_karlo(folder):
+    """A tiny random diffusers UnCLIPPipeline (Karlo's layout), saved to `folder`; returns the pipeline."""
+    torch.manual_seed(0)
+    parts = _karlo_parts(folder)
+    prior = diffusers.PriorTransformer(num_attention_heads=2, attention_head_dim=12, num_layers=2, embedding_dim=32,
+                                       num_embeddings=77)
+    _randomize(prior, 0.2)
+    with torch.no_grad():
+        prior.clip_std.abs_().add_(0.5)
+    prior_scheduler = diffusers.UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample",
+                                                clip_sample_range=5.0)
+    pipe = diffusers.UnCLIPPipeline(prior=prior, prior_scheduler=prior_scheduler, **parts)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return pipe
+
+
+def build_karlo_variations(folder):
+    """A tiny random diffusers UnCLIPImageVariationPipeline (CLIP image tower, no prior), saved to `folder`."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(1)
+    parts = _karlo_parts(folder)
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        image_size=32, patch_size=8))
+    processor = CLIPImageProcessor(size=32, crop_size=32)
+    pipe = diffusers.UnCLIPImageVariationPipeline(image_encoder=vision, feature_extractor=processor, **parts)
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
 
@@ -409,3 +430,29 @@ def test_variations_through_generate_init_image_and_the_servers_img2img(tmp_path
     assert status == 200, reply
     image = Image.open(io.BytesIO(base64.b64decode(reply["images"][0]))).convert("RGB")
     assert image.tobytes() == expected
+
+
+def test_karlo_variation_folder_makes_the_variations_diffusers_makes(tmp_path):
+    import t2i
+
+    reference = build_karlo_variations(tmp_path / "variations")
+    ours = t2i.load(tmp_path / "variations")
+    source = noise_image()
+    seed, steps = 4, 3
+    ours.with_settings(super_res_steps=steps)
+    expected = reference(source, decoder_num_inference_steps=steps, super_res_num_inference_steps=steps,
+                         generator=torch.Generator("cpu").manual_seed(seed), decoder_guidance_scale=5.0,
+                         output_type="np").images
+    got = ours.variations(source, 1, seed=seed, steps=steps, guidance=5.0).sample * 0.5 + 0.5
+    assert _relative(got, torch.from_numpy(expected).permute(0, 3, 1, 2)) < TOLERANCE
+    with pytest.raises(ValueError, match="no prior"):
+        ours.generate("a red circle", steps=2)  # an image-variation folder: init images only
+    assert ours.generate("", init_image=source, seed=seed, steps=steps, guidance=5.0).images[0].size == (16, 16)
+
+
+def noise_image():
+    """A 40x48 RGB noise image (not square: CLIP's resize and centre crop are exercised)."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))

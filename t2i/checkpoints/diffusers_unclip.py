@@ -2,8 +2,9 @@
 and the Karlo decoder / super-resolution U-Nets (`UNet2DConditionModel` / `UNet2DModel` with ResNet
 up/down-sampling, scale-shift time conditioning and added-KV attention).
 
-    model_index.json   {"_class_name": "UnCLIPPipeline", ...}
-    prior/             config.json (PriorTransformer) + weights
+    model_index.json   {"_class_name": "UnCLIPPipeline" or "UnCLIPImageVariationPipeline", ...}
+    prior/             config.json (PriorTransformer) + weights (text-to-image folders)
+    image_encoder/, feature_extractor/  CLIPVisionModelWithProjection + CLIPImageProcessor (variation folders)
     text_proj/         config.json (UnCLIPTextProjModel) + weights
     decoder/           UNet2DConditionModel (class_embed_type "identity", SimpleCrossAttn blocks)
     super_res_first/, super_res_last/   UNet2DModel (ResnetDownsampleBlock2D / ResnetUpsampleBlock2D)
@@ -28,7 +29,8 @@ from t2i.diffusion.schedules import ScheduleConfig
 from t2i.nets.prior_transformer import EXTRA_TOKENS, PriorConfig
 from t2i.nets.unclip_unet import TextProjConfig, UnCLIPUNetConfig
 
-PIPELINE = "UnCLIPPipeline"
+# text-to-image (prior + decoder), and image variations (CLIP image tower + decoder, no prior)
+PIPELINES = ("UnCLIPPipeline", "UnCLIPImageVariationPipeline")
 
 # PriorTransformer options t2i does not implement, with the only value accepted.
 _PRIOR_UNSUPPORTED: dict[str, Any] = {
@@ -43,8 +45,9 @@ _PRIOR_UNSUPPORTED: dict[str, Any] = {
 
 
 def is_diffusers_unclip(path: Path) -> bool:
-    """A folder whose model_index.json names an UnCLIPPipeline (reads that file only)."""
-    return names_pipeline(path, PIPELINE)
+    """A folder whose model_index.json names an UnCLIPPipeline or UnCLIPImageVariationPipeline (reads that
+    file only)."""
+    return any(names_pipeline(path, name) for name in PIPELINES)
 
 
 def prior_config_from_diffusers(cfg: dict[str, Any]) -> PriorConfig:

@@ -110,12 +110,14 @@ class TextCondition:
 
 class KarloCLIP(nn.Module):
     """OpenAI CLIP's text tower (`CLIPTextModelWithProjection`) and its BPE tokenizer, 77 tokens; Karlo's
-    CLIP embeddings are the raw projections (not unit-normalised). `vision` (a `VisionTransformer`) and its
-    preprocessing are optional: an UnCLIPPipeline folder has no image tower."""
+    CLIP embeddings are the raw projections (not unit-normalised). `vision` (a `VisionTransformer` with its
+    projection) and `preprocess` (`CLIPImagePreprocess`) are optional: an UnCLIPPipeline folder has no image
+    tower, an UnCLIPImageVariationPipeline folder has one."""
 
-    def __init__(self, text: nn.Module, tokenizer: CLIPTokenizer, vision: nn.Module | None = None) -> None:
+    def __init__(self, text: nn.Module, tokenizer: CLIPTokenizer, vision: nn.Module | None = None,
+                 preprocess: Any = None) -> None:
         super().__init__()
-        self.text, self.tokenizer, self.vision = text, tokenizer, vision
+        self.text, self.tokenizer, self.vision, self.preprocess = text, tokenizer, vision, preprocess
 
     def encode_text(self, texts: list[str]) -> TextCondition:
         batch = self.tokenizer.tokenize(list(texts), self.text.cfg.max_positions)
@@ -125,8 +127,11 @@ class KarloCLIP(nn.Module):
         return TextCondition(out.text_embeds, out.last_hidden_state, batch.attention_mask, warnings)
 
     def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
-        raise ValueError("this unCLIP model has no CLIP image tower (a diffusers UnCLIPPipeline folder holds the "
-                         "text tower only): variations, interpolation and text diffs need one")
+        if self.vision is None:
+            raise ValueError("this unCLIP model has no CLIP image tower (a diffusers UnCLIPPipeline folder holds "
+                             "the text tower only): variations, interpolation and text diffs need one")
+        pixels = self.preprocess(images).to(self.vision.patch_embedding.weight.dtype)  # (B, 3, S, S)
+        return self.vision(pixels).image_embeds  # (B, E)
 
 
 class ShapesCLIPEncoder(nn.Module):
@@ -248,14 +253,15 @@ class UnCLIPPipeline(RequestMethods):
 
     Args:
         clip: `KarloCLIP` or `ShapesCLIPEncoder` (encode_text, encode_images).
-        prior, prior_schedule: the prior network and its UnCLIPScheduler settings (x0 prediction).
+        prior, prior_schedule: the prior network and its UnCLIPScheduler settings (x0 prediction); no prior
+            (an image-variation model): requests need an init image.
         text_proj, decoder, decoder_schedule: the decoder's conditioning projection, its U-Net and schedule.
         super_res, super_res_schedule: (first, last) super-resolution U-Nets and their schedule, or None.
     """
 
     family = SYSTEM_NAME
 
-    def __init__(self, clip: nn.Module, prior: PriorTransformer, prior_schedule: UnCLIPSchedulerConfig,
+    def __init__(self, clip: nn.Module, prior: PriorTransformer | None, prior_schedule: UnCLIPSchedulerConfig,
                  text_proj: TextProj, decoder: UnCLIPUNet, decoder_schedule: UnCLIPSchedulerConfig,
                  super_res: tuple[UnCLIPUNet, UnCLIPUNet] | None = None,
                  super_res_schedule: UnCLIPSchedulerConfig | None = None, *, name: str = SYSTEM_NAME,
@@ -309,6 +315,9 @@ class UnCLIPPipeline(RequestMethods):
     def sample_prior(self, cond: TextCondition, uncond: TextCondition, generators: list[torch.Generator],
                      steps: int | None = None, guidance: float | None = None, callback: Any = None) -> torch.Tensor:
         """(B, E) CLIP image embeddings for the texts, drawn from the prior (CLIP's scale, denormalised)."""
+        if self.prior is None:
+            raise ValueError(f"{self.name} has no prior (an image-variation model): give an init image, whose "
+                             "variations it makes (strength 0)")
         s = self.settings
         plan = stage_plan(self.prior_schedule, steps or s.prior_steps)
         dtype = self.prior.proj_in.weight.dtype
@@ -383,7 +392,8 @@ class UnCLIPPipeline(RequestMethods):
         CLIP embedding, read with the prompt as its text; strength s > 0 first rotates that embedding towards the
         prior's sample for the prompt, slerp(z_image, z_prior, s) (0 or unset: the image's own embedding, no prior
         run, exactly `variations`; 1: plain text-to-image)."""
-        with stop_polling(request.should_stop, self.prior, self.unet, *([self.super_res] if self.super_res else [])):
+        nets = [net for net in (self.prior, self.unet, self.super_res) if net is not None]
+        with stop_polling(request.should_stop, *nets):
             start = time.perf_counter()
             r = self._resolve(request)
             size = self._decoder_size(r)
@@ -594,20 +604,47 @@ def _scheduler(folder: Path) -> UnCLIPSchedulerConfig:
                                                             f"{folder.name}/scheduler_config.json"))
 
 
+def _image_tower(path: Path) -> tuple[nn.Module, Any]:
+    """A variation folder's CLIP image tower (`image_encoder/`, CLIPVisionModelWithProjection) and its
+    preprocessing (`feature_extractor/preprocessor_config.json`)."""
+    from t2i.eval.clip_score import (
+        CLIPImagePreprocess,
+        vision_config_from_transformers,
+        vision_state_dict_from_transformers,
+    )
+    from t2i.nets.vit import VisionTransformer
+
+    folder = path / "image_encoder"
+    cfg = vision_config_from_transformers(read_json_object(folder / "config.json", "image_encoder/config.json"))
+    state = vision_state_dict_from_transformers(load_component_weights(folder, "model"))
+    vision = build_checked(lambda: VisionTransformer(cfg), {"image_encoder": cfg},
+                           {k: v.to("meta") for k, v in state.items()}, str(folder))
+    pre = path / "feature_extractor" / "preprocessor_config.json"
+    preprocess = (CLIPImagePreprocess.from_config(read_json_object(pre, "preprocessor_config.json"), cfg.image_size)
+                  if pre.is_file() else CLIPImagePreprocess(cfg.image_size, cfg.image_size))
+    return fill(vision, state, torch.float32), preprocess
+
+
 def load_diffusers_unclip(path: Path) -> UnCLIPPipeline:
-    """A diffusers UnCLIPPipeline folder (Karlo), offline: every component read from the folder."""
+    """A diffusers UnCLIPPipeline or UnCLIPImageVariationPipeline folder (Karlo), offline: every component read
+    from the folder."""
     text = load_clip_text_folder(path / "text_encoder").eval().requires_grad_(False)
     if text.text_projection is None:
         raise ValueError(f"{path}/text_encoder: unCLIP needs CLIPTextModelWithProjection (a text_projection)")
-    clip = KarloCLIP(text, CLIPTokenizer.from_folder(path / "tokenizer"))
-    prior = _component(path / "prior", prior_config_from_diffusers, PriorTransformer, prior_state_dict_from_diffusers)
+    vision, preprocess = _image_tower(path) if (path / "image_encoder").is_dir() else (None, None)
+    clip = KarloCLIP(text, CLIPTokenizer.from_folder(path / "tokenizer"), vision, preprocess)
+    prior = None
+    if (path / "prior").is_dir():
+        prior = _component(path / "prior", prior_config_from_diffusers, PriorTransformer,
+                           prior_state_dict_from_diffusers)
     text_proj = _component(path / "text_proj", text_proj_config_from_diffusers, TextProj)
     decoder = _component(path / "decoder", unet_config_from_diffusers, UnCLIPUNet)
     super_res = None
     if (path / "super_res_first").is_dir():
         super_res = (_component(path / "super_res_first", unet_config_from_diffusers, UnCLIPUNet),
                      _component(path / "super_res_last", unet_config_from_diffusers, UnCLIPUNet))
-    return UnCLIPPipeline(clip, prior, _scheduler(path / "prior_scheduler"), text_proj, decoder,
+    prior_schedule = _scheduler(path / "prior_scheduler") if prior is not None else UnCLIPSchedulerConfig()
+    return UnCLIPPipeline(clip, prior, prior_schedule, text_proj, decoder,
                           _scheduler(path / "decoder_scheduler"), super_res,
                           _scheduler(path / "super_res_scheduler") if super_res else None, name=path.name)
 
