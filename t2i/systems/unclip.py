@@ -24,10 +24,14 @@ an image's embedding towards the difference of two captions' embeddings), and th
 `prior_candidates` prior samples and keeping the one closest to the text (sec. 2.2, "we generate two samples of
 z_i and pick the one with a higher dot product with z_t").
 
-Two layouts load: diffusers' `UnCLIPPipeline` folder (Karlo; `t2i.checkpoints.diffusers_unclip`), and t2i's own
-file (one safetensors: `prior.*`, `text_proj.*`, `decoder.*` [, `super_res_first.*`, `super_res_last.*`], the
-resolved `UnCLIPConfig` in its metadata) on our shapes CLIP (`t2i.eval.shapes_clip`), what `t2i train unclip`
-writes.
+Through the Pipeline protocol a request with an `init_image` is a variation of it (unCLIP's img2img: `t2i generate
+--init-image`, the server's img2img); `strength` rotates the image's embedding towards the prior's sample for the
+prompt. Interpolation and text diffs are methods here and `t2i unclip ...` (`t2i.systems.unclip_cli`).
+
+Layouts: diffusers' `UnCLIPPipeline` folders (Karlo) and `UnCLIPImageVariationPipeline` folders (CLIP image tower,
+no prior; `t2i.checkpoints.diffusers_unclip`), and t2i's own file (one safetensors: `prior.*`, `text_proj.*`,
+`decoder.*` [, `super_res_first.*`, `super_res_last.*`], the resolved `UnCLIPConfig` in its metadata) on our shapes
+CLIP (`t2i.eval.shapes_clip`), what `t2i train unclip-prior` / `unclip-decoder` write.
 """
 
 from __future__ import annotations
