@@ -376,6 +376,26 @@ def test_unclip_cli_writes_variations_interpolations_and_text_diffs(tmp_path):
     report = json.loads((tmp_path / "j" / "results.json").read_text())
     assert report["n"] == 2 and report["source_pass"] == 1.0  # rendered truth passes; the judge is the ceiling
     assert 0.0 <= report["variation_pass"] <= 1.0 and 0.0 <= report["random_pass"] <= 1.0
+    assert main(["unclip", "prior-retrieval", "--model", str(model), "--n", "3", "--steps", "2"]) == 0
+
+
+def test_prior_retrieval_finds_the_scene_of_a_prior_that_returns_it(tiny, monkeypatch):
+    """An oracle prior (the true image embeddings) ranks every caption's own scene first; a constant one doesn't."""
+    from t2i.eval.unclip_variations import prior_retrieval
+
+    truth = {}
+    original = tiny.embed_images
+
+    def remember(images):
+        truth["z"] = original(images)
+        return truth["z"]
+
+    monkeypatch.setattr(tiny, "embed_images", remember)
+    monkeypatch.setattr(tiny, "sample_prior", lambda cond, *_: truth["z"][: cond.embeds.shape[0]])
+    oracle = prior_retrieval(tiny, n=6)
+    assert oracle["top1"] == 1.0 and oracle["cos_own"] > oracle["cos_other"]
+    monkeypatch.setattr(tiny, "sample_prior", lambda cond, *_: truth["z"][:1].expand(cond.embeds.shape[0], -1))
+    assert prior_retrieval(tiny, n=6)["top1"] <= 0.5
 
 
 def test_an_init_image_request_is_a_variation_and_strength_moves_it_to_the_prompt(tiny):

@@ -6,6 +6,7 @@ tower). Each writes OUT/NAME_000.png, ... with A1111 parameters naming the opera
     t2i unclip interpolate IMAGE_A IMAGE_B --model M --num 5 --out DIR
     t2i unclip text-diff IMAGE --caption "a red circle" --target "a blue circle" --model M --out DIR
     t2i unclip judge-variations --model M --n 50 --out DIR   (t2i.eval.unclip_variations: do variations keep the scene?)
+    t2i unclip prior-retrieval --model M --n 100             (does the prior's sample find its caption's scene?)
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ def _judge(args: argparse.Namespace) -> int:
     from t2i.eval.unclip_variations import variation_agreement
 
     result = variation_agreement(_load(args), args.n, args.num, args.seed, args.steps, args.out)
+    print(", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    return 0
+
+
+def _retrieval(args: argparse.Namespace) -> int:
+    from t2i.eval.unclip_variations import prior_retrieval
+
+    result = prior_retrieval(_load(args), args.n, args.seed, args.steps)
     print(", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
     return 0
 
@@ -87,6 +96,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     judge.add_argument("--steps", type=int, help="decoder steps (unset: the model's)")
     judge.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="weights' precision")
     judge.set_defaults(func=_judge)
+    retrieval = sub.add_parser("prior-retrieval", help="held-out shapes scenes: how often the prior's sample for a "
+                               "caption is closest (cosine) to the CLIP embedding of that caption's scene")
+    retrieval.add_argument("--model", required=True, help="an unCLIP model on the shapes CLIP")
+    retrieval.add_argument("--n", type=int, default=100, help="scenes (default: 100)")
+    retrieval.add_argument("--seed", type=int, default=20_000, help="scene seed (default: 20000)")
+    retrieval.add_argument("--steps", type=int, help="prior steps (unset: the model's)")
+    retrieval.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="weights' precision")
+    retrieval.set_defaults(func=_retrieval)
     parsers["variations"].add_argument("image", help="the input image")
     parsers["interpolate"].add_argument("image", help="the first image")
     parsers["interpolate"].add_argument("other", help="the last image")
