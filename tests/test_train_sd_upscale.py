@@ -70,3 +70,14 @@ def test_resume_is_bitwise_an_uninterrupted_run(tmp_path):
     b = load_file(tmp_path / "cut" / "checkpoints" / "step_00000004.safetensors")
     assert set(a) == set(b) and any(k.startswith("ema.") for k in a)
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_the_ablations_run(tmp_path):
+    """--low-res bicubic (no BSR) and --no-noise-augmentation train and say so in the run's saved config."""
+    from t2i.train.checkpoint import read_metadata
+
+    out = tmp_path / "ablation"
+    assert main(["train", "sd-upscale", "--out", str(out), "--steps", "1", "--low-res", "bicubic",
+                 "--no-noise-augmentation", "--ckpt-every", "1", "--export-every", "100", *COMMON]) == 0
+    cfg = read_metadata(out / "checkpoints" / "step_00000001.safetensors")["config"]
+    assert cfg["low_res"] == "bicubic" and cfg["noise_augmentation"] is False
