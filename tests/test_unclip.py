@@ -338,6 +338,7 @@ def test_prior_then_decoder_train_and_export_a_loadable_model(tmp_path):
     for name, p in trained_prior.prior.state_dict().items():  # the decoder run kept the prior it started from
         assert torch.equal(p, pipe.prior.state_dict()[name]), name
     assert pipe.prior.clip_std.std() > 0  # the embedding statistics were measured, not left at 1
+    assert pipe.decoder_schedule.prediction_type == "v_prediction" and pipe.settings.prior_candidates == 2
     assert pipe.generate("a red circle", seed=1, steps=2).sample.shape == (1, 3, 16, 16)
 
 

@@ -169,7 +169,8 @@ def unet_state_dict_from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, 
 @dataclass
 class UnCLIPSchedulerConfig:
     """diffusers' UnCLIPScheduler settings: the cosine schedule ("squaredcos_cap_v2", the only one it has), what
-    the network predicts ("epsilon" or "sample": x0, the prior), x0 clipping, and the posterior variance
+    the network predicts ("epsilon" or "sample": x0, the prior; t2i's files also "v_prediction"), x0 clipping, and
+    the posterior variance
     ("fixed_small_log": beta-tilde; "learned_range": the network's interpolation values, IDDPM eq. 15)."""
 
     num_train_timesteps: int = 1000
@@ -181,7 +182,8 @@ class UnCLIPSchedulerConfig:
     def __post_init__(self) -> None:
         if self.variance_type not in ("fixed_small_log", "learned_range"):
             raise ValueError(f"UnCLIPScheduler variance_type {self.variance_type!r} is not supported")
-        if self.prediction_type not in ("epsilon", "sample"):
+        # "v_prediction" is t2i's own (its shapes decoders); diffusers' UnCLIPScheduler has epsilon and sample
+        if self.prediction_type not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(f"UnCLIPScheduler prediction_type {self.prediction_type!r} is not supported")
         if not 1 <= self.num_train_timesteps <= 100_000:
             raise ValueError(f"UnCLIPScheduler num_train_timesteps {self.num_train_timesteps} is out of range")

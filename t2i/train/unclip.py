@@ -11,7 +11,7 @@ decoder; the part not trained comes from `init`, another unCLIP file, or stays r
 - the **decoder** (sec. 2.1): the images at the decoder's size, conditioned on their own CLIP image embedding
   (projected into the time embedding and four context tokens) and caption; the image embedding replaced by the
   learned null embedding 10% of the time and the caption by the empty one 50% of the time, as the paper; it
-  learns its variance (IDDPM's hybrid loss, L_simple + 0.001 L_vlb).
+  learns its variance (IDDPM's hybrid loss, L_simple + 0.001 L_vlb), its mean as v (default) or eps (Karlo's).
 
 The CLIP is frozen and its embeddings are computed in `prepare` (no autograd). The EMA nets are exported as
 `model.safetensors` and sampled into captioned grids through the family's pipeline.
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from t2i.checkpoints.diffusers_unclip import UnCLIPSchedulerConfig
 from t2i.checkpoints.io import load_state_dict, read_config
 from t2i.diffusion.losses import DiffusionLoss, HybridLoss
 from t2i.nets.prior_transformer import PRIOR_PRESETS
@@ -66,6 +67,9 @@ class UnCLIPTrainConfig(LoopConfig):
     text_dropout: float = 0.1  # prior: the caption dropped
     image_dropout: float = 0.1  # decoder: the image embedding replaced by the null one
     caption_dropout: float = 0.5  # decoder: the caption dropped
+    # The decoder's target. Karlo's is eps; on the cosine schedule eps teaches nothing at the terminal SNR (2.4e-9)
+    # and the pixel DDPM trained that way drew dark mush, where v-prediction learned (docs/FAMILIES.md).
+    prediction_type: str = "v_prediction"
     stats_images: int = 1024
     data: str = "shapes"
     data_path: str | None = None
@@ -93,6 +97,8 @@ def resolve_model_config(cfg: UnCLIPTrainConfig, clip: nn.Module) -> UnCLIPConfi
                           context_dim=decoder.context_dim or 64)
     # the exported model keeps the closer of two prior samples to the text (unCLIP sec. 2.2)
     own = UnCLIPConfig(prior=prior, text_proj=proj, decoder=decoder,
+                       decoder_schedule=UnCLIPSchedulerConfig(variance_type="learned_range",
+                                                              prediction_type=cfg.prediction_type),
                        settings=StageSettings(prior_steps=cfg.sample_steps, prior_candidates=2))
     if cfg.init is None:
         return own
@@ -100,7 +106,8 @@ def resolve_model_config(cfg: UnCLIPTrainConfig, clip: nn.Module) -> UnCLIPConfi
     base = UnCLIPConfig.from_dict(read_config(cfg.init, "an unCLIP model file", SYSTEM_NAME))
     if cfg.train == "prior":
         return dataclasses.replace(base, prior=own.prior)
-    return dataclasses.replace(base, text_proj=own.text_proj, decoder=own.decoder)
+    return dataclasses.replace(base, text_proj=own.text_proj, decoder=own.decoder,
+                               decoder_schedule=own.decoder_schedule)
 
 
 def trained_prefixes(part: str) -> tuple[str, ...]:
@@ -170,7 +177,7 @@ def build_unclip(cfg: UnCLIPTrainConfig, run: Run, clip: nn.Module | None = None
         loss_fn: Any = DiffusionLoss(model_cfg.prior_schedule.alphas_cumprod(), "sample")
     else:
         net = run.parallel(DecoderWithProjection(nets.text_proj, nets.decoder))
-        loss_fn = HybridLoss(model_cfg.decoder_schedule.alphas_cumprod(), "epsilon")
+        loss_fn = HybridLoss(model_cfg.decoder_schedule.alphas_cumprod(), model_cfg.decoder_schedule.prediction_type)
     empty = clip.encode_text([""])
 
     def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
