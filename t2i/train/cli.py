@@ -252,7 +252,8 @@ UNCLIP: list[Option] = [
      "null embedding (for CFG)"),
     ("--stats-images", "stats_images", {"type": int}, "prior: images whose CLIP embeddings give the normalisation"),
     *(o for o in IMAGES if o[1] in ("data", "data_path", "data_workers", "image_size", "background_p", "image_every")),
-    *(o for o in LDM if o[1] in ("caption_dropout", "ema_decay", "weight_decay", "sample_steps", "export_every")),
+    *(o for o in LDM if o[1] in ("prediction_type", "caption_dropout", "ema_decay", "weight_decay", "sample_steps",
+                                  "export_every")),
 ]
 SD_UPSCALE: list[Option] = [
     ("--vae", "vae", {}, "the frozen autoencoder: a shapes LDM model file (its autoencoder) or a vae.safetensors; "
