@@ -692,8 +692,8 @@ def _detect(path: Path) -> bool:
 
 SYSTEM = System(
     name=SYSTEM_NAME,
-    description="unCLIP / DALL-E 2 (CLIP prior + decoder + super-resolution): a diffusers UnCLIPPipeline folder "
-                "(Karlo), or a t2i unCLIP .safetensors on the shapes CLIP",
+    description="unCLIP / DALL-E 2 (CLIP prior + decoder + super-resolution): a diffusers UnCLIPPipeline or "
+                "UnCLIPImageVariationPipeline folder (Karlo), or a t2i unCLIP .safetensors on the shapes CLIP",
     detect=_detect,
     load=load,
     write_tiny=write_tiny,
