@@ -128,6 +128,36 @@ def test_the_unet_equals_diffusers(options):
         assert _relative(net(x, t, context, levels.flip(0)).detach(), want) > 1e-3  # so does the noise level
 
 
+def test_the_efficient_unet_runs_its_blocks_below_full_resolution():
+    """Imagen's Efficient U-Net order: every level resamples first (down) / last (up), so no ResBlock sees the
+    full resolution and the up path consumes one skip per down block; skip_scale multiplies those skips.
+    diffusers has no such layout, and the config says so rather than writing a wrong one."""
+    from t2i.nets.if_unet import IF_UNET_PRESETS, DepthToSpaceUp, IFResBlock, SpaceToDepthDown
+
+    cfg = IF_UNET_PRESETS["tiny_sr"]
+    assert cfg.efficient and cfg.size_multiple == 4
+    torch.manual_seed(0)
+    net = IFUNet(cfg).eval()
+    sizes: dict[str, int] = {}
+    for name, m in net.named_modules():
+        if isinstance(m, (IFResBlock, SpaceToDepthDown, DepthToSpaceUp)):
+            m.register_forward_hook(lambda mod, inp, out, name=name: sizes.__setitem__(name, out.shape[-1]))
+    x, ctx, t, lv = torch.randn(2, 6, 32, 32), torch.randn(2, 5, 384), torch.tensor([900, 5]), torch.tensor([250, 0])
+    with torch.no_grad():
+        out = net(x, t, ctx, lv)
+        unscaled = IFUNet(dataclasses.replace(cfg, skip_scale=1.0)).eval()
+        unscaled.load_state_dict(net.state_dict())
+        other = unscaled(x, t, ctx, lv)
+    assert out.shape == (2, 6, 32, 32)
+    assert sizes["down_blocks.0.downsamplers.0"] == 16 and sizes["down_blocks.0.resnets.0"] == 16
+    assert sizes["up_blocks.1.upsamplers.0"] == 32  # the last up level ends at full resolution
+    assert max(v for k, v in sizes.items() if "samplers" not in k) == 16  # no block at full resolution
+    assert [len(b.resnets) for b in net.up_blocks] == list(reversed(cfg.layers_per_block))
+    assert (out - other).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="Efficient"):
+        if_unet_config_to_diffusers(cfg)
+
+
 def test_the_folders_are_detected_as_deepfloyd_if_only(if_folders):
     root, _, _ = if_folders
     for path in (root, root / "stage_1"):

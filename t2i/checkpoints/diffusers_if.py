@@ -123,7 +123,10 @@ def if_unet_config_from_diffusers(cfg: dict[str, Any]) -> IFUNetConfig:
 
 
 def if_unet_config_to_diffusers(cfg: IFUNetConfig) -> dict[str, Any]:
-    """The diffusers `unet/config.json` dict describing the same network."""
+    """The diffusers `unet/config.json` dict describing the same network (ValueError for t2i's Efficient U-Net
+    options, which diffusers has no layout for)."""
+    if cfg.efficient or cfg.skip_scale != 1.0:
+        raise ValueError("an Efficient U-Net (efficient, skip_scale) has no diffusers UNet2DConditionModel layout")
     down = ["SimpleCrossAttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in cfg.attention]
     up = ["SimpleCrossAttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(cfg.attention)]
     return {

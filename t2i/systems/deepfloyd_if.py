@@ -187,8 +187,9 @@ class IFPipeline(RequestMethods):
 
     @property
     def size_multiple(self) -> int:
-        levels = max(len(s.net.cfg.block_channels) for s in (self.base, self.sr) if s is not None)
-        return self.scale * 2 ** (levels - 1)
+        """Final sides must be multiples of this: stage I's multiple times the factor, and stage II's."""
+        base = self.scale * self.base.net.cfg.size_multiple
+        return base if self.sr is None else math.lcm(base, self.sr.net.cfg.size_multiple)
 
     @property
     def capabilities(self) -> Capabilities:
