@@ -74,6 +74,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mask", default=None, help="inpainting mask (white = repaint), with --init-image")
     p.add_argument("--outpaint", default=None, metavar="L,T,R,B",
                    help="pad --init-image by these pixels on each side and paint the padding")
+    p.add_argument("--upscaler", default=None, metavar="NAME|PATH",
+                   help="a latent upscaler (an SD x4 upscaler folder, `t2i train sd-upscale`) that finishes every "
+                        "image: the model draws at 1/f of --width x --height, the upscaler brings it to that size")
+    p.add_argument("--noise-level", type=int, default=None,
+                   help="upscalers: the noise level of the low-res input (default: the model's, 20 for SD x4)")
     p.add_argument("--refiner", default=None, help="SDXL refiner model; takes over at --refiner-start")
     p.add_argument("--refiner-start", type=float, default=0.8, help="fraction of the schedule run by the base")
     p.add_argument("--controlnet", default=None, metavar="DIR",
@@ -333,6 +338,11 @@ def _load(args: argparse.Namespace):
         from t2i.adapters.embeddings import load_embedding_dir
 
         load_embedding_dir(pipe, args.embedding_dir)
+    if args.upscaler:  # the cascade: this model at 1/f of the size, then the upscaler
+        upscaler = t2i.load(args.upscaler, precision=args.precision)
+        if not hasattr(upscaler, "with_base"):
+            raise UserError(f"--upscaler {args.upscaler}: {upscaler.name} ({upscaler.family}) is not an upscaler")
+        pipe = upscaler.with_base(pipe)
     if args.compile:
         compile_unet = getattr(pipe, "compile", None)
         if compile_unet is None:

@@ -205,7 +205,8 @@ _REQUEST_KEYS: dict[str, tuple[str, type]] = {
     "Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int), "Eta": ("eta", float),
     "Guidance rescale": ("guidance_rescale", float), "Denoising strength": ("strength", float),
     "Refiner switch at": ("refiner_start", float), "Deepcache interval": ("deepcache", int),
-    "Region weight": ("region_weight", float),
+    "Region weight": ("region_weight", float), "Noise level": ("noise_level", int),
+    "Temperature": ("temperature", float), "Top k": ("top_k", int), "Top p": ("top_p", float),
 }
 _OUR_SAMPLER_NAMES = {v: k for k, v in A1111_SAMPLER_NAMES.items()}
 

@@ -95,6 +95,9 @@ class GenerationRequest:
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
+    # Upscalers (t2i.systems.sd_upscale): the noise level of the low-res input, 0..max_noise_level
+    # (None: the model's default, 20 for the SD x4 upscaler).
+    noise_level: int | None = None
 
     def set_options(self) -> list[str]:
         """The names of the options this request sets to something other than their default."""
