@@ -326,13 +326,15 @@ def test_prior_then_decoder_train_and_export_a_loadable_model(tmp_path):
     from t2i.train.unclip import train_unclip
 
     # the prior run's file holds another (random) decoder shape: the decoder run replaces it, keeps the prior
-    assert train_unclip(_train_config(tmp_path / "prior", "prior", steps=30, batch_size=16, ckpt_every=30,
+    assert train_unclip(_train_config(tmp_path / "prior", "prior", steps=30, batch_size=16, lr=3e-3, ckpt_every=30,
                                       export_every=30, decoder_preset="shapes_decoder_32_s")) == 0
     losses = _losses(tmp_path / "prior", "unclip/prior_loss")
     assert len(losses) == 30 and sum(losses[-5:]) < 0.8 * sum(losses[:5])  # the prior learns
     prior_file = tmp_path / "prior" / "model.safetensors"
-    assert train_unclip(_train_config(tmp_path / "decoder", "decoder", init=str(prior_file))) == 0
-    assert all(map(torch.isfinite, map(torch.tensor, _losses(tmp_path / "decoder", "unclip/decoder_loss"))))
+    assert train_unclip(_train_config(tmp_path / "decoder", "decoder", init=str(prior_file), steps=30,
+                                      ckpt_every=30, export_every=30)) == 0
+    losses = _losses(tmp_path / "decoder", "unclip/simple")
+    assert len(losses) == 30 and sum(losses[-5:]) < 0.8 * sum(losses[:5])  # the decoder learns
     pipe, trained_prior = t2i.load(tmp_path / "decoder" / "model.safetensors"), t2i.load(prior_file)
     assert pipe.family == "unclip"
     for name, p in trained_prior.prior.state_dict().items():  # the decoder run kept the prior it started from
