@@ -257,7 +257,8 @@ def test_noise_augmentation_equals_diffusers_add_noise():
 
 
 def test_the_t2i_file_round_trips(tmp_path):
-    """write_tiny's file loads with both stages, generates the final size, and refuses a foreign tensor."""
+    """write_tiny's file loads with both stages, generates the final size (also in bf16, stage II's low-res input
+    included), and refuses a foreign tensor."""
     from t2i.checkpoints.io import CheckpointError, load_state_dict, read_config, save_with_config
     from t2i.systems.deepfloyd_if import SYSTEM
 
@@ -266,6 +267,8 @@ def test_the_t2i_file_round_trips(tmp_path):
     assert pipe.sr is not None and pipe.capabilities.native_size == (32, 32)
     result = pipe.generate("a red circle", seed=1, steps=2)
     assert result.sample.shape == (1, 3, 32, 32)
+    half = t2i.load(path, precision="bf16").generate("a red circle", seed=1, steps=2).sample  # both stages bf16
+    assert _relative(half, result.sample) < 0.2
     low = dataclasses.replace(pipe.defaults)
     assert low.width == 32
     state = load_state_dict(path)

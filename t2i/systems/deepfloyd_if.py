@@ -143,7 +143,7 @@ class LowResInput(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, low_res: torch.Tensor,
                 noise_level: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, H, W); low_res: (B, 3, H, W) upsampled and noised; noise_level: (B,) -> (B, 6, H, W)."""
-        return self.net(torch.cat([x, low_res.to(x.dtype)], dim=1), t, context, class_labels=noise_level)
+        return self.net(torch.cat([x, low_res.to(x.dtype)], dim=1), t, context=context, class_labels=noise_level)
 
 
 class IFPipeline(RequestMethods):
