@@ -75,8 +75,8 @@ def _tiny_layout(folder: Path, guide_layout: bool) -> Path:
 
 
 def _lcm_cfg(out: Path, teacher: Path, **kw) -> LCMConfig:
-    base = dict(out=str(out), teacher=str(teacher), steps=6, batch_size=4, lr=2e-3, image_every=0, ckpt_every=3,
-                keep=10, log_every=3)
+    base = dict(out=str(out), teacher=str(teacher), steps=6, batch_size=4, lr=2e-3, warmup=0, image_every=0,
+                ckpt_every=3, keep=10, log_every=3)
     return LCMConfig(**{**base, **kw})
 
 
