@@ -21,6 +21,10 @@ from t2i.data.shapes.rendering import render
 from t2i.eval.shapes_clip import heldout_scenes
 from t2i.eval.shapes_judge import judge
 
+# Sources are rendered at least at the shapes CLIP's input side, as the training images it embedded were (a
+# smaller render, upsampled by CLIP's preprocessing, is a blurrier image than any it saw).
+SOURCE_SIZE = 64
+
 
 def variation_agreement(pipe: Any, n: int = 50, per_source: int = 2, seed: int = 20_000, steps: int | None = None,
                         out: str | Path | None = None) -> dict[str, float]:
@@ -28,7 +32,7 @@ def variation_agreement(pipe: Any, n: int = 50, per_source: int = 2, seed: int =
     of another scene (the random-sample baseline), and the rendered sources' own pass rate (the judge's ceiling).
     pipe: an UnCLIPPipeline with a CLIP image tower. out: a folder for results.json (optional)."""
     scenes = heldout_scenes(n, fresh_seed=seed)
-    size = pipe.capabilities.native_size[0]
+    size = max(pipe.capabilities.native_size[0], SOURCE_SIZE)
     sources = [render(scene, size) for scene, _ in scenes]
     captions = [caption for _, caption in scenes]
     settings = {"steps": steps} if steps is not None else {}
@@ -58,7 +62,7 @@ def prior_retrieval(pipe: Any, n: int = 100, seed: int = 20_000, steps: int | No
     from t2i.seeds import seed_generators
 
     scenes = heldout_scenes(n, fresh_seed=seed)
-    size = pipe.capabilities.native_size[0]
+    size = max(pipe.capabilities.native_size[0], SOURCE_SIZE)
     images = F.normalize(pipe.embed_images([render(scene, size) for scene, _ in scenes]), dim=-1)  # (n, E)
     captions = [caption for _, caption in scenes]
     cond, uncond = pipe.encode_text(captions), pipe.encode_text([""] * n)
