@@ -5,8 +5,8 @@ captions are dropped to the empty one with probability `caption_dropout` (the un
 classifier-free guidance: Parti's CFG, DALL-E mini's super-conditioning), and the encoder-decoder
 steps on the teacher-forced cross-entropy of every image token given [BOS], the tokens before it
 and the caption (Parti sec. 2.2: a sequence-to-sequence model, text in, image tokens out). With
-the word encoder ("words", both presets' default) the caption's word ids go through the encoder
-inside the step, so it learns with the decoder; with "minilm" the frozen states are computed while
+the word encoder ("words", DALL-E mini's) the caption's word ids go through the encoder inside the
+step, so it learns with the decoder; with "minilm" (Parti's) the frozen states are computed while
 the batch is prepared. The EMA weights, with the tokenizer, are exported as a self-describing
 `model.safetensors`.
 """
