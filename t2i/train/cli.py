@@ -197,7 +197,7 @@ DALLE: list[Option] = [
 ]
 PARTI: list[Option] = [
     ("--preset", "preset", {"choices": ("parti", "dalle-mini")}, "branch member (t2i.systems.parti.PRESETS): Parti "
-     "(a 2-layer word encoder, a deep decoder) or DALL-E mini (BART-like: the encoder as deep as the decoder)"),
+     "(frozen MiniLM states, a deep decoder) or DALL-E mini (BART-like: a word encoder as deep as the decoder)"),
     ("--net-preset", "net_preset", {}, "decoder shape (t2i.nets.token_transformer.TOKEN_TRANSFORMER_PRESETS)"),
     ("--text-encoder", "text_encoder", {"choices": ("words", "minilm")}, "the caption encoder: words (trained with "
      "the decoder) or frozen MiniLM states; unset: the preset's"),
