@@ -319,6 +319,11 @@ def test_distill_cli_runs_and_refuses_what_is_not_a_teacher(tmp_path, capsys):
     assert (tmp_path / "run" / "model.safetensors").is_file()
     assert main(["generate", "a red circle", "--model", str(tmp_path / "run"), "--out", str(tmp_path / "x.png"),
                  "--seed", "0", "--quiet"]) == 0
+    from t2i.distill.speed import main as speed
+
+    capsys.readouterr()
+    speed([str(tmp_path / "run"), "--images", "2", "--steps", "1"])
+    assert "{'steps': 1}" in (line := capsys.readouterr().out) and float(line.split(": ")[-1].split()[0]) > 0
     from t2i.systems.ddpm import SYSTEM as DDPM
 
     pixel = DDPM.write_tiny(tmp_path / "ddpm", 0).parent
