@@ -396,7 +396,7 @@ def run(args: argparse.Namespace) -> int:
     # the layout's JSON for the layout (read on the canvas once the model may take one).
     # (and --controlnet's path for the ControlNet).
     request = _request(args, **_input_images(args), **control, controlnet=args.controlnet, refiner=args.refiner,
-                       seed=0, prompt=args.prompt or prompts[0],
+                       seed=0, prompt=args.prompt if args.prompts_file is None else prompts[0],
                        preview=bool(args.preview_decoder), progress=not args.quiet, layout=layout)
     check_request(pipe, request)  # UnsupportedOption (a ValueError): one line naming option and model
     # --region's words are checked against every line of a prompts file before the first image is drawn

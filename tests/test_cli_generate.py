@@ -58,6 +58,13 @@ def test_num_images_writes_numbered_files(sd1_folder, tmp_path):
     assert seeds == ["0", "1"]
 
 
+def test_an_empty_prompt_generates_unconditionally(sd1_folder, tmp_path):
+    out = tmp_path / "empty.png"  # "" is a prompt (unconditional; unCLIP variations take one), not a missing one
+    assert main(["generate", "", "--model", str(sd1_folder), "--steps", "1", "--width", "16", "--height", "16",
+                 "--out", str(out), "--quiet", "--seed", "0"]) == 0
+    assert Image.open(out).size == (16, 16)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
