@@ -328,3 +328,23 @@ def test_older_diffusers_layouts_merge_as_peft(sd1, tmp_path, layout):
     assert changed and (layout == "lora.down" or all("attn" in k for k in changed))
     assert all(torch.equal(got[k], expected[k]) for k in changed)
     _assert_restored(ours, base)
+
+
+def test_a_lora_applies_to_the_layout_model_whose_extra_layers_keep_their_t2i_names(tmp_path):
+    from t2i.adapters.lora import LoraLayer, apply_loras, write_lora
+    from t2i.systems.registry import system
+
+    fam = system("shapes_layout")
+    pipe = fam.load(fam.write_tiny(tmp_path, 0))
+    torch.manual_seed(0)
+    conv_in, layout_in = pipe.unet.conv_in.weight, pipe.unet.layout_in.weight
+    layers = {name: LoraLayer(torch.randn(2, *w.shape[1:]), torch.randn(w.shape[0], 2, 1, 1), 2.0)
+              for name, w in (("lora_unet_input_blocks_0_0", conv_in), ("lora_unet_layout_in", layout_in))}
+    path = write_lora(tmp_path / "layout_lora.safetensors", layers)
+    before = {k: v.clone() for k, v in ((1, conv_in), (2, layout_in))}
+    handle = apply_loras(pipe, [(path, 0.5)])
+    for k, w, layer in ((1, pipe.unet.conv_in.weight, layers["lora_unet_input_blocks_0_0"]),
+                        (2, pipe.unet.layout_in.weight, layers["lora_unet_layout_in"])):
+        torch.testing.assert_close(w.detach(), before[k] + 0.5 * layer.delta().view_as(w), rtol=1e-5, atol=1e-6)
+    handle.unmerge()
+    torch.testing.assert_close(pipe.unet.layout_in.weight.detach(), before[2])

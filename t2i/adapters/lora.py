@@ -222,6 +222,21 @@ def _renamed(names: Iterable[str], rename) -> dict[str, str]:
     return {back[id(t)]: k.removesuffix(".weight") for k, t in rename(placeholders).items()}
 
 
+def _original_unet_names(layers: dict[str, nn.Module], cfg: Any) -> dict[str, str]:
+    """{t2i U-Net layer name: its name in the original SD layout}. The modules that layout lacks (the
+    layout renderer's phrase_proj and layout_in) keep their t2i names: a LoRA file names them so."""
+    groups: dict[str, list[str]] = {}
+    for name in layers:
+        groups.setdefault(name.split(".")[0], []).append(name)
+    out: dict[str, str] = {}
+    for names in groups.values():
+        try:
+            out |= _renamed(names, lambda s: unet_to_original(s, cfg))
+        except CheckpointError:
+            out |= {n: n for n in names}
+    return out
+
+
 def text_towers(pipe: Any) -> list[nn.Module]:
     """The CLIP towers of a pipeline's text encoder, in diffusers' order (text_encoder, text_encoder_2)."""
     enc = getattr(pipe, "text_encoder", None)
@@ -256,7 +271,7 @@ def named_layers(pipe: Any) -> list[NamedLayer]:
                         "this one has no U-Net")
     out: list[NamedLayer] = []
     unet_layers = _layers(pipe.unet)
-    original = _renamed(unet_layers, lambda s: unet_to_original(s, pipe.unet.cfg))
+    original = _original_unet_names(unet_layers, pipe.unet.cfg)
     sdxl = isinstance(getattr(pipe, "text_encoder", None), SDXLTextEncoder)
     for name, module in unet_layers.items():
         spellings = (f"unet.{name}", "lora_unet_" + name.replace(".", "_"),
