@@ -200,9 +200,10 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # Parti: a pretrained text encoder (Parti's is pretrained, then trained on; here the frozen MiniLM, which
-    # trained better than a word encoder from scratch at equal steps: held-out loss 3.79 vs 3.91 after 300
-    # steps) in front of a deep decoder; with --text-encoder words, a 2-layer word encoder (Parti-20B: 16
-    # encoder and 64 decoder layers).
+    # trained better than a 2-layer word encoder from scratch at equal steps on the shapes world, f8 codes, a
+    # 3-layer width-96 decoder, batch 16: held-out loss 3.79 vs 3.91 after 300 steps, 3.32 vs 3.42 after 600;
+    # caption-vs-empty gap 0.10 vs 0.05) in front of a deep decoder; with --text-encoder words, a 2-layer word
+    # encoder (Parti-20B: 16 encoder and 64 decoder layers).
     "parti": Preset("minilm", 2, 3.0, "Parti: pretrained (frozen MiniLM) text states read by a deep causal "
                     "decoder, CFG on logits"),
     # DALL-E mini: BART, an encoder as deep as the decoder trained from scratch over the caption's words;
