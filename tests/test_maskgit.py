@@ -193,3 +193,30 @@ def test_a_network_trained_on_two_captions_draws_the_map_of_the_prompt_it_is_giv
         red, blue = (pipe.generate(p, seed=0, num_images=2, guidance=2.0, sampler=sampler).sample
                      for p in ("a red circle", "a blue square"))
         assert (red == 3).float().mean() > 0.8 and (blue == 7).float().mean() > 0.8, sampler
+
+
+@pytest.mark.parametrize("kind", ["dvae", "vit-vqgan"])
+def test_maskgit_trains_and_generates_on_any_tokenizer_kind(kind, tmp_path, monkeypatch):
+    """The token families sit on every single-grid tokenizer (issue 19): a dVAE's or a ViT-VQGAN's file
+    trains a MaskGIT whose images are that tokenizer's decoded codes."""
+    import numpy as np
+
+    from t2i.autoencoders.tokenizers import KINDS, build_tokenizer, save_tokenizer
+    from t2i.cli import main
+    from t2i.systems.registry import system
+    from t2i.train import maskgit as train_module
+
+    torch.manual_seed(0)
+    vq = build_tokenizer(dataclasses.replace(KINDS[kind].presets["tiny"])).eval()
+    save_tokenizer(vq, tmp_path / "tok.safetensors")
+    monkeypatch.setattr(train_module, "load_text_encoder", lambda name, length: _Words(384))
+    out = tmp_path / "run"
+    assert main(["train", "maskgit", "--vqvae", str(tmp_path / "tok.safetensors"), "--preset", "tiny", "--out",
+                 str(out), "--steps", "2", "--batch-size", "4", "--image-every", "0", "--threads", "1"]) == 0
+    pipe = system("maskgit").load(out / "model.safetensors")
+    assert type(pipe.vq) is type(vq)
+    result = pipe.generate("a red circle", seed=1, steps=2)
+    with torch.no_grad():
+        want = vq.decode_codes(result.sample.view(1, *vq.encode(torch.zeros(1, 3, 16, 16))[0].shape[1:]))
+    got = torch.from_numpy(np.asarray(result.images[0], dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    assert (got - want[0].clamp(-1, 1)).abs().max() < 1 / 127.5 + 1e-6

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from t2i.autoencoders.tokenizers import build_tokenizer, tokenizer_config_from_dict
 from t2i.autoencoders.vq import VQ_CONFIGS, VQAutoencoder, VQAutoencoderConfig
 from t2i.checkpoints.io import (
     CheckpointError,
@@ -90,7 +91,7 @@ def load_token_model(path: Path, system: str, what: str, from_dict: Callable[[di
         return {k.removeprefix(f"{name}."): v for k, v in source.items() if k.startswith(f"{name}.")}
 
     net = build_checked(lambda: build_network(cfg), {"net": cfg.net}, part("transformer", tensors), str(path))
-    vq = build_checked(lambda: VQAutoencoder(cfg.vq), {"vq": cfg.vq}, part("vq", tensors), str(path))
+    vq = build_checked(lambda: build_tokenizer(cfg.vq), {"vq": cfg.vq}, part("vq", tensors), str(path))
     if set(tensors) != {f"{p}.{k}" for p, m in zip(PARTS, (net, vq), strict=True) for k in m.state_dict()}:
         raise CheckpointError(f"{path}: tensors outside {' and '.join(PARTS)}")
     state = load_state_dict(path)
@@ -112,7 +113,7 @@ def network_configs(d: dict[str, Any]) -> dict[str, Any]:
     """The `net` and `vq` entries of a saved config dict as their dataclasses (the rest as given)."""
     d = dict(d)
     d["net"] = TokenTransformerConfig(**d.pop("net"))
-    d["vq"] = VQAutoencoderConfig(**d.pop("vq"))
+    d["vq"] = tokenizer_config_from_dict(d.pop("vq"))  # any tokenizer kind (VQ-VAE, VQGAN, ViT-VQGAN, dVAE)
     return d
 
 
@@ -187,8 +188,7 @@ class TokenPipeline(RequestMethods):
     def decode_pixels(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, N) codes -> (B, 3, H, W) images in [-1, 1]."""
         g = self.unet.cfg.grid
-        dtype = next(self.vq.parameters()).dtype
-        return self.vq.decode(self.vq.quantize.lookup(codes.view(-1, g, g)).to(dtype)).float().clamp(-1, 1)
+        return self.vq.decode_codes(codes.view(-1, g, g)).float().clamp(-1, 1)
 
     @torch.no_grad()
     def run(self, request: GenerationRequest) -> GenerationResult:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from t2i.autoencoders.tokenizers import load_tokenizer
 from t2i.autoencoders.vq import VQAutoencoder
 from t2i.nets.token_transformer import TokenTransformer
 from t2i.systems.token_models import build_network
@@ -23,7 +24,6 @@ from t2i.train.config import LoopConfig
 from t2i.train.data import BatchSource, open_data
 from t2i.train.ema import EMA
 from t2i.train.fit import Run
-from t2i.train.vqvae import load_vqvae
 
 
 @dataclass
@@ -71,7 +71,7 @@ def token_setup(cfg: TokenTrainConfig, run: Run, resolve: Callable[[VQAutoencode
     saved one (`from_dict`), and build the rest. AdamW with beta2 = 0.96 (MaskGIT's optimizer)."""
     if not cfg.vqvae:
         raise ValueError("--vqvae: the tokenizer file (vqvae.safetensors of `t2i train vqvae`) is required")
-    vq = load_vqvae(cfg.vqvae)
+    vq = load_tokenizer(cfg.vqvae)  # any kind but VQ-VAE-2 (whose tokens are two grids)
     if cfg.model is None:
         cfg.model = dataclasses.asdict(resolve(vq))
     model_cfg = from_dict(cfg.model)
