@@ -7,12 +7,11 @@ from __future__ import annotations
 import base64
 import io
 import json
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
 from PIL import Image
+from test_families import _post
 
 from t2i.cli import main
 from t2i.systems.base import GenerationRequest, UnsupportedOption, check_request
@@ -76,15 +75,6 @@ def test_cli_takes_the_draws_and_refuses_bad_ones_in_one_line(tiny, tmp_path, ca
                  "--top-p", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--top-p" in err[0] and not (tmp_path / "no.png").exists()
-
-
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def test_server_takes_the_draws_and_answers_bad_ones_with_a_4xx(tiny):

@@ -17,6 +17,7 @@ here leaves variance_type unset, and the family samples with the learned one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,23 @@ _DOWN = {"DownBlock2D": False, "AttnDownBlock2D": True}
 _UP = {"UpBlock2D": False, "AttnUpBlock2D": True}
 
 
+def mirrored_attention(down: Sequence[str], up: Sequence[str], levels: int, down_kinds: dict[str, bool],
+                       up_kinds: dict[str, bool], what: str) -> tuple[bool, ...]:
+    """Which levels attend, from diffusers' block type names (`*_kinds`: name -> attends), checking that
+    there is one block a level each way, every type is known, and the up blocks mirror the down ones
+    (ValueError naming the config `what` otherwise)."""
+    if len(down) != levels or len(up) != levels:
+        raise ValueError(f"{what}: {len(down)} down and {len(up)} up blocks for {levels} levels")
+    for kind in (*down, *up):
+        if kind not in down_kinds and kind not in up_kinds:
+            raise ValueError(f"{what}: unsupported block type {kind!r} "
+                             f"(supported: {sorted({**down_kinds, **up_kinds})})")
+    attention = tuple(down_kinds.get(k, False) for k in down)
+    if attention != tuple(up_kinds.get(k, False) for k in reversed(up)):
+        raise ValueError(f"{what}: the up blocks {list(up)} do not mirror the down blocks {list(down)}")
+    return attention
+
+
 def is_diffusers_ddpm(path: Path) -> bool:
     """A folder whose model_index.json names a DDPM or DDIM pipeline (reads that file only)."""
     index = Path(path) / "model_index.json"
@@ -69,14 +87,7 @@ def pixel_unet_config_from_diffusers(cfg: dict[str, Any]) -> PixelUNetConfig:
     n = len(channels)
     down = cfg.get("down_block_types", ("DownBlock2D",) + ("AttnDownBlock2D",) * 3)
     up = cfg.get("up_block_types", ("AttnUpBlock2D",) * 3 + ("UpBlock2D",))
-    if len(down) != n or len(up) != n:
-        raise ValueError(f"{what}: {len(down)} down and {len(up)} up blocks for {n} levels")
-    for kind in (*down, *up):
-        if kind not in _DOWN and kind not in _UP:
-            raise ValueError(f"{what}: unsupported block type {kind!r} (supported: {sorted({**_DOWN, **_UP})})")
-    attention = tuple(_DOWN.get(k, False) for k in down)
-    if attention != tuple(_UP.get(k, False) for k in reversed(up)):
-        raise ValueError(f"{what}: the up blocks {list(up)} do not mirror the down blocks {list(down)}")
+    attention = mirrored_attention(down, up, n, _DOWN, _UP, what)
     groups = cfg.get("norm_num_groups", 32)
     if cfg.get("attn_norm_num_groups") not in (None, groups):
         raise ValueError(f"{what}: attn_norm_num_groups other than norm_num_groups is not supported")

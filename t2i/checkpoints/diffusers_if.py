@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from t2i.checkpoints.diffusers_ddpm import read_ddpm_schedule
+from t2i.checkpoints.diffusers_ddpm import mirrored_attention, read_ddpm_schedule
 from t2i.checkpoints.diffusers_folder import read_config_file
 from t2i.checkpoints.diffusers_nets import _per_level, check_unsupported, sample_size_of
 from t2i.checkpoints.diffusers_scheduler import read_scheduler_config
@@ -71,14 +71,7 @@ def if_unet_config_from_diffusers(cfg: dict[str, Any]) -> IFUNetConfig:
     channels = tuple(int(c) for c in cfg["block_out_channels"])
     n = len(channels)
     down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
-    if len(down) != n or len(up) != n:
-        raise ValueError(f"{what}: {len(down)} down and {len(up)} up blocks for {n} levels")
-    for kind in (*down, *up):
-        if kind not in _DOWN and kind not in _UP:
-            raise ValueError(f"{what}: unsupported block type {kind!r} (supported: {sorted({**_DOWN, **_UP})})")
-    attention = tuple(_DOWN.get(k, False) for k in down)
-    if attention != tuple(_UP.get(k, False) for k in reversed(up)):
-        raise ValueError(f"{what}: the up blocks {up} do not mirror the down blocks {down}")
+    attention = mirrored_attention(down, up, n, _DOWN, _UP, what)
     context = cfg.get("cross_attention_dim", 1280)
     if isinstance(context, (list, tuple)):
         if len(set(context)) != 1:
