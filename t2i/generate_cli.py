@@ -61,8 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classifier-scale", type=float, default=None, metavar="S",
                    help="its scale s (default 1; 0: off), alone or with --guidance")
     p.add_argument("--temperature", type=float, default=None, metavar="T",
-                   help="token models (MaskGIT, DALL-E): temperature of the token draws (0: the most likely "
-                        "token; default: the model's)")
+                   help="token models (MaskGIT, DALL-E, Parti, aMUSEd): temperature of the token draws (0: the "
+                        "most likely token; default: the model's)")
     p.add_argument("--top-k", type=int, default=None, metavar="K",
                    help="token models: draw each token from the K most likely only")
     p.add_argument("--top-p", type=float, default=None, metavar="P",

@@ -94,3 +94,24 @@ def test_server_takes_the_draws_and_answers_bad_ones_with_a_4xx(tiny):
         for body in ({"top_k": 0}, {"temperature": -0.1}, {"top_p": 2}):
             status, reply = _post(server.url + "/v1/jobs", {"prompt": "a red circle", **body})
             assert status == 422 and next(iter(body)) in json.dumps(reply)
+
+
+def test_a_png_reads_back_the_temperature_it_was_drawn_at_whatever_the_model_default(tiny):
+    from t2i.imageio import parse_parameters, request_fields
+
+    _, pipe = tiny
+    pipe.temperature = 0.8  # a model whose own default is not 1
+    try:
+        image = pipe.run(GenerationRequest("a red circle", seed=2, temperature=1.0)).images[0]
+        plain = pipe.run(GenerationRequest("a red circle", seed=2)).images[0]
+    finally:
+        pipe.temperature = 1.0
+    assert request_fields(parse_parameters(image.info["parameters"]))["temperature"] == 1.0
+    assert request_fields(parse_parameters(plain.info["parameters"]))["temperature"] == 0.8
+
+
+def test_dalle_greedy_refuses_draw_settings_it_would_ignore(tmp_path):
+    fam = system("dalle")
+    pipe = fam.load(fam.write_tiny(tmp_path, 0))
+    with pytest.raises(ValueError, match="greedy.*top_k"):
+        pipe.run(GenerationRequest("a red circle", seed=0, sampler="greedy", top_k=3))

@@ -3,6 +3,7 @@ autoencoder with its measured latent scale, and a killed run resumes to the same
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -43,16 +44,14 @@ def test_a_renderer_run_on_another_autoencoder_ships_it_with_its_measured_scale(
     assert ShapesLDM.load(init).cfg.vae.scaling_factor == 1.0
 
 
-def test_a_renderer_run_with_the_wrong_latent_channels_is_refused(tmp_path):
+@pytest.mark.parametrize("change, message", [({"latent_channels": 8}, "8 latent channels"),
+                                             ({"block_channels": (8, 16, 16, 16)}, "factor 8")])
+def test_a_renderer_run_on_an_autoencoder_of_another_shape_is_refused(tmp_path, change, message):
     init, _ = _files(tmp_path)
-    cfg = dict(VAE_PRESETS["tiny"].__dict__, latent_channels=8)
-    save_vae(AutoencoderKL(type(VAE_PRESETS["tiny"])(**cfg)), tmp_path / "vae8.safetensors")
-    try:
-        train_layout_ldm(_cfg(tmp_path / "bad", init, str(tmp_path / "vae8.safetensors"), 1))
-    except ValueError as e:
-        assert "8 latent channels" in str(e) and "takes 4" in str(e)
-    else:
-        raise AssertionError("an 8-channel autoencoder was accepted for a 4-channel U-Net")
+    cfg = dict(VAE_PRESETS["tiny"].__dict__, **change)
+    save_vae(AutoencoderKL(type(VAE_PRESETS["tiny"])(**cfg)), tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match=message):
+        train_layout_ldm(_cfg(tmp_path / "bad", init, str(tmp_path / "other.safetensors"), 1))
 
 
 def test_a_killed_renderer_run_with_the_pixel_loss_resumes_to_the_uninterrupted_weights(tmp_path):

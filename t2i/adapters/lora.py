@@ -59,7 +59,7 @@ from t2i.checkpoints.io import (
     parse_json,
     save_state_dict,
 )
-from t2i.checkpoints.sd_keys import unet_to_original
+from t2i.checkpoints.sd_keys import unet_module_pairs, unet_to_original
 from t2i.checkpoints.transformers_text import clip_state_dict_to_transformers
 from t2i.text.encoders import CLIPTextEncoder, SDXLTextEncoder
 
@@ -225,16 +225,9 @@ def _renamed(names: Iterable[str], rename) -> dict[str, str]:
 def _original_unet_names(layers: dict[str, nn.Module], cfg: Any) -> dict[str, str]:
     """{t2i U-Net layer name: its name in the original SD layout}. The modules that layout lacks (the
     layout renderer's phrase_proj and layout_in) keep their t2i names: a LoRA file names them so."""
-    groups: dict[str, list[str]] = {}
-    for name in layers:
-        groups.setdefault(name.split(".")[0], []).append(name)
-    out: dict[str, str] = {}
-    for names in groups.values():
-        try:
-            out |= _renamed(names, lambda s: unet_to_original(s, cfg))
-        except CheckpointError:
-            out |= {n: n for n in names}
-    return out
+    known = {pair[1].split(".")[0] for pair in unet_module_pairs(cfg)}  # top-level modules of the SD layout
+    sd = [n for n in layers if n.split(".")[0] in known]
+    return _renamed(sd, lambda s: unet_to_original(s, cfg)) | {n: n for n in layers if n.split(".")[0] not in known}
 
 
 def text_towers(pipe: Any) -> list[nn.Module]:

@@ -133,6 +133,13 @@ class DallePipeline(TokenPipeline):
         self.cfg, self.tokenize = cfg, cfg.tokenizer()
         self.temperature, self.top_k, self.top_p = cfg.temperature, cfg.top_k, cfg.top_p
 
+    def _check(self, r: GenerationRequest) -> None:
+        if r.sampler == "greedy":  # argmax draws nothing: a cut or temperature would be silently dropped
+            given = [n for n in ("temperature", "top_k", "top_p") if getattr(r, n) is not None]
+            if given:
+                raise ValueError(f"the greedy sampler takes the most likely token; {', '.join(given)} apply to "
+                                 "the multinomial sampler")
+
     def total_steps(self, r: GenerationRequest) -> int:
         return self.unet.cfg.num_tokens  # one model call per image token
 

@@ -78,8 +78,7 @@ DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_NOISE_LEVEL, MAX_NOISE_LEVEL = 75, 9.0,
 # The DDPM schedule the x4 upscaler's low_res_scheduler states (diffusers' DDPMScheduler otherwise).
 LOW_RES_SCHEDULE = ScheduleConfig(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear")
 
-# What run() honours besides prompt / seed / num_images. "noise_level" is read from a request that has
-# the field (GenerationRequest does not yet: `upscale(..., noise_level=)` or `pipe.noise_level`).
+# What run() honours besides prompt / seed / num_images (noise_level: None takes `pipe.noise_level`).
 OPTIONS = frozenset({"negative_prompt", "steps", "guidance", "guidance_rescale", "sampler", "schedule", "eta",
                      "width", "height", "init_image", "noise_level"})
 
@@ -155,7 +154,7 @@ class SDUpscalePipeline(LatentDiffusionPipeline):
 
     @torch.no_grad()
     def run(self, request: GenerationRequest) -> GenerationResult:
-        return self.upscale_request(request, getattr(request, "noise_level", None))
+        return self.upscale_request(request, request.noise_level)
 
     def upscale(self, image: Image.Image | None, prompt: str | list[str] = "", negative_prompt: str = "",
                 noise_level: int | None = None, **settings: Any) -> GenerationResult:

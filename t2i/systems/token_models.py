@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from t2i.autoencoders.tokenizers import build_tokenizer, tokenizer_config_from_dict
+from t2i.autoencoders.tokenizers import build_tokenizer, kind_of, tokenizer_config_from_dict
 from t2i.autoencoders.vq import VQ_CONFIGS, VQAutoencoder, VQAutoencoderConfig
 from t2i.checkpoints.io import (
     CheckpointError,
@@ -114,6 +114,8 @@ def network_configs(d: dict[str, Any]) -> dict[str, Any]:
     d = dict(d)
     d["net"] = TokenTransformerConfig(**d.pop("net"))
     d["vq"] = tokenizer_config_from_dict(d.pop("vq"))  # any tokenizer kind (VQ-VAE, VQGAN, ViT-VQGAN, dVAE)
+    if kind_of(d["vq"]) == "vqvae2":
+        raise ValueError("a VQ-VAE-2 tokenizer writes two token grids; the token families read one")
     return d
 
 
@@ -215,7 +217,8 @@ class TokenPipeline(RequestMethods):
         """Settings beyond the request's that change the pixels, for the PNG parameters (None: left out):
         the token draws where they are not plain sampling at temperature 1."""
         d = self.draws(r)
-        return {**d, "temperature": None if d["temperature"] == 1.0 else d["temperature"]}
+        plain = d["temperature"] == 1.0 and self.temperature == 1.0  # what a PNG without it reads back as
+        return {**d, "temperature": None if plain else d["temperature"]}
 
     def prompt_warning(self, prompt: str) -> str | None:
         """A warning for a prompt the model cannot draw (e.g. words it never saw), or None."""

@@ -111,6 +111,9 @@ def build_layout_ldm(cfg: LayoutLDMTrainConfig, run: Run) -> Task:
             if first_stage.cfg.latent_channels != model_cfg.ldm.vae.latent_channels:
                 raise ValueError(f"--vae {cfg.vae}: {first_stage.cfg.latent_channels} latent channels, but the "
                                  f"U-Net of {cfg.init_from} takes {model_cfg.ldm.vae.latent_channels}")
+            if first_stage.cfg.downsample_factor != model_cfg.ldm.vae.downsample_factor:  # the layout maps' fold
+                raise ValueError(f"--vae {cfg.vae}: factor {first_stage.cfg.downsample_factor}, but the renderer of "
+                                 f"{cfg.init_from} reads layouts at factor {model_cfg.ldm.vae.downsample_factor}")
             model_cfg.ldm.vae = dataclasses.replace(first_stage.cfg, scaling_factor=layout_latent_scale(
                 first_stage, cfg.seed, cfg.background_p))
         cfg.model = model_cfg.to_dict()

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from t2i.autoencoders.tokenizers import load_tokenizer
+from t2i.autoencoders.tokenizers import kind_of, load_tokenizer
 from t2i.autoencoders.vq import VQAutoencoder
 from t2i.nets.token_transformer import TokenTransformer
 from t2i.systems.token_models import build_network
@@ -71,7 +71,10 @@ def token_setup(cfg: TokenTrainConfig, run: Run, resolve: Callable[[VQAutoencode
     saved one (`from_dict`), and build the rest. AdamW with beta2 = 0.96 (MaskGIT's optimizer)."""
     if not cfg.vqvae:
         raise ValueError("--vqvae: the tokenizer file (vqvae.safetensors of `t2i train vqvae`) is required")
-    vq = load_tokenizer(cfg.vqvae)  # any kind but VQ-VAE-2 (whose tokens are two grids)
+    vq = load_tokenizer(cfg.vqvae)
+    if kind_of(vq.cfg) == "vqvae2":
+        raise ValueError(f"--vqvae {cfg.vqvae}: a VQ-VAE-2 writes two token grids (top and bottom); the token "
+                         "families read one grid: train a vqvae, vqgan, vit-vqgan or dvae tokenizer")
     if cfg.model is None:
         cfg.model = dataclasses.asdict(resolve(vq))
     model_cfg = from_dict(cfg.model)
