@@ -68,3 +68,14 @@ def test_a_killed_renderer_run_with_the_pixel_loss_resumes_to_the_uninterrupted_
     for k in whole:
         if k.startswith(("unet.", "ema.")):
             torch.testing.assert_close(parts[k], whole[k], rtol=0, atol=0, msg=k)
+
+
+def test_a_resume_whose_autoencoder_file_changed_is_refused_by_name(tmp_path):
+    init, vae_file = _files(tmp_path)
+    assert train_layout_ldm(_cfg(tmp_path / "run", init, vae_file, 2)) == 0
+    vae = load_vae(vae_file)
+    with torch.no_grad():
+        vae.quant_conv.weight.mul_(2.0)
+    save_vae(vae, vae_file)  # the same path, another latent space
+    with pytest.raises(ValueError, match="vae.safetensors: its autoencoder is not the one this run started with"):
+        train_layout_ldm(_cfg(tmp_path / "run", init, vae_file, 4), resume=True, given={"steps": "--steps"})

@@ -37,6 +37,7 @@ from t2i.systems.shapes_layout import (
 )
 from t2i.systems.shapes_ldm import ShapesLDM, load_text_encoder
 from t2i.train.autoencoder import load_vae
+from t2i.train.checkpoint import tensors_sha256
 from t2i.train.config import LoopConfig
 from t2i.train.ema import EMA
 from t2i.train.fit import Grid, Run, Step, Task, fit
@@ -78,6 +79,9 @@ class LayoutLDMTrainConfig(LoopConfig):
     export_every: int = 200
     sample_steps: int = 20
     model: dict[str, Any] | None = None  # the resolved ShapesLayoutConfig
+    # digest of the frozen autoencoder's tensors at the start: a resume whose --vae or init file has
+    # changed on disk since would go on in another latent space without a word
+    vae_sha256: str = ""
 
 
 def layout_batch(seed: int, indices: list[int], background_p: float,
@@ -117,6 +121,10 @@ def build_layout_ldm(cfg: LayoutLDMTrainConfig, run: Run) -> Task:
             model_cfg.ldm.vae = dataclasses.replace(first_stage.cfg, scaling_factor=layout_latent_scale(
                 first_stage, cfg.seed, cfg.background_p))
         cfg.model = model_cfg.to_dict()
+        cfg.vae_sha256 = tensors_sha256(first_stage.state_dict())
+    elif cfg.vae_sha256 and tensors_sha256(first_stage.state_dict()) != cfg.vae_sha256:
+        raise ValueError(f"{cfg.vae or cfg.init_from}: its autoencoder is not the one this run started with "
+                         "(the file changed since); restore it, or start a new run")
     model_cfg = ShapesLayoutConfig.from_dict(cfg.model)
     model_cfg.recaption = cfg.recaption
     cfg.model = model_cfg.to_dict()
