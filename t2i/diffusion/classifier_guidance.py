@@ -67,6 +67,11 @@ class ClassifierGuidance(nn.Module):
         self.inner, self.classifier = denoiser, classifier
         self.labels, self.scale, self.sigma_to_t = labels, scale, sigma_to_t
 
+    def log_prob_grad(self, x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """grad_{x_vp} of the log-density the guidance climbs, (B, C, H, W) float32: here log p(y | x_vp, t);
+        a subclass climbs another (GLIDE's CLIP guidance, `t2i.diffusion.clip_guidance`)."""
+        return classifier_log_prob_grad(self.classifier, x_vp, t, self.labels)
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond: Any) -> torch.Tensor:
         """x: (B, C, H, W) VE samples at sigma (() or (B,)); cond: the inner denoiser's arguments.
         Returns the guided (B, C, H, W) x0 estimate."""
@@ -77,7 +82,6 @@ class ClassifierGuidance(nn.Module):
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma  # (B,)
         s = broadcast_sigma(sigma, x)  # (B, 1, 1, 1)
         root = (s**2 + 1) ** 0.5
-        grad_vp = classifier_log_prob_grad(self.classifier, x.float() / root, self.sigma_to_t(sigma).to(x.device),
-                                           self.labels)  # (B, C, H, W)
+        grad_vp = self.log_prob_grad(x.float() / root, self.sigma_to_t(sigma).to(x.device))  # (B, C, H, W)
         # grad_x = grad_{x_vp} / sqrt(1 + sigma^2), the chain rule through x_vp = x / sqrt(1 + sigma^2)
         return denoised + self.scale * s**2 * (grad_vp / root)
