@@ -20,7 +20,6 @@ Layout: a diffusers AmusedPipeline folder (`t2i.checkpoints.diffusers_amused`); 
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,12 +32,11 @@ from t2i.checkpoints.diffusers_amused import AmusedParts, is_amused_folder, load
 from t2i.imageio import from_pil
 from t2i.nets.uvit2d import UVIT2D_PRESETS, UVit2DModel
 from t2i.systems.base import Capabilities, GenerationDefaults, GenerationRequest, StepReport, System
-from t2i.systems.token_models import DRAW_OPTIONS, TokenPipeline
+from t2i.systems.token_models import DRAW_OPTIONS, TokenPipeline, check_token_request
 from t2i.text.clip import CLIPTextConfig, CLIPTextModel
 from t2i.text.clip_tokenizer import CLIPTokenizer
 from t2i.text.encoders import CLIPTextEncoder
 from t2i.tokens import CFGTokenModel, GuidedCond, sample_masked
-from t2i.tokens.sampling import check_draws
 
 NAME = "amused"
 OPTIONS = DRAW_OPTIONS | {"negative_prompt", "steps", "sampler", "guidance", "width", "height", "init_image", "mask",
@@ -90,16 +88,12 @@ class AmusedPipeline(TokenPipeline):
 
     def _resolve(self, request: GenerationRequest) -> GenerationRequest:
         r = request.with_defaults(self.defaults)
-        if r.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        check_token_request(r, SAMPLERS)
         for what, v in (("width", r.width), ("height", r.height)):
             if v <= 0 or v % self.size_multiple:
                 raise ValueError(f"{what} must be a positive multiple of {self.size_multiple}, got {v}")
         if r.steps < 1:
             raise ValueError(f"steps must be at least 1, got {r.steps}")
-        if not math.isfinite(r.guidance):
-            raise ValueError(f"guidance must be a finite number, got {r.guidance}")
-        check_draws(r.temperature, r.top_k, r.top_p)
         if (r.init_image is None) != (r.mask is None):
             raise ValueError("aMUSEd edits an image by masking its tokens: give init_image and mask (white = "
                              "repaint) together")

@@ -119,6 +119,16 @@ def network_configs(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def check_token_request(r: GenerationRequest, samplers: tuple[str, ...] | list[str] | dict[str, Any]) -> None:
+    """The checks every token family makes of a resolved request: a known sampler, a finite
+    guidance, valid draw settings (ValueError naming the setting)."""
+    if r.sampler not in samplers:
+        raise ValueError(f"unknown sampler {r.sampler!r}; choose one of {', '.join(samplers)}")
+    if not math.isfinite(r.guidance):
+        raise ValueError(f"guidance must be a finite number, got {r.guidance}")
+    check_draws(r.temperature, r.top_k, r.top_p)
+
+
 class TokenPipeline(RequestMethods):
     """A token transformer (`unet`, as every family names its main network, so that int8 precision
     quantizes it) and its tokenizer; a family supplies `options`, `samplers`, `_sample` and `_check`.
@@ -159,11 +169,7 @@ class TokenPipeline(RequestMethods):
             if v != self.image_size:
                 raise ValueError(f"{what} must be {self.image_size}: {self.name} writes a {self.unet.cfg.grid}x"
                                  f"{self.unet.cfg.grid} token map with learned positions, got {v}")
-        if not math.isfinite(r.guidance):
-            raise ValueError(f"guidance must be a finite number, got {r.guidance}")
-        if r.sampler not in self.samplers:
-            raise ValueError(f"unknown sampler {r.sampler!r}; choose one of {', '.join(self.samplers)}")
-        check_draws(r.temperature, r.top_k, r.top_p)
+        check_token_request(r, self.samplers)
         self._check(r)
         return r
 
