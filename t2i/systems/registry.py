@@ -36,6 +36,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "t2i.systems.sd_upscale",
     "t2i.systems.deepfloyd_if",
     "t2i.systems.unclip",
+    "t2i.systems.glide",
 )
 
 
