@@ -119,7 +119,7 @@ def network_configs(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def check_token_request(r: GenerationRequest, samplers: tuple[str, ...] | list[str] | dict[str, Any]) -> None:
+def check_token_request(r: GenerationRequest, samplers: tuple[str, ...]) -> None:
     """The checks every token family makes of a resolved request: a known sampler, a finite
     guidance, valid draw settings (ValueError naming the setting)."""
     if r.sampler not in samplers:
