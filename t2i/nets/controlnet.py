@@ -110,6 +110,12 @@ class ControlNet(UNetEncoder):
         assert all(k.startswith("controlnet_") for k in missing), missing
         return net.to(next(unet.parameters()).dtype)
 
+    def controlling(self, net: nn.Module, base: nn.Module, image: torch.Tensor, scale: float = 1.0) -> ControlledUNet:
+        """`net` (the U-Net or a wrapper around it) with this ControlNet's residuals added; `base` (the U-Net
+        itself) is not needed here: the residuals go in through the U-Net's own inputs. The PixArt ControlNet
+        has the same method (`t2i.nets.pixart_controlnet`), so pipelines and training treat both alike."""
+        return ControlledUNet(net, self, image, scale)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, image: torch.Tensor,
                 scale: float = 1.0, text_embeds: torch.Tensor | None = None,
                 time_ids: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -17,6 +17,7 @@ tokenizer read locally) and t2i's own file (`t2i.systems.dit.LatentTransformer` 
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,8 +38,10 @@ from t2i.data.shapes_vocab import out_of_world_warning
 from t2i.diffusion.precond import LearnedVariance
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.nets.dit import DIT_PRESETS, DiT
+from t2i.nets.pixart_controlnet import PixArtControlNet
+from t2i.nets.pixart_controlnet import check_fits as check_controlnet_fits
 from t2i.samplers.sampling import SAMPLERS
-from t2i.systems.base import Capabilities, GenerationDefaults, System
+from t2i.systems.base import Capabilities, GenerationDefaults, GenerationRequest, System
 from t2i.systems.dit import LatentTransformer, LatentTransformerConfig, model_name, randomise_zeros
 from t2i.systems.latent_diffusion import LatentDiffusionPipeline
 from t2i.systems.shapes_ldm import VAE_PRESETS
@@ -46,10 +49,11 @@ from t2i.systems.stable_diffusion import SCHEDULER_SAMPLERS
 from t2i.text.encoders import T5TextEncoder, TextEncoding
 
 SYSTEM_NAME = "pixart"
-# What run() honours: the shared pipeline's text-to-image, img2img and inpainting options; not the
-# U-Net-only ones (DeepCache, ControlNet, refiner) nor the preview decoder.
+# What run() honours: the shared pipeline's text-to-image, img2img and inpainting options, and a PixArt
+# ControlNet (PixArt-delta); not the U-Net-only ones (DeepCache, refiner) nor the preview decoder.
 OPTIONS = frozenset({"negative_prompt", "steps", "guidance", "guidance_rescale", "sampler", "schedule", "eta",
-                     "width", "height", "init_image", "strength", "mask"})
+                     "width", "height", "init_image", "strength", "mask", "controlnet", "control_image",
+                     "control_scale"})
 STEPS, GUIDANCE = 20, 4.5  # PixArtAlphaPipeline's defaults
 
 
@@ -106,8 +110,30 @@ class PixArtPipeline(LatentDiffusionPipeline):
 
         return pick(prompts), pick(negative_prompts) if guided else None, warnings
 
-    def _sampling_net(self, *args, **kwargs) -> nn.Module:
-        net = super()._sampling_net(*args, **kwargs)
+    def _control(self, request: GenerationRequest, width: int, height: int
+                 ) -> tuple[PixArtControlNet, torch.Tensor, float] | None:
+        """The request's PixArt ControlNet (PixArt-delta), checked against this network, with its image
+        VAE-encoded as an img2img input is (posterior mode, scaled): (ControlNet, (1, C, h, w), scale)."""
+        controlnet = request.controlnet
+        if controlnet is None and request.control_image is None:
+            return None
+        if not isinstance(controlnet, PixArtControlNet) or request.control_image is None:
+            raise ValueError("a PixArt model takes a PixArt ControlNet (`t2i train controlnet --base` a PixArt "
+                             f"model) with a control image, not {type(controlnet).__name__} "
+                             f"{'with' if request.control_image is not None else 'without'} one")
+        check_controlnet_fits(controlnet.cfg, self.unet.cfg)
+        if request.mask is not None or not math.isfinite(request.control_scale):
+            raise ValueError("a PixArt ControlNet takes a finite control_scale and no inpainting mask")
+        return controlnet, self.encode_image(request.control_image, width, height), request.control_scale
+
+    def _sampling_net(self, deepcache: int = 1, control: tuple[PixArtControlNet, torch.Tensor, float] | None = None,
+                      eager: bool = False) -> nn.Module:
+        """The shared pipeline's network, with a ControlNet's residuals added to the first blocks (through
+        `PixArtControlNet.controlling`, not the U-Net's skips) and the eps half of a learned variance."""
+        net = super()._sampling_net(deepcache, None, eager)
+        if control is not None:
+            controlnet, latents, scale = control
+            net = controlnet.controlling(net, self.unet, latents, scale)
         return LearnedVariance(net) if self.unet.cfg.learn_sigma else net  # the eps half, as diffusers' split
 
     def _resolve(self, *args, **kwargs):
