@@ -271,6 +271,15 @@ SD_UPSCALE: list[Option] = [
     *(o for o in LDM if o[1] in ("caption_dropout", "ema_decay", "weight_decay", "min_snr_gamma", "sample_steps",
                                   "export_every")),
 ]
+CONTROLNET: list[Option] = [
+    ("--base", "base", {}, "the frozen model, a name (`t2i models`) or a path: a U-Net model (t2i-shapes, "
+     "t2i/assets/default; SD) gets Zhang et al.'s ControlNet, a PixArt model PixArt-delta's; the conditioning "
+     "image is each scene's box map"),
+    ("--blocks", "blocks", {"type": int}, "PixArt: trainable copies of the first N blocks (0: half of them)"),
+    ("--export-every", "export_every", {"type": int}, "write OUT/controlnet.safetensors every N steps"),
+    *(o for o in IMAGES if o[1] in ("background_p", "image_every")),
+    *(o for o in LDM if o[1] in ("caption_dropout", "weight_decay", "min_snr_gamma", "sample_steps")),
+]
 # What each preset is for (their shapes are printed from the configs themselves).
 PRESET_USE = {"shapes_f4": "the built-in model's", "shapes_s": "the built-in model's",
               "tiny": "tests and smoke runs: a fraction of a second per step on one CPU core"}
@@ -520,3 +529,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _parser(sub, "deepfloyd-if", "one stage of an Imagen / DeepFloyd IF pixel cascade on MiniLM text states: the "
             "32x32 base, or 32 -> 64 super-resolution with noise conditioning augmentation", IFTrainConfig(out=""),
             [*RUN, *DEEPFLOYD_IF]).set_defaults(func=_run_plain, config=IFTrainConfig, train=train_if)
+    from t2i.train.controlnet import ControlNetTrainConfig, train_controlnet
+
+    _parser(sub, "controlnet", "a ControlNet on a frozen model (its family decides: U-Net or PixArt-delta), "
+            "conditioned on the shapes scenes' box maps", ControlNetTrainConfig(out=""), [*RUN, *CONTROLNET]
+            ).set_defaults(func=_run_plain, config=ControlNetTrainConfig, train=train_controlnet)
