@@ -311,6 +311,12 @@ class LatentDiffusionPipeline(RequestMethods):
             net = ControlledUNet(net, *control)
         return CastInputs.around(net, self.unet)
 
+    def sampling_denoiser(self, plan: SamplingPlan, net: nn.Module) -> Callable:
+        """`net` (the U-Net as `_sampling_net` made it) behind the plan's denoiser contract. A subclass
+        whose noise levels belong to several networks switches between them here (eDiff-I's experts,
+        `t2i.systems.ediffi`); guidance and the x0 limit wrap whatever this returns."""
+        return plan.denoiser(net)
+
     def _control(self, request: GenerationRequest, width: int, height: int
                  ) -> tuple[ControlNet, torch.Tensor, float] | None:
         """The request's ControlNet, checked against this model, with its image as diffusers'
@@ -451,7 +457,7 @@ class LatentDiffusionPipeline(RequestMethods):
         generators = seed_generators(seeds)
         noise = seed_noise(generators, (self.latent_channels, h, w))
         x = plan.start(noise, init)
-        inner = plan.denoiser(net)
+        inner = self.sampling_denoiser(plan, net)
         if regions is not None:
             inner = PaintWithWords(inner, cross_attentions(self.unet), region_weight)
         denoiser = plan.limit_x0(CFGDenoiser(inner, guidance, guidance_rescale))
