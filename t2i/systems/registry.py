@@ -37,6 +37,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "t2i.systems.deepfloyd_if",
     "t2i.systems.unclip",
     "t2i.systems.glide",
+    "t2i.systems.ediffi",
 )
 
 
