@@ -114,13 +114,14 @@ class GlideConfig:
 
 
 class GlideNets(nn.Module):
-    """The file's networks as one module (`base.*`, `up.*`) with its config."""
+    """The file's networks as one module (`base.*`, `up.*`) with its config; built from it, or given (training's
+    EMA network next to another file's stage)."""
 
-    def __init__(self, cfg: GlideConfig) -> None:
+    def __init__(self, cfg: GlideConfig, base: GlideNet | None = None, up: GlideNet | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.base = GlideNet(cfg.base)
-        self.up = GlideNet(cfg.up) if cfg.up is not None else None
+        self.base = GlideNet(cfg.base) if base is None else base
+        self.up = up if up is not None or cfg.up is None else GlideNet(cfg.up)
 
 
 # ---------------------------------------------------------------------------------------
