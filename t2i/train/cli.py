@@ -280,6 +280,25 @@ CONTROLNET: list[Option] = [
     *(o for o in IMAGES if o[1] in ("background_p", "image_every")),
     *(o for o in LDM if o[1] in ("caption_dropout", "weight_decay", "min_snr_gamma", "sample_steps")),
 ]
+GLIDE: list[Option] = [
+    ("--stage", "stage", {"choices": ("base", "up")}, "the cascade stage this run trains: base (text -> image) or up "
+     "(text + the image at 1/--up-factor -> image)"),
+    ("--preset", "preset", {}, "GLIDE network shape (t2i.nets.glide.GLIDE_PRESETS; unset: shapes_base_32 for base, "
+     "shapes_up_64 for up)"),
+    ("--base-from", "base_from", {}, "up: the cascade's base (the model.safetensors of a --stage base run), exported "
+     "with the new upsampler"),
+    ("--up-from", "up_from", {}, "base: a GLIDE model file whose upsampler is exported with the new base"),
+    ("--up-factor", "up_factor", {"type": int}, "up: output side / input side (the input is the image downsampled)"),
+    ("--text-length", "text_length", {"type": int}, "caption tokens ([BOS] + words + [PAD]; unset: the preset's)"),
+    *(o for o in IMAGES if o[1] in ("image_size", "background_p", "image_every")),
+    *(o for o in LDM if o[1] in ("caption_dropout", "ema_decay", "sample_steps", "export_every")),
+]
+NOISY_CLIP: list[Option] = [
+    ("--clip-from", "clip_from", {}, "the shapes CLIP file to start from (unset: the shipped one)"),
+    ("--image-size", "image_size", {"type": int}, "side of the noised images (the guided GLIDE base's)"),
+    *(o for o in IMAGES if o[1] == "background_p"),
+    *(o for o in LDM if o[1] in ("weight_decay", "export_every")),
+]
 # What each preset is for (their shapes are printed from the configs themselves).
 PRESET_USE = {"shapes_f4": "the built-in model's", "shapes_s": "the built-in model's",
               "tiny": "tests and smoke runs: a fraction of a second per step on one CPU core"}
@@ -529,6 +548,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _parser(sub, "deepfloyd-if", "one stage of an Imagen / DeepFloyd IF pixel cascade on MiniLM text states: the "
             "32x32 base, or 32 -> 64 super-resolution with noise conditioning augmentation", IFTrainConfig(out=""),
             [*RUN, *DEEPFLOYD_IF]).set_defaults(func=_run_plain, config=IFTrainConfig, train=train_if)
+    from t2i.train.glide import GlideTrainConfig, NoisyCLIPTrainConfig, train_glide, train_noisy_clip
+
+    _parser(sub, "glide", "one stage of a GLIDE pixel cascade with its caption transformer trained from scratch: the "
+            "32x32 base, or the 32 -> 64 upsampler", GlideTrainConfig(out=""), [*RUN, *GLIDE]
+            ).set_defaults(func=_run_plain, config=GlideTrainConfig, train=train_glide)
+    _parser(sub, "noisy-clip", "GLIDE's noise-aware CLIP for CLIP guidance: the shapes CLIP's image tower fine-tuned "
+            "on noised images", NoisyCLIPTrainConfig(out=""), [*RUN, *NOISY_CLIP]
+            ).set_defaults(func=_run_plain, config=NoisyCLIPTrainConfig, train=train_noisy_clip)
     from t2i.train.controlnet import ControlNetTrainConfig, train_controlnet
 
     _parser(sub, "controlnet", "a ControlNet on a frozen model (its family decides: U-Net or PixArt-delta), "
