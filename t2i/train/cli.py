@@ -299,6 +299,16 @@ NOISY_CLIP: list[Option] = [
     *(o for o in IMAGES if o[1] == "background_p"),
     *(o for o in LDM if o[1] in ("weight_decay", "export_every")),
 ]
+EDIFFI: list[Option] = [
+    ("--base", "base", {}, "the shapes-LDM file trained over all noise levels that the experts are fine-tuned from"),
+    ("--depth", "depth", {"type": int, "choices": (0, 1, 2, 3)}, "binary-tree depth: 0 one model fine-tuned on every "
+     "timestep (the ablation's control), 1 two experts, 2 four (trained as 2 + 4 nodes)"),
+    ("--steps-per-expert", "steps_per_expert", {"type": int}, "optimizer steps of every node of the tree"),
+    *(o for o in RUN if o[1] != "steps"),
+    *(o for o in IMAGES if o[1] in ("data", "data_path", "data_workers", "background_p", "image_every")),
+    *(o for o in LDM if o[1] in ("caption_dropout", "ema_decay", "weight_decay", "min_snr_gamma", "bf16",
+                                  "sample_steps", "export_every")),
+]
 # What each preset is for (their shapes are printed from the configs themselves).
 PRESET_USE = {"shapes_f4": "the built-in model's", "shapes_s": "the built-in model's",
               "tiny": "tests and smoke runs: a fraction of a second per step on one CPU core"}
@@ -548,6 +558,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _parser(sub, "deepfloyd-if", "one stage of an Imagen / DeepFloyd IF pixel cascade on MiniLM text states: the "
             "32x32 base, or 32 -> 64 super-resolution with noise conditioning augmentation", IFTrainConfig(out=""),
             [*RUN, *DEEPFLOYD_IF]).set_defaults(func=_run_plain, config=IFTrainConfig, train=train_if)
+    from t2i.train.ediffi import EDiffITrainConfig, train_ediffi
+
+    _parser(sub, "ediffi", "eDiff-I expert denoisers by binary-tree fine-tuning of a shapes LDM: split the timesteps "
+            "in two, fine-tune the base on each half, split again (--depth); writes the experts and ediffi.json "
+            "(`t2i generate --model OUT`); --resume continues at the node a stopped run was on",
+            EDiffITrainConfig(out=""), EDIFFI).set_defaults(func=_run_plain, config=EDiffITrainConfig,
+                                                            train=train_ediffi)
     from t2i.train.glide import GlideTrainConfig, NoisyCLIPTrainConfig, train_glide, train_noisy_clip
 
     _parser(sub, "glide", "one stage of a GLIDE pixel cascade with its caption transformer trained from scratch: the "
