@@ -195,3 +195,23 @@ def test_a_stopped_tree_continues_at_the_node_it_was_on(tmp_path, base, monkeypa
         a = ShapesLDM.load(whole / ediffi.expert_file_name(iv)).unet.state_dict()
         b = ShapesLDM.load(stopped / ediffi.expert_file_name(iv)).unet.state_dict()
         assert all(torch.equal(v, b[k]) for k, v in a.items()), iv
+
+
+def test_cli_trains_the_tree_and_generates_from_the_folder(tmp_path, base):
+    from PIL import Image
+
+    from t2i.cli import main
+
+    out = tmp_path / "tree"
+    args = ["train", "ediffi", "--base", str(base), "--out", str(out), "--depth", "1", "--steps-per-expert", "1",
+            "--batch-size", "2", "--image-every", "0", "--threads", "1"]
+    assert main(args) == 0
+    stamp = (out / "runs" / "t0000-0500" / "model.safetensors").stat().st_mtime_ns
+    assert main(["train", "ediffi", "--out", str(out), "--resume"]) == 0  # all done: nothing is trained again
+    assert (out / "runs" / "t0000-0500" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert main(args) == 2  # a second new tree in the same folder is refused, one line
+    png = tmp_path / "x.png"
+    assert main(["generate", "a red circle", "--model", str(out), "--steps", "3", "--seed", "1",
+                 "--out", str(png)]) == 0
+    with Image.open(png) as im:
+        assert im.size == (16, 16) and "Model: tree" in im.info["parameters"]
