@@ -52,9 +52,9 @@ def box_map(layout: Layout, width: int, height: int) -> np.ndarray:
     return out
 
 
-def box_map_image(layout: Layout, size: int) -> Image.Image:
-    """`box_map` as a size x size RGB image, the `control_image` of a request."""
-    return Image.fromarray(box_map(layout, size, size), "RGB")
+def box_map_image(layout: Layout, width: int, height: int) -> Image.Image:
+    """`box_map` as an RGB image, the `control_image` of a request."""
+    return Image.fromarray(box_map(layout, width, height), "RGB")
 
 
 def save_controlnet(net: ControlNet | PixArtControlNet, path: str | Path, base: str = "") -> None:

@@ -105,6 +105,17 @@ FAMILIES: dict[str, Kind] = {"shapes_ldm": unet_controlnet, "stable_diffusion": 
                              "pixart": pixart_controlnet}
 
 
+def controlled(controlnet: nn.Module, base: nn.Module) -> Callable[..., torch.Tensor]:
+    """model(x, t, control=(B, ...), **cond): the base network with the ControlNet's residuals for the batch's
+    control input (what the loss calls; a learned variance's eps half, as the PixArt pipeline samples)."""
+
+    def model(x: torch.Tensor, t: torch.Tensor, control: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        net = controlnet.controlling(base, base, control)
+        return LearnedVariance(net)(x, t, **cond) if getattr(base.cfg, "learn_sigma", False) else net(x, t, **cond)
+
+    return model
+
+
 def load_base(name: str) -> Any:
     """The frozen base pipeline (float32) and a check that its family has a ControlNet here."""
     import t2i
@@ -129,11 +140,7 @@ def build_controlnet(cfg: ControlNetTrainConfig, run: Run) -> Task:
     opt = torch.optim.AdamW(controlnet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = DiffusionLoss(pipe.schedule.alphas_cumprod(), pipe.schedule.prediction_type, cfg.min_snr_gamma or None)
 
-    def model(x: torch.Tensor, t: torch.Tensor, control: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
-        """The base network with the ControlNet's residuals for this batch's control input."""
-        net = controlnet.controlling(base, base, control)
-        return LearnedVariance(net)(x, t, **cond) if getattr(base.cfg, "learn_sigma", False) else net(x, t, **cond)
-
+    model = controlled(controlnet, base)
     def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Latents (B, C, h, w), the text conditioning as the pipeline encodes it, and the control input;
         the caption dropout and the posterior samples from the step's generator."""
