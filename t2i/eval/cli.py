@@ -35,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--layouts", default=None, choices=["truth"],
                    help="truth: draw each held-out prompt from its scene's true layout (boxes and phrases) instead "
                         "of the model's own plan; models that take layouts only, held-out prompts only")
+    s.add_argument("--controlnet", default=None, metavar="FILE",
+                   help="with --layouts truth: a ControlNet (`t2i train controlnet`) draws each held-out prompt from "
+                        "its scene's box map (the true layout rendered as the control image) on --model")
+    s.add_argument("--control-scale", type=float, default=1.0, help="multiplies the ControlNet's residuals")
     s.add_argument("--regions", default=None, choices=["truth"],
                    help="truth: paint-with-words (eDiff-I) with each held-out scene's true boxes, each tied to the "
                         "words that name its object in the prompt (colour and shape); models that take regions only, "
@@ -94,11 +98,17 @@ def run_shapes(args: argparse.Namespace) -> int:
     # prompt -> its scene's layout; refused (naming a prompt) before the model loads if it has no scene
     layouts = truth_layouts([p for _, p in prompts or heldout_prompts()]) if args.layouts == "truth" else None
     regions = truth_regions([p for _, p in prompts or heldout_prompts()]) if args.regions == "truth" else None
+    if args.controlnet is not None and layouts is None:
+        raise UserError("--controlnet needs --layouts truth (each held-out scene's box map is its control image)")
     if args.region_weight is not None and regions is None:
         raise UserError("--region-weight needs --regions")
     pipe = t2i.load(args.model, precision=args.precision)
     settings = dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler, deepcache=args.deepcache,
                     preview=bool(args.preview_decoder))
+    controls = None
+    if args.controlnet is not None:  # the truth layouts go in as box maps; the model needs no layout option
+        controls, layouts = _control_settings(pipe, args, layouts), None
+        checked_request(pipe, "", **settings, **next(iter(controls.values())))
     # a model without the "layout" option is refused here, by name, before any image
     checked_request(pipe, "", **settings, **({"layout": next(iter(layouts.values()))} if layouts else {}))
     if regions is not None:  # likewise a model without regions (paint-with-words)
@@ -113,6 +123,9 @@ def run_shapes(args: argparse.Namespace) -> int:
         if layouts is not None:  # a request holds one layout: one call per prompt
             return [im for t in texts
                     for im in pipe.run(checked_request(pipe, t, seed=args.seed, layout=layouts[t], **settings)).images]
+        if controls is not None:  # likewise one call per prompt: each has its own box map
+            return [im for t in texts for im in pipe.run(checked_request(pipe, t, seed=args.seed, **controls[t],
+                                                                         **settings)).images]
         if regions is not None:  # likewise one call per prompt: each has its own regions
             return [im for t in texts
                     for im in pipe.run(checked_request(pipe, t, seed=args.seed, regions=regions[t] or None,
@@ -122,17 +135,33 @@ def run_shapes(args: argparse.Namespace) -> int:
 
     precision = t2i.resolve_precision(args.precision, args.model)  # what `auto` became, for the report
     if args.rerank > 1:
-        if regions is not None:
-            raise UserError("--regions with --rerank is not supported")
+        if regions is not None or controls is not None:
+            raise UserError(f"{'--regions' if regions is not None else '--controlnet'} with --rerank is not supported")
         return _run_shapes_rerank(pipe, prompts or heldout_prompts(), args, precision, layouts)
     report = run_shapes_eval(generate, prompts, args.out)
     summary = {k: report[k] for k in ("overall", "n", "accuracy", "unseen_phrasing") if k in report}
     summary.update(precision=precision, model=pipe.name, family=pipe.family, layouts=args.layouts or "model")
     if regions is not None:
         summary.update(regions=args.regions, region_weight=args.region_weight)
+    if controls is not None:
+        summary.update(controlnet=args.controlnet, control_scale=args.control_scale)
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out}/results.json and {args.out}/grid.png", file=sys.stderr)
     return 0
+
+
+def _control_settings(pipe, args: argparse.Namespace, layouts: dict) -> dict[str, dict]:
+    """prompt -> the request fields drawing it with --controlnet: the ControlNet (in the precision the model
+    computes in), its scene's box map at the model's size as the control image, --control-scale."""
+    import torch
+
+    from t2i.adapters.controlnet import box_map_image, load_controlnet
+
+    controlnet = load_controlnet(args.controlnet, torch.bfloat16 if getattr(pipe, "precision", "fp32") == "bf16"
+                                 else torch.float32)
+    size = pipe.capabilities.native_size
+    return {p: {"controlnet": controlnet, "control_image": box_map_image(layout, *size),
+                "control_scale": args.control_scale} for p, layout in layouts.items()}
 
 
 def _run_shapes_rerank(pipe, prompts: list[tuple[str, str]], args: argparse.Namespace, precision: str,
