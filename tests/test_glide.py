@@ -1,0 +1,233 @@
+"""GLIDE (Nichol et al. 2021): the network (a caption transformer read by unCLIP's / GLIDE's U-Net through the time
+embedding and every attention layer), `t2i train glide` (loss falls, 20% empty captions, resume exactness), the
+noise-aware CLIP and CLIP guidance (the guided x0 against autograd by hand; guided samples score higher under CLIP).
+The four interfaces (API, CLI, server, eval) are tests/test_families.py's, which every registered family gets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from t2i.checkpoints.io import load_state_dict
+from t2i.diffusion.clip_guidance import ClipGuidance
+from t2i.diffusion.denoiser import DiscreteDenoiser
+from t2i.diffusion.losses import HybridLoss
+from t2i.eval.shapes_clip import ShapesCLIP
+from t2i.nets.glide import GlideNet, preset
+from t2i.nets.glide_clip import from_clean, load_noisy_clip, save_noisy_clip
+from t2i.systems.dalle import SPECIALS, WordTokenizer
+from t2i.systems.glide import GlideConfig, GlideNets, glide_schedule, load, read_glide, save_glide, shapes_words
+from t2i.train.data import open_data
+from t2i.train.distributed import DistInfo
+from t2i.train.glide import GlideTrainConfig, NoisyCLIPTrainConfig, caption_dropout, train_glide, train_noisy_clip
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = len(SPECIALS) + len(shapes_words())
+COMMON = dict(image_size=16, batch_size=8, lr=3e-3, warmup=5, ckpt_every=1000, image_every=0, log_every=5, seed=0,
+              ema_decay=0.0, threads=1)
+
+
+def _tokens(texts: list[str], length: int = 12) -> torch.Tensor:
+    return WordTokenizer(shapes_words(), length)(texts)
+
+
+def test_network_shapes_and_both_text_paths():
+    """Base (3 -> 6 channels: eps, variance values) and upsampler (noisy image + low-res -> 6) keep the image size;
+    the caption changes the output through the time embedding (final token) and through the attention (the token
+    sequence as extra keys/values): zeroing either path alone still leaves a caption-dependent output."""
+    torch.manual_seed(0)
+    base, up = GlideNet(preset("tiny_base", VOCAB)).eval(), GlideNet(preset("tiny_up", VOCAB)).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10.0, 600.0])
+    a, b = _tokens(["a red circle", "a red circle"]), _tokens(["two blue squares", "a red circle"])
+    with torch.no_grad():
+        out = base(x, t, a)
+        assert out.shape == (2, 6, 16, 16)
+        assert up(torch.randn(2, 3, 32, 32), t, a, low_res=torch.randn(2, 3, 16, 16)).shape == (2, 6, 32, 32)
+        diff = (base(x, t, b) - out).abs().flatten(1).amax(1)
+        assert diff[0] > 1e-4 and diff[1] == 0  # row 0's caption changed, row 1's did not
+        ea, eb = base.encode(a), base.encode(b)
+        assert ea["context"].shape == (2, 12, 16) and ea["class_emb"].shape == (2, 4 * 16)
+        for path in ("class_emb", "context"):  # each path alone carries the caption
+            mixed = base.unet(x, t, **{**ea, path: eb[path]})
+            assert (mixed - out).abs()[0].max() > 1e-5
+    with pytest.raises(ValueError, match="low_res"):
+        up(torch.randn(1, 3, 32, 32), t[:1], a[:1])
+
+
+def test_caption_dropout_empties_a_fifth_of_the_captions_reproducibly():
+    captions = [f"a red circle {i}" for i in range(5000)]
+    dropped = caption_dropout(captions, 0.2, torch.Generator().manual_seed(3))
+    share = sum(c == "" for c in dropped) / len(captions)
+    assert 0.18 < share < 0.22
+    assert all(d in ("", c) for d, c in zip(dropped, captions, strict=True))
+    assert dropped == caption_dropout(captions, 0.2, torch.Generator().manual_seed(3))
+    assert GlideTrainConfig(out="").caption_dropout == 0.2  # GLIDE's 20%
+    empty = _tokens([""])
+    assert empty[0, 0] == 1 and (empty[0, 1:] == 0).all()  # [BOS] then padding: the unconditional input
+
+
+def _held_out_loss(path: Path) -> float:
+    """L_simple of the file's base network on 16 held-out scenes, averaged over 4 draws of t and noise."""
+    nets = read_glide(path)
+    x, captions, _ = open_data("shapes", None, 16, 123, print).batch(0, 16, DistInfo())
+    cond = {"tokens": WordTokenizer(nets.cfg.words, nets.cfg.base.text.length)(captions)}
+    loss = HybridLoss(nets.cfg.schedule.alphas_cumprod())
+    with torch.no_grad():
+        return sum(loss.terms(nets.base, x, cond, torch.Generator().manual_seed(k))[0].mean().item()
+                   for k in range(4)) / 4
+
+
+def test_train_glide_lowers_the_loss_and_exports_a_cascade(tmp_path):
+    """30 steps of the tiny base (the caption transformer trained with it) cut the held-out eps loss well below
+    a 1-step run's; an upsampler run on top exports base + upsampler in one file that generates 32x32 images."""
+    runs = {}
+    for steps in (1, 30):
+        out = tmp_path / f"base{steps}"
+        lr = 1e-12 if steps == 1 else COMMON["lr"]
+        assert train_glide(GlideTrainConfig(out=str(out), preset="tiny_base", steps=steps,
+                                            **{**COMMON, "lr": lr})) == 0
+        runs[steps] = out / "model.safetensors"
+    before, after = _held_out_loss(runs[1]), _held_out_loss(runs[30])
+    print(f"GLIDE base: held-out eps loss {before:.4f} -> {after:.4f}")
+    assert after < 0.7 * before
+    assert "glide/vlb_bpd" in (tmp_path / "base30" / "log.txt").read_text()
+    out = tmp_path / "up"
+    assert train_glide(GlideTrainConfig(out=str(out), stage="up", preset="tiny_up", base_from=str(runs[30]),
+                                        steps=2, **COMMON)) == 0
+    pipe = load(out / "model.safetensors")
+    assert pipe.nets.up is not None and pipe.capabilities.native_size == (32, 32)
+    assert pipe.generate("a red circle", seed=0, steps=2).images[0].size == (32, 32)
+    exported, trained_base = load_state_dict(out / "model.safetensors"), load_state_dict(runs[30])
+    assert all(torch.equal(v, trained_base[k]) for k, v in exported.items() if k.startswith("base."))
+    with pytest.raises(ValueError, match="base-from"):
+        train_glide(GlideTrainConfig(out=str(tmp_path / "no"), stage="up", preset="tiny_up", steps=1, **COMMON))
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    common = {**COMMON, "ckpt_every": 2, "ema_decay": 0.9}
+
+    def run(out: Path, steps: int, resume: bool = False) -> int:
+        return train_glide(GlideTrainConfig(out=str(out), preset="tiny_base", steps=steps, **common), resume=resume)
+
+    assert run(tmp_path / "straight", 4) == 0
+    assert run(tmp_path / "parts", 2) == 0
+    assert run(tmp_path / "parts", 4, resume=True) == 0
+    a, b = (load_state_dict(tmp_path / r / "model.safetensors") for r in ("straight", "parts"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------
+# The noise-aware CLIP and CLIP guidance
+# ---------------------------------------------------------------------------------------
+
+
+def test_noisy_clip_starts_as_the_clean_clip_and_its_file_round_trips(tmp_path):
+    clip = ShapesCLIP.load()
+    noisy = from_clean(clip, 16).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        clean = clip.encode_images(torch.nn.functional.interpolate(x, (64, 64), mode="bilinear"))
+        for t in (0.0, 900.0):  # the zero-initialised time embedding: every t reads like the clean tower
+            torch.testing.assert_close(noisy.encode_noisy(x, torch.full((2,), t)), clean)
+        noisy.time_embedding.linear_2.weight.normal_(std=0.1)  # (a constant over channels, LayerNorm would remove)
+        moved = noisy.encode_noisy(x, torch.full((2,), 500.0))
+    assert (moved - clean).abs().max() > 1e-3  # once trained, t reaches the embedding
+    save_noisy_clip(noisy, glide_schedule(), tmp_path / "n.safetensors")
+    again, schedule = load_noisy_clip(tmp_path / "n.safetensors")
+    assert schedule.beta_schedule == "squaredcos_cap_v2"
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_noisy(x, torch.full((2,), 500.0)), moved)
+
+
+def test_clip_guided_x0_equals_the_similarity_gradient_by_hand():
+    """D' = D + s sigma^2 grad_x (f(x_vp(x), t) . g), with x_vp = x / sqrt(1 + sigma^2): autograd through x itself
+    (the chain rule ClipGuidance writes out) gives the same shift."""
+    torch.manual_seed(0)
+    acp = glide_schedule().alphas_cumprod()
+    w = torch.randn(8, 3 * 4 * 4)
+
+    def encoder(x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(torch.tanh(x_vp.flatten(1) @ w.T) + 1e-3 * t[:, None], dim=-1)
+
+    den = DiscreteDenoiser(lambda x, t: torch.sin(x), acp)
+    text = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
+    sigma = torch.tensor([0.5, 3.0])
+    x = torch.randn(2, 3, 4, 4) * (1 + sigma[:, None, None, None] ** 2).sqrt()
+    ours = ClipGuidance(den, encoder, text, 4.0, den.sigma_to_t)(x, sigma)
+    xr = x.clone().requires_grad_(True)
+    sim = (encoder(xr / (1 + sigma[:, None, None, None] ** 2).sqrt(), den.sigma_to_t(sigma)) * text).sum()
+    (grad,) = torch.autograd.grad(sim, xr)
+    expected = den(x, sigma) + 4.0 * sigma[:, None, None, None] ** 2 * grad
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+    assert (ours - den(x, sigma)).abs().max() > 1e-2
+
+
+def _clip_scores(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Cosine similarity of each final image with its prompt under the (clean) shipped shapes CLIP."""
+    clip = ShapesCLIP.load()
+    with torch.no_grad():
+        img = clip.encode_images(torch.nn.functional.interpolate(images.clamp(-1, 1), (64, 64), mode="bilinear"))
+        return (img * clip.embed_texts(prompts)).sum(-1)
+
+
+def test_clip_guidance_raises_the_clip_score_of_the_samples(tmp_path):
+    """A random tiny GLIDE base guided by the noise-aware CLIP (its clean start: the shipped CLIP): the final
+    images' CLIP similarity to their prompt rises with the scale; the request field, `with_clip_guidance` and the
+    PNG record agree; a file that is not a noise-aware CLIP and one of another schedule are refused."""
+    from t2i.imageio import parse_parameters
+    from t2i.systems.ddpm import ddpm_schedule
+
+    torch.manual_seed(0)
+    cfg = GlideConfig(base=preset("tiny_base", VOCAB))
+    nets = GlideNets(cfg)
+    save_glide(nets.base, None, cfg, tmp_path / "glide.safetensors")
+    save_noisy_clip(from_clean(ShapesCLIP.load(), 16), glide_schedule(), tmp_path / "clip.safetensors")
+    pipe = load(tmp_path / "glide.safetensors")
+    prompts = ["a red circle", "a blue square on a white background", "two green triangles", "a small purple circle",
+               "a yellow star on a black background", "three red squares", "a large orange triangle",
+               "a blue circle above a green square"]
+    settings = dict(seed=list(range(8)), steps=25, guidance=1.0)
+    plain = pipe.generate(prompts, **settings).sample
+    guided = pipe.generate(prompts, classifier=tmp_path / "clip.safetensors", classifier_scale=100.0, **settings)
+    before, after = _clip_scores(plain, prompts), _clip_scores(guided.sample, prompts)
+    print(f"CLIP score unguided {before.mean():.3f} {before.tolist()} -> guided {after.mean():.3f} {after.tolist()}")
+    assert after.mean() > before.mean() + 0.05 and (after > before).sum() >= 6  # measured: +0.11, 8 of 8
+    params = parse_parameters(guided.images[0].info["parameters"])
+    assert params["Classifier"] == "clip" and float(params["Classifier scale"]) == 100.0
+    by_method = pipe.with_clip_guidance(tmp_path / "clip.safetensors", 100.0).generate(prompts, **settings).sample
+    assert torch.equal(by_method, guided.sample)
+    with pytest.raises(ValueError, match="noise-aware CLIP"):
+        pipe.generate("a red circle", steps=2, classifier=tmp_path / "glide.safetensors")
+    save_noisy_clip(from_clean(ShapesCLIP.load(), 16), ddpm_schedule(), tmp_path / "linear.safetensors")
+    with pytest.raises(ValueError, match="another noise schedule"):
+        pipe.with_clip_guidance(tmp_path / "linear.safetensors", 1.0)
+
+
+def test_train_noisy_clip_lowers_its_loss_on_noised_images(tmp_path):
+    """From the shipped CLIP, 12 steps on noised 16x16 images lower the contrastive loss on held-out noised
+    images (fixed draws) against the frozen text tower, which stays bit for bit the shipped one."""
+    out = tmp_path / "nc"
+    assert train_noisy_clip(NoisyCLIPTrainConfig(out=str(out), image_size=16, steps=12, batch_size=32, lr=3e-4,
+                                                 warmup=1, ckpt_every=1000, log_every=4, threads=1)) == 0
+    from t2i.diffusion.losses import DiffusionLoss
+    from t2i.eval.shapes_clip import contrastive_loss
+
+    trained, _ = load_noisy_clip(out / "noisy_clip.safetensors")
+    start = from_clean(ShapesCLIP.load(), 16).eval()
+    x, captions, _ = open_data("shapes", None, 16, 321, print).batch(0, 64, DistInfo())
+    t, _, _, x_t = DiffusionLoss(glide_schedule().alphas_cumprod()).noised(x, torch.Generator().manual_seed(0))
+
+    def loss(model) -> float:
+        with torch.no_grad():
+            logits = model.clip.logit_scale.exp() * model.encode_noisy(x_t, t.float()) @ model.embed_texts(captions).T
+            return contrastive_loss(logits, captions).item()
+
+    before, after = loss(start), loss(trained)
+    print(f"noisy CLIP held-out loss {before:.3f} -> {after:.3f}")
+    assert after < before - 0.05
+    shipped = ShapesCLIP.load().state_dict()
+    assert all(torch.equal(v, shipped[k.removeprefix("clip.")]) for k, v in trained.state_dict().items()
+               if k.startswith("clip.text."))
