@@ -277,3 +277,34 @@ def test_the_t2i_file_round_trips(tmp_path):
     save_with_config(state, bad, read_config(path, "IF"), "deepfloyd_if")
     with pytest.raises(CheckpointError):
         t2i.load(bad)
+
+
+def test_the_request_noise_level_reaches_stage_two_and_the_png(tmp_path):
+    """A request's noise_level is stage II's augmentation level for that request (the pipeline's own level
+    for requests without one, and unchanged by one), recorded in the PNG so the image regenerates from it;
+    a pipeline without stage II refuses it by name, and a level outside the noising schedule is refused."""
+    from t2i.imageio import parse_parameters, request_fields
+    from t2i.systems.base import UnsupportedOption, check_request
+    from t2i.systems.deepfloyd_if import SYSTEM
+
+    pipe = t2i.load(SYSTEM.write_tiny(tmp_path / "tiny", 0))
+    request = GenerationRequest("a red circle", seed=1, steps=2)
+    default = pipe.run(request)
+    assert f"Noise level: {pipe.noise_level}," in default.images[0].info["parameters"] + ","
+    same = pipe.run(dataclasses.replace(request, noise_level=pipe.noise_level))
+    assert torch.equal(same.sample, default.sample)
+    check_request(pipe, dataclasses.replace(request, noise_level=900))
+    other = pipe.run(dataclasses.replace(request, noise_level=900))
+    assert _relative(other.sample, default.sample) > 1e-2 and pipe.noise_level == 100
+    params = other.images[0].info["parameters"]
+    read = request_fields(parse_parameters(params))
+    assert read.pop("model") == pipe.name and read.pop("precision", "fp32") == "fp32" and read["noise_level"] == 900
+    again = pipe.run(GenerationRequest(**read))
+    assert torch.equal(again.sample, other.sample)
+    with pytest.raises(ValueError, match="noise_level"):
+        pipe.run(dataclasses.replace(request, noise_level=1000))
+    base_only = IFPipeline(pipe.base, pipe.text_encoder, defaults=dataclasses.replace(pipe.defaults, width=16,
+                                                                                       height=16))
+    with pytest.raises(UnsupportedOption, match="noise_level"):
+        check_request(base_only, dataclasses.replace(request, noise_level=900))
+    assert "Noise level" not in base_only.run(request).images[0].info["parameters"]

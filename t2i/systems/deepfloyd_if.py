@@ -11,8 +11,9 @@ denoiser (`t2i.diffusion.thresholding`, from the scheduler's `thresholding` sett
 
 What a request's settings mean for a cascade: width/height are the final image's; stage I runs at
 that size divided by the stage-II factor. steps, guidance, sampler, schedule and eta apply to stage I;
-stage II takes the pipeline's `sr_steps`, `sr_guidance` and `noise_level` (IF's defaults 50, 4.0, 250;
-set them on the pipeline from Python) and the request's sampler. Image i of seed s uses one generator
+stage II takes the pipeline's `sr_steps` and `sr_guidance` (IF's defaults 50, 4.0; set them on the pipeline
+from Python), the request's sampler and its noise_level (unset: the pipeline's `noise_level`, IF's 250), which
+the PNG records. Image i of seed s uses one generator
 (seed s + i) for both stages, in the order diffusers draws when one generator is passed to both
 pipelines: stage I's start and step noise, then stage II's start, augmentation and step noise.
 
@@ -87,6 +88,7 @@ from t2i.systems.latent_diffusion import CastInputs, stop_polling
 
 SYSTEM_NAME = "deepfloyd_if"
 OPTIONS = frozenset({"negative_prompt", "steps", "guidance", "sampler", "schedule", "eta", "width", "height"})
+SR_OPTIONS = frozenset({"noise_level"})  # stage II's augmentation level: only a cascade takes it
 SCHEDULES = ("default", "karras")
 IMAGE_CHANNELS = 3
 TEXT_LENGTH = 77  # IFPipeline's T5 window
@@ -153,7 +155,8 @@ class IFPipeline(RequestMethods):
         base: stage I; sr: stage II or None.
         text_encoder: prompts -> TextEncoding (T5 for IF folders, MiniLM for t2i files).
         name, defaults: as every pipeline (defaults.width/height: the final image's native size).
-    Attributes a caller may set: sr_steps, sr_guidance, noise_level (stage II's settings).
+    Attributes a caller may set: sr_steps, sr_guidance, noise_level (stage II's settings; a request's own
+    noise_level overrides the last for that request).
     """
 
     family = SYSTEM_NAME
@@ -194,11 +197,15 @@ class IFPipeline(RequestMethods):
     @property
     def capabilities(self) -> Capabilities:
         d = self.defaults
-        return Capabilities(options=OPTIONS, samplers=tuple(SAMPLERS), schedules=SCHEDULES,
+        options = OPTIONS if self.sr is None else OPTIONS | SR_OPTIONS
+        return Capabilities(options=options, samplers=tuple(SAMPLERS), schedules=SCHEDULES,
                             size_multiple=self.size_multiple, native_size=(d.width, d.height))
 
     def _resolve(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with the defaults filled in (noise_level: the pipeline's, with stage II), checked."""
         r = request.with_defaults(self.defaults)
+        if self.sr is not None and r.noise_level is None:
+            r = replace(r, noise_level=self.noise_level)
         if r.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if r.schedule not in SCHEDULES:
@@ -208,8 +215,12 @@ class IFPipeline(RequestMethods):
                 raise ValueError(f"{what} must be a positive multiple of {self.size_multiple}, got {v}")
         if not math.isfinite(r.guidance):
             raise ValueError(f"guidance must be a finite number, got {r.guidance}")
-        if self.sr is not None and not 0 <= self.noise_level < self.sr.augmentation().levels:
-            raise ValueError(f"noise_level must be a timestep of the noising schedule, got {self.noise_level}")
+        if self.sr is None and r.noise_level is not None:
+            raise ValueError(f"{self.name} has no stage II: noise_level is the super-resolution stage's")
+        level = r.noise_level
+        if self.sr is not None and not (isinstance(level, int) and 0 <= level < self.sr.augmentation().levels):
+            raise ValueError(f"noise_level must be a timestep of the noising schedule (0..."
+                             f"{self.sr.augmentation().levels - 1}), got {level!r}")
         return r
 
     def _conditioning(self, prompts: list[str], negatives: list[str],
@@ -250,22 +261,25 @@ class IFPipeline(RequestMethods):
             x = sample_stage(self.base, plan, x, cond, uncond, r.guidance, generators, report)  # (N, 3, h, w)
             if self.sr is not None and sr_plan is not None:
                 x = self.upsample(x, cond, uncond, sr_plan, generators, r.height, r.width,
-                                  lambda info: report({**info, "i": info["i"] + plan.steps}))  # counted after I's
+                                  lambda info: report({**info, "i": info["i"] + plan.steps}),  # counted after I's
+                                  r.noise_level)
         pictures = to_pil(x)
         for im, p, neg, sd in zip(pictures, prompts, negatives, seeds, strict=True):
-            im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, precision_of(self.unet))
+            text = request_parameters(r, p, neg, sd, self.name, precision_of(self.unet))
+            im.info["parameters"] = text if r.noise_level is None else f"{text}, Noise level: {r.noise_level}"
         return GenerationResult(pictures, x, seeds, warnings, time.perf_counter() - start)
 
     def upsample(self, low: torch.Tensor, cond: dict, uncond: dict | None, plan: SamplingPlan,
                  generators: list[torch.Generator], height: int, width: int,
-                 report: Callable[[dict], None]) -> torch.Tensor:
+                 report: Callable[[dict], None], noise_level: int | None = None) -> torch.Tensor:
         """Stage II on stage I's samples `low` (N, 3, h, w) in [-1, 1] (unclipped, as IF hands them over)
-        -> (N, 3, height, width): start noise, then the bilinear upsampling noised at `noise_level`
-        (noise conditioning augmentation), then the sampler, each image's noise from its generator."""
+        -> (N, 3, height, width): start noise, then the bilinear upsampling noised at `noise_level` (None: the
+        pipeline's; noise conditioning augmentation), then the sampler, each image's noise from its generator."""
         assert self.sr is not None
+        level = self.noise_level if noise_level is None else noise_level
         x = plan.start(seed_noise(generators, (IMAGE_CHANNELS, height, width)))
         upscaled = F.interpolate(low.float(), (height, width), mode="bilinear", align_corners=True)
-        noised, levels = self.sr.augmentation().at_level(upscaled, self.noise_level,
+        noised, levels = self.sr.augmentation().at_level(upscaled, level,
                                                          seed_noise(generators, tuple(upscaled.shape[1:])))
         extra = {"low_res": noised, "noise_level": levels}
         return sample_stage(self.sr, plan, x, {**cond, **extra}, None if uncond is None else {**uncond, **extra},
