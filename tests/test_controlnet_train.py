@@ -160,7 +160,8 @@ def test_api_and_eval_cli_take_a_controlnet_and_refuse_another_bases(bases, trai
                                          r"\(32, 64, 128\), the U-Net's \(16, 32\)$"):
         pipe.generate(PROMPT, steps=1, controlnet=load_controlnet(tmp_path / "wide.safetensors"),
                       control_image=control["control_image"])
-    with pytest.raises(ValueError, match="got PixArtControlNet"):
+    with pytest.raises(ValueError, match=r"^the ControlNet does not fit this model: shapes \(shapes_ldm\) takes a "
+                                         r"loaded U-Net ControlNet, not a PixArtControlNet$"):
         pipe.generate(PROMPT, steps=1, controlnet=load_controlnet(pixart_file), control_image=control["control_image"])
     pixart = t2i.load(bases["pixart"])
     with pytest.raises(ValueError, match="^a PixArt model takes a PixArt ControlNet .* not ControlNet with one$"):

@@ -328,7 +328,8 @@ class LatentDiffusionPipeline(RequestMethods):
         if controlnet is None or image is None:
             raise ValueError("a ControlNet needs both controlnet and control_image")
         if not isinstance(controlnet, ControlNet):
-            raise ValueError(f"controlnet must be a loaded ControlNet, got {type(controlnet).__name__}")
+            raise ValueError(f"the ControlNet does not fit this model: {self.name} ({self.family}) takes a loaded "
+                             f"U-Net ControlNet, not a {type(controlnet).__name__}")
         check_fits(controlnet.control_cfg, self.unet.cfg, self.latent_channels, self.vae_scale)
         if request.mask is not None or request.deepcache > 1:
             raise ValueError("a ControlNet cannot be combined with inpainting or DeepCache (yet)")
