@@ -199,6 +199,18 @@ def test_clip_guidance_raises_the_clip_score_of_the_samples(tmp_path):
     assert params["Classifier"] == "clip" and float(params["Classifier scale"]) == 100.0
     by_method = pipe.with_clip_guidance(tmp_path / "clip.safetensors", 100.0).generate(prompts, **settings).sample
     assert torch.equal(by_method, guided.sample)
+    from PIL import Image
+
+    from t2i.cli import main
+
+    out = tmp_path / "cli.png"
+    assert main(["generate", "a red circle", "--model", str(tmp_path / "glide.safetensors"), "--steps", "25",
+                 "--seed", "0", "--guidance", "1", "--classifier", str(tmp_path / "clip.safetensors"),
+                 "--classifier-scale", "100", "--quiet", "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        assert parse_parameters(im.info["parameters"])["Classifier"] == "clip"
+        single = pipe.generate("a red circle", seed=0, steps=25, guidance=1.0)  # with_clip_guidance's, as the CLI's
+        assert im.convert("RGB").tobytes() == single.images[0].tobytes()  # the CLI is the API
     with pytest.raises(ValueError, match="noise-aware CLIP"):
         pipe.generate("a red circle", steps=2, classifier=tmp_path / "glide.safetensors")
     save_noisy_clip(from_clean(ShapesCLIP.load(), 16), ddpm_schedule(), tmp_path / "linear.safetensors")

@@ -1,5 +1,5 @@
-"""GLIDE's text-conditional pixel U-Net (Nichol et al. 2021, sec. 2.3 and 4): a text transformer trained from scratch
-with the diffusion model, read by the ADM U-Net in two places.
+"""GLIDE's text-conditional pixel U-Net (Nichol et al. 2021, "Text-conditional diffusion models"): a text transformer
+trained from scratch with the diffusion model, read by the ADM U-Net in two places.
 
     caption ids (B, L) --embedding + positions (padding: a learned embedding)--> transformer --> final LayerNorm
         --> states (B, L, W)
@@ -103,7 +103,7 @@ class GlideTextTransformer(nn.Module):
         self.blocks = nn.ModuleList(PreNormBlock(cfg.width, cfg.heads, 4 * cfg.width, "gelu", 1e-5)
                                     for _ in range(cfg.layers))
         self.final_ln = nn.LayerNorm(cfg.width)
-        # GLIDE's init: embeddings N(0, 0.01) (xf_width ** -0.5 at width 2048 is ~0.02; small widths keep 0.01)
+        # N(0, 0.01): small, as the token families' embeddings (GLIDE's released code leaves them to its checkpoint)
         for p in (self.token_embedding.weight, self.positional_embedding, self.padding_embedding):
             nn.init.normal_(p, std=0.01)
 

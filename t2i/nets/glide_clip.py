@@ -1,7 +1,7 @@
 """GLIDE's noise-aware CLIP (Nichol et al. 2021, sec. 2.4): the shapes CLIP (`t2i.eval.shapes_clip`) whose image tower
 reads noised images x_t and their timestep t, for CLIP guidance (`t2i.diffusion.clip_guidance`).
 
-"We train noised CLIP models with an image encoder f(x_t, t) that receives noised images x_t": here the shapes
+GLIDE's noised CLIP has an image encoder f(x_t, t) that reads noised images and their timestep; here the shapes
 CLIP's ViT with the timestep embedded (sinusoid + MLP, as the diffusion U-Nets embed it) and added to every patch
 token, and the image resized (bilinear) from the diffusion model's side to the ViT's. The MLP's output layer starts
 at zero, so an untrained noise-aware tower *is* the clean one: `t2i train noisy-clip` fine-tunes the image tower

@@ -4,7 +4,7 @@ Models"): a pixel-space text-to-image cascade whose text encoder is trained from
 - **base**: `t2i.nets.glide.GlideNet` at low resolution (GLIDE: 64x64; the shapes world: 32x32): the caption's word
   ids through GLIDE's transformer, its final token added to the timestep embedding and its token sequence projected
   into every attention layer as extra keys and values; cosine betas, eps with a learned variance (IDDPM), trained
-  with 20% empty captions so that one network is also the unconditional model of classifier-free guidance (sec. 4).
+  with 20% empty captions so that one network is also the unconditional model of classifier-free guidance.
 - **upsampler** (optional second stage, GLIDE's 64 -> 256; here 2x): the same network reading the base sample
   (rounded to 8 bits, as GLIDE hands it over) upsampled bilinearly next to its noisy input, and the caption again.
 - **CLIP guidance** (sec. 2.4): a noise-aware shapes CLIP (`t2i.nets.glide_clip`, `t2i train noisy-clip`) steers the

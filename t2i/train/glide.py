@@ -2,9 +2,9 @@
 with the one training loop.
 
 GLIDE (`t2i.systems.glide`): the caption transformer and the U-Net are one network trained together from scratch
-(GLIDE sec. 4), on the caption's word ids; cosine betas, eps with a learned variance by IDDPM's hybrid loss
-(L_simple + 0.001 L_vlb, `HybridLoss`), 20% of the captions replaced by the empty one ("we fine-tune ... replacing
-20% of text token sequences with the empty sequence") so that the network is also the unconditional model of
+on the caption's word ids; cosine betas, eps with a learned variance by IDDPM's hybrid loss (L_simple + 0.001 L_vlb,
+`HybridLoss`), 20% of the captions replaced by the empty one (GLIDE fine-tunes for classifier-free guidance with 20%
+of the token sequences empty; here from the first step) so that the network is also the unconditional model of
 classifier-free guidance.
 
 - base: 32x32 scenes from their captions.
@@ -13,7 +13,7 @@ classifier-free guidance.
 
 The EMA network is exported with the other stage as one `model.safetensors` and sampled into captioned grids.
 
-Noise-aware CLIP (`t2i.nets.glide_clip`, GLIDE sec. 2.4): the shipped shapes CLIP's image tower fine-tuned on
+Noise-aware CLIP (`t2i.nets.glide_clip`, GLIDE's noised CLIP): the shipped shapes CLIP's image tower fine-tuned on
 noised images x_t (t ~ U{0..T-1} of GLIDE's schedule, `DiffusionLoss.noised`) at the diffusion model's side, with
 the symmetric contrastive loss against its frozen text tower (and frozen temperature); exported as
 `noisy_clip.safetensors` with the schedule. Both runs resume bit for bit from their newest checkpoint.
