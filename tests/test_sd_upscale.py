@@ -198,3 +198,39 @@ def test_the_full_size_x4_upscaler_unet_has_diffusers_parameters():
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
     assert ours.class_embedding.weight.shape == (1000, 1024)
     assert unet_config_from_diffusers(unet_config_to_diffusers(cfg)) == cfg
+
+
+@pytest.mark.xfail(strict=True, reason="needs Capabilities.required in t2i/systems/base.py (the lead's file) and its "
+                   "one-line use in sd_upscale.capabilities: the patch is in the eDiff-I helper's report")
+def test_an_upscaler_alone_refuses_a_request_without_an_image_naming_it(models, tmp_path, capsys):
+    """With no base model the upscaler needs the low-res image: a request without one is refused before any
+    work, naming init_image: 422 from every server route (it was a 500 from the failed job), one line from
+    the CLI, UnsupportedOption from check_request (and a ValueError naming the low-res image from run)."""
+    pytest.importorskip("fastapi")
+    from test_families import _post
+
+    from t2i.cli import main
+    from t2i.serve.app import create_app
+    from t2i.serve.background import BackgroundServer
+    from t2i.serve.config import ServeConfig
+    from t2i.systems.base import GenerationRequest, UnsupportedOption, check_request
+
+    folder, _reference, ours = models
+    assert ours.base is None
+    with pytest.raises(UnsupportedOption, match="init_image") as refused:
+        check_request(ours, GenerationRequest(PROMPT, seed=1))
+    assert refused.value.option == "init_image"
+    check_request(ours, GenerationRequest(PROMPT, seed=1, init_image=low_res_image(8)))
+    with pytest.raises(ValueError, match="low-res image"):
+        ours.generate(PROMPT, seed=1, steps=2)
+    with BackgroundServer(create_app(ours, ServeConfig())) as server:
+        for route, field in (("/v1/jobs", "init_image"), ("/sdapi/v1/txt2img", "init_images"),
+                             ("/v1/images/generations", "init_image")):
+            status, reply = _post(server.url + route, {"prompt": PROMPT})
+            assert status == 422 and reply["error"]["param"] == field, (route, reply)
+            assert "init_image" in reply["error"]["message"] and ours.name in reply["error"]["message"]
+    capsys.readouterr()
+    out = tmp_path / "no.png"
+    assert main(["generate", PROMPT, "--model", str(folder), "--steps", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "init_image" in err[0] and not out.exists()
