@@ -17,6 +17,7 @@ model file needs no other.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -140,26 +141,35 @@ class MaskGITPipeline(TokenPipeline):
     def prompt_warning(self, prompt: str) -> str | None:
         return out_of_world_warning(prompt)
 
-    def _sample(self, r: GenerationRequest, prompts: list[str], negatives: list[str],
-                generators: list[torch.Generator], report: StepReport) -> torch.Tensor:
+    def conditioning(self, r: GenerationRequest, prompts: list[str], negatives: list[str]) -> GuidedCond:
+        """The prompts' (and, when guided, the negatives') text conditioning, each text encoded once."""
         guided = r.guidance != 1.0
         texts = list(dict.fromkeys(prompts + (negatives if guided else [])))
-        every = text_conditioning(self.text_encoder, texts)  # each text encoded once
+        every = text_conditioning(self.text_encoder, texts)
 
         def pick(batch: list[str]) -> dict[str, torch.Tensor]:
             rows = torch.tensor([texts.index(t) for t in batch])
             return {k: v[rows] for k, v in every.items()}
 
-        cond = GuidedCond(pick(prompts), pick(negatives) if guided else None)
-        model = CFGTokenModel(lambda tokens, c: self.unet(tokens, **c), r.guidance)
-        c, n, draws = self.cfg, self.unet.cfg.num_tokens, self.draws(r)
+        return GuidedCond(pick(prompts), pick(negatives) if guided else None)
+
+    def draw(self, net: TokenTransformer, cond: GuidedCond, r: GenerationRequest, generators: list[torch.Generator],
+             report: Callable[[dict[str, Any]], None]) -> torch.Tensor:
+        """(B, N) codes of `net`'s token map under CFG on its logits, by the request's sampler and this
+        pipeline's draw settings (`net`: this pipeline's network, or another stage's, as Muse's base)."""
+        model = CFGTokenModel(lambda tokens, c: net(tokens, **c), r.guidance)
+        c, n, draws = self.cfg, net.cfg.num_tokens, self.draws(r)
         if r.sampler == "raster":
-            return sample_autoregressive(RasterOrder(model, n, self.unet.cfg.mask_id), cond, n, generators=generators,
+            return sample_autoregressive(RasterOrder(model, n, net.cfg.mask_id), cond, n, generators=generators,
                                          **draws, callback=prefix_reporter(report, n))
-        return sample_masked(model, cond, n, steps=r.steps, mask_id=self.unet.cfg.mask_id,
+        return sample_masked(model, cond, n, steps=r.steps, mask_id=net.cfg.mask_id,
                              generators=generators, schedule=c.schedule, **draws,
                              choice_temperature=c.choice_temperature,
                              callback=lambda info: report({"i": info["i"], "denoised": info["pred"]}))
+
+    def _sample(self, r: GenerationRequest, prompts: list[str], negatives: list[str],
+                generators: list[torch.Generator], report: StepReport) -> torch.Tensor:
+        return self.draw(self.unet, self.conditioning(r, prompts, negatives), r, generators, report)
 
 
 # ---------------------------------------------------------------------------------------
