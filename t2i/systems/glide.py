@@ -323,17 +323,13 @@ def read_glide(path: str | Path) -> GlideNets:
                             check)
 
 
-def pipeline(nets: GlideNets, name: str) -> GlidePipeline:
-    return GlidePipeline(nets, name=name)
-
-
 def load(path: Path, dtype: torch.dtype = torch.float32) -> GlidePipeline:
     """A t2i GLIDE file (or a folder holding it as model.safetensors) -> GlidePipeline."""
     file = system_file(path)
     nets = read_glide(file)
     if dtype != torch.float32:
         nets.to(dtype)
-    return pipeline(nets, file.parent.name if file.name == "model.safetensors" else file.stem)
+    return GlidePipeline(nets, name=file.parent.name if file.name == "model.safetensors" else file.stem)
 
 
 def write_tiny(folder: Path, seed: int = 0) -> Path:
