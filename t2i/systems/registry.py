@@ -29,6 +29,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "t2i.systems.dit",
     "t2i.systems.pixart",
     "t2i.systems.maskgit",
+    "t2i.systems.muse",
     "t2i.systems.dalle",
     "t2i.systems.parti",
     "t2i.systems.vqgan_clip",
