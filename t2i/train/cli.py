@@ -189,6 +189,13 @@ MASKGIT: list[Option] = [
     *(o for o in LDM if o[1] in ("caption_dropout", "ema_decay", "weight_decay", "export_every")),
     ("--sample-steps", "sample_steps", {"type": int}, "decoding steps of the sample grids (and the model's default)"),
 ]
+MUSE_SR: list[Option] = [
+    ("--base", "base", {}, "the MaskGIT model file (`t2i train maskgit`) whose tokens are upsampled; bundled into "
+     "the exported Muse model.safetensors"),
+    ("--sr-factor", "sr_factor", {"type": int}, "high-res token grid over the base's (2: 8x8 -> 16x16 tokens)"),
+    ("--low-res-layers", "low_res_layers", {"type": int}, "self-attention layers over the low-res tokens"),
+    *MASKGIT,
+]
 DALLE: list[Option] = [
     *(o for o in MASKGIT if o[1] not in ("label_smoothing", "sample_steps")),
     ("--text-length", "text_length", {"type": int}, "text tokens of the stream ([BOS] + caption words + [PAD])"),
@@ -496,6 +503,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _parser(sub, "dalle", "DALL-E: an autoregressive transformer over [caption words; VQ image tokens]",
             DalleTrainConfig(out=""), [*RUN, *DALLE]).set_defaults(func=_run_plain, config=DalleTrainConfig,
                                                                   train=train_dalle)
+    from t2i.train.muse import MuseSRTrainConfig, train_muse_sr
+
+    _parser(sub, "muse-sr", "Muse's token super-resolution transformer over a MaskGIT base: the high-res image's "
+            "tokens from the low-res ones and the text; exports the base + SR bundle", MuseSRTrainConfig(out=""),
+            [*RUN, *MUSE_SR]).set_defaults(func=_run_plain, config=MuseSRTrainConfig, train=train_muse_sr)
     from t2i.train.parti import PartiTrainConfig, train_parti
 
     _parser(sub, "parti", "Parti / DALL-E mini: a caption encoder and a causal VQ image-token decoder reading it by "
