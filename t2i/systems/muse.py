@@ -39,10 +39,9 @@ from t2i.checkpoints.io import CheckpointError
 from t2i.checkpoints.limits import check_config
 from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS, TokenTransformer, TokenTransformerConfig
 from t2i.systems.base import GenerationDefaults, GenerationRequest, StepReport
-from t2i.systems.maskgit import MaskGITConfig, MaskGITPipeline, load_text_encoder
+from t2i.systems.maskgit import OPTIONS, MaskGITConfig, MaskGITPipeline, load_text_encoder
 from t2i.systems.parti import WordEncoder, WordEncoderConfig
 from t2i.systems.token_models import (
-    DRAW_OPTIONS,
     load_pipeline,
     load_token_model,
     network_configs,
@@ -52,8 +51,7 @@ from t2i.systems.token_models import (
 from t2i.tokens import GuidedCond
 
 SYSTEM_NAME = "muse"
-OPTIONS = DRAW_OPTIONS | {"steps", "sampler", "guidance", "negative_prompt", "width", "height"}  # what run() honours
-SAMPLERS = ("maskgit",)
+SAMPLERS = ("maskgit",)  # parallel decoding; MaskGIT's raster order would take n + N calls
 
 
 # ---------------------------------------------------------------------------------------
