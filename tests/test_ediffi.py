@@ -5,6 +5,7 @@ four doors, API / CLI / server / eval, are tests/test_families.py's, which every
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from test_train import HashText
 
 import t2i
 from t2i.diffusion.experts import SigmaExperts, check_intervals, sigma_interval, timestep_boundaries
+from t2i.diffusion.paint_with_words import cross_attentions
 from t2i.diffusion.schedules import sigmas_from_alphas_cumprod
 from t2i.nets.unet import UNet
 from t2i.systems import ediffi
@@ -166,11 +168,27 @@ def test_the_pipeline_denoises_each_step_with_its_own_expert(tmp_path):
     assert not torch.equal(a.latents, pipe.generate("a red circle", seed=0, steps=4).latents)
 
 
-def test_options_that_wrap_one_unet_are_refused_by_name(tmp_path):
+def test_options_that_wrap_one_unet_are_refused_by_name_and_regions_reach_every_expert(tmp_path):
     pipe = ediffi.load(ediffi.write_tiny(tmp_path, 0))
-    for option, value in (("deepcache", 2), ("refiner_start", 0.5), ("regions", ["0,0,8,8:red circle"])):
+    for option, value in (("deepcache", 2), ("refiner_start", 0.5), ("controlnet", "x")):
         with pytest.raises(UnsupportedOption, match=option):
             check_request(pipe, GenerationRequest("a red circle", **{option: value}))
+    # paint-with-words: the bias the pipeline sets on the first expert's layers is the second's too
+    biased: dict[int, list[bool]] = {0: [], 1: []}
+    hooks = [layer.register_forward_pre_hook(lambda m, _a, i=i: biased[i].append(m.logit_bias is not None))
+             for i, u in enumerate(pipe.experts) for layer in cross_attentions(u)]
+    request = GenerationRequest("a red circle", seed=0, steps=4, regions=["0,0,8,8:red circle"], region_weight=4.0)
+    check_request(pipe, request)
+    try:
+        painted = pipe.run(request)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert biased[0] and biased[1] and all(biased[0]) and all(biased[1])
+    assert "Regions" in painted.images[0].info["parameters"]
+    plain = pipe.run(dataclasses.replace(request, regions=None, region_weight=None))
+    assert not torch.equal(painted.latents, plain.latents)
+    assert all(layer.logit_bias is None for u in pipe.experts for layer in cross_attentions(u))
 
 
 def test_a_stopped_tree_continues_at_the_node_it_was_on(tmp_path, base, monkeypatch):

@@ -10,14 +10,16 @@ interval:
 
 timesteps [lo, hi) are what the expert was trained on and decide the switch; sigmas are the same
 interval as noise levels (null: unbounded), written for the reader. The intervals tile the schedule.
-The experts share the autoencoder, the text encoder and the schedule (checked on loading); only
-their U-Nets differ. Generation is the latent-diffusion pipeline's, with the denoiser of each step
-chosen by its sigma (`t2i.diffusion.experts.SigmaExperts`), so one sampler run crosses the
-boundaries with its history intact.
+The experts share the config, the autoencoder, the text encoder and the schedule (the config is
+checked on loading); only their U-Nets' weights differ. Generation is the latent-diffusion
+pipeline's, with the denoiser of each step chosen by its sigma (`t2i.diffusion.experts.SigmaExperts`),
+so one sampler run crosses the boundaries with its history intact.
 
-What the pipeline does not offer (refused by name through its capabilities): DeepCache, ControlNet and
-an SDXL-style refiner (they wrap one U-Net), paint-with-words regions (its hooks reach the first
-expert's attention only), int8 (`t2i.load` quantizes `pipe.unet`, the first expert alone).
+Paint-with-words (eDiff-I sec. 4.3) works as on any latent model: the pipeline sets its bias on the first
+expert's cross-attention layers, and every other expert borrows it for its own calls (`BorrowedLogitBias`).
+What the pipeline does not offer (refused by name through its capabilities): DeepCache, ControlNet and an
+SDXL-style refiner, which wrap one U-Net. `t2i.load(..., precision="int8")` quantizes `pipe.unet`, the first
+expert alone; the others stay float (bf16 where the CPU computes it natively).
 """
 
 from __future__ import annotations
@@ -34,11 +36,14 @@ from torch import nn
 from t2i.checkpoints.io import CheckpointError, read_json_object
 from t2i.data.shapes_vocab import out_of_world_warning
 from t2i.diffusion.experts import SigmaExperts, sigma_interval, timestep_boundaries
+from t2i.diffusion.paint_with_words import cross_attentions
+from t2i.nets.attention import Attention
 from t2i.nets.unet import UNet
 from t2i.samplers.diffusers_plan import SamplingPlan
 from t2i.systems.base import Capabilities, GenerationDefaults, GenerationRequest, GenerationResult, System
 from t2i.systems.latent_diffusion import (
     LATENT_DIFFUSION_OPTIONS,
+    REGION_OPTIONS,
     CastInputs,
     LatentDiffusionPipeline,
     stop_polling,
@@ -51,7 +56,7 @@ FORMAT = "t2i_ediffi"
 # Options that wrap or hook a single U-Net (see the module docstring).
 SINGLE_UNET_OPTIONS = frozenset({"deepcache", "controlnet", "control_image", "control_scale", "refiner",
                                  "refiner_start"})
-OPTIONS = LATENT_DIFFUSION_OPTIONS - SINGLE_UNET_OPTIONS
+OPTIONS = (LATENT_DIFFUSION_OPTIONS | REGION_OPTIONS) - SINGLE_UNET_OPTIONS
 
 
 def expert_file_name(interval: tuple[int, int]) -> str:
@@ -95,6 +100,27 @@ def read_manifest(folder: Path) -> list[tuple[Path, tuple[int, int]]]:
     return sorted(out, key=lambda fe: fe[1])
 
 
+class BorrowedLogitBias(nn.Module):
+    """An expert's network that runs with the paint-with-words bias the first expert's cross-attention layers
+    hold when it is called (the pipeline sets it there, on `pipe.unet`'s layers, for the length of a guided
+    call): copied layer by layer (the experts are copies of one network) and cleared afterwards."""
+
+    def __init__(self, net: nn.Module, source: Sequence[Attention], own: Sequence[Attention]) -> None:
+        super().__init__()
+        if len(source) != len(own):
+            raise ValueError(f"{len(own)} cross-attention layers borrow from {len(source)}")
+        self.net, self.source, self.own = net, list(source), list(own)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        for src, dst in zip(self.source, self.own, strict=True):
+            dst.logit_bias = src.logit_bias
+        try:
+            return self.net(x, t, **cond)
+        finally:
+            for dst in self.own:
+                dst.logit_bias = None
+
+
 class EDiffIPipeline(LatentDiffusionPipeline):
     """A latent diffusion pipeline over several expert U-Nets, one per timestep interval.
 
@@ -118,14 +144,11 @@ class EDiffIPipeline(LatentDiffusionPipeline):
         return Capabilities(options=own.options & OPTIONS, samplers=own.samplers, schedules=own.schedules,
                             size_multiple=own.size_multiple, native_size=own.native_size)
 
-    @property
-    def paints_words(self) -> bool:
-        return False
-
     def sampling_denoiser(self, plan: SamplingPlan, net: nn.Module) -> Callable:
         """Each step's denoiser chosen by its sigma: the first expert as the pipeline made it (`net`),
-        the others as float32 samplers call them."""
-        nets = [net, *(CastInputs.around(u) for u in self.experts[1:])]
+        the others as float32 samplers call them, with the first one's paint-with-words bias."""
+        source = cross_attentions(self.unet)
+        nets = [net, *(BorrowedLogitBias(CastInputs.around(u), source, cross_attentions(u)) for u in self.experts[1:])]
         return SigmaExperts([plan.denoiser(n) for n in nets], self.boundaries)
 
     @torch.no_grad()
@@ -151,12 +174,10 @@ def load(path: Path, dtype: torch.dtype = torch.float32) -> EDiffIPipeline:
     folder = Path(path)
     entries = read_manifest(folder)
     models = [ShapesLDM.load(file) for file, _ in entries]
-    first = models[0].cfg.to_dict()
     for (file, _), m in zip(entries[1:], models[1:], strict=True):
-        other = m.cfg.to_dict()
-        if {k: v for k, v in other.items() if k != "unet"} != {k: v for k, v in first.items() if k != "unet"}:
-            raise CheckpointError(f"{file}: its autoencoder, schedule or text settings differ from "
-                                  f"{entries[0][0].name}'s; experts share everything but the U-Net")
+        if m.cfg.to_dict() != models[0].cfg.to_dict():
+            raise CheckpointError(f"{file}: its config differs from {entries[0][0].name}'s; the experts are copies "
+                                  "of one model and differ in their U-Net's weights only")
     c = models[0].cfg
     defaults = GenerationDefaults(sampler=c.sampler, steps=c.steps, guidance=c.guidance, width=c.image_size,
                                   height=c.image_size)
