@@ -111,6 +111,9 @@ class Recorder:
         monkeypatch.setattr(UNet, "forward", forward)
 
 
+pipe_intervals = [(0, 250), (250, 500), (500, 750), (750, 1000)]
+
+
 def test_each_node_trains_only_its_timesteps_from_its_parent_and_the_folder_round_trips(tmp_path, base,
                                                                                        monkeypatch):
     rec = Recorder(monkeypatch)
@@ -130,12 +133,14 @@ def test_each_node_trains_only_its_timesteps_from_its_parent_and_the_folder_roun
     assert set(rec.timesteps) == {name for name, _, _ in rec.runs}
 
     # the folder: the four leaves, their intervals and sigmas in ediffi.json, loadable by the registry
-    manifest = json.loads((out / "ediffi.json").read_text())
+    manifest = json.loads((out / "model" / "ediffi.json").read_text())
     assert [e["timesteps"] for e in manifest["experts"]] == [[0, 250], [250, 500], [500, 750], [750, 1000]]
     acp = ShapesLDM.load(base).cfg.schedule.alphas_cumprod()
     assert manifest["experts"][1]["sigmas"] == pytest.approx(list(sigma_interval((250, 500), acp)))
-    assert resolve(out)[0].name == "ediffi"
-    pipe = t2i.load(out)
+    assert resolve(out / "model")[0].name == "ediffi" and sorted(p.name for p in (out / "model").iterdir()) == [
+        "ediffi.json", *(f"expert_t{lo:04d}-{hi:04d}.safetensors" for lo, hi in pipe_intervals)]
+    pipe = t2i.load(out / "model")
+    assert pipe.name == "tree"
     assert len(pipe.experts) == 4 and pipe.intervals == [(0, 250), (250, 500), (500, 750), (750, 1000)]
     for unet, (lo, hi) in zip(pipe.experts, pipe.intervals, strict=True):
         trained = ShapesLDM.load(runs / f"t{lo:04d}-{hi:04d}" / "model.safetensors").unet.state_dict()
@@ -198,7 +203,7 @@ def test_a_stopped_tree_continues_at_the_node_it_was_on(tmp_path, base, monkeypa
     stopped = tmp_path / "stopped"
     rec = Recorder(monkeypatch, stop_at=1)  # the second node stops after its first step
     assert train_ediffi(_cfg(stopped, base, depth=1), text_encoder=HashText()) == 130
-    assert not (stopped / "ediffi.json").exists()  # not a model until every expert is done
+    assert not (stopped / "model").exists()  # not a model until every expert is done
     with pytest.raises(ValueError, match="--resume"):
         train_ediffi(_cfg(stopped, base, depth=1), text_encoder=HashText())
     with pytest.raises(ValueError, match="--depth 2 differs"):
@@ -210,8 +215,8 @@ def test_a_stopped_tree_continues_at_the_node_it_was_on(tmp_path, base, monkeypa
                                                                    ("t0500-1000", True)]
     assert "resumed from" in (stopped / "runs" / "t0500-1000" / "log.txt").read_text()
     for iv in ((0, 500), (500, 1000)):  # exactly the experts of the run that was never stopped
-        a = ShapesLDM.load(whole / ediffi.expert_file_name(iv)).unet.state_dict()
-        b = ShapesLDM.load(stopped / ediffi.expert_file_name(iv)).unet.state_dict()
+        a = ShapesLDM.load(whole / "model" / ediffi.expert_file_name(iv)).unet.state_dict()
+        b = ShapesLDM.load(stopped / "model" / ediffi.expert_file_name(iv)).unet.state_dict()
         assert all(torch.equal(v, b[k]) for k, v in a.items()), iv
 
 
@@ -229,7 +234,7 @@ def test_cli_trains_the_tree_and_generates_from_the_folder(tmp_path, base):
     assert (out / "runs" / "t0000-0500" / "model.safetensors").stat().st_mtime_ns == stamp
     assert main(args) == 2  # a second new tree in the same folder is refused, one line
     png = tmp_path / "x.png"
-    assert main(["generate", "a red circle", "--model", str(out), "--steps", "3", "--seed", "1",
+    assert main(["generate", "a red circle", "--model", str(out / "model"), "--steps", "3", "--seed", "1",
                  "--out", str(png)]) == 0
     with Image.open(png) as im:
         assert im.size == (16, 16) and "Model: tree" in im.info["parameters"]

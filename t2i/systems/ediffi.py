@@ -2,8 +2,8 @@
 
 A model of this family is a folder: one shapes-LDM file (`t2i.systems.shapes_ldm`) per expert, each a
 copy of one base model fine-tuned on an interval of the training timesteps (`t2i train ediffi`, the
-paper's binary-tree fine-tuning: `t2i.train.ediffi`), and `ediffi.json` naming every expert's file and
-interval:
+paper's binary-tree fine-tuning, `t2i.train.ediffi`, writes one as OUT/model), and `ediffi.json`
+naming every expert's file and interval:
 
     {"format": "t2i_ediffi", "experts": [{"file": "expert_t0000-0500.safetensors",
      "timesteps": [0, 500], "sigmas": [0.0, 1.04]}, ...], ...}
@@ -158,6 +158,12 @@ class EDiffIPipeline(LatentDiffusionPipeline):
             return super().run(request)
 
 
+def model_name(folder: Path) -> str:
+    """A folder's model name: its own, or its run's for `t2i train ediffi`'s OUT/model."""
+    folder = Path(folder).resolve()
+    return folder.parent.name if folder.name == "model" else folder.name
+
+
 def detect(path: Path) -> bool:
     """A folder whose ediffi.json says it is an experts folder (the manifest only, never the weights)."""
     path = Path(path)
@@ -183,7 +189,7 @@ def load(path: Path, dtype: torch.dtype = torch.float32) -> EDiffIPipeline:
                                   height=c.image_size)
     try:
         pipe = EDiffIPipeline([m.unet for m in models], [iv for _, iv in entries], models[0].vae,
-                              load_text_encoder(c), c.schedule, name=folder.name, defaults=defaults)
+                              load_text_encoder(c), c.schedule, name=model_name(folder), defaults=defaults)
     except ValueError as e:  # intervals that do not tile the schedule
         raise CheckpointError(f"{folder / MANIFEST}: {e}") from None
     pipe.prompt_check = out_of_world_warning

@@ -574,7 +574,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     _parser(sub, "ediffi", "eDiff-I expert denoisers by binary-tree fine-tuning of a shapes LDM: split the timesteps "
             "in two, fine-tune the base on each half, split again (--depth); writes the experts and ediffi.json "
-            "(`t2i generate --model OUT`); --resume continues at the node a stopped run was on",
+            "(OUT/model: `t2i generate --model OUT/model`); --resume continues at the node a stopped run was on",
             EDiffITrainConfig(out=""), EDIFFI).set_defaults(func=_run_plain, config=EDiffITrainConfig,
                                                             train=train_ediffi)
     from t2i.train.glide import GlideTrainConfig, NoisyCLIPTrainConfig, train_glide, train_noisy_clip

@@ -11,8 +11,12 @@ Every node is one ordinary latent-diffusion run (`t2i.train.ldm`, its `timestep_
 and hands each the right starting file. The out folder holds:
 
     tree.json                the tree's config (what --resume continues)
-    runs/t0000-0500/ ...     one LDM run per node (checkpoints/, log.txt, model.safetensors)
-    expert_t0000-0500.safetensors ... and ediffi.json   the model, written when every leaf is done
+    runs/t0000-0500/ ...     one LDM run per node (checkpoints/, log.txt, samples/, model.safetensors)
+    model/                   the model (`t2i generate --model OUT/model`), written when every leaf is done:
+                             expert_t0000-0500.safetensors ... and ediffi.json
+
+The model folder holds nothing else, so that it can be copied or installed alone and its size on disk
+is its weights (what `precision="auto"` reads; the runs' checkpoints are many times larger).
 
 A run stopped anywhere continues, with --resume, at the node it was on, from that node's newest
 checkpoint; finished nodes are not trained again.
@@ -36,6 +40,7 @@ from t2i.train.config import RESUMABLE, get_path
 from t2i.train.ldm import LDMTrainConfig, train_ldm
 
 TREE_FILE = "tree.json"
+MODEL_DIR = "model"  # the experts folder inside the run directory
 # The node's own settings, decided by the tree and the base model, never by the user.
 NODE_FIELDS = ("out", "steps", "init_from", "vae_path", "timestep_range", "image_size", "prediction_type", "model")
 
@@ -139,12 +144,14 @@ def train_ediffi(cfg: EDiffITrainConfig, resume: bool = False, resume_lr: float 
         code = train_ldm(node, resume=again, text_encoder=text_encoder)
         if code != 0 or not node_done(run, cfg.steps_per_expert):
             return code or 1
-    leaves = [iv for iv, _ in plan if all(not (p == iv) for _, p in plan)]
+    leaves = [iv for iv, _ in plan if all(p != iv for _, p in plan)]
+    model = out / MODEL_DIR
+    model.mkdir(exist_ok=True)
     for iv in leaves:
-        target = out / expert_file_name(iv)
+        target = model / expert_file_name(iv)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         shutil.copyfile(out / "runs" / node_name(iv) / "model.safetensors", tmp)
         os.replace(tmp, target)
-    write_manifest(out, leaves, schedule.alphas_cumprod(), base=cfg.base, depth=cfg.depth,
+    write_manifest(model, leaves, schedule.alphas_cumprod(), base=cfg.base, depth=cfg.depth,
                    steps_per_expert=cfg.steps_per_expert, nodes=len(plan))
     return 0
