@@ -89,12 +89,14 @@ class Recorder:
 
     def __init__(self, monkeypatch, stop_at: int | None = None) -> None:
         self.runs: list[tuple[str, str, bool]] = []  # (out, init_from, resumed)
+        self.seeds: list[int] = []
         self.timesteps: dict[str, list[torch.Tensor]] = {}
         self.stop_at, self._node = stop_at, ""
         real_train, real_forward = tree.train_ldm, UNet.forward
 
         def train_ldm(cfg, resume=False, **kw):
             self.runs.append((Path(cfg.out).name, cfg.init_from, resume))
+            self.seeds.append(cfg.seed)
             self._node = Path(cfg.out).name
             if self.stop_at is not None and len(self.runs) == self.stop_at + 1:  # killed after 1 of its steps
                 cfg.steps, cfg.ckpt_every = 1, 1
@@ -125,6 +127,7 @@ def test_each_node_trains_only_its_timesteps_from_its_parent_and_the_folder_roun
                         ("t0250-0500", str(runs / "t0000-0500" / "model.safetensors"), False),
                         ("t0500-0750", str(runs / "t0500-1000" / "model.safetensors"), False),
                         ("t0750-1000", str(runs / "t0500-1000" / "model.safetensors"), False)]
+    assert rec.seeds == [3, 4, 5, 6, 7, 8]  # every node its own stream of the world
     for name, ts in rec.timesteps.items():
         lo, hi = int(name[1:5]), int(name[6:])
         t = torch.cat(ts)

@@ -41,8 +41,11 @@ from t2i.train.ldm import LDMTrainConfig, train_ldm
 
 TREE_FILE = "tree.json"
 MODEL_DIR = "model"  # the experts folder inside the run directory
-# The node's own settings, decided by the tree and the base model, never by the user.
-NODE_FIELDS = ("out", "steps", "init_from", "vae_path", "timestep_range", "image_size", "prediction_type", "model")
+# The node's own settings, decided by the tree and the base model, never by the user. Node k runs with seed
+# `seed + k`: its own stream of the (endless) shapes world, so that a child does not see its parent's images
+# again and the tree, like the one model it is compared with, trains on distinct images throughout.
+NODE_FIELDS = ("out", "steps", "seed", "init_from", "vae_path", "timestep_range", "image_size", "prediction_type",
+               "model")
 
 
 @dataclass
@@ -132,12 +135,12 @@ def train_ediffi(cfg: EDiffITrainConfig, resume: bool = False, resume_lr: float 
     out = Path(cfg.out)
     recipe = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(LDMTrainConfig) if f.name not in NODE_FIELDS}
     plan = nodes(cfg.depth, total)
-    for interval, parent in plan:
+    for k, (interval, parent) in enumerate(plan):
         run = out / "runs" / node_name(interval)
         if node_done(run, cfg.steps_per_expert):
             continue
         start = cfg.base if parent is None else str(out / "runs" / node_name(parent) / "model.safetensors")
-        node = LDMTrainConfig(**recipe, out=str(run), steps=cfg.steps_per_expert, init_from=start,
+        node = LDMTrainConfig(**recipe, out=str(run), steps=cfg.steps_per_expert, seed=cfg.seed + k, init_from=start,
                               timestep_range=None if interval == (0, total) else interval,
                               image_size=base.cfg.image_size, prediction_type=schedule.prediction_type)
         again = latest_intact_checkpoint(run, warn=lambda _m: None, move_aside=False) is not None
