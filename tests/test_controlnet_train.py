@@ -183,7 +183,10 @@ def test_api_and_eval_cli_take_a_controlnet_and_refuse_another_bases(bases, trai
     assert "--controlnet needs --layouts truth" in capsys.readouterr().err
 
 
-def test_train_refuses_a_base_without_a_controlnet(tmp_path, capsys):
+def test_train_refuses_a_base_without_a_controlnet_and_options_of_the_other_kind(bases, tmp_path, capsys):
     dit = DIT_SYSTEM.write_tiny(tmp_path / "dit")
     assert main(["train", "controlnet", "--base", str(dit), "--out", str(tmp_path / "r"), "--steps", "1"]) == 2
     assert "no ControlNet for the dit family" in capsys.readouterr().err
+    assert main(["train", "controlnet", "--base", str(bases["shapes_ldm"]), "--out", str(tmp_path / "r2"), "--steps",
+                 "1", "--blocks", "2"]) == 2
+    assert "--blocks counts a PixArt network's copied blocks" in capsys.readouterr().err
