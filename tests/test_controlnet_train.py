@@ -127,7 +127,7 @@ def test_training_lowers_the_loss(bases, trained, family):
     pipe = t2i.load(bases[family])
     fresh, control_input = FAMILIES[family](pipe, ControlNetTrainConfig(out=""))
     net = load_controlnet(trained / family / "controlnet.safetensors")
-    assert type(net) is type(fresh) and net.name == "controlnet"
+    assert type(net) is type(fresh) and net.name == family  # the run folder's name
     before, after = _held_out_loss(pipe, fresh, control_input), _held_out_loss(pipe, net, control_input)
     print(f"{family}: held-out loss {before:.4f} -> {after:.4f}")
     assert after < 0.9 * before

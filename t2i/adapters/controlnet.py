@@ -71,7 +71,8 @@ def _config(cls: type, raw: dict[str, Any]) -> Any:
 
 def load_controlnet(path: str | Path, dtype: torch.dtype = torch.float32) -> ControlNet | PixArtControlNet:
     """A ControlNet file written by `save_controlnet` (either kind) or a diffusers ControlNetModel folder ->
-    the network, frozen, in `dtype`. Its `name` (the PNG parameters' ControlNet) is the file's stem."""
+    the network, frozen, in `dtype`. Its `name` (the PNG parameters' ControlNet) is the file's stem, or for a
+    run's `controlnet.safetensors` the run folder's name."""
     path = Path(path)
     if path.is_dir():
         from t2i.checkpoints.diffusers_controlnet import load_controlnet as load_diffusers
@@ -82,7 +83,7 @@ def load_controlnet(path: str | Path, dtype: torch.dtype = torch.float32) -> Con
     parts = (lambda c: {"net": c.net}) if cfg_cls is PixArtControlNetConfig else (lambda c: {"unet": c.unet})
     net = load_system_file(path, system, f"a t2i {system.replace('_', ' ')} file",
                            lambda raw: _config(cfg_cls, raw), net_cls, parts)
-    net.name = path.stem
+    net.name = path.parent.name if path.stem == "controlnet" else path.stem  # a run's export: the run's name
     return net.to(dtype)
 
 
