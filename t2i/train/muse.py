@@ -44,6 +44,7 @@ class MuseSRTrainConfig(MaskGITTrainConfig):
     base: str = ""  # the MaskGIT model file (`t2i train maskgit`) whose tokens are upsampled
     sr_factor: int = 2  # high-res token grid / the base's
     low_res_layers: int = 2  # self-attention layers over the low-res tokens
+    net_preset: str = "shapes_sr"
     batch_size: int = 16
 
 
