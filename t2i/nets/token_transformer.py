@@ -290,7 +290,7 @@ TOKEN_TRANSFORMER_PRESETS: dict[str, TokenTransformerConfig] = {
                                      context_dim=384),
     # Muse's token super-resolution on the shapes world (16x16 tokens of 128x128 images over an 8x8 base): the
     # high-res map mostly refines what the low-res tokens already say, so a narrower, shallower network than the
-    # base; 1.8 M parameters with a 2-layer low-res encoder (t2i.systems.muse), about a third of "shapes"' step time.
+    # base; 2.0 M parameters with a 2-layer low-res encoder (t2i.systems.muse), about a third of "shapes"' step time.
     "shapes_sr": TokenTransformerConfig(num_codes=512, grid=16, width=128, layers=4, heads=4, mlp_dim=512,
                                         context_dim=384),
     # A few-millisecond test network on the tiny tokenizer's 4x4 map of 32 codes.
