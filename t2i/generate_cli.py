@@ -81,8 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="upscalers: the noise level of the low-res input (default: the model's, 20 for SD x4)")
     p.add_argument("--refiner", default=None, help="SDXL refiner model; takes over at --refiner-start")
     p.add_argument("--refiner-start", type=float, default=0.8, help="fraction of the schedule run by the base")
-    p.add_argument("--controlnet", default=None, metavar="DIR",
-                   help="a diffusers ControlNetModel folder (config.json + weights); needs --control-image")
+    p.add_argument("--controlnet", default=None, metavar="PATH",
+                   help="a diffusers ControlNetModel folder (config.json + weights) or a t2i ControlNet file "
+                        "(`t2i train controlnet`); needs --control-image")
     p.add_argument("--control-image", default=None, metavar="IMG",
                    help="the ControlNet's conditioning image (edges, depth, pose...), resized to the output size; "
                         "without --width/--height the output takes its size")
@@ -222,10 +223,10 @@ def _control_image(args: argparse.Namespace) -> dict:
 
 
 def _load_controlnet(pipe, path: str):
-    """--controlnet's folder, in the precision the model's U-Net computes in."""
+    """--controlnet's folder or file, in the precision the model's network computes in."""
     import torch
 
-    from t2i.checkpoints.diffusers_controlnet import load_controlnet
+    from t2i.adapters.controlnet import load_controlnet
 
     return load_controlnet(path, torch.bfloat16 if getattr(pipe, "precision", "fp32") == "bf16" else torch.float32)
 

@@ -218,7 +218,7 @@ def test_size_warning_reads_the_control_image_size(models):
     (["--control-image", "IMG"], "--controlnet and --control-image go together"),
     (["--controlnet", "CN", "--control-image", "nowhere.png"], "--control-image file not found"),
     (["--controlnet", "CN", "--control-image", "NOTIMG"], "is not a readable image"),
-    (["--controlnet", "nowhere", "--control-image", "IMG"], "ControlNet folder not found"),
+    (["--controlnet", "nowhere", "--control-image", "IMG"], "ControlNet not found"),
 ])
 def test_cli_bad_control_inputs_are_one_line_errors(models, tmp_path, capsys, args, message):
     from t2i.cli import main
