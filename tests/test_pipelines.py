@@ -9,6 +9,7 @@ from PIL import Image
 from sd_oracles import OUTPUT_SCALE, build_sd1, build_sdxl
 
 import t2i
+from t2i.systems.base import GenerationRequest, UnsupportedOption, check_request
 from t2i.systems.latent_diffusion import outpaint_canvas
 
 
@@ -76,6 +77,10 @@ def test_nine_channel_inpainting_unet_sees_mask_and_masked_image(tmp_path):
     mask.paste(255, (8, 8, 24, 24))
     with pytest.raises(ValueError, match="inpainting model"):
         ours.generate("x", steps=1)
+    with pytest.raises(UnsupportedOption, match="needs the option 'init_image'"):  # the server's 422
+        check_request(ours, GenerationRequest("x"))
+    with pytest.raises(UnsupportedOption, match="needs the option 'mask'"):
+        check_request(ours, GenerationRequest("x", init_image=image))
     out = ours.generate("a red circle", init_image=image, mask=mask, steps=3, seed=0, sampler="ddim")
     # The masked image really reaches the network: another picture outside the hole changes the result.
     other = ours.generate("a red circle", init_image=_picture().rotate(90), mask=mask, steps=3, seed=0,

@@ -200,8 +200,6 @@ def test_the_full_size_x4_upscaler_unet_has_diffusers_parameters():
     assert unet_config_from_diffusers(unet_config_to_diffusers(cfg)) == cfg
 
 
-@pytest.mark.xfail(strict=True, reason="needs Capabilities.required in t2i/systems/base.py (the lead's file) and its "
-                   "one-line use in sd_upscale.capabilities: the patch is in the eDiff-I helper's report")
 def test_an_upscaler_alone_refuses_a_request_without_an_image_naming_it(models, tmp_path, capsys):
     """With no base model the upscaler needs the low-res image: a request without one is refused before any
     work, naming init_image: 422 from every server route (it was a 500 from the failed job), one line from
@@ -234,3 +232,27 @@ def test_an_upscaler_alone_refuses_a_request_without_an_image_naming_it(models, 
     assert main(["generate", PROMPT, "--model", str(folder), "--steps", "2", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "init_image" in err[0] and not out.exists()
+
+
+def test_a1111_img2img_reaches_an_upscaler_served_alone(models):
+    """A1111's img2img always carries denoising_strength (0.75 when unset); an upscaler has no strength, so
+    the route passes it on only when the client set it (then the model refuses it by name)."""
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+
+    from test_families import _post
+
+    from t2i.serve.app import create_app
+    from t2i.serve.background import BackgroundServer
+    from t2i.serve.config import ServeConfig
+
+    _folder, _reference, ours = models
+    buf = io.BytesIO()
+    low_res_image(8).save(buf, format="PNG")
+    body = {"prompt": PROMPT, "init_images": [base64.b64encode(buf.getvalue()).decode()], "steps": 2}
+    with BackgroundServer(create_app(ours, ServeConfig())) as server:
+        status, reply = _post(server.url + "/sdapi/v1/img2img", body)
+        assert status == 200 and len(reply["images"]) == 1, reply
+        status, reply = _post(server.url + "/sdapi/v1/img2img", {**body, "denoising_strength": 0.5})
+        assert status == 422 and reply["error"]["param"] == "denoising_strength", reply

@@ -227,7 +227,7 @@ class ModelCard:
 
     def to_json(self) -> str:
         caps = {f.name: getattr(self.capabilities, f.name) for f in fields(Capabilities)}
-        caps["options"] = sorted(caps["options"])
+        caps["options"], caps["required"] = sorted(caps["options"]), sorted(caps["required"])
         return json.dumps({"name": self.name, "family": self.family, "defaults": asdict(self.defaults),
                            "capabilities": caps, "max_objects": self.max_objects})
 
@@ -236,7 +236,7 @@ class ModelCard:
         d = json.loads(text)
         c = d["capabilities"]
         caps = Capabilities(frozenset(c["options"]), tuple(c["samplers"]), tuple(c["schedules"]), c["size_multiple"],
-                            tuple(c["native_size"]))
+                            tuple(c["native_size"]), frozenset(c.get("required", ())))
         return cls(d["name"], d["family"], GenerationDefaults(**d["defaults"]), caps, d["max_objects"])
 
 

@@ -397,7 +397,11 @@ class Resolver:
         given["height"] = req.height or max(m, init.height // m * m)
         # Placeholders while the options and limits are checked: nothing is decoded for a refused request.
         tiny = Image.new("RGB", (1, 1))
-        request = self.request({**given, "init_image": tiny, "strength": req.denoising_strength,
+        # A1111 clients send denoising_strength whether or not it was set (default 0.75); a model without a
+        # strength (an upscaler: it keeps the whole image) only refuses one the client set itself.
+        strength = (req.denoising_strength if self.caps.accepts("strength")
+                    or "denoising_strength" in req.model_fields_set else None)
+        request = self.request({**given, "init_image": tiny, "strength": strength,
                                 "mask": tiny if mask else None}, names)
         size = (request.width or given["width"], request.height or given["height"])
         return replace(request, init_image=load_resized(init, size, "init_images"),

@@ -140,6 +140,8 @@ class Capabilities:
     samplers, schedules: the names its `sampler` and `schedule` options accept.
     size_multiple: width and height must be multiples of it; native_size: (width, height) it was
     trained at (other sizes work but compose worse: callers warn).
+    required: the options a request must set, the model cannot generate without them (an upscaler
+    with no base model: its low-res image, init_image).
     """
 
     options: frozenset[str]
@@ -147,6 +149,7 @@ class Capabilities:
     schedules: tuple[str, ...] = ()
     size_multiple: int = 8
     native_size: tuple[int, int] = (512, 512)
+    required: frozenset[str] = frozenset()
 
     def accepts(self, option: str) -> bool:
         return option in self.options
@@ -172,7 +175,8 @@ class Interrupted(Exception):
 
 
 class UnsupportedOption(ValueError):
-    """A request sets an option its model cannot honour. `option` names the request field."""
+    """A request sets an option its model cannot honour, or lacks one it needs. `option` names the
+    request field."""
 
     def __init__(self, option: str, message: str) -> None:
         super().__init__(message)
@@ -182,14 +186,18 @@ class UnsupportedOption(ValueError):
 def check_request(pipe: Pipeline, request: GenerationRequest) -> None:
     """Refuse (UnsupportedOption) the first option `pipe` cannot honour, before any work.
 
-    Checks the option names against `pipe.capabilities.options` and the sampler / schedule names
-    against the lists the pipeline gives; values are the pipeline's own business (it raises
-    ValueError naming the setting)."""
+    Checks the option names against `pipe.capabilities.options`, that the options it requires are set,
+    and the sampler / schedule names against the lists the pipeline gives; values are the pipeline's own
+    business (it raises ValueError naming the setting)."""
     caps = pipe.capabilities
     for option in request.set_options():
         if not caps.accepts(option):
             raise UnsupportedOption(option, f"{pipe.name} ({pipe.family}) does not support the option "
                                             f"{option!r}")
+    for option in sorted(caps.required):
+        if getattr(request, option) is None:
+            raise UnsupportedOption(option, f"{pipe.name} ({pipe.family}) needs the option {option!r}: it cannot "
+                                            "generate without one")
     for option, allowed in (("sampler", caps.samplers), ("schedule", caps.schedules)):
         value = getattr(request, option)
         if value is not None and allowed and value not in allowed:

@@ -157,9 +157,13 @@ class LatentDiffusionPipeline(RequestMethods):
     def capabilities(self) -> Capabilities:
         d = self.defaults
         options = LATENT_DIFFUSION_OPTIONS | (REGION_OPTIONS if self.paints_words else frozenset())
+        # a 9-channel inpainting U-Net cannot draw without the image and the mask it reads: a request lacking
+        # them is refused before any work (a 4xx from the server), not failed inside the job
+        inpainting = self.unet.cfg.in_channels == 2 * self.latent_channels + 1
         return Capabilities(options=options, samplers=tuple(SAMPLERS),
                             schedules=("default", "karras"), size_multiple=self.vae_scale,
-                            native_size=(d.width, d.height))
+                            native_size=(d.width, d.height),
+                            required=frozenset({"init_image", "mask"}) if inpainting else frozenset())
 
     @property
     def paints_words(self) -> bool:

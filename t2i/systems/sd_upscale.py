@@ -149,8 +149,11 @@ class SDUpscalePipeline(LatentDiffusionPipeline):
             caps = self.base.capabilities
             native = (caps.native_size[0] * f, caps.native_size[1] * f)
             multiple = caps.size_multiple * f
+        # alone, it upscales the request's image and nothing else: a request without one is refused before
+        # any work (a 4xx from the server, one line from the CLI), not failed in the sampler
         return Capabilities(options=OPTIONS, samplers=tuple(SAMPLERS), schedules=("default", "karras"),
-                            size_multiple=multiple, native_size=native)
+                            size_multiple=multiple, native_size=native,
+                            required=frozenset({"init_image"}) if self.base is None else frozenset())
 
     @torch.no_grad()
     def run(self, request: GenerationRequest) -> GenerationResult:
