@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from t2i.train.cli import RUN, Option, _parser, _run_plain
+from t2i.train.cli import RUN, Option, run_plain, subparser
 
 COMMON: list[Option] = [
     ("--teacher", "teacher", {}, "the model to distil: a shapes_ldm or shapes_layout model (a name from `t2i models`, "
@@ -59,9 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "and continue with --resume.")
     distill = subparsers.add_parser("distill", help=text.split(":")[0], description=text)
     sub = distill.add_subparsers(dest="distill_command", required=True)
-    _parser(sub, "lcm", "latent consistency distillation (Luo et al. 2023, Algorithm 1): a student with the guidance "
-            "scale as an input, or with --lora an LCM-LoRA", LCMConfig(out=""), [*RUN, *COMMON, *LCM]
-            ).set_defaults(func=_run_plain, config=LCMConfig, train=distill_lcm)
-    _parser(sub, "add", "adversarial diffusion distillation (Sauer et al. 2023, SDXL-Turbo): hinge GAN on the "
-            "teacher's U-Net features + score distillation; 1-4 steps, no guidance", ADDConfig(out=""),
-            [*RUN, *COMMON, *ADD]).set_defaults(func=_run_plain, config=ADDConfig, train=distill_add)
+    subparser(sub, "lcm", "latent consistency distillation (Luo et al. 2023, Algorithm 1): a student with the guidance "
+              "scale as an input, or with --lora an LCM-LoRA", LCMConfig(out=""), [*RUN, *COMMON, *LCM]
+              ).set_defaults(func=run_plain, config=LCMConfig, train=distill_lcm)
+    subparser(sub, "add", "adversarial diffusion distillation (Sauer et al. 2023, SDXL-Turbo): hinge GAN on the "
+              "teacher's U-Net features + score distillation; 1-4 steps, no guidance", ADDConfig(out=""),
+              [*RUN, *COMMON, *ADD]).set_defaults(func=run_plain, config=ADDConfig, train=distill_add)

@@ -329,8 +329,8 @@ def _add(p: argparse.ArgumentParser, cfg: LoopConfig, options: list[Option]) -> 
         p.add_argument(flag, dest=path, default=None, help=text + shown, **kw)
 
 
-def _parser(sub: argparse._SubParsersAction, name: str, text: str, cfg: LoopConfig,
-            options: list[Option]) -> argparse.ArgumentParser:
+def subparser(sub: argparse._SubParsersAction, name: str, text: str, cfg: LoopConfig,
+              options: list[Option]) -> argparse.ArgumentParser:
     """A family's subcommand: --out, --resume, --resume-lr and `options` (kept as args.options)."""
     p = sub.add_parser(name, help=text, description=text)
     p.set_defaults(options=options)
@@ -448,7 +448,7 @@ def _run_layout_renderer(args: argparse.Namespace) -> int:
                             given=_config(args, cfg, args.options))
 
 
-def _run_plain(args: argparse.Namespace) -> int:
+def run_plain(args: argparse.Namespace) -> int:
     """A family whose config is its options and nothing more: args.config (the config class) and
     args.train (its train function) set by its parser."""
     cfg = args.config(out=args.out)
@@ -470,26 +470,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help=text.split(". ")[0], description=text)
     sub = train.add_subparsers(dest="train_command", required=True)
 
-    ae = _parser(sub, "autoencoder", "KL autoencoder with L1 + KL + patch-GAN losses",
-                 AETrainConfig(out="", vae=VAE_PRESETS["shapes_f4"]), RUN + IMAGES + AUTOENCODER)
+    ae = subparser(sub, "autoencoder", "KL autoencoder with L1 + KL + patch-GAN losses",
+                   AETrainConfig(out="", vae=VAE_PRESETS["shapes_f4"]), RUN + IMAGES + AUTOENCODER)
     ae.add_argument("--preset", choices=sorted(VAE_PRESETS),
                     help=_presets("autoencoder shape", VAE_PRESETS, _vae_shape) + " (default: shapes_f4)")
     ae.set_defaults(func=_run_autoencoder)
 
     unet_preset = ("--preset", "unet_preset", {"choices": sorted(UNET_PRESETS)},
                    _presets("U-Net shape", UNET_PRESETS, _unet_shape))
-    _parser(sub, "ldm", "latent diffusion U-Net on a frozen autoencoder and MiniLM text encoder",
-            LDMTrainConfig(out=""), [*RUN, PARALLEL, *IMAGES, *LDM, unet_preset]).set_defaults(func=_run_ldm)
+    subparser(sub, "ldm", "latent diffusion U-Net on a frozen autoencoder and MiniLM text encoder",
+              LDMTrainConfig(out=""), [*RUN, PARALLEL, *IMAGES, *LDM, unet_preset]).set_defaults(func=_run_ldm)
 
     from t2i.train.ddpm import DDPMTrainConfig
 
-    _parser(sub, "ddpm", "pixel-space DDPM (eps prediction; text-conditional on MiniLM for the shapes world)",
-            DDPMTrainConfig(out=""), [*RUN, PARALLEL, *IMAGES, *DDPM]).set_defaults(func=_run_ddpm)
+    subparser(sub, "ddpm", "pixel-space DDPM (eps prediction; text-conditional on MiniLM for the shapes world)",
+              DDPMTrainConfig(out=""), [*RUN, PARALLEL, *IMAGES, *DDPM]).set_defaults(func=_run_ddpm)
     from t2i.autoencoders.vq import VQ_CONFIGS
     from t2i.train.vqvae import VQTrainConfig
 
-    vq = _parser(sub, "vqvae", "image tokenizer: VQ-VAE (EMA codebook, dead-code restarts), VQGAN, ViT-VQGAN, dVAE "
-                 "or VQ-VAE-2 (--kind)", VQTrainConfig(out=""), [*RUN, *IMAGES, *VQVAE])
+    vq = subparser(sub, "vqvae", "image tokenizer: VQ-VAE (EMA codebook, dead-code restarts), VQGAN, ViT-VQGAN, dVAE "
+                   "or VQ-VAE-2 (--kind)", VQTrainConfig(out=""), [*RUN, *IMAGES, *VQVAE])
     vq.add_argument("--preset", choices=sorted(VQ_CONFIGS), help=_presets(
         "tokenizer shape (--kind vqvae; the other kinds have presets of the same names and scale)", VQ_CONFIGS,
         lambda c: f"{_vae_shape(c)}, {c.num_codes} codes") + " (default: f4)")
@@ -497,96 +497,96 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from t2i.train.dalle import DalleTrainConfig, train_dalle
     from t2i.train.maskgit import MaskGITTrainConfig, train_maskgit
 
-    _parser(sub, "maskgit", "MaskGIT: a masked token transformer on a frozen VQ tokenizer and MiniLM text states",
-            MaskGITTrainConfig(out=""), [*RUN, *MASKGIT]
-            ).set_defaults(func=_run_plain, config=MaskGITTrainConfig, train=train_maskgit)
-    _parser(sub, "dalle", "DALL-E: an autoregressive transformer over [caption words; VQ image tokens]",
-            DalleTrainConfig(out=""), [*RUN, *DALLE]).set_defaults(func=_run_plain, config=DalleTrainConfig,
-                                                                  train=train_dalle)
+    subparser(sub, "maskgit", "MaskGIT: a masked token transformer on a frozen VQ tokenizer and MiniLM text states",
+              MaskGITTrainConfig(out=""), [*RUN, *MASKGIT]
+              ).set_defaults(func=run_plain, config=MaskGITTrainConfig, train=train_maskgit)
+    subparser(sub, "dalle", "DALL-E: an autoregressive transformer over [caption words; VQ image tokens]",
+              DalleTrainConfig(out=""), [*RUN, *DALLE]).set_defaults(func=run_plain, config=DalleTrainConfig,
+                                                                     train=train_dalle)
     from t2i.train.muse import MuseSRTrainConfig, train_muse_sr
 
-    _parser(sub, "muse-sr", "Muse's token super-resolution transformer over a MaskGIT base: the high-res image's "
-            "tokens from the low-res ones and the text; exports the base + SR bundle", MuseSRTrainConfig(out=""),
-            [*RUN, *MUSE_SR]).set_defaults(func=_run_plain, config=MuseSRTrainConfig, train=train_muse_sr)
+    subparser(sub, "muse-sr", "Muse's token super-resolution transformer over a MaskGIT base: the high-res image's "
+              "tokens from the low-res ones and the text; exports the base + SR bundle", MuseSRTrainConfig(out=""),
+              [*RUN, *MUSE_SR]).set_defaults(func=run_plain, config=MuseSRTrainConfig, train=train_muse_sr)
     from t2i.train.parti import PartiTrainConfig, train_parti
 
-    _parser(sub, "parti", "Parti / DALL-E mini: a caption encoder and a causal VQ image-token decoder reading it by "
-            "cross-attention", PartiTrainConfig(out=""), [*RUN, *PARTI]
-            ).set_defaults(func=_run_plain, config=PartiTrainConfig, train=train_parti)
+    subparser(sub, "parti", "Parti / DALL-E mini: a caption encoder and a causal VQ image-token decoder reading it by "
+              "cross-attention", PartiTrainConfig(out=""), [*RUN, *PARTI]
+              ).set_defaults(func=run_plain, config=PartiTrainConfig, train=train_parti)
     from t2i.train.dit import DiTTrainConfig, train_dit
     from t2i.train.pixart import PixArtTrainConfig, train_pixart
 
-    _parser(sub, "dit", "DiT: a class-conditional diffusion transformer (adaLN-Zero) on the built-in autoencoder's "
-            "latents of one-object shapes scenes, 40 classes 'a <colour> <shape>'", DiTTrainConfig(out=""),
-            [*RUN, *DIT]).set_defaults(func=_run_plain, config=DiTTrainConfig, train=train_dit)
-    _parser(sub, "pixart", "PixArt-alpha: a text-conditional diffusion transformer (adaLN-single, cross-attention "
-            "to MiniLM caption states) on the built-in autoencoder's latents", PixArtTrainConfig(out=""),
-            [*RUN, *DIT]).set_defaults(func=_run_plain, config=PixArtTrainConfig, train=train_pixart)
+    subparser(sub, "dit", "DiT: a class-conditional diffusion transformer (adaLN-Zero) on the built-in autoencoder's "
+              "latents of one-object shapes scenes, 40 classes 'a <colour> <shape>'", DiTTrainConfig(out=""),
+              [*RUN, *DIT]).set_defaults(func=run_plain, config=DiTTrainConfig, train=train_dit)
+    subparser(sub, "pixart", "PixArt-alpha: a text-conditional diffusion transformer (adaLN-single, cross-attention "
+              "to MiniLM caption states) on the built-in autoencoder's latents", PixArtTrainConfig(out=""),
+              [*RUN, *DIT]).set_defaults(func=run_plain, config=PixArtTrainConfig, train=train_pixart)
     from t2i.train.classifier import ClassifierTrainConfig, train_classifier
 
-    _parser(sub, "classifier", "ADM's noise-aware classifier for classifier guidance: the pixel U-Net's encoder "
-            "half on noised one-object shapes scenes, labelled by shape or colour", ClassifierTrainConfig(out=""),
-            [*RUN, *CLASSIFIER]).set_defaults(func=_run_plain, config=ClassifierTrainConfig, train=train_classifier)
-    _parser(sub, "preview", "distil a tiny TAESD-like preview decoder from a model's VAE decoder",
-            PreviewTrainConfig(out="", decoder=PreviewDecoderConfig()), RUN + IMAGES + PREVIEW
-            ).set_defaults(func=_run_preview)
-    _parser(sub, "clip", "the small shapes CLIP (t2i.eval.shapes_clip) on the shapes world",
-            CLIPTrainConfig(out=""), RUN + CLIP).set_defaults(func=_run_clip)
+    subparser(sub, "classifier", "ADM's noise-aware classifier for classifier guidance: the pixel U-Net's encoder "
+              "half on noised one-object shapes scenes, labelled by shape or colour", ClassifierTrainConfig(out=""),
+              [*RUN, *CLASSIFIER]).set_defaults(func=run_plain, config=ClassifierTrainConfig, train=train_classifier)
+    subparser(sub, "preview", "distil a tiny TAESD-like preview decoder from a model's VAE decoder",
+              PreviewTrainConfig(out="", decoder=PreviewDecoderConfig()), RUN + IMAGES + PREVIEW
+              ).set_defaults(func=_run_preview)
+    subparser(sub, "clip", "the small shapes CLIP (t2i.eval.shapes_clip) on the shapes world",
+              CLIPTrainConfig(out=""), RUN + CLIP).set_defaults(func=_run_clip)
     from t2i.train.layout_planner import PlannerTrainConfig
 
-    _parser(sub, "layout-planner", "the layout planner (t2i.layout.planner): caption -> background and boxes, "
-            "on the shapes world's scene truth", PlannerTrainConfig(out=""), RUN + PLANNER
-            ).set_defaults(func=_run_layout_planner)
+    subparser(sub, "layout-planner", "the layout planner (t2i.layout.planner): caption -> background and boxes, "
+              "on the shapes world's scene truth", PlannerTrainConfig(out=""), RUN + PLANNER
+              ).set_defaults(func=_run_layout_planner)
     from t2i.train.layout_ldm import LayoutLDMTrainConfig
 
-    _parser(sub, "layout-renderer", "the layout renderer (t2i.systems.shapes_layout): a shapes LDM whose U-Net "
-            "also reads boxes with phrases", LayoutLDMTrainConfig(out=""), [*RUN, PARALLEL, *RENDERER]
-            ).set_defaults(func=_run_layout_renderer)
+    subparser(sub, "layout-renderer", "the layout renderer (t2i.systems.shapes_layout): a shapes LDM whose U-Net "
+              "also reads boxes with phrases", LayoutLDMTrainConfig(out=""), [*RUN, PARALLEL, *RENDERER]
+              ).set_defaults(func=_run_layout_renderer)
     from t2i.train.sd_upscale import SRTrainConfig, train_sd_upscale
 
-    _parser(sub, "sd-upscale", "a latent super-resolution model (the SD x4 upscaler's layout) on the shapes world: "
-            "BSR-degraded low-res inputs, noise augmentation level as class label", SRTrainConfig(out=""),
-            [*RUN, *SD_UPSCALE]).set_defaults(func=_run_plain, config=SRTrainConfig, train=train_sd_upscale)
+    subparser(sub, "sd-upscale", "a latent super-resolution model (the SD x4 upscaler's layout) on the shapes world: "
+              "BSR-degraded low-res inputs, noise augmentation level as class label", SRTrainConfig(out=""),
+              [*RUN, *SD_UPSCALE]).set_defaults(func=run_plain, config=SRTrainConfig, train=train_sd_upscale)
     from t2i.train.lora import LoraTrainConfig, train_lora
     from t2i.train.textual_inversion import TextualInversionConfig, train_textual_inversion
 
-    _parser(sub, "lora", "a LoRA on a frozen model's U-Net (and CLIP text encoder), written in the kohya format "
-            "A1111, ComfyUI and diffusers read", LoraTrainConfig(out=""), RUN + ADAPTER + LORA
-            ).set_defaults(func=_run_plain, config=LoraTrainConfig, train=train_lora)
-    _parser(sub, "textual-inversion", "a new word's input vectors on a frozen model, written as an A1111 "
-            "embedding (emb_params .safetensors)", TextualInversionConfig(out=""), RUN + ADAPTER + TEXTUAL_INVERSION
-            ).set_defaults(func=_run_plain, config=TextualInversionConfig, train=train_textual_inversion)
+    subparser(sub, "lora", "a LoRA on a frozen model's U-Net (and CLIP text encoder), written in the kohya format "
+              "A1111, ComfyUI and diffusers read", LoraTrainConfig(out=""), RUN + ADAPTER + LORA
+              ).set_defaults(func=run_plain, config=LoraTrainConfig, train=train_lora)
+    subparser(sub, "textual-inversion", "a new word's input vectors on a frozen model, written as an A1111 "
+              "embedding (emb_params .safetensors)", TextualInversionConfig(out=""), RUN + ADAPTER + TEXTUAL_INVERSION
+              ).set_defaults(func=run_plain, config=TextualInversionConfig, train=train_textual_inversion)
     from functools import partial
 
     from t2i.train.unclip import UnCLIPTrainConfig, train_unclip
 
     for part, what in (("prior", "the diffusion prior: shapes-CLIP text -> image embedding (x0 prediction)"),
                        ("decoder", "the decoder: an image from its shapes-CLIP image embedding and caption")):
-        _parser(sub, f"unclip-{part}", f"unCLIP (DALL-E 2) {what}", UnCLIPTrainConfig(out="", train=part),
-                [*RUN, *UNCLIP]).set_defaults(func=_run_plain, config=partial(UnCLIPTrainConfig, train=part),
-                                              train=train_unclip)
+        subparser(sub, f"unclip-{part}", f"unCLIP (DALL-E 2) {what}", UnCLIPTrainConfig(out="", train=part),
+                  [*RUN, *UNCLIP]).set_defaults(func=run_plain, config=partial(UnCLIPTrainConfig, train=part),
+                                                train=train_unclip)
     from t2i.train.deepfloyd_if import IFTrainConfig, train_if
 
-    _parser(sub, "deepfloyd-if", "one stage of an Imagen / DeepFloyd IF pixel cascade on MiniLM text states: the "
-            "32x32 base, or 32 -> 64 super-resolution with noise conditioning augmentation", IFTrainConfig(out=""),
-            [*RUN, *DEEPFLOYD_IF]).set_defaults(func=_run_plain, config=IFTrainConfig, train=train_if)
+    subparser(sub, "deepfloyd-if", "one stage of an Imagen / DeepFloyd IF pixel cascade on MiniLM text states: the "
+              "32x32 base, or 32 -> 64 super-resolution with noise conditioning augmentation", IFTrainConfig(out=""),
+              [*RUN, *DEEPFLOYD_IF]).set_defaults(func=run_plain, config=IFTrainConfig, train=train_if)
     from t2i.train.ediffi import EDiffITrainConfig, train_ediffi
 
-    _parser(sub, "ediffi", "eDiff-I expert denoisers by binary-tree fine-tuning of a shapes LDM: split the timesteps "
-            "in two, fine-tune the base on each half, split again (--depth); writes the experts and ediffi.json "
-            "(OUT/model: `t2i generate --model OUT/model`); --resume continues at the node a stopped run was on",
-            EDiffITrainConfig(out=""), EDIFFI).set_defaults(func=_run_plain, config=EDiffITrainConfig,
-                                                            train=train_ediffi)
+    subparser(sub, "ediffi", "eDiff-I expert denoisers by binary-tree fine-tuning of a shapes LDM: split the timesteps "
+              "in two, fine-tune the base on each half, split again (--depth); writes the experts and ediffi.json "
+              "(OUT/model: `t2i generate --model OUT/model`); --resume continues at the node a stopped run was on",
+              EDiffITrainConfig(out=""), EDIFFI).set_defaults(func=run_plain, config=EDiffITrainConfig,
+                                                              train=train_ediffi)
     from t2i.train.glide import GlideTrainConfig, NoisyCLIPTrainConfig, train_glide, train_noisy_clip
 
-    _parser(sub, "glide", "one stage of a GLIDE pixel cascade with its caption transformer trained from scratch: the "
-            "32x32 base, or the 32 -> 64 upsampler", GlideTrainConfig(out=""), [*RUN, *GLIDE]
-            ).set_defaults(func=_run_plain, config=GlideTrainConfig, train=train_glide)
-    _parser(sub, "noisy-clip", "GLIDE's noise-aware CLIP for CLIP guidance: the shapes CLIP's image tower fine-tuned "
-            "on noised images", NoisyCLIPTrainConfig(out=""), [*RUN, *NOISY_CLIP]
-            ).set_defaults(func=_run_plain, config=NoisyCLIPTrainConfig, train=train_noisy_clip)
+    subparser(sub, "glide", "one stage of a GLIDE pixel cascade with its caption transformer trained from scratch: the "
+              "32x32 base, or the 32 -> 64 upsampler", GlideTrainConfig(out=""), [*RUN, *GLIDE]
+              ).set_defaults(func=run_plain, config=GlideTrainConfig, train=train_glide)
+    subparser(sub, "noisy-clip", "GLIDE's noise-aware CLIP for CLIP guidance: the shapes CLIP's image tower fine-tuned "
+              "on noised images", NoisyCLIPTrainConfig(out=""), [*RUN, *NOISY_CLIP]
+              ).set_defaults(func=run_plain, config=NoisyCLIPTrainConfig, train=train_noisy_clip)
     from t2i.train.controlnet import ControlNetTrainConfig, train_controlnet
 
-    _parser(sub, "controlnet", "a ControlNet on a frozen model (its family decides: U-Net or PixArt-delta), "
-            "conditioned on the shapes scenes' box maps", ControlNetTrainConfig(out=""), [*RUN, *CONTROLNET]
-            ).set_defaults(func=_run_plain, config=ControlNetTrainConfig, train=train_controlnet)
+    subparser(sub, "controlnet", "a ControlNet on a frozen model (its family decides: U-Net or PixArt-delta), "
+              "conditioned on the shapes scenes' box maps", ControlNetTrainConfig(out=""), [*RUN, *CONTROLNET]
+              ).set_defaults(func=run_plain, config=ControlNetTrainConfig, train=train_controlnet)
