@@ -293,6 +293,9 @@ TOKEN_TRANSFORMER_PRESETS: dict[str, TokenTransformerConfig] = {
     # base; 2.0 M parameters with a 2-layer low-res encoder (t2i.systems.muse), about a third of "shapes"' step time.
     "shapes_sr": TokenTransformerConfig(num_codes=512, grid=16, width=128, layers=4, heads=4, mlp_dim=512,
                                         context_dim=384),
+    # Small enough to ship with its tokenizer (Parti's "parti-small" decoder, t2i.systems.parti): 0.72 M parameters
+    # as Parti's causal decoder reading MiniLM.
+    "small": TokenTransformerConfig(num_codes=512, grid=8, width=96, layers=3, heads=4, mlp_dim=384, context_dim=384),
     # A few-millisecond test network on the tiny tokenizer's 4x4 map of 32 codes.
     "tiny": TokenTransformerConfig(num_codes=32, grid=4, width=32, layers=2, heads=2, mlp_dim=64, context_dim=384),
 }

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS
 from t2i.systems.maskgit import load_text_encoder, text_conditioning
-from t2i.systems.parti import PartiConfig, PartiPipeline, model_config, save_parti, start_tokens
+from t2i.systems.parti import PRESETS, PartiConfig, PartiPipeline, model_config, save_parti, start_tokens
 from t2i.train.fit import Grid, Run, Step, Task, fit
 from t2i.train.ldm import SAMPLE_PROMPTS
 from t2i.train.token_models import TokenTrainConfig, drop_captions, image_codes, token_setup
@@ -33,17 +33,21 @@ from t2i.train.token_models import TokenTrainConfig, drop_captions, image_codes,
 class PartiTrainConfig(TokenTrainConfig):
     """One Parti / DALL-E mini run (`TokenTrainConfig`'s settings and these)."""
 
-    preset: str = "parti"  # t2i.systems.parti.PRESETS: "parti" or "dalle-mini"
+    preset: str = "parti"  # t2i.systems.parti.PRESETS: "parti", "dalle-mini" or "parti-small"
+    net_preset: str | None = None  # the decoder's shape; None: the preset's (`Preset.decoder`)
     text_encoder: str | None = None  # "words" or "minilm"; None: the preset's
     text_length: int = 20  # word encoder: [BOS] + the longest shapes caption (18 words) + 1
 
 
 def resolve_model_config(cfg: PartiTrainConfig, vq_cfg: Any) -> PartiConfig:
-    """The model config of a new run: the preset's branch member with the decoder shape of `net_preset`."""
-    if cfg.net_preset not in TOKEN_TRANSFORMER_PRESETS:
-        raise ValueError(f"unknown token transformer preset {cfg.net_preset!r}; "
-                         f"choose from {sorted(TOKEN_TRANSFORMER_PRESETS)}")
-    return model_config(cfg.preset, TOKEN_TRANSFORMER_PRESETS[cfg.net_preset], vq_cfg, text_encoder=cfg.text_encoder,
+    """The model config of a new run: the preset's branch member with the decoder shape of `net_preset`
+    (unset: the preset's own)."""
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown Parti preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+    shape = cfg.net_preset or PRESETS[cfg.preset].decoder
+    if shape not in TOKEN_TRANSFORMER_PRESETS:
+        raise ValueError(f"unknown token transformer preset {shape!r}; choose from {sorted(TOKEN_TRANSFORMER_PRESETS)}")
+    return model_config(cfg.preset, TOKEN_TRANSFORMER_PRESETS[shape], vq_cfg, text_encoder=cfg.text_encoder,
                         text_length=cfg.text_length, attention=cfg.attention)
 
 
