@@ -203,9 +203,12 @@ DALLE: list[Option] = [
      "tokens' takes 1 - this (DALL-E: 1/8)"),
 ]
 PARTI: list[Option] = [
-    ("--preset", "preset", {"choices": ("parti", "dalle-mini")}, "branch member (t2i.systems.parti.PRESETS): Parti "
-     "(frozen MiniLM states, a deep decoder) or DALL-E mini (BART-like: a word encoder as deep as the decoder)"),
-    ("--net-preset", "net_preset", {}, "decoder shape (t2i.nets.token_transformer.TOKEN_TRANSFORMER_PRESETS)"),
+    ("--preset", "preset", {"choices": ("parti", "dalle-mini", "parti-small")}, "branch member "
+     "(t2i.systems.parti.PRESETS): Parti (frozen MiniLM states, a deep decoder), DALL-E mini (BART-like: a word "
+     "encoder as deep as the decoder) or parti-small (Parti with a 3-layer width-96 decoder: 4.8 MB in fp16 with a "
+     "ViT-VQGAN f8 tokenizer)"),
+    ("--net-preset", "net_preset", {}, "decoder shape (t2i.nets.token_transformer.TOKEN_TRANSFORMER_PRESETS); unset: "
+     "the preset's (shapes; small for parti-small)"),
     ("--text-encoder", "text_encoder", {"choices": ("words", "minilm")}, "the caption encoder: words (trained with "
      "the decoder) or frozen MiniLM states; unset: the preset's"),
     ("--text-length", "text_length", {"type": int}, "word encoder tokens ([BOS] + caption words + [PAD])"),
