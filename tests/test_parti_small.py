@@ -62,3 +62,24 @@ def test_a_parti_small_model_generates(tmp_path):
     pipe = PartiPipeline(net, vq, cfg, minilm=_Words(384))
     a, b = (pipe.generate(p, seed=0, sampler="greedy").sample for p in ("a red circle", "a blue square"))
     assert a.shape == (1, 16) and not torch.equal(a, b)
+
+
+def test_the_cli_trains_the_preset_with_its_own_decoder(tmp_path, monkeypatch):
+    """`t2i train parti --preset parti-small` without --net-preset: the exported model has the small decoder."""
+    from test_ddpm import _Words
+
+    import t2i
+    from t2i.cli import main
+    from t2i.systems import parti
+    from t2i.systems.token_models import tiny_tokenizer
+    from t2i.train import parti as train_module
+    from t2i.train.vqvae import save_vqvae
+
+    for module in (parti, train_module):  # MiniLM: a stand-in, no load
+        monkeypatch.setattr(module, "load_text_encoder", lambda name, length: _Words(384))
+    save_vqvae(tiny_tokenizer(), tmp_path / "vqvae.safetensors")
+    args = ["--vqvae", str(tmp_path / "vqvae.safetensors"), "--out", str(tmp_path / "run"), "--steps", "2",
+            "--batch-size", "4", "--image-every", "0", "--threads", "1"]
+    assert main(["train", "parti", "--preset", "parti-small", *args]) == 0
+    pipe = t2i.load(tmp_path / "run" / "model.safetensors")
+    assert pipe.cfg.preset == "parti-small" and (pipe.unet.cfg.width, pipe.unet.cfg.layers) == (96, 3)
