@@ -9,6 +9,7 @@ diffusion model samples a denoiser, a token model decodes a codebook, a cascade 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -203,6 +204,26 @@ def check_request(pipe: Pipeline, request: GenerationRequest) -> None:
         if value is not None and allowed and value not in allowed:
             raise UnsupportedOption(option, f"unknown {option} {value!r} for {pipe.name} ({pipe.family}); "
                                             f"choose one of {', '.join(allowed)}")
+
+
+def check_sampling_request(r: GenerationRequest, samplers: Sequence[str], schedules: Sequence[str] = (),
+                           multiple: int | None = None) -> None:
+    """The checks every diffusion family makes of a request with its defaults filled in, before any work
+    (ValueError naming the setting): a sampler of `samplers`; a schedule of `schedules` (a family without a
+    list takes none); at least one step; width and height positive multiples of `multiple` (a family that
+    checks its own sizes passes None); a finite guidance and classifier scale."""
+    if r.sampler not in samplers:
+        raise ValueError(f"unknown sampler {r.sampler!r}; choose one of {', '.join(samplers)}")
+    if schedules and r.schedule not in schedules:
+        raise ValueError(f"unknown schedule {r.schedule!r}; choose one of {', '.join(schedules)}")
+    if r.steps is not None and r.steps < 1:
+        raise ValueError(f"steps must be at least 1, got {r.steps}")
+    for what, v in (("width", r.width), ("height", r.height)):
+        if multiple is not None and v is not None and (v <= 0 or v % multiple):
+            raise ValueError(f"{what} must be a positive multiple of {multiple}, got {v}")
+    for what, x in (("guidance", r.guidance), ("classifier_scale", r.classifier_scale)):
+        if x is not None and not math.isfinite(x):
+            raise ValueError(f"{what} must be a finite number, got {x}")
 
 
 class RequestMethods:

@@ -21,7 +21,6 @@ as JSON in its metadata, like the shapes LDM) and a diffusers DDPM/DDIM folder
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -62,6 +61,7 @@ from t2i.systems.base import (
     RequestMethods,
     StepReport,
     System,
+    check_sampling_request,
     per_image,
 )
 from t2i.systems.latent_diffusion import CastInputs, stop_polling
@@ -184,15 +184,7 @@ class DDPMPipeline(RequestMethods):
 
     def _resolve(self, r: GenerationRequest) -> GenerationRequest:
         r = r.with_defaults(self.defaults)
-        if r.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if r.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {r.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        for what, v in (("width", r.width), ("height", r.height)):
-            if v <= 0 or v % self.size_multiple:
-                raise ValueError(f"{what} must be a positive multiple of {self.size_multiple}, got {v}")
-        if not math.isfinite(r.guidance):
-            raise ValueError(f"guidance must be a finite number, got {r.guidance}")
+        check_sampling_request(r, SAMPLERS, SCHEDULES, self.size_multiple)
         if r.classifier is None and self.default_classifier is not None:  # `with_classifier`'s, recorded as any
             r = replace(r, classifier=self.default_classifier[0], classifier_scale=self.default_classifier[1])
         return r

@@ -81,6 +81,7 @@ from t2i.systems.base import (
     RequestMethods,
     StepReport,
     System,
+    check_sampling_request,
     per_image,
 )
 from t2i.systems.ddpm import run_plan
@@ -206,15 +207,7 @@ class IFPipeline(RequestMethods):
         r = request.with_defaults(self.defaults)
         if self.sr is not None and r.noise_level is None:
             r = replace(r, noise_level=self.noise_level)
-        if r.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if r.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {r.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        for what, v in (("width", r.width), ("height", r.height)):
-            if v <= 0 or v % self.size_multiple:
-                raise ValueError(f"{what} must be a positive multiple of {self.size_multiple}, got {v}")
-        if not math.isfinite(r.guidance):
-            raise ValueError(f"guidance must be a finite number, got {r.guidance}")
+        check_sampling_request(r, SAMPLERS, SCHEDULES, self.size_multiple)
         if self.sr is None and r.noise_level is not None:
             raise ValueError(f"{self.name} has no stage II: noise_level is the super-resolution stage's")
         level = r.noise_level

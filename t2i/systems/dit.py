@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -67,6 +66,7 @@ from t2i.systems.base import (
     RequestMethods,
     StepReport,
     System,
+    check_sampling_request,
     per_image,
 )
 from t2i.systems.latent_diffusion import CastInputs, stop_polling
@@ -140,13 +140,7 @@ class DiTPipeline(RequestMethods):
 
     def _resolve(self, r: GenerationRequest) -> GenerationRequest:
         r = r.with_defaults(self.defaults)
-        if r.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        for what, v in (("width", r.width), ("height", r.height)):
-            if v <= 0 or v % self.size_multiple:
-                raise ValueError(f"{what} must be a positive multiple of {self.size_multiple}, got {v}")
-        if not math.isfinite(r.guidance):
-            raise ValueError(f"guidance must be a finite number, got {r.guidance}")
+        check_sampling_request(r, SAMPLERS, multiple=self.size_multiple)
         return r
 
     @torch.no_grad()

@@ -59,6 +59,7 @@ from t2i.systems.base import (
     RequestMethods,
     StepReport,
     System,
+    check_sampling_request,
     per_image,
 )
 from t2i.systems.dalle import SPECIALS, WordTokenizer
@@ -226,16 +227,7 @@ class GlidePipeline(RequestMethods):
 
     def _resolve(self, request: GenerationRequest) -> GenerationRequest:
         r = request.with_defaults(self.defaults)
-        if r.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if r.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {r.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        for what, v in (("width", r.width), ("height", r.height)):
-            if v <= 0 or v % self.size_multiple:
-                raise ValueError(f"{what} must be a positive multiple of {self.size_multiple}, got {v}")
-        for what, v in (("guidance", r.guidance), ("classifier_scale", r.classifier_scale)):
-            if v is not None and not math.isfinite(v):
-                raise ValueError(f"{what} must be a finite number, got {v}")
+        check_sampling_request(r, SAMPLERS, SCHEDULES, self.size_multiple)
         if r.classifier is None and self.default_clip is not None:  # `with_clip_guidance`'s, recorded as any
             r = replace(r, classifier=self.default_clip[0], classifier_scale=self.default_clip[1])
         return r

@@ -37,7 +37,6 @@ CLIP (`t2i.eval.shapes_clip`), what `t2i train unclip-prior` / `unclip-decoder` 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -84,6 +83,7 @@ from t2i.systems.base import (
     RequestMethods,
     StepReport,
     System,
+    check_sampling_request,
     per_image,
 )
 from t2i.systems.ddpm import run_plan
@@ -380,10 +380,7 @@ class UnCLIPPipeline(RequestMethods):
     # ------------------------------------------------------------------ Pipeline protocol
     def _resolve(self, request: GenerationRequest) -> GenerationRequest:
         r = request.with_defaults(self.defaults)
-        if r.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {r.sampler!r}; unCLIP samples with {', '.join(SAMPLERS)}")
-        if not math.isfinite(r.guidance):
-            raise ValueError(f"guidance must be a finite number, got {r.guidance}")
+        check_sampling_request(r, SAMPLERS)  # the size: `_decoder_size` (square, the decoder's)
         if r.strength is not None and not 0.0 <= r.strength <= 1.0:
             raise ValueError(f"strength must be between 0 and 1, got {r.strength}")
         return r
