@@ -89,20 +89,20 @@ def test_both_stages_re_mask_the_cosine_schedule_counts_and_the_sr_reads_the_bas
     pipe, _ = tiny
     base, sr = _Recording(pipe.unet.base), _Recording(pipe.unet)
     seen = []
-    original = pipe.draw
+    original = pipe.sample_tokens
 
-    def draw(net, cond, r, generators, report):
+    def sample_tokens(net, cond, r, generators, report):
         out = original({pipe.unet.base: base, pipe.unet: sr}[net], cond, r, generators, report)
         seen.append((cond.cond.get("low_res"), out))
         return out
 
-    pipe.draw = draw
+    pipe.sample_tokens = sample_tokens
     steps = []
     try:
         result = pipe.generate(["a red circle", "a blue square"], seed=0, steps=8, guidance=1.0,
                                callback=lambda i, n: steps.append((i, n)))
     finally:
-        del pipe.draw
+        del pipe.sample_tokens
     assert base.masked == [[c, c] for c in [16, 15, 14, 13, 11, 8, 6, 3]]
     assert sr.masked == [[c, c] for c in [64, *SCHEDULE_COUNTS[8, 64][:-1]]]
     assert steps == [(i, 16) for i in range(1, 17)]

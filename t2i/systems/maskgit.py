@@ -153,8 +153,8 @@ class MaskGITPipeline(TokenPipeline):
 
         return GuidedCond(pick(prompts), pick(negatives) if guided else None)
 
-    def draw(self, net: TokenTransformer, cond: GuidedCond, r: GenerationRequest, generators: list[torch.Generator],
-             report: Callable[[dict[str, Any]], None]) -> torch.Tensor:
+    def sample_tokens(self, net: TokenTransformer, cond: GuidedCond, r: GenerationRequest,
+                      generators: list[torch.Generator], report: Callable[[dict[str, Any]], None]) -> torch.Tensor:
         """(B, N) codes of `net`'s token map under CFG on its logits, by the request's sampler and this
         pipeline's draw settings (`net`: this pipeline's network, or another stage's, as Muse's base)."""
         model = CFGTokenModel(lambda tokens, c: net(tokens, **c), r.guidance)
@@ -169,7 +169,7 @@ class MaskGITPipeline(TokenPipeline):
 
     def _sample(self, r: GenerationRequest, prompts: list[str], negatives: list[str],
                 generators: list[torch.Generator], report: StepReport) -> torch.Tensor:
-        return self.draw(self.unet, self.conditioning(r, prompts, negatives), r, generators, report)
+        return self.sample_tokens(self.unet, self.conditioning(r, prompts, negatives), r, generators, report)
 
 
 # ---------------------------------------------------------------------------------------

@@ -197,10 +197,10 @@ class MusePipeline(MaskGITPipeline):
     def _sample(self, r: GenerationRequest, prompts: list[str], negatives: list[str],
                 generators: list[torch.Generator], report: StepReport) -> torch.Tensor:
         cond = self.conditioning(r, prompts, negatives)  # the text, encoded once for both stages
-        low = self.draw(self.unet.base, cond, r, generators, report)  # (B, n)
+        low = self.sample_tokens(self.unet.base, cond, r, generators, report)  # (B, n)
         # the unconditional branch keeps the low-res tokens: guidance is on the text (Muse's CFG)
         sr = GuidedCond({**cond.cond, "low_res": low}, None if cond.uncond is None else {**cond.uncond, "low_res": low})
-        return self.draw(self.unet, sr, r, generators, lambda info: report({**info, "i": info["i"] + r.steps}))
+        return self.sample_tokens(self.unet, sr, r, generators, lambda info: report({**info, "i": info["i"] + r.steps}))
 
     @torch.no_grad()
     def decode_pixels(self, codes: torch.Tensor) -> torch.Tensor:
