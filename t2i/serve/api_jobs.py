@@ -38,7 +38,7 @@ def info(ctx: ServeContext) -> dict:
                              "schedules": list(caps.schedules), "size_multiple": caps.size_multiple,
                              "native_size": list(caps.native_size)},
             "limits": asdict(limits), "size_multiple": ctx.resolver.multiple, "max_batch": ctx.config.max_batch,
-            "max_queue": ctx.config.max_queue,
+            "max_queue": ctx.config.max_queue, "classifiers": sorted(ctx.config.classifiers),
             "samplers": [{"name": s, "label": A1111_SAMPLER_NAMES.get(s, s)} for s in caps.samplers]}
 
 

@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-dir", default=None, metavar="DIR",
                    help="A1111's LoRA folder: <lora:name:weight> in a prompt merges name.safetensors (subfolders "
                         "too) for that request only")
+    p.add_argument("--classifier", action="append", default=[], metavar="NAME=FILE",
+                   help="a classifier-guidance model requests may name (`classifier`: NAME, with `classifier_scale`): "
+                        "an ADM classifier (`t2i train classifier`) for pixel DDPMs, a noise-aware CLIP "
+                        "(`t2i train noisy-clip`) for GLIDE (repeatable); clients name files only this way")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-queue", type=int, default=16, help="waiting jobs allowed; more get 429 + Retry-After")
@@ -57,6 +61,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def classifier_files(specs: list[str]) -> dict[str, str]:
+    """`--classifier NAME=FILE` options -> {NAME: FILE}; UserError for a malformed or repeated name or a
+    missing file."""
+    from t2i.cli import UserError
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name = name.strip()
+        if not sep or not name or not path:
+            raise UserError(f"--classifier {spec!r}: expected NAME=FILE")
+        if name in out:
+            raise UserError(f"--classifier: the name {name!r} is given twice")
+        if not os.path.isfile(path):
+            raise UserError(f"--classifier {name}: no such file: {path}")
+        out[name] = path
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from t2i.cli import UserError
 
@@ -81,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--lora-dir: no such folder: {args.lora_dir}")
     if args.lora_dir and args.precision == "int8":
         raise UserError("--lora-dir: LoRAs merge into float weights; use --precision fp32, bf16 or auto")
+    classifiers = classifier_files(args.classifier)
+    if classifiers and args.broker:
+        raise UserError("--classifier: not with --broker (the workers would need the files)")
     if args.broker:
         try:
             import dramatiq  # noqa: F401 - only to tell the user what to install
@@ -93,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         pipe = wait_for_model(args.broker, args.model)
     else:
         pipe = t2i.load(args.model, precision=args.precision, quantizable=args.lora_dir is None)
+    if classifiers and not pipe.capabilities.accepts("classifier"):
+        raise UserError(f"--classifier: {pipe.name} ({pipe.family}) does not take classifier guidance")
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
                     max_images=args.max_images, max_pixel_steps=args.max_pixel_steps)
     config = ServeConfig(max_queue=args.max_queue, max_batch=args.max_batch, batch_wait=args.batch_wait,
@@ -100,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
                          allowed_hosts=args.allowed_host, header_timeout=args.header_timeout,
                          body_timeout=args.body_timeout, keep_alive=args.keep_alive,
                          max_connections=args.max_connections, lora_dir=args.lora_dir,
-                         embedding_dir=args.embedding_dir, broker=args.broker)
+                         embedding_dir=args.embedding_dir, broker=args.broker, classifiers=classifiers)
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"t2i serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     build_server(create_app(pipe, config), config, port=args.port).run()

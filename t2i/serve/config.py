@@ -71,6 +71,8 @@ class ServeConfig:
     broker: a Redis URL: jobs go to `t2i worker` processes through it (t2i.serve.distributed) and the
         served pipeline is the workers' model as they advertise it; None: the model runs in this
         process (the default).
+    classifiers: name -> file of the classifier-guidance models (ADM classifiers, GLIDE's noise-aware
+        CLIP) a request may name in its `classifier` field; the only files a client can make the server read.
     """
 
     max_queue: int = 16
@@ -89,3 +91,4 @@ class ServeConfig:
     lora_dir: str | None = None
     embedding_dir: str | None = None
     broker: str | None = None
+    classifiers: dict[str, str] = field(default_factory=dict)

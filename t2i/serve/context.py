@@ -57,7 +57,7 @@ class ServeContext:
         else:
             queue = JobQueue(pipe, config.max_queue, config.max_batch, config.batch_wait, config.retain_jobs,
                              config.lora_dir)
-        ctx = cls(pipe, config, queue, Resolver(pipe, config.limits))
+        ctx = cls(pipe, config, queue, Resolver(pipe, config.limits, config.classifiers))
         if config.embedding_dir:
             ctx.embeddings = load_embedding_listing(pipe, config.embedding_dir)
         return ctx

@@ -59,6 +59,12 @@ Temperature = Field(default=None, ge=0, allow_inf_nan=False,
 TopK = Field(default=None, ge=1, description="token models: draw from the k most likely tokens")
 TopP = Field(default=None, gt=0, le=1, allow_inf_nan=False,
              description="token models: draw from the smallest set of tokens holding probability p")
+# Classifier guidance (ADM's noise-aware classifier for pixel DDPMs, GLIDE's noise-aware CLIP): the name of a file
+# the server was started with (`t2i serve --classifier NAME=FILE`), never a path: a client must not choose which
+# files the server reads. Other models refuse both fields by name.
+ClassifierParam = Field(default=None, min_length=1, max_length=100,
+                        description="classifier / CLIP guidance: a name from /v1/info's `classifiers`")
+ClassifierScale = Field(default=None, allow_inf_nan=False, description="classifier guidance scale s (default 1)")
 
 
 class OpenAIImageRequest(BaseModel):
@@ -86,6 +92,8 @@ class OpenAIImageRequest(BaseModel):
     temperature: float | None = Temperature
     top_k: int | None = TopK
     top_p: float | None = TopP
+    classifier: str | None = ClassifierParam
+    classifier_scale: float | None = ClassifierScale
 
 
 class JobRequest(BaseModel):
@@ -109,6 +117,8 @@ class JobRequest(BaseModel):
     temperature: float | None = Temperature
     top_k: int | None = TopK
     top_p: float | None = TopP
+    classifier: str | None = ClassifierParam
+    classifier_scale: float | None = ClassifierScale
 
 
 class A1111Txt2Img(BaseModel):
@@ -142,6 +152,8 @@ class A1111Txt2Img(BaseModel):
     temperature: float | None = Temperature
     top_k: int | None = TopK
     top_p: float | None = TopP
+    classifier: str | None = ClassifierParam
+    classifier_scale: float | None = ClassifierScale
 
 
 class A1111Img2Img(A1111Txt2Img):
@@ -217,14 +229,18 @@ def load_resized(image: Image.Image, size: tuple[int, int], field: str, mask: bo
         image.close()
 
 
-def draws(req: BaseModel) -> dict[str, Any]:
-    """The token-draw settings of a request body (every API names them alike)."""
-    return {k: getattr(req, k) for k in ("temperature", "top_k", "top_p")}
+# Settings every API body carries under the GenerationRequest's names, passed through as given.
+EXTRAS = ("temperature", "top_k", "top_p", "classifier", "classifier_scale")
+
+
+def extras(req: BaseModel) -> dict[str, Any]:
+    """The token-draw and classifier-guidance settings of a request body (every API names them alike)."""
+    return {k: getattr(req, k) for k in EXTRAS}
 
 
 # The GenerationRequest fields every API names alike; each API maps the others to its own names.
 SAME_NAMES = ("prompt", "negative_prompt", "steps", "guidance", "width", "height", "seed", "sampler",
-              "schedule", "eta", "layout", "regions", "region_weight", "temperature", "top_k", "top_p")
+              "schedule", "eta", "layout", "regions", "region_weight", *EXTRAS)
 
 
 class Resolver:
@@ -234,8 +250,9 @@ class Resolver:
     and a map from GenerationRequest field names to the API's own, so that every refusal names the
     field the client sent."""
 
-    def __init__(self, pipe: Pipeline, limits: Limits) -> None:
+    def __init__(self, pipe: Pipeline, limits: Limits, classifiers: dict[str, str] | None = None) -> None:
         self.pipe, self.caps = pipe, pipe.capabilities
+        self.classifiers = dict(classifiers or {})  # name -> file (`t2i serve --classifier NAME=FILE`)
         self.limits = limits.for_model(self.caps.native_size, pipe.defaults.steps)
         # Multiples of 8 at least: A1111 clients and the page step sizes by 8.
         self.multiple = math.lcm(8, self.caps.size_multiple)
@@ -281,6 +298,7 @@ class Resolver:
         request = replace(request, **{k: v for k, v in vars(d).items()
                                       if getattr(request, k) is None and self.caps.accepts(k)})
         self.check_limits(request, f)
+        request = replace(request, classifier=self.classifier(request.classifier, f["classifier"]))
         request = replace(request, layout=self.layout(request, f["layout"]))
         request = replace(request, regions=self.regions(request, f["regions"]))
         if request.eta is not None and request.sampler != "ddim":
@@ -305,6 +323,16 @@ class Resolver:
             if len(o.phrase) > top:
                 raise FieldError(field, f"layout object {i + 1}: a phrase of {len(o.phrase)} characters; at most {top}")
         return layout
+
+    def classifier(self, name: str | None, field: str) -> str | None:
+        """The file of the classifier the client names; FieldError for a name the server was not started with
+        (a path is such a name: clients never choose the files a server reads)."""
+        if name is None:
+            return None
+        if name not in self.classifiers:
+            known = ", ".join(sorted(self.classifiers)) or "none (t2i serve --classifier NAME=FILE adds one)"
+            raise FieldError(field, f"unknown classifier {name[:100]!r}; this server has {known}")
+        return self.classifiers[name]
 
     def regions(self, r: GenerationRequest, field: str) -> tuple[Region, ...] | None:
         """The client's regions parsed (pixels on the request's size) and, where the model can tell
@@ -359,7 +387,7 @@ class Resolver:
         return self.request(dict(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed,
                                  num_images=req.n, steps=req.steps, guidance=req.guidance, sampler=sampler,
                                  schedule=schedule, width=width, height=height, layout=req.layout,
-                                 **draws(req)),
+                                 **extras(req)),
                             {"width": "size", "height": "size"})
 
     def job(self, req: JobRequest) -> GenerationRequest:
@@ -367,7 +395,7 @@ class Resolver:
         return self.request(dict(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed,
                                  num_images=req.n, steps=req.steps, guidance=req.guidance, sampler=sampler,
                                  schedule=schedule, width=req.width, height=req.height, layout=req.layout,
-                                 regions=req.regions, region_weight=req.region_weight, **draws(req)))
+                                 regions=req.regions, region_weight=req.region_weight, **extras(req)))
 
     def a1111(self, req: A1111Txt2Img) -> GenerationRequest:
         """txt2img and img2img. Decodes the init image and mask (resized to the job's size), so the
@@ -384,7 +412,7 @@ class Resolver:
         given = dict(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed,
                      num_images=req.batch_size * req.n_iter, steps=req.steps, guidance=req.cfg_scale,
                      sampler=sampler, schedule=schedule, eta=req.eta, width=req.width, height=req.height,
-                     layout=req.layout, regions=req.regions, region_weight=req.region_weight, **draws(req))
+                     layout=req.layout, regions=req.regions, region_weight=req.region_weight, **extras(req))
         if not isinstance(req, A1111Img2Img):
             return self.request(given, names)
         if len(req.init_images) > 1:
