@@ -123,3 +123,25 @@ def test_serve_classifier_option(files):
                          ([f"c={path}", f"c={path}"], "given twice")):
         with pytest.raises(UserError, match=message):
             classifier_files(bad)
+
+
+def test_glide_takes_its_noise_aware_clip_by_name(tmp_path):
+    """GLIDE's CLIP guidance is the same field: the served tiny base guided by the named noise-aware CLIP."""
+    from t2i.eval.shapes_clip import ShapesCLIP
+    from t2i.nets.glide import preset
+    from t2i.nets.glide_clip import from_clean, save_noisy_clip
+    from t2i.systems.dalle import SPECIALS
+    from t2i.systems.glide import GlideConfig, GlideNets, glide_schedule, save_glide, shapes_words
+
+    torch.manual_seed(0)
+    cfg = GlideConfig(base=preset("tiny_base", len(SPECIALS) + len(shapes_words())))
+    save_glide(GlideNets(cfg).base, None, cfg, tmp_path / "glide.safetensors")
+    save_noisy_clip(from_clean(ShapesCLIP.load(), 16), glide_schedule(), tmp_path / "clip.safetensors")
+    app = create_app(t2i.load(tmp_path / "glide.safetensors"),
+                     ServeConfig(classifiers={"shapes-clip": str(tmp_path / "clip.safetensors")}))
+    with BackgroundServer(app) as s:
+        body = {**BASE, "guidance": 1.0}
+        plain = job_image(s, body)
+        guided = job_image(s, {**body, "classifier": "shapes-clip", "classifier_scale": 10})
+    assert np.abs(pixels(guided["b64_json"]) - pixels(plain["b64_json"])).max() > 8  # measured: 197
+    assert parse_parameters(guided["parameters"])["Classifier"] == "clip"  # the file's name, as `t2i generate`
