@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 
+from test_layout_serve import finished_job  # noqa: E402
 from test_serve import request  # noqa: E402
 
 import t2i  # noqa: E402
@@ -60,15 +60,7 @@ def pixels(b64: str) -> np.ndarray:
 
 
 def job_image(server, body: dict) -> dict:
-    code, _, job = request("POST", server.url + "/v1/jobs", body)
-    assert code == 202, job
-    deadline = time.monotonic() + 60
-    while job["status"] in ("queued", "running"):
-        assert time.monotonic() < deadline, job
-        time.sleep(0.02)
-        job = request("GET", f"{server.url}/v1/jobs/{job['id']}")[2]
-    assert job["status"] == "done", job
-    return job["images"][0]
+    return finished_job(server, body)["images"][0]
 
 
 def test_a_named_classifier_guides_the_served_ddpm_on_every_api(server):
