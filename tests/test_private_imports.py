@@ -7,16 +7,7 @@ from pathlib import Path
 
 import t2i
 
-# Known, to be made public by their owners (reported): (importing module, imported module, name).
-KNOWN = {
-    ("t2i/checkpoints/diffusers_if.py", "t2i.checkpoints.diffusers_nets", "_per_level"),
-    ("t2i/checkpoints/transformers_t5.py", "t2i.checkpoints.transformers_text", "_build"),
-    ("t2i/checkpoints/transformers_t5.py", "t2i.checkpoints.transformers_text", "_map_state_dict"),
-    ("t2i/checkpoints/transformers_t5.py", "t2i.checkpoints.transformers_text", "_read_config"),
-    ("t2i/checkpoints/single_file_config.py", "t2i.text.clip_tokenizer", "_read_pad_token"),
-    ("t2i/samplers/learned_variance.py", "t2i.samplers.sampling", "_batch"),
-    ("t2i/samplers/learned_variance.py", "t2i.samplers.sampling", "_report"),
-}
+KNOWN: set[tuple[str, str, str]] = set()  # (importing module, imported module, name) allowed: none
 
 
 def private_imports() -> set[tuple[str, str, str]]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from t2i.checkpoints.diffusers_ddpm import mirrored_attention, read_ddpm_schedule
 from t2i.checkpoints.diffusers_folder import read_config_file
-from t2i.checkpoints.diffusers_nets import _per_level, check_unsupported, sample_size_of
+from t2i.checkpoints.diffusers_nets import check_unsupported, per_level, sample_size_of
 from t2i.checkpoints.diffusers_scheduler import read_scheduler_config
 from t2i.checkpoints.io import CheckpointError, read_json_object
 from t2i.diffusion.schedules import ScheduleConfig
@@ -89,16 +89,16 @@ def if_unet_config_from_diffusers(cfg: dict[str, Any]) -> IFUNetConfig:
     shift = cfg.get("resnet_time_scale_shift", "default")
     if shift not in ("default", "scale_shift"):
         raise ValueError(f"{what}: unsupported option resnet_time_scale_shift={shift!r}")
-    only_cross = _per_level(cfg.get("only_cross_attention", False), n, "only_cross_attention")
+    only_cross = per_level(cfg.get("only_cross_attention", False), n, "only_cross_attention")
     mid_only = cfg.get("mid_block_only_cross_attention")
     if mid_only is None:  # diffusers: the single only_cross_attention value, or False for a per-level list
         mid_only = cfg.get("only_cross_attention", False) if not isinstance(cfg.get("only_cross_attention"),
                                                                             (list, tuple)) else False
-    heads = _per_level(cfg.get("attention_head_dim", 8), n, "attention_head_dim")  # a head width here
+    heads = per_level(cfg.get("attention_head_dim", 8), n, "attention_head_dim")  # a head width here
     return IFUNetConfig(
         in_channels=int(cfg.get("in_channels", 4)), out_channels=int(cfg.get("out_channels", 4)),
         block_channels=channels,
-        layers_per_block=tuple(int(v) for v in _per_level(cfg.get("layers_per_block", 2), n, "layers_per_block")),
+        layers_per_block=tuple(int(v) for v in per_level(cfg.get("layers_per_block", 2), n, "layers_per_block")),
         attention=attention, head_dim=tuple(int(h if h is not None else c) for h, c in zip(heads, channels,
                                                                                             strict=True)),
         only_cross_attention=tuple(bool(v) for v in only_cross), mid_only_cross_attention=bool(mid_only),

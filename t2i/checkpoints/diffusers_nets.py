@@ -105,7 +105,7 @@ def check_unsupported(cfg: dict[str, Any], allowed: dict[str, Any], what: str) -
             raise ValueError(f"{what}: unsupported option {key}={cfg[key]!r} (only {ok!r} is implemented)")
 
 
-def _per_level(value: Any, n: int, name: str) -> tuple:
+def per_level(value: Any, n: int, name: str) -> tuple:
     """An int/bool (same for every level) or a per-level list -> tuple of length n."""
     if isinstance(value, (list, tuple)):
         if len(value) != n:
@@ -181,16 +181,16 @@ def unet_config_from_diffusers(cfg: dict[str, Any]) -> UNetConfig:
         in_channels=int(get("in_channels")),
         out_channels=int(get("out_channels")),
         block_channels=channels,
-        layers_per_block=tuple(int(v) for v in _per_level(get("layers_per_block"), n, "layers_per_block")),
+        layers_per_block=tuple(int(v) for v in per_level(get("layers_per_block"), n, "layers_per_block")),
         attention=tuple(attention),
-        num_heads=tuple(int(v) for v in _per_level(heads, n, "attention_head_dim")),
+        num_heads=tuple(int(v) for v in per_level(heads, n, "attention_head_dim")),
         transformer_depth=tuple(
-            int(v) for v in _per_level(get("transformer_layers_per_block"), n, "transformer_layers_per_block")
+            int(v) for v in per_level(get("transformer_layers_per_block"), n, "transformer_layers_per_block")
         ),
         context_dim=int(context),
         linear_projection=bool(get("use_linear_projection")),
         only_cross_attention=tuple(
-            bool(v) for v in _per_level(get("only_cross_attention"), n, "only_cross_attention")
+            bool(v) for v in per_level(get("only_cross_attention"), n, "only_cross_attention")
         ),
         mid_block=mid_type is not None,
         mid_attention=mid_type == "UNetMidBlock2DCrossAttn",

@@ -38,7 +38,7 @@ from t2i.checkpoints.transformers_text import clip_config_from_transformers
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.nets.unet import UNetConfig
 from t2i.text.clip import CLIPTextConfig
-from t2i.text.clip_tokenizer import _read_pad_token
+from t2i.text.clip_tokenizer import read_pad_token
 
 METADATA_KEY = "t2i_sd_config"
 PREDICTIONS = ("epsilon", "v_prediction")
@@ -210,7 +210,7 @@ def _config_from_folder(folder: Path, layout: str) -> SingleFileConfig:
     for s in subs:
         text.append(read_config_file(clip_config_from_transformers, folder / f"text_encoder{s}" / "config.json",
                                      with_projection=s == "_2"))
-        pads.append(_read_pad_token(folder / f"tokenizer{s}"))
+        pads.append(read_pad_token(folder / f"tokenizer{s}"))
     index = read_json_object(folder / "model_index.json")
     schedule, scheduler_class = read_schedule(folder)
     return SingleFileConfig(layout, unet, vae, text, pads, schedule,

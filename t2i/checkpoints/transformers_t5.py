@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from t2i.checkpoints.io import load_component_weights
-from t2i.checkpoints.transformers_text import _build, _map_state_dict, _read_config
+from t2i.checkpoints.transformers_text import build_text_model, map_text_state_dict, read_config
 from t2i.text.t5 import T5Config, T5Encoder
 
 # (transformers name, t2i name); keys are read after their `encoder.` prefix is removed.
@@ -47,7 +47,7 @@ T5_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 
 def t5_state_dict_from_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """T5EncoderModel (or T5ForConditionalGeneration) weights -> t2i T5Encoder keys."""
-    return _map_state_dict(state, ("encoder.",), T5_TOP, T5_LAYER, T5_LAYER_PREFIX, T5_IGNORED)
+    return map_text_state_dict(state, ("encoder.",), T5_TOP, T5_LAYER, T5_LAYER_PREFIX, T5_IGNORED)
 
 
 def t5_config_from_transformers(d: dict) -> T5Config:
@@ -83,7 +83,8 @@ def t5_encoder_from_transformers(
     config: dict, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
 ) -> T5Encoder:
     """Build our T5Encoder from a transformers config dict and state dict."""
-    return _build(T5Encoder, t5_config_from_transformers(config), t5_state_dict_from_transformers(state), dtype)
+    return build_text_model(T5Encoder, t5_config_from_transformers(config), t5_state_dict_from_transformers(state),
+                            dtype)
 
 
 def load_t5_folder(folder: str | Path, dtype: torch.dtype = torch.float32, variant: str | None = None) -> T5Encoder:
@@ -91,5 +92,5 @@ def load_t5_folder(folder: str | Path, dtype: torch.dtype = torch.float32, varia
     frozen (eval, no grad)."""
     folder = Path(folder)
     stem = "model" if any(folder.glob("model*")) else "pytorch_model"
-    model = t5_encoder_from_transformers(_read_config(folder), load_component_weights(folder, stem, variant), dtype)
+    model = t5_encoder_from_transformers(read_config(folder), load_component_weights(folder, stem, variant), dtype)
     return model.eval().requires_grad_(False)

@@ -85,7 +85,7 @@ def _rename(
     return None
 
 
-def _map_state_dict(
+def map_text_state_dict(
     state: dict[str, torch.Tensor],
     prefixes: tuple[str, ...],
     top: list[tuple[str, str]],
@@ -121,7 +121,7 @@ def _map_state_dict(
 
 def clip_state_dict_from_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers CLIP text weights (prefixed `text_model.` or flat) -> t2i CLIPTextModel keys."""
-    return _map_state_dict(state, ("text_model.",), CLIP_TOP, CLIP_LAYER, CLIP_LAYER_PREFIX, CLIP_IGNORED)
+    return map_text_state_dict(state, ("text_model.",), CLIP_TOP, CLIP_LAYER, CLIP_LAYER_PREFIX, CLIP_IGNORED)
 
 
 def clip_state_dict_to_transformers(
@@ -216,7 +216,7 @@ def clip_text_model_from_transformers(
     """Build our CLIPTextModel from a transformers config dict and state dict (either layout)."""
     mapped = clip_state_dict_from_transformers(state)
     cfg = clip_config_from_transformers(config, with_projection="text_projection.weight" in mapped)
-    return _build(CLIPTextModel, cfg, mapped, dtype)
+    return build_text_model(CLIPTextModel, cfg, mapped, dtype)
 
 
 def load_clip_text_folder(
@@ -224,7 +224,7 @@ def load_clip_text_folder(
 ) -> CLIPTextModel:
     """A diffusers `text_encoder/` (or `text_encoder_2/`) folder: config.json + model weights."""
     folder = Path(folder)
-    config = _read_config(folder)
+    config = read_config(folder)
     return clip_text_model_from_transformers(config, load_component_weights(folder, "model", variant), dtype)
 
 
@@ -233,7 +233,7 @@ def load_clip_text_folder(
 
 def bert_state_dict_from_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers BertModel weights (optionally under `bert.`) -> t2i BertModel keys."""
-    return _map_state_dict(state, ("bert.",), BERT_TOP, BERT_LAYER, BERT_LAYER_PREFIX, BERT_IGNORED)
+    return map_text_state_dict(state, ("bert.",), BERT_TOP, BERT_LAYER, BERT_LAYER_PREFIX, BERT_IGNORED)
 
 
 def bert_config_from_transformers(d: dict) -> BertConfig:
@@ -259,7 +259,7 @@ def bert_model_from_transformers(
     config: dict, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
 ) -> BertModel:
     """Build our BertModel from a transformers config dict and state dict."""
-    return _build(
+    return build_text_model(
         BertModel, bert_config_from_transformers(config), bert_state_dict_from_transformers(state), dtype
     )
 
@@ -268,7 +268,7 @@ def load_bert_folder(folder: str | Path, dtype: torch.dtype = torch.float32) -> 
     """A transformers BERT folder (config.json + model.safetensors / pytorch_model.bin)."""
     folder = Path(folder)
     stem = "model" if any(folder.glob("model.*")) else "pytorch_model"
-    return bert_model_from_transformers(_read_config(folder), load_component_weights(folder, stem), dtype)
+    return bert_model_from_transformers(read_config(folder), load_component_weights(folder, stem), dtype)
 
 
 # ---------------------------------------------------------------------------- all-MiniLM-L6-v2 as shipped
@@ -300,14 +300,15 @@ def load_minilm(dtype: torch.dtype = torch.float32) -> tuple[BertModel, WordPiec
 # ---------------------------------------------------------------------------- helpers
 
 
-def _read_config(folder: Path) -> dict:
+def read_config(folder: Path) -> dict:
     file = folder / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: not a transformers text-encoder folder")
     return json.loads(file.read_text(encoding="utf-8"))
 
 
-def _build(cls: type, cfg: object, state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> torch.nn.Module:
+def build_text_model(cls: type, cfg: object, state: dict[str, torch.Tensor],
+                     dtype: torch.dtype | None) -> torch.nn.Module:
     """Construct on the meta device (no random init of large towers) and adopt the loaded tensors,
     cast to dtype (None: as stored)."""
     with torch.device("meta"):

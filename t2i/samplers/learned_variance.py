@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from t2i.diffusion.precond import LearnedVariance, learned_log_variance
-from t2i.samplers.sampling import Callback, Denoiser, Generator, _batch, _report, ancestral_step, randn_like
+from t2i.samplers.sampling import Callback, Denoiser, Generator, ancestral_step, randn_like, report_step, sigma_batch
 
 
 class VarianceTap(LearnedVariance):
@@ -62,12 +62,12 @@ def sample_ddpm_learned(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
     extra_args = extra_args or {}
     acp = alphas_cumprod.to(torch.float32)
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, _batch(sigmas[i], x), **extra_args)
+        denoised = denoiser(x, sigma_batch(sigmas[i], x), **extra_args)
         var_values = variance.take(x.shape[0])
         sigma_down, _ = ancestral_step(sigmas[i], sigmas[i + 1], 1.0)
         x = denoised + (x - denoised) * (sigma_down / sigmas[i])  # the posterior mean
         if sigmas[i + 1] > 0:
             log_var = learned_log_variance(var_values, acp[i], acp[i + 1])  # (B, C, H, W), VP
             x = x + randn_like(x, generator) * ((0.5 * log_var).exp() / acp[i + 1].sqrt())
-        _report(callback, x, i, sigmas, denoised)
+        report_step(callback, x, i, sigmas, denoised)
     return x

@@ -63,12 +63,12 @@ def ancestral_step(
     return sigma_down, sigma_up
 
 
-def _batch(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def sigma_batch(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Scalar sigma -> (B,) for the denoiser."""
     return sigma * x.new_ones([x.shape[0]], dtype=torch.float32)
 
 
-def _report(callback: Callback | None, x, i, sigmas, denoised) -> None:
+def report_step(callback: Callback | None, x, i, sigmas, denoised) -> None:
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "denoised": denoised})
 
@@ -80,10 +80,10 @@ def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extr
     (Karras et al. 2022, Algorithm 2 without churn; diffusers' EulerDiscreteScheduler)."""
     extra_args = extra_args or {}
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, _batch(sigmas[i], x), **extra_args)
+        denoised = denoiser(x, sigma_batch(sigmas[i], x), **extra_args)
         d = (x - denoised) / sigmas[i]
         x = x + d * (sigmas[i + 1] - sigmas[i])
-        _report(callback, x, i, sigmas, denoised)
+        report_step(callback, x, i, sigmas, denoised)
     return x
 
 
@@ -96,12 +96,12 @@ def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Te
     Noise is drawn at every step, the last included, as diffusers does."""
     extra_args = extra_args or {}
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, _batch(sigmas[i], x), **extra_args)
+        denoised = denoiser(x, sigma_batch(sigmas[i], x), **extra_args)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         d = (x - denoised) / sigmas[i]
         x = x + d * (sigma_down - sigmas[i])
         x = x + randn_like(x, generator) * sigma_up
-        _report(callback, x, i, sigmas, denoised)
+        report_step(callback, x, i, sigmas, denoised)
     return x
 
 
@@ -114,12 +114,12 @@ def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra
     sigma 0 (diffusers skips the draw only at t = 0, where the variance is 0 anyway)."""
     extra_args = extra_args or {}
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, _batch(sigmas[i], x), **extra_args)
+        denoised = denoiser(x, sigma_batch(sigmas[i], x), **extra_args)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], 1.0)
         x = denoised + (x - denoised) * (sigma_down / sigmas[i])
         if sigmas[i + 1] > 0:
             x = x + randn_like(x, generator) * sigma_up
-        _report(callback, x, i, sigmas, denoised)
+        report_step(callback, x, i, sigmas, denoised)
     return x
 
 
@@ -146,7 +146,7 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra
     extra_args = extra_args or {}
     for i in range(len(sigmas) - 1):
         target = sigmas[i + 1] if sigmas_to is None else sigmas_to[i]
-        denoised = denoiser(x, _batch(sigmas[i], x), **extra_args)
+        denoised = denoiser(x, sigma_batch(sigmas[i], x), **extra_args)
         direction = x - denoised  # sigma * eps
         if limit_x0 is not None:
             denoised = limit_x0(denoised)
@@ -159,7 +159,7 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra
             x = x + randn_like(x, generator) * sigma_up
         if sigmas_to is not None and target != sigmas[i + 1]:
             x = x * ((1 + sigmas[i + 1] ** 2) / (1 + target**2)) ** 0.5
-        _report(callback, x, i, sigmas, denoised)
+        report_step(callback, x, i, sigmas, denoised)
     return x
 
 
@@ -171,17 +171,17 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra
     the end point; the step to sigma 0 is plain Euler. 2N - 1 denoiser calls."""
     extra_args = extra_args or {}
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, _batch(sigmas[i], x), **extra_args)
+        denoised = denoiser(x, sigma_batch(sigmas[i], x), **extra_args)
         d = (x - denoised) / sigmas[i]
         dt = sigmas[i + 1] - sigmas[i]
         if sigmas[i + 1] == 0:
             x = x + d * dt
         else:
             x_2 = x + d * dt
-            denoised_2 = denoiser(x_2, _batch(sigmas[i + 1], x), **extra_args)
+            denoised_2 = denoiser(x_2, sigma_batch(sigmas[i + 1], x), **extra_args)
             d_2 = (x_2 - denoised_2) / sigmas[i + 1]
             x = x + (d + d_2) / 2 * dt
-        _report(callback, x, i, sigmas, denoised)
+        report_step(callback, x, i, sigmas, denoised)
     return x
 
 
@@ -205,7 +205,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, e
     old_denoised = None
     n = len(sigmas) - 1
     for i in range(n):
-        denoised = denoiser(x, _batch(sigmas[i], x), **extra_args)
+        denoised = denoiser(x, sigma_batch(sigmas[i], x), **extra_args)
         h = sigmas[i].log() - sigmas[i + 1].log()  # lambda_next - lambda (inf when sigma_next = 0)
         first_order = old_denoised is None or sigmas[i + 1] == 0 or (lower_order_final and i == n - 1)
         if first_order:
@@ -215,7 +215,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, e
             d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
         x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * d
         old_denoised = denoised
-        _report(callback, x, i, sigmas, denoised)
+        report_step(callback, x, i, sigmas, denoised)
     return x
 
 
@@ -259,7 +259,7 @@ def sample_lcm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_
     """
     extra_args = extra_args or {}
     for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, _batch(sigmas[i], x), **extra_args)
+        denoised = denoiser(x, sigma_batch(sigmas[i], x), **extra_args)
         if c_out is not None:
             denoised = float(c_out[i]) * denoised
         if c_skip is not None:
@@ -267,7 +267,7 @@ def sample_lcm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra_
         x = denoised
         if sigmas[i + 1] > 0:
             x = x + randn_like(x, generator) * sigmas[i + 1]  # VP: sqrt(acp') x0 + sqrt(1 - acp') z
-        _report(callback, x, i, sigmas, denoised)
+        report_step(callback, x, i, sigmas, denoised)
     return x
 
 

@@ -159,7 +159,7 @@ class CLIPTokenizer:
         (transformers >= 5 saves only that), and the pad token from special_tokens_map.json or
         tokenizer_config.json (SD1: `<|endoftext|>`, SD2: `!`)."""
         path = Path(path)
-        pad = _read_pad_token(path)
+        pad = read_pad_token(path)
         if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
             return cls.from_files(path / "vocab.json", path / "merges.txt", pad_token=pad)
         if (path / "tokenizer.json").is_file():
@@ -267,7 +267,7 @@ class CLIPTokenizer:
         return self._tok.decode(ids, skip_special_tokens=True).replace("</w>", " ").strip()
 
 
-def _read_pad_token(folder: Path) -> str:
+def read_pad_token(folder: Path) -> str:
     """The pad token named by a tokenizer folder, `<|endoftext|>` when none is named."""
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         file = folder / name
