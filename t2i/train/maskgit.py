@@ -27,7 +27,7 @@ from t2i.systems.maskgit import MaskGITConfig, MaskGITPipeline, load_text_encode
 from t2i.tokens import sample_training_mask
 from t2i.train.fit import Grid, Run, Step, Task, fit
 from t2i.train.ldm import SAMPLE_PROMPTS
-from t2i.train.token_models import TokenTrainConfig, drop_captions, image_codes, token_setup
+from t2i.train.token_models import TokenSetup, TokenTrainConfig, drop_captions, image_codes, token_setup
 
 
 @dataclass
@@ -56,6 +56,29 @@ def masked_token_loss(logits: torch.Tensor, codes: torch.Tensor, masked: torch.T
     return F.cross_entropy(logits[masked], codes[masked], label_smoothing=label_smoothing)
 
 
+def mask_codes(codes: torch.Tensor, mask_id: int, gen: torch.Generator, cond: dict[str, Any]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """A batch of MaskGIT's training (sec. 3.1): each row of codes (B, N) masks ``ceil(gamma(r) N)``
+    random positions (r ~ U(0, 1), cosine gamma; drawn from `gen`). Returns (inputs (B, N) with
+    mask_id at the masked positions, codes, masked (B, N) bool, cond), what `masked_token_step` reads."""
+    masked = sample_training_mask(codes.shape[0], codes.shape[1], gen)  # (B, N)
+    return codes.masked_fill(masked, mask_id), codes, masked, cond
+
+
+def masked_token_step(t: TokenSetup, batch: tuple[Any, ...], s: Step, label_smoothing: float, name: str,
+                      what: str) -> dict[str, float]:
+    """One update of a masked token network (MaskGIT's, Muse's super-resolution) on a `mask_codes` batch:
+    logits of the inputs under cond, eq. 1's loss, the optimizer step (`what` names the loss in errors).
+    Logs `name`/loss, /masked_accuracy (argmax = true code at the masked positions) and /grad_norm."""
+    inputs, codes, masked, cond = batch
+    logits = t.parallel(inputs, **cond)  # (B, N, V)
+    loss = masked_token_loss(logits, codes, masked, label_smoothing)
+    gnorm = s.update(loss, t.opt, t.net.parameters(), what)
+    with torch.no_grad():
+        accuracy = (logits[masked].argmax(-1) == codes[masked]).float().mean().item()
+    return {f"{name}/loss": loss.item(), f"{name}/masked_accuracy": accuracy, f"{name}/grad_norm": gnorm}
+
+
 def build_maskgit(cfg: MaskGITTrainConfig, run: Run, text_encoder: torch.nn.Module | None = None) -> Task:
     t = token_setup(cfg, run, partial(resolve_model_config, cfg), MaskGITConfig.from_dict)
     vq, model_cfg, net, ema = t.vq, t.model_cfg, t.net, t.ema
@@ -67,17 +90,10 @@ def build_maskgit(cfg: MaskGITTrainConfig, run: Run, text_encoder: torch.nn.Modu
         x, captions, _ = t.data.batch(position, cfg.batch_size, run.info)
         codes = image_codes(vq, x)  # (B, N)
         captions = drop_captions(captions, cfg.caption_dropout, gen)
-        masked = sample_training_mask(codes.shape[0], codes.shape[1], gen)  # (B, N)
-        return codes.masked_fill(masked, model_cfg.net.mask_id), codes, masked, text_conditioning(text, captions)
+        return mask_codes(codes, model_cfg.net.mask_id, gen, text_conditioning(text, captions))
 
     def step(batch: tuple[Any, ...], s: Step) -> dict[str, float]:
-        inputs, codes, masked, cond = batch
-        logits = t.parallel(inputs, **cond)  # (B, N, V)
-        loss = masked_token_loss(logits, codes, masked, cfg.label_smoothing)
-        gnorm = s.update(loss, t.opt, net.parameters(), "MaskGIT loss")
-        with torch.no_grad():
-            accuracy = (logits[masked].argmax(-1) == codes[masked]).float().mean().item()
-        return {"maskgit/loss": loss.item(), "maskgit/masked_accuracy": accuracy, "maskgit/grad_norm": gnorm}
+        return masked_token_step(t, batch, s, cfg.label_smoothing, "maskgit", "MaskGIT loss")
 
     def export() -> None:
         save_maskgit(ema.averaged, vq, model_cfg, Path(cfg.out) / "model.safetensors")

@@ -28,11 +28,9 @@ from t2i.systems.maskgit import SYSTEM_NAME as MASKGIT
 from t2i.systems.maskgit import MaskGITConfig, load_text_encoder, text_conditioning
 from t2i.systems.muse import MuseConfig, MusePipeline, bundle, save_muse, sr_config
 from t2i.systems.token_models import load_token_model
-from t2i.tokens import sample_training_mask
-from t2i.train.data import open_data
 from t2i.train.fit import Grid, Run, Step, Task, fit
 from t2i.train.ldm import SAMPLE_PROMPTS
-from t2i.train.maskgit import MaskGITTrainConfig, masked_token_loss
+from t2i.train.maskgit import MaskGITTrainConfig, mask_codes, masked_token_step
 from t2i.train.token_models import drop_captions, image_codes, token_setup, weights_digest
 
 
@@ -76,34 +74,26 @@ def load_base(cfg: MuseSRTrainConfig) -> tuple[torch.nn.Module, MaskGITConfig, s
 
 def build_muse_sr(cfg: MuseSRTrainConfig, run: Run, text_encoder: torch.nn.Module | None = None) -> Task:
     base_net, base_cfg, base_vq_digest = load_base(cfg)
-    t = token_setup(cfg, run, lambda vq: resolve_model_config(cfg, base_cfg, vq), MuseConfig.from_dict)
+    t = token_setup(cfg, run, lambda vq: resolve_model_config(cfg, base_cfg, vq), MuseConfig.from_dict,
+                    image_size=lambda m: m.net.grid * m.vq.downsample_factor)  # the data at the high-res size
     vq, model_cfg, net, ema = t.vq, t.model_cfg, t.net, t.ema
     if base_vq_digest != cfg.vqvae_digest or base_net.cfg.num_tokens != model_cfg.low_res.length:
         raise ValueError(f"--base {cfg.base}: not a MaskGIT model on this tokenizer ({cfg.vqvae}) writing the "
                          f"{model_cfg.low_res.length} low-res tokens this run reads")
     text = text_encoder or load_text_encoder(model_cfg.text_encoder, model_cfg.text_length)
     size = model_cfg.net.grid * vq.cfg.downsample_factor
-    data = open_data(cfg.data, cfg.data_path, size, cfg.seed, run.log.text, cfg.background_p,
-                     workers=cfg.data_workers)  # at the high-res size (token_setup's is the tokenizer's)
 
     def prepare(position: int, gen: torch.Generator) -> tuple[Any, ...]:
         """(high-res inputs (B, N) with [MASK] at the masked positions, codes (B, N), masked (B, N) bool,
         cond: the captions' text states with caption dropout and the low-res codes (B, n))."""
-        x, captions, _ = data.batch(position, cfg.batch_size, run.info)  # (B, 3, S, S)
+        x, captions, _ = t.data.batch(position, cfg.batch_size, run.info)  # (B, 3, S, S)
         codes = image_codes(vq, x)  # (B, N)
         low = image_codes(vq, F.interpolate(x, scale_factor=1 / cfg.sr_factor, mode="area"))  # (B, n)
         cond = {**text_conditioning(text, drop_captions(captions, cfg.caption_dropout, gen)), "low_res": low}
-        masked = sample_training_mask(codes.shape[0], codes.shape[1], gen)  # (B, N)
-        return codes.masked_fill(masked, model_cfg.net.mask_id), codes, masked, cond
+        return mask_codes(codes, model_cfg.net.mask_id, gen, cond)
 
     def step(batch: tuple[Any, ...], s: Step) -> dict[str, float]:
-        inputs, codes, masked, cond = batch
-        logits = t.parallel(inputs, **cond)  # (B, N, V)
-        loss = masked_token_loss(logits, codes, masked, cfg.label_smoothing)
-        gnorm = s.update(loss, t.opt, net.parameters(), "Muse super-resolution loss")
-        with torch.no_grad():
-            accuracy = (logits[masked].argmax(-1) == codes[masked]).float().mean().item()
-        return {"muse_sr/loss": loss.item(), "muse_sr/masked_accuracy": accuracy, "muse_sr/grad_norm": gnorm}
+        return masked_token_step(t, batch, s, cfg.label_smoothing, "muse_sr", "Muse super-resolution loss")
 
     def bundled() -> MusePipeline:
         full_net, full_cfg = bundle(ema.averaged, model_cfg, base_net)

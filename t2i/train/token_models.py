@@ -66,15 +66,20 @@ class TokenSetup:
 
 
 def token_setup(cfg: TokenTrainConfig, run: Run, resolve: Callable[[VQAutoencoder], Any],
-                from_dict: Callable[[dict[str, Any]], Any]) -> TokenSetup:
+                from_dict: Callable[[dict[str, Any]], Any], image_size: Callable[[Any], int] | None = None,
+                two_grids: bool = False) -> TokenSetup:
     """Load the tokenizer, resolve the model config of a new run (`resolve(tokenizer)`) or read the
-    saved one (`from_dict`), and build the rest. AdamW with beta2 = 0.96 (MaskGIT's optimizer)."""
+    saved one (`from_dict`), and build the rest. AdamW with beta2 = 0.96 (MaskGIT's optimizer).
+
+    image_size: pixels per side of the training images from the model config (default the tokenizer's
+    sample_size; Muse's super-resolution draws larger ones). two_grids: the family reads a VQ-VAE-2's
+    token sequence (top grid, then bottom); the others refuse one by name."""
     if not cfg.vqvae:
         raise ValueError("--vqvae: the tokenizer file (vqvae.safetensors of `t2i train vqvae`) is required")
     vq = load_tokenizer(cfg.vqvae)
-    if kind_of(vq.cfg) == "vqvae2":
-        raise ValueError(f"--vqvae {cfg.vqvae}: a VQ-VAE-2 writes two token grids (top and bottom); the token "
-                         "families read one grid: train a vqvae, vqgan, vit-vqgan or dvae tokenizer")
+    if kind_of(vq.cfg) == "vqvae2" and not two_grids:
+        raise ValueError(f"--vqvae {cfg.vqvae}: a VQ-VAE-2 writes two token grids (top and bottom); this family "
+                         "reads one grid (only maskgit reads both): train a vqvae, vqgan, vit-vqgan or dvae tokenizer")
     if cfg.model is None:
         cfg.model = dataclasses.asdict(resolve(vq))
     model_cfg = from_dict(cfg.model)
@@ -83,7 +88,8 @@ def token_setup(cfg: TokenTrainConfig, run: Run, resolve: Callable[[VQAutoencode
         raise ValueError(f"{cfg.vqvae}: not the tokenizer this run was started with (a tokenizer still training "
                          "rewrites its file: train on a copy)")
     cfg.vqvae_digest = digest
-    data = open_data(cfg.data, cfg.data_path, vq.cfg.sample_size, cfg.seed, run.log.text, cfg.background_p,
+    size = vq.cfg.sample_size if image_size is None else image_size(model_cfg)
+    data = open_data(cfg.data, cfg.data_path, size, cfg.seed, run.log.text, cfg.background_p,
                      workers=cfg.data_workers)
     torch.manual_seed(cfg.seed)  # the network's init must not depend on what loading drew
     net = build_network(model_cfg)
