@@ -220,15 +220,3 @@ def test_maskgit_trains_and_generates_on_any_tokenizer_kind(kind, tmp_path, monk
         want = vq.decode_codes(result.sample.view(1, *vq.encode(torch.zeros(1, 3, 16, 16))[0].shape[1:]))
     got = torch.from_numpy(np.asarray(result.images[0], dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
     assert (got - want[0].clamp(-1, 1)).abs().max() < 1 / 127.5 + 1e-6
-
-
-def test_a_two_grid_tokenizer_is_refused_by_name(tmp_path, capsys):
-    import dataclasses
-
-    from t2i.autoencoders.tokenizers import KINDS, build_tokenizer, save_tokenizer
-    from t2i.cli import main
-
-    save_tokenizer(build_tokenizer(dataclasses.replace(KINDS["vqvae2"].presets["tiny"])), tmp_path / "v2.safetensors")
-    assert main(["train", "maskgit", "--vqvae", str(tmp_path / "v2.safetensors"), "--preset", "tiny", "--out",
-                 str(tmp_path / "run"), "--steps", "1", "--threads", "1"]) == 2
-    assert "VQ-VAE-2" in capsys.readouterr().err

@@ -102,10 +102,23 @@ def load_tokenizer(path: str | Path) -> nn.Module:
 
 def round_trip(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x (B, 3, H, W) -> decode_codes(encode(x)): what a token model's codes of x would draw."""
-    codes = model.encode(x)[0]
+    return decode_tokens(model, model.encode(x)[0].flatten(1), *x.shape[-2:])
+
+
+def decode_tokens(model: nn.Module, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, N) tokens in a token model's order (raster order of the grid; a VQ-VAE-2's top grid then
+    bottom grid) -> images (B, 3, height, width)."""
     if isinstance(model, VQVAE2):  # a token sequence: its grids' sizes come from the image's
-        return model.decode_codes(codes, *x.shape[-2:])
-    return model.decode_codes(codes)
+        return model.decode_codes(tokens, height, width)
+    f = model.cfg.downsample_factor
+    return model.decode_codes(tokens.view(-1, height // f, width // f))
+
+
+def allowed_codes(cfg: Any, height: int, width: int) -> torch.Tensor | None:
+    """(N, num_codes) bool: the codes each token position of a height x width image can hold; None
+    where every position takes every code (one grid). A VQ-VAE-2's sequence keeps each grid to its
+    own codebook (`VQVAE2Config.allowed_codes`)."""
+    return cfg.allowed_codes(height, width) if kind_of(cfg) == "vqvae2" else None
 
 
 def dead_codes(model: nn.Module) -> int:

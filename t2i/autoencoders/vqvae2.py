@@ -53,6 +53,16 @@ class VQVAE2Config(ConvShape):
         h, w = height // self.downsample_factor, width // self.downsample_factor
         return (h // 2) * (w // 2) + h * w
 
+    def allowed_codes(self, height: int, width: int) -> torch.Tensor:
+        """(N, num_codes) bool: which tokens each position of the sequence of a height x width image can
+        hold, the top codes (ids < top_codes) at the top grid's positions and the bottom codes at the
+        bottom's (a token model's sampler keeps its draws to them: a top id at a bottom position has no
+        code vector)."""
+        n_top = self.tokens(height, width) - (height // self.downsample_factor) * (width // self.downsample_factor)
+        is_top = torch.arange(self.tokens(height, width))[:, None] < n_top  # (N, 1)
+        top_code = torch.arange(self.num_codes)[None, :] < self.top_codes  # (1, V)
+        return is_top == top_code
+
 
 @dataclass
 class TwoLevelQuantized:

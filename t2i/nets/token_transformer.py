@@ -49,6 +49,10 @@ class TokenTransformerConfig:
             first in the same sequence, ids < text_vocab).
         attention: self-attention mask pattern, one of `t2i.tokens.masks.PATTERNS`.
         kernel: side of the "conv" neighbourhood and of the "window".
+        top_grid: side of a coarser map read before the grid x grid one (0: none): a VQ-VAE-2's top
+            codes, then its bottom codes, one sequence of top_grid ** 2 + grid ** 2 tokens. Every
+            position of both maps has its own learned embedding (so no separate map embedding is
+            needed); full attention only (the sparse patterns are defined on one map).
     """
 
     num_codes: int = 512
@@ -63,17 +67,21 @@ class TokenTransformerConfig:
     text_length: int = 0
     attention: str = "full"
     kernel: int = 5
+    top_grid: int = 0  # last: files written before it read as 0
 
     def __post_init__(self) -> None:
         if self.attention not in PATTERNS:
             raise ValueError(f"unknown attention pattern {self.attention!r}; choose one of {', '.join(PATTERNS)}")
+        if self.top_grid and self.attention != "full":
+            raise ValueError(f"attention {self.attention!r} is defined on one token map; two maps (top_grid) take "
+                             "full attention")
         if (self.text_vocab > 0) != (self.text_length > 0) or (self.text_vocab and not self.causal):
             raise ValueError("text tokens in the stream (text_vocab, text_length) need each other and causal=True")
 
     @property
     def num_tokens(self) -> int:
-        """N, the image tokens of one map."""
-        return self.grid * self.grid
+        """N, the image tokens of one image (both maps' with a top_grid)."""
+        return self.top_grid * self.top_grid + self.grid * self.grid
 
     @property
     def mask_id(self) -> int:
@@ -164,11 +172,13 @@ class TokenTransformer(nn.Module):
     def layer_masks(self, device: torch.device) -> list[torch.Tensor]:
         """Each layer's (S, S) self-attention mask over the whole stream (S = text_length + N)."""
         c = self.cfg
+        # two maps take full attention, which has no geometry: their N tokens read as one row
+        rows, columns = (1, c.num_tokens) if c.top_grid else (c.grid, c.grid)
         masks = []
         for kind in layer_kinds(c.attention, c.layers):
             key = (kind, str(device))
             if key not in self._masks:
-                image = image_mask(kind, c.grid, c.grid, causal=c.causal, kernel=c.kernel)
+                image = image_mask(kind, rows, columns, causal=c.causal, kernel=c.kernel)
                 self._masks[key] = stream_mask(image, c.text_length, causal=c.causal).to(device)
             masks.append(self._masks[key])
         return masks

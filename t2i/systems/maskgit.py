@@ -11,7 +11,9 @@ negative prompt, when given, is the unconditional branch. The sampler "raster" d
 network one token per call in raster order (`RasterOrder` + `sample_autoregressive`): the
 autoregressive baseline MaskGIT's parallel decoding is measured against (speed and quality). The
 tokens are decoded by the VQ tokenizer stored in the same file (`t2i.systems.token_models`), so a
-model file needs no other.
+model file needs no other. On a VQ-VAE-2 tokenizer the map is its two grids as one sequence (top grid,
+then bottom; the transformer's `top_grid`), masked and decoded together, each grid's draws kept to its
+own codebook (`keep_to`), decoded by the VQ-VAE-2's decoder.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class MaskGITConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MaskGITConfig:
-        return cls(**network_configs(d))
+        return cls(**network_configs(d, two_grids=True))
 
 
 def text_conditioning(text_encoder: nn.Module, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -85,6 +87,14 @@ def load_text_encoder(name: str, length: int) -> nn.Module:
     from t2i.text.encoders import MiniLMTextEncoder
 
     return MiniLMTextEncoder.load(max_length=length)
+
+
+def keep_to(model: Any, allowed: torch.Tensor | None) -> Any:
+    """A masked token model whose logits (B, N, V) are -inf outside `allowed` (N, V) bool (None: `model`
+    itself). After guidance: CFG's difference of two -inf logits would be NaN."""
+    if allowed is None:
+        return model
+    return lambda tokens, cond: model(tokens, cond).masked_fill(~allowed.to(tokens.device), float("-inf"))
 
 
 class RasterOrder:
@@ -157,7 +167,7 @@ class MaskGITPipeline(TokenPipeline):
                       generators: list[torch.Generator], report: Callable[[dict[str, Any]], None]) -> torch.Tensor:
         """(B, N) codes of `net`'s token map under CFG on its logits, by the request's sampler and this
         pipeline's draw settings (`net`: this pipeline's network, or another stage's, as Muse's base)."""
-        model = CFGTokenModel(lambda tokens, c: net(tokens, **c), r.guidance)
+        model = keep_to(CFGTokenModel(lambda tokens, c: net(tokens, **c), r.guidance), self.allowed_codes(net))
         c, n, draws = self.cfg, net.cfg.num_tokens, self.draws(r)
         if r.sampler == "raster":
             return sample_autoregressive(RasterOrder(model, n, net.cfg.mask_id), cond, n, generators=generators,

@@ -22,7 +22,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from t2i.autoencoders.tokenizers import build_tokenizer, kind_of, tokenizer_config_from_dict
+from t2i.autoencoders.tokenizers import (
+    allowed_codes,
+    build_tokenizer,
+    decode_tokens,
+    kind_of,
+    tokenizer_config_from_dict,
+)
 from t2i.autoencoders.vq import VQ_CONFIGS, VQAutoencoder, VQAutoencoderConfig
 from t2i.checkpoints.io import (
     CheckpointError,
@@ -109,13 +115,20 @@ def prefix_reporter(report: StepReport, num_tokens: int) -> Callable[[dict[str, 
     return on_token
 
 
-def network_configs(d: dict[str, Any]) -> dict[str, Any]:
-    """The `net` and `vq` entries of a saved config dict as their dataclasses (the rest as given)."""
+def network_configs(d: dict[str, Any], two_grids: bool = False) -> dict[str, Any]:
+    """The `net` and `vq` entries of a saved config dict as their dataclasses (the rest as given).
+    two_grids: the family reads a VQ-VAE-2's token sequence (the transformer's top_grid then grid
+    match the tokenizer's two grids); the others refuse one by name."""
     d = dict(d)
     d["net"] = TokenTransformerConfig(**d.pop("net"))
     d["vq"] = tokenizer_config_from_dict(d.pop("vq"))  # any tokenizer kind (VQ-VAE, VQGAN, ViT-VQGAN, dVAE)
-    if kind_of(d["vq"]) == "vqvae2":
-        raise ValueError("a VQ-VAE-2 tokenizer writes two token grids; the token families read one")
+    two = kind_of(d["vq"]) == "vqvae2"
+    if two and not two_grids:
+        raise ValueError("a VQ-VAE-2 tokenizer writes two token grids; this token family reads one (only "
+                         "maskgit reads both)")
+    if two != bool(d["net"].top_grid) or (two and d["net"].top_grid * 2 != d["net"].grid):
+        raise ValueError(f"the transformer's maps (top_grid {d['net'].top_grid}, grid {d['net'].grid}) are not "
+                         f"the tokenizer's ({'a top grid half the bottom' if two else 'one grid'})")
     return d
 
 
@@ -195,8 +208,13 @@ class TokenPipeline(RequestMethods):
     @torch.no_grad()
     def decode_pixels(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, N) codes -> (B, 3, H, W) images in [-1, 1]."""
-        g = self.unet.cfg.grid
-        return self.vq.decode_codes(codes.view(-1, g, g)).float().clamp(-1, 1)
+        return decode_tokens(self.vq, codes, self.image_size, self.image_size).float().clamp(-1, 1)
+
+    def allowed_codes(self, net: TokenTransformer) -> torch.Tensor | None:
+        """(N, V) bool: the codes each position of `net`'s token sequence can hold (None: all; a VQ-VAE-2's
+        grids each their own codebook, `t2i.autoencoders.tokenizers.allowed_codes`)."""
+        size = net.cfg.grid * self.vq.cfg.downsample_factor
+        return allowed_codes(self.vq.cfg, size, size)
 
     @torch.no_grad()
     def run(self, request: GenerationRequest) -> GenerationResult:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from t2i.autoencoders.tokenizers import kind_of
 from t2i.autoencoders.vq import VQAutoencoder
 from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS
 from t2i.systems.maskgit import MaskGITConfig, MaskGITPipeline, load_text_encoder, save_maskgit, text_conditioning
@@ -44,8 +45,9 @@ def resolve_model_config(cfg: MaskGITTrainConfig, vq: VQAutoencoder) -> MaskGITC
         raise ValueError(f"unknown token transformer preset {cfg.net_preset!r}; "
                          f"choose from {sorted(TOKEN_TRANSFORMER_PRESETS)}")
     grid = vq.cfg.sample_size // vq.cfg.downsample_factor
+    top = grid // 2 if kind_of(vq.cfg) == "vqvae2" else 0  # a VQ-VAE-2's top grid, read before the bottom
     net = dataclasses.replace(TOKEN_TRANSFORMER_PRESETS[cfg.net_preset], num_codes=vq.cfg.num_codes, grid=grid,
-                              causal=False, context_dim=384, attention=cfg.attention)
+                              causal=False, context_dim=384, attention=cfg.attention, top_grid=top)
     return MaskGITConfig(net=net, vq=vq.cfg, steps=cfg.sample_steps)
 
 
@@ -80,7 +82,7 @@ def masked_token_step(t: TokenSetup, batch: tuple[Any, ...], s: Step, label_smoo
 
 
 def build_maskgit(cfg: MaskGITTrainConfig, run: Run, text_encoder: torch.nn.Module | None = None) -> Task:
-    t = token_setup(cfg, run, partial(resolve_model_config, cfg), MaskGITConfig.from_dict)
+    t = token_setup(cfg, run, partial(resolve_model_config, cfg), MaskGITConfig.from_dict, two_grids=True)
     vq, model_cfg, net, ema = t.vq, t.model_cfg, t.net, t.ema
     text = text_encoder or load_text_encoder(model_cfg.text_encoder, model_cfg.text_length)
 
