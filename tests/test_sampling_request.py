@@ -60,3 +60,22 @@ def test_the_diffusion_families_refuse_a_bad_request_alike(pipes, family, change
     with pytest.raises(ValueError) as e:
         pipe.generate(prompt, seed=0, **change)
     assert str(e.value).startswith(message)
+
+
+@pytest.fixture(scope="module")
+def latent_pipes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("latent_families")
+    return {f: t2i.load(system(f).write_tiny(root / f, 0)) for f in ("shapes_ldm", "pixart", "ediffi")}
+
+
+@pytest.mark.parametrize("family", ["shapes_ldm", "pixart", "ediffi"])
+@pytest.mark.parametrize("change, message", [
+    ({"steps": 0}, "steps must be at least 1, got 0"),  # was taken as "unset": the default steps ran
+    ({"guidance": math.nan}, "guidance must be a finite number, got nan"),
+    ({"sampler": "nope"}, "unknown sampler 'nope'; choose one of "),
+    ({"schedule": "nope"}, "unknown schedule 'nope'; choose one of default, karras"),
+])
+def test_the_latent_families_refuse_a_bad_request_alike(latent_pipes, family, change, message):
+    with pytest.raises(ValueError) as e:
+        latent_pipes[family].generate("a red circle", seed=0, **change)
+    assert str(e.value).startswith(message)

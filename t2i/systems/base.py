@@ -91,6 +91,9 @@ class GenerationRequest:
     # its scale s (None: 1), towards the class the prompt names.
     classifier: str | Path | None = None
     classifier_scale: float | None = None
+    # What the PNG parameters call the classifier: the name a server knows the file by (`t2i serve --classifier
+    # NAME=FILE`), so that a client sending them back names it; None: the file's stem.
+    classifier_name: str | None = None
     # Token models' draws (t2i.tokens.sampling): temperature (0: argmax), top-k and nucleus top-p cuts
     # of each token's distribution (None: the model's own setting).
     temperature: float | None = None
@@ -209,19 +212,29 @@ def check_request(pipe: Pipeline, request: GenerationRequest) -> None:
 def check_sampling_request(r: GenerationRequest, samplers: Sequence[str], schedules: Sequence[str] = (),
                            multiple: int | None = None) -> None:
     """The checks every diffusion family makes of a request with its defaults filled in, before any work
-    (ValueError naming the setting): a sampler of `samplers`; a schedule of `schedules` (a family without a
-    list takes none); at least one step; width and height positive multiples of `multiple` (a family that
-    checks its own sizes passes None); a finite guidance and classifier scale."""
-    if r.sampler not in samplers:
-        raise ValueError(f"unknown sampler {r.sampler!r}; choose one of {', '.join(samplers)}")
-    if schedules and r.schedule not in schedules:
-        raise ValueError(f"unknown schedule {r.schedule!r}; choose one of {', '.join(schedules)}")
-    if r.steps is not None and r.steps < 1:
-        raise ValueError(f"steps must be at least 1, got {r.steps}")
-    for what, v in (("width", r.width), ("height", r.height)):
+    (ValueError naming the setting): see `check_sampling_settings`."""
+    check_sampling_settings(r.sampler, r.schedule, r.steps, r.width, r.height, r.guidance, samplers, schedules,
+                            multiple, r.classifier_scale)
+
+
+def check_sampling_settings(sampler: str | None, schedule: str | None, steps: int | None, width: int | None,
+                            height: int | None, guidance: float | None, samplers: Sequence[str],
+                            schedules: Sequence[str] = (), multiple: int | None = None,
+                            classifier_scale: float | None = None) -> None:
+    """ValueError naming the first bad setting: a sampler not in `samplers`; a schedule not in `schedules`
+    (a family without a list takes none); fewer than one step; a width or height that is not a positive
+    multiple of `multiple` (a family that checks its own sizes passes None); a guidance or classifier scale
+    that is not finite. Unset (None) settings are not checked."""
+    if sampler not in samplers:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(samplers)}")
+    if schedules and schedule not in schedules:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(schedules)}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    for what, v in (("width", width), ("height", height)):
         if multiple is not None and v is not None and (v <= 0 or v % multiple):
             raise ValueError(f"{what} must be a positive multiple of {multiple}, got {v}")
-    for what, x in (("guidance", r.guidance), ("classifier_scale", r.classifier_scale)):
+    for what, x in (("guidance", guidance), ("classifier_scale", classifier_scale)):
         if x is not None and not math.isfinite(x):
             raise ValueError(f"{what} must be a finite number, got {x}")
 

@@ -48,6 +48,7 @@ from t2i.systems.base import (
     Interrupted,
     RequestMethods,
     StepReport,
+    check_sampling_settings,
     per_image,
 )
 from t2i.text.encoders import TextEncoder, TextEncoding
@@ -356,18 +357,11 @@ class LatentDiffusionPipeline(RequestMethods):
             # img2img keeps the input's size, rounded down to what the autoencoder can take
             width = width or init_image.width // self.vae_scale * self.vae_scale
             height = height or init_image.height // self.vae_scale * self.vae_scale
-        steps, guidance = steps or d.steps, d.guidance if guidance is None else guidance
+        steps, guidance = d.steps if steps is None else steps, d.guidance if guidance is None else guidance
         sampler, schedule = sampler or d.sampler, schedule or d.schedule
         width, height = width or d.width, height or d.height
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if schedule not in ("default", "karras"):
-            raise ValueError(f"unknown schedule {schedule!r}; choose 'default' or 'karras'")
-        for what, v in (("width", width), ("height", height)):
-            if v <= 0 or v % self.vae_scale:
-                raise ValueError(f"{what} must be a positive multiple of {self.vae_scale}, got {v}")
-        if not math.isfinite(guidance):
-            raise ValueError(f"guidance must be a finite number, got {guidance}")
+        check_sampling_settings(sampler, schedule, steps, width, height, guidance, tuple(SAMPLERS),
+                                ("default", "karras"), self.vae_scale)
         return steps, guidance, sampler, schedule, width, height
 
     def plan(self, sampler: str, steps: int, schedule: str, eta: float | None = None) -> SamplingPlan:
