@@ -114,13 +114,10 @@ def _held_out_loss(path, text: _Words) -> float:
     return masked_token_loss(logits, codes, masked).item()
 
 
-def test_tiny_maskgit_run_lowers_its_masked_token_loss_and_exports_a_loadable_model(tmp_path):
-    """`t2i train maskgit` in-process on a tiny random tokenizer, 40 steps: the exported EMA model's
-    held-out masked-token loss falls well below the new network's log(32) = 3.47 (measured 3.47 -> 1.24),
-    and its model.safetensors generates through the registry."""
-    vq_file = tmp_path / "vqvae.safetensors"
-    save_vqvae(tiny_tokenizer(), vq_file)
-    text = _Words(384)
+def held_out_losses(vq_file, tmp_path, text: _Words) -> tuple[float, float]:
+    """`t2i train maskgit` in-process on the tokenizer `vq_file`: the held-out masked-token loss of the
+    exported model of a run that does not move (1 step at lr 1e-12, in tmp_path/r0) and of a 40-step one
+    (tmp_path/r40)."""
     common = dict(vqvae=str(vq_file), net_preset="tiny", batch_size=16, warmup=5, ckpt_every=1000, image_every=0,
                   log_every=10, seed=0, ema_decay=0.0, export_every=0, sample_steps=2)
     assert train_maskgit(MaskGITTrainConfig(out=str(tmp_path / "r0"), steps=1, lr=1e-12, **common),
@@ -129,6 +126,16 @@ def test_tiny_maskgit_run_lowers_its_masked_token_loss_and_exports_a_loadable_mo
                          text_encoder=text) == 0
     before, after = (_held_out_loss(tmp_path / r / "model.safetensors", text) for r in ("r0", "r40"))
     print(f"held-out masked-token loss before {before:.4f} after {after:.4f}")
+    return before, after
+
+
+def test_tiny_maskgit_run_lowers_its_masked_token_loss_and_exports_a_loadable_model(tmp_path):
+    """`t2i train maskgit` in-process on a tiny random tokenizer, 40 steps: the exported EMA model's
+    held-out masked-token loss falls well below the new network's log(32) = 3.47 (measured 3.47 -> 1.24),
+    and its model.safetensors generates through the registry."""
+    vq_file = tmp_path / "vqvae.safetensors"
+    save_vqvae(tiny_tokenizer(), vq_file)
+    before, after = held_out_losses(vq_file, tmp_path, _Words(384))
     assert before == pytest.approx(3.4657, abs=1e-3) and after < 0.75 * before
     assert "maskgit/loss" in (tmp_path / "r40" / "log.txt").read_text()
     assert resolve(tmp_path / "r40" / "model.safetensors")[0].name == "maskgit"

@@ -1,7 +1,8 @@
 """Muse's token super-resolution (t2i.systems.muse, t2i.train.muse): the network reads the low-res tokens,
 the two-stage decoding re-masks MaskGIT's counts at each stage, training lowers the loss and resumes
-exactly, and a bundle of a MaskGIT base with a super-resolution network round-trips. The four doors
-(API, CLI, server, eval) are tests/test_families.py's."""
+exactly, a bundle of a MaskGIT base with a super-resolution network round-trips, and inpainting /
+outpainting by masking tokens keeps the unmasked tokens (API, CLI, server). The four doors for plain
+generation (API, CLI, server, eval) are tests/test_families.py's."""
 
 from __future__ import annotations
 
@@ -91,8 +92,8 @@ def test_both_stages_re_mask_the_cosine_schedule_counts_and_the_sr_reads_the_bas
     seen = []
     original = pipe.sample_tokens
 
-    def sample_tokens(net, cond, r, generators, report):
-        out = original({pipe.unet.base: base, pipe.unet: sr}[net], cond, r, generators, report)
+    def sample_tokens(net, cond, r, generators, report, edit=None):
+        out = original({pipe.unet.base: base, pipe.unet: sr}[net], cond, r, generators, report, edit=edit)
         seen.append((cond.cond.get("low_res"), out))
         return out
 
@@ -248,3 +249,132 @@ def test_sr_config_scales_the_base_grid_and_keeps_its_settings():
     assert (cfg.steps, cfg.guidance, cfg.text_encoder, cfg.base) == (12, 4.0, "minilm", None)
     with pytest.raises(ValueError, match="no base"):
         MusePipeline(cfg.network(), None, None, cfg)
+
+
+# --- zero-shot editing: inpainting and outpainting by masking tokens ----------------------------------
+
+
+def _picture(size: int = 32, seed: int = 0):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def _left_half_mask(size: int = 32):
+    """White (repaint) over the left half: the left 4 of 8 high-res token columns, 2 of the base's 4."""
+    import numpy as np
+    from PIL import Image
+
+    m = np.zeros((size, size), dtype=np.uint8)
+    m[:, : size // 2] = 255
+    return Image.fromarray(m)
+
+
+def _stages(pipe, **request):
+    """(the base's tokens (B, n), the result) of pipe.generate(**request), the base's tokens recorded."""
+    lows = []
+    original = pipe.sample_tokens
+
+    def sample_tokens(net, cond, r, generators, report, edit=None):
+        out = original(net, cond, r, generators, report, edit=edit)
+        lows.append(out)
+        return out
+
+    pipe.sample_tokens = sample_tokens
+    try:
+        result = pipe.generate(**request)
+    finally:
+        del pipe.sample_tokens
+    return lows[0], result
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_inpainting_keeps_the_unmasked_tokens_of_both_stages_and_redraws_the_masked_ones(tiny, strength):
+    """The base redraws the masked part of the image's low-res tokens (the image area-averaged to 16x16),
+    the super-resolution the masked part of its 32x32 tokens: every unmasked token equals the image's,
+    the masked ones change; steps * strength calls per stage."""
+    from t2i.systems.base import GenerationRequest
+
+    pipe, _ = tiny
+    image, mask = _picture(), _left_half_mask()
+    calls = []
+    low, result = _stages(pipe, prompt="a red circle", seed=2, steps=4, strength=strength, init_image=image,
+                          mask=mask, num_images=2, callback=lambda i, n: calls.append((i, n)))
+    r = pipe._resolve(GenerationRequest("a red circle", init_image=image, mask=mask))
+    codes, keep = pipe.edit_tokens(r, (8, 8))
+    low_codes, low_keep = pipe.edit_tokens(r, (4, 4), downscale=2)
+    assert keep.view(8, 8)[:, 4:].all() and not keep.view(8, 8)[:, :4].any()
+    assert low_keep.view(4, 4)[:, 2:].all() and not low_keep.view(4, 4)[:, :2].any()
+    for row in range(2):
+        assert torch.equal(result.sample[row][keep], codes[keep])
+        assert torch.equal(low[row][low_keep], low_codes[low_keep])
+        assert not torch.equal(result.sample[row][~keep], codes[~keep])
+        assert not torch.equal(low[row][~low_keep], low_codes[~low_keep])
+    n = int(4 * strength)
+    assert calls == [(i, 2 * n) for i in range(1, 2 * n + 1)]
+    assert "Denoising strength: " in result.images[0].info["parameters"]
+    plain = pipe.generate("a red circle", seed=2, steps=4, num_images=2).sample
+    assert not torch.equal(plain[:, keep], result.sample[:, keep])  # the kept part is the image's, not a new draw
+
+
+def test_outpainting_keeps_the_centre_and_paints_the_padding(tiny):
+    """outpaint_canvas (what `t2i generate --outpaint` builds): a 16x16 picture padded by 8 pixels per side is
+    a 32x32 canvas whose centre 4x4 high-res tokens are kept and whose border is drawn."""
+    from t2i.systems.base import GenerationRequest
+    from t2i.systems.latent_diffusion import outpaint_canvas
+
+    pipe, _ = tiny
+    canvas, mask = outpaint_canvas(_picture(16), 8, 8, 8, 8)
+    result = pipe.generate("a blue square", seed=0, steps=4, init_image=canvas, mask=mask)
+    codes, keep = pipe.edit_tokens(pipe._resolve(GenerationRequest("x", init_image=canvas, mask=mask)), (8, 8))
+    assert keep.view(8, 8)[2:6, 2:6].all() and keep.sum() == 16
+    assert torch.equal(result.sample[0][keep], codes[keep]) and not torch.equal(result.sample[0][~keep], codes[~keep])
+
+
+def test_editing_is_refused_without_both_inputs_or_with_a_strength_that_leaves_no_step(tiny):
+    pipe, _ = tiny
+    with pytest.raises(ValueError, match="init_image and mask"):
+        pipe.generate("a red circle", init_image=_picture())
+    with pytest.raises(ValueError, match="strength applies"):
+        pipe.generate("a red circle", strength=0.5)
+    with pytest.raises(ValueError, match="strength must be in"):
+        pipe.generate("a red circle", init_image=_picture(), mask=_left_half_mask(), steps=4, strength=0.1)
+    assert {"init_image", "mask", "strength"} <= pipe.capabilities.options
+
+
+def test_the_cli_and_the_server_inpaint_as_the_library_does(tiny, tmp_path):
+    """`t2i generate --init-image --mask --strength` and the server's img2img route (init_images, mask,
+    denoising_strength) give the library's image for the same request."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from test_serve import request, serve
+
+    from t2i.cli import main
+
+    pipe, path = tiny
+    image, mask = _picture(seed=3), _left_half_mask()
+    image.save(tmp_path / "init.png")
+    mask.save(tmp_path / "mask.png")
+    want = pipe.generate("a red circle", seed=5, steps=4, strength=0.5, init_image=image, mask=mask).images[0]
+    assert main(["generate", "a red circle", "--model", str(path), "--out", str(tmp_path / "out.png"), "--seed", "5",
+                 "--steps", "4", "--precision", "fp32", "--init-image", str(tmp_path / "init.png"), "--mask",
+                 str(tmp_path / "mask.png"), "--strength", "0.5"]) == 0
+    got = Image.open(tmp_path / "out.png")
+    assert np.array_equal(np.asarray(got), np.asarray(want)) and "Denoising strength: 0.5" in got.info["parameters"]
+
+    def b64(im) -> str:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    with serve(pipe) as server:
+        status, _, body = request("POST", f"{server.url}/sdapi/v1/img2img", {
+            "prompt": "a red circle", "seed": 5, "steps": 4, "width": 32, "height": 32, "denoising_strength": 0.5,
+            "init_images": [b64(image)], "mask": b64(mask)})
+    assert status == 200, body
+    served = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
+    assert np.array_equal(np.asarray(served.convert("RGB")), np.asarray(want))

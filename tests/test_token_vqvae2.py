@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 from test_ddpm import _Words
+from test_maskgit import held_out_losses
 
 from t2i.autoencoders.tokenizers import KINDS, build_tokenizer, decode_tokens, round_trip, save_tokenizer
 from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS, TokenTransformer, TokenTransformerConfig
@@ -27,25 +28,6 @@ def _tokenizer(path):
     return vq
 
 
-def _held_out_loss(path, text: _Words) -> float:
-    """The masked-token loss of a saved MaskGIT file on 32 fixed shapes scenes with fixed masks."""
-    from t2i.systems.maskgit import MaskGITConfig
-    from t2i.systems.token_models import load_token_model
-    from t2i.tokens import sample_training_mask
-    from t2i.train.data import open_data
-    from t2i.train.distributed import DistInfo
-    from t2i.train.maskgit import masked_token_loss
-    from t2i.train.token_models import image_codes
-
-    net, vq, cfg = load_token_model(path, "maskgit", "a MaskGIT file", MaskGITConfig.from_dict)
-    x, captions, _ = open_data("shapes", None, 16, 123, print).batch(0, 32, DistInfo())
-    codes = image_codes(vq, x)  # (32, 20): 4 top tokens then 16 bottom ones
-    assert codes.shape == (32, 20) and (codes[:, :4] < 16).all() and (codes[:, 4:] >= 16).all()
-    masked = sample_training_mask(32, codes.shape[1], torch.Generator().manual_seed(0))
-    logits = net(codes.masked_fill(masked, cfg.net.mask_id), context=text.encode(captions).context)
-    return masked_token_loss(logits, codes, masked).item()
-
-
 def test_a_maskgit_on_a_vqvae2_trains_and_generates_both_grids_decoded_by_its_decoder(tmp_path):
     """40 steps on the tiny VQ-VAE-2: the held-out masked-token loss falls from log(48) (the 16 top + 32
     bottom codes); the model writes 20 tokens, each grid from its own codebook, decoded to a 16x16 image
@@ -54,18 +36,13 @@ def test_a_maskgit_on_a_vqvae2_trains_and_generates_both_grids_decoded_by_its_de
 
     import t2i
     from t2i.systems.maskgit import MaskGITPipeline
-    from t2i.train.maskgit import MaskGITTrainConfig, train_maskgit
 
     vq = _tokenizer(tmp_path / "v2.safetensors")
     text = _Words(384)
-    common = dict(vqvae=str(tmp_path / "v2.safetensors"), net_preset="tiny", batch_size=16, warmup=5, ckpt_every=1000,
-                  image_every=0, log_every=10, seed=0, ema_decay=0.0, export_every=0, sample_steps=2)
-    assert train_maskgit(MaskGITTrainConfig(out=str(tmp_path / "r0"), steps=1, lr=1e-12, **common),
-                         text_encoder=text) == 0
-    assert train_maskgit(MaskGITTrainConfig(out=str(tmp_path / "r40"), steps=40, lr=3e-3, **common),
-                         text_encoder=text) == 0
-    before, after = (_held_out_loss(tmp_path / r / "model.safetensors", text) for r in ("r0", "r40"))
-    print(f"held-out masked-token loss before {before:.4f} after {after:.4f}")
+    with torch.no_grad():  # the sequence the network learns: 4 top tokens of 16 codes, then 16 bottom ones of 32
+        codes = vq.encode(torch.rand(2, 3, 16, 16) * 2 - 1)[0]
+    assert codes.shape == (2, 20) and (codes[:, :4] < 16).all() and (codes[:, 4:] >= 16).all()
+    before, after = held_out_losses(tmp_path / "v2.safetensors", tmp_path, text)  # measured 3.87 -> 0.91
     assert before == pytest.approx(np.log(48), abs=1e-3) and after < 0.75 * before
 
     pipe = t2i.load(tmp_path / "r40" / "model.safetensors")

@@ -23,24 +23,28 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from t2i.autoencoders.vq import VQ_CONFIGS, VQAutoencoder
 from t2i.checkpoints.diffusers_amused import AmusedParts, is_amused_folder, load_amused_parts, save_amused_folder
-from t2i.imageio import from_pil
 from t2i.nets.uvit2d import UVIT2D_PRESETS, UVit2DModel
 from t2i.systems.base import Capabilities, GenerationDefaults, GenerationRequest, StepReport, System
-from t2i.systems.token_models import DRAW_OPTIONS, TokenPipeline, check_token_request
+from t2i.systems.token_models import (
+    DRAW_OPTIONS,
+    EDIT_OPTIONS,
+    TokenPipeline,
+    check_edit_request,
+    check_token_request,
+    edit_steps,
+)
 from t2i.text.clip import CLIPTextConfig, CLIPTextModel
 from t2i.text.clip_tokenizer import CLIPTokenizer
 from t2i.text.encoders import CLIPTextEncoder
 from t2i.tokens import CFGTokenModel, GuidedCond, sample_masked
 
 NAME = "amused"
-OPTIONS = DRAW_OPTIONS | {"negative_prompt", "steps", "sampler", "guidance", "width", "height", "init_image", "mask",
-                          "strength"}  # what run() honours
+OPTIONS = DRAW_OPTIONS | EDIT_OPTIONS | {"negative_prompt", "steps", "sampler", "guidance", "width",
+                                         "height"}  # what run() honours
 SAMPLERS = ("maskgit",)  # parallel decoding, the only one (named so that the PNG parameters say how)
 # diffusers' AmusedPipeline defaults: 12 steps, guidance 10, Gumbel scale linspace(2, 0, steps),
 # micro-conditioning crop (0, 0) and aesthetic score 6
@@ -94,32 +98,15 @@ class AmusedPipeline(TokenPipeline):
                 raise ValueError(f"{what} must be a positive multiple of {self.size_multiple}, got {v}")
         if r.steps < 1:
             raise ValueError(f"steps must be at least 1, got {r.steps}")
-        if (r.init_image is None) != (r.mask is None):
-            raise ValueError("aMUSEd edits an image by masking its tokens: give init_image and mask (white = "
-                             "repaint) together")
-        if r.strength is not None and r.init_image is None:
-            raise ValueError("strength applies to an init image and a mask")
-        if r.init_image is not None:
-            r = replace(r, strength=1.0 if r.strength is None else r.strength)
-            if not 0 < r.strength <= 1 or int(r.steps * r.strength) < 1:
-                raise ValueError(f"strength must be in (0, 1] and leave at least one of the {r.steps} steps, "
-                                 f"got {r.strength}")
-        return r
+        return check_edit_request(r)
 
     def total_steps(self, r: GenerationRequest) -> int:
         """Model calls: the last int(steps * strength) of the steps when editing, as diffusers."""
-        return r.steps if r.init_image is None else int(r.steps * r.strength)
+        return edit_steps(r)
 
-    def edit_tokens(self, r: GenerationRequest, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Muse's zero-shot inpainting / outpainting (Chang et al. 2023), as diffusers' AmusedInpaintPipeline:
-        the init image's codes (h w,) and the positions to keep (h w,) bool: the mask resized to
-        the token grid (Lanczos, grey, >= 0.5 repaints), where it is black."""
-        image = from_pil(r.init_image, (r.width, r.height))  # (1, 3, H, W) in [-1, 1]
-        dtype = next(self.vq.parameters()).dtype
-        codes = self.vq.encode(((image + 1) / 2).to(dtype))[0]  # (1, h, w): aMUSEd's VQ reads [0, 1]
-        small = r.mask.resize((grid[1], grid[0]), Image.LANCZOS).convert("L")
-        repaint = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0) >= 0.5  # (h, w)
-        return codes.flatten(), ~repaint.flatten()
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """(1, 3, H, W) in [-1, 1] -> codes (1, h w): aMUSEd's VQ reads [0, 1]."""
+        return super().encode_image((image + 1) / 2)
 
     def prompt_warning(self, prompt: str) -> str | None:
         """A prompt longer than CLIP's window is cut (as diffusers cuts it): say so."""
@@ -157,11 +144,7 @@ class AmusedPipeline(TokenPipeline):
         cond = GuidedCond(pick(prompts), pick(negatives) if guided else None)
         model = CFGTokenModel(UVitTokenModel(self.unet, grid), r.guidance)
         n = len(prompts)
-        edit: dict = {}
-        if r.init_image is not None:  # the masked tokens only, over the last steps, on the linear schedule
-            codes, keep = self.edit_tokens(r, grid)
-            edit = dict(tokens=codes.expand(n, -1), fixed=keep.expand(n, -1), start_step=r.steps - self.total_steps(r),
-                        schedule=EDIT_SCHEDULE, count_rule="total")
+        edit = self.edit_settings(r, grid, n, EDIT_SCHEDULE)  # the masked tokens only, over the last steps
         first = edit.get("start_step", 0)
         settings = {"schedule": self.schedule, **edit, **self.draws(r)}  # diffusers: temperature 1, no cut
         tokens = sample_masked(

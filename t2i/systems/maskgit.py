@@ -164,18 +164,22 @@ class MaskGITPipeline(TokenPipeline):
         return GuidedCond(pick(prompts), pick(negatives) if guided else None)
 
     def sample_tokens(self, net: TokenTransformer, cond: GuidedCond, r: GenerationRequest,
-                      generators: list[torch.Generator], report: Callable[[dict[str, Any]], None]) -> torch.Tensor:
+                      generators: list[torch.Generator], report: Callable[[dict[str, Any]], None],
+                      edit: dict[str, Any] | None = None) -> torch.Tensor:
         """(B, N) codes of `net`'s token map under CFG on its logits, by the request's sampler and this
-        pipeline's draw settings (`net`: this pipeline's network, or another stage's, as Muse's base)."""
+        pipeline's draw settings (`net`: this pipeline's network, or another stage's, as Muse's base).
+        edit: `edit_settings` of an inpainting / outpainting (parallel decoding only); report's "i"
+        counts the steps run."""
         model = keep_to(CFGTokenModel(lambda tokens, c: net(tokens, **c), r.guidance), self.allowed_codes(net))
         c, n, draws = self.cfg, net.cfg.num_tokens, self.draws(r)
         if r.sampler == "raster":
             return sample_autoregressive(RasterOrder(model, n, net.cfg.mask_id), cond, n, generators=generators,
                                          **draws, callback=prefix_reporter(report, n))
-        return sample_masked(model, cond, n, steps=r.steps, mask_id=net.cfg.mask_id,
-                             generators=generators, schedule=c.schedule, **draws,
-                             choice_temperature=c.choice_temperature,
-                             callback=lambda info: report({"i": info["i"], "denoised": info["pred"]}))
+        edit = {"schedule": c.schedule, **(edit or {})}
+        first = edit.get("start_step", 0)
+        return sample_masked(model, cond, n, steps=r.steps, mask_id=net.cfg.mask_id, generators=generators,
+                             **edit, **draws, choice_temperature=c.choice_temperature,
+                             callback=lambda info: report({"i": info["i"] - first, "denoised": info["pred"]}))
 
     def _sample(self, r: GenerationRequest, prompts: list[str], negatives: list[str],
                 generators: list[torch.Generator], report: StepReport) -> torch.Tensor:

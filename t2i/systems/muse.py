@@ -21,6 +21,17 @@ precision cast and one int8 quantization cover both; `bundle_muse` writes it fro
 a trained super-resolution network. Generation: base tokens (B, n) -> super-resolution tokens (B, N)
 -> the tokenizer's decoder. A request's steps, guidance, negative prompt and token draws apply to
 both stages (2 x steps model calls); image i of seed s uses one generator, the base's draws first.
+
+Inpainting and outpainting are Muse's zero-shot editing (the tokens of the region to redraw
+masked, the rest kept, and the usual decoding fills them in; `init_image` + `mask`, white = repaint,
+`strength` as aMUSEd's: the last int(steps x strength) steps of each stage, on the model's own schedule).
+It runs in both stages: the base redraws the masked part of the image's low-res tokens (the image
+area-averaged to the base's size, as the super-resolution's training makes them), then the
+super-resolution redraws the masked part of the image's high-res tokens reading the edited low-res map.
+Editing the base alone would not keep the image at full resolution (the super-resolution redraws every
+token), and the super-resolution alone would read low-res tokens that still show the old region (or a
+fresh base image that does not match the kept part); both together keep every unmasked high-res token
+exactly and condition the redrawn ones on a low-res map that agrees with the prompt and the kept region.
 """
 
 from __future__ import annotations
@@ -42,6 +53,9 @@ from t2i.systems.base import GenerationDefaults, GenerationRequest, StepReport
 from t2i.systems.maskgit import OPTIONS, MaskGITConfig, MaskGITPipeline, load_text_encoder
 from t2i.systems.parti import WordEncoder, WordEncoderConfig
 from t2i.systems.token_models import (
+    EDIT_OPTIONS,
+    check_edit_request,
+    edit_steps,
     load_pipeline,
     load_token_model,
     network_configs,
@@ -178,7 +192,7 @@ class MusePipeline(MaskGITPipeline):
     """
 
     family = SYSTEM_NAME
-    options, samplers = OPTIONS, SAMPLERS
+    options, samplers = OPTIONS | EDIT_OPTIONS, SAMPLERS
 
     def __init__(self, net: MuseTransformer, vq: VQAutoencoder, text_encoder: nn.Module, cfg: MuseConfig,
                  name: str = "muse", defaults: GenerationDefaults | None = None) -> None:
@@ -186,21 +200,31 @@ class MusePipeline(MaskGITPipeline):
             raise ValueError("this Muse network has no base: bundle it with one (t2i.systems.muse.bundle_muse)")
         super().__init__(net, vq, text_encoder, cfg, name, defaults)
 
+    def _resolve(self, request: GenerationRequest) -> GenerationRequest:
+        return check_edit_request(super()._resolve(request))
+
     def _check(self, r: GenerationRequest) -> None:
         n = self.unet.base.cfg.num_tokens
         if not 1 <= r.steps <= n:
             raise ValueError(f"steps must be between 1 and the base's {n} tokens, got {r.steps}")
 
     def total_steps(self, r: GenerationRequest) -> int:
-        return 2 * r.steps  # the base's decoding steps, then the super-resolution's
+        return 2 * edit_steps(r)  # the base's decoding steps, then the super-resolution's
 
     def _sample(self, r: GenerationRequest, prompts: list[str], negatives: list[str],
                 generators: list[torch.Generator], report: StepReport) -> torch.Tensor:
+        """Both stages; an edit (init_image + mask) runs in both: the base redraws the masked part of the
+        image's low-res tokens, then the super-resolution redraws the masked part of its high-res tokens
+        reading the edited low-res ones (module docstring)."""
         cond = self.conditioning(r, prompts, negatives)  # the text, encoded once for both stages
-        low = self.sample_tokens(self.unet.base, cond, r, generators, report)  # (B, n)
+        base, n, factor = self.unet.base.cfg.grid, len(prompts), self.unet.cfg.grid // self.unet.base.cfg.grid
+        edit = self.edit_settings(r, (base, base), n, self.cfg.schedule, downscale=factor)
+        low = self.sample_tokens(self.unet.base, cond, r, generators, report, edit=edit)  # (B, n)
         # the unconditional branch keeps the low-res tokens: guidance is on the text (Muse's CFG)
         sr = GuidedCond({**cond.cond, "low_res": low}, None if cond.uncond is None else {**cond.uncond, "low_res": low})
-        return self.sample_tokens(self.unet, sr, r, generators, lambda info: report({**info, "i": info["i"] + r.steps}))
+        edit = self.edit_settings(r, (self.unet.cfg.grid,) * 2, n, self.cfg.schedule)
+        return self.sample_tokens(self.unet, sr, r, generators,
+                                  lambda info: report({**info, "i": info["i"] + edit_steps(r)}), edit=edit)
 
     @torch.no_grad()
     def decode_pixels(self, codes: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from t2i.autoencoders.tokenizers import (
@@ -41,7 +43,7 @@ from t2i.checkpoints.io import (
     system_file,
 )
 from t2i.checkpoints.limits import build_checked, fill
-from t2i.imageio import request_parameters, to_pil
+from t2i.imageio import from_pil, request_parameters, to_pil
 from t2i.nets.token_transformer import TokenTransformer, TokenTransformerConfig
 from t2i.quantize import precision_of
 from t2i.seeds import seed_generators
@@ -61,6 +63,8 @@ from t2i.tokens.sampling import check_draws
 PARTS = ("transformer", "vq")  # the file's key prefixes
 # The request fields of the token draws (t2i.tokens.sampling) every token family honours.
 DRAW_OPTIONS = frozenset({"temperature", "top_k", "top_p"})
+# The request fields of Muse's zero-shot editing (`TokenPipeline.edit_settings`): aMUSEd, Muse.
+EDIT_OPTIONS = frozenset({"init_image", "mask", "strength"})
 
 
 def save_token_model(net: TokenTransformer, vq: VQAutoencoder, config: dict[str, Any], path: str | Path,
@@ -142,6 +146,28 @@ def check_token_request(r: GenerationRequest, samplers: tuple[str, ...]) -> None
     check_draws(r.temperature, r.top_k, r.top_p)
 
 
+def check_edit_request(r: GenerationRequest) -> GenerationRequest:
+    """The request with its editing fields checked (ValueError naming them): init_image and mask together,
+    strength only with them, in (0, 1] and leaving at least one step; unset strength is 1 when editing."""
+    if (r.init_image is None) != (r.mask is None):
+        raise ValueError("editing an image by masking its tokens takes init_image and mask (white = repaint) "
+                         "together")
+    if r.strength is not None and r.init_image is None:
+        raise ValueError("strength applies to an init image and a mask")
+    if r.init_image is None:
+        return r
+    r = replace(r, strength=1.0 if r.strength is None else r.strength)
+    if not 0 < r.strength <= 1 or int(r.steps * r.strength) < 1:
+        raise ValueError(f"strength must be in (0, 1] and leave at least one of the {r.steps} steps, got {r.strength}")
+    return r
+
+
+def edit_steps(r: GenerationRequest) -> int:
+    """Model calls of one masked decoding: the last int(steps * strength) of the steps when editing (as
+    diffusers' AmusedInpaintPipeline), else all."""
+    return r.steps if r.init_image is None else int(r.steps * r.strength)
+
+
 class TokenPipeline(RequestMethods):
     """A token transformer (`unet`, as every family names its main network, so that int8 precision
     quantizes it) and its tokenizer; a family supplies `options`, `samplers`, `_sample` and `_check`.
@@ -194,6 +220,35 @@ class TokenPipeline(RequestMethods):
 
     def _check(self, r: GenerationRequest) -> None:
         """The family's own checks of a resolved request (ValueError naming the setting)."""
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """An image (1, 3, H, W) in [-1, 1] -> its codes (1, N) in the transformer's order (an edit's init image)."""
+        return self.vq.encode(image.to(next(self.vq.parameters()).dtype))[0].flatten(1)
+
+    def edit_tokens(self, r: GenerationRequest, grid: tuple[int, int],
+                    downscale: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Muse's zero-shot inpainting / outpainting (Chang et al. 2023), as diffusers' AmusedInpaintPipeline:
+        the init image's codes (h w,) and the positions to keep (h w,) bool: the mask resized to the
+        (h, w) token grid (Lanczos, grey, >= 0.5 repaints), where it is black. downscale: the image is
+        encoded at 1 / downscale of the request's size, averaged by area (a low-res stage's tokens)."""
+        image = from_pil(r.init_image, (r.width, r.height))  # (1, 3, H, W) in [-1, 1]
+        if downscale > 1:
+            image = F.interpolate(image, scale_factor=1 / downscale, mode="area")
+        codes = self.encode_image(image)[0]  # (h w,)
+        small = r.mask.resize((grid[1], grid[0]), Image.LANCZOS).convert("L")
+        repaint = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0) >= 0.5  # (h, w)
+        return codes, ~repaint.flatten()
+
+    def edit_settings(self, r: GenerationRequest, grid: tuple[int, int], batch: int, schedule: str,
+                      downscale: int = 1) -> dict[str, Any]:
+        """`t2i.tokens.sample_masked`'s arguments of an edit (empty without an init image): the image's
+        tokens with the masked region redrawn (`edit_tokens`), over the last `edit_steps` of the steps on
+        `schedule`, counting re-masked tokens over the whole map (diffusers' rule for a partial start)."""
+        if r.init_image is None:
+            return {}
+        codes, keep = self.edit_tokens(r, grid, downscale)
+        return dict(tokens=codes.expand(batch, -1), fixed=keep.expand(batch, -1),
+                    start_step=r.steps - edit_steps(r), schedule=schedule, count_rule="total")
 
     def _sample(self, r: GenerationRequest, prompts: list[str], negatives: list[str],
                 generators: list[torch.Generator], report: StepReport) -> torch.Tensor:
