@@ -90,12 +90,14 @@ class Recorder:
     def __init__(self, monkeypatch, stop_at: int | None = None) -> None:
         self.runs: list[tuple[str, str, bool]] = []  # (out, init_from, resumed)
         self.seeds: list[int] = []
+        self.log_every: list[int] = []  # each node run's log_every (a resumable option)
         self.timesteps: dict[str, list[torch.Tensor]] = {}
         self.stop_at, self._node = stop_at, ""
         real_train, real_forward = tree.train_ldm, UNet.forward
 
         def train_ldm(cfg, resume=False, **kw):
             self.runs.append((Path(cfg.out).name, cfg.init_from, resume))
+            self.log_every.append(cfg.log_every)
             self.seeds.append(cfg.seed)
             self._node = Path(cfg.out).name
             if self.stop_at is not None and len(self.runs) == self.stop_at + 1:  # killed after 1 of its steps
@@ -212,7 +214,11 @@ def test_a_stopped_tree_continues_at_the_node_it_was_on(tmp_path, base, monkeypa
     with pytest.raises(ValueError, match="--depth 2 differs"):
         train_ediffi(_cfg(stopped, base, depth=2), resume=True, given={"depth": "--depth"}, text_encoder=HashText())
     rec.stop_at = None
-    assert train_ediffi(_cfg(stopped, base, depth=1), resume=True, text_encoder=HashText()) == 0
+    assert train_ediffi(_cfg(stopped, base, depth=1, log_every=2), resume=True, given={"log_every": "--log-every"},
+                        text_encoder=HashText()) == 0
+    # an option a resume may change reaches the node it continues, and the tree's file records it
+    assert rec.log_every[-1] == 2
+    assert json.loads((stopped / "tree.json").read_text())["log_every"] == 2
     # the first node is not trained again; the second continues from its checkpoint
     assert [(name, resumed) for name, _, resumed in rec.runs] == [("t0000-0500", False), ("t0500-1000", False),
                                                                    ("t0500-1000", True)]
@@ -241,3 +247,18 @@ def test_cli_trains_the_tree_and_generates_from_the_folder(tmp_path, base):
                  "--out", str(png)]) == 0
     with Image.open(png) as im:
         assert im.size == (16, 16) and "Model: tree" in im.info["parameters"]
+
+
+def test_experts_with_different_autoencoders_are_refused_and_one_is_kept(tmp_path):
+    from t2i.checkpoints.io import CheckpointError
+
+    folder = ediffi.write_tiny(tmp_path)
+    pipe = t2i.load(folder)
+    assert pipe.capabilities.required == frozenset()  # the base's fields kept (dataclasses.replace)
+    second = sorted(folder.glob("expert_*.safetensors"))[1]
+    model = ShapesLDM.load(second)
+    with torch.no_grad():
+        next(model.vae.parameters()).add_(0.5)
+    model.save(second)
+    with pytest.raises(CheckpointError, match="its autoencoder differs"):
+        t2i.load(folder)

@@ -24,6 +24,7 @@ expert alone; the others stay float (bf16 where the CPU computes it natively).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -141,8 +142,7 @@ class EDiffIPipeline(LatentDiffusionPipeline):
     @property
     def capabilities(self) -> Capabilities:
         own = super().capabilities
-        return Capabilities(options=own.options & OPTIONS, samplers=own.samplers, schedules=own.schedules,
-                            size_multiple=own.size_multiple, native_size=own.native_size)
+        return dataclasses.replace(own, options=own.options & OPTIONS)  # every other field as the base's
 
     def sampling_denoiser(self, plan: SamplingPlan, net: nn.Module) -> Callable:
         """Each step's denoiser chosen by its sigma: the first expert as the pipeline made it (`net`),
@@ -180,10 +180,15 @@ def load(path: Path, dtype: torch.dtype = torch.float32) -> EDiffIPipeline:
     folder = Path(path)
     entries = read_manifest(folder)
     models = [ShapesLDM.load(file) for file, _ in entries]
+    first_vae = models[0].vae.state_dict()
     for (file, _), m in zip(entries[1:], models[1:], strict=True):
         if m.cfg.to_dict() != models[0].cfg.to_dict():
             raise CheckpointError(f"{file}: its config differs from {entries[0][0].name}'s; the experts are copies "
                                   "of one model and differ in their U-Net's weights only")
+        if any(not torch.equal(v, first_vae[k]) for k, v in m.vae.state_dict().items()):  # only the first decodes
+            raise CheckpointError(f"{file}: its autoencoder differs from {entries[0][0].name}'s; the experts share "
+                                  "one latent space")
+        del m.vae  # one autoencoder in memory, the first expert's
     c = models[0].cfg
     defaults = GenerationDefaults(sampler=c.sampler, steps=c.steps, guidance=c.guidance, width=c.image_size,
                                   height=c.image_size)

@@ -118,6 +118,7 @@ def tree_config(cfg: EDiffITrainConfig, resume: bool, given: dict[str, str] | No
         elif _plain(get_path(cfg, key)) != _plain(get_path(saved, key)):
             raise ValueError(f"{flag} {get_path(cfg, key)} differs from the tree's saved {get_path(saved, key)}: a "
                              "resumed tree trains the same experts (start a new --out to change it)")
+    path.write_text(json.dumps(saved.to_dict(), indent=2) + "\n", encoding="utf-8")  # what the nodes now run with
     return saved
 
 
@@ -144,6 +145,8 @@ def train_ediffi(cfg: EDiffITrainConfig, resume: bool = False, resume_lr: float 
                               timestep_range=None if interval == (0, total) else interval,
                               image_size=base.cfg.image_size, prediction_type=schedule.prediction_type)
         again = latest_intact_checkpoint(run, warn=lambda _m: None, move_aside=False) is not None
+        # given=None: a node stopped midway takes every resumable option (threads, ckpt_every...) from `node`,
+        # i.e. the tree's as resumed now, not the values its own checkpoint saved
         code = train_ldm(node, resume=again, text_encoder=text_encoder)
         if code != 0 or not node_done(run, cfg.steps_per_expert):
             return code or 1
