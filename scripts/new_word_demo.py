@@ -90,6 +90,19 @@ def ring_found(image, prompt: str) -> tuple[bool, bool]:
     return found, disc
 
 
+def seed0_generator(pipe):
+    """texts -> images, 16 prompts a call, seed 0 for every prompt (as `t2i eval shapes`)."""
+
+    def generate(texts: list[str]) -> list:
+        images = []
+        for i in range(0, len(texts), 16):
+            chunk = texts[i:i + 16]
+            images += pipe.generate(chunk, seed=[0] * len(chunk)).images
+        return images
+
+    return generate
+
+
 def evaluate_model(name: str, out: Path, n: int, heldout: int, lora: Path | None = None,
                    embedding: Path | None = None, weight: float = 1.0) -> dict:
     import t2i
@@ -106,13 +119,7 @@ def evaluate_model(name: str, out: Path, n: int, heldout: int, lora: Path | None
 
         add_learned_word(pipe.text_encoder, TOKEN, load_file(embedding)["emb_params"])
 
-    def generate(texts: list[str]) -> list:
-        images = []
-        for i in range(0, len(texts), 16):  # seed 0 for every prompt, as `t2i eval shapes`
-            chunk = texts[i:i + 16]
-            images += pipe.generate(chunk, seed=[0] * len(chunk)).images
-        return images
-
+    generate = seed0_generator(pipe)
     pairs = new_word_prompts(n, SHAPE)
     prompts = [p for _, p in pairs]
     shown = [placeholder_caption(p, SHAPE, TOKEN) for p in prompts] if embedding is not None else prompts
@@ -133,9 +140,85 @@ def evaluate_model(name: str, out: Path, n: int, heldout: int, lora: Path | None
     return report
 
 
+LAYOUT_MODEL = "t2i-shapes-layout"
+
+
+def layout_train(out: Path, planner_steps: int, renderer_steps: int, share: float) -> None:
+    """The layout model's adaptation (`t2i.train.new_word`): the planner's new shape rows, then the renderer LoRA."""
+    import t2i
+    from t2i.train.new_word import NewWordConfig, adapt
+
+    cfg = NewWordConfig(shape=SHAPE, planner_steps=planner_steps, renderer_steps=renderer_steps, share=share)
+    pipe = t2i.load(LAYOUT_MODEL, precision="fp32")
+    report = adapt(pipe, cfg, out / "layout", log=lambda m: print(m, flush=True))
+    print(json.dumps(report), flush=True)
+    print(f"wrote {out / 'layout' / SHAPE}.safetensors and {SHAPE}.planner.safetensors")
+
+
+def ring_scenes(n: int) -> list[tuple[str, str, object]]:
+    """n (family, prompt, scene) of new-word scenes that name the shape: `new_word_prompts`' prompts
+    (a seed no training uses) with the scenes they were written for (their truth layouts)."""
+    from t2i.data.shapes.new_words import NEW_WORD_SEED, new_word_example, new_word_prompts
+
+    wanted = dict((p, f) for f, p in new_word_prompts(n, SHAPE))
+    out: dict[str, tuple[str, str, object]] = {}
+    index = 0
+    while len(out) < len(wanted):  # the same walk as new_word_prompts, keeping each prompt's first scene
+        scene, caption = new_word_example(NEW_WORD_SEED + 1, index, SHAPE)
+        index += 1
+        if caption in wanted and caption not in out:
+            out[caption] = (wanted[caption], caption, scene)
+    return [out[p] for p in wanted]
+
+
+def share(flags: list[bool]) -> float | None:
+    return round(sum(flags) / len(flags), 3) if flags else None
+
+
+def layout_eval(name: str, out: Path, n: int, heldout: int, lora: Path | None, weight: float,
+                planner: bool) -> dict:
+    """The layout model with (or without) the new-word files: on prompts naming the ring, the share
+    where the judge finds every ring the prompt names (single-object and multi-object prompts), with
+    the planner's layouts and with the scenes' truth layouts; the share of planned layouts that hold a
+    ring; and with `heldout`, the judge on the ordinary held-out prompts (`t2i eval shapes --limit K`)."""
+    import t2i
+    from t2i.data.shapes.layouts import scene_layout
+    from t2i.eval.shapes_judge import evaluate, run_shapes_eval, save_grid
+    from t2i.train.new_word import apply_new_word
+
+    pipe = t2i.load(LAYOUT_MODEL, precision="fp32")
+    if lora is not None:
+        apply_new_word(pipe, lora, weight, planner)
+
+    generate = seed0_generator(pipe)
+    cases = ring_scenes(n)
+    prompts, families = [p for _, p, _ in cases], [f for f, _, _ in cases]
+    single = [f == "single" for f in families]
+    planned = [any(SHAPE in o.phrase.split() for o in pipe.planned_layout(p, 0).objects) for p in prompts]
+    report: dict = {"n": len(prompts), "planner_has_ring": share(planned)}
+    for mode in ("planner", "truth"):
+        images = (generate(prompts) if mode == "planner" else
+                  [pipe.generate(p, seed=0, layout=scene_layout(sc)).images[0] for _, p, sc in cases])
+        found = [ring_found(im, p)[0] for im, p in zip(images, prompts, strict=True)]
+        judged = evaluate(images, prompts, families, (SHAPE,))
+        save_grid(images[:48], prompts[:48], judged["results"][:48], str(out / f"layout_{name}_{mode}.png"))
+        pairs = list(zip(found, single, strict=True))
+        report[mode] = {"found": share(found), "found_single": share([f for f, s in pairs if s]),
+                        "found_multi": share([f for f, s in pairs if not s]),
+                        "judge": round(judged["overall"], 3)}
+    if heldout:
+        from t2i.data.shapes.heldout import heldout_prompts
+        from t2i.data.shapes.prompts import first_per_family
+
+        old = run_shapes_eval(generate, first_per_family(heldout_prompts(), heldout), str(out / f"heldout_{name}"))
+        report["heldout"] = {"n": old["n"], "overall": round(old["overall"], 3), "accuracy": old["accuracy"]}
+    print(name, json.dumps(report), flush=True)
+    return report
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=["data", "lora", "ti", "eval"])
+    ap.add_argument("step", choices=["data", "lora", "ti", "eval", "layout", "layout-eval"])
     ap.add_argument("out", type=Path)
     ap.add_argument("--lora-steps", type=int, default=600)
     ap.add_argument("--ti-steps", type=int, default=300)
@@ -144,6 +227,9 @@ def main() -> None:
                     help="also the ordinary held-out prompts (the first K of each family; bare: all 300)")
     ap.add_argument("--lora-weight", type=float, default=1.0, help="the LoRA's weight when merged")
     ap.add_argument("--models", default="base,lora,ti", help="which of base, lora, ti to evaluate")
+    ap.add_argument("--planner-steps", type=int, default=300, help="layout: steps of the planner's new rows")
+    ap.add_argument("--renderer-steps", type=int, default=330, help="layout: steps of the renderer LoRA")
+    ap.add_argument("--share", type=float, default=0.6, help="layout: share of training examples with the word")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     out = args.out
@@ -151,6 +237,17 @@ def main() -> None:
         make_data(out)
     elif args.step == "lora":
         run_cli(train_args("lora", out, "data", args.lora_steps, 16, LORA))
+    elif args.step == "layout":
+        layout_train(out, args.planner_steps, args.renderer_steps, args.share)
+    elif args.step == "layout-eval":
+        lora = out / "layout" / f"{SHAPE}.safetensors"
+        runs = {"base": (None, True), "adapted": (lora, True), "lora-only": (lora, False)}
+        path = out / "layout_eval.json"
+        for name in args.models.split(","):
+            result = layout_eval(name, out, args.n, args.heldout, *runs[name][:1], args.lora_weight, runs[name][1])
+            report = json.loads(path.read_text()) if path.exists() else {}
+            path.write_text(json.dumps({**report, name: result}, indent=1))
+        print(f"wrote {path}")
     elif args.step == "ti":
         run_cli(train_args("textual-inversion", out, "data_ti", args.ti_steps, 8, TI))
     else:

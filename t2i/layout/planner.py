@@ -66,11 +66,12 @@ def seq_len(max_objects: int) -> int:
     return 3 + len(FIELDS) * max_objects
 
 
-def allowed_tokens(max_objects: int) -> torch.Tensor:
-    """(seq_len - 1, VOCAB) bool: which tokens may be predicted at each input position (the target
-    is position t + 1). A box side of 0 is never allowed."""
+def allowed_tokens(max_objects: int, new_shapes: int = 0) -> torch.Tensor:
+    """(seq_len - 1, VOCAB + new_shapes) bool: which tokens may be predicted at each input position (the
+    target is position t + 1). A box side of 0 is never allowed. new_shapes: learnt shape tokens
+    (`LayoutPlanner.add_shapes`), ids VOCAB.., allowed wherever a shape is."""
     n = seq_len(max_objects)
-    out = torch.zeros(n - 1, VOCAB, dtype=torch.bool)
+    out = torch.zeros(n - 1, VOCAB + new_shapes, dtype=torch.bool)
     for t in range(1, n):
         field = field_at(t, max_objects)
         if field == "end":
@@ -80,6 +81,8 @@ def allowed_tokens(max_objects: int) -> torch.Tensor:
         out[t - 1, lo:OFFSET[field] + len(VALUES[field])] = True
         if field == "colour" and t > 2:  # END instead of another object, after the first
             out[t - 1, END] = True
+        if field == "shape":
+            out[t - 1, VOCAB:] = True
     return out
 
 
@@ -100,22 +103,33 @@ def geometry_ok(objects: list[ShapeObject]) -> bool:
     return inside and all(gap(a, b) >= MIN_GAP for i, a in enumerate(objects) for b in objects[i + 1:])
 
 
-def encode_layout(background: str, objects: list[ShapeObject]) -> list[int]:
-    """The token sequence of a layout (BOS ... END)."""
+def _token(field: str, value, new_shapes: tuple[str, ...]) -> int:
+    if field == "shape" and value in new_shapes:  # a learnt shape: ids after the fixed vocabulary
+        return VOCAB + new_shapes.index(value)
+    return OFFSET[field] + VALUES[field].index(value)
+
+
+def _value(field: str, token: int, new_shapes: tuple[str, ...]):
+    return new_shapes[token - VOCAB] if token >= VOCAB else VALUES[field][token - OFFSET[field]]
+
+
+def encode_layout(background: str, objects: list[ShapeObject], new_shapes: tuple[str, ...] = ()) -> list[int]:
+    """The token sequence of a layout (BOS ... END); shapes in new_shapes get the learnt ids VOCAB + k."""
     out = [BOS, OFFSET["background"] + VALUES["background"].index(background)]
     for o in objects:
         values = {"colour": o.colour, "shape": o.shape, "size": o.size, "s": o.s, "cx": o.x + o.s // 2,
                   "cy": o.y + o.s // 2}
-        out += [OFFSET[f] + VALUES[f].index(values[f]) for f in FIELDS]
+        out += [_token(f, values[f], new_shapes) for f in FIELDS]
     return out + [END]
 
 
-def decode_tokens(tokens: list[int]) -> Plan:
-    """A token sequence (BOS first; anything after END ignored) -> Plan, checked on geometry."""
+def decode_tokens(tokens: list[int], new_shapes: tuple[str, ...] = ()) -> Plan:
+    """A token sequence (BOS first; anything after END ignored) -> Plan, checked on geometry; ids from
+    VOCAB on name new_shapes."""
     background = VALUES["background"][tokens[1] - OFFSET["background"]]
     objects, i = [], 2
     while i + len(FIELDS) <= len(tokens) and tokens[i] != END:
-        v = {f: VALUES[f][tokens[i + j] - OFFSET[f]] for j, f in enumerate(FIELDS)}
+        v = {f: _value(f, tokens[i + j], new_shapes) for j, f in enumerate(FIELDS)}
         s = v["s"]
         objects.append(ShapeObject(v["shape"], v["colour"], v["size"], v["cx"] - s // 2, v["cy"] - s // 2, s))
         i += len(FIELDS)
@@ -204,23 +218,53 @@ class LayoutPlanner(nn.Module):
         self.norm = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, VOCAB)
         self.value_head = nn.Linear(cfg.width, cfg.value_features, bias=False) if cfg.value_head else None
+        self.new_shapes: tuple[str, ...] = ()  # learnt shape words (`add_shapes`), token ids VOCAB..
+        self.new_token: nn.Parameter | None = None  # (k, width) their input embeddings
+        self.new_head: nn.Linear | None = None  # their logits: (k, width) rows of the output head and biases
         self._make_tables()
         self._text_encoder: nn.Module | None = None  # loaded on first `plan` without one; not a submodule
 
     def _make_tables(self) -> None:
         """The fixed tables (not in the file: they follow from the config). Called again after a load
         that built the module on the meta device."""
-        self.register_buffer("values", _value_table(self.cfg.value_features), persistent=False)
-        self.register_buffer("allowed", allowed_tokens(self.cfg.max_objects), persistent=False)
+        k = len(self.new_shapes)  # learnt shapes: zero value features (not numeric), allowed as shapes
+        values = torch.cat([_value_table(self.cfg.value_features), torch.zeros(k, self.cfg.value_features)])
+        self.register_buffer("values", values, persistent=False)
+        self.register_buffer("allowed", allowed_tokens(self.cfg.max_objects, k), persistent=False)
+
+    def add_shapes(self, names: tuple[str, ...], like: str = "circle") -> None:
+        """Learnable shape tokens for words outside the fixed vocabulary (issue 21's new word; textual
+        inversion's new embedding row, Gal et al. 2022, here a row of the input table and one of the
+        output head): each starts as a copy of shape `like`'s rows, its bias 4 nats lower so the
+        planner does not pick it before it is trained. The rest of the planner is untouched."""
+        src = OFFSET["shape"] + VALUES["shape"].index(like)
+        k = len(names)
+        self.new_shapes = tuple(names)
+        self.new_token = nn.Parameter(self.token.weight[src].detach().clone().repeat(k, 1))
+        self.new_head = nn.Linear(self.cfg.width, k)
+        with torch.no_grad():
+            self.new_head.weight.copy_(self.head.weight[src].repeat(k, 1))
+            self.new_head.bias.copy_(self.head.bias[src].repeat(k) - 4.0)
+        self._make_tables()
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N) ids -> (B, N, width) token embeddings, learnt shapes' from `new_token`."""
+        if self.new_token is None:
+            return self.token(tokens)
+        new = tokens >= VOCAB
+        base = self.token(tokens.masked_fill(new, 0))
+        return torch.where(new[..., None], self.new_token[(tokens - VOCAB).clamp(min=0)], base)
 
     def forward(self, tokens: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         n = tokens.shape[1]
-        x = self.token(tokens) + self.value(self.values[tokens]) + self.position[:n]  # (B, N, width)
+        x = self._embed(tokens) + self.value(self.values[tokens]) + self.position[:n]  # (B, N, width)
         ctx = self.text_proj(self.text_norm(context))  # (B, T, width)
         for block in self.blocks:
             x = block(x, ctx, mask)
         x = self.norm(x)
-        logits = self.head(x)  # (B, N, VOCAB)
+        logits = self.head(x)  # (B, N, VOCAB (+ k learnt shapes))
+        if self.new_head is not None:
+            logits = torch.cat([logits, self.new_head(x)], dim=-1)
         if self.value_head is not None:
             logits = logits + self.value_head(x) @ self.values.T
         return logits.masked_fill(~self.allowed[:n], float("-inf"))
@@ -292,7 +336,7 @@ class LayoutPlanner(nn.Module):
             sampled = self.sample_tokens(context[rows], None if mask is None else mask[rows], generator, temperature)
             left = []
             for i, seq in zip(todo, sampled.tolist(), strict=True):
-                p = decode_tokens(seq)
+                p = decode_tokens(seq, self.new_shapes)
                 out[i] = p
                 if not p.valid and attempt + 1 < tries:
                     left.append(i)
