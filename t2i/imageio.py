@@ -112,8 +112,8 @@ def request_parameters(request: GenerationRequest, prompt: str, negative_prompt:
         extra.update(controlnet=getattr(r.controlnet, "name", "controlnet"), control_scale=r.control_scale)
     if r.layout is not None:  # given or planned: the boxes that were drawn
         extra["layout"] = r.layout.to_json()
-    if r.classifier is not None and r.classifier_scale != 0:  # ADM classifier guidance: the file's name, its scale
-        extra.update(classifier=Path(r.classifier).stem,
+    if r.classifier is not None and r.classifier_scale != 0:  # classifier guidance: the file's (served) name, its scale
+        extra.update(classifier=r.classifier_name or Path(r.classifier).stem,
                      classifier_scale=1.0 if r.classifier_scale is None else r.classifier_scale)
     if r.regions:  # paint-with-words, with its weight (resolved requests hold Region objects)
         extra.update(regions=regions_to_json(as_regions(r.regions, r.width or 1, r.height or 1)),

@@ -229,3 +229,63 @@ def test_classifier_guidance_from_the_request_and_the_cli_and_refused_by_other_f
     sd = t2i.load(write_tiny(tmp_path / "sd"))
     with pytest.raises(UnsupportedOption, match="classifier"):
         check_request(sd, GenerationRequest("a red circle", classifier=tmp_path / "colours.safetensors"))
+
+
+def test_classifier_guidance_refuses_what_it_cannot_guide_before_any_work(tmp_path, capsys):
+    """A prompt naming none (or two) of the classifier's classes, and a classifier_scale without a classifier
+    (which used to be ignored: an unguided image whose PNG kept quiet about the scale), are refused up front by
+    `check_guidance` (UnsupportedOption naming the field: the server's 422) and by a run before the network is
+    called, and by `t2i generate`; `with_classifier`'s file takes a request's own scale; the PNG records the name
+    a request gives the file (`classifier_name`, the server's NAME), the file's stem without one."""
+    from t2i.cli import main
+    from t2i.imageio import parse_parameters
+    from t2i.nets.classifier import save_noisy_classifier
+    from t2i.nets.pixel_unet import PIXEL_UNET_PRESETS, PixelUNet
+    from t2i.systems.base import UnsupportedOption
+    from t2i.systems.ddpm import DDPMConfig, DDPMPipeline, save_ddpm
+
+    torch.manual_seed(0)
+    net_cfg = PIXEL_UNET_PRESETS["tiny_uncond"]
+    clf = NoisyClassifier(NoisyClassifierConfig(trunk=net_cfg, num_classes=2))
+    with torch.no_grad():
+        clf.head.weight.mul_(30.0)
+    file = tmp_path / "colours.safetensors"
+    save_noisy_classifier(clf, file, ["red", "blue"], ddpm_schedule())
+    net = PixelUNet(net_cfg).eval()
+    pipe = DDPMPipeline(net, ddpm_schedule())
+    calls = []
+    net.register_forward_hook(lambda *_: calls.append(1))
+
+    def refused(prompt: str | list[str], option: str, message: str, **settings) -> None:
+        """Refused by check_guidance and by a run, UnsupportedOption naming `option`."""
+        for refuse in (lambda: pipe.check_guidance(GenerationRequest(prompt, **settings)),
+                       lambda: pipe.generate(prompt, steps=2, **settings)):
+            with pytest.raises(UnsupportedOption, match=message) as e:
+                refuse()
+            assert e.value.option == option
+
+    for prompt, found in (("a circle", 0), ("a red and blue circle", 2), (["a red circle", "a square"], 0)):
+        bad = prompt if isinstance(prompt, str) else prompt[1]
+        refused(prompt, "prompt", f"exactly one of red, blue; prompt {bad!r} names {found}", classifier=file,
+                classifier_scale=3.0)
+    pipe.check_guidance(GenerationRequest("a red circle", classifier=file))  # one class: nothing to refuse
+    pipe.check_guidance(GenerationRequest("a circle", classifier=file, classifier_scale=0))  # guidance off
+    refused("a red circle", "classifier_scale", "classifier_scale needs classifier", classifier_scale=3.0)
+    assert not calls  # every refusal came before the first network call
+    named = pipe.generate("a red circle", seed=0, steps=2, classifier=file, classifier_scale=2.0,
+                          classifier_name="tint")
+    assert parse_parameters(named.images[0].info["parameters"])["Classifier"] == "tint"
+    own_scale = pipe.with_classifier(file, 5.0).generate("a red circle", seed=0, steps=2, classifier_scale=2.0)
+    assert torch.equal(own_scale.sample, named.sample)
+    params = parse_parameters(own_scale.images[0].info["parameters"])
+    assert params["Classifier"] == "colours" and float(params["Classifier scale"]) == 2.0
+    model = tmp_path / "ddpm.safetensors"
+    save_ddpm(net, DDPMConfig(net=net_cfg, schedule=ddpm_schedule(), text_encoder=None, image_size=16), model)
+    capsys.readouterr()
+    for args, message in ((["--classifier-scale", "5"], "classifier_scale needs classifier"),
+                          (["--classifier", str(file)], "prompt 'a circle' names 0")):
+        assert main(["generate", "a circle", "--model", str(model), "--steps", "2", "--seed", "0", "--quiet", *args,
+                     "--out", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x.png").exists()

@@ -243,3 +243,31 @@ def test_train_noisy_clip_lowers_its_loss_on_noised_images(tmp_path):
     shipped = ShapesCLIP.load().state_dict()
     assert all(torch.equal(v, shipped[k.removeprefix("clip.")]) for k, v in trained.state_dict().items()
                if k.startswith("clip.text."))
+
+
+def test_clip_guidance_refuses_a_scale_without_a_clip_and_an_adm_classifier(tmp_path):
+    """A classifier_scale with no CLIP to guide with is refused before any work (it used to be ignored: an unguided
+    image whose PNG kept quiet about the scale); `with_clip_guidance`'s file takes a request's own scale; an ADM
+    classifier file is refused by `check_classifier`, what `t2i serve --classifier` checks its files with."""
+    from t2i.nets.classifier import NoisyClassifier, NoisyClassifierConfig, save_noisy_classifier
+    from t2i.nets.pixel_unet import PIXEL_UNET_PRESETS
+    from t2i.systems.base import GenerationRequest, UnsupportedOption
+    from t2i.systems.glide import GlidePipeline
+
+    torch.manual_seed(0)
+    pipe = GlidePipeline(GlideNets(GlideConfig(base=preset("tiny_base", VOCAB))))
+    for refuse in (lambda: pipe.check_guidance(GenerationRequest("a red circle", classifier_scale=3.0)),
+                   lambda: pipe.generate("a red circle", steps=1, classifier_scale=3.0)):
+        with pytest.raises(UnsupportedOption, match="classifier_scale needs classifier") as e:
+            refuse()
+        assert e.value.option == "classifier_scale"
+    adm = NoisyClassifier(NoisyClassifierConfig(trunk=PIXEL_UNET_PRESETS["tiny_uncond"], num_classes=2))
+    save_noisy_classifier(adm, tmp_path / "adm.safetensors", ["red", "blue"], glide_schedule())
+    with pytest.raises(ValueError, match="noise-aware CLIP"):
+        pipe.check_classifier(tmp_path / "adm.safetensors")
+    save_noisy_clip(from_clean(ShapesCLIP.load(), 16), glide_schedule(), tmp_path / "clip.safetensors")
+    settings = dict(seed=0, steps=3, guidance=1.0)
+    named = pipe.generate("a red circle", classifier=tmp_path / "clip.safetensors", classifier_scale=30.0, **settings)
+    pipe.with_clip_guidance(tmp_path / "clip.safetensors", 100.0)
+    assert torch.equal(pipe.generate("a red circle", classifier_scale=30.0, **settings).sample, named.sample)
+    assert not torch.equal(pipe.generate("a red circle", **settings).sample, named.sample)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import threading
 
 import numpy as np
 import pytest
@@ -135,5 +137,90 @@ def test_glide_takes_its_noise_aware_clip_by_name(tmp_path):
         body = {**BASE, "guidance": 1.0}
         plain = job_image(s, body)
         guided = job_image(s, {**body, "classifier": "shapes-clip", "classifier_scale": 10})
+        # the PNG names the classifier as the server knows it, never the file: a client can send it back
+        params = parse_parameters(guided["parameters"])
+        assert params["Classifier"] == "shapes-clip" and float(params["Classifier scale"]) == 10.0
+        again = job_image(s, {**body, "classifier": params["Classifier"], "classifier_scale": 10})
     assert np.abs(pixels(guided["b64_json"]) - pixels(plain["b64_json"])).max() > 8  # measured: 197
-    assert parse_parameters(guided["parameters"])["Classifier"] == "clip"  # the file's name, as `t2i generate`
+    assert np.array_equal(pixels(again["b64_json"]), pixels(guided["b64_json"]))
+
+
+def test_a_prompt_the_classifier_cannot_guide_is_a_422_and_fails_no_other_job(files):
+    """A prompt naming none (or two) of the classifier's classes is refused when the request is resolved, a 422
+    naming `prompt`, on every route; it used to fail inside its job (500) and, batched with other clients' jobs
+    (the batch key leaves prompts out), their whole batch with it. Sent together, a good job still gets its image,
+    whose PNG names the classifier as the server knows it ("tint"), not by the file's stem."""
+    app = create_app(t2i.load(files / "ddpm.safetensors"),
+                     ServeConfig(batch_wait=0.5, classifiers={"tint": str(files / "colours.safetensors")}))
+    guided = {**BASE, "classifier": "tint", "classifier_scale": 10}
+    with BackgroundServer(app) as s:
+        for path in ("/v1/jobs", "/sdapi/v1/txt2img", "/v1/images/generations"):
+            for prompt, found in (("a circle", 0), ("a red and blue circle", 2)):
+                code, _, answer = request("POST", s.url + path, {**guided, "prompt": prompt})
+                assert code == 422 and answer["error"]["param"] == "prompt", answer
+                assert f"exactly one of red, blue; prompt {prompt!r} names {found}" in answer["error"]["message"]
+        answers: dict[str, tuple] = {}
+
+        def send(key: str, prompt: str) -> None:
+            answers[key] = request("POST", s.url + "/sdapi/v1/txt2img", {**guided, "prompt": prompt})
+
+        threads = [threading.Thread(target=send, args=a) for a in (("good", "a red circle"), ("bad", "a circle"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert answers["bad"][0] == 422, answers["bad"]
+    code, _, good = answers["good"]
+    assert code == 200, good
+    params = parse_parameters(json.loads(good["info"])["infotexts"][0])
+    assert params["Classifier"] == "tint"
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs", "/sdapi/v1/txt2img", "/v1/images/generations"])
+def test_a_classifier_scale_without_a_classifier_is_a_422(server, path):
+    """It used to be ignored: an unguided image (200) whose PNG kept quiet about the scale."""
+    code, _, answer = request("POST", server.url + path, {**BASE, "classifier_scale": 10})
+    assert code == 422 and answer["error"]["param"] == "classifier_scale", answer
+    assert "classifier_scale needs classifier" in answer["error"]["message"]
+
+
+def test_serve_checks_its_classifier_files_at_startup(files, tmp_path, monkeypatch, capsys):
+    """`t2i serve --classifier NAME=FILE` loads and checks each file with the served model before serving: a file
+    of the wrong kind (a noise-aware CLIP for a DDPM, an ADM classifier for GLIDE) or of another noise schedule stops
+    the start with one line naming NAME (it used to make every request naming it a 500 that showed the client the
+    server's path); good files start the server."""
+    import t2i.serve.server
+    from t2i.cli import main
+    from t2i.eval.shapes_clip import ShapesCLIP
+    from t2i.nets.classifier import NoisyClassifier, NoisyClassifierConfig, save_noisy_classifier
+    from t2i.nets.glide import preset
+    from t2i.nets.glide_clip import from_clean, save_noisy_clip
+    from t2i.nets.pixel_unet import PIXEL_UNET_PRESETS
+    from t2i.systems.dalle import SPECIALS
+    from t2i.systems.ddpm import ddpm_schedule
+    from t2i.systems.glide import GlideConfig, GlideNets, glide_schedule, save_glide, shapes_words
+
+    started = []
+    monkeypatch.setattr(t2i.serve.server, "build_server",
+                        lambda app, config, port: type("Server", (), {"run": lambda self: started.append(1)})())
+    torch.manual_seed(0)
+    cfg = GlideConfig(base=preset("tiny_base", len(SPECIALS) + len(shapes_words())))
+    save_glide(GlideNets(cfg).base, None, cfg, tmp_path / "glide.safetensors")
+    save_noisy_clip(from_clean(ShapesCLIP.load(), 16), glide_schedule(), tmp_path / "clip.safetensors")
+    clf = NoisyClassifier(NoisyClassifierConfig(trunk=PIXEL_UNET_PRESETS["tiny_uncond"], num_classes=2))
+    save_noisy_classifier(clf, tmp_path / "cosine.safetensors", ["red", "blue"], ddpm_schedule("squaredcos_cap_v2"))
+    ddpm, glide, good = files / "ddpm.safetensors", tmp_path / "glide.safetensors", files / "colours.safetensors"
+    right = {ddpm: good, glide: tmp_path / "clip.safetensors"}
+    for model, file, problem in ((ddpm, tmp_path / "clip.safetensors", "classifier"),
+                                 (ddpm, tmp_path / "cosine.safetensors", "another noise schedule"),
+                                 (glide, good, "noise-aware CLIP"),
+                                 (glide, tmp_path / "cosine.safetensors", "noise-aware CLIP")):
+        capsys.readouterr()
+        assert main(["serve", "--model", str(model), "--classifier", f"ok={right[model]}", "--classifier",
+                     f"wrong={file}"]) == 2
+        err = capsys.readouterr().err
+        assert "--classifier wrong: " in err and problem in err and len(err.strip().splitlines()) == 1, err
+    assert not started
+    for model, file in right.items():
+        assert main(["serve", "--model", str(model), "--classifier", f"c={file}"]) == 0
+    assert len(started) == 2

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from t2i.systems.base import Pipeline
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -80,6 +84,21 @@ def classifier_files(specs: list[str]) -> dict[str, str]:
     return out
 
 
+def check_classifiers(pipe: Pipeline, classifiers: dict[str, str]) -> None:
+    """Load and check each `--classifier` file with the served pipeline's `check_classifier` (the right kind of
+    file for the family, the model's noise schedule) before serving, so that a wrong one stops the start with a
+    one-line UserError naming NAME, not every request that names it (whose error would show clients the path)."""
+    from t2i.cli import UserError
+
+    check = getattr(pipe, "check_classifier", None)
+    for name, path in classifiers.items():
+        try:
+            if check is not None:
+                check(path)
+        except (ValueError, OSError) as e:
+            raise UserError(f"--classifier {name}: {' '.join(str(e).split())}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from t2i.cli import UserError
 
@@ -121,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         pipe = t2i.load(args.model, precision=args.precision, quantizable=args.lora_dir is None)
     if classifiers and not pipe.capabilities.accepts("classifier"):
         raise UserError(f"--classifier: {pipe.name} ({pipe.family}) does not take classifier guidance")
+    check_classifiers(pipe, classifiers)
     limits = Limits(max_width=args.max_size, max_height=args.max_size, max_steps=args.max_steps,
                     max_images=args.max_images, max_pixel_steps=args.max_pixel_steps)
     config = ServeConfig(max_queue=args.max_queue, max_batch=args.max_batch, batch_wait=args.batch_wait,

@@ -298,7 +298,10 @@ class Resolver:
         request = replace(request, **{k: v for k, v in vars(d).items()
                                       if getattr(request, k) is None and self.caps.accepts(k)})
         self.check_limits(request, f)
-        request = replace(request, classifier=self.classifier(request.classifier, f["classifier"]))
+        # the file for the pipeline, the client's name for the PNG (which a client may send back)
+        request = replace(request, classifier=self.classifier(request.classifier, f["classifier"]),
+                          classifier_name=request.classifier)
+        self.check_guidance(request, f)
         request = replace(request, layout=self.layout(request, f["layout"]))
         request = replace(request, regions=self.regions(request, f["regions"]))
         if request.eta is not None and request.sampler != "ddim":
@@ -333,6 +336,21 @@ class Resolver:
             known = ", ".join(sorted(self.classifiers)) or "none (t2i serve --classifier NAME=FILE adds one)"
             raise FieldError(field, f"unknown classifier {name[:100]!r}; this server has {known}")
         return self.classifiers[name]
+
+    def check_guidance(self, r: GenerationRequest, f: dict[str, str]) -> None:
+        """FieldError naming the client's field for classifier guidance the request cannot have, checked here so
+        that it never fails a job (nor the batch it would join): a classifier_scale without a classifier, a prompt
+        that names none (or two) of the classifier's classes. The pipeline's `check_guidance` knows its own
+        rules (a default classifier, CLIP guidance taking any prompt); a pipeline without one, only the first."""
+        check = getattr(self.pipe, "check_guidance", None)
+        try:
+            if check is not None:
+                check(r)
+            elif r.classifier is None and r.classifier_scale is not None:
+                raise UnsupportedOption("classifier_scale", "classifier_scale needs classifier (the file to guide "
+                                                            "with)")
+        except UnsupportedOption as e:
+            raise FieldError(f.get(e.option, e.option), str(e)) from None
 
     def regions(self, r: GenerationRequest, field: str) -> tuple[Region, ...] | None:
         """The client's regions parsed (pixels on the request's size) and, where the model can tell

@@ -61,6 +61,7 @@ from t2i.systems.base import (
     RequestMethods,
     StepReport,
     System,
+    UnsupportedOption,
     check_sampling_request,
     per_image,
 )
@@ -69,7 +70,8 @@ from t2i.systems.latent_diffusion import CastInputs, stop_polling
 SCHEDULES = ("default", "karras", "iddpm")
 OPTIONS = frozenset({"steps", "sampler", "schedule", "eta", "width", "height"})  # what run() honours
 TEXT_OPTIONS = OPTIONS | {"negative_prompt", "guidance"}  # and with a text-conditional network
-GUIDE_OPTIONS = frozenset({"classifier", "classifier_scale"})  # ADM's classifier guidance: any DDPM
+# ADM's classifier guidance: any DDPM (classifier_name: what the PNG calls the file, e.g. `t2i serve`'s NAME)
+GUIDE_OPTIONS = frozenset({"classifier", "classifier_scale", "classifier_name"})
 
 
 def ddpm_schedule(beta_schedule: str = "linear") -> ScheduleConfig:
@@ -131,24 +133,44 @@ class DDPMPipeline(RequestMethods):
     def with_classifier(self, path: str | Path, scale: float) -> DDPMPipeline:
         """Guide every later request with a noise-aware classifier file (`t2i train classifier`) at scale s
         (Dhariwal & Nichol 2021), towards the class the prompt names ("a red circle" -> "circle"), on top
-        of classifier-free guidance if the request asks for it. Scale 0 turns it off. Returns self."""
+        of classifier-free guidance if the request asks for it; a request's own classifier_scale replaces s.
+        Scale 0 turns it off. Returns self."""
         if scale != 0:
-            self._classifier_guide(path, scale)  # loaded and checked now, not at the first request
+            self.check_classifier(path)  # loaded and checked now, not at the first request
         self.default_classifier = None if scale == 0 else (path, float(scale))
         return self
 
+    def check_classifier(self, path: str | Path) -> None:
+        """Load the classifier file at `path` (kept for the requests that name it) and check that it is an ADM
+        classifier of this model's noise schedule; ValueError (CheckpointError) naming the problem otherwise.
+        `t2i serve --classifier` checks its files with it at startup."""
+        self._classifier_guide(path, 1.0)
+
+    def check_guidance(self, request: GenerationRequest) -> None:
+        """Refuse (UnsupportedOption naming the request field, a ValueError) classifier guidance the request
+        cannot have, before any work: a classifier_scale without a classifier, or a prompt that does not name
+        exactly one of the classifier's classes. The server's Resolver calls it after resolving the
+        classifier's name (a 422), `run` before sampling."""
+        r = with_default_guide(request, self.default_classifier)
+        if r.classifier is not None and r.classifier_scale != 0:
+            guide = self._classifier_guide(r.classifier, 1.0)
+            for prompt in dict.fromkeys([r.prompt] if isinstance(r.prompt, str) else r.prompt):
+                guide.label_of(prompt)
+
     def _classifier_guide(self, path: str | Path, scale: float) -> ClassifierGuide:
         """The classifier file at `path` as a guide at scale s, checked against this model's schedule;
-        loaded once per path (a request may name it at every call)."""
+        loaded once per path (a request may name it at every call). Safe from two threads (the server
+        checks requests while a batch runs): each reads the entry it found or made."""
         key = str(Path(path).resolve())
-        if key not in self._classifiers:
+        entry = self._classifiers.get(key)
+        if entry is None:
             classifier, labels, schedule = load_noisy_classifier(path)
             if not torch.allclose(schedule.alphas_cumprod(), self.schedule.alphas_cumprod()):
                 raise ValueError(f"{path}: the classifier was trained on another noise schedule "
                                  f"({schedule.beta_schedule}) than this model's ({self.schedule.beta_schedule})")
-            self._classifiers = {key: (classifier, labels)}  # one kept: a later file replaces it
-        classifier, labels = self._classifiers[key]
-        return ClassifierGuide(classifier, labels, float(scale))
+            entry = (classifier, labels)
+            self._classifiers = {key: entry}  # one kept: a later file replaces it
+        return ClassifierGuide(entry[0], entry[1], float(scale))
 
     @property
     def capabilities(self) -> Capabilities:
@@ -185,9 +207,8 @@ class DDPMPipeline(RequestMethods):
     def _resolve(self, r: GenerationRequest) -> GenerationRequest:
         r = r.with_defaults(self.defaults)
         check_sampling_request(r, SAMPLERS, SCHEDULES, self.size_multiple)
-        if r.classifier is None and self.default_classifier is not None:  # `with_classifier`'s, recorded as any
-            r = replace(r, classifier=self.default_classifier[0], classifier_scale=self.default_classifier[1])
-        return r
+        self.check_guidance(r)
+        return with_default_guide(r, self.default_classifier)  # `with_classifier`'s, recorded as any request's
 
     def _conditioning(self, prompts: list[str], negatives: list[str], guided: bool) -> tuple[dict, dict | None]:
         """(cond, uncond) network keyword arguments, one row per image."""
@@ -234,6 +255,18 @@ class DDPMPipeline(RequestMethods):
         return GenerationResult(pictures, images, seeds, warnings, time.perf_counter() - start)
 
 
+def with_default_guide(r: GenerationRequest, default: tuple[str | Path, float] | None) -> GenerationRequest:
+    """The request with a pipeline's default guidance file and scale (`with_classifier`, GLIDE's
+    `with_clip_guidance`) when it names no file itself (its own classifier_scale, if any, replaces the default
+    one); UnsupportedOption naming classifier_scale when it gives a scale and there is no file to guide with."""
+    if r.classifier is None and default is not None:
+        r = replace(r, classifier=default[0], classifier_scale=default[1] if r.classifier_scale is None
+                    else r.classifier_scale)
+    if r.classifier is None and r.classifier_scale is not None:
+        raise UnsupportedOption("classifier_scale", "classifier_scale needs classifier (the file to guide with)")
+    return r
+
+
 @dataclass
 class ClassifierGuide:
     """A noise-aware classifier (logits of VP images at t), its class names and ADM's scale s."""
@@ -243,12 +276,13 @@ class ClassifierGuide:
     scale: float
 
     def label_of(self, prompt: str) -> int:
-        """The one class whose name is a word of the prompt; ValueError naming the classes otherwise."""
+        """The one class whose name is a word of the prompt; UnsupportedOption (a ValueError) naming the prompt
+        and the classes otherwise."""
         words = set(prompt.lower().replace(",", " ").split())
         found = [i for i, name in enumerate(self.labels) if name.lower() in words]
         if len(found) != 1:
-            raise ValueError(f"classifier guidance needs a prompt naming exactly one of {', '.join(self.labels)}; "
-                             f"{prompt!r} names {len(found)}")
+            raise UnsupportedOption("prompt", f"classifier guidance needs a prompt naming exactly one of "
+                                              f"{', '.join(self.labels)}; prompt {prompt[:100]!r} names {len(found)}")
         return found[0]
 
     def around(self, denoiser: Any, prompts: list[str], sigma_to_t: Any) -> ClassifierGuidance:

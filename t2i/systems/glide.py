@@ -30,7 +30,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +63,12 @@ from t2i.systems.base import (
     per_image,
 )
 from t2i.systems.dalle import SPECIALS, WordTokenizer
-from t2i.systems.ddpm import ddpm_schedule, run_plan
+from t2i.systems.ddpm import ddpm_schedule, run_plan, with_default_guide
 from t2i.systems.latent_diffusion import CastInputs, stop_polling
 
 SYSTEM_NAME = "glide"
 OPTIONS = frozenset({"negative_prompt", "steps", "guidance", "sampler", "schedule", "eta", "width", "height",
-                     "classifier", "classifier_scale"})
+                     "classifier", "classifier_scale", "classifier_name"})
 SCHEDULES = ("default", "karras")
 
 
@@ -203,16 +203,30 @@ class GlidePipeline(RequestMethods):
 
     def with_clip_guidance(self, path: str | Path, scale: float) -> GlidePipeline:
         """Guide every later request's base stage with a noise-aware CLIP file (`t2i train noisy-clip`) at scale
-        s (GLIDE sec. 2.4), on top of classifier-free guidance if the request asks for it; 0 turns it off."""
+        s (GLIDE sec. 2.4), on top of classifier-free guidance if the request asks for it; a request's own
+        classifier_scale replaces s; 0 turns it off."""
         if scale != 0:
-            self._clip(path)  # loaded and checked now, not at the first request
+            self.check_classifier(path)  # loaded and checked now, not at the first request
         self.default_clip = None if scale == 0 else (path, float(scale))
         return self
+
+    def check_classifier(self, path: str | Path) -> None:
+        """Load the file at `path` (kept for the requests that name it) and check that it is a noise-aware CLIP of
+        this model's noise schedule; ValueError naming the problem otherwise. `t2i serve --classifier` checks its
+        files with it at startup."""
+        self._clip(path)
+
+    def check_guidance(self, request: GenerationRequest) -> None:
+        """Refuse (UnsupportedOption naming the field, a ValueError) a classifier_scale without a CLIP to guide
+        with, before any work (CLIP guidance steers towards any caption: every prompt is one it can take). The
+        server's Resolver calls it, `run` before sampling."""
+        with_default_guide(request, self.default_clip)
 
     def _clip(self, path: str | Path) -> NoisyCLIP:
         """The noise-aware CLIP at `path`, checked against this model's schedule; loaded once per path."""
         key = str(Path(path).resolve())
-        if key not in self._clips:
+        clip = self._clips.get(key)  # read once: another thread may replace the kept file meanwhile
+        if clip is None:
             if not is_noisy_clip(path):
                 raise ValueError(f"{path}: GLIDE guides with a noise-aware CLIP (`t2i train noisy-clip`), and this is "
                                  "not one")
@@ -221,16 +235,14 @@ class GlidePipeline(RequestMethods):
                 raise ValueError(f"{path}: the CLIP was trained on another noise schedule ({schedule.beta_schedule}) "
                                  f"than this model's ({self.cfg.schedule.beta_schedule})")
             self._clips = {key: clip}  # one kept: a later file replaces it
-        return self._clips[key]
+        return clip
 
     # ---------------------------------------------------------------- generation
 
     def _resolve(self, request: GenerationRequest) -> GenerationRequest:
         r = request.with_defaults(self.defaults)
         check_sampling_request(r, SAMPLERS, SCHEDULES, self.size_multiple)
-        if r.classifier is None and self.default_clip is not None:  # `with_clip_guidance`'s, recorded as any
-            r = replace(r, classifier=self.default_clip[0], classifier_scale=self.default_clip[1])
-        return r
+        return with_default_guide(r, self.default_clip)  # `with_clip_guidance`'s, recorded as any request's
 
     def _warnings(self, prompts: list[str]) -> list[str]:
         window = self.cfg.base.text.length - 1  # [BOS] first
