@@ -1,6 +1,20 @@
 """Teaching the built-in shapes model a word it never saw (issue 21): a LoRA and a textual-inversion
 embedding for 'ring', judged by the shapes judge extended with the ring template.
 
+The layout model (t2i-shapes-layout, the built-in default; `t2i.train.new_word`): the planner gets a new
+shape token (an input and an output row, trained alone: textual inversion on the planner) and the renderer
+a LoRA trained on ring scenes drawn from their truth layouts. Two steps:
+
+    python scripts/new_word_demo.py layout runs/newword_layout       # writes layout/ring.safetensors (+ .planner)
+    python scripts/new_word_demo.py layout-eval runs/newword_layout --models base,adapted,lora-only,rows --heldout 10
+
+`layout-eval` writes layout_eval.json: on 64 prompts naming the ring, `found` (every ring the prompt names is
+judged a ring of its colour) for prompts naming one object and several, with the planner's layouts and with the
+scenes' truth layouts; `planner_has_ring`, the share of planned layouts holding a ring; and the judge on the
+first 10 held-out prompts of each family (`t2i eval shapes --limit 10`: 60 prompts, seed 0, fp32).
+
+The session-9 steps below are for the old text-to-image model (t2i/assets/default):
+
 Why a shape and not a colour: the built-in autoencoder was trained on the 8 palette colours only and
 decodes any other colour as a palette one (brown (140, 80, 30) comes back (40, 155, 55), olive-green;
 navy comes back red), so no U-Net adapter can draw a new colour through it. It reconstructs new
@@ -183,6 +197,7 @@ def layout_eval(name: str, out: Path, n: int, heldout: int, lora: Path | None, w
     ring; and with `heldout`, the judge on the ordinary held-out prompts (`t2i eval shapes --limit K`)."""
     import t2i
     from t2i.data.shapes.layouts import scene_layout
+    from t2i.data.shapes.prompts import parse_prompt
     from t2i.eval.shapes_judge import evaluate, run_shapes_eval, save_grid
     from t2i.train.new_word import apply_new_word
 
@@ -191,11 +206,12 @@ def layout_eval(name: str, out: Path, n: int, heldout: int, lora: Path | None, w
         apply_new_word(pipe, lora, weight, planner)
 
     generate = seed0_generator(pipe)
+    out.mkdir(parents=True, exist_ok=True)
     cases = ring_scenes(n)
     prompts, families = [p for _, p, _ in cases], [f for f, _, _ in cases]
-    single = [f == "single" for f in families]
+    single = [sum(o.count for o in parse_prompt(p, (SHAPE,)).objects) == 1 for p in prompts]  # one object named
     planned = [any(SHAPE in o.phrase.split() for o in pipe.planned_layout(p, 0).objects) for p in prompts]
-    report: dict = {"n": len(prompts), "planner_has_ring": share(planned)}
+    report: dict = {"n": len(prompts), "n_single": sum(single), "planner_has_ring": share(planned)}
     for mode in ("planner", "truth"):
         images = (generate(prompts) if mode == "planner" else
                   [pipe.generate(p, seed=0, layout=scene_layout(sc)).images[0] for _, p, sc in cases])
@@ -226,9 +242,10 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, nargs="?", const=300, default=0, metavar="K",
                     help="also the ordinary held-out prompts (the first K of each family; bare: all 300)")
     ap.add_argument("--lora-weight", type=float, default=1.0, help="the LoRA's weight when merged")
-    ap.add_argument("--models", default="base,lora,ti", help="which of base, lora, ti to evaluate")
-    ap.add_argument("--planner-steps", type=int, default=300, help="layout: steps of the planner's new rows")
-    ap.add_argument("--renderer-steps", type=int, default=330, help="layout: steps of the renderer LoRA")
+    ap.add_argument("--models", default=None, help="eval: which of base, lora, ti (default all); layout-eval: "
+                    "which of base, adapted, lora-only, rows (default all)")
+    ap.add_argument("--planner-steps", type=int, default=150, help="layout: steps of the planner's new rows")
+    ap.add_argument("--renderer-steps", type=int, default=300, help="layout: steps of the renderer LoRA")
     ap.add_argument("--share", type=float, default=0.6, help="layout: share of training examples with the word")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
@@ -241,10 +258,12 @@ def main() -> None:
         layout_train(out, args.planner_steps, args.renderer_steps, args.share)
     elif args.step == "layout-eval":
         lora = out / "layout" / f"{SHAPE}.safetensors"
-        runs = {"base": (None, True), "adapted": (lora, True), "lora-only": (lora, False)}
+        w = args.lora_weight  # "rows": the planner's new token alone (textual inversion's part), the renderer as it was
+        runs = {"base": (None, w, True), "adapted": (lora, w, True), "lora-only": (lora, w, False),
+                "rows": (lora, 0.0, True)}
         path = out / "layout_eval.json"
-        for name in args.models.split(","):
-            result = layout_eval(name, out, args.n, args.heldout, *runs[name][:1], args.lora_weight, runs[name][1])
+        for name in (args.models or ",".join(runs)).split(","):
+            result = layout_eval(name, out, args.n, args.heldout, *runs[name])
             report = json.loads(path.read_text()) if path.exists() else {}
             path.write_text(json.dumps({**report, name: result}, indent=1))
         print(f"wrote {path}")
@@ -254,7 +273,7 @@ def main() -> None:
         files = {"base": {}, "lora": {"lora": out / "lora" / f"{SHAPE}.safetensors", "weight": args.lora_weight},
                  "ti": {"embedding": out / "textual-inversion" / f"{TOKEN}.safetensors"}}
         path = out / "eval.json"
-        for name in args.models.split(","):
+        for name in (args.models or "base,lora,ti").split(","):
             key = f"{name}@{args.lora_weight:g}" if name == "lora" and args.lora_weight != 1 else name
             result = evaluate_model(key, out, args.n, args.heldout, **files[name])
             report = json.loads(path.read_text()) if path.exists() else {}  # read late: another eval may write
