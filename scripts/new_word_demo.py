@@ -157,12 +157,13 @@ def evaluate_model(name: str, out: Path, n: int, heldout: int, lora: Path | None
 LAYOUT_MODEL = "t2i-shapes-layout"
 
 
-def layout_train(out: Path, planner_steps: int, renderer_steps: int, share: float) -> None:
+def layout_train(out: Path, planner_steps: int, renderer_steps: int, share: float, pixel_weight: float) -> None:
     """The layout model's adaptation (`t2i.train.new_word`): the planner's new shape rows, then the renderer LoRA."""
     import t2i
     from t2i.train.new_word import NewWordConfig, adapt
 
-    cfg = NewWordConfig(shape=SHAPE, planner_steps=planner_steps, renderer_steps=renderer_steps, share=share)
+    cfg = NewWordConfig(shape=SHAPE, planner_steps=planner_steps, renderer_steps=renderer_steps, share=share,
+                        pixel_weight=pixel_weight)
     pipe = t2i.load(LAYOUT_MODEL, precision="fp32")
     report = adapt(pipe, cfg, out / "layout", log=lambda m: print(m, flush=True))
     print(json.dumps(report), flush=True)
@@ -245,8 +246,9 @@ def main() -> None:
     ap.add_argument("--models", default=None, help="eval: which of base, lora, ti (default all); layout-eval: "
                     "which of base, adapted, lora-only, rows (default all)")
     ap.add_argument("--planner-steps", type=int, default=150, help="layout: steps of the planner's new rows")
-    ap.add_argument("--renderer-steps", type=int, default=300, help="layout: steps of the renderer LoRA")
+    ap.add_argument("--renderer-steps", type=int, default=450, help="layout: steps of the renderer LoRA")
     ap.add_argument("--share", type=float, default=0.6, help="layout: share of training examples with the word")
+    ap.add_argument("--pixel-weight", type=float, default=0.3, help="layout: weight of the renderer's pixel loss")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     out = args.out
@@ -255,7 +257,7 @@ def main() -> None:
     elif args.step == "lora":
         run_cli(train_args("lora", out, "data", args.lora_steps, 16, LORA))
     elif args.step == "layout":
-        layout_train(out, args.planner_steps, args.renderer_steps, args.share)
+        layout_train(out, args.planner_steps, args.renderer_steps, args.share, args.pixel_weight)
     elif args.step == "layout-eval":
         lora = out / "layout" / f"{SHAPE}.safetensors"
         w = args.lora_weight  # "rows": the planner's new token alone (textual inversion's part), the renderer as it was
