@@ -15,9 +15,10 @@ import torch.nn.functional as F
 import t2i
 from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS, TokenTransformer
 from t2i.systems.base import Interrupted
-from t2i.systems.dalle import BOS, PAD, SYSTEM, UNK, DallePipeline, WordTokenizer, dalle_net_config
+from t2i.systems.dalle import SYSTEM, DallePipeline, dalle_net_config
 from t2i.systems.registry import resolve, system
 from t2i.systems.token_models import tiny_tokenizer
+from t2i.text.words import BOS, PAD, UNK, WordTokenizer
 from t2i.train.dalle import dalle_loss
 from t2i.train.vqvae import save_vqvae
 

@@ -17,8 +17,8 @@ from t2i.diffusion.losses import HybridLoss
 from t2i.eval.shapes_clip import ShapesCLIP
 from t2i.nets.glide import GlideNet, preset
 from t2i.nets.glide_clip import from_clean, load_noisy_clip, save_noisy_clip
-from t2i.systems.dalle import SPECIALS, WordTokenizer
 from t2i.systems.glide import GlideConfig, GlideNets, glide_schedule, load, read_glide, save_glide, shapes_words
+from t2i.text.words import SPECIALS, WordTokenizer
 from t2i.train.data import open_data
 from t2i.train.distributed import DistInfo
 from t2i.train.glide import GlideTrainConfig, NoisyCLIPTrainConfig, caption_dropout, train_glide, train_noisy_clip

@@ -124,8 +124,8 @@ def test_glide_takes_its_noise_aware_clip_by_name(tmp_path):
     from t2i.eval.shapes_clip import ShapesCLIP
     from t2i.nets.glide import preset
     from t2i.nets.glide_clip import from_clean, save_noisy_clip
-    from t2i.systems.dalle import SPECIALS
     from t2i.systems.glide import GlideConfig, GlideNets, glide_schedule, save_glide, shapes_words
+    from t2i.text.words import SPECIALS
 
     torch.manual_seed(0)
     cfg = GlideConfig(base=preset("tiny_base", len(SPECIALS) + len(shapes_words())))
@@ -196,9 +196,9 @@ def test_serve_checks_its_classifier_files_at_startup(files, tmp_path, monkeypat
     from t2i.nets.glide import preset
     from t2i.nets.glide_clip import from_clean, save_noisy_clip
     from t2i.nets.pixel_unet import PIXEL_UNET_PRESETS
-    from t2i.systems.dalle import SPECIALS
     from t2i.systems.ddpm import ddpm_schedule
     from t2i.systems.glide import GlideConfig, GlideNets, glide_schedule, save_glide, shapes_words
+    from t2i.text.words import SPECIALS
 
     started = []
     monkeypatch.setattr(t2i.serve.server, "build_server",

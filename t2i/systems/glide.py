@@ -62,9 +62,9 @@ from t2i.systems.base import (
     check_sampling_request,
     per_image,
 )
-from t2i.systems.dalle import SPECIALS, WordTokenizer
 from t2i.systems.ddpm import ddpm_schedule, run_plan, with_default_guide
 from t2i.systems.latent_diffusion import CastInputs, stop_polling
+from t2i.text.words import SPECIALS, WordTokenizer
 
 SYSTEM_NAME = "glide"
 OPTIONS = frozenset({"negative_prompt", "steps", "guidance", "sampler", "schedule", "eta", "width", "height",

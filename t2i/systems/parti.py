@@ -38,9 +38,10 @@ from t2i.checkpoints.limits import check_config
 from t2i.data.shapes_vocab import vocabulary
 from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS, TokenBlock, TokenTransformer, TokenTransformerConfig
 from t2i.systems.base import GenerationDefaults
-from t2i.systems.dalle import PAD, SPECIALS, DallePipeline, WordTokenizer
+from t2i.systems.dalle import DallePipeline
 from t2i.systems.maskgit import load_text_encoder, text_conditioning
 from t2i.systems.token_models import TokenPipeline, load_pipeline, network_configs, save_token_model, token_system
+from t2i.text.words import PAD, SPECIALS, WordTokenizer
 
 SYSTEM_NAME = "parti"
 TEXT_ENCODERS = ("words", "minilm")

@@ -33,7 +33,6 @@ from t2i.diffusion.losses import DiffusionLoss, HybridLoss
 from t2i.eval.shapes_clip import ShapesCLIP, contrastive_loss
 from t2i.nets.glide import GlideNet, GlideNetConfig, preset
 from t2i.nets.glide_clip import from_clean, save_noisy_clip
-from t2i.systems.dalle import SPECIALS, WordTokenizer
 from t2i.systems.glide import (
     GlideConfig,
     GlideNets,
@@ -43,6 +42,7 @@ from t2i.systems.glide import (
     save_glide,
     shapes_words,
 )
+from t2i.text.words import SPECIALS, WordTokenizer
 from t2i.train.config import LoopConfig
 from t2i.train.data import open_data
 from t2i.train.ema import EMA
