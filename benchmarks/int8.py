@@ -108,9 +108,9 @@ def bench_image(pipes: dict, repeats: int) -> None:
 def sd_variants() -> dict:
     import copy
 
+    from t2i.nets.cast_inputs import CastInputs
     from t2i.nets.unet import UNET_CONFIGS, UNet
     from t2i.quantize import quantize_linears
-    from t2i.systems.latent_diffusion import CastInputs
 
     vnni = t2i.has_vnni()
     torch.manual_seed(0)

@@ -16,9 +16,14 @@ DDPMScheduler with ``variance_type="learned_range"``. In VE form (x = x_vp / sqr
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 
 from t2i.diffusion.precond import LearnedVariance, learned_log_variance
+
+if TYPE_CHECKING:
+    from t2i.samplers.diffusers_plan import SamplingPlan
 from t2i.samplers.sampling import Callback, Denoiser, Generator, ancestral_step, randn_like, report_step, sigma_batch
 
 
@@ -71,3 +76,14 @@ def sample_ddpm_learned(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
             x = x + randn_like(x, generator) * ((0.5 * log_var).exp() / acp[i + 1].sqrt())
         report_step(callback, x, i, sigmas, denoised)
     return x
+
+
+def run_plan(plan: SamplingPlan, denoiser: Any, x: torch.Tensor, extra_args: dict, callback: Any, generators: Any,
+             tap: VarianceTap | None) -> torch.Tensor:
+    """plan.run, except that "ddpm" on a learned-variance network (`tap` around it) draws its noise with the
+    learned variance, the betas of the plan's own timesteps (respaced ones included)."""
+    if tap is None or plan.sampler != "ddpm" or plan.steps == 0:
+        return plan.run(denoiser, x, extra_args, callback, generators)
+    acp = torch.cat([plan.alphas_cumprod[plan.timesteps.long()], torch.ones(1)])  # (N+1,), 1 after t = 0
+    return sample_ddpm_learned(denoiser, x, plan.sigmas, extra_args, callback, generators, variance=tap,
+                               alphas_cumprod=acp)

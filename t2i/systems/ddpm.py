@@ -46,11 +46,12 @@ from t2i.diffusion.classifier_guidance import ClassifierGuidance
 from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.schedules import ScheduleConfig, respace_timesteps, respaced_sigmas
 from t2i.imageio import request_parameters, to_pil
+from t2i.nets.cast_inputs import CastInputs
 from t2i.nets.classifier import load_noisy_classifier
 from t2i.nets.pixel_unet import PIXEL_UNET_PRESETS, PixelUNet, PixelUNetConfig
 from t2i.quantize import precision_of
 from t2i.samplers.diffusers_plan import SamplingPlan, prepare_sampling
-from t2i.samplers.learned_variance import VarianceTap, sample_ddpm_learned
+from t2i.samplers.learned_variance import VarianceTap, run_plan
 from t2i.samplers.sampling import SAMPLERS
 from t2i.seeds import seed_generators, seed_noise
 from t2i.systems.base import (
@@ -64,8 +65,8 @@ from t2i.systems.base import (
     UnsupportedOption,
     check_sampling_request,
     per_image,
+    stop_polling,
 )
-from t2i.systems.latent_diffusion import CastInputs, stop_polling
 
 SCHEDULES = ("default", "karras", "iddpm")
 OPTIONS = frozenset({"steps", "sampler", "schedule", "eta", "width", "height"})  # what run() honours
@@ -288,17 +289,6 @@ class ClassifierGuide:
     def around(self, denoiser: Any, prompts: list[str], sigma_to_t: Any) -> ClassifierGuidance:
         labels = torch.tensor([self.label_of(p) for p in prompts])  # (B,)
         return ClassifierGuidance(denoiser, self.classifier, labels, self.scale, sigma_to_t)
-
-
-def run_plan(plan: SamplingPlan, denoiser: Any, x: torch.Tensor, extra_args: dict, callback: Any, generators: Any,
-             tap: VarianceTap | None) -> torch.Tensor:
-    """plan.run, except that "ddpm" on a learned-variance network (`tap` around it) draws its noise with the
-    learned variance, the betas of the plan's own timesteps (respaced ones included)."""
-    if tap is None or plan.sampler != "ddpm" or plan.steps == 0:
-        return plan.run(denoiser, x, extra_args, callback, generators)
-    acp = torch.cat([plan.alphas_cumprod[plan.timesteps.long()], torch.ones(1)])  # (N+1,), 1 after t = 0
-    return sample_ddpm_learned(denoiser, x, plan.sigmas, extra_args, callback, generators, variance=tap,
-                               alphas_cumprod=acp)
 
 
 # ---------------------------------------------------------------------------------------

@@ -67,10 +67,11 @@ from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.noise_augmentation import NoiseAugmentation
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.imageio import request_parameters, to_pil
+from t2i.nets.cast_inputs import CastInputs
 from t2i.nets.if_unet import IF_UNET_PRESETS, IFUNet, IFUNetConfig
 from t2i.quantize import precision_of
 from t2i.samplers.diffusers_plan import SamplingPlan, prepare_sampling
-from t2i.samplers.learned_variance import VarianceTap
+from t2i.samplers.learned_variance import VarianceTap, run_plan
 from t2i.samplers.sampling import SAMPLERS
 from t2i.seeds import seed_generators, seed_noise
 from t2i.systems.base import (
@@ -83,9 +84,8 @@ from t2i.systems.base import (
     System,
     check_sampling_request,
     per_image,
+    stop_polling,
 )
-from t2i.systems.ddpm import run_plan
-from t2i.systems.latent_diffusion import CastInputs, stop_polling
 
 SYSTEM_NAME = "deepfloyd_if"
 OPTIONS = frozenset({"negative_prompt", "steps", "guidance", "sampler", "schedule", "eta", "width", "height"})

@@ -53,6 +53,7 @@ from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.precond import LearnedVariance
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.imageio import request_parameters, to_pil
+from t2i.nets.cast_inputs import CastInputs
 from t2i.nets.dit import DIT_PRESETS, DiT, DiTConfig
 from t2i.quantize import precision_of
 from t2i.samplers.diffusers_plan import prepare_sampling
@@ -68,8 +69,8 @@ from t2i.systems.base import (
     System,
     check_sampling_request,
     per_image,
+    stop_polling,
 )
-from t2i.systems.latent_diffusion import CastInputs, stop_polling
 
 OPTIONS = frozenset({"steps", "sampler", "guidance", "width", "height"})  # what run() honours
 

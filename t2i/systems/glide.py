@@ -44,11 +44,12 @@ from t2i.diffusion.clip_guidance import ClipGuidance
 from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.imageio import request_parameters, to_pil
+from t2i.nets.cast_inputs import CastInputs
 from t2i.nets.glide import IMAGE_CHANNELS, GlideNet, GlideNetConfig, preset
 from t2i.nets.glide_clip import NoisyCLIP, is_noisy_clip, load_noisy_clip
 from t2i.quantize import precision_of
 from t2i.samplers.diffusers_plan import SamplingPlan, prepare_sampling
-from t2i.samplers.learned_variance import VarianceTap
+from t2i.samplers.learned_variance import VarianceTap, run_plan
 from t2i.samplers.sampling import SAMPLERS
 from t2i.seeds import seed_generators, seed_noise
 from t2i.systems.base import (
@@ -61,9 +62,9 @@ from t2i.systems.base import (
     System,
     check_sampling_request,
     per_image,
+    stop_polling,
 )
-from t2i.systems.ddpm import ddpm_schedule, run_plan, with_default_guide
-from t2i.systems.latent_diffusion import CastInputs, stop_polling
+from t2i.systems.ddpm import ddpm_schedule, with_default_guide
 from t2i.text.words import SPECIALS, WordTokenizer
 
 SYSTEM_NAME = "glide"

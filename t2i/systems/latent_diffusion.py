@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -34,6 +33,7 @@ from t2i.diffusion.paint_with_words import (
 )
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.imageio import from_pil, request_parameters, to_pil
+from t2i.nets.cast_inputs import CastInputs
 from t2i.nets.controlnet import ControlledUNet, ControlNet, check_fits
 from t2i.nets.unet import DeepCacheUNet, UNet, guidance_scale_embedding
 from t2i.quantize import precision_of
@@ -45,11 +45,11 @@ from t2i.systems.base import (
     GenerationDefaults,
     GenerationRequest,
     GenerationResult,
-    Interrupted,
     RequestMethods,
     StepReport,
     check_sampling_settings,
     per_image,
+    stop_polling,
 )
 from t2i.text.encoders import TextEncoder, TextEncoding
 from t2i.text.prompt_syntax import encode_prompts
@@ -494,49 +494,6 @@ class LatentDiffusionPipeline(RequestMethods):
              on_sample: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
         with StepReport(plan.steps, progress, callback, on_sample) as on_step:
             return plan.run(denoiser, x, {"cond": cond, "uncond": uncond}, on_step, generators)
-
-
-@contextmanager
-def stop_polling(should_stop: Callable[[], bool] | None, *nets: nn.Module) -> Iterator[None]:
-    """Ask `should_stop()` before every block of `nets` runs (each entry of their ModuleLists: the
-    U-Net's and the VAE's resnets and attention layers) and raise Interrupted when it says yes, so
-    a cancelled job stops within a fraction of a step rather than at the end of one. None: no hooks."""
-    if should_stop is None:
-        yield
-        return
-
-    def check(_module: nn.Module, _args: tuple) -> None:
-        if should_stop():
-            raise Interrupted
-
-    handles = [block.register_forward_pre_hook(check) for net in nets for m in net.modules()
-               if isinstance(m, nn.ModuleList) for block in m]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-class CastInputs(nn.Module):
-    """Runs a reduced-precision network (bf16 weights) on float32 samplers: floating inputs are cast
-    to the weights' dtype on the way in; the denoiser casts the output back to float32."""
-
-    def __init__(self, net: nn.Module, weights: nn.Module | None = None) -> None:
-        super().__init__()
-        self.net = net
-        self.dtype = next((weights or net).parameters()).dtype
-
-    @classmethod
-    def around(cls, net: nn.Module, weights: nn.Module | None = None) -> nn.Module:
-        """`net` itself when its weights (`weights`: the module holding them, if `net` wraps it) are
-        float32, else a CastInputs around it."""
-        dtype = next((weights or net).parameters()).dtype
-        return net if dtype == torch.float32 else cls(net, weights)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
-        cond = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in cond.items()}
-        return self.net(x.to(self.dtype), t, **cond)
 
 
 class ConcatChannels(nn.Module):

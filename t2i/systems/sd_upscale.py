@@ -62,8 +62,16 @@ from t2i.imageio import from_pil, request_parameters
 from t2i.nets.unet import UNet, UNetConfig
 from t2i.samplers.sampling import SAMPLERS
 from t2i.seeds import seed_generators, seed_noise
-from t2i.systems.base import Capabilities, GenerationRequest, GenerationResult, Pipeline, System, per_image
-from t2i.systems.latent_diffusion import LatentDiffusionPipeline, stop_polling
+from t2i.systems.base import (
+    Capabilities,
+    GenerationRequest,
+    GenerationResult,
+    Pipeline,
+    System,
+    per_image,
+    stop_polling,
+)
+from t2i.systems.latent_diffusion import LatentDiffusionPipeline
 from t2i.systems.stable_diffusion import generation_defaults
 from t2i.systems.stable_diffusion import write_tiny as write_tiny_sd
 from t2i.text.clip import CLIPTextConfig, CLIPTextModel

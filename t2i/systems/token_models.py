@@ -56,8 +56,8 @@ from t2i.systems.base import (
     StepReport,
     System,
     per_image,
+    stop_polling,
 )
-from t2i.systems.latent_diffusion import stop_polling
 from t2i.tokens.sampling import check_draws
 
 PARTS = ("transformer", "vq")  # the file's key prefixes

@@ -73,7 +73,7 @@ from t2i.nets.prior_transformer import PRIOR_PRESETS, PriorConfig, PriorTransfor
 from t2i.nets.unclip_unet import UNCLIP_UNET_PRESETS, TextProj, TextProjConfig, UnCLIPUNet, UnCLIPUNetConfig
 from t2i.quantize import precision_of
 from t2i.samplers.diffusers_plan import SamplingPlan
-from t2i.samplers.learned_variance import VarianceTap
+from t2i.samplers.learned_variance import VarianceTap, run_plan
 from t2i.seeds import seed_generators, seed_noise
 from t2i.systems.base import (
     Capabilities,
@@ -85,9 +85,8 @@ from t2i.systems.base import (
     System,
     check_sampling_request,
     per_image,
+    stop_polling,
 )
-from t2i.systems.ddpm import run_plan
-from t2i.systems.latent_diffusion import stop_polling
 from t2i.text.clip_tokenizer import CLIPTokenizer
 
 SYSTEM_NAME = "unclip"

@@ -46,8 +46,8 @@ from t2i.systems.base import (
     StepReport,
     System,
     per_image,
+    stop_polling,
 )
-from t2i.systems.latent_diffusion import stop_polling
 
 SYSTEM_NAME = "vqgan_clip"
 TOKENIZER_SYSTEM = "vq_autoencoder"  # the metadata of `t2i train vqvae` files (VQ-VAE and VQGAN kinds)
