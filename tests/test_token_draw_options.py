@@ -20,7 +20,7 @@ from t2i.systems.registry import system
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", params=["dalle", "maskgit", "amused"])
+@pytest.fixture(scope="module", params=["dalle", "maskgit", "amused", "parti", "muse"])
 def tiny(request, tmp_path_factory):
     fam = system(request.param)
     path = fam.write_tiny(tmp_path_factory.mktemp(request.param), 0)
