@@ -252,6 +252,14 @@ def _acp_sigma(acp: torch.Tensor | float) -> float:
     return float(((1 - acp) / acp) ** 0.5)
 
 
+def plan_for_request(cfg: ScheduleConfig, sampler: str, steps: int, schedule: str,
+                     eta: float | None = None) -> SamplingPlan:
+    """`prepare_sampling` for a request's schedule name: "karras" asks for Karras sigmas, "default" takes
+    the config's own spacing (none for ddim / ddpm, which have no Karras option); eta None is 0."""
+    karras = True if schedule == "karras" else (False if sampler in ("ddim", "ddpm") else None)
+    return prepare_sampling(cfg, sampler, steps, karras=karras, eta=eta or 0.0)
+
+
 def prepare_sampling(cfg: ScheduleConfig, sampler: str, steps: int, karras: bool | None = None,
                      eta: float = 0.0) -> SamplingPlan:
     """Everything a run needs from a model's schedule config, matching diffusers.

@@ -50,7 +50,7 @@ from t2i.nets.cast_inputs import CastInputs
 from t2i.nets.classifier import load_noisy_classifier
 from t2i.nets.pixel_unet import PIXEL_UNET_PRESETS, PixelUNet, PixelUNetConfig
 from t2i.quantize import precision_of
-from t2i.samplers.diffusers_plan import SamplingPlan, prepare_sampling
+from t2i.samplers.diffusers_plan import SamplingPlan, plan_for_request
 from t2i.samplers.learned_variance import VarianceTap, run_plan
 from t2i.samplers.sampling import SAMPLERS
 from t2i.seeds import seed_generators, seed_noise
@@ -194,8 +194,7 @@ class DDPMPipeline(RequestMethods):
         """The sampler run: diffusers' spacing of the model's schedule ("default", "karras"), or
         IDDPM's respacing, the same plan over `respaced_sigmas` with x0 limited as configured."""
         if schedule != "iddpm":
-            karras = True if schedule == "karras" else (False if sampler in ("ddim", "ddpm") else None)
-            return prepare_sampling(self.schedule, sampler, steps, karras=karras, eta=eta or 0.0)
+            return plan_for_request(self.schedule, sampler, steps, schedule, eta)
         if eta and sampler != "ddim":
             raise ValueError("eta applies to the ddim sampler only")
         acp = self.schedule.alphas_cumprod()

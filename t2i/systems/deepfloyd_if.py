@@ -70,7 +70,7 @@ from t2i.imageio import request_parameters, to_pil
 from t2i.nets.cast_inputs import CastInputs
 from t2i.nets.if_unet import IF_UNET_PRESETS, IFUNet, IFUNetConfig
 from t2i.quantize import precision_of
-from t2i.samplers.diffusers_plan import SamplingPlan, prepare_sampling
+from t2i.samplers.diffusers_plan import SamplingPlan, plan_for_request
 from t2i.samplers.learned_variance import VarianceTap, run_plan
 from t2i.samplers.sampling import SAMPLERS
 from t2i.seeds import seed_generators, seed_noise
@@ -279,8 +279,7 @@ class IFPipeline(RequestMethods):
                             self.sr_guidance, generators, report)
 
     def _plan(self, stage: IFStage, sampler: str, steps: int, schedule: str, eta: float | None) -> SamplingPlan:
-        karras = True if schedule == "karras" else (False if sampler in ("ddim", "ddpm") else None)
-        return prepare_sampling(stage.schedule, sampler, steps, karras=karras, eta=eta or 0.0)
+        return plan_for_request(stage.schedule, sampler, steps, schedule, eta)
 
 
 def sample_stage(stage: IFStage, plan: SamplingPlan, x: torch.Tensor, cond: dict, uncond: dict | None,

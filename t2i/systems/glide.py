@@ -48,7 +48,7 @@ from t2i.nets.cast_inputs import CastInputs
 from t2i.nets.glide import IMAGE_CHANNELS, GlideNet, GlideNetConfig, preset
 from t2i.nets.glide_clip import NoisyCLIP, is_noisy_clip, load_noisy_clip
 from t2i.quantize import precision_of
-from t2i.samplers.diffusers_plan import SamplingPlan, prepare_sampling
+from t2i.samplers.diffusers_plan import SamplingPlan, plan_for_request
 from t2i.samplers.learned_variance import VarianceTap, run_plan
 from t2i.samplers.sampling import SAMPLERS
 from t2i.seeds import seed_generators, seed_noise
@@ -297,8 +297,7 @@ class GlidePipeline(RequestMethods):
         return GenerationResult(pictures, x, seeds, self._warnings(prompts), time.perf_counter() - start)
 
     def _plan(self, sampler: str, steps: int, schedule: str, eta: float | None) -> SamplingPlan:
-        karras = True if schedule == "karras" else (False if sampler in ("ddim", "ddpm") else None)
-        return prepare_sampling(self.cfg.schedule, sampler, steps, karras=karras, eta=eta or 0.0)
+        return plan_for_request(self.cfg.schedule, sampler, steps, schedule, eta)
 
 
 # ---------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from t2i.nets.cast_inputs import CastInputs
 from t2i.nets.controlnet import ControlledUNet, ControlNet, check_fits
 from t2i.nets.unet import DeepCacheUNet, UNet, guidance_scale_embedding
 from t2i.quantize import precision_of
-from t2i.samplers.diffusers_plan import SamplingPlan, prepare_sampling
+from t2i.samplers.diffusers_plan import SamplingPlan, plan_for_request
 from t2i.samplers.sampling import SAMPLERS
 from t2i.seeds import seed_generators, seed_noise
 from t2i.systems.base import (
@@ -366,8 +366,7 @@ class LatentDiffusionPipeline(RequestMethods):
 
     def plan(self, sampler: str, steps: int, schedule: str, eta: float | None = None) -> SamplingPlan:
         """The full sampling plan for these settings on this model's schedule."""
-        karras = True if schedule == "karras" else (False if sampler in ("ddim", "ddpm") else None)
-        return prepare_sampling(self.schedule, sampler, steps, karras=karras, eta=eta or 0.0)
+        return plan_for_request(self.schedule, sampler, steps, schedule, eta)
 
     @torch.no_grad()
     def run(self, request: GenerationRequest) -> GenerationResult:
