@@ -218,16 +218,17 @@ def test_cosine_betas_are_iddpms_and_reach_the_file_config():
     assert acp[-1] < 1e-6 < linear.alphas_cumprod()[-1] < 1e-4
 
 
-def test_v_prediction_reaches_the_loss_and_the_file_and_learned_sigma_refuses_it(tmp_path):
+def test_v_prediction_reaches_the_loss_and_the_file_with_or_without_a_learned_sigma(tmp_path):
     """`--prediction v_prediction`: the saved model's schedule says v (so every sampler reads the network
     as v), the training loss regresses v (a 2-step tiny run logs a loss that the eps target would not
-    give from the same draws), and IDDPM's hybrid loss, defined on eps, refuses it by name."""
+    give from the same draws); with --learn-sigma too (6 output channels, v then the variance values;
+    tests/test_iddpm.py trains and samples it)."""
     from t2i.train.ddpm import resolve_model_config
 
     assert resolve_model_config(DDPMTrainConfig(out="", prediction_type="v_prediction")).schedule.prediction_type \
         == "v_prediction"
-    with pytest.raises(ValueError, match="prediction"):
-        resolve_model_config(DDPMTrainConfig(out="", prediction_type="v_prediction", learn_sigma=True))
+    learned = resolve_model_config(DDPMTrainConfig(out="", prediction_type="v_prediction", learn_sigma=True))
+    assert learned.schedule.prediction_type == "v_prediction" and learned.net.out_channels == 6
     text = _Words(384)
     losses = {}
     for kind in ("epsilon", "v_prediction"):

@@ -3,8 +3,9 @@ Models"): a pixel-space text-to-image cascade whose text encoder is trained from
 
 - **base**: `t2i.nets.glide.GlideNet` at low resolution (GLIDE: 64x64; the shapes world: 32x32): the caption's word
   ids through GLIDE's transformer, its final token added to the timestep embedding and its token sequence projected
-  into every attention layer as extra keys and values; cosine betas, eps with a learned variance (IDDPM), trained
-  with 20% empty captions so that one network is also the unconditional model of classifier-free guidance.
+  into every attention layer as extra keys and values; cosine betas, eps (GLIDE's; or v, Salimans & Ho 2022) with a
+  learned variance (IDDPM), trained with 20% empty captions so that one network is also the unconditional model of
+  classifier-free guidance.
 - **upsampler** (optional second stage, GLIDE's 64 -> 256; here 2x): the same network reading the base sample
   (rounded to 8 bits, as GLIDE hands it over) upsampled bilinearly next to its noisy input, and the caption again.
 - **CLIP guidance** (sec. 2.4): a noise-aware shapes CLIP (`t2i.nets.glide_clip`, `t2i train noisy-clip`) steers the
@@ -20,8 +21,13 @@ guidance, sampler, schedule and eta are the base stage's; the upsampler takes th
 `up_guidance` (the file's) and the request's sampler. Image i of seed s draws, from one generator (seed s + i), the
 base's start and step noise, then the upsampler's.
 
+Each stage reads its network with its own parameterisation (`GlideConfig.stage_schedule`): the schedule's
+prediction_type is the base's, `up_prediction_type` the upsampler's when it differs (a v upsampler on an eps base).
+v with a learned variance is what learns on the shapes world at our budget: the cosine schedule's SNR at t = 999
+(2.4e-9) leaves eps nothing to say about the image there.
+
 Layout: t2i's own file (one safetensors: `base.*` [+ `up.*`], the resolved `GlideConfig` in its metadata), what
-`t2i train glide` writes.
+`t2i train glide` writes; files from before `up_prediction_type` (eps throughout) read as they were.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from t2i.checkpoints.io import is_system_file, save_with_config, system_file
 from t2i.checkpoints.limits import check_schedule, load_system_file
 from t2i.data.shapes_vocab import out_of_world_warning, vocabulary
 from t2i.diffusion.clip_guidance import ClipGuidance
+from t2i.diffusion.denoiser import PREDICTIONS
 from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.imageio import request_parameters, to_pil
@@ -73,10 +80,11 @@ OPTIONS = frozenset({"negative_prompt", "steps", "guidance", "sampler", "schedul
 SCHEDULES = ("default", "karras")
 
 
-def glide_schedule() -> ScheduleConfig:
-    """GLIDE's diffusion: IDDPM's cosine betas over T = 1000, eps prediction (the variance is the network's), x0
-    clipped to the image range, trailing spacing so that a few-step run starts at the last training timestep."""
-    return ddpm_schedule("squaredcos_cap_v2")
+def glide_schedule(prediction_type: str = "epsilon") -> ScheduleConfig:
+    """GLIDE's diffusion: IDDPM's cosine betas over T = 1000, eps prediction (GLIDE's; or v) with the variance the
+    network's, x0 clipped to the image range, trailing spacing so that a few-step run starts at the last training
+    timestep."""
+    return dataclasses.replace(ddpm_schedule("squaredcos_cap_v2"), prediction_type=prediction_type)
 
 
 def shapes_words() -> list[str]:
@@ -97,14 +105,25 @@ class GlideConfig:
     guidance: float = 3.0
     up_steps: int = 25
     up_guidance: float = 1.0  # GLIDE samples its upsampler unguided
+    # what the upsampler predicts when it differs from the base's schedule.prediction_type (None: the same)
+    up_prediction_type: str | None = None
 
     def __post_init__(self) -> None:
+        if self.up_prediction_type not in (None, *PREDICTIONS):
+            raise ValueError(f"unknown up_prediction_type {self.up_prediction_type!r}; expected one of {PREDICTIONS}")
         for name, net in (("base", self.base), ("up", self.up)):
             if net is not None and net.text.vocab != len(SPECIALS) + len(self.words):
                 raise ValueError(f"{name}: a text vocabulary of {net.text.vocab} for {len(self.words)} words "
                                  f"+ {len(SPECIALS)} specials")
         if self.base.upsampler or (self.up is not None and not self.up.upsampler):
             raise ValueError("the base stage takes 3 input channels, the upsampler 6")
+
+    def stage_schedule(self, stage: str) -> ScheduleConfig:
+        """The schedule a stage ("base" or "up") samples and trains with: the betas are shared, the
+        parameterisation is the stage's own."""
+        if stage == "up" and self.up_prediction_type is not None:
+            return dataclasses.replace(self.schedule, prediction_type=self.up_prediction_type)
+        return self.schedule
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GlideConfig:
@@ -272,9 +291,9 @@ class GlidePipeline(RequestMethods):
         if r.classifier is not None and r.classifier_scale != 0:
             scale = 1.0 if r.classifier_scale is None else r.classifier_scale
             guide = ClipGuide(self._clip(r.classifier), scale, prompts)
-        plan = self._plan(r.sampler, r.steps, r.schedule, r.eta)
+        plan = self._plan("base", r.sampler, r.steps, r.schedule, r.eta)
         up = self.nets.up
-        up_plan = None if up is None else self._plan(r.sampler, self.up_steps, "default", None)
+        up_plan = None if up is None else self._plan("up", r.sampler, self.up_steps, "default", None)
         generators = seed_generators(seeds)
         base = self.nets.base
         with StepReport.of(r, plan.steps + (0 if up_plan is None else up_plan.steps)) as report:
@@ -296,8 +315,8 @@ class GlidePipeline(RequestMethods):
             im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, precision_of(self.unet))
         return GenerationResult(pictures, x, seeds, self._warnings(prompts), time.perf_counter() - start)
 
-    def _plan(self, sampler: str, steps: int, schedule: str, eta: float | None) -> SamplingPlan:
-        return plan_for_request(self.cfg.schedule, sampler, steps, schedule, eta)
+    def _plan(self, stage: str, sampler: str, steps: int, schedule: str, eta: float | None) -> SamplingPlan:
+        return plan_for_request(self.cfg.stage_schedule(stage), sampler, steps, schedule, eta)
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,9 +8,12 @@ one network also learns the unconditional model for classifier-free guidance. Th
 are exported as a self-describing `model.safetensors` (`t2i.systems.ddpm`) and sampled into
 captioned grids.
 
-`learn_sigma` (IDDPM, Nichol & Dhariwal 2021): the U-Net outputs 2C channels, eps then the variance
-interpolation values, trained by the hybrid loss L_simple + 0.001 L_vlb (`HybridLoss`); the family samples
-it with the learned variance (`t2i.samplers.learned_variance`).
+`learn_sigma` (IDDPM, Nichol & Dhariwal 2021): the U-Net outputs 2C channels, its mean parameterisation (eps, v or
+x0, `prediction_type`) then the variance interpolation values, trained by the hybrid loss L_simple + 0.001 L_vlb
+(`HybridLoss`: L_vlb's mean is the posterior mean at the x0 the stopped-gradient first half implies, so the
+parameterisation only changes how x0 is read); the family samples it with the learned variance
+(`t2i.samplers.learned_variance`). v with a learned variance is what learns on the cosine schedule at our budget:
+there the last timesteps' SNR (2.4e-9 at t = 999) leaves eps nothing to say about the image.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class DDPMTrainConfig(LoopConfig):
 
     net_preset: str = "shapes_32"
     beta_schedule: str = "linear"  # or "cosine" (IDDPM)
-    learn_sigma: bool = False  # IDDPM: 2C output channels (eps, variance values), the hybrid loss
+    learn_sigma: bool = False  # IDDPM: 2C output channels (eps/v/x0, variance values), the hybrid loss
     # What the network predicts. "v_prediction" (Salimans & Ho 2022) keeps a learning signal for x0 where the
     # cosine schedule's SNR is near zero; eps there learns almost nothing about the image (see the model card).
     prediction_type: str = "epsilon"
@@ -66,9 +69,6 @@ def resolve_model_config(cfg: DDPMTrainConfig) -> DDPMConfig:
     net = dataclasses.replace(PIXEL_UNET_PRESETS[cfg.net_preset], sample_size=cfg.image_size)
     if cfg.learn_sigma:
         net = dataclasses.replace(net, out_channels=2 * net.in_channels)
-    if cfg.learn_sigma and cfg.prediction_type != "epsilon":
-        raise ValueError("--learn-sigma trains IDDPM's hybrid loss on an eps-predicting network: leave --prediction "
-                         "at epsilon")
     schedule = dataclasses.replace(
         ddpm_schedule("squaredcos_cap_v2" if cfg.beta_schedule == "cosine" else cfg.beta_schedule),
         prediction_type=cfg.prediction_type)

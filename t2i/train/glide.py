@@ -2,10 +2,12 @@
 with the one training loop.
 
 GLIDE (`t2i.systems.glide`): the caption transformer and the U-Net are one network trained together from scratch
-on the caption's word ids; cosine betas, eps with a learned variance by IDDPM's hybrid loss (L_simple + 0.001 L_vlb,
-`HybridLoss`), 20% of the captions replaced by the empty one (GLIDE fine-tunes for classifier-free guidance with 20%
-of the token sequences empty; here from the first step) so that the network is also the unconditional model of
-classifier-free guidance.
+on the caption's word ids; cosine betas, eps (GLIDE's) or v (`--prediction v_prediction`: what learns at our
+budget, the cosine schedule's last SNRs leaving eps nothing to learn about the image) with a learned variance by
+IDDPM's hybrid loss (L_simple + 0.001 L_vlb, `HybridLoss`; L_vlb's mean comes from the x0 the stopped-gradient
+prediction implies, whatever it parameterises), 20% of the captions replaced by the empty one (GLIDE fine-tunes
+for classifier-free guidance with 20% of the token sequences empty; here from the first step) so that the network
+is also the unconditional model of classifier-free guidance.
 
 - base: 32x32 scenes from their captions.
 - up: 64x64 scenes from their captions and the same scene area-downsampled to 32x32 (the network upsamples it
@@ -63,6 +65,7 @@ class GlideTrainConfig(LoopConfig):
     up_factor: int = 2
     base_from: str | None = None  # up: the cascade's base (a t2i GLIDE file, e.g. the base run's model)
     up_from: str | None = None  # base: an upsampler to export with it (a t2i GLIDE file holding one)
+    prediction_type: str = "epsilon"  # what this stage's network predicts (or "v_prediction", "sample")
     caption_dropout: float = 0.2
     text_length: int | None = None  # caption tokens (None: the preset's)
     background_p: float | None = None
@@ -109,7 +112,8 @@ def build_glide(cfg: GlideTrainConfig, run: Run) -> Task:
     net = GlideNet(net_cfg)
     ema = EMA(net, cfg.ema_decay)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
-    loss_fn = HybridLoss(model_cfg.schedule.alphas_cumprod(), model_cfg.schedule.prediction_type)
+    schedule = model_cfg.stage_schedule(cfg.stage)
+    loss_fn = HybridLoss(schedule.alphas_cumprod(), schedule.prediction_type)
     parallel = run.parallel(net)
 
     def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -146,17 +150,23 @@ def build_glide(cfg: GlideTrainConfig, run: Run) -> Task:
         return Grid(pipe.generate(list(SAMPLE_PROMPTS), seed=0, steps=cfg.sample_steps).sample, list(SAMPLE_PROMPTS))
 
     n_params = sum(p.numel() for p in net.parameters())
-    about = f", GLIDE {cfg.stage} stage {n_params / 1e6:.2f}M parameters (text transformer included) at {size}x{size}"
+    about = (f", GLIDE {cfg.stage} stage {n_params / 1e6:.2f}M parameters (text transformer included) at {size}x{size}"
+             f", {schedule.prediction_type} with a learned variance")
     return Task("glide", {"net": net, "ema": ema.averaged}, {"opt": opt}, prepare=prepare, step=step, ema=ema,
                 grid=grid, export=export, about=about)
 
 
 def _model_config(cfg: GlideTrainConfig, other: GlideNets | None, net_cfg: GlideNetConfig) -> GlideConfig:
-    """The exported cascade's config: the trained stage's network next to the other file's stage."""
+    """The exported cascade's config: the trained stage's network and parameterisation next to the other file's
+    stage, which keeps its own (the schedule's prediction_type is the base's, up_prediction_type the upsampler's)."""
     if cfg.stage == "up":
         assert other is not None
-        return dataclasses.replace(other.cfg, up=net_cfg)
-    return GlideConfig(base=net_cfg, up=None) if other is None else dataclasses.replace(other.cfg, base=net_cfg)
+        return dataclasses.replace(other.cfg, up=net_cfg, up_prediction_type=cfg.prediction_type)
+    if other is None:
+        return GlideConfig(base=net_cfg, up=None, schedule=glide_schedule(cfg.prediction_type))
+    return dataclasses.replace(other.cfg, base=net_cfg,
+                               schedule=dataclasses.replace(other.cfg.schedule, prediction_type=cfg.prediction_type),
+                               up_prediction_type=other.cfg.stage_schedule("up").prediction_type)
 
 
 def train_glide(cfg: GlideTrainConfig, resume: bool = False, resume_lr: float | None = None,
