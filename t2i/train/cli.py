@@ -301,7 +301,7 @@ GLIDE: list[Option] = [
     ("--up-factor", "up_factor", {"type": int}, "up: output side / input side (the input is the image downsampled)"),
     ("--text-length", "text_length", {"type": int}, "caption tokens ([BOS] + words + [PAD]; unset: the preset's)"),
     *(o for o in IMAGES if o[1] in ("image_size", "background_p", "image_every")),
-    *(o for o in LDM if o[1] in ("caption_dropout", "ema_decay", "sample_steps", "export_every")),
+    *(o for o in LDM if o[1] in ("prediction_type", "caption_dropout", "ema_decay", "sample_steps", "export_every")),
 ]
 NOISY_CLIP: list[Option] = [
     ("--clip-from", "clip_from", {}, "the shapes CLIP file to start from (unset: the shipped one)"),
