@@ -167,17 +167,20 @@ def evaluate_model(name: str, out: Path, n: int, heldout: int, lora: Path | None
 LAYOUT_MODEL = "t2i-shapes-layout"
 
 
-def layout_train(out: Path, planner_steps: int, renderer_steps: int, share: float, pixel_weight: float) -> None:
-    """The layout model's adaptation (`t2i.train.new_word`): the planner's new shape rows, then the renderer LoRA."""
-    import t2i
-    from t2i.train.new_word import NewWordConfig, adapt
+LAYOUT_LORA = ["--rank", "8", "--unet-targets", "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,"
+               "phrase_proj,layout_in", "--lr", "1e-3", "--warmup", "20", "--min-snr-gamma", "5", "--name", SHAPE]
 
-    cfg = NewWordConfig(shape=SHAPE, planner_steps=planner_steps, renderer_steps=renderer_steps, share=share,
-                        pixel_weight=pixel_weight)
-    pipe = t2i.load(LAYOUT_MODEL, precision="fp32")
-    report = adapt(pipe, cfg, out / "layout", log=lambda m: print(m, flush=True))
-    print(json.dumps(report), flush=True)
-    print(f"wrote {out / 'layout' / SHAPE}.safetensors and {SHAPE}.planner.safetensors")
+
+# the measured recipe (module docstring): ordinary scenes replayed beside the ring scenes
+LAYOUT_DEFAULTS = "--replay 6 --replay-target truth --prior-weight 0.6 --pixel-weight 0.3"
+
+
+def layout_train(out: Path, steps: int, batch: int, extra: list[str]) -> None:
+    """The layout model's new word through `t2i train lora --new-word` (`t2i.train.new_word`): the planner's
+    new shape rows during the first steps, the renderer LoRA on ring scenes drawn from their truth layouts."""
+    run_cli(["train", "lora", "--model", LAYOUT_MODEL, "--data", "shapes", "--new-word", SHAPE, "--out",
+             str(out / "layout"), "--steps", str(steps), "--batch-size", str(batch), "--threads", str(THREADS),
+             "--image-every", "250", "--ckpt-every", "250", "--log-every", "50", *LAYOUT_LORA, *extra])
 
 
 def ring_scenes(n: int) -> list[tuple[str, str, object]]:
@@ -255,10 +258,10 @@ def main() -> None:
     ap.add_argument("--lora-weight", type=float, default=1.0, help="the LoRA's weight when merged")
     ap.add_argument("--models", default=None, help="eval: which of base, lora, ti (default all); layout-eval: "
                     "which of base, adapted, lora-only, rows (default all)")
-    ap.add_argument("--planner-steps", type=int, default=150, help="layout: steps of the planner's new rows")
-    ap.add_argument("--renderer-steps", type=int, default=700, help="layout: steps of the renderer LoRA")
-    ap.add_argument("--share", type=float, default=0.6, help="layout: share of training examples with the word")
-    ap.add_argument("--pixel-weight", type=float, default=0.3, help="layout: weight of the renderer's pixel loss")
+    ap.add_argument("--layout-steps", type=int, default=700, help="layout: steps of the run")
+    ap.add_argument("--layout-batch", type=int, default=10, help="layout: ring scenes a step")
+    ap.add_argument("--layout-args", default=LAYOUT_DEFAULTS,
+                    help="layout: more `t2i train lora` options (write --layout-args='...')")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     out = args.out
@@ -267,7 +270,7 @@ def main() -> None:
     elif args.step == "lora":
         run_cli(train_args("lora", out, "data", args.lora_steps, 16, LORA))
     elif args.step == "layout":
-        layout_train(out, args.planner_steps, args.renderer_steps, args.share, args.pixel_weight)
+        layout_train(out, args.layout_steps, args.layout_batch, shlex.split(args.layout_args))
     elif args.step == "layout-eval":
         lora = out / "layout" / f"{SHAPE}.safetensors"
         w = args.lora_weight  # "rows": the planner's new token alone (textual inversion's part), the renderer as it was

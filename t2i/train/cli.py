@@ -172,7 +172,20 @@ LORA: list[Option] = [
     ("--class-prompt", "class_prompt", {}, "DreamBooth prior preservation: the subject's class, e.g. 'a dog'"),
     ("--class-images", "class_images", {"type": int}, "class images the frozen model draws into OUT/class_images "
      "(where missing)"),
-    ("--prior-weight", "prior_weight", {"type": float}, "lambda: loss = instance + lambda * class-image loss"),
+    ("--prior-weight", "prior_weight", {"type": float}, "lambda: loss = instance + lambda * class-image loss "
+     "(layout model: the --replay scenes' loss)"),
+    ("--new-word", "new_word", {}, "layout model, --data shapes: a shape it never saw (e.g. ring) drawn in every "
+     "training scene; the planner learns its token too (OUT/NAME.planner.safetensors)"),
+    ("--planner-steps", "planner_steps", {"type": int}, "--new-word: the first N steps also train the planner's "
+     "new rows"),
+    ("--planner-batch", "planner_batch", {"type": int}, "--new-word: captions per planner step"),
+    ("--planner-lr", "planner_lr", {"type": float}, "--new-word: learning rate of the planner's new rows"),
+    ("--planner-share", "planner_share", {"type": float}, "--new-word: share of planner captions naming the word"),
+    ("--replay", "replay", {"type": int}, "layout model: ordinary world scenes replayed each step (prior "
+     "preservation), weighted by --prior-weight"),
+    ("--replay-target", "replay_target", {"choices": ("truth", "base")}, "the replayed scenes' target: their "
+     "truth, or the frozen model's own prediction (distillation)"),
+    *(o for o in RENDERER if o[1] in ("pixel_weight", "pixel_batch")),
 ]
 TEXTUAL_INVERSION: list[Option] = [
     ("--token", "token", {}, "the new word (and the file's stem), e.g. '<my-style>'"),

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,7 +83,18 @@ class LoraTrainConfig(AdapterTrainConfig):
     instance_prompt: str = ""  # every data image's caption (e.g. 'a sks dog'); "": the data's own captions
     class_prompt: str = ""  # the subject's class ('a dog'): class images are drawn from it
     class_images: int = 0  # how many (in <out>/class_images, drawn by the frozen model where missing)
-    prior_weight: float = 1.0  # lambda of DreamBooth's eq. 2
+    prior_weight: float = 1.0  # lambda of DreamBooth's eq. 2 (and of the layout model's --replay scenes)
+    # The layout model (t2i-shapes-layout; `t2i.train.new_word`): it trains on `--data shapes` scenes with
+    # their truth layouts, as it draws; a new shape word (`new_word`) adds the planner's rows for it
+    new_word: str = ""  # a shape the model never saw (t2i.data.shapes.world.NEW_SHAPES, e.g. 'ring')
+    planner_steps: int = 150  # the first steps of the run also train the planner's new rows (0: none)
+    planner_batch: int = 32
+    planner_lr: float = 3e-2
+    planner_share: float = 0.75  # share of the planner's captions that name the word (the rest: old words)
+    replay: int = 0  # ordinary world scenes per step beside the batch, their loss weighted by prior_weight
+    replay_target: str = "truth"  # "truth": their denoising loss; "base": the frozen model's own prediction
+    pixel_weight: float = 0.0  # lambda of an L1 loss on the decoded x0 estimate (DecodedLoss; 0: off)
+    pixel_batch: int = 8  # samples of each batch decoded for it (the least noisy)
 
 
 # ============================================================================ the frozen model
@@ -235,6 +248,15 @@ class LoraNetwork(nn.Module):
             hook.remove()
         self._hooks = []
 
+    @contextmanager
+    def bypassed(self) -> Iterator[None]:
+        """The base model inside the block (the hooks off), the LoRA again after it."""
+        self.detach()
+        try:
+            yield
+        finally:
+            self.attach()
+
     def layers(self) -> dict[str, LoraLayer]:
         """{kohya name: LoraLayer} as `write_lora` writes them."""
         return {name: LoraLayer(m.down.weight, m.up.weight, m.alpha) for name, m in self.lora.items()}
@@ -267,6 +289,31 @@ def select_layers(pipe: Any, unet_targets: str, text_targets: str | None) -> lis
     return chosen
 
 
+def attach_lora(pipe: Any, layers: list[NamedLayer], rank: int, alpha: float) -> LoraNetwork:
+    """A fresh LoraNetwork on `layers`, attached (the pipeline computes with it from now on)."""
+    for m in pipe.unet.modules():  # fused inference projections (t2i.nets.attention) would bypass the hooks
+        if hasattr(m, "unfuse_projections"):
+            m.unfuse_projections()
+    return LoraNetwork(layers, rank, alpha).attach()
+
+
+def export_lora(cfg: LoraTrainConfig, net: LoraNetwork, steps: int) -> Path:
+    """`<out>/<name>.safetensors` in the kohya layout, with kohya's training metadata."""
+    alpha = float(cfg.rank if cfg.alpha is None else cfg.alpha)
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank),
+            "ss_network_alpha": str(alpha), "ss_output_name": cfg.name, "ss_steps": str(steps),
+            "ss_training_comment": f"t2i train lora on {Path(cfg.model).name}",
+            "t2i_config": json.dumps(cfg.to_dict())}
+    return write_lora(Path(cfg.out) / f"{cfg.name}.safetensors", net.layers(), meta)
+
+
+def is_layout_pipeline(pipe: Any) -> bool:
+    """A pipeline whose U-Net draws from a layout (boxes with phrases) besides the caption."""
+    from t2i.systems.shapes_layout import ShapesLayoutPipeline
+
+    return isinstance(pipe, ShapesLayoutPipeline)
+
+
 # ============================================================================ the run
 
 
@@ -276,6 +323,13 @@ def build_lora(cfg: LoraTrainConfig, run: Run) -> Task:
     if cfg.text_encoder and not isinstance(pipe.text_encoder, CLIPTextEncoder):
         raise ValueError(f"--text-encoder: {pipe.name}'s text encoder is {type(pipe.text_encoder).__name__}; "
                          "text-encoder LoRAs are trained on one CLIP encoder (SD 1.x/2.x)")
+    if is_layout_pipeline(pipe):  # boxes and phrases come with every training image: `t2i.train.new_word`
+        from t2i.train.new_word import build_layout_lora
+
+        return build_layout_lora(cfg, run, frozen)
+    if cfg.new_word or cfg.replay or cfg.pixel_weight:
+        raise ValueError(f"--new-word, --replay and --pixel-weight train the layout model (t2i-shapes-layout), "
+                         f"not {pipe.name}")
     alpha = float(cfg.rank if cfg.alpha is None else cfg.alpha)
     layers = select_layers(pipe, cfg.unet_targets, cfg.text_targets if cfg.text_encoder else None)
     prior_data = None
@@ -284,10 +338,7 @@ def build_lora(cfg: LoraTrainConfig, run: Run) -> Task:
         folder = write_class_images(pipe, cfg.class_prompt, cfg.class_images, Path(cfg.out) / "class_images",
                                     frozen.size, cfg.sample_steps, run.log.text)
         prior_data = open_data("folder", str(folder), frozen.size, cfg.seed + 1, run.log.text)
-    for m in pipe.unet.modules():  # fused inference projections (t2i.nets.attention) would bypass the hooks
-        if hasattr(m, "unfuse_projections"):
-            m.unfuse_projections()
-    net = LoraNetwork(layers, cfg.rank, alpha).attach()
+    net = attach_lora(pipe, layers, cfg.rank, alpha)
     params = list(net.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     done = {"steps": 0}
@@ -319,11 +370,7 @@ def build_lora(cfg: LoraTrainConfig, run: Run) -> Task:
         return {"lora/loss": loss.item(), "lora/grad_norm": gnorm, **parts}
 
     def export() -> None:
-        meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank),
-                "ss_network_alpha": str(alpha), "ss_output_name": cfg.name, "ss_steps": str(done["steps"]),
-                "ss_training_comment": f"t2i train lora on {Path(cfg.model).name}",
-                "t2i_config": json.dumps(cfg.to_dict())}
-        write_lora(Path(cfg.out) / f"{cfg.name}.safetensors", net.layers(), meta)
+        export_lora(cfg, net, done["steps"])
 
     def evaluate(step: int) -> None:
         run.log.scalars(step, {"lora/fixed_loss": frozen.fixed_loss(encode)})
