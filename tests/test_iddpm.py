@@ -1,9 +1,12 @@
 """IDDPM (Nichol & Dhariwal 2021): the hybrid loss's VLB terms against their formulas and diffusers' learned
 range, the stop-gradient that leaves the variance to L_vlb alone, a falling loss on a tiny run, and sampling
-with the learned variance equal to diffusers' DDPMScheduler(variance_type="learned_range"), respaced too."""
+with the learned variance equal to diffusers' DDPMScheduler(variance_type="learned_range"), respaced too.
+The same with the mean half predicting v (or x0) instead of eps: the VLB is the eps path's for the same x0, the
+sampler equals diffusers' v_prediction + learned_range, a tiny cosine run learns, the file keeps the type."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -66,6 +69,40 @@ def test_vlb_terms_equal_their_formulas(t):
     assert float(ours[0]) == pytest.approx(float(ref), rel=1e-4 if t else 2e-3)
 
 
+def _same_x0(x_t: torch.Tensor, x0_hat: torch.Tensor, acp: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The eps, v and x0 outputs (float64 in, float32 out) that all describe x0_hat at x_t (VP), acp (B, 1, 1, 1)."""
+    eps = (x_t - acp.sqrt() * x0_hat) / (1 - acp).sqrt()
+    v = acp.sqrt() * eps - (1 - acp).sqrt() * x0_hat  # Salimans & Ho 2022, sec. 4
+    return {"epsilon": eps.float(), "v_prediction": v.float(), "sample": x0_hat.float()}
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_vlb_of_a_v_or_x0_mean_half_equals_the_eps_paths_for_the_same_x0(schedule):
+    """L_vlb reads the mean half only through the x0 it implies: three networks whose outputs describe the same x0
+    (eps, v, x0) with the same variance values give the same L_t (at every t, the decoder's t = 0 included), while
+    the v output read as eps does not."""
+    from t2i.systems.ddpm import ddpm_schedule
+
+    acp32 = ddpm_schedule("squaredcos_cap_v2" if schedule == "cosine" else "linear").alphas_cumprod()
+    g = torch.Generator().manual_seed(7)
+    t = torch.tensor([0, 1, 10, 250, 500, 800, 990, 999])
+    b = t.shape[0]
+    x0 = (torch.randint(0, 256, (b, 3, 4, 4), generator=g) / 127.5 - 1).double()
+    x0_hat = (x0 + 0.1 * torch.randn(b, 3, 4, 4, generator=g, dtype=torch.float64)).clamp(-1, 1)
+    var = torch.rand(b, 3, 4, 4, generator=g) * 2 - 1
+    acp = acp32.double()[t].reshape(b, 1, 1, 1)
+    x_t = acp.sqrt() * x0 + (1 - acp).sqrt() * torch.randn(b, 3, 4, 4, generator=g, dtype=torch.float64)
+    outs = _same_x0(x_t, x0_hat, acp)
+    vlb = {k: HybridLoss(acp32, k).vlb_terms(x0.float(), x_t.float(), t, out, var) for k, out in outs.items()}
+    torch.testing.assert_close(vlb["v_prediction"], vlb["sample"], rtol=1e-4, atol=0)
+    # eps's x0 = (x_t - sqrt(1 - acp) eps) / sqrt(acp) cancels in float32 where acp is tiny (the cosine schedule's
+    # 2.4e-9 at t = 999): 8e-3 there, 6e-6 on the linear schedule
+    torch.testing.assert_close(vlb["v_prediction"], vlb["epsilon"], rtol=1e-2 if schedule == "cosine" else 1e-5,
+                               atol=0)
+    wrong = HybridLoss(acp32, "epsilon").vlb_terms(x0.float(), x_t.float(), t, outs["v_prediction"], var)
+    assert ((wrong / vlb["epsilon"] - 1).abs()[3:] > 1).all()  # t >= 250 (at small t eps barely moves x0)
+
+
 def test_model_log_variance_equals_diffusers_learned_range():
     """Sigma_theta of eq. 15 as diffusers' DDPMScheduler(variance_type="learned_range")._get_variance computes it."""
     diffusers = pytest.importorskip("diffusers")
@@ -90,11 +127,12 @@ class _Constant(torch.nn.Module):
         return self.out.expand(x.shape[0], -1, -1, -1) + 0 * x.repeat(1, 2, 1, 1)
 
 
-def test_the_variance_half_is_trained_by_l_vlb_alone_and_the_mean_by_l_simple_alone():
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_the_variance_half_is_trained_by_l_vlb_alone_and_the_mean_by_l_simple_alone(prediction):
     acp = _acp()
     x0 = torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1
     grads = {}
-    for name, loss in (("hybrid", HybridLoss(acp)), ("simple", DiffusionLoss(acp))):
+    for name, loss in (("hybrid", HybridLoss(acp, prediction)), ("simple", DiffusionLoss(acp, prediction))):
         net = _Constant()
         out = net if name == "hybrid" else (lambda x, t, n=net: n(x, t)[:, :3])
         loss(out, x0, {}, torch.Generator().manual_seed(2)).backward()
@@ -103,7 +141,7 @@ def test_the_variance_half_is_trained_by_l_vlb_alone_and_the_mean_by_l_simple_al
     torch.testing.assert_close(grads["hybrid"][:, :3], grads["simple"][:, :3], rtol=0, atol=0)
     # the variance half: L_simple gives none; all of it is lambda T L_vlb's
     assert grads["simple"][:, 3:].abs().max() == 0 and grads["hybrid"][:, 3:].abs().max() > 0
-    loss, net = HybridLoss(acp), _Constant()
+    loss, net = HybridLoss(acp, prediction), _Constant()
     t, _, _, x_t = loss.noised(x0, torch.Generator().manual_seed(2))
     out = net(x_t, t.float())
     (0.001 * 1000 * loss.vlb_terms(x0, x_t, t, out[:, :3], out[:, 3:]).mean()).backward()
@@ -136,7 +174,7 @@ def _held_out(path) -> tuple[float, float]:
 
     net, cfg = load_t2i_ddpm(path)
     x, _, _ = open_data("shapes", None, cfg.image_size, 123, print).batch(0, 32, DistInfo())
-    loss = HybridLoss(cfg.schedule.alphas_cumprod())
+    loss = HybridLoss(cfg.schedule.alphas_cumprod(), cfg.schedule.prediction_type)
     totals, vlbs = [], []
     with torch.no_grad():
         for k in range(4):
@@ -147,19 +185,27 @@ def _held_out(path) -> tuple[float, float]:
     return sum(totals) / 4, sum(vlbs) / 4
 
 
-def test_learn_sigma_run_lowers_the_hybrid_loss_and_its_vlb_and_samples_with_the_learned_variance(tmp_path):
-    """`t2i train ddpm --learn-sigma` in-process (unconditional tiny preset, 16x16, 30 steps): a 6-channel
-    U-Net whose held-out hybrid loss and VLB term both fall, exported as a file the family samples."""
+# v's target has unit variance at every t, so its loss starts lower and falls less than eps's (measured: eps on
+# linear betas 1.14 -> 0.21, v on cosine 0.94 -> 0.57)
+@pytest.mark.parametrize(("prediction", "betas", "ratio"),
+                         [("epsilon", "linear", 0.6), ("v_prediction", "cosine", 0.7)])
+def test_learn_sigma_run_lowers_the_hybrid_loss_and_its_vlb_and_samples_with_the_learned_variance(tmp_path, prediction,
+                                                                                                   betas, ratio):
+    """`t2i train ddpm --learn-sigma [--prediction v_prediction --beta-schedule cosine]` in-process (unconditional
+    tiny preset, 16x16, 30 steps): a 6-channel U-Net whose held-out hybrid loss and VLB term both fall, exported as
+    a file (its prediction type in it) the family samples."""
     common = dict(net_preset="tiny_uncond", image_size=16, batch_size=8, warmup=5, ckpt_every=1000, image_every=0,
-                  log_every=10, seed=0, ema_decay=0.0, learn_sigma=True)
+                  log_every=10, seed=0, ema_decay=0.0, learn_sigma=True, prediction_type=prediction,
+                  beta_schedule=betas)
     assert train_ddpm(DDPMTrainConfig(out=str(tmp_path / "r0"), steps=1, lr=1e-12, **common)) == 0
     assert train_ddpm(DDPMTrainConfig(out=str(tmp_path / "r30"), steps=30, lr=3e-3, **common)) == 0
     (before, vlb_before), (after, vlb_after) = (_held_out(tmp_path / r / "model.safetensors") for r in ("r0", "r30"))
     print(f"hybrid {before:.4f} -> {after:.4f}; L_t {vlb_before:.4f} -> {vlb_after:.4f} bits/dim")
-    assert after < 0.6 * before and vlb_after < vlb_before
+    assert after < ratio * before and vlb_after < vlb_before
     assert "ddpm/vlb_bpd" in (tmp_path / "r30" / "log.txt").read_text()
     pipe = t2i.load(tmp_path / "r30" / "model.safetensors")
     assert pipe.learned_variance and pipe.unet.pixel_cfg.out_channels == 6
+    assert pipe.schedule.prediction_type == prediction
     images = pipe.generate("", seed=0, steps=10).sample
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
 
@@ -168,16 +214,28 @@ def test_learn_sigma_run_lowers_the_hybrid_loss_and_its_vlb_and_samples_with_the
 # Sampling parity with diffusers
 # ---------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def learned_folder(tmp_path_factory):
-    """(folder, unet, scheduler): test_ddpm's tiny random UNet2DModel with 6 output channels (eps x8, the
-    variance half as initialised) under DDPMScheduler(learned_range)."""
+def _learned_folder(factory, **scheduler) -> tuple:
+    """(folder, unet, scheduler): test_ddpm's tiny random UNet2DModel with 6 output channels (the mean half x8,
+    the variance half as initialised) under DDPMScheduler(learned_range, **scheduler)."""
     diffusers = pytest.importorskip("diffusers")
     unet = tiny_unet2d(out_channels=6)
-    scheduler = diffusers.DDPMScheduler(variance_type="learned_range")
-    folder = tmp_path_factory.mktemp("iddpm") / "iddpm-tiny"
+    scheduler = diffusers.DDPMScheduler(variance_type="learned_range", **scheduler)
+    folder = factory.mktemp("iddpm") / "iddpm-tiny"
     diffusers.DDPMPipeline(unet, scheduler).save_pretrained(folder)
     return folder, unet, scheduler
+
+
+@pytest.fixture(scope="module")
+def learned_folder(tmp_path_factory):
+    """eps on DDPM's linear betas."""
+    return _learned_folder(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def learned_v_folder(tmp_path_factory):
+    """v on IDDPM's cosine betas: what `t2i train ddpm --learn-sigma --prediction v_prediction --beta-schedule
+    cosine` trains."""
+    return _learned_folder(tmp_path_factory, prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2")
 
 
 def _diffusers_run(unet, scheduler, seed: int, channels: int = 6, **timesteps) -> np.ndarray:
@@ -226,6 +284,26 @@ def test_learned_variance_sampling_over_iddpm_respaced_timesteps_equals_diffuser
     assert err < 2e-4
 
 
+@pytest.mark.parametrize("schedule", ["default", "iddpm"])
+def test_v_prediction_with_the_learned_variance_samples_as_diffusers_does(learned_v_folder, schedule):
+    """The sampler reads x0 from v through the denoiser contract and the variance values beside it: diffusers'
+    DDPMScheduler(v_prediction, learned_range) on cosine betas, 20 steps of its leading spacing or 25 IDDPM-respaced
+    ones, ends where t2i does; reading the same network as eps ends far away."""
+    folder, unet, scheduler = learned_v_folder
+    pipe = t2i.load(folder)
+    assert pipe.learned_variance and pipe.schedule.prediction_type == "v_prediction"
+    if schedule == "default":
+        ref, request = _diffusers_run(unet, scheduler, 5, num_inference_steps=20), dict(steps=20)
+    else:
+        ref = _diffusers_run(unet, scheduler, 5, timesteps=sorted(respace_timesteps(1000, "25"), reverse=True))
+        request = dict(steps=25, schedule="iddpm")
+    err = _relative(pipe.generate("", seed=5, sampler="ddpm", **request).sample, ref)
+    print(f"v + learned_range ({schedule}): {err:.2e} of the std")
+    assert err < 2e-4
+    pipe.schedule = dataclasses.replace(pipe.schedule, prediction_type="epsilon")
+    assert _relative(pipe.generate("", seed=5, sampler="ddpm", **request).sample, ref) > 1e-1
+
+
 def test_a_folder_pairing_a_learned_variance_type_with_a_plain_unet_is_refused(learned_folder, tmp_path):
     import shutil
 
@@ -270,3 +348,30 @@ def test_t2i_train_dit_learn_sigma_trains_the_variance_half_and_its_family_sampl
     assert after < 0.8 * before and vlb_after < vlb_before
     sample = t2i.load(tmp_path / "r20" / "model.safetensors").generate("a red circle", seed=0, steps=2).sample
     assert torch.isfinite(sample).all()
+
+
+def test_a_v_prediction_learned_variance_file_round_trips_and_samples_as_the_network_in_memory(tmp_path):
+    """save_ddpm -> t2i.load: the file says v and 6 channels, its weights are the network's, and its ddpm samples
+    (learned variance) are the in-memory network's; the same weights read as eps sample something else."""
+    from t2i.nets.pixel_unet import PIXEL_UNET_PRESETS, PixelUNet
+    from t2i.systems.ddpm import DDPMConfig, DDPMPipeline, ddpm_schedule, save_ddpm
+
+    net_cfg = dataclasses.replace(PIXEL_UNET_PRESETS["tiny_uncond"], out_channels=6)
+    schedule = dataclasses.replace(ddpm_schedule("squaredcos_cap_v2"), prediction_type="v_prediction")
+    cfg = DDPMConfig(net=net_cfg, schedule=schedule, text_encoder=None, image_size=net_cfg.sample_size)
+    torch.manual_seed(0)
+    net = PixelUNet(net_cfg).eval()
+    with torch.no_grad():
+        for p in net.parameters():  # a random net's zero-initialised output layer would hide the parameterisation
+            p.add_(0.05 * torch.randn_like(p))
+    save_ddpm(net, cfg, tmp_path / "model.safetensors")
+    loaded = t2i.load(tmp_path / "model.safetensors")
+    assert loaded.learned_variance and loaded.schedule.prediction_type == "v_prediction"
+    request = dict(seed=1, steps=8, sampler="ddpm")
+    ours = loaded.generate("", **request).sample
+    assert all(torch.equal(w, loaded.unet.state_dict()[k]) for k, w in net.state_dict().items())
+    # the same weights; the loaded tensors (read from the file, not allocated by torch) take other CPU kernel paths
+    # by ~1e-6, so the in-memory network's samples agree to float32 rounding
+    torch.testing.assert_close(ours, DDPMPipeline(net, schedule).generate("", **request).sample, rtol=0, atol=1e-5)
+    as_eps = DDPMPipeline(net, dataclasses.replace(schedule, prediction_type="epsilon")).generate("", **request)
+    assert (as_eps.sample - ours).abs().max() > 0.1

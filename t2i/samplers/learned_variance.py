@@ -4,7 +4,11 @@ The denoiser contract carries x0 only, so the variance half of a learned-varianc
 beside it: ``VarianceTap`` is the network seen as a plain (mean-only) one that keeps the variance
 values of its latest call, and ``sample_ddpm_learned`` reads them after each denoiser call. Every
 wrapper between the two (CFG, x0 clipping, classifier guidance) is untouched; with CFG the network
-is called on [uncond; cond] and the conditional rows' variance is used, as GLIDE does.
+is called on [uncond; cond] and the conditional rows' variance is used, as GLIDE does. The mean half may
+predict eps, v or x0 (the plan's prediction_type, read by the `DiscreteDenoiser` around the tap): the step
+only sees the x0 it implies, so a v-predicting learned-variance network (`t2i train ddpm --learn-sigma
+--prediction v_prediction`, `t2i train glide --prediction v_prediction`) samples as diffusers'
+DDPMScheduler(prediction_type="v_prediction", variance_type="learned_range") does (tests/test_iddpm.py).
 
 Each step is Algorithm 2 of Ho et al. (2020) with Sigma_theta of IDDPM eq. 15,
 ``log Sigma = v log beta_t + (1 - v) log beta~_t`` for this step's beta_t = 1 - acp_t / acp_prev
