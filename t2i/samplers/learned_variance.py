@@ -20,10 +20,12 @@ DDPMScheduler with ``variance_type="learned_range"``. In VE form (x = x_vp / sqr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.precond import LearnedVariance, learned_log_variance
 
 if TYPE_CHECKING:
@@ -91,3 +93,24 @@ def run_plan(plan: SamplingPlan, denoiser: Any, x: torch.Tensor, extra_args: dic
     acp = torch.cat([plan.alphas_cumprod[plan.timesteps.long()], torch.ones(1)])  # (N+1,), 1 after t = 0
     return sample_ddpm_learned(denoiser, x, plan.sigmas, extra_args, callback, generators, variance=tap,
                                alphas_cumprod=acp)
+
+
+def sample_guided(plan: SamplingPlan, net: Any, x: torch.Tensor, cond: dict, uncond: dict | None, guidance: float,
+                  generators: Any, callback: Any, *, learned_variance: bool,
+                  guide: Callable[[Any, Callable], Any] | None = None) -> torch.Tensor:
+    """One pixel stage's sampler run (DDPM, GLIDE's two stages, IF's two stages) from x (B, C, H, W), VE at
+    plan.sigmas[0], to the sample diffusers holds at the end (`plan.finish`).
+
+    The denoiser, inside out: `net(x_vp, t, **cond)` (with `learned_variance`, a tap keeps its variance half for
+    the learned-variance DDPM steps) -> the VP preconditioning of the plan's parameterisation (eps, v or x0) ->
+    classifier-free guidance at `guidance` (uncond None or guidance <= 1: the conditional branch alone) ->
+    `guide(denoiser, sigma_to_t)`, an x0 shift (ADM's classifier guidance, GLIDE's CLIP guidance) -> the
+    schedule's x0 limit (clipping, dynamic thresholding) outermost, so that a shifted x0 is limited too.
+    """
+    tap = VarianceTap(net) if learned_variance else None
+    base = plan.denoiser(tap or net)
+    denoiser: Any = CFGDenoiser(base, guidance)
+    if guide is not None:
+        denoiser = guide(denoiser, base.sigma_to_t)
+    denoiser = plan.limit_x0(denoiser)
+    return plan.finish(run_plan(plan, denoiser, x, {"cond": cond, "uncond": uncond}, callback, generators, tap))

@@ -21,6 +21,7 @@ as JSON in its metadata, like the shapes LDM) and a diffusers DDPM/DDIM folder
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,7 +44,6 @@ from t2i.checkpoints.io import (
 from t2i.checkpoints.limits import build_checked, check_schedule, fill
 from t2i.data.shapes_vocab import out_of_world_warning
 from t2i.diffusion.classifier_guidance import ClassifierGuidance
-from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.schedules import ScheduleConfig, respace_timesteps, respaced_sigmas
 from t2i.imageio import request_parameters, to_pil
 from t2i.nets.cast_inputs import CastInputs
@@ -51,7 +51,7 @@ from t2i.nets.classifier import load_noisy_classifier
 from t2i.nets.pixel_unet import PIXEL_UNET_PRESETS, PixelUNet, PixelUNetConfig
 from t2i.quantize import precision_of
 from t2i.samplers.diffusers_plan import SamplingPlan, plan_for_request
-from t2i.samplers.learned_variance import VarianceTap, run_plan
+from t2i.samplers.learned_variance import sample_guided
 from t2i.samplers.sampling import SAMPLERS
 from t2i.seeds import seed_generators, seed_noise
 from t2i.systems.base import (
@@ -238,17 +238,13 @@ class DDPMPipeline(RequestMethods):
         plan = self.plan(r.sampler, r.steps, r.schedule, r.eta)
         generators = seed_generators(seeds)
         x = plan.start(seed_noise(generators, (self.unet.pixel_cfg.in_channels, r.height, r.width)))  # (N, 3, H, W)
-        net = CastInputs.around(self.unet)
-        tap = VarianceTap(net) if self.learned_variance else None
-        base = plan.denoiser(tap or net)
-        denoiser: Any = CFGDenoiser(base, r.guidance)
+        guide = None
         if r.classifier is not None and r.classifier_scale != 0:  # inside the x0 limit: the shifted x0 is clipped
-            guide = self._classifier_guide(r.classifier, 1.0 if r.classifier_scale is None else r.classifier_scale)
-            denoiser = guide.around(denoiser, prompts, base.sigma_to_t)
-        denoiser = plan.limit_x0(denoiser)
+            classifier = self._classifier_guide(r.classifier, 1.0 if r.classifier_scale is None else r.classifier_scale)
+            guide = functools.partial(classifier.around, prompts=prompts)
         with StepReport.of(r, plan.steps) as on_step:
-            images = plan.finish(run_plan(plan, denoiser, x, {"cond": cond, "uncond": uncond}, on_step, generators,
-                                          tap))
+            images = sample_guided(plan, CastInputs.around(self.unet), x, cond, uncond, r.guidance, generators,
+                                   on_step, learned_variance=self.learned_variance, guide=guide)
         pictures = to_pil(images)
         for im, p, neg, sd in zip(pictures, prompts, negatives, seeds, strict=True):
             im.info["parameters"] = request_parameters(r, p, neg, sd, self.name, precision_of(self.unet))
@@ -285,7 +281,7 @@ class ClassifierGuide:
                                               f"{', '.join(self.labels)}; prompt {prompt[:100]!r} names {len(found)}")
         return found[0]
 
-    def around(self, denoiser: Any, prompts: list[str], sigma_to_t: Any) -> ClassifierGuidance:
+    def around(self, denoiser: Any, sigma_to_t: Any, prompts: list[str]) -> ClassifierGuidance:
         labels = torch.tensor([self.label_of(p) for p in prompts])  # (B,)
         return ClassifierGuidance(denoiser, self.classifier, labels, self.scale, sigma_to_t)
 

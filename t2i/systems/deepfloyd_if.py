@@ -63,7 +63,6 @@ from t2i.checkpoints.io import (
 )
 from t2i.checkpoints.limits import build_checked, check_schedule, fill
 from t2i.data.shapes_vocab import out_of_world_warning
-from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.noise_augmentation import NoiseAugmentation
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.imageio import request_parameters, to_pil
@@ -71,7 +70,7 @@ from t2i.nets.cast_inputs import CastInputs
 from t2i.nets.if_unet import IF_UNET_PRESETS, IFUNet, IFUNetConfig
 from t2i.quantize import precision_of
 from t2i.samplers.diffusers_plan import SamplingPlan, plan_for_request
-from t2i.samplers.learned_variance import VarianceTap, run_plan
+from t2i.samplers.learned_variance import sample_guided
 from t2i.samplers.sampling import SAMPLERS
 from t2i.seeds import seed_generators, seed_noise
 from t2i.systems.base import (
@@ -286,15 +285,14 @@ def sample_stage(stage: IFStage, plan: SamplingPlan, x: torch.Tensor, cond: dict
                  guidance: float, generators: list[torch.Generator], report: Callable[[dict], None]) -> torch.Tensor:
     """One stage's sampler run from x (VE, at plan.sigmas[0]) -> the sample diffusers holds at the end.
 
-    The denoiser: network (+ low-res input for stage II) -> the eps half behind the VP preconditioning
-    (the variance half kept by the tap for DDPM's learned-variance steps) -> classifier-free guidance ->
-    the schedule's x0 limit (dynamic thresholding or clipping) as the outermost wrapper."""
+    The denoiser (`sample_guided`): network (+ low-res input for stage II) -> the eps half behind the VP
+    preconditioning (the variance half kept by the tap for DDPM's learned-variance steps) -> classifier-free
+    guidance -> the schedule's x0 limit (dynamic thresholding or clipping) as the outermost wrapper."""
     net: nn.Module = CastInputs.around(stage.net)
     if stage.super_resolution:
         net = LowResInput(net)
-    tap = VarianceTap(net) if stage.learned_variance else None
-    denoiser = plan.limit_x0(CFGDenoiser(plan.denoiser(tap or net), guidance))
-    return plan.finish(run_plan(plan, denoiser, x, {"cond": cond, "uncond": uncond}, report, generators, tap))
+    return sample_guided(plan, net, x, cond, uncond, guidance, generators, report,
+                         learned_variance=stage.learned_variance)
 
 
 # ---------------------------------------------------------------------------------------

@@ -48,7 +48,6 @@ from t2i.checkpoints.limits import check_schedule, load_system_file
 from t2i.data.shapes_vocab import out_of_world_warning, vocabulary
 from t2i.diffusion.clip_guidance import ClipGuidance
 from t2i.diffusion.denoiser import PREDICTIONS
-from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.imageio import request_parameters, to_pil
 from t2i.nets.cast_inputs import CastInputs
@@ -56,7 +55,7 @@ from t2i.nets.glide import IMAGE_CHANNELS, GlideNet, GlideNetConfig, preset
 from t2i.nets.glide_clip import NoisyCLIP, is_noisy_clip, load_noisy_clip
 from t2i.quantize import precision_of
 from t2i.samplers.diffusers_plan import SamplingPlan, plan_for_request
-from t2i.samplers.learned_variance import VarianceTap, run_plan
+from t2i.samplers.learned_variance import sample_guided
 from t2i.samplers.sampling import SAMPLERS
 from t2i.seeds import seed_generators, seed_noise
 from t2i.systems.base import (
@@ -166,17 +165,10 @@ class ClipGuide:
 def sample_stage(net: GlideNet, plan: SamplingPlan, x: torch.Tensor, cond: dict, uncond: dict | None, guidance: float,
                  generators: list[torch.Generator], report: Callable[[dict], None],
                  guide: ClipGuide | None = None) -> torch.Tensor:
-    """One stage from x (VE, at plan.sigmas[0]) to its sample: the network (its variance half kept by the tap for
-    the learned-variance DDPM steps) behind the VP preconditioning, classifier-free guidance, then `guide` (CLIP
-    guidance) around it, then the schedule's x0 clipping outermost."""
-    model = CastInputs.around(net)
-    tap = VarianceTap(model) if net.cfg.learned_variance else None
-    base = plan.denoiser(tap or model)
-    denoiser: Any = CFGDenoiser(base, guidance)
-    if guide is not None:  # inside the x0 limit: the shifted x0 is clipped
-        denoiser = guide.around(denoiser, base.sigma_to_t)
-    denoiser = plan.limit_x0(denoiser)
-    return plan.finish(run_plan(plan, denoiser, x, {"cond": cond, "uncond": uncond}, report, generators, tap))
+    """One stage from x (VE, at plan.sigmas[0]) to its sample (`sample_guided`: CFG, then `guide`, CLIP guidance,
+    then the schedule's x0 clipping)."""
+    return sample_guided(plan, CastInputs.around(net), x, cond, uncond, guidance, generators, report,
+                         learned_variance=net.cfg.learned_variance, guide=None if guide is None else guide.around)
 
 
 class GlidePipeline(RequestMethods):
