@@ -67,6 +67,7 @@ from t2i.systems.base import (
     per_image,
     stop_polling,
 )
+from t2i.systems.guide_files import GuideFiles
 
 SCHEDULES = ("default", "karras", "iddpm")
 OPTIONS = frozenset({"steps", "sampler", "schedule", "eta", "width", "height"})  # what run() honours
@@ -127,51 +128,32 @@ class DDPMPipeline(RequestMethods):
         self.defaults = defaults or GenerationDefaults(sampler="ddpm", steps=50, guidance=1.0, width=size,
                                                        height=size)
         self.prompt_check = out_of_world_warning if text_encoder is not None else None
-        # ADM's classifier guidance set by `with_classifier`: (file, scale), what a request without its own uses
-        self.default_classifier: tuple[str | Path, float] | None = None
-        self._classifiers: dict[str, tuple[nn.Module, list[str]]] = {}
+        # ADM's classifier guidance: the files requests name, and `with_classifier`'s default
+        self.classifiers = GuideFiles(read_classifier, lambda: self.schedule, "classifier")
 
     def with_classifier(self, path: str | Path, scale: float) -> DDPMPipeline:
         """Guide every later request with a noise-aware classifier file (`t2i train classifier`) at scale s
         (Dhariwal & Nichol 2021), towards the class the prompt names ("a red circle" -> "circle"), on top
         of classifier-free guidance if the request asks for it; a request's own classifier_scale replaces s.
         Scale 0 turns it off. Returns self."""
-        if scale != 0:
-            self.check_classifier(path)  # loaded and checked now, not at the first request
-        self.default_classifier = None if scale == 0 else (path, float(scale))
+        self.classifiers.set_default(path, scale)
         return self
 
     def check_classifier(self, path: str | Path) -> None:
         """Load the classifier file at `path` (kept for the requests that name it) and check that it is an ADM
         classifier of this model's noise schedule; ValueError (CheckpointError) naming the problem otherwise.
         `t2i serve --classifier` checks its files with it at startup."""
-        self._classifier_guide(path, 1.0)
+        self.classifiers.get(path)
 
     def check_guidance(self, request: GenerationRequest) -> None:
         """Refuse (UnsupportedOption naming the request field, a ValueError) classifier guidance the request
         cannot have, before any work: a classifier_scale without a classifier, or a prompt that does not name
         exactly one of the classifier's classes. The server's Resolver calls it after resolving the
         classifier's name (a 422), `run` before sampling."""
-        r = with_default_guide(request, self.default_classifier)
-        if r.classifier is not None and r.classifier_scale != 0:
-            guide = self._classifier_guide(r.classifier, 1.0)
-            for prompt in dict.fromkeys([r.prompt] if isinstance(r.prompt, str) else r.prompt):
-                guide.label_of(prompt)
-
-    def _classifier_guide(self, path: str | Path, scale: float) -> ClassifierGuide:
-        """The classifier file at `path` as a guide at scale s, checked against this model's schedule;
-        loaded once per path (a request may name it at every call). Safe from two threads (the server
-        checks requests while a batch runs): each reads the entry it found or made."""
-        key = str(Path(path).resolve())
-        entry = self._classifiers.get(key)
-        if entry is None:
-            classifier, labels, schedule = load_noisy_classifier(path)
-            if not torch.allclose(schedule.alphas_cumprod(), self.schedule.alphas_cumprod()):
-                raise ValueError(f"{path}: the classifier was trained on another noise schedule "
-                                 f"({schedule.beta_schedule}) than this model's ({self.schedule.beta_schedule})")
-            entry = (classifier, labels)
-            self._classifiers = {key: entry}  # one kept: a later file replaces it
-        return ClassifierGuide(entry[0], entry[1], float(scale))
+        requested = self.classifiers.requested(self.classifiers.resolve(request))
+        if requested is not None:
+            for prompt in dict.fromkeys([request.prompt] if isinstance(request.prompt, str) else request.prompt):
+                requested[0].label_of(prompt)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -208,7 +190,7 @@ class DDPMPipeline(RequestMethods):
         r = r.with_defaults(self.defaults)
         check_sampling_request(r, SAMPLERS, SCHEDULES, self.size_multiple)
         self.check_guidance(r)
-        return with_default_guide(r, self.default_classifier)  # `with_classifier`'s, recorded as any request's
+        return self.classifiers.resolve(r)  # `with_classifier`'s, recorded as any request's
 
     def _conditioning(self, prompts: list[str], negatives: list[str], guided: bool) -> tuple[dict, dict | None]:
         """(cond, uncond) network keyword arguments, one row per image."""
@@ -238,10 +220,9 @@ class DDPMPipeline(RequestMethods):
         plan = self.plan(r.sampler, r.steps, r.schedule, r.eta)
         generators = seed_generators(seeds)
         x = plan.start(seed_noise(generators, (self.unet.pixel_cfg.in_channels, r.height, r.width)))  # (N, 3, H, W)
-        guide = None
-        if r.classifier is not None and r.classifier_scale != 0:  # inside the x0 limit: the shifted x0 is clipped
-            classifier = self._classifier_guide(r.classifier, 1.0 if r.classifier_scale is None else r.classifier_scale)
-            guide = functools.partial(classifier.around, prompts=prompts)
+        requested = self.classifiers.requested(r)
+        guide = None if requested is None else functools.partial(requested[0].around, prompts=prompts,
+                                                                 scale=requested[1])
         with StepReport.of(r, plan.steps) as on_step:
             images = sample_guided(plan, CastInputs.around(self.unet), x, cond, uncond, r.guidance, generators,
                                    on_step, learned_variance=self.learned_variance, guide=guide)
@@ -251,25 +232,12 @@ class DDPMPipeline(RequestMethods):
         return GenerationResult(pictures, images, seeds, warnings, time.perf_counter() - start)
 
 
-def with_default_guide(r: GenerationRequest, default: tuple[str | Path, float] | None) -> GenerationRequest:
-    """The request with a pipeline's default guidance file and scale (`with_classifier`, GLIDE's
-    `with_clip_guidance`) when it names no file itself (its own classifier_scale, if any, replaces the default
-    one); UnsupportedOption naming classifier_scale when it gives a scale and there is no file to guide with."""
-    if r.classifier is None and default is not None:
-        r = replace(r, classifier=default[0], classifier_scale=default[1] if r.classifier_scale is None
-                    else r.classifier_scale)
-    if r.classifier is None and r.classifier_scale is not None:
-        raise UnsupportedOption("classifier_scale", "classifier_scale needs classifier (the file to guide with)")
-    return r
-
-
 @dataclass
 class ClassifierGuide:
-    """A noise-aware classifier (logits of VP images at t), its class names and ADM's scale s."""
+    """A noise-aware classifier (logits of VP images at t) and its class names."""
 
     classifier: nn.Module
     labels: list[str]
-    scale: float
 
     def label_of(self, prompt: str) -> int:
         """The one class whose name is a word of the prompt; UnsupportedOption (a ValueError) naming the prompt
@@ -281,9 +249,16 @@ class ClassifierGuide:
                                               f"{', '.join(self.labels)}; prompt {prompt[:100]!r} names {len(found)}")
         return found[0]
 
-    def around(self, denoiser: Any, sigma_to_t: Any, prompts: list[str]) -> ClassifierGuidance:
+    def around(self, denoiser: Any, sigma_to_t: Any, prompts: list[str], scale: float) -> ClassifierGuidance:
+        """ADM's guidance at scale s towards the class each prompt names."""
         labels = torch.tensor([self.label_of(p) for p in prompts])  # (B,)
-        return ClassifierGuidance(denoiser, self.classifier, labels, self.scale, sigma_to_t)
+        return ClassifierGuidance(denoiser, self.classifier, labels, scale, sigma_to_t)
+
+
+def read_classifier(path: str | Path) -> tuple[ClassifierGuide, ScheduleConfig]:
+    """A `t2i train classifier` file -> (its classifier and class names, the schedule it was trained on)."""
+    classifier, labels, schedule = load_noisy_classifier(path)
+    return ClassifierGuide(classifier, labels), schedule
 
 
 # ---------------------------------------------------------------------------------------

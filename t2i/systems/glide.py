@@ -70,7 +70,8 @@ from t2i.systems.base import (
     per_image,
     stop_polling,
 )
-from t2i.systems.ddpm import ddpm_schedule, with_default_guide
+from t2i.systems.ddpm import ddpm_schedule
+from t2i.systems.guide_files import GuideFiles
 from t2i.text.words import SPECIALS, WordTokenizer
 
 SYSTEM_NAME = "glide"
@@ -149,6 +150,14 @@ class GlideNets(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 
+def read_clip(path: str | Path) -> tuple[NoisyCLIP, ScheduleConfig]:
+    """A `t2i train noisy-clip` file -> (the noise-aware CLIP, the schedule it was trained on); ValueError for any
+    other file."""
+    if not is_noisy_clip(path):
+        raise ValueError(f"{path}: GLIDE guides with a noise-aware CLIP (`t2i train noisy-clip`), and this is not one")
+    return load_noisy_clip(path)
+
+
 @dataclass
 class ClipGuide:
     """A noise-aware CLIP, GLIDE's scale s and the caption of each image of the batch."""
@@ -187,8 +196,7 @@ class GlidePipeline(RequestMethods):
                                                        width=size, height=size)
         self.up_steps, self.up_guidance = cfg.up_steps, cfg.up_guidance
         self.prompt_check: Callable[[str], str | None] | None = out_of_world_warning
-        self.default_clip: tuple[str | Path, float] | None = None
-        self._clips: dict[str, NoisyCLIP] = {}
+        self.clips = GuideFiles(read_clip, lambda: self.cfg.schedule, "CLIP")
 
     @property
     def scale(self) -> int:
@@ -217,44 +225,27 @@ class GlidePipeline(RequestMethods):
         """Guide every later request's base stage with a noise-aware CLIP file (`t2i train noisy-clip`) at scale
         s (GLIDE sec. 2.4), on top of classifier-free guidance if the request asks for it; a request's own
         classifier_scale replaces s; 0 turns it off."""
-        if scale != 0:
-            self.check_classifier(path)  # loaded and checked now, not at the first request
-        self.default_clip = None if scale == 0 else (path, float(scale))
+        self.clips.set_default(path, scale)
         return self
 
     def check_classifier(self, path: str | Path) -> None:
         """Load the file at `path` (kept for the requests that name it) and check that it is a noise-aware CLIP of
         this model's noise schedule; ValueError naming the problem otherwise. `t2i serve --classifier` checks its
         files with it at startup."""
-        self._clip(path)
+        self.clips.get(path)
 
     def check_guidance(self, request: GenerationRequest) -> None:
         """Refuse (UnsupportedOption naming the field, a ValueError) a classifier_scale without a CLIP to guide
         with, before any work (CLIP guidance steers towards any caption: every prompt is one it can take). The
         server's Resolver calls it, `run` before sampling."""
-        with_default_guide(request, self.default_clip)
-
-    def _clip(self, path: str | Path) -> NoisyCLIP:
-        """The noise-aware CLIP at `path`, checked against this model's schedule; loaded once per path."""
-        key = str(Path(path).resolve())
-        clip = self._clips.get(key)  # read once: another thread may replace the kept file meanwhile
-        if clip is None:
-            if not is_noisy_clip(path):
-                raise ValueError(f"{path}: GLIDE guides with a noise-aware CLIP (`t2i train noisy-clip`), and this is "
-                                 "not one")
-            clip, schedule = load_noisy_clip(path)
-            if not torch.allclose(schedule.alphas_cumprod(), self.cfg.schedule.alphas_cumprod()):
-                raise ValueError(f"{path}: the CLIP was trained on another noise schedule ({schedule.beta_schedule}) "
-                                 f"than this model's ({self.cfg.schedule.beta_schedule})")
-            self._clips = {key: clip}  # one kept: a later file replaces it
-        return clip
+        self.clips.resolve(request)
 
     # ---------------------------------------------------------------- generation
 
     def _resolve(self, request: GenerationRequest) -> GenerationRequest:
         r = request.with_defaults(self.defaults)
         check_sampling_request(r, SAMPLERS, SCHEDULES, self.size_multiple)
-        return with_default_guide(r, self.default_clip)  # `with_clip_guidance`'s, recorded as any request's
+        return self.clips.resolve(r)  # `with_clip_guidance`'s, recorded as any request's
 
     def _warnings(self, prompts: list[str]) -> list[str]:
         window = self.cfg.base.text.length - 1  # [BOS] first
@@ -279,10 +270,8 @@ class GlidePipeline(RequestMethods):
         start = time.perf_counter()
         r = self._resolve(request)
         prompts, negatives, seeds = per_image(r.prompt, r.negative_prompt, r.seed, r.num_images)
-        guide = None
-        if r.classifier is not None and r.classifier_scale != 0:
-            scale = 1.0 if r.classifier_scale is None else r.classifier_scale
-            guide = ClipGuide(self._clip(r.classifier), scale, prompts)
+        requested = self.clips.requested(r)
+        guide = None if requested is None else ClipGuide(*requested, prompts)
         plan = self._plan("base", r.sampler, r.steps, r.schedule, r.eta)
         up = self.nets.up
         up_plan = None if up is None else self._plan("up", r.sampler, self.up_steps, "default", None)
