@@ -13,12 +13,12 @@ import torch
 from test_ddpm import _Words
 from test_tokens import SCHEDULE_COUNTS
 
+from t2i.nets.muse_transformer import MuseTransformer
 from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS, TokenTransformer
 from t2i.systems.maskgit import MaskGITConfig, save_maskgit
 from t2i.systems.muse import (
     MuseConfig,
     MusePipeline,
-    MuseTransformer,
     bundle,
     bundle_muse,
     load,

@@ -11,12 +11,12 @@ import torch
 from test_ddpm import _Words
 
 import t2i
+from t2i.nets.parti_transformer import PartiTransformer
 from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS, CachedDecoder
 from t2i.systems.parti import (
     SYSTEM,
     Conditioner,
     PartiPipeline,
-    PartiTransformer,
     model_config,
     start_tokens,
     tiny_config,

@@ -36,90 +36,18 @@ from torch import nn
 from t2i.autoencoders.vq import VQ_CONFIGS, VQAutoencoder, VQAutoencoderConfig
 from t2i.checkpoints.limits import check_config
 from t2i.data.shapes_vocab import vocabulary
-from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS, TokenBlock, TokenTransformer, TokenTransformerConfig
+from t2i.nets.parti_transformer import PartiTransformer
+from t2i.nets.token_transformer import TOKEN_TRANSFORMER_PRESETS, TokenTransformerConfig
+from t2i.nets.word_encoder import WordEncoderConfig
 from t2i.systems.base import GenerationDefaults
 from t2i.systems.dalle import DallePipeline
 from t2i.systems.maskgit import load_text_encoder, text_conditioning
 from t2i.systems.token_models import TokenPipeline, load_pipeline, network_configs, save_token_model, token_system
-from t2i.text.words import PAD, SPECIALS, WordTokenizer
+from t2i.text.words import SPECIALS, WordTokenizer
 
 SYSTEM_NAME = "parti"
 TEXT_ENCODERS = ("words", "minilm")
 MINILM_WIDTH = 384
-
-
-# ---------------------------------------------------------------------------------------
-# The network: a word encoder and the causal decoder, one module
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class WordEncoderConfig:
-    """Shape of the caption encoder trained with the decoder (BART's / Parti's encoder, small).
-
-    vocab: word ids (specials + words); length: caption tokens ([BOS] words [PAD] ...)."""
-
-    vocab: int = len(SPECIALS) + 1
-    length: int = 20
-    width: int = 192
-    layers: int = 2
-    heads: int = 4
-    mlp_dim: int = 768
-
-
-class WordEncoder(nn.Module):
-    """Caption ids (B, L) -> states (B, L, width): word embeddings plus learned positions, pre-norm
-    blocks of bidirectional self-attention over the real words ([PAD] is never attended to), a final
-    LayerNorm. The blocks are the decoder's (`TokenBlock`) without cross-attention."""
-
-    def __init__(self, cfg: WordEncoderConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.embedding = nn.Embedding(cfg.vocab, cfg.width)
-        self.position = nn.Parameter(torch.zeros(1, cfg.length, cfg.width))
-        self.blocks = nn.ModuleList(TokenBlock(cfg.width, cfg.heads, cfg.mlp_dim, None) for _ in range(cfg.layers))
-        self.norm = nn.LayerNorm(cfg.width)
-
-    def forward(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """ids (B, L) -> {"context": (B, L, width), "context_mask": (B, L) bool, True on real tokens}."""
-        mask = ids != PAD  # (B, L); [BOS] is always real, so no row attends to nothing
-        x = self.embedding(ids) + self.position[:, : ids.shape[1]]  # (B, L, D)
-        for block in self.blocks:
-            x = block(x, mask)
-        return {"context": self.norm(x), "context_mask": mask}
-
-
-class PartiTransformer(TokenTransformer):
-    """The decoder (this TokenTransformer: causal, [BOS] then image tokens, cross-attention) with the
-    caption encoder it reads, when the model trains its own (`text_encoder`, None for MiniLM). One
-    module, so that one optimizer, one EMA copy and the token families' file hold both."""
-
-    def __init__(self, cfg: TokenTransformerConfig, encoder: WordEncoderConfig | None = None) -> None:
-        super().__init__(cfg)
-        self.text_encoder = WordEncoder(encoder) if encoder is not None else None
-        self.initialize_weights()
-
-    def initialize_weights(self) -> None:
-        """The decoder's scheme (N(0, 0.02), zero biases, zero image head) over the encoder too."""
-        super().initialize_weights()
-        if getattr(self, "text_encoder", None) is not None:
-            nn.init.normal_(self.text_encoder.position, std=0.02)
-
-    def encode(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Caption ids (B, L) -> the decoder's cross-attention inputs (`WordEncoder.forward`)."""
-        if self.text_encoder is None:
-            raise ValueError("this Parti model reads frozen MiniLM states, not word ids")
-        return self.text_encoder(ids)
-
-    def forward(self, tokens: torch.Tensor, text: torch.Tensor | None = None,  # type: ignore[override]
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                words: torch.Tensor | None = None) -> torch.Tensor:
-        """Image logits (B, T + 1, V) of the tokens (B, T) after [BOS] (`text`, (B, 1)), reading either
-        `words` (B, L) through the encoder (in the same call, so that a training step and DDP see one
-        forward) or given states `context` (B, M, C) with `context_mask` (B, M)."""
-        if words is not None:
-            return super().forward(tokens, text, **self.encode(words))
-        return super().forward(tokens, text, context, context_mask)
 
 
 def start_tokens(batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
