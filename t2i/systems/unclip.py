@@ -73,7 +73,7 @@ from t2i.nets.prior_transformer import PRIOR_PRESETS, PriorConfig, PriorTransfor
 from t2i.nets.unclip_unet import UNCLIP_UNET_PRESETS, TextProj, TextProjConfig, UnCLIPUNet, UnCLIPUNetConfig
 from t2i.quantize import precision_of
 from t2i.samplers.diffusers_plan import SamplingPlan
-from t2i.samplers.learned_variance import VarianceTap, run_plan
+from t2i.samplers.learned_variance import sample_guided
 from t2i.seeds import seed_generators, seed_noise
 from t2i.systems.base import (
     Capabilities,
@@ -350,10 +350,8 @@ class UnCLIPPipeline(RequestMethods):
         size = size or self.unet.cfg.sample_size
         x = plan.start(seed_noise(generators, (3, size, size)))  # (B, 3, S, S)
         learned = self.unet.cfg.out_channels == 2 * 3 and self.decoder_schedule.variance_type == "learned_range"
-        tap = VarianceTap(self.unet) if learned else None
-        denoiser = plan.limit_x0(CFGDenoiser(plan.denoiser(tap or self.unet), guidance))
-        extra = {"cond": args(image_embeds, cond), "uncond": args(self.text_proj.null_image(n), uncond)}
-        x = plan.finish(run_plan(plan, denoiser, x, extra, callback, generators, tap))
+        x = sample_guided(plan, self.unet, x, args(image_embeds, cond), args(self.text_proj.null_image(n), uncond),
+                          guidance, generators, callback, learned_variance=learned)
         return (x * self.decoder_schedule.final_scale()).clamp(-1, 1)
 
     def super_resolve(self, small: torch.Tensor, generators: list[torch.Generator], steps: int | None = None,
