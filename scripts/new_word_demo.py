@@ -1,27 +1,45 @@
 """Teaching the built-in shapes model a word it never saw (issue 21): a LoRA and a textual-inversion
 embedding for 'ring', judged by the shapes judge extended with the ring template.
 
-The layout model (t2i-shapes-layout, the built-in default; `t2i.train.new_word`): the planner gets a new
-shape token (an input and an output row, trained alone: textual inversion on the planner) and the renderer
-a LoRA trained on ring scenes drawn from their truth layouts. Two steps:
+The layout model (t2i-shapes-layout, the built-in default; `t2i.train.new_word`): one `t2i train lora` run
+(`--data shapes --new-word ring`, the one training loop: resume, NaN stop, progress, sample grids) trains the
+planner's new shape token (an input and an output row: textual inversion on the planner) during its first 150
+steps and the renderer LoRA on ring scenes drawn from their truth layouts, with ordinary scenes replayed
+beside them (`--replay 6 --replay-target base`: pulled to the frozen model's own prediction). Two steps:
 
     python scripts/new_word_demo.py layout runs/newword_layout       # writes layout/ring.safetensors (+ .planner)
-    python scripts/new_word_demo.py layout-eval runs/newword_layout --models base,adapted,lora-only,rows --heldout 10
+    python scripts/new_word_demo.py layout-eval runs/newword_layout --models base,adapted --heldout 50 --seeds 0,1,2
 
 `layout-eval` writes layout_eval.json: on 64 prompts naming the ring, `found` (every ring the prompt names is
 judged a ring of its colour) for prompts naming one object and several, with the planner's layouts and with the
 scenes' truth layouts; `planner_has_ring`, the share of planned layouts holding a ring; and the judge on the
-first 10 held-out prompts of each family (`t2i eval shapes --limit 10`: 60 prompts, seed 0, fp32).
+held-out prompts (`--heldout 50`: all 300, as `t2i eval shapes`), once per seed of `--seeds`. One seed is not
+enough to compare: the base model alone scores 0.867, 0.823, 0.853 on seeds 0, 1, 2, and the planner's new rows
+(which redraw every layout: the sampler draws from one more category) move one seed's score by as much.
 
-Measured 2026-11-30 (planner rows 150 steps at batch 32, renderer LoRA rank 8 at batch 16, share 0.6, pixel
-weight 0.3; one thread, niced, beside other jobs; 64 ring prompts, 21 naming one object; held-out: 60 prompts):
-| model | planned with a ring | found (1 object / several) | found, truth layouts | held-out (background) |
-| --- | --- | --- | --- | --- |
-| base | 0.00 | 0.00 (0.00 / 0.00) | 0.02 | 0.867 (0.7) |
-| planner rows only (the embedding) | 1.00 | 0.00 | 0.02 | - |
-| LoRA 300 steps, latent loss only (3.3 CPU-min) | 1.00 | 0.27 (0.29 / 0.26) | 0.17 | 0.767 (0.5) |
-| LoRA 450 steps + pixel loss (5.5 CPU-min) | 1.00 | 0.48 (0.62 / 0.42) | 0.47 | 0.817 (0.4) |
-| LoRA 700 steps + pixel loss (8.1 CPU-min, the default) | 1.00 | 0.55 (0.57 / 0.53) | 0.56 | 0.817 (0.3) |
+Measured 2026-11-30 (700 steps of batch 10 ring scenes, planner rows 150 steps at batch 32, LoRA rank 8 at lr
+1e-3, Min-SNR 5, pixel weight 0.3; one thread beside other jobs, 9-10 CPU-min a run; 64 ring prompts, 21 naming
+one object; held-out: 300 prompts, the mean of seeds 0-2 where three are given):
+| run | planned with a ring | found (1 object / several) | found, truth layouts | held-out (per seed) | background |
+| --- | --- | --- | --- | --- | --- |
+| base | 0.00 | 0.00 | 0.02 | 0.848 (0.867 / 0.823 / 0.853) | 0.57 |
+| planner rows only (LoRA weight 0) | 1.00 | - | - | 0.837 (0.807 / 0.873 / 0.830) | 0.58 |
+| replay truth, prior weight 0.6 (session 11's recipe) | 1.00 | 0.63 (0.62 / 0.63) | 0.61 | 0.747 (seed 0) | 0.52 |
+| replay base, Min-SNR-weighted | 1.00 | 0.58 (0.57 / 0.58) | 0.64 | 0.713 (seed 0) | 0.44 |
+| replay base, every t alike | 1.00 | 0.44 (0.52 / 0.40) | 0.48 | 0.840 (0.807 / 0.880 / 0.833) | 0.55 |
+| the same with --min-snr-gamma 0 | 1.00 | 0.48 (0.57 / 0.44) | 0.55 | 0.780 (0.737 / 0.813 / 0.790) | 0.53 |
+| the same at LoRA weight 1.5 | 1.00 | 0.03 | 0.08 | 0.767 (seed 0) | 0.50 |
+| replay base + LoCon conv1,conv2 (default) | 1.00 | 0.61 (0.52 / 0.65) | 0.52 | 0.834 (0.813 / 0.873 / 0.817) | 0.55 |
+| the same at lr 2e-3 | 1.00 | 0.59 (0.52 / 0.63) | 0.55 | 0.833 (0.807 / 0.880 / 0.813) | 0.55 |
+The bar (the ring in most images, >= 0.7, and the old words within 0.03) is met on the old words, not yet on
+the ring: the best runs find it in 0.59-0.63 of images (the renderer draws filled discs on dark backgrounds and
+bands under 3 px as blobs).
+Read: replaying ordinary scenes on their truth (DreamBooth's prior preservation with the world's own scenes)
+does not keep the old words, nor does distillation under Min-SNR weighting: the v weight min(snr, 5)/(snr + 1)
+is ~0 near t = T, and the layout model's 4-step sampler decides composition and background there (the LoRA
+moved ordinary scenes' predictions most at t = 999: 9% vs 4% at t = 249). Distillation at every noise level
+alike keeps them (held-out within 0.01-0.015 of the base, background within 0.02) but costs the ring; LoCon
+layers on the resnets' convolutions (`conv1,conv2`) give it back.
 
 The session-9 steps below are for the old text-to-image model (t2i/assets/default):
 
@@ -169,11 +187,12 @@ LAYOUT_MODEL = "t2i-shapes-layout"
 
 
 LAYOUT_LORA = ["--rank", "8", "--unet-targets", "to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,"
-               "phrase_proj,layout_in", "--lr", "1e-3", "--warmup", "20", "--min-snr-gamma", "5", "--name", SHAPE]
+               "phrase_proj,layout_in,conv1,conv2", "--lr", "1e-3", "--warmup", "20", "--min-snr-gamma", "5",
+               "--name", SHAPE]
 
 
-# the measured recipe (module docstring): ordinary scenes replayed beside the ring scenes
-LAYOUT_DEFAULTS = "--replay 6 --replay-target truth --prior-weight 0.6 --pixel-weight 0.3"
+# the measured recipe (module docstring): ordinary scenes replayed beside the ring scenes, distilled
+LAYOUT_DEFAULTS = "--replay 6 --replay-target base --prior-weight 1 --pixel-weight 0.3"
 
 
 def layout_train(out: Path, steps: int, batch: int, extra: list[str]) -> None:
