@@ -563,7 +563,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     subparser(sub, "sd-upscale", "a latent super-resolution model (the SD x4 upscaler's layout) on the shapes world: "
               "BSR-degraded low-res inputs, noise augmentation level as class label", SRTrainConfig(out=""),
               [*RUN, *SD_UPSCALE]).set_defaults(func=run_plain, config=SRTrainConfig, train=train_sd_upscale)
-    from t2i.train.lora import LoraTrainConfig, train_lora
+    from t2i.train.lora import LoraTrainConfig
+    from t2i.train.lora_run import train_lora
     from t2i.train.textual_inversion import TextualInversionConfig, train_textual_inversion
 
     subparser(sub, "lora", "a LoRA on a frozen model's U-Net (and CLIP text encoder), written in the kohya format "

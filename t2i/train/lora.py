@@ -42,7 +42,7 @@ from t2i.train.config import LoopConfig
 from t2i.train.data import open_data
 from t2i.train.distributed import DistInfo
 from t2i.train.dreambooth import check_prior, with_prior, write_class_images
-from t2i.train.fit import Grid, Run, Step, Task, fit
+from t2i.train.fit import Grid, Run, Step, Task
 
 EVAL_SEED = 1234  # the fixed timesteps and noise of the held-fixed loss (`FrozenModel.fixed_loss`)
 
@@ -317,16 +317,18 @@ def is_layout_pipeline(pipe: Any) -> bool:
 # ============================================================================ the run
 
 
-def build_lora(cfg: LoraTrainConfig, run: Run) -> Task:
-    frozen = FrozenModel(cfg, run)
-    pipe = frozen.pipe
+def check_text_encoder(cfg: LoraTrainConfig, pipe: Any) -> None:
+    """--text-encoder needs one CLIP text encoder to put the LoRA on."""
     if cfg.text_encoder and not isinstance(pipe.text_encoder, CLIPTextEncoder):
         raise ValueError(f"--text-encoder: {pipe.name}'s text encoder is {type(pipe.text_encoder).__name__}; "
                          "text-encoder LoRAs are trained on one CLIP encoder (SD 1.x/2.x)")
-    if is_layout_pipeline(pipe):  # boxes and phrases come with every training image: `t2i.train.new_word`
-        from t2i.train.new_word import build_layout_lora
 
-        return build_layout_lora(cfg, run, frozen)
+
+def build_plain_lora(cfg: LoraTrainConfig, run: Run, frozen: FrozenModel) -> Task:
+    """The LoRA run on a caption-only model (SD, the plain shapes model); the layout model's is
+    `t2i.train.new_word.build_layout_lora`, and `t2i.train.lora_run` picks between them."""
+    pipe = frozen.pipe
+    check_text_encoder(cfg, pipe)
     if cfg.new_word or cfg.replay or cfg.pixel_weight:
         raise ValueError(f"--new-word, --replay and --pixel-weight train the layout model (t2i-shapes-layout), "
                          f"not {pipe.name}")
@@ -380,9 +382,3 @@ def build_lora(cfg: LoraTrainConfig, run: Run) -> Task:
              f"{sum(p.numel() for p in params) / 1e6:.3f}M parameters)")
     return Task("lora", {"lora": net}, {"opt": opt}, prepare=prepare, step=step,
                 grid=lambda: frozen.grid(prompts), grid_name="lora", export=export, evaluate=evaluate, about=about)
-
-
-def train_lora(cfg: LoraTrainConfig, resume: bool = False, resume_lr: float | None = None,
-               given: dict[str, str] | None = None) -> int:
-    """Run (or, with resume, continue) a LoRA training. Returns the exit code."""
-    return fit(cfg, build_lora, resume=resume, resume_lr=resume_lr, given=given)
