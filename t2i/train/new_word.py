@@ -1,5 +1,5 @@
 """`t2i train lora` on the layout model (`t2i-shapes-layout`), and teaching it a shape word it never saw
-(issue 21), e.g. `--new-word ring`. The step function for `t2i.train.fit`, built by `t2i.train.lora`.
+(issue 21), e.g. `--new-word ring`. The step function for `t2i.train.fit`, picked by `t2i.train.lora_run`.
 
 The layout model draws every image from a layout (boxes, each with a phrase) and, since it recaptions, from
 the layout's complete caption; its LoRA trains the same way: on shapes-world scenes (`--data shapes`) with
