@@ -264,12 +264,12 @@ def build_lcm(cfg: LCMConfig, run: Run, text_encoder: nn.Module | None = None) -
                      f"with --skip {cfg.skip} the student is trained on another grid")
     if cfg.lora:
         from t2i.adapters.lora import write_lora
-        from t2i.train.lora import LoraNetwork, select_layers
+        from t2i.train.lora import LoraNetwork, lora_alpha, select_layers
 
         student.requires_grad_(False).eval()
         layers = select_layers(SimpleNamespace(unet=sd_layout_view(student), name=teacher.file.name), cfg.lora_targets,
                                None)
-        network = LoraNetwork(layers, cfg.rank, float(cfg.rank if cfg.alpha is None else cfg.alpha)).attach()
+        network = LoraNetwork(layers, cfg.rank, lora_alpha(cfg.rank, cfg.alpha)).attach()
         params = list(network.parameters())
         modules, ema, net, target, average = {"lora": network}, None, student, student, params
     else:

@@ -289,6 +289,11 @@ def select_layers(pipe: Any, unet_targets: str, text_targets: str | None) -> lis
     return chosen
 
 
+def lora_alpha(rank: int, alpha: float | None) -> float:
+    """kohya's alpha of a LoRA of `rank`: the given one, or the rank itself (scale alpha / rank = 1)."""
+    return float(rank if alpha is None else alpha)
+
+
 def attach_lora(pipe: Any, layers: list[NamedLayer], rank: int, alpha: float) -> LoraNetwork:
     """A fresh LoraNetwork on `layers`, attached (the pipeline computes with it from now on)."""
     for m in pipe.unet.modules():  # fused inference projections (t2i.nets.attention) would bypass the hooks
@@ -299,7 +304,7 @@ def attach_lora(pipe: Any, layers: list[NamedLayer], rank: int, alpha: float) ->
 
 def export_lora(cfg: LoraTrainConfig, net: LoraNetwork, steps: int) -> Path:
     """`<out>/<name>.safetensors` in the kohya layout, with kohya's training metadata."""
-    alpha = float(cfg.rank if cfg.alpha is None else cfg.alpha)
+    alpha = lora_alpha(cfg.rank, cfg.alpha)
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank),
             "ss_network_alpha": str(alpha), "ss_output_name": cfg.name, "ss_steps": str(steps),
             "ss_training_comment": f"t2i train lora on {Path(cfg.model).name}",
@@ -332,7 +337,7 @@ def build_plain_lora(cfg: LoraTrainConfig, run: Run, frozen: FrozenModel) -> Tas
     if cfg.new_word or cfg.replay or cfg.pixel_weight:
         raise ValueError(f"--new-word, --replay and --pixel-weight train the layout model (t2i-shapes-layout), "
                          f"not {pipe.name}")
-    alpha = float(cfg.rank if cfg.alpha is None else cfg.alpha)
+    alpha = lora_alpha(cfg.rank, cfg.alpha)
     layers = select_layers(pipe, cfg.unet_targets, cfg.text_targets if cfg.text_encoder else None)
     prior_data = None
     if cfg.class_prompt or cfg.class_images:  # drawn before the LoRA is attached: the frozen model's prior

@@ -51,6 +51,7 @@ from t2i.train.lora import (
     LoraTrainConfig,
     attach_lora,
     export_lora,
+    lora_alpha,
     select_layers,
 )
 
@@ -183,7 +184,7 @@ def build_layout_lora(cfg: LoraTrainConfig, run: Run, frozen: FrozenModel) -> Ta
         pipe.planner.add_shapes((word,))  # on --resume the checkpoint then overwrites these fresh rows
         rows = PlannerRows(pipe.planner)
     layers = select_layers(pipe, cfg.unet_targets, None)
-    alpha = float(cfg.rank if cfg.alpha is None else cfg.alpha)
+    alpha = lora_alpha(cfg.rank, cfg.alpha)
     net = attach_lora(pipe, layers, cfg.rank, alpha)
     params = list(net.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
