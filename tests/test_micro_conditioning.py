@@ -110,8 +110,30 @@ def test_micro_conditioning_needs_buckets(tmp_path, vae_file):  # noqa: F811
         train_ldm(_cfg(tmp_path / "run", vae_file, aspect_buckets=False), text_encoder=HashText())
     plain = _cfg(tmp_path / "plain", vae_file, micro_conditioning=False, timestep_range=None, steps=1)
     assert train_ldm(plain, text_encoder=HashText()) == 0
-    warm = _cfg(tmp_path / "warm", "", init_from=str(tmp_path / "plain" / "model.safetensors"))
-    with pytest.raises(ValueError, match="new model"):
-        train_ldm(warm, text_encoder=HashText())
     with pytest.raises(ValueError, match="one of"):
         train_ldm(_cfg(tmp_path / "run2", vae_file, center_crop=True), text_encoder=HashText())
+
+
+def test_micro_conditioning_warm_start_begins_at_the_init(tmp_path, vae_file):  # noqa: F811
+    """--init-from a model without micro-conditioning + --micro-conditioning: the added embedding is new and
+    zero at its output, so the warm-started U-Net predicts exactly what the init does, whatever the ids."""
+    from t2i.train.ldm import load_warm_start, with_micro_conditioning
+
+    plain = _cfg(tmp_path / "plain", vae_file, micro_conditioning=False, timestep_range=None, steps=1)
+    assert train_ldm(plain, text_encoder=HashText()) == 0
+    init = ShapesLDM.load(tmp_path / "plain" / "model.safetensors")
+    torch.manual_seed(1)
+    unet = UNet(with_micro_conditioning(ShapesLDM.load(tmp_path / "plain" / "model.safetensors").cfg).unet).eval()
+    load_warm_start(unet, init.unet)
+    x, t = torch.randn(2, 4, 4, 6), torch.tensor([10.0, 700.0])
+    ctx = torch.randn(2, 3, init.unet.cfg.context_dim)
+    ids = torch.tensor([[16.0, 24.0, 4.0, 6.0, 16.0, 24.0]]).expand(2, 6)
+    with torch.no_grad():
+        want = init.unet(x, t, ctx)
+        assert torch.equal(unet(x, t, ctx, time_ids=ids), want)
+    # the added embedding is trainable from there: its first layer gets a gradient once the output layer moves
+    assert unet.add_embedding.linear_2.weight.abs().sum() == 0 and unet.add_embedding.linear_1.weight.std() > 0
+    # and the training run itself starts from it, micro-conditioned, with buckets
+    warm = _cfg(tmp_path / "warm", "", init_from=str(tmp_path / "plain" / "model.safetensors"), timestep_range=None)
+    assert train_ldm(warm, text_encoder=HashText()) == 0
+    assert ShapesLDM.load(tmp_path / "warm" / "model.safetensors").unet.add_embedding is not None

@@ -74,8 +74,9 @@ LDM: list[Option] = [
      "world at many aspect ratios, each batch one bucket of about --image-size^2 pixels"),
     ("--center-crop", "center_crop", {"action": "store_true"}, "the baseline to --aspect-buckets: the same "
      "many-aspect shapes world, every image centre-cropped to the square"),
-    ("--micro-conditioning", "micro_conditioning", {"action": "store_true"}, "SDXL micro-conditioning of a new "
-     "model: the U-Net embeds each image's original size and crop top-left (needs --aspect-buckets)"),
+    ("--micro-conditioning", "micro_conditioning", {"action": "store_true"}, "SDXL micro-conditioning: the U-Net "
+     "embeds each image's original size and crop top-left (needs --aspect-buckets; with --init-from added to that "
+     "model's U-Net, starting at zero)"),
     ("--timestep-range", "timestep_range", {"type": int, "nargs": 2, "metavar": ("LO", "HI")},
      "train timesteps [LO, HI) only (0 200: an SDXL refiner-style expert on the lowest noise levels)"),
 ]

@@ -67,10 +67,11 @@ class LDMTrainConfig(LoopConfig):
     # machines that keep nothing but the repository. vae_path may then be empty.
     init_from: str | None = None
     # SDXL-style training (Podell et al. 2023, sec. 2.2-2.4). aspect_buckets: the shapes world at many
-    # aspect ratios, batched by bucket (`t2i.train.buckets`); micro_conditioning: a new model's U-Net
-    # embeds each image's original size and crop top-left (plus the target size) into its time
-    # embedding (needs aspect_buckets); timestep_range: [lo, hi) of the training timesteps, e.g.
-    # (0, 200) for a refiner-style expert on the lowest noise levels (None: all T).
+    # aspect ratios, batched by bucket (`t2i.train.buckets`); micro_conditioning: the U-Net embeds each
+    # image's original size and crop top-left (plus the target size) into its time embedding (needs
+    # aspect_buckets; on a warm start it is added to the init's U-Net, starting at zero); timestep_range:
+    # [lo, hi) of the training timesteps, e.g. (0, 200) for a refiner-style expert on the lowest noise
+    # levels (None: all T).
     aspect_buckets: bool = False
     center_crop: bool = False  # the baseline: the same many-aspect originals, centre-cropped to the square
     micro_conditioning: bool = False
@@ -99,10 +100,29 @@ def resolve_model_config(cfg: LDMTrainConfig, vae: torch.nn.Module, data) -> Sha
     model_cfg.schedule.prediction_type = cfg.prediction_type
     model_cfg.vae.scaling_factor = latent_scale(vae, data)
     model_cfg.unet.sample_size = cfg.image_size // model_cfg.vae.downsample_factor
-    if cfg.micro_conditioning:  # the time ids alone feed SDXL's added embedding (no pooled text)
-        model_cfg.unet.addition_time_embed_dim = MICRO_CONDITIONING_DIM
-        model_cfg.unet.projection_class_embeddings_input_dim = N_TIME_IDS * MICRO_CONDITIONING_DIM
+    if cfg.micro_conditioning:
+        with_micro_conditioning(model_cfg)
     return model_cfg
+
+
+def with_micro_conditioning(model_cfg: ShapesLDMConfig) -> ShapesLDMConfig:
+    """model_cfg with a U-Net that embeds the time ids alone (SDXL's added embedding, no pooled text)."""
+    model_cfg.unet.addition_time_embed_dim = MICRO_CONDITIONING_DIM
+    model_cfg.unet.projection_class_embeddings_input_dim = N_TIME_IDS * MICRO_CONDITIONING_DIM
+    return model_cfg
+
+
+def load_warm_start(unet: torch.nn.Module, init: torch.nn.Module) -> None:
+    """The init U-Net's weights into `unet`. A U-Net given micro-conditioning on top of a model without it
+    gets its added embedding new, with a zero output layer: the run starts from exactly the init's
+    predictions and learns what the size and crop ids add (as ControlNet's zero convolutions do)."""
+    missing, unexpected = unet.load_state_dict(init.state_dict(), strict=False)
+    new = [k for k in missing if k.startswith("add_embedding.")]
+    if unexpected or len(new) != len(missing):
+        raise ValueError(f"--init-from: the U-Net does not fit this run's (missing {missing}, unexpected {unexpected})")
+    if new:
+        torch.nn.init.zeros_(unet.add_embedding.linear_2.weight)
+        torch.nn.init.zeros_(unet.add_embedding.linear_2.bias)
 
 
 def size_multiple(cfg: LDMTrainConfig, vae: torch.nn.Module, init: ShapesLDM | None) -> int | None:
@@ -134,7 +154,11 @@ def build_ldm(cfg: LDMTrainConfig, run: Run, text_encoder: torch.nn.Module | Non
     data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, run.log.text, cfg.background_p,
                      workers=cfg.data_workers, size_multiple=size_multiple(cfg, vae, init), center_crop=cfg.center_crop)
     if cfg.model is None:
-        cfg.model = (init.cfg if init is not None else resolve_model_config(cfg, vae, data)).to_dict()
+        if init is None:
+            cfg.model = resolve_model_config(cfg, vae, data).to_dict()
+        else:  # the init's model, with micro-conditioning added when asked (a copy: init.cfg stays its own)
+            start = ShapesLDMConfig.from_dict(init.cfg.to_dict())
+            cfg.model = (with_micro_conditioning(start) if cfg.micro_conditioning else start).to_dict()
     model_cfg = ShapesLDMConfig.from_dict(cfg.model)
     vae.cfg.scaling_factor = model_cfg.vae.scaling_factor
     text = text_encoder or load_text_encoder(model_cfg)
@@ -144,7 +168,7 @@ def build_ldm(cfg: LDMTrainConfig, run: Run, text_encoder: torch.nn.Module | Non
     system.vae.requires_grad_(False).eval()
     unet = system.unet
     if init is not None:
-        unet.load_state_dict(init.unet.state_dict())
+        load_warm_start(unet, init.unet)
     ema = EMA(unet, cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     acp = model_cfg.schedule.alphas_cumprod()
@@ -153,8 +177,6 @@ def build_ldm(cfg: LDMTrainConfig, run: Run, text_encoder: torch.nn.Module | Non
         raise ValueError(f"--timestep-range {lo} {hi} is not within [0, {len(acp)}]")
     loss_fn = DiffusionLoss(acp[lo:hi], cfg.prediction_type, cfg.min_snr_gamma or None)
     micro = unet.add_embedding is not None
-    if cfg.micro_conditioning and not micro:
-        raise ValueError("--micro-conditioning makes a new model's U-Net (--vae); the --init-from model has none")
     if micro and not bucketed:
         raise ValueError("this model has micro-conditioning: train it with --aspect-buckets or --center-crop")
     net = shifted_timesteps(run.parallel(unet), lo)
