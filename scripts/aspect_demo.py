@@ -8,7 +8,10 @@ a crop conditioning (top, left) = (h/4, w/4): SDXL's paper (fig. 5) shows such m
 cropped-looking objects when asked for a crop and centred ones at (0, 0).
 
     python scripts/aspect_demo.py runs/buckets_micro/model.safetensors runs/center_crop/model.safetensors \
-        --out runs/aspect_demo.json
+        --out runs/aspect_demo.json --grid docs/images/aspect_demo.png
+
+--grid writes one row per model, canvas and crop: the images of one prompt of each caption family, at
+their own aspect ratio (2x, nearest), so that cut and centred objects can be seen, not just counted.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import re
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from t2i.data.shapes.heldout import heldout_prompts
 from t2i.eval.shapes_judge import detect, evaluate
@@ -51,16 +55,36 @@ def sample(model: ShapesLDM, prompts: list[str], width: int, height: int, crop: 
             hook.remove()
 
 
+def save_rows(rows: list[tuple[str, list[Image.Image]]], path: str, scale: int = 2, label_w: int = 190) -> None:
+    """One row per (label, images): the label on the left, the images at `scale`x (nearest) beside it,
+    each at its own size (a 96x40 canvas stays wide)."""
+    pad, font = 4, ImageFont.load_default()
+    row_h = max(im.height for _, ims in rows for im in ims) * scale
+    width = label_w + max(sum(im.width * scale + pad for im in ims) for _, ims in rows) + pad
+    grid = Image.new("RGB", (width, len(rows) * (row_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (label, images) in enumerate(rows):
+        y, x = pad + r * (row_h + pad), label_w
+        draw.multiline_text((pad, y + 2), label.replace(" | ", "\n"), fill=(0, 0, 0), font=font, spacing=2)
+        for im in images:
+            grid.paste(im.resize((im.width * scale, im.height * scale), Image.NEAREST), (x, y))
+            x += im.width * scale + pad
+    grid.save(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+")
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--limit", type=int, default=0, help="at most N prompts (0: all)")
+    ap.add_argument("--grid", help="a PNG of one prompt per caption family for every model, canvas and crop")
     args = ap.parse_args()
-    prompts = [p for _, p in heldout_prompts() if not re.search(r"\b(small|medium|large)\b", p)]
-    prompts = prompts[: args.limit or None]
-    report = {}
+    chosen = [(f, p) for f, p in heldout_prompts() if not re.search(r"\b(small|medium|large)\b", p)]
+    chosen = chosen[: args.limit or None]
+    prompts = [p for _, p in chosen]
+    shown = [prompts.index(next(p for f, p in chosen if f == family)) for family in dict.fromkeys(f for f, _ in chosen)]
+    report, rows = {}, []
     for path in args.models:
         model = ShapesLDM.load(path)
         crops = [(0, 0)] + ([None] if model.unet.add_embedding is not None else [])
@@ -71,8 +95,12 @@ def main() -> None:
                 key = f"{path} {w}x{h} crop {crop[0]},{crop[1]}"
                 report[key] = {"judge": evaluate(images, prompts)["overall"], "cut": cut_share(images)}
                 print(key, report[key], flush=True)
+                rows.append((f"{path} | {w}x{h}, crop ({crop[0]}, {crop[1]}) | judge {report[key]['judge']:.2f}, "
+                             f"cut {report[key]['cut']:.2f}", [images[i] for i in shown]))
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
+    if args.grid:
+        save_rows(rows, args.grid)
 
 
 if __name__ == "__main__":
