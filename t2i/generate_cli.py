@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "shapes model, t2i-shapes)")
     p.add_argument("--fast", action="store_true",
                    help="use the model's distilled few-step student (model.fast.safetensors beside it, from `t2i "
-                        "distill`) with its defaults (sampler lcm, 4 steps)")
+                        "distill`) with its defaults (sampler lcm, 4 steps); a model whose own defaults already are "
+                        "lcm (the built-in one) is its own fast setting")
     p.add_argument("--sampler", default=None, help="ddpm, ddim, euler, euler_a, heun, dpmpp_2m")
     p.add_argument("--schedule", default=None, help="sigma schedule: default or karras; DDPM models also take iddpm "
                    "(IDDPM respacing). A name the model does not list is refused")
@@ -325,12 +326,15 @@ def _load(args: argparse.Namespace):
     import t2i
     from t2i.cli import UserError
 
-    model = args.model
-    if args.fast:
-        from t2i.distill import fast_model_file
+    def load(model):
+        return t2i.load(model, precision=args.precision, quantizable=not _merges_loras(args))
 
-        model = fast_model_file(args.model)
-    pipe = t2i.load(model, precision=args.precision, quantizable=not _merges_loras(args))
+    if args.fast:
+        from t2i.distill import resolve_fast
+
+        pipe = resolve_fast(args.model, load)
+    else:
+        pipe = load(args.model)
     if args.lora:  # merged for the whole run (before compiling, which freezes the weights)
         from t2i.adapters.lora import apply_loras, parse_lora_arg
 

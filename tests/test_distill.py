@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import t2i
 from t2i.cli import main
 from t2i.distill import fast_model_file
 from t2i.distill.add import (
@@ -247,6 +248,27 @@ def test_generate_fast_uses_the_student_beside_the_model(lcm_run, tmp_path):
                  "--out", str(tmp_path / "b.png")]) == 0
     params = Image.open(tmp_path / "b.png").info["parameters"]
     assert "Sampler: LCM" in params and "Steps: 4" in params and "CFG scale: 4.0" in params
+
+
+def test_fast_is_the_model_itself_when_its_defaults_already_are_lcm(lcm_run, tmp_path):
+    """The built-in model samples with lcm at 4 steps by default, measured as its fastest setting that keeps
+    the score: --fast uses it as it is; a model with another default sampler and no student is refused."""
+    from t2i.distill import load_fast, resolve_fast
+
+    teacher_dir, run = lcm_run
+    loads = []
+
+    def load(m):
+        loads.append(m)
+        return t2i.load(m)
+
+    student_only = tmp_path / "student"  # a distilled model (defaults lcm) with no student beside it
+    shutil.copytree(run, student_only)
+    assert resolve_fast(student_only, load).defaults.sampler == "lcm" and loads[-1] == student_only
+    with pytest.raises(FileNotFoundError, match="model.fast.safetensors"):
+        resolve_fast(teacher_dir, load)  # its defaults are not lcm
+    builtin = load_fast("t2i-shapes-layout")
+    assert (builtin.defaults.sampler, builtin.defaults.steps, builtin.defaults.guidance) == ("lcm", 4, 1.0)
 
 
 # ============================================================================ resume, LCM-LoRA, layouts, CLI

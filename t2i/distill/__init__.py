@@ -9,13 +9,18 @@ teacher's planner beside it for a layout model) whose defaults are the fast sett
 4 steps, guidance embedded or 1), so `t2i generate --model RUN` draws with it.
 
 The fast variant of a model: a distilled student shipped next to it as `model.fast.safetensors` (beside
-the model's `model.safetensors`, or `NAME.fast.safetensors` beside a file `NAME.safetensors`).
-`t2i generate --fast` and `load_fast` use it; `fast_model_file` finds it.
+the model's `model.safetensors`, or `NAME.fast.safetensors` beside a file `NAME.safetensors`); or, for a
+model whose own defaults already are few-step consistency sampling (sampler `lcm`, as the built-in model's:
+4 steps without guidance, within 2 points of its 20-step guided score, while its distilled students scored
+lower at 2-8 steps; docs/FAMILIES.md), the model itself. `t2i generate --fast` and `load_fast` use it
+(`resolve_fast`); `fast_model_file` finds the student.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 FAST_SUFFIX = ".fast.safetensors"
 
@@ -39,8 +44,20 @@ def fast_model_file(model: str | Path | None) -> Path:
     return fast
 
 
+def resolve_fast(model: str | Path | None, load: Callable[[str | Path | None], Any]) -> Any:
+    """The fast variant of `model`, loaded by `load`: the distilled student beside it when there is one, else
+    the model itself when its defaults already sample with `lcm`; else `fast_model_file`'s FileNotFoundError."""
+    try:
+        return load(fast_model_file(model))
+    except FileNotFoundError:
+        pipe = load(model)
+        if pipe.defaults.sampler == "lcm":
+            return pipe
+        raise
+
+
 def load_fast(model: str | Path | None = None, precision: str = "fp32"):
-    """`t2i.load` of the fast variant of `model` (see `fast_model_file`)."""
+    """`t2i.load` of the fast variant of `model` (see `resolve_fast`)."""
     import t2i
 
-    return t2i.load(fast_model_file(model), precision=precision)
+    return resolve_fast(model, lambda m: t2i.load(m, precision=precision))
