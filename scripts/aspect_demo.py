@@ -4,7 +4,7 @@ For each model file: the shapes judge's accuracy on the held-out prompts that na
 (the judge reads sizes in units of the canvas width, which v1 of the contract defines for square
 canvases only) at several canvases, and the share of images with an object cut by the canvas
 edge (a detection whose box touches the border). A micro-conditioned model is also sampled with
-a crop conditioning (top, left) = (h/4, w/4): SDXL's paper (fig. 5) shows such models draw
+a crop conditioning (top, left) = (h/4, w/4) (`--crop`): SDXL's paper (fig. 5) shows such models draw
 cropped-looking objects when asked for a crop and centred ones at (0, 0).
 
     python scripts/aspect_demo.py runs/buckets_micro/model.safetensors runs/center_crop/model.safetensors \
@@ -79,18 +79,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--limit", type=int, default=0, help="at most N prompts (0: all)")
     ap.add_argument("--grid", help="a PNG of one prompt per caption family for every model, canvas and crop")
+    ap.add_argument("--crop", default="0.25,0.25", help="the crop asked of a micro-conditioned model: top,left as "
+                    "fractions of the canvas height,width (a centre-cropped wide original: 0,0.25)")
     args = ap.parse_args()
     chosen = [(f, p) for f, p in heldout_prompts() if not re.search(r"\b(small|medium|large)\b", p)]
     chosen = chosen[: args.limit or None]
     prompts = [p for _, p in chosen]
     shown = [prompts.index(next(p for f, p in chosen if f == family)) for family in dict.fromkeys(f for f, _ in chosen)]
     report, rows = {}, []
+    top, left = (float(v) for v in args.crop.split(","))
     for path in args.models:
         model = ShapesLDM.load(path)
         crops = [(0, 0)] + ([None] if model.unet.add_embedding is not None else [])
         for w, h in CANVASES:
             for crop in crops:
-                crop = crop or (h // 4, w // 4)
+                crop = crop or (int(h * top), int(w * left))
                 images = sample(model, prompts, w, h, crop, args.steps)
                 key = f"{path} {w}x{h} crop {crop[0]},{crop[1]}"
                 report[key] = {"judge": evaluate(images, prompts)["overall"], "cut": cut_share(images)}
