@@ -48,12 +48,13 @@ def resolve_fast(model: str | Path | None, load: Callable[[str | Path | None], A
     """The fast variant of `model`, loaded by `load`: the distilled student beside it when there is one, else
     the model itself when its defaults already sample with `lcm`; else `fast_model_file`'s FileNotFoundError."""
     try:
-        return load(fast_model_file(model))
+        fast = fast_model_file(model)
     except FileNotFoundError:
         pipe = load(model)
         if pipe.defaults.sampler == "lcm":
             return pipe
         raise
+    return load(fast)  # outside the try: a student that fails to load says so, never falls back in silence
 
 
 def load_fast(model: str | Path | None = None, precision: str = "fp32"):
