@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 
 import torch
 
 import t2i
-from t2i.distill.speed import PROMPTS
+from t2i.distill.speed import PROMPTS, mean_seconds
 
 
 def main() -> None:
@@ -44,10 +43,7 @@ def main() -> None:
         order = range(len(settings)) if r % 2 == 0 else reversed(range(len(settings)))
         for i in order:
             m, kw = settings[i]
-            start = time.perf_counter()
-            for k in range(args.images):
-                models[m].generate(PROMPTS[k % len(PROMPTS)], seed=k, **kw)
-            times[i].append((time.perf_counter() - start) / args.images)
+            times[i].append(mean_seconds(models[m], args.images, **kw))
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                platform.processor())
     print(f"CPU: {cpu}, 1 thread, {args.rounds} rounds of {args.images} images")

@@ -85,7 +85,10 @@ def main() -> None:
     chosen = [(f, p) for f, p in heldout_prompts() if not re.search(r"\b(small|medium|large)\b", p)]
     chosen = chosen[: args.limit or None]
     prompts = [p for _, p in chosen]
-    shown = [prompts.index(next(p for f, p in chosen if f == family)) for family in dict.fromkeys(f for f, _ in chosen)]
+    first: dict[str, int] = {}  # caption family -> index of its first prompt (the grid shows these)
+    for i, (family, _) in enumerate(chosen):
+        first.setdefault(family, i)
+    shown = list(first.values())
     report, rows = {}, []
     top, left = (float(v) for v in args.crop.split(","))
     for path in args.models:

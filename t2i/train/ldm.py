@@ -11,6 +11,7 @@ captioned PNG grids along the way.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -157,7 +158,7 @@ def build_ldm(cfg: LDMTrainConfig, run: Run, text_encoder: torch.nn.Module | Non
         if init is None:
             cfg.model = resolve_model_config(cfg, vae, data).to_dict()
         else:  # the init's model, with micro-conditioning added when asked (a copy: init.cfg stays its own)
-            start = ShapesLDMConfig.from_dict(init.cfg.to_dict())
+            start = copy.deepcopy(init.cfg)
             cfg.model = (with_micro_conditioning(start) if cfg.micro_conditioning else start).to_dict()
     model_cfg = ShapesLDMConfig.from_dict(cfg.model)
     vae.cfg.scaling_factor = model_cfg.vae.scaling_factor
