@@ -1,4 +1,4 @@
-"""Peak memory of compact weights (t2i.compact) against float32, each configuration a whole process.
+"""Peak memory of compact weights (t2i.compact) and of `auto` against float32, each configuration a whole process.
 
     python benchmarks/compact_memory.py                       # SD 1.5 architecture, 256x256
     python benchmarks/compact_memory.py --skip-sd15 --sdxl    # the SDXL architecture at 1024x1024 (heavy:
@@ -42,7 +42,9 @@ from sd15_folder import build_sd15_folder  # noqa: E402
 
 SDXL_FOLDER = Path("/tmp/t2i_bench_sdxl_fp16")
 PROMPT = "a photograph of an astronaut riding a horse"
-CONFIGS = {"fp32": None, "compact": torch.bfloat16}  # compact: bf16 storage (a float16 file stays float16)
+# compact: bf16 storage (a float16 file stays float16); auto: `t2i.load`'s default for this CPU and model
+# (int8 U-Net layers and bf16 elsewhere on a CPU with native bf16 and VNNI)
+CONFIGS = {"fp32": None, "compact": torch.bfloat16, "auto": None}
 
 # SDXL base 1.0's component configs (stabilityai/stable-diffusion-xl-base-1.0), written out.
 SDXL_UNET = dict(
@@ -129,13 +131,18 @@ def peak_rss_gb() -> float:
 
 def child(config: str, folder: Path, size: int, threads: int, steps: int) -> None:
     """One configuration in this process: load, generate, print one JSON line."""
+    import t2i
     from t2i.checkpoints.parts import text_towers
     from t2i.compact import parameter_bytes
+    from t2i.quantize import int8_layers
     from t2i.systems import stable_diffusion as sd
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    pipe = sd.load(folder, torch.float32, compact=CONFIGS[config])
+    if config == "auto":
+        pipe = t2i.load(folder, precision="auto")
+    else:
+        pipe = sd.load(folder, torch.float32, compact=CONFIGS[config])
     loaded, load_rss = time.perf_counter() - t0, peak_rss_gb()
     nets = [pipe.unet, pipe.vae, *(t.model for t in text_towers(pipe.text_encoder))]
     marks, decode = {}, pipe.vae.decode
@@ -152,7 +159,8 @@ def child(config: str, folder: Path, size: int, threads: int, steps: int) -> Non
     result = pipe.generate(PROMPT, seed=0, steps=steps, guidance=1.0, sampler="euler", width=size, height=size)
     print(json.dumps(dict(config=config, steps=steps, load_s=loaded, load_rss_gb=load_rss, **marks,
                           generate_s=time.perf_counter() - t0, peak_rss_gb=peak_rss_gb(),
-                          weights_gb=sum(map(parameter_bytes, nets)) / 2**30,
+                          weights_gb=sum(parameter_bytes(n) + sum(m.packed.numel() for m in int8_layers(n))
+                                         for n in nets) / 2**30,
                           finite=bool(torch.isfinite(result.latents).all()))), flush=True)
 
 
@@ -212,9 +220,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--size", type=int, default=256, help="SD 1.5 image size")
     p.add_argument("--sdxl-size", type=int, default=1024, help="SDXL image size (smaller: a quick check of the path)")
-    p.add_argument("--sdxl", action="store_true", help="also the SDXL architecture at 1024x1024, compact only")
+    p.add_argument("--sdxl", action="store_true", help="also the SDXL architecture at 1024x1024, compact and auto")
     p.add_argument("--sdxl-fp32", action="store_true", help="and SDXL in float32 too (about 14 GB of weights)")
     p.add_argument("--skip-sd15", action="store_true")
+    p.add_argument("--sdxl-configs", default="compact,auto",
+                   help="the SDXL configurations to run (without --sdxl-fp32)")
     args = p.parse_args()
     if args.child:
         config, folder, size = args.child
@@ -226,7 +236,7 @@ def main() -> None:
     if args.sdxl:
         folder = build_sdxl_folder()
         rows += run("SDXL", folder, args.sdxl_size, args.threads, args.steps,
-                    list(CONFIGS) if args.sdxl_fp32 else ["compact"])
+                    list(CONFIGS) if args.sdxl_fp32 else args.sdxl_configs.split(","))
         if not args.sdxl_fp32:
             fp32_only["SDXL"] = weight_gb(folder, 4)
     print(table(rows, fp32_only))

@@ -5,7 +5,8 @@ defaults for the job `t2i generate` does (SD 1.5 folder, DPM++ 2M, guidance, see
         --width 256 --height 256 --seed 0 --out x.png --save-latents x.safetensors [--bf16]
 
 --save-latents writes the final latents (diffusion scale, before decoding) under `latents`, as
-`t2i generate --save-latents` does. --bf16 casts every module to bf16 (the fairness yardstick
+`t2i generate --save-latents` does. --scheduler euler and --taesd DIR give the few-step job (SD-Turbo
+style, `turbo_cpu.py`). --bf16 casts every module to bf16 (the fairness yardstick
 for reduced precision). Imported by nothing: a benchmark peer, not part of t2i.
 """
 
@@ -27,15 +28,22 @@ def main() -> None:
     p.add_argument("--out", default="diffusers.png")
     p.add_argument("--save-latents", default=None)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--scheduler", default="dpmpp_2m", choices=["dpmpp_2m", "euler"],
+                   help="DPM++ 2M (DPMSolverMultistepScheduler) or Euler (EulerDiscreteScheduler), on the folder's "
+                   "scheduler config")
+    p.add_argument("--taesd", default=None, help="decode with this AutoencoderTiny folder instead of the VAE")
     args = p.parse_args()
     start = time.perf_counter()
     import torch
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import AutoencoderTiny, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
     from safetensors.torch import save_file
 
+    dtype = torch.bfloat16 if args.bf16 else None
+    extra = {"vae": AutoencoderTiny.from_pretrained(args.taesd, torch_dtype=dtype)} if args.taesd else {}
     pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, local_files_only=True,
-                                                   torch_dtype=torch.bfloat16 if args.bf16 else None)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+                                                   torch_dtype=dtype, **extra)
+    scheduler = DPMSolverMultistepScheduler if args.scheduler == "dpmpp_2m" else EulerDiscreteScheduler
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     loaded = time.perf_counter()
     final = {}

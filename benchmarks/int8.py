@@ -6,14 +6,14 @@
 Parts, each side timed warm, the sides alternated (A B C A B C ...) so a load change on the
 shared machine hits them all; medians, and each side as a fraction of fp32:
   linear  one SD-1.5-sized Linear: (4096, 1280) @ (1280, 1280) + bias
-  conv    one SD-1.5-sized 3x3 convolution, 320 -> 320 channels on (2, 320, 64, 64), against
-          PyTorch's static int8 convolution (quantize the input, int8 conv, dequantize)
+  conv    one SD-1.5-sized 3x3 convolution, 320 -> 320 channels on (2, 320, 64, 64): fp32, bf16 and
+          t2i's int8 convolution (dynamic activation quantization included)
   unet    one guided U-Net step of the built-in model (batch 2, 16x16 latents, 32 context tokens)
   image   the built-in model's whole `generate` at 64x64 (text, 20 steps with guidance, decode)
   sd      one SD 1.5 U-Net step (random weights, t2i's `sd15` preset), batch 1 at 32x32 latents
           (256x256 images), 77 context tokens; also each variant's output error against fp32
-The variants: fp32; bf16 (weights and compute); int8+fp32 (t2i.quantize: int8 U-Net Linears,
-everything else fp32); int8+bf16 (int8 U-Net Linears, convolutions and the rest in bf16).
+The variants: fp32; bf16 (weights and compute); int8+fp32 (t2i.quantize: int8 U-Net Linears and
+3x3 convolutions, everything else fp32); int8+bf16 (the same int8 layers, the rest in bf16).
 The CPU (model name, family/model numbers, int8 and bf16 flags) and `uptime` are printed first.
 """
 
@@ -46,47 +46,39 @@ def cpu_line() -> str:
 
 
 def bench_linear(repeats: int) -> None:
-    from t2i.quantize import quantize_linears
+    from t2i.quantize import quantize_
 
     x = torch.randn(4096, 1280)
     lin = nn.Linear(1280, 1280)
     bf = nn.Linear(1280, 1280).to(torch.bfloat16)
-    q = quantize_linears(nn.Sequential(nn.Linear(1280, 1280)), t2i.has_vnni())
+    q = quantize_(nn.Sequential(nn.Linear(1280, 1280)), t2i.has_vnni())
     xb = x.bfloat16()
     report("Linear (4096, 1280) @ (1280, 1280)", alternate({"fp32": lambda: lin(x), "bf16": lambda: bf(xb),
                                                              "int8": lambda: q(x)}, repeats), base="fp32")
 
 
 def bench_conv(repeats: int) -> None:
-    from torch.ao.nn.quantized import Conv2d as QConv2d
+    from t2i.quantize import Int8Conv2d
 
     x = torch.randn(2, 320, 64, 64)
     conv = nn.Conv2d(320, 320, 3, padding=1)
-    bf = nn.Conv2d(320, 320, 3, padding=1).to(torch.bfloat16).to(memory_format=torch.channels_last)
-    xb = x.bfloat16().contiguous(memory_format=torch.channels_last)
-    qconv = QConv2d(320, 320, 3, padding=1)
-    qconv.set_weight_bias(torch.quantize_per_channel(conv.weight, conv.weight.abs().amax((1, 2, 3)) / 127,
-                                                     torch.zeros(320, dtype=torch.long), 0, torch.qint8), conv.bias)
-    qconv.scale, qconv.zero_point = 0.05, 128
-    scale = float(x.abs().max()) / 127
-
-    def int8() -> torch.Tensor:  # what a static int8 conv costs between float layers
-        return qconv(torch.quantize_per_tensor(x, scale, 128, torch.quint8)).dequantize()
-
+    bf = nn.Conv2d(320, 320, 3, padding=1).to(torch.bfloat16)
+    xb = x.bfloat16()
+    q = Int8Conv2d(conv, t2i.has_vnni())
     report("Conv2d 3x3 320->320 on (2, 320, 64, 64)",
-           alternate({"fp32": lambda: conv(x), "bf16 channels-last": lambda: bf(xb), "int8 static": int8}, repeats),
-           base="fp32")
+           alternate({"fp32": lambda: conv(x), "bf16": lambda: bf(xb), "int8 (bf16 in and out)": lambda: q(xb)},
+                     repeats), base="fp32")
 
 
 def pipelines() -> dict:
     """The built-in model in fp32, bf16, and with int8 U-Net Linears over each (`t2i.load(precision="int8")`
     is the one over bf16 where the CPU has native bf16, else the one over fp32)."""
-    from t2i.quantize import quantize_linears
+    from t2i.quantize import quantize_
 
     pipes = {p: t2i.load(precision=p) for p in ("fp32", "bf16")}
     for rest in ("fp32", "bf16"):
         pipe = t2i.load(precision=rest)
-        quantize_linears(pipe.unet, t2i.has_vnni())
+        quantize_(pipe.unet, t2i.has_vnni())
         pipes[f"int8+{rest}"] = pipe
     return pipes
 
@@ -110,14 +102,14 @@ def sd_variants() -> dict:
 
     from t2i.nets.cast_inputs import CastInputs
     from t2i.nets.unet import UNET_CONFIGS, UNet
-    from t2i.quantize import quantize_linears
+    from t2i.quantize import quantize_
 
     vnni = t2i.has_vnni()
     torch.manual_seed(0)
     fp32 = UNet(UNET_CONFIGS["sd15"]).eval().requires_grad_(False)
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    return {"fp32": fp32, "bf16": CastInputs(bf16), "int8+fp32": quantize_linears(copy.deepcopy(fp32), vnni),
-            "int8+bf16": CastInputs(quantize_linears(bf16, vnni))}  # bf16 is quantized last: nothing else reads it
+    return {"fp32": fp32, "bf16": CastInputs(bf16), "int8+fp32": quantize_(copy.deepcopy(fp32), vnni),
+            "int8+bf16": CastInputs(quantize_(bf16, vnni))}  # bf16 is quantized last: nothing else reads it
 
 
 def bench_sd(repeats: int) -> None:

@@ -19,8 +19,9 @@ Parts (--only, comma-separated):
            achieved FLOP/s (torch.utils.flop_counter) as a fraction of the matmul rates
   vae      VAE decode of one latent
   load     a whole process that imports and loads the model, each side
-  command  `t2i generate` against `diffusers_generate.py`, each a whole process, alternated:
-           wall time, peak RSS, and the final latents compared with diffusers' fp32 result
+  command  `t2i generate` against `diffusers_generate.py` and, where --openvino-python has it, OpenVINO
+           (`openvino_generate.py`, its default precision and NNCF 8-bit weights), each a whole process,
+           alternated: wall time, peak RSS, and the final latents compared with diffusers' fp32 result
            (and with diffusers' modules cast to bf16, the fairness yardstick, where bf16 is native)
   openvino t2i's warm image against OpenVINO's (optimum-intel, `openvino_generate.py`), the latter in
            --openvino-python when given: export, load + compile, first and warm image, peak RSS
@@ -276,7 +277,41 @@ def _latent_error(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a - ref).abs().max() / ref.std()).item()
 
 
+def openvino_python(args) -> str | None:
+    """The python that runs `openvino_generate.py` (--openvino-python, else this one), or None (with a
+    line saying why) where it cannot import optimum-intel and openvino."""
+    python = args.openvino_python or sys.executable
+    probe = subprocess.run([python, "-c", "import optimum.intel, openvino"], capture_output=True, text=True)
+    if probe.returncode == 0:
+        return python
+    print(f"  OpenVINO skipped: {python} cannot import optimum.intel and openvino (install them there: "
+          "pip install 'optimum-intel[openvino]'; it pins its own transformers, so a venv of its own and "
+          "--openvino-python suit it best)")
+    return None
+
+
+def psnr(a: Path, b: Path) -> float:
+    """PSNR in dB between two 8-bit images of the same size."""
+    import numpy as np
+    from PIL import Image
+
+    x, y = (np.asarray(Image.open(f).convert("RGB"), dtype=np.float64) for f in (a, b))
+    return float(10 * np.log10(255**2 / max(((x - y) ** 2).mean(), 1e-12)))
+
+
+def export_once(cmd: list[str]) -> None:
+    """Run an `openvino_generate.py` command line once as a 1-step job, untimed: its first use exports
+    the folder to OpenVINO IR (minutes, cached beside the folder), as OpenVINO's users do once. (At
+    64x64 the NNCF int8 IR failed to reshape: the job's own size is kept.)"""
+    once = list(cmd)
+    once[once.index("--steps") + 1] = "1"
+    run_process(once)
+
+
 def part_command(state: dict, args, folder: Path, size: int) -> None:
+    """Whole processes, alternated: `t2i generate`, diffusers, and (where installed) OpenVINO with its
+    own default precision and with 8-bit weights. OpenVINO's IR export is cached beside the folder
+    and made before the timed runs, as a user of OpenVINO exports once."""
     from safetensors.torch import load_file
 
     tmp = Path(tempfile.mkdtemp(prefix="t2i_bench_"))
@@ -286,29 +321,41 @@ def part_command(state: dict, args, folder: Path, size: int) -> None:
                "--save-latents", str(tmp / "t2i.safetensors"), "--overwrite"]  # repeats write the same files
     diff_cmd = [sys.executable, str(HERE / "diffusers_generate.py"), PROMPT, "--model", str(folder), *flags,
                 "--out", str(tmp / "diffusers.png"), "--save-latents", str(tmp / "diffusers.safetensors")]
-    print(f"  t2i command:       {' '.join(t2i_cmd[2:])}")
-    print(f"  diffusers command: {' '.join(diff_cmd[1:])}")
-    runs: dict[str, list[tuple[float, float]]] = {Sides(folder, args.precision).label: [], "diffusers fp32": []}
+    cmds = {Sides(folder, args.precision).label: t2i_cmd, "diffusers fp32": diff_cmd}
+    python = openvino_python(args) if "openvino" in args.command_peers else None
+    if python is not None:
+        for name, extra in (("openvino", []), ("openvino int8", ["--int8"])):
+            cmd = [python, str(HERE / "openvino_generate.py"), PROMPT, "--model", str(folder), *flags,
+                   "--out", str(tmp / f"{name}.png"), *extra]
+            if args.threads is not None:
+                cmd += ["--threads", str(args.threads)]
+            export_once(cmd)
+            cmds[name] = cmd
+    for name, cmd in cmds.items():
+        print(f"  {name + ' command:':<24} {' '.join(cmd[1:])}")
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in cmds}
     for _ in range(args.repeats):
-        for name, cmd in zip(runs, (t2i_cmd, diff_cmd), strict=True):
+        for name, cmd in cmds.items():
             wall, rss, out = run_process(cmd)
             runs[name].append((wall, rss))
             print(f"    {name:<22} {wall:8.1f} s  peak RSS {rss:.2f} GB  {out.strip().splitlines()[-1:] or ''}",
                   flush=True)
     medians = {k: statistics.median(w for w, _ in v) for k, v in runs.items()}
     report(f"whole command {job_title(size)} (median)", medians)
-    for k, v in runs.items():
-        print(f"    {k:<22} peak RSS {max(r for _, r in v):.2f} GB")
+    peaks = {k: max(r for _, r in v) for k, v in runs.items()}
+    for k, v in peaks.items():
+        print(f"    {k:<22} peak RSS {v:.2f} GB  ({v / peaks['diffusers fp32']:.2f} of diffusers fp32)")
     ours = load_file(tmp / "t2i.safetensors")["latents"]
     ref = load_file(tmp / "diffusers.safetensors")["latents"]
-    print(f"  final latents, max |t2i - diffusers fp32| / std: {_latent_error(ours, ref):.2e}")
-    if state["native_bf16"] or args.force_bf16:
+    print(f"  final latents, max |t2i - diffusers fp32| / std: {_latent_error(ours, ref):.2e}; decoded images "
+          f"{psnr(tmp / 't2i.png', tmp / 'diffusers.png'):.1f} dB PSNR apart")
+    if (state["native_bf16"] or args.force_bf16) and not args.no_yardstick:
         wall, _, _ = run_process([*diff_cmd[:-4], "--out", str(tmp / "d16.png"),
                                   "--save-latents", str(tmp / "d16.safetensors"), "--bf16"])
         yard = load_file(tmp / "d16.safetensors")["latents"]
-        print(f"  yardstick, max |diffusers bf16 - diffusers fp32| / std: {_latent_error(yard, ref):.2e} "
-              f"({wall:.0f} s)")
-    else:
+        print(f"  yardstick, max |diffusers bf16 - diffusers fp32| / std: {_latent_error(yard, ref):.2e}, "
+              f"{psnr(tmp / 'd16.png', tmp / 'diffusers.png'):.1f} dB PSNR ({wall:.0f} s)")
+    elif not args.no_yardstick:
         print("  yardstick (diffusers cast to bf16) skipped: no native bf16 here, it would take hours; "
               "--force-bf16 runs it")
 
@@ -318,12 +365,8 @@ def part_openvino(state: dict, args, sides: Sides, size: int) -> None:
     t2i's warm images are timed here before and after the OpenVINO process, so both see the same load."""
     from safetensors.torch import load_file
 
-    python = args.openvino_python or sys.executable
-    probe = subprocess.run([python, "-c", "import optimum.intel, openvino"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        print(f"  OpenVINO skipped: {python} cannot import optimum.intel and openvino (install them there: "
-              "pip install 'optimum-intel[openvino]'; it pins its own transformers, so a venv of its own and "
-              "--openvino-python suit it best)")
+    python = openvino_python(args)
+    if python is None:
         return
     tmp = Path(tempfile.mkdtemp(prefix="t2i_bench_ov_"))
     latents: dict[str, torch.Tensor] = {}
@@ -457,6 +500,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=JOB["steps"],
                    help="the job's sampling steps (default 20, the issue's job); fewer still measure load, decode "
                    "and peak RSS, which do not grow with the steps, in less time")
+    p.add_argument("--command-peers", default="diffusers,openvino",
+                   help="the command part's peers besides diffusers: 'diffusers,openvino' (default; OpenVINO where "
+                   "--openvino-python imports it, with its default precision and with 8-bit weights) or 'diffusers'")
+    p.add_argument("--no-yardstick", action="store_true", help="skip the command part's diffusers bf16 run")
     p.add_argument("--force-bf16", action="store_true",
                    help="run the diffusers bf16 yardstick even without native bf16 (very slow there)")
     args = p.parse_args(argv)

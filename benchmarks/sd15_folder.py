@@ -41,10 +41,49 @@ SCHEDULER_CONFIG = dict(
 
 def build_sd15_folder(folder: Path = DEFAULT_FOLDER, seed: int = 0) -> Path:
     """Write the random SD 1.5 folder unless it is already complete; returns its path."""
+    return _build_folder(folder, UNET_CONFIG, CLIP_CONFIG, "PNDMScheduler", SCHEDULER_CONFIG, seed)
+
+
+# SD-Turbo's (stabilityai/sd-turbo: the SD 2.1 architecture at 512x512, OpenCLIP ViT-H/14 text
+# tower, 23 of its 24 layers) and TAESD's (madebyollin/taesd, diffusers' AutoencoderTiny defaults).
+TURBO_FOLDER = Path("/tmp/t2i_bench_sdturbo")
+TAESD_FOLDER = Path("/tmp/t2i_bench_taesd")
+TURBO_UNET_CONFIG = {**UNET_CONFIG, "attention_head_dim": (5, 10, 20, 20), "cross_attention_dim": 1024,
+                     "use_linear_projection": True}
+TURBO_CLIP_CONFIG = {**CLIP_CONFIG, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 23,
+                     "num_attention_heads": 16, "hidden_act": "gelu", "projection_dim": 512}
+TURBO_SCHEDULER_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, steps_offset=1, prediction_type="epsilon",
+                              timestep_spacing="trailing")
+
+
+def build_turbo_folder(folder: Path = TURBO_FOLDER, seed: int = 0) -> Path:
+    """Write the random SD-Turbo-architecture folder unless it is already complete; returns its path."""
+    return _build_folder(folder, TURBO_UNET_CONFIG, TURBO_CLIP_CONFIG, "EulerDiscreteScheduler",
+                         TURBO_SCHEDULER_CONFIG, seed)
+
+
+def build_taesd_folder(folder: Path = TAESD_FOLDER, seed: int = 0) -> Path:
+    """Write a random TAESD (diffusers `AutoencoderTiny`, SD 1/2 latents) folder unless it exists."""
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    tmp = folder.with_name(folder.name + ".partial")
+    AutoencoderTiny().save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(folder)
+    return folder
+
+
+def _build_folder(folder: Path, unet_config: dict, clip_config: dict, scheduler: str, scheduler_config: dict,
+                  seed: int) -> Path:
     folder = Path(folder)
     if (folder / "model_index.json").is_file():
         return folder
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     from transformers import CLIPTokenizer as HFCLIPTokenizer
 
@@ -56,8 +95,9 @@ def build_sd15_folder(folder: Path = DEFAULT_FOLDER, seed: int = 0) -> Path:
     tokenizer = HFCLIPTokenizer(str(tmp / "tokenizer" / "vocab.json"), str(tmp / "tokenizer" / "merges.txt"),
                                 pad_token="<|endoftext|>", model_max_length=77)
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(**VAE_CONFIG), text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_CONFIG)),
-        tokenizer=tokenizer, unet=UNet2DConditionModel(**UNET_CONFIG), scheduler=PNDMScheduler(**SCHEDULER_CONFIG),
+        vae=AutoencoderKL(**VAE_CONFIG), text_encoder=CLIPTextModel(CLIPTextConfig(**clip_config)),
+        tokenizer=tokenizer, unet=UNet2DConditionModel(**unet_config),
+        scheduler=getattr(diffusers, scheduler)(**scheduler_config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(tmp, safe_serialization=True)
     prefix_text_encoder_keys(tmp / "text_encoder" / "model.safetensors")

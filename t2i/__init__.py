@@ -55,15 +55,20 @@ def auto_precision(cpuinfo: str | None = None, model_bytes: int | None = None, q
     for a model of `model_bytes` weight bytes (None: unknown, taken as large):
 
         a model under SMALL_MODEL_BYTES -> "fp32"
-        native bf16 and VNNI -> "int8" (int8 U-Net Linears, the rest bf16); "bf16" when the model
-                                must stay float (quantizable=False: LoRAs are merged into it)
+        native bf16 and VNNI -> "int8" (int8 U-Net Linears and 3x3 convolutions, the rest bf16);
+                                "bf16" when the model must stay float (quantizable=False: LoRAs
+                                are merged into it)
         native bf16 only     -> "bf16"
-        otherwise            -> "fp32" (int8 with float32 convolutions does not win: below)
+        otherwise            -> "fp32" (int8 with float32 elsewhere: not measured faster, below)
 
     Measured on an AMD EPYC Zen 4 (family 25 model 17, AVX512-BF16 and AVX512-VNNI), one thread,
-    one SD 1.5 U-Net step at 32x32 latents: bf16 0.57 of fp32's time, int8 Linears with bf16
-    elsewhere 0.46 (0.81 of bf16's), int8 Linears with float32 elsewhere 0.98 (the convolutions
-    dominate): so int8 only where bf16 is native too. Quality, the judge on the built-in model
+    one SD 1.5 U-Net step at 32x32 latents (session 6, int8 Linears only): bf16 0.57 of fp32's
+    time, int8 Linears with bf16 elsewhere 0.46 (0.81 of bf16's), int8 Linears with float32
+    elsewhere 0.98 (the convolutions dominate): so int8 only where bf16 is native too. Session 14,
+    same CPU, one thread, one guided step at 64x64 latents (512x512 images), in one run: bf16
+    11.0 s, int8 Linears 10.1 s, int8 Linears and 3x3 convolutions 9.1 s (t2i.quantize); with
+    two threads 4.4 s. CPUs with VNNI but no native bf16 (Cascade Lake, Alder Lake) were not
+    measured with int8 convolutions: they stay fp32. Quality, the judge on the built-in model
     (300 held-out prompts, same CPU): fp32 0.337, bf16 0.313, int8 with bf16 elsewhere 0.317,
     int8 with float32 elsewhere 0.340; on a tiny random SD the int8 images are 36-37 dB PSNR from
     fp32's. The built-in model itself is too small to gain: its 64x64 image takes 1.17 of fp32's
@@ -107,7 +112,7 @@ def load(model: str | Path | None = None, precision: str = "fp32", quantizable: 
     file...), or the built-in default model when model is None.
 
     precision: "fp32"; "bf16" (weights and compute; the samplers stay float32); "int8" (the U-Net's
-    Linear layers int8 with dynamic int8 activations, `t2i.quantize`; everything else bf16 where
+    Linear layers and k x k convolutions int8 with dynamic int8 activations, `t2i.quantize`; everything else bf16 where
     the CPU computes bf16 natively, else float32); "compact" (Stable Diffusion: weights read straight
     into bf16 storage, fp16 files kept fp16, widened layer by layer to float32 compute, `t2i.compact`:
     about half the memory, float32's results on the rounded weights); or "auto": `auto_precision` for this CPU and
@@ -130,11 +135,11 @@ def load(model: str | Path | None = None, precision: str = "fp32", quantizable: 
     rest_bf16 = resolved == "bf16" or (resolved == "int8" and native_bf16())
     pipe = family.load(path, torch.bfloat16 if rest_bf16 else torch.float32)
     if resolved == "int8":
-        from t2i.quantize import quantize_linears
+        from t2i.quantize import quantize_
 
         if not isinstance(getattr(pipe, "unet", None), torch.nn.Module):
             raise ValueError(f"precision int8 quantizes a U-Net, which {pipe.name} ({pipe.family}) does not have; "
                              "use fp32 or bf16")
 
-        quantize_linears(pipe.unet, has_vnni())  # the text encoder stays float: see t2i.quantize
+        quantize_(pipe.unet, has_vnni())  # the text encoder stays float: see t2i.quantize
     return pipe

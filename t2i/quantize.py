@@ -1,114 +1,201 @@
 """int8 inference on the CPU: int8 weights (one scale per output channel) with dynamic int8
-activations for the Linear layers of a U-Net (`t2i.load(precision="int8")`).
+activations for the Linear layers and the 3x3 convolutions of a U-Net (`t2i.load(precision="int8")`).
 
-    quantize_linears(pipe.unet, t2i.has_vnni())  # every nn.Linear -> Int8Linear, in place
-    y = layer(x)                                   # x (..., in) float32 or bf16 -> y (..., out), x's dtype
+    quantize_(pipe.unet, t2i.has_vnni())  # nn.Linear -> Int8Linear, k x k nn.Conv2d -> Int8Conv2d, in place
+    y = layer(x)                          # x float32 or bf16 -> y in x's dtype
 
-Which library, and why: PyTorch's own dynamic quantization (`torch.ao.quantization.quantize_dynamic`
-packing for the oneDNN / fbgemm int8 GEMMs, which use AVX512-VNNI where the CPU has it), not
-torchao. Measured on an AMD EPYC Zen 4 (family 25 model 17, AVX512-VNNI and AVX512-BF16), one
-thread, a 4096x1280 @ 1280x1280 Linear: fp32 162 ms, bf16 69 ms (0.42), torch.ao dynamic int8 36
-ms with the oneDNN packing (0.22; 40 ms, 0.25, with fbgemm), torchao 0.18's
-`Int8DynamicActivationInt8WeightConfig` 60 ms (0.36). torch.ao is the faster of the two here and
-needs no new dependency. torch.ao's eager quantization is marked for migration to torchao, so
-everything that touches it is in this module: moving is replacing `quantize_linears`.
+How: oneDNN's int8 GEMM and convolution (PyTorch's `torch.ops.onednn.qlinear_pointwise` and
+`qconv2d_pointwise`, the kernels PyTorch's own x86 int8 inference lowers to), with the weights
+quantized and packed once here and the activations quantized per call from their own range
+(dynamic quantization: no calibration set, so it works on any checkpoint). The output comes back in
+the input's dtype, dequantized inside the kernel. Nothing else is needed: no torchao, no torch.ao
+eager modules (marked for removal).
 
-Activations: PyTorch's dynamic Linear forces `reduce_range=True` (7-bit activations), which fbgemm
-needs on CPUs without VNNI (its u8 x s8 -> s16 pair sums saturate). With VNNI the products
-accumulate in int32 and cannot saturate, so there `Int8Linear` packs for oneDNN and quantizes
-activations to the full 8 bits: on the 1280x1280 layer the relative error falls from 2.3e-2 to
-1.2e-2 at the same speed (36.5 ms against 36.0). Without VNNI it keeps PyTorch's 7-bit default.
+Why these kernels, measured on an AMD EPYC Zen 4 (family 25 model 17, AVX512-VNNI and AVX512-BF16),
+one thread, session 14:
+- Convolutions, (2, C, H, W) 3x3: fp32 148 / 131 / 158 / 60 ms at 320ch 64x64 / 640ch 32x32 /
+  1280ch 16x16 / 1280ch 8x8; bf16 0.46 / 0.51 / 0.43 / 0.36 of fp32; int8 here (activation
+  quantization included) 0.31 / 0.29 / 0.27 / 0.29. PyTorch's own int8 convolution needs static
+  (calibrated) quantization. 1x1 convolutions gain nothing (int8 0.66-0.81 of fp32 against bf16's
+  0.57): they stay float.
+- Linears, (2, 4096, 320) -> 2560: fp32 176 ms, bf16 0.49, torch.ao's dynamic int8 Linear 0.55
+  (it widens bf16 inputs to float32 and narrows its output: two copies), oneDNN here 0.31; on
+  small token counts the two int8 paths are even (0.26-0.35). An earlier measurement (session 6)
+  of torchao 0.18's `Int8DynamicActivationInt8WeightConfig` on a 1280x1280 layer: 0.36 of fp32
+  against torch.ao's 0.22; it is not used.
+
+Activations: asymmetric uint8 with one scale and zero point per tensor (its min and max). With VNNI
+the u8 x s8 products accumulate in int32 and cannot saturate, so all 8 bits are used; without VNNI
+oneDNN pairs the products in int16, which full-range activations can saturate, so there they get
+7 bits (the choice PyTorch's dynamic quantization makes, `reduce_range`). Measured on the Zen 4:
+relative error of a 1280x1280 Linear 1.2e-2 with 8 bits, 2.3e-2 with 7.
 
 What stays float, measured on the same CPU:
-- Convolutions (bf16 where the CPU has native bf16, else float32): PyTorch's int8 convolution
-  needs static quantization (calibrated activation scales). A 3x3 320->320 conv on (2, 320, 64,
-  64) took 0.31 of fp32's time in int8 (quantize, conv, dequantize) against 0.42 in bf16
-  channels-last: a further gain, not built here (it needs a calibration set per model).
 - The text encoder: one activation scale per tensor cannot hold BERT's outlier features; int8
   MiniLM moved the built-in model's context by 0.13 of its norm and its images to 24-28 dB PSNR
   from fp32 (the int8 U-Net alone: 27-46 dB). It runs once per prompt, so it costs little time.
-- Norms, attention softmax, the autoencoder and the samplers (float32).
+- An upsampler with an int8 convolution upsamples, then convolves (`t2i.nets.resample.Upsample`):
+  its fused float path (four 2x2 convolutions of the small map) needs the float kernel. The U-Net
+  passes its skips' size to its upsamplers, so it takes that path anyway.
+- Norms, attention, the autoencoder and the samplers.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
-from torch.ao.nn.quantized import dynamic as nnqd
-from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
 from t2i.compact import is_compact, uncompact_
 
 
-class Int8Linear(nnqd.Linear):
-    """A dynamic int8 Linear that may quantize activations to the full 8 bits.
+def quantize_activations(x: torch.Tensor, full_range: bool) -> tuple[torch.Tensor, float, int]:
+    """x (any shape, float) -> (q, scale, zero_point): q uint8 of x's shape with x ~ (q - zero_point)
+    * scale, the range [min(x, 0), max(x, 0)] mapped onto 0..255 (full_range) or 0..127."""
+    qmax = 255 if full_range else 127
+    lo, hi = torch.aminmax(x)
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / qmax or 1.0  # an all-zero input: any scale represents it
+    zero_point = min(max(round(-lo / scale), 0), qmax)
+    # in float32: quantizing a bf16 x in bf16 was no faster and moved an SD 1.5 U-Net's output by
+    # 3.4e-2 of its norm (double rounding), session 14
+    q = x.float()  # a copy (or a widened one) that the in-place steps below may overwrite
+    if q.data_ptr() == x.data_ptr():
+        q = q.clone()
+    q.div_(scale).round_().add_(zero_point).clamp_(0, qmax)
+    return q.to(torch.uint8), scale, zero_point
 
-    Weights: int8, symmetric, one scale per output channel, packed once. Activations: quantized per
-    call to uint8 with one scale and zero point per tensor (their min and max). full_range: 8-bit
-    activations (only where VNNI makes that safe, see the module docstring), else 7-bit.
+
+WEIGHT_CHUNK = 1 << 20  # float32 elements per step of `quantize_weight`: 4 MB (fastest of 2^16..2^26)
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (O, ...) float -> (int8 weights of w's shape, float32 scales (O,)): symmetric, one scale per
+    output channel, w ~ q * scale[o].
+
+    A few output channels at a time, so that the float32 copy and the passes over it stay in cache:
+    memory bandwidth, not arithmetic, sets the time. A 1280x2560x3x3 weight on 2 quiet Zen 4 cores:
+    0.012 s in chunks of WEIGHT_CHUNK, 0.090 s whole; an SD 1.5 load with int8 takes 6.6 s against
+    bf16's 4.5 s."""
+    rows = w.detach().flatten(1)
+    q = torch.empty(rows.shape, dtype=torch.int8)
+    scale = torch.empty(rows.shape[0])
+    step = max(1, WEIGHT_CHUNK // max(rows.shape[1], 1))
+    for i in range(0, rows.shape[0], step):
+        chunk = rows[i:i + step].to(torch.float32, copy=True)
+        absmax = chunk.abs().amax(1)
+        s = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
+        q[i:i + step] = chunk.mul_((1 / s)[:, None]).round_().clamp_(-127, 127)
+        scale[i:i + step] = s
+    return q.view(w.shape), scale
+
+
+class Int8Linear(nn.Module):
+    """An nn.Linear in int8: weights packed once for oneDNN, activations quantized per call.
+
     Input (..., in_features) float32 or bf16 -> output (..., out_features) in the input's dtype.
     """
 
-    full_range: bool = False
+    def __init__(self, linear: nn.Linear, full_range: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.full_range = linear.in_features, linear.out_features, full_range
+        q, scale = quantize_weight(linear.weight)
+        self.packed = torch.ops.onednn.qlinear_prepack(q, None)  # opaque: not a buffer, not in the state dict
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_zero_point", torch.zeros(self.out_features, dtype=torch.int64))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+
+    def int8_weight(self) -> torch.Tensor:
+        """The int8 weights (out_features, in_features), unpacked."""
+        return self.packed.to_dense().t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.quantized.linear_dynamic(x.float(), self._packed_params._packed_params,
-                                               reduce_range=not self.full_range)
-        return y.to(x.dtype)
+        q, scale, zero_point = quantize_activations(x.reshape(-1, self.in_features), self.full_range)
+        y = torch.ops.onednn.qlinear_pointwise(q, scale, zero_point, self.packed, self.weight_scale,
+                                               self.weight_zero_point, self.bias, 1.0, 0, x.dtype, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
 
-    def _get_name(self) -> str:
-        return "Int8Linear"
-
-
-@contextmanager
-def _engine(name: str) -> Iterator[None]:
-    """Pack weights for the quantized engine `name`; the packed weights keep it after we restore."""
-    old = torch.backends.quantized.engine
-    torch.backends.quantized.engine = name
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = old
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, full_range={self.full_range}"
 
 
-def quantize_linears(module: nn.Module, vnni: bool) -> nn.Module:
-    """Replace every nn.Linear in `module` (in place) by an `Int8Linear` and return `module`.
+class Int8Conv2d(nn.Module):
+    """An nn.Conv2d (zero padding given as numbers) in int8, as `Int8Linear`.
 
-    The float weights are dropped: only the packed int8 weights and float biases stay. Layers
-    already quantized are left as they are. vnni: whether the CPU has int8 dot products
-    (`t2i.has_vnni()`); with VNNI weights are packed for oneDNN and activations use 8 bits.
+    Input (B, C_in, H, W) float32 or bf16 -> (B, C_out, H', W') in the input's dtype, channels-last.
     """
-    engines = torch.backends.quantized.supported_engines
-    engine = "onednn" if vnni and "onednn" in engines else "x86" if "x86" in engines else "fbgemm"
-    for layer in module.modules():
-        if type(layer) is nn.Linear:
-            # torch.ao copies a module's forward hooks onto its int8 replacement, so compact layers
-            # (t2i.compact) are made plain first: their int8 weights come from the rounded values
-            uncompact_(layer)
-            layer.float()  # the observers need float32: from bf16 the packed layers failed (min > max)
-    with _engine(engine), warnings.catch_warnings():
-        # torch.ao warns on every call that eager quantization will move to torchao (module docstring)
-        warnings.simplefilter("ignore")
-        quantize_dynamic(module, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8,
-                         mapping={nn.Linear: Int8Linear}, inplace=True)
-    for layer in int8_linears(module):
-        layer.full_range = vnni
+
+    def __init__(self, conv: nn.Conv2d, full_range: bool) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.full_range = conv.in_channels, conv.out_channels, full_range
+        self.kernel_size, self.groups = conv.kernel_size, conv.groups
+        self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
+        q, scale = quantize_weight(conv.weight)
+        self.packed = torch.ops.onednn.qconv_prepack(q, scale, 1.0, 0, self.stride, self.padding, self.dilation,
+                                                     self.groups, None)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_zero_point", torch.zeros(self.out_channels, dtype=torch.int64))
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
+
+    def int8_weight(self) -> torch.Tensor:
+        """The int8 weights (C_out, C_in / groups, kh, kw), unpacked."""
+        return self.packed.to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, scale, zero_point = quantize_activations(x, self.full_range)
+        y = torch.ops.onednn.qconv2d_pointwise(q, scale, zero_point, self.packed, self.weight_scale,
+                                               self.weight_zero_point, self.bias, self.stride, self.padding,
+                                               self.dilation, self.groups, 1.0, 0, x.dtype, "none", [], "")
+        return y  # channels-last, as oneDNN answers: making it contiguous cost 0.2 of 4.9 s an SD 1.5 step
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, full_range={self.full_range}")
+
+
+INT8_LAYERS = (Int8Linear, Int8Conv2d)
+
+
+MIN_CONV_CHANNELS = 32
+
+
+def _quantizable_conv(layer: nn.Module) -> bool:
+    """A k x k (k > 1) zero-padded convolution at least MIN_CONV_CHANNELS wide on both sides: the
+    network's first and last convolutions (4 latent channels) cost little and keep float precision."""
+    return (isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1) and layer.padding_mode == "zeros"
+            and not isinstance(layer.padding, str) and layer.weight.dim() == 4
+            and min(layer.in_channels, layer.out_channels) >= MIN_CONV_CHANNELS)
+
+
+def quantize_(module: nn.Module, vnni: bool, convs: bool = True) -> nn.Module:
+    """Replace (in place) every nn.Linear of `module` by an `Int8Linear` and, with convs, every k x k
+    (k > 1) nn.Conv2d at least MIN_CONV_CHANNELS wide by an `Int8Conv2d`; return `module`.
+
+    Layer by layer, so that at most one layer's float32 copy exists besides the model; the float
+    weights are dropped. Compact layers (t2i.compact) are quantized from their rounded values.
+    vnni: whether the CPU has int8 dot products (`t2i.has_vnni()`): 8-bit activations, else 7-bit.
+    """
+    def replace(parent: nn.Module) -> None:  # recursive, so that no list keeps a replaced layer alive
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, Int8Linear(uncompact_(child), vnni))
+            elif convs and _quantizable_conv(child):
+                setattr(parent, name, Int8Conv2d(uncompact_(child), vnni))
+            else:
+                replace(child)
+
+    replace(module)
     return module
 
 
-def int8_linears(module: nn.Module) -> list[nn.Module]:
+def int8_layers(module: nn.Module) -> list[nn.Module]:
     """The layers of `module` that hold int8 packed weights."""
-    return [m for m in module.modules() if isinstance(m, Int8Linear)]
+    return [m for m in module.modules() if isinstance(m, INT8_LAYERS)]
 
 
 def precision_of(net: nn.Module) -> str:
     """"int8" (layers quantized here), "compact" (16-bit weights, float32 compute: t2i.compact),
     "bf16" or "fp32": what `net` computes in (PNG metadata)."""
-    if int8_linears(net):
+    if int8_layers(net):
         return "int8"
     if is_compact(net):
         return "compact"

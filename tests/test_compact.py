@@ -13,7 +13,7 @@ from t2i.adapters.lora import apply_loras
 from t2i.checkpoints.io import CheckpointError, load_state_dict
 from t2i.compact import compact_, compact_cast, is_compact, parameter_bytes, uncompact_
 from t2i.nets.unet import UNet
-from t2i.quantize import int8_linears, precision_of, quantize_linears
+from t2i.quantize import int8_layers, precision_of, quantize_
 from t2i.systems import stable_diffusion as sd
 
 
@@ -154,6 +154,26 @@ def test_loading_reads_into_compact_storage_and_keeps_16_bit_files(tmp_path):
         load_state_dict(path, cast=compact_cast(torch.bfloat16))
 
 
+def test_a_bf16_load_reads_each_tensor_into_bf16_and_equals_a_cast_float32_load(tiny, tmp_path, monkeypatch):
+    """A bf16 (or int8) load never holds the float32 model: the loaders read the files tensor by tensor
+    with a cast (`t2i.compact.loading_cast`), and every part equals the float32 load cast to bf16."""
+    import t2i.checkpoints.io as io
+
+    reads = []
+    plain = io._read_safetensors
+    monkeypatch.setattr(io, "_read_safetensors", lambda path, *a: reads.append(path.parent.name) or plain(path, *a))
+    file = sd.export(sd.load(tiny), tmp_path / "tiny.safetensors")
+    for source, read in ((tiny, {"unet", "vae", "text_encoder"}), (file, {tmp_path.name})):
+        reads.clear()
+        bf16, fp32 = sd.load(source, torch.bfloat16), sd.load(source, torch.float32)
+        assert set(reads) == read  # each file through the casting path, none memory-mapped whole
+        for part in ("unet", "vae"):
+            a, b = getattr(bf16, part).state_dict(), getattr(fp32, part).state_dict()
+            assert all(a[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k].bfloat16()) for k in a)
+        a, b = bf16.text_encoder.model.state_dict(), fp32.text_encoder.model.state_dict()
+        assert all(torch.equal(a[k], b[k].to(a[k].dtype)) and a[k].dtype in (torch.bfloat16, torch.int64) for k in a)
+
+
 def test_a_16_bit_folder_keeps_its_dtype_in_every_part(tiny, tmp_path):
     """fp16 files (most released SD weights) are not re-rounded to bf16, text encoders included."""
     half = sd.export(sd.load(tiny, torch.float16), tmp_path / "half")
@@ -213,11 +233,11 @@ def test_lora_merges_into_compact_storage_and_unmerges_exactly(tiny, tmp_path):
 
 
 def test_int8_on_a_compact_unet_quantizes_the_rounded_weights():
-    """int8 Linears replace compact ones (quantized from the rounded values); convolutions stay compact."""
+    """int8 layers replace compact ones (quantized from the rounded values); the other layers stay compact."""
     compact, fp32 = _unet_pair(torch.bfloat16)
-    quantize_linears(compact, vnni=False)
-    quantize_linears(fp32, vnni=False)
-    assert int8_linears(compact) and is_compact(compact) and precision_of(compact) == "int8"
+    quantize_(compact, vnni=False)
+    quantize_(fp32, vnni=False)
+    assert int8_layers(compact) and is_compact(compact) and precision_of(compact) == "int8"
     assert compact.conv_out.weight.dtype == torch.bfloat16
     x, t, ctx = _unet_inputs()
     with torch.no_grad():

@@ -396,9 +396,9 @@ def apply_loras(pipe: Any, loras: Iterable[LoraSpec], strict: bool = True) -> Lo
     if getattr(pipe, "_compiled_unet", None) is not None:
         raise LoraError(f"{getattr(pipe, 'name', 'the model')}: apply LoRAs before compile(): the compiled U-Net "
                         "holds its weights frozen")
-    from t2i.quantize import int8_linears
+    from t2i.quantize import int8_layers
 
-    if int8_linears(pipe.unet):
+    if int8_layers(pipe.unet):
         raise LoraError(f"{getattr(pipe, 'name', 'the model')}: its U-Net is int8 and a LoRA merges into float "
                         "weights: load it with precision fp32 or bf16 (`auto` does so when LoRAs are given)")
     loras = [(Path(p), float(w)) for p, w in loras]

@@ -97,7 +97,7 @@ def build_and_load(build: Callable[[], M], cfg: Any, folder: Path, dtype: torch.
             tensors.update(load_state_dict(file, cast=cast))  # safetensors: memory-mapped unless cast; NaN/Inf refused
     elif cast is not None:
         tensors = {k: cast(v) for k, v in tensors.items()}
-    if cast is None:
+    if compact is None:
         return fill(module, tensors, dtype)
     return compact_(fill(module, tensors, None), compact)
 

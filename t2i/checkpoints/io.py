@@ -324,9 +324,10 @@ def shard_path(folder: Path, name: str, index: Path) -> Path:
     return folder / pure
 
 
-def load_component_weights(folder: Path, stem: str, variant: str | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of one diffusers component folder, shards merged."""
+def load_component_weights(folder: Path, stem: str, variant: str | None = None,
+                           cast: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of one diffusers component folder, shards merged (each cast as read: `load_state_dict`)."""
     state: dict[str, torch.Tensor] = {}
     for f in find_weights(folder, stem, variant):
-        state.update(load_state_dict(f))
+        state.update(load_state_dict(f, cast=cast))
     return state

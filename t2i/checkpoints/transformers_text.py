@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from t2i.checkpoints.io import load_component_weights
+from t2i.compact import loading_cast
 from t2i.text.bert import BertConfig, BertModel, WordPieceTokenizer
 from t2i.text.clip import CLIPTextConfig, CLIPTextModel
 
@@ -225,7 +226,8 @@ def load_clip_text_folder(
     """A diffusers `text_encoder/` (or `text_encoder_2/`) folder: config.json + model weights."""
     folder = Path(folder)
     config = read_config(folder)
-    return clip_text_model_from_transformers(config, load_component_weights(folder, "model", variant), dtype)
+    state = load_component_weights(folder, "model", variant, loading_cast(None, dtype))  # 16-bit: narrowed as read
+    return clip_text_model_from_transformers(config, state, dtype)
 
 
 # ---------------------------------------------------------------------------- BERT

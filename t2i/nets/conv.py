@@ -37,7 +37,10 @@ class Conv2d(nn.Conv2d):
         if ho * wo > self.SMALL_MAP or x.shape[1] * kh * kw < self.WIDE_INPUT:
             return super().forward(x)
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (B, C_in*kh*kw, H'W')
-        out = torch.matmul(self.weight.flatten(1), cols)  # (B, C_out, H'W')
-        if self.bias is not None:
-            out = out + self.bias[:, None]
-        return out.view(b, -1, ho, wo)
+        # one GEMM over the batch's pixels: (B*H'W', C_in*kh*kw) @ weight^T. The weight is read as
+        # stored; a batched matmul would broadcast it to (B, C_out, C_in*kh*kw) and copy it, which
+        # cost more than the GEMM itself in the SD U-Net in bf16 (session 14: 10.5 against 11.0 s a step, one thread)
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        weight = self.weight.flatten(1).t()
+        out = rows @ weight if self.bias is None else torch.addmm(self.bias, rows, weight)  # (B*H'W', C_out)
+        return out.view(b, ho * wo, -1).transpose(1, 2).reshape(b, -1, ho, wo)

@@ -81,7 +81,8 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C_out, 2H, 2W), or (B, C_out, *size) when the skip connection
         it must match has an odd size (size given)."""
-        if size is None and self.conv is not None and x.shape[-2] * x.shape[-1] >= self.PHASE_MIN_PIXELS:
+        if (size is None and isinstance(self.conv, nn.Conv2d)  # not an int8 conv (t2i.quantize): no float kernel
+                and x.shape[-2] * x.shape[-1] >= self.PHASE_MIN_PIXELS):
             return nearest2x_conv3x3(x, self.conv.weight, self.conv.bias)
         if size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
