@@ -328,7 +328,7 @@ def _load(args: argparse.Namespace):
     from t2i.cli import UserError
 
     def load(model):
-        return t2i.load(model, precision=args.precision, quantizable=not _merges_loras(args))
+        return t2i.load(model, precision=args.precision, quantizable=_quantizable(args))
 
     if args.fast:
         from t2i.distill import resolve_fast
@@ -386,6 +386,12 @@ def _merges_loras(args: argparse.Namespace) -> bool:
     return bool(args.lora or args.lora_dir)
 
 
+def _quantizable(args: argparse.Namespace) -> bool:
+    """Whether `--precision auto` may pick int8: not when LoRAs merge into the weights, nor with
+    --compile (inductor cannot trace the int8 layers' oneDNN calls, see `LatentDiffusionPipeline.compile`)."""
+    return not _merges_loras(args) and not args.compile
+
+
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     import t2i
@@ -408,7 +414,7 @@ def run(args: argparse.Namespace) -> int:
     # --region's words are checked against every line of a prompts file before the first image is drawn
     regions = _regions(pipe, replace(request, prompt=prompts) if prompts else request)
     request = replace(request, layout=_layout(pipe, request, args.layout), regions=regions)
-    refiner = t2i.load(args.refiner, precision=args.precision, quantizable=not _merges_loras(args)) \
+    refiner = t2i.load(args.refiner, precision=args.precision, quantizable=_quantizable(args)) \
         if args.refiner else None
     if refiner is not None and args.embedding_dir:  # it reads the same prompt: the same trigger words
         from t2i.adapters.embeddings import load_embedding_dir

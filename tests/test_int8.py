@@ -155,3 +155,18 @@ def test_a_lora_is_refused_on_an_int8_unet_and_auto_keeps_the_model_float_for_on
         apply_loras(pipe, [(tmp_path / "any.safetensors", 1.0)])
     monkeypatch.setattr(t2i, "auto_precision", lambda **kw: "bf16" if kw["quantizable"] is False else "int8")
     assert t2i.resolve_precision("auto", None, quantizable=False) == "bf16"
+
+
+def test_compile_refuses_an_int8_unet_and_auto_stays_float_with_compile(tiny_sd):
+    """torch.compile fails on the int8 layers' oneDNN calls: the pipeline says so by name, and the CLI's
+    `auto` does not pick int8 when --compile is given (nor when LoRAs merge)."""
+    import argparse
+
+    from t2i.generate_cli import _quantizable
+
+    with pytest.raises(ValueError, match="int8.*bf16"):
+        tiny_sd["int8"].compile()
+    flags = dict(lora=None, lora_dir=None, compile=False)
+    assert _quantizable(argparse.Namespace(**flags))
+    assert not _quantizable(argparse.Namespace(**{**flags, "compile": True}))
+    assert not _quantizable(argparse.Namespace(**{**flags, "lora": ["x.safetensors"]}))

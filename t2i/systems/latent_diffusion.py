@@ -296,10 +296,14 @@ class LatentDiffusionPipeline(RequestMethods):
         DeepCache runs (deepcache > 1) use the eager U-Net.
         """
         from t2i.compact import is_compact
+        from t2i.quantize import int8_layers
 
         if is_compact(self.unet):  # frozen constants would be fp32 copies of every weight: the saving gone
             raise ValueError("--compile freezes the weights as float32 constants; a compact model cannot be compiled "
                              "(use --precision fp32 or bf16 with --compile)")
+        if int8_layers(self.unet):  # torch 2.13's inductor fails on oneDNN's int8 convolution (its output strides)
+            raise ValueError("--compile cannot trace the int8 U-Net's oneDNN kernels; use --precision bf16 or fp32 "
+                             "with --compile (`auto` picks bf16 when --compile is given)")
         self._compiled_unet = _FrozenCompiled(torch.compile(self.unet))
 
     def _sampling_net(self, deepcache: int = 1, control: tuple[ControlNet, torch.Tensor, float] | None = None,
