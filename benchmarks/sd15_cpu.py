@@ -132,7 +132,8 @@ class Sides:
         import t2i
 
         self.folder, self.precision, self.compile = folder, precision, compile
-        self.label = (f"t2i {t2i.resolve_precision(precision, folder)}" + (" (auto)" if precision == "auto" else "")
+        resolved = t2i.resolve_precision(precision, folder, quantizable=not compile)  # int8 does not compile
+        self.label = (f"t2i {resolved}" + (" (auto)" if precision == "auto" else "")
                       + (" compiled" if compile else ""))
         self._t2i = self._diffusers = self._diffusers_bf16 = None
 
@@ -141,7 +142,7 @@ class Sides:
         if self._t2i is None:
             import t2i
 
-            self._t2i = t2i.load(self.folder, precision=self.precision)
+            self._t2i = t2i.load(self.folder, precision=self.precision, quantizable=not self.compile)
             if self.compile:
                 self._t2i.compile()  # compiled on the first call: the warm-up run of each part
         return self._t2i
@@ -423,7 +424,9 @@ def part_deepcache(state: dict, args, sides: Sides, size: int) -> None:
 def part_compile(state: dict, args, sides: Sides, size: int) -> None:
     import t2i
 
-    eager, compiled = sides.t2i, t2i.load(sides.folder, precision=sides.precision)
+    # both sides at the precision `auto` gives a compiled model (int8 does not compile)
+    eager = t2i.load(sides.folder, precision=sides.precision, quantizable=False)
+    compiled = t2i.load(sides.folder, precision=sides.precision, quantizable=False)
     compiled.compile()
     latents: dict[str, torch.Tensor] = {}
     start = time.perf_counter()
