@@ -42,6 +42,8 @@ What stays float, measured on the same CPU:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -52,8 +54,11 @@ def quantize_activations(x: torch.Tensor, full_range: bool) -> tuple[torch.Tenso
     """x (any shape, float) -> (q, scale, zero_point): q uint8 of x's shape with x ~ (q - zero_point)
     * scale, the range [min(x, 0), max(x, 0)] mapped onto 0..255 (full_range) or 0..127."""
     qmax = 255 if full_range else 127
-    lo, hi = torch.aminmax(x)
-    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise FloatingPointError(f"an int8 layer got non-finite inputs (min {lo}, max {hi}): the network "
+                                 "overflowed; try precision fp32")
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
     scale = (hi - lo) / qmax or 1.0  # an all-zero input: any scale represents it
     zero_point = min(max(round(-lo / scale), 0), qmax)
     # in float32: quantizing a bf16 x in bf16 was no faster and moved an SD 1.5 U-Net's output by

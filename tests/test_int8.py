@@ -170,3 +170,9 @@ def test_compile_refuses_an_int8_unet_and_auto_stays_float_with_compile(tiny_sd)
     assert _quantizable(argparse.Namespace(**flags))
     assert not _quantizable(argparse.Namespace(**{**flags, "compile": True}))
     assert not _quantizable(argparse.Namespace(**{**flags, "lora": ["x.safetensors"]}))
+
+
+def test_non_finite_inputs_are_refused_by_name():
+    layer = Int8Linear(nn.Linear(4, 3), full_range=True)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        layer(torch.tensor([[1.0, float("nan"), 0.0, 2.0]]))
