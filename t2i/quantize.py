@@ -14,8 +14,10 @@ eager modules (marked for removal).
 Why these kernels, measured on an AMD EPYC Zen 4 (family 25 model 17, AVX512-VNNI and AVX512-BF16),
 one thread, session 14:
 - Convolutions, (2, C, H, W) 3x3: fp32 148 / 131 / 158 / 60 ms at 320ch 64x64 / 640ch 32x32 /
-  1280ch 16x16 / 1280ch 8x8; bf16 0.46 / 0.51 / 0.43 / 0.36 of fp32; int8 here (activation
-  quantization included) 0.31 / 0.29 / 0.27 / 0.29. PyTorch's own int8 convolution needs static
+  1280ch 16x16 / 1280ch 8x8; bf16 0.46 / 0.51 / 0.43 / 0.36 of fp32; oneDNN int8 with the input
+  quantized per call 0.31 / 0.29 / 0.27 / 0.29 (timed with torch.quantize_per_tensor as the
+  quantizer; `quantize_activations` here takes the same time: 2.75 against 2.81 ms on (2, 320, 64, 64)
+  in bf16). PyTorch's own int8 convolution needs static
   (calibrated) quantization. 1x1 convolutions gain nothing (int8 0.66-0.81 of fp32 against bf16's
   0.57): they stay float.
 - Linears, (2, 4096, 320) -> 2560: fp32 176 ms, bf16 0.49, torch.ao's dynamic int8 Linear 0.55
