@@ -49,7 +49,7 @@ import math
 import torch
 from torch import nn
 
-from t2i.compact import is_compact, uncompact_
+from t2i.compact import is_compact
 
 
 def quantize_activations(x: torch.Tensor, full_range: bool) -> tuple[torch.Tensor, float, int]:
@@ -65,9 +65,7 @@ def quantize_activations(x: torch.Tensor, full_range: bool) -> tuple[torch.Tenso
     zero_point = min(max(round(-lo / scale), 0), qmax)
     # in float32: quantizing a bf16 x in bf16 was no faster and moved an SD 1.5 U-Net's output by
     # 3.4e-2 of its norm (double rounding), session 14
-    q = x.float()  # a copy (or a widened one) that the in-place steps below may overwrite
-    if q.data_ptr() == x.data_ptr():
-        q = q.clone()
+    q = x.to(torch.float32, copy=True)  # the in-place steps below must not touch x
     q.div_(scale).round_().add_(zero_point).clamp_(0, qmax)
     return q.to(torch.uint8), scale, zero_point
 
@@ -96,7 +94,21 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.view(w.shape), scale
 
 
-class Int8Linear(nn.Module):
+class _Int8Layer(nn.Module):
+    """What the int8 layers share: the per-channel weight scales, zero zero-points and a float32 bias as
+    buffers; the packed weights (opaque oneDNN tensors) are plain attributes, not in the state dict."""
+
+    def _take_weights(self, layer: nn.Linear | nn.Conv2d, full_range: bool) -> torch.Tensor:
+        """Keep `layer`'s scales and bias; return its int8 weights, for the subclass to pack."""
+        self.full_range = full_range
+        q, scale = quantize_weight(layer.weight)  # a compact layer's stored 16-bit weight: its rounded values
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_zero_point", torch.zeros(scale.shape[0], dtype=torch.int64))
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().clone())
+        return q
+
+
+class Int8Linear(_Int8Layer):
     """An nn.Linear in int8: weights packed once for oneDNN, activations quantized per call.
 
     Input (..., in_features) float32 or bf16 -> output (..., out_features) in the input's dtype.
@@ -104,12 +116,8 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, full_range: bool) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.full_range = linear.in_features, linear.out_features, full_range
-        q, scale = quantize_weight(linear.weight)
-        self.packed = torch.ops.onednn.qlinear_prepack(q, None)  # opaque: not a buffer, not in the state dict
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("weight_zero_point", torch.zeros(self.out_features, dtype=torch.int64))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.onednn.qlinear_prepack(self._take_weights(linear, full_range), None)
 
     def int8_weight(self) -> torch.Tensor:
         """The int8 weights (out_features, in_features), unpacked."""
@@ -125,7 +133,7 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, full_range={self.full_range}"
 
 
-class Int8Conv2d(nn.Module):
+class Int8Conv2d(_Int8Layer):
     """An nn.Conv2d (zero padding given as numbers) in int8, as `Int8Linear`.
 
     Input (B, C_in, H, W) float32 or bf16 -> (B, C_out, H', W') in the input's dtype, channels-last.
@@ -133,15 +141,12 @@ class Int8Conv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, full_range: bool) -> None:
         super().__init__()
-        self.in_channels, self.out_channels, self.full_range = conv.in_channels, conv.out_channels, full_range
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.groups = conv.kernel_size, conv.groups
         self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
-        q, scale = quantize_weight(conv.weight)
-        self.packed = torch.ops.onednn.qconv_prepack(q, scale, 1.0, 0, self.stride, self.padding, self.dilation,
-                                                     self.groups, None)
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("weight_zero_point", torch.zeros(self.out_channels, dtype=torch.int64))
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
+        q = self._take_weights(conv, full_range)
+        self.packed = torch.ops.onednn.qconv_prepack(q, self.weight_scale, 1.0, 0, self.stride, self.padding,
+                                                     self.dilation, self.groups, None)
 
     def int8_weight(self) -> torch.Tensor:
         """The int8 weights (C_out, C_in / groups, kh, kw), unpacked."""
@@ -159,9 +164,6 @@ class Int8Conv2d(nn.Module):
                 f"padding={self.padding}, full_range={self.full_range}")
 
 
-INT8_LAYERS = (Int8Linear, Int8Conv2d)
-
-
 MIN_CONV_CHANNELS = 32
 
 
@@ -177,16 +179,16 @@ def quantize_(module: nn.Module, vnni: bool, convs: bool = True) -> nn.Module:
     """Replace (in place) every nn.Linear of `module` by an `Int8Linear` and, with convs, every k x k
     (k > 1) nn.Conv2d at least MIN_CONV_CHANNELS wide by an `Int8Conv2d`; return `module`.
 
-    Layer by layer, so that at most one layer's float32 copy exists besides the model; the float
-    weights are dropped. Compact layers (t2i.compact) are quantized from their rounded values.
+    Layer by layer, so that at most one chunk of a layer's weights is float32 besides the model; the
+    float weights are dropped. Compact layers (t2i.compact) are quantized from their stored, rounded values.
     vnni: whether the CPU has int8 dot products (`t2i.has_vnni()`): 8-bit activations, else 7-bit.
     """
     def replace(parent: nn.Module) -> None:  # recursive, so that no list keeps a replaced layer alive
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, Int8Linear(uncompact_(child), vnni))
+                setattr(parent, name, Int8Linear(child, vnni))
             elif convs and _quantizable_conv(child):
-                setattr(parent, name, Int8Conv2d(uncompact_(child), vnni))
+                setattr(parent, name, Int8Conv2d(child, vnni))
             else:
                 replace(child)
 
@@ -196,7 +198,7 @@ def quantize_(module: nn.Module, vnni: bool, convs: bool = True) -> nn.Module:
 
 def int8_layers(module: nn.Module) -> list[nn.Module]:
     """The layers of `module` that hold int8 packed weights."""
-    return [m for m in module.modules() if isinstance(m, INT8_LAYERS)]
+    return [m for m in module.modules() if isinstance(m, _Int8Layer)]
 
 
 def precision_of(net: nn.Module) -> str:
