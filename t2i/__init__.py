@@ -40,8 +40,14 @@ def native_bf16(cpuinfo: str | None = None) -> bool:
 
 def has_vnni(cpuinfo: str | None = None) -> bool:
     """Whether this CPU has int8 dot products accumulating in int32 (AVX512-VNNI, AVX-VNNI or
-    AMX-INT8), which PyTorch's int8 kernels need to beat fp32 (t2i.quantize)."""
+    AMX-INT8): int8 weights may then use all 8 bits (t2i.quantize)."""
     return bool(cpu_flags(cpuinfo) & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def has_int8_kernels(cpuinfo: str | None = None) -> bool:
+    """Whether oneDNN has vectorised int8 kernels for this CPU: AVX2 (u8 x s8 pairs summed in int16)
+    or better. (An empty flag list, where /proc/cpuinfo cannot be read, counts as no.)"""
+    return bool(cpu_flags(cpuinfo) & {"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 # Models with fewer weight bytes than this stay fp32 under "auto": per-layer overheads, not the
@@ -55,30 +61,33 @@ def auto_precision(cpuinfo: str | None = None, model_bytes: int | None = None, q
     for a model of `model_bytes` weight bytes (None: unknown, taken as large):
 
         a model under SMALL_MODEL_BYTES -> "fp32"
-        native bf16 and VNNI -> "int8" (int8 U-Net Linears and 3x3 convolutions, the rest bf16);
-                                "bf16" when the model must stay float (quantizable=False: LoRAs
-                                are merged into it)
+        native bf16 and VNNI -> "int8" (int8 U-Net Linears and 3x3 convolutions, the rest bf16)
         native bf16 only     -> "bf16"
-        otherwise            -> "fp32" (int8 with float32 elsewhere: not measured faster, below)
+        int8 kernels (AVX2 or better), no native bf16 -> "int8" (the same int8 layers, the rest float32)
+        otherwise            -> "fp32"
+        quantizable=False (LoRAs are merged into the model): "bf16" where int8 would be picked
+        with native bf16, else "fp32"
 
     Measured on an AMD EPYC Zen 4 (family 25 model 17, AVX512-BF16 and AVX512-VNNI), one thread,
     one SD 1.5 U-Net step at 32x32 latents (session 6, int8 Linears only): bf16 0.57 of fp32's
-    time, int8 Linears with bf16 elsewhere 0.46 (0.81 of bf16's), int8 Linears with float32
-    elsewhere 0.98 (the convolutions dominate): so int8 only where bf16 is native too. Session 14,
-    same CPU, one thread, one guided step at 64x64 latents (512x512 images), in one run: bf16
-    11.0 s, int8 Linears 10.1 s, int8 Linears and 3x3 convolutions 9.1 s (t2i.quantize); with
-    two threads 4.4 s. CPUs with VNNI but no native bf16 (Cascade Lake, Alder Lake) were not
-    measured with int8 convolutions: they stay fp32. Quality, the judge on the built-in model
-    (300 held-out prompts, same CPU): fp32 0.337, bf16 0.313, int8 with bf16 elsewhere 0.317,
-    int8 with float32 elsewhere 0.340; on a tiny random SD the int8 images are 36-37 dB PSNR from
-    fp32's. The built-in model itself is too small to gain: its 64x64 image takes 1.17 of fp32's
+    time, int8 Linears with bf16 elsewhere 0.46 (0.81 of bf16's). Session 14, same CPU, one thread,
+    one guided step at 64x64 latents (512x512 images), in one run: bf16 11.0 s, int8 Linears 10.1 s,
+    int8 Linears and 3x3 convolutions 9.1 s (t2i.quantize); with two threads 4.4 s. On an AMD EPYC
+    Zen 3 (family 25 model 1, AVX2 only: no bf16, no VNNI; session 15), two threads, one guided step
+    at 64x64 latents: fp32 18.8-19.7 s, int8 with float32 elsewhere 12.3-14.4 s (0.68); per layer,
+    one thread, int8 3x3 convolutions 0.25-0.74 of fp32 and Linears 0.48-1.09. AVX-512 CPUs without
+    bf16 (Skylake-SP, Cascade Lake) were not measured; oneDNN's int8 kernels there are wider than
+    AVX2's. Quality, the judge on the built-in model (300 held-out prompts): Zen 4: fp32 0.337,
+    bf16 0.313, int8 with bf16 elsewhere 0.317, int8 with float32 elsewhere 0.340 (the plain model;
+    the layout model: fp32 0.900, int8 0.903); on a tiny random SD the int8 images are 31-37 dB PSNR
+    from fp32's. The built-in model itself is too small to gain: its 64x64 image takes 1.17 of fp32's
     time in bf16 and 1.26 in int8 (per-layer overheads dominate a 4.7 M-parameter U-Net).
     """
     if model_bytes is not None and model_bytes < SMALL_MODEL_BYTES:
         return "fp32"
     if native_bf16(cpuinfo):
         return "int8" if has_vnni(cpuinfo) and quantizable else "bf16"
-    return "fp32"
+    return "int8" if has_int8_kernels(cpuinfo) and quantizable else "fp32"
 
 
 def weight_bytes(path: Path) -> int:

@@ -26,11 +26,15 @@ one thread, session 14:
   of torchao 0.18's `Int8DynamicActivationInt8WeightConfig` on a 1280x1280 layer: 0.36 of fp32
   against torch.ao's 0.22; it is not used.
 
-Activations: asymmetric uint8 with one scale and zero point per tensor (its min and max). With VNNI
-the u8 x s8 products accumulate in int32 and cannot saturate, so all 8 bits are used; without VNNI
-oneDNN pairs the products in int16, which full-range activations can saturate, so there they get
-7 bits (the choice PyTorch's dynamic quantization makes, `reduce_range`). Measured on the Zen 4:
-relative error of a 1280x1280 Linear 1.2e-2 with 8 bits, 2.3e-2 with 7.
+Activations: asymmetric uint8 with one scale and zero point per tensor (its min and max), all 8 bits.
+With VNNI the u8 x s8 products accumulate in int32 and cannot saturate: weights use -127..127. Without
+VNNI (AVX2, AVX-512 before VNNI) oneDNN sums pairs of products in int16 (vpmaddubsw), which 255 x 127
+x 2 overflows (measured on a Zen 3: a layer of ones gave 32.4 for 64); the weights then get -63..63,
+so a pair sums to at most 2 x 255 x 63 = 32130. PyTorch's dynamic quantization cuts the activations
+to 7 bits instead (`reduce_range`); per-channel weights lose less than per-tensor activations:
+relative error of a random 1280x1280 Linear 1.4e-2 with 7-bit weights against 2.3e-2 with 7-bit
+activations, a 3x3 convolution 1.3e-2 against 2.1e-2 (Zen 3, session 15; with VNNI, 8 and 8 bits:
+1.2e-2).
 
 What stays float, measured on the same CPU:
 - The text encoder: one activation scale per tensor cannot hold BERT's outlier features; int8
@@ -52,10 +56,10 @@ from torch import nn
 from t2i.compact import is_compact
 
 
-def quantize_activations(x: torch.Tensor, full_range: bool) -> tuple[torch.Tensor, float, int]:
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     """x (any shape, float) -> (q, scale, zero_point): q uint8 of x's shape with x ~ (q - zero_point)
-    * scale, the range [min(x, 0), max(x, 0)] mapped onto 0..255 (full_range) or 0..127."""
-    qmax = 255 if full_range else 127
+    * scale, the range [min(x, 0), max(x, 0)] mapped onto 0..255."""
+    qmax = 255
     lo, hi = (float(v) for v in torch.aminmax(x))
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise FloatingPointError(f"an int8 layer got non-finite inputs (min {lo}, max {hi}): the network "
@@ -70,12 +74,18 @@ def quantize_activations(x: torch.Tensor, full_range: bool) -> tuple[torch.Tenso
     return q.to(torch.uint8), scale, zero_point
 
 
+def weight_qmax(vnni: bool) -> int:
+    """The largest int8 weight magnitude: 127 where products accumulate in int32 (VNNI), else 63 (pairs
+    of u8 x s8 products summed in int16 must not saturate: 2 * 255 * 63 <= 32767)."""
+    return 127 if vnni else 63
+
+
 WEIGHT_CHUNK = 1 << 20  # float32 elements per step of `quantize_weight`: 4 MB (fastest of 2^16..2^26)
 
 
-def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(w: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
     """w (O, ...) float -> (int8 weights of w's shape, float32 scales (O,)): symmetric, one scale per
-    output channel, w ~ q * scale[o].
+    output channel, w ~ q * scale[o], q in -qmax..qmax (each channel's largest weight at qmax).
 
     A few output channels at a time, so that the float32 copy and the passes over it stay in cache:
     memory bandwidth, not arithmetic, sets the time. A 1280x2560x3x3 weight on 2 quiet Zen 4 cores:
@@ -88,8 +98,8 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     for i in range(0, rows.shape[0], step):
         chunk = rows[i:i + step].to(torch.float32, copy=True)
         absmax = chunk.abs().amax(1)
-        s = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
-        q[i:i + step] = chunk.mul_((1 / s)[:, None]).round_().clamp_(-127, 127)
+        s = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
+        q[i:i + step] = chunk.mul_((1 / s)[:, None]).round_().clamp_(-qmax, qmax)
         scale[i:i + step] = s
     return q.view(w.shape), scale
 
@@ -98,10 +108,12 @@ class _Int8Layer(nn.Module):
     """What the int8 layers share: the per-channel weight scales, zero zero-points and a float32 bias as
     buffers; the packed weights (opaque oneDNN tensors) are plain attributes, not in the state dict."""
 
-    def _take_weights(self, layer: nn.Linear | nn.Conv2d, full_range: bool) -> torch.Tensor:
-        """Keep `layer`'s scales and bias; return its int8 weights, for the subclass to pack."""
-        self.full_range = full_range
-        q, scale = quantize_weight(layer.weight)  # a compact layer's stored 16-bit weight: its rounded values
+    def _take_weights(self, layer: nn.Linear | nn.Conv2d, vnni: bool) -> torch.Tensor:
+        """Keep `layer`'s scales and bias; return its int8 weights (-127..127 with VNNI, else -63..63: the
+        module docstring), for the subclass to pack."""
+        self.vnni = vnni
+        # a compact layer's stored 16-bit weight: its rounded values
+        q, scale = quantize_weight(layer.weight, weight_qmax(vnni))
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero_point", torch.zeros(scale.shape[0], dtype=torch.int64))
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().clone())
@@ -114,23 +126,23 @@ class Int8Linear(_Int8Layer):
     Input (..., in_features) float32 or bf16 -> output (..., out_features) in the input's dtype.
     """
 
-    def __init__(self, linear: nn.Linear, full_range: bool) -> None:
+    def __init__(self, linear: nn.Linear, vnni: bool) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.onednn.qlinear_prepack(self._take_weights(linear, full_range), None)
+        self.packed = torch.ops.onednn.qlinear_prepack(self._take_weights(linear, vnni), None)
 
     def int8_weight(self) -> torch.Tensor:
         """The int8 weights (out_features, in_features), unpacked."""
         return self.packed.to_dense().t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, scale, zero_point = quantize_activations(x.reshape(-1, self.in_features), self.full_range)
+        q, scale, zero_point = quantize_activations(x.reshape(-1, self.in_features))
         y = torch.ops.onednn.qlinear_pointwise(q, scale, zero_point, self.packed, self.weight_scale,
                                                self.weight_zero_point, self.bias, 1.0, 0, x.dtype, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, full_range={self.full_range}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, vnni={self.vnni}"
 
 
 class Int8Conv2d(_Int8Layer):
@@ -139,12 +151,12 @@ class Int8Conv2d(_Int8Layer):
     Input (B, C_in, H, W) float32 or bf16 -> (B, C_out, H', W') in the input's dtype, channels-last.
     """
 
-    def __init__(self, conv: nn.Conv2d, full_range: bool) -> None:
+    def __init__(self, conv: nn.Conv2d, vnni: bool) -> None:
         super().__init__()
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.groups = conv.kernel_size, conv.groups
         self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
-        q = self._take_weights(conv, full_range)
+        q = self._take_weights(conv, vnni)
         self.packed = torch.ops.onednn.qconv_prepack(q, self.weight_scale, 1.0, 0, self.stride, self.padding,
                                                      self.dilation, self.groups, None)
 
@@ -153,7 +165,7 @@ class Int8Conv2d(_Int8Layer):
         return self.packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, scale, zero_point = quantize_activations(x, self.full_range)
+        q, scale, zero_point = quantize_activations(x)
         y = torch.ops.onednn.qconv2d_pointwise(q, scale, zero_point, self.packed, self.weight_scale,
                                                self.weight_zero_point, self.bias, self.stride, self.padding,
                                                self.dilation, self.groups, 1.0, 0, x.dtype, "none", [], "")
@@ -161,7 +173,7 @@ class Int8Conv2d(_Int8Layer):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, full_range={self.full_range}")
+                f"padding={self.padding}, vnni={self.vnni}")
 
 
 MIN_CONV_CHANNELS = 32
@@ -181,7 +193,7 @@ def quantize_(module: nn.Module, vnni: bool, convs: bool = True) -> nn.Module:
 
     Layer by layer, so that at most one chunk of a layer's weights is float32 besides the model; the
     float weights are dropped. Compact layers (t2i.compact) are quantized from their stored, rounded values.
-    vnni: whether the CPU has int8 dot products (`t2i.has_vnni()`): 8-bit activations, else 7-bit.
+    vnni: whether the CPU has int8 dot products (`t2i.has_vnni()`): 8-bit weights, else 7-bit.
     """
     def replace(parent: nn.Module) -> None:  # recursive, so that no list keeps a replaced layer alive
         for name, child in list(parent.named_children()):

@@ -22,19 +22,23 @@ ALDER_LAKE = "flags\t\t: avx2 avx_vnni\n"
 ZEN4 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
 SAPPHIRE_RAPIDS = "flags\t\t: avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8 amx_tile\n"
 BF16_ONLY = "flags\t\t: avx512f avx512_bf16\n"  # no such CPU is sold; the rule still says what it gets
+OLD_X86 = "flags\t\t: fpu sse sse2 sse4_2 avx\n"  # no AVX2: no vectorised int8 kernels
 
 
 @pytest.mark.parametrize("cpuinfo, expected", [
-    (ZEN3, "fp32"), (SKYLAKE_SP, "fp32"), (CASCADE_LAKE, "fp32"), (ALDER_LAKE, "fp32"), ("", "fp32"),
-    (ZEN4, "int8"), (SAPPHIRE_RAPIDS, "int8"), (BF16_ONLY, "bf16"),
+    (ZEN3, "int8"), (SKYLAKE_SP, "int8"), (CASCADE_LAKE, "int8"), (ALDER_LAKE, "int8"), ("", "fp32"),
+    (OLD_X86, "fp32"), (ZEN4, "int8"), (SAPPHIRE_RAPIDS, "int8"), (BF16_ONLY, "bf16"),
 ])
 def test_auto_precision_by_cpu_flags(cpuinfo, expected):
     assert t2i.auto_precision(cpuinfo) == expected
+    # a model LoRAs merge into stays float: bf16 where native, else fp32
+    assert t2i.auto_precision(cpuinfo, quantizable=False) == ("bf16" if t2i.native_bf16(cpuinfo) else "fp32")
 
 
 def test_resolve_precision_keeps_int8_and_asks_the_cpu_for_auto():
     assert t2i.resolve_precision("int8") == "int8"
     assert t2i.resolve_precision("auto") == t2i.auto_precision(model_bytes=t2i.model_bytes(None)) == "fp32"
+    assert t2i.auto_precision(ZEN3, model_bytes=21_678_452) == "fp32"
     assert t2i.auto_precision(ZEN4, model_bytes=21_678_452) == "fp32"  # the built-in model: too small to gain
     assert t2i.auto_precision(ZEN4, model_bytes=2_000_000_000) == "int8"
     assert t2i.auto_precision(ZEN4, model_bytes=2_000_000_000, quantizable=False) == "bf16"  # LoRAs merge into it
@@ -72,32 +76,36 @@ def test_int8_unet_linears_and_convolutions_are_packed_int8(tiny_sd):
     assert any(type(m) is nn.Linear for m in tiny_sd["int8"].text_encoder.modules())  # stays float (t2i.quantize)
     for layer in layers:
         w = layer.int8_weight()  # unpacked from the packed oneDNN weights
-        assert w.dtype == torch.int8 and int(w.abs().max()) == 127  # symmetric, each channel's max at 127
+        top = 127 if t2i.has_vnni() else 63  # without VNNI, 7 bits: int16 pair sums must not saturate
+        assert w.dtype == torch.int8 and int(w.abs().max()) == top  # symmetric, each channel's max at the top
         assert layer.weight_scale.shape == (w.shape[0],)  # one scale per output channel
-        assert layer.full_range == t2i.has_vnni()
+        assert layer.vnni == t2i.has_vnni()
 
 
-@pytest.mark.parametrize("full_range", [True, False])
-def test_int8_layers_compute_exactly_the_dequantized_product(full_range):
+@pytest.mark.parametrize("vnni", [True, False])
+def test_int8_layers_compute_exactly_the_dequantized_product(vnni):
     """Int8Linear / Int8Conv2d equal float32 layers on the dequantized weights and inputs (integer
-    products summed exactly in int32): the quantization is all the error there is."""
+    products summed exactly: in int32 with VNNI, in int16 pairs without, which 7-bit weights keep from
+    saturating): the quantization is all the error there is."""
+    if vnni and not t2i.has_vnni():
+        pytest.skip("8-bit weights saturate oneDNN's int16 pair sums on a CPU without VNNI")
     torch.manual_seed(0)
     linear, conv = nn.Linear(96, 64), nn.Conv2d(48, 40, 3, stride=2, padding=1)
     x_lin, x_conv = torch.randn(5, 7, 96), torch.randn(2, 48, 9, 11) * 3 + 1
     for layer, x, make, f in ((linear, x_lin, Int8Linear, torch.nn.functional.linear),
                               (conv, x_conv, Int8Conv2d, lambda a, w, b: torch.nn.functional.conv2d(a, w, b, 2, 1))):
-        q_layer = make(layer, full_range)
-        qw, ws = quantize_weight(layer.weight)
-        assert torch.equal(q_layer.int8_weight(), qw)
-        qx, xs, zp = quantize_activations(x, full_range)
-        assert int(qx.max()) <= (255 if full_range else 127) and (qx.int() - zp).abs().float().mean() > 10
+        q_layer = make(layer, vnni)
+        qw, ws = quantize_weight(layer.weight, 127 if vnni else 63)
+        assert torch.equal(q_layer.int8_weight(), qw) and int(qw.abs().max()) == (127 if vnni else 63)
+        qx, xs, zp = quantize_activations(x)
+        assert int(qx.max()) == 255 and (qx.int() - zp).abs().float().mean() > 20  # all 8 bits used
         w_deq = qw.float() * ws.view(-1, *[1] * (qw.dim() - 1))
         ref = f((qx.float() - zp) * xs, w_deq, layer.bias.detach())
         with torch.no_grad():
             out, out_bf16, plain = q_layer(x), q_layer(x.bfloat16()), layer(x)
         assert out.shape == ref.shape and out.dtype == torch.float32 and out_bf16.dtype == torch.bfloat16
         assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
-        assert float((out - plain).norm() / plain.norm()) < (0.02 if full_range else 0.04)
+        assert float((out - plain).norm() / plain.norm()) < (0.02 if vnni else 0.03)
 
 
 def test_quantize_keeps_1x1_and_4_channel_convolutions_float_and_int8_upsamplers_run_plain():
@@ -109,7 +117,7 @@ def test_quantize_keeps_1x1_and_4_channel_convolutions_float_and_int8_upsamplers
     x = torch.randn(1, 4, 32, 32)  # 1024 input pixels: the upsampler's fused float path, while float
     with torch.no_grad():
         ref = net(x)
-        quantize_(net, vnni=True)
+        quantize_(net, vnni=t2i.has_vnni())
         out = net(x)
     assert [type(m).__name__ for m in net] == ["Conv2d", "Upsample", "Int8Conv2d", "Conv2d", "Conv2d"]
     assert type(net[1].conv).__name__ == "Int8Conv2d"  # upsample, then the int8 conv
@@ -126,20 +134,25 @@ def test_int8_generate_stays_close_to_fp32(tiny_sd):
     assert max(psnr) < 80, psnr  # int8 did change something
 
 
-def test_full_range_activations_halve_the_error():
-    if not t2i.has_vnni():
-        pytest.skip("8-bit activations are for CPUs with VNNI")
+def test_without_vnni_int8_weights_keep_7_bits_and_never_saturate():
+    """On a CPU without VNNI oneDNN sums pairs of u8 x s8 products in int16: with 8-bit weights a layer
+    of ones on inputs at the top of their range comes out halved (measured on a Zen 3: 32.4 for 64).
+    quantize_ gives such CPUs 7-bit weights, which cannot saturate, and keeps 8-bit activations,
+    which lose more than the weights' bit (Zen 3: 1.4e-2 against 2.3e-2 with 7-bit activations)."""
+    ones = nn.Linear(64, 8, bias=False)
+    nn.init.ones_(ones.weight)
+    x = torch.ones(2, 64)
+    with torch.no_grad():
+        out = quantize_(nn.Sequential(copy.deepcopy(ones)), vnni=t2i.has_vnni())(x)
+    assert torch.allclose(out, torch.full_like(out, 64.0), rtol=1e-3), out[0]
     torch.manual_seed(0)
     layer, x = nn.Linear(1280, 1280), torch.randn(512, 1280)
     with torch.no_grad():
         ref = layer(x)
-    err = {}
-    for vnni in (True, False):
-        q = quantize_(nn.Sequential(copy.deepcopy(layer)), vnni=vnni)
-        assert isinstance(q[0], Int8Linear) and q[0].full_range == vnni
-        err[vnni] = float((q(x) - ref).norm() / ref.norm())
-    # measured on Zen 4: 1.2e-2 with 8-bit activations, 2.3e-2 with 7-bit ones
-    assert err[True] < 0.016 and err[True] < 0.7 * err[False], err
+        q = quantize_(nn.Sequential(copy.deepcopy(layer)), vnni=False)
+        err = float((q(x) - ref).norm() / ref.norm())
+    assert isinstance(q[0], Int8Linear) and not q[0].vnni
+    assert 0.005 < err < 0.018, err  # 7-bit weights: 1.4e-2 on the Zen 3; with VNNI and 8 bits 1.2e-2
 
 
 def test_a_lora_is_refused_on_an_int8_unet_and_auto_keeps_the_model_float_for_one(tmp_path, monkeypatch):
@@ -173,6 +186,6 @@ def test_compile_refuses_an_int8_unet_and_auto_stays_float_with_compile(tiny_sd)
 
 
 def test_non_finite_inputs_are_refused_by_name():
-    layer = Int8Linear(nn.Linear(4, 3), full_range=True)
+    layer = Int8Linear(nn.Linear(4, 3), vnni=t2i.has_vnni())
     with pytest.raises(FloatingPointError, match="non-finite"):
         layer(torch.tensor([[1.0, float("nan"), 0.0, 2.0]]))

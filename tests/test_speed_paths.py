@@ -3,7 +3,8 @@
 - `nets.conv.Conv2d`: im2col + GEMM on small maps equals `nn.Conv2d`, and is really taken there.
 - `Attention.fuse_projections` / `cache_context`: same outputs, a cache that misses when the
   context changes, training never on the fused copy, loading or casting keeps it consistent.
-- Meta-device loading: the sinusoidal table is real; the fast NaN/Inf check refuses like io's.
+- Meta-device loading: the sinusoidal table is real; no random init runs there (it imported
+  torch._dynamo, seconds of a load); the fast NaN/Inf check refuses like io's.
 - precision "auto": bf16 only with native bf16 flags.
 - bf16 U-Net: no further from diffusers' fp32 output than diffusers' own U-Net cast to bf16.
 """
@@ -11,6 +12,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -206,6 +209,25 @@ def test_meta_built_embedding_has_its_table():
     assert emb.freqs[1].item() == pytest.approx(10000 ** (-1 / 160), rel=1e-6)
 
 
+def test_meta_building_draws_nothing_and_imports_no_dynamo():
+    # a fresh process: the test session itself may have imported torch._dynamo already
+    code = (
+        "import sys, torch\n"
+        "from t2i.checkpoints.io import on_meta_device\n"
+        "from t2i.text.clip import CLIPTextConfig, CLIPTextModel\n"
+        "with on_meta_device():\n"
+        "    e = torch.nn.Embedding(10, 4); w = torch.empty(3).normal_(); torch.nn.init.normal_(w, std=2.0)\n"
+        "    clip = CLIPTextModel(CLIPTextConfig())  # SD 1.x's tower: its embeddings are what imported dynamo\n"
+        "assert all(p.is_meta for p in clip.parameters())\n"
+        "assert e.weight.is_meta and w.is_meta\n"
+        "assert 'torch._dynamo' not in sys.modules, 'meta init imported torch._dynamo'\n"
+        "torch.manual_seed(0); real = torch.nn.Embedding(1000, 8)  # outside: the usual N(0, 1) init\n"
+        "assert abs(real.weight.std().item() - 1) < 0.05\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 def test_fast_finite_check(tmp_path):
     ok = {"w": torch.randn(10), "huge": torch.full((4,), 3e38)}  # finite, but the sum overflows
     check_finite(ok, tmp_path / "ok.safetensors")
@@ -223,8 +245,11 @@ def test_precision_auto(monkeypatch):
     assert t2i.native_bf16(zen4) and t2i.native_bf16(spr)
     monkeypatch.setattr(t2i, "native_bf16", lambda cpuinfo=None: False)
     monkeypatch.setattr(t2i, "has_vnni", lambda cpuinfo=None: False)
+    monkeypatch.setattr(t2i, "has_int8_kernels", lambda cpuinfo=None: False)
     monkeypatch.setattr(t2i, "model_bytes", lambda model=None: 2_000_000_000)  # an SD-sized model
     assert t2i.resolve_precision("auto") == "fp32"
+    monkeypatch.setattr(t2i, "has_int8_kernels", lambda cpuinfo=None: True)  # AVX2, no bf16: int8 + fp32
+    assert t2i.resolve_precision("auto") == "int8"
     monkeypatch.setattr(t2i, "native_bf16", lambda cpuinfo=None: True)
     assert t2i.resolve_precision("auto") == "bf16"
     assert t2i.resolve_precision("fp32") == "fp32"

@@ -7,19 +7,21 @@ wants to import or call something, so no code hidden in a checkpoint runs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import pickle
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.overrides import TorchFunctionMode
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
@@ -122,6 +124,31 @@ def check_safetensors_header(path: str | os.PathLike) -> dict:
 _META_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                 "BOOL": torch.bool}
+
+
+_NORMAL_INITS = (torch.Tensor.normal_, torch.nn.init.normal_)  # nn.init's dispatches as itself
+
+
+class _SkipMetaNormal(TorchFunctionMode):
+    """`Tensor.normal_` on a meta tensor does nothing. A meta tensor has no values to draw, and its
+    normal_ runs a Python decomposition that imports torch._dynamo on first use: 2.3-2.8 s of an SD
+    1.5 load (the text encoder's embeddings), measured on 2 quiet Zen 4 cores. Other inits do not."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's protocol)
+        kwargs = kwargs or {}
+        if func in _NORMAL_INITS:
+            tensor = args[0] if args else kwargs.get("tensor")  # nn.init passes it by name
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def on_meta_device() -> Iterator[None]:
+    """Build modules on the meta device (no memory, no random init), to be filled by
+    `load_state_dict(..., assign=True)`."""
+    with torch.device("meta"), _SkipMetaNormal():
+        yield
 
 
 def header_tensors(header: dict) -> dict[str, torch.Tensor]:

@@ -31,6 +31,7 @@ from t2i.checkpoints.io import (
     check_safetensors_header,
     header_tensors,
     load_state_dict,
+    on_meta_device,
     read_config,
 )
 
@@ -190,7 +191,7 @@ def build_checked(build: Callable[[], M], configs: Mapping[str, Any], tensors: M
     module holds no memory: fill it with `module.load_state_dict(state, assign=True)`."""
     for name, cfg in configs.items():
         check_config(cfg, f"{what} ({name})", len(tensors))
-    with torch.device("meta"):
+    with on_meta_device():
         module = build()
     check_shapes(module, tensors, what)
     return module

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from t2i.checkpoints.io import load_component_weights
+from t2i.checkpoints.io import load_component_weights, on_meta_device
 from t2i.compact import loading_cast
 from t2i.text.bert import BertConfig, BertModel, WordPieceTokenizer
 from t2i.text.clip import CLIPTextConfig, CLIPTextModel
@@ -313,7 +313,7 @@ def build_text_model(cls: type, cfg: object, state: dict[str, torch.Tensor],
                      dtype: torch.dtype | None) -> torch.nn.Module:
     """Construct on the meta device (no random init of large towers) and adopt the loaded tensors,
     cast to dtype (None: as stored)."""
-    with torch.device("meta"):
+    with on_meta_device():
         model = cls(cfg)
     model.load_state_dict(state, strict=True, assign=True)
     return model if dtype is None else model.to(dtype)

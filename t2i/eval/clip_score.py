@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from t2i.checkpoints.io import load_component_weights
+from t2i.checkpoints.io import load_component_weights, on_meta_device
 from t2i.checkpoints.transformers_text import clip_text_model_from_transformers, clip_tower_fields
 from t2i.nets.vit import VisionTransformer, ViTConfig
 from t2i.text.clip import CLIPTextModel
@@ -232,7 +232,7 @@ def load_clip(folder: str | Path, dtype: torch.dtype = torch.float32) -> CLIP:
         raise KeyError(f"{folder}: CLIP score needs both projections (visual_projection, text_projection)")
     text = clip_text_model_from_transformers({**config, "architectures": ["CLIPModel"]}, state, dtype)
     vision_cfg = vision_config_from_transformers(config)
-    with torch.device("meta"):
+    with on_meta_device():
         vision = VisionTransformer(vision_cfg)
     vision.load_state_dict(vision_state_dict_from_transformers(state), strict=True, assign=True)
     tok_dir = folder / "tokenizer" if (folder / "tokenizer").is_dir() else folder
