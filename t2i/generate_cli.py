@@ -96,10 +96,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "preview`, a diffusers AutoencoderTiny folder, madebyollin's taesd*_decoder file)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8", "compact"],
                    help="auto: by CPU flags (t2i.auto_precision): int8 with VNNI and native bf16, bf16 with "
-                        "native bf16 only, int8 with AVX2 or better and no native bf16, else fp32; int8: the U-Net's Linear layers and 3x3 convolutions in "
-                        "int8, the rest bf16 where native, else fp32; compact (Stable Diffusion): weights kept in "
-                        "bf16 (fp16 files stay fp16) and widened layer by layer to fp32 compute, about half of "
-                        "fp32's memory")
+                        "native bf16 only, int8 with AVX2 or better and no native bf16, else fp32; int8: the "
+                        "U-Net's Linear layers and 3x3 convolutions in int8, the rest bf16 where native, else "
+                        "fp32; compact (Stable Diffusion): weights kept in bf16 (fp16 files stay fp16) and "
+                        "widened layer by layer to fp32 compute, about half of fp32's memory")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the U-Net: faster steps after a compile of minutes at each new size "
                         "(cached on disk); pays off for many images per process")

@@ -130,3 +130,38 @@ def test_center_crop_baseline_is_square_and_centred():
         rh, rw = cover_size(h, w, (32, 32))
         assert (oh, ow) == (h, w) and (top, left) == ((rh - 32) // 2, (rw - 32) // 2)
     assert any(v > 0 for v in data.time_ids(0, 4, DistInfo())[:, 2:4].flatten().tolist())
+
+
+def test_zoom_crops_enlarged_images_at_random_and_time_ids_say_where():
+    """--crop-zoom: a share of the images is enlarged up to the factor and cropped at a random offset;
+    the batch's pixels are exactly that crop of the resized original, and time_ids give its top-left."""
+    import torch.nn.functional as F
+
+    from t2i.train.buckets import placement
+
+    zoomed = BucketedData(ShapesCanvases(0, 32), BUCKETS, 0, zoom=(0.5, 1.6))
+    plain, src = _data(), ShapesCanvases(0, 32)
+    offsets, enlarged, n = [], 0, 0
+    for k in range(6):
+        x, _, idx = zoomed.batch(8 * k, 8, DistInfo())
+        assert idx == plain.batch(8 * k, 8, DistInfo())[2]  # zoom changes crops, not which items share a batch
+        ids = zoomed.time_ids(8 * k, 8, DistInfo())
+        bucket = tuple(x.shape[2:])
+        for row, i, crop in zip(ids.tolist(), idx, x, strict=True):
+            (rh, rw), top, left = placement((int(row[0]), int(row[1])), bucket, zoomed._crop_generator(i), zoomed.zoom)
+            assert (top, left) == (row[2], row[3]) and rh >= bucket[0] and rw >= bucket[1]
+            cover = cover_size(int(row[0]), int(row[1]), bucket)
+            enlarged += (rh, rw) != cover
+            n += 1
+            offsets.append(max(top, left))
+            image = src[i][0]
+            resized = F.interpolate(image[None], (rh, rw), mode="bilinear", antialias=True, align_corners=False)[0]
+            assert torch.equal(crop, resized[:, top:top + bucket[0], left:left + bucket[1]])
+    assert 0.3 < enlarged / n < 0.7  # about the share asked for
+    assert max(offsets) >= 6  # crops far larger than bucketing's excess of a pixel or two
+    fresh = BucketedData(ShapesCanvases(0, 32), BUCKETS, 0, zoom=(0.5, 1.6))  # a resumed run
+    assert torch.equal(fresh.batch(40, 8, DistInfo())[0], zoomed.batch(40, 8, DistInfo())[0])
+    with pytest.raises(ValueError, match="centre crops"):
+        BucketedData(ShapesCanvases(0, 32), [(32, 32)], 0, center=True, zoom=(0.5, 1.6))
+    with pytest.raises(ValueError, match="factor"):
+        BucketedData(ShapesCanvases(0, 32), BUCKETS, 0, zoom=(0.5, 0.9))

@@ -82,7 +82,7 @@ def _cfg(out, vae_path, **kw) -> LDMTrainConfig:
 
 
 def test_bucketed_micro_conditioned_training_and_non_square_generation(tmp_path, vae_file):  # noqa: F811
-    cfg = _cfg(tmp_path / "run", vae_file)
+    cfg = _cfg(tmp_path / "run", vae_file, crop_zoom=(0.5, 1.6))  # SDXL's random crops of enlarged images too
     data = open_data("shapes", None, 32, cfg.seed, size_multiple=8)
     shapes = {tuple(data.batch(4 * k, 4, DistInfo())[0].shape[2:]) for k in range(cfg.steps)}
     assert any(h != w for h, w in shapes)  # the run's steps include non-square batches
@@ -112,6 +112,9 @@ def test_micro_conditioning_needs_buckets(tmp_path, vae_file):  # noqa: F811
     assert train_ldm(plain, text_encoder=HashText()) == 0
     with pytest.raises(ValueError, match="one of"):
         train_ldm(_cfg(tmp_path / "run2", vae_file, center_crop=True), text_encoder=HashText())
+    with pytest.raises(ValueError, match="crop-zoom.*aspect-buckets"):
+        train_ldm(_cfg(tmp_path / "run3", vae_file, aspect_buckets=False, micro_conditioning=False,
+                       crop_zoom=(0.5, 1.6)), text_encoder=HashText())
 
 
 def test_micro_conditioning_warm_start_begins_at_the_init(tmp_path, vae_file):  # noqa: F811

@@ -7,6 +7,11 @@ side (plus at most a pixel of rounding). Every batch is drawn from one bucket. A
 images a batch carries SDXL's micro-conditioning (sec. 2.2): the original size (h, w), the crop's
 top-left (top, left) in the resized image, and the target size (bucket h, w).
 
+With `zoom` = (p, z), a share p of the images is first enlarged by a factor log-uniform in [1, z]
+and then cropped at a random offset: the random crops of larger images that SDXL's crop
+conditioning learns from (sec. 2.2: "we uniformly sample crop coordinates"). Bucketing alone crops
+only an image's excess over its bucket, a few pixels, too little to learn what a crop looks like.
+
 Which images share a batch is a pure function of the run's data position: items are read in the
 source's order (index i of the stream, or a fresh permutation per epoch of a finite source), each
 is dropped into its bucket's queue, and a global batch is emitted whenever a queue holds
@@ -56,14 +61,30 @@ def cover_size(height: int, width: int, bucket: tuple[int, int]) -> tuple[int, i
     return max(bh, math.ceil(height * bw / width - 1e-9)), bw
 
 
-def fit_to_bucket(image: torch.Tensor, bucket: tuple[int, int],
-                  gen: torch.Generator | None) -> tuple[torch.Tensor, int, int]:
-    """(3, H, W) image -> ((3, bh, bw) crop, top, left): resized to `cover_size` (antialiased
-    bilinear) and cropped at a random offset drawn from `gen` along the excess (None: centred)."""
-    rh, rw = cover_size(image.shape[1], image.shape[2], bucket)
+def placement(size: tuple[int, int], bucket: tuple[int, int], gen: torch.Generator | None,
+              zoom: tuple[float, float] | None = None) -> tuple[tuple[int, int], int, int]:
+    """((resized h, w), top, left) for an image of `size` (h, w) in `bucket`: resized to `cover_size`,
+    with `zoom` = (p, z) and a generator enlarged by a factor log-uniform in [1, z] with probability p
+    (two draws from gen either way, so an item's draws do not depend on p), then a bucket-sized crop
+    at a random offset (gen None: centred, never zoomed)."""
+    rh, rw = cover_size(size[0], size[1], bucket)
+    if zoom is not None and gen is not None:
+        share, top_factor = zoom
+        u, f = torch.rand(2, generator=gen).tolist()
+        if u < share:
+            factor = math.exp(f * math.log(top_factor))
+            rh, rw = max(bucket[0], round(rh * factor)), max(bucket[1], round(rw * factor))
+    top, left = crop_offset((rh, rw), bucket, gen)
+    return (rh, rw), top, left
+
+
+def fit_to_bucket(image: torch.Tensor, bucket: tuple[int, int], gen: torch.Generator | None,
+                  zoom: tuple[float, float] | None = None) -> tuple[torch.Tensor, int, int]:
+    """(3, H, W) image -> ((3, bh, bw) crop, top, left), as `placement` says: resized (antialiased
+    bilinear) and cropped."""
+    (rh, rw), top, left = placement((image.shape[1], image.shape[2]), bucket, gen, zoom)
     if (rh, rw) != tuple(image.shape[1:]):
         image = F.interpolate(image[None], (rh, rw), mode="bilinear", antialias=True, align_corners=False)[0]
-    top, left = crop_offset((rh, rw), bucket, gen)
     return image[:, top:top + bucket[0], left:left + bucket[1]], top, left
 
 
@@ -96,10 +117,17 @@ class BucketedData:
 
     CHUNK = 4096  # items whose sizes the walk reads at once
 
-    def __init__(self, source: SizedSource, buckets: list[tuple[int, int]], seed: int, center: bool = False) -> None:
+    def __init__(self, source: SizedSource, buckets: list[tuple[int, int]], seed: int, center: bool = False,
+                 zoom: tuple[float, float] | None = None) -> None:
         """center: crop the middle of the excess instead of a random offset (with one square bucket,
-        the centre-crop training SDXL's buckets are compared against)."""
-        self.source, self.buckets, self.seed, self.center = source, buckets, seed, center
+        the centre-crop training SDXL's buckets are compared against). zoom: (share, largest factor) of
+        the random crops of enlarged images (module docstring)."""
+        if zoom is not None:
+            if center:
+                raise ValueError("random crops of enlarged images (zoom) and centre crops exclude each other")
+            if not (0 < zoom[0] <= 1 and 1 < zoom[1] <= 4):
+                raise ValueError(f"zoom needs a share in (0, 1] and a factor in (1, 4], got {zoom}")
+        self.source, self.buckets, self.seed, self.center, self.zoom = source, buckets, seed, center, zoom
         self._walk: dict[int, tuple[list[tuple[int, list[int]]], list[list[int]], int]] = {}
 
     def _order(self, start: int, stop: int) -> np.ndarray:
@@ -150,7 +178,7 @@ class BucketedData:
         images, captions = [], []
         for i in idx:
             image, caption = self.source[i]
-            images.append(fit_to_bucket(image, self.buckets[j], self._crop_generator(i))[0])
+            images.append(fit_to_bucket(image, self.buckets[j], self._crop_generator(i), self.zoom)[0])
             captions.append(caption)
         return torch.stack(images), captions, idx
 
@@ -162,7 +190,7 @@ class BucketedData:
         rows = []
         for i, (h, w) in zip(idx, self.source.sizes(np.asarray(idx)).tolist(), strict=True):
             # the draws `fit_to_bucket` makes for item i
-            top, left = crop_offset(cover_size(h, w, (bh, bw)), (bh, bw), self._crop_generator(i))
+            _, top, left = placement((h, w), (bh, bw), self._crop_generator(i), self.zoom)
             rows.append([h, w, top, left, bh, bw])
         return torch.tensor(rows, dtype=torch.float32)
 

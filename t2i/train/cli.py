@@ -74,6 +74,9 @@ LDM: list[Option] = [
      "world at many aspect ratios, each batch one bucket of about --image-size^2 pixels"),
     ("--center-crop", "center_crop", {"action": "store_true"}, "the baseline to --aspect-buckets: the same "
      "many-aspect shapes world, every image centre-cropped to the square"),
+    ("--crop-zoom", "crop_zoom", {"type": float, "nargs": 2, "metavar": ("SHARE", "FACTOR")}, "with "
+     "--aspect-buckets: enlarge a SHARE of the images by up to FACTOR, then crop at a random offset (SDXL's random "
+     "crops, which --micro-conditioning learns the crop ids from; e.g. 0.5 1.6)"),
     ("--micro-conditioning", "micro_conditioning", {"action": "store_true"}, "SDXL micro-conditioning: the U-Net "
      "embeds each image's original size and crop top-left (needs --aspect-buckets; with --init-from added to that "
      "model's U-Net, starting at zero)"),

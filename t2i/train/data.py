@@ -40,7 +40,8 @@ class TrainData:
 
 def open_data(kind: str, path: str | None, size: int, seed: int, log: Callable[[str], None] = print,
               background_p: float | None = None, workers: int = 0,
-              size_multiple: int | None = None, center_crop: bool = False) -> BatchSource:
+              size_multiple: int | None = None, center_crop: bool = False,
+              crop_zoom: tuple[float, float] | None = None) -> BatchSource:
     """kind: "shapes" (the endless world of `seed`), "folder" (images + .txt sidecars under
     `path`), "jsonl" (a manifest at `path`) or "webdataset" (tar shards: a folder of them or a
     brace pattern at `path`, read by `workers` loader processes; the families pass the run's
@@ -49,14 +50,16 @@ def open_data(kind: str, path: str | None, size: int, seed: int, log: Callable[[
     size_multiple: multi-aspect training (`t2i.train.buckets`): the shapes world at many aspect
     ratios in buckets of about size x size pixels whose sides are multiples of this; None: square.
     center_crop: the same many-aspect world, each image centre-cropped to size x size (the baseline
-    that aspect buckets are measured against)."""
+    that aspect buckets are measured against). crop_zoom: with buckets, (share, largest factor) of
+    images enlarged and randomly cropped (`t2i.train.buckets`)."""
     if size_multiple is not None or center_crop:
         if kind != "shapes":
             raise ValueError(f"aspect buckets read --data shapes only for now, not --data {kind}")
         from t2i.train.buckets import BucketedData, ShapesCanvases, aspect_buckets
 
         buckets = [(size, size)] if center_crop else aspect_buckets(size, size_multiple)
-        return BucketedData(ShapesCanvases(seed, size, background_p=background_p), buckets, seed, center_crop)
+        return BucketedData(ShapesCanvases(seed, size, background_p=background_p), buckets, seed, center_crop,
+                            crop_zoom)
     if kind == "shapes":
         from t2i.data.shapes import BACKGROUND_P, ShapesDataset
 

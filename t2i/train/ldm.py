@@ -75,6 +75,8 @@ class LDMTrainConfig(LoopConfig):
     # levels (None: all T).
     aspect_buckets: bool = False
     center_crop: bool = False  # the baseline: the same many-aspect originals, centre-cropped to the square
+    # with aspect_buckets: (share, largest factor) of images enlarged, then randomly cropped (SDXL's crops)
+    crop_zoom: tuple[float, float] | None = None
     micro_conditioning: bool = False
     timestep_range: tuple[int, int] | None = None
     model: dict[str, Any] | None = None  # the resolved ShapesLDMConfig
@@ -152,8 +154,11 @@ def build_ldm(cfg: LDMTrainConfig, run: Run, text_encoder: torch.nn.Module | Non
         raise ValueError("--micro-conditioning conditions on the crops of --aspect-buckets or --center-crop")
     if cfg.aspect_buckets and cfg.center_crop:
         raise ValueError("give one of --aspect-buckets and --center-crop")
+    if cfg.crop_zoom is not None and not cfg.aspect_buckets:
+        raise ValueError("--crop-zoom enlarges and crops the images of --aspect-buckets: give that too")
     data = open_data(cfg.data, cfg.data_path, cfg.image_size, cfg.seed, run.log.text, cfg.background_p,
-                     workers=cfg.data_workers, size_multiple=size_multiple(cfg, vae, init), center_crop=cfg.center_crop)
+                     workers=cfg.data_workers, size_multiple=size_multiple(cfg, vae, init), center_crop=cfg.center_crop,
+                     crop_zoom=None if cfg.crop_zoom is None else (float(cfg.crop_zoom[0]), float(cfg.crop_zoom[1])))
     if cfg.model is None:
         if init is None:
             cfg.model = resolve_model_config(cfg, vae, data).to_dict()
