@@ -74,7 +74,8 @@ def auto_precision(cpuinfo: str | None = None, model_bytes: int | None = None, q
     one guided step at 64x64 latents (512x512 images), in one run: bf16 11.0 s, int8 Linears 10.1 s,
     int8 Linears and 3x3 convolutions 9.1 s (t2i.quantize); with two threads 4.4 s. On an AMD EPYC
     Zen 3 (family 25 model 1, AVX2 only: no bf16, no VNNI; session 15), two threads, one guided step
-    at 64x64 latents: fp32 18.8-19.7 s, int8 with float32 elsewhere 12.3-14.4 s (0.68); per layer,
+    at 64x64 latents, four alternated rounds: fp32 median 19.0 s, int8 with float32 elsewhere 12.5 s
+    (0.66); per layer,
     one thread, int8 3x3 convolutions 0.25-0.74 of fp32 and Linears 0.48-1.09. AVX-512 CPUs without
     bf16 (Skylake-SP, Cascade Lake) were not measured; oneDNN's int8 kernels there are wider than
     AVX2's. Quality, the judge on the built-in model (300 held-out prompts): Zen 4: fp32 0.337,
