@@ -67,11 +67,16 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     scale = (hi - lo) / qmax or 1.0  # an all-zero input: any scale represents it
     zero_point = min(max(round(-lo / scale), 0), qmax)
-    # in float32: quantizing a bf16 x in bf16 was no faster and moved an SD 1.5 U-Net's output by
-    # 3.4e-2 of its norm (double rounding), session 14
-    q = x.to(torch.float32, copy=True)  # the in-place steps below must not touch x
-    q.div_(scale).round_().add_(zero_point).clamp_(0, qmax)
-    return q.to(torch.uint8), scale, zero_point
+    # In float32: quantizing a bf16 x in bf16 was no faster and moved an SD 1.5 U-Net's output by
+    # 3.4e-2 of its norm (double rounding), session 14. Three passes: x / scale + zero_point + 0.5 in
+    # one (torch.add's alpha scales x), the clamp, and the cast, whose truncation then rounds (half
+    # up). Against div/round/add/clamp on a float32 copy: 20 against 35 ms on (8192, 1280), 3.9
+    # against 5.8 on (2, 320, 64, 64), about even on small tensors; a guided SD 1.5 step at 64x64
+    # latents 12.5 against 13.0 s, faster in each of 4 alternated rounds (Zen 3, 2 threads, session 15).
+    q = torch.empty_like(x, dtype=torch.float32)  # x's memory format (int8 convolutions answer channels-last)
+    # a 1-element tensor, not a 0-dim one: that would leave a bf16 x's sum in bf16 (rounded to 1 code in 255)
+    torch.add(torch.tensor([zero_point + 0.5]), x, alpha=1 / scale, out=q)
+    return q.clamp_(0, qmax).to(torch.uint8), scale, zero_point
 
 
 def weight_qmax(vnni: bool) -> int:

@@ -108,6 +108,17 @@ def test_int8_layers_compute_exactly_the_dequantized_product(vnni):
         assert float((out - plain).norm() / plain.norm()) < (0.02 if vnni else 0.03)
 
 
+def test_activations_quantize_in_float32_whatever_their_dtype_and_layout():
+    torch.manual_seed(0)
+    x = (torch.randn(4, 320, 9, 9) * 3 + 1).bfloat16().contiguous(memory_format=torch.channels_last)
+    q, scale, zero_point = quantize_activations(x)
+    q32, scale32, zp32 = quantize_activations(x.float().contiguous())
+    assert torch.equal(q, q32) and (scale, zero_point) == (scale32, zp32)  # bf16 never rounds the codes
+    assert q.is_contiguous(memory_format=torch.channels_last)  # what the int8 convolutions hand on
+    ref = (x.float() / scale + zero_point).round().clamp(0, 255)
+    assert (q.float() - ref).abs().max() <= 1 and float((q.float() != ref).float().mean()) < 1e-3  # ties only
+
+
 def test_quantize_keeps_1x1_and_4_channel_convolutions_float_and_int8_upsamplers_run_plain():
     from t2i.nets.resample import Upsample
 
