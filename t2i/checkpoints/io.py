@@ -132,7 +132,8 @@ _NORMAL_INITS = (torch.Tensor.normal_, torch.nn.init.normal_)  # nn.init's dispa
 class _SkipMetaNormal(TorchFunctionMode):
     """`Tensor.normal_` on a meta tensor does nothing. A meta tensor has no values to draw, and its
     normal_ runs a Python decomposition that imports torch._dynamo on first use: 2.3-2.8 s of an SD
-    1.5 load (the text encoder's embeddings), measured on 2 quiet Zen 4 cores. Other inits do not."""
+    1.5 load (the text encoder's embeddings), measured on 2 quiet AMD Zen 3 cores, session 15. The other
+    nn.init functions have C++ meta kernels and cost nothing there."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's protocol)
         kwargs = kwargs or {}
@@ -145,7 +146,7 @@ class _SkipMetaNormal(TorchFunctionMode):
 
 @contextlib.contextmanager
 def on_meta_device() -> Iterator[None]:
-    """Build modules on the meta device (no memory, no random init), to be filled by
+    """Build modules on the meta device (no memory; `_SkipMetaNormal`), to be filled by
     `load_state_dict(..., assign=True)`."""
     with torch.device("meta"), _SkipMetaNormal():
         yield
