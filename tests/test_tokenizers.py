@@ -221,11 +221,25 @@ def test_files_are_self_describing_and_load_by_kind(kind: str, tmp_path) -> None
     x = torch.rand(1, 3, 16, 16, generator=_gen(14)) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(round_trip(loaded, x), round_trip(model, x), rtol=0, atol=0)
+    # a file stored in 16 bits (as training_state/ keeps one) loads in float32, the CPU's compute dtype
+    from safetensors.torch import load_file, save_file
+
+    half = tmp_path / "half.safetensors"
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}, half,
+              metadata=safe_metadata(path))
+    assert {p.dtype for p in load_tokenizer(half).parameters()} == {torch.float32}
     # a VQGAN file is a VQ-VAE file: what reads one (the token families' load_vqvae) reads it
     if kind == "vqgan":
         from t2i.train.vqvae import load_vqvae
 
         assert load_vqvae(path).cfg == model.cfg
+
+
+def safe_metadata(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
 
 
 def test_old_vq_configs_read_as_vqvae_and_a_foreign_file_is_refused(tmp_path) -> None:

@@ -230,11 +230,12 @@ def load_checked_file(path: str | Path, system: str, what: str, config_cls: Call
                       module_cls: Callable[[Any], M]) -> M:
     """A module written by `io.save_module` for `system`: its config (`config_cls(**saved)`) checked
     against the bounds, the module built on the meta device and checked against the file's tensors,
-    then filled: a crafted config is refused before anything is allocated. Frozen, eval mode."""
+    then filled in float32 (a 16-bit file is storage; the CPU computes in float32): a crafted config is
+    refused before anything is allocated. Frozen, eval mode."""
     try:
         cfg = config_cls(**read_config(path, what, system))
     except TypeError as e:
         raise CheckpointError(f"{path}: malformed config of {what} ({e})") from None
     tensors = header_tensors(check_safetensors_header(path))
     module = build_checked(lambda: module_cls(cfg), {system: cfg}, tensors, str(path))
-    return fill(module, load_state_dict(path), None)
+    return fill(module, load_state_dict(path), torch.float32)
