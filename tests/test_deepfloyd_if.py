@@ -122,7 +122,7 @@ def test_the_unet_equals_diffusers(options):
         got = net(x, t, context, levels)
         other = net(x, t, context.flip(0), levels)  # the text matters at this scale
     assert got.shape == want.shape == (2, 6, size, size)
-    assert _relative(got, want) < 1e-5
+    assert _relative(got, want) < 2e-5  # 1.02e-5 for options1 on an AVX2-only Zen 3 (its float paths), below on Zen 4
     assert _relative(other, want) > 1e-3
     if cfg.class_embed:
         assert _relative(net(x, t, context, levels.flip(0)).detach(), want) > 1e-3  # so does the noise level

@@ -231,7 +231,8 @@ def test_distilled_student_few_steps_are_closer_to_the_teachers_many_steps(lcm_r
     for steps in (1, 2):
         undistilled = ((latents(teacher, steps=steps, sampler="lcm", guidance=1.0) - ref) ** 2).mean()
         distilled = ((latents(student, steps=steps, guidance=4.0) - ref) ** 2).mean()
-        assert distilled < 0.85 * undistilled, (steps, distilled, undistilled)  # measured 0.81, 0.73 of it
+        # measured 0.81, 0.73 of it on a Zen 4; 0.87 at 1 step on an AVX2-only Zen 3 (same code, other float paths)
+        assert distilled < 0.9 * undistilled, (steps, distilled, undistilled)
 
 
 def test_generate_fast_uses_the_student_beside_the_model(lcm_run, tmp_path):
