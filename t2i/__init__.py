@@ -75,10 +75,9 @@ def auto_precision(cpuinfo: str | None = None, model_bytes: int | None = None, q
     int8 Linears and 3x3 convolutions 9.1 s (t2i.quantize); with two threads 4.4 s. On an AMD EPYC
     Zen 3 (family 25 model 1, AVX2 only: no bf16, no VNNI; session 15), two threads, one guided step
     at 64x64 latents, four alternated rounds: fp32 median 19.0 s, int8 with float32 elsewhere 12.5 s
-    (0.66); per layer,
-    one thread, int8 3x3 convolutions 0.25-0.74 of fp32 and Linears 0.48-1.09. AVX-512 CPUs without
-    bf16 (Skylake-SP, Cascade Lake) were not measured; oneDNN's int8 kernels there are wider than
-    AVX2's. Quality, the judge on the built-in model (300 held-out prompts): Zen 4: fp32 0.337,
+    (0.66); per layer, one thread, int8 3x3 convolutions 0.25-0.74 of fp32 and Linears 0.48-1.09.
+    AVX-512 CPUs without bf16 (Skylake-SP, Cascade Lake) were not measured; oneDNN's int8 kernels
+    there are wider than AVX2's. Quality, the judge on the built-in model (300 held-out prompts): Zen 4: fp32 0.337,
     bf16 0.313, int8 with bf16 elsewhere 0.317, int8 with float32 elsewhere 0.340 (the plain model;
     the layout model: fp32 0.900, int8 0.903); on a tiny random SD the int8 images are 31-37 dB PSNR
     from fp32's. The built-in model itself is too small to gain: its 64x64 image takes 1.17 of fp32's

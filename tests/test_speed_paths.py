@@ -5,7 +5,7 @@
   context changes, training never on the fused copy, loading or casting keeps it consistent.
 - Meta-device loading: the sinusoidal table is real; no random init runs there (it imported
   torch._dynamo, seconds of a load); the fast NaN/Inf check refuses like io's.
-- precision "auto": bf16 only with native bf16 flags.
+- precision "auto": bf16 only with native bf16 flags; int8 with float32 on AVX2 CPUs without them.
 - bf16 U-Net: no further from diffusers' fp32 output than diffusers' own U-Net cast to bf16.
 """
 
