@@ -158,7 +158,7 @@ def test_shapes_model_lora_round_trips(tmp_path, capsys):
     args = ["train", "lora", "--model", str(model), "--data", "folder", "--data-path", str(data),
             "--out", str(tmp_path / "te"), "--text-encoder"]
     assert main(args) != 0
-    assert "text-encoder LoRAs are trained on one CLIP encoder" in capsys.readouterr().err
+    assert "text-encoder LoRAs are trained on CLIP encoders" in capsys.readouterr().err
 
 
 def test_targets_that_match_nothing_are_named(sd1, tmp_path, capsys):
@@ -192,6 +192,40 @@ def test_sdxl_unet_lora_is_read_by_diffusers_with_every_key(tmp_path, caplog):
     with apply_loras(ours, [(path, 1.0)]):
         err = _unet_error(ref, ours)
     print(f"trained SDXL LoRA, {len(layers)} layers: U-Net {err:.2e} (moved {moved:.2e})")
+    assert moved > 1e-3 and err < WEIGHT_TOL
+
+
+def test_sdxl_text_encoder_lora_trains_both_towers_and_diffusers_reads_every_key(tmp_path, caplog):
+    """SDXL with --text-encoder: `lora_te1_` and `lora_te2_` layers, every one a PEFT layer in diffusers'
+    two text encoders, fused to the weights t2i merges."""
+    from diffusers import DiffusionPipeline
+    from sd_oracles import build_sdxl
+
+    build_sdxl(tmp_path / "model")
+    data = write_captioned_folder(tmp_path / "data")
+    path = train(tmp_path / "model", data, tmp_path / "run", "--steps", "3", "--lr", "1e-2", "--text-encoder",
+                 "--unet-targets", "to_q")
+    layers = read_lora(path)[0]
+    ours_layers = t2i.load(tmp_path / "model").text_encoder.encoders[0].model.cfg.layers
+    assert {name.split("_")[1] for name in layers} == {"unet", "te1", "te2"}
+    untrained = sorted(name for name, layer in layers.items() if not layer.up.abs().max() > 0)
+    # SDXL reads the first tower's penultimate layer and nothing else of it: its last layer gets no gradient
+    # (kohya's and diffusers' trainers include it all the same); every other layer trained.
+    last = f"layers_{ours_layers - 1}_"
+    assert untrained and all(n.startswith("lora_te1_") and last in n for n in untrained), untrained
+    ref = DiffusionPipeline.from_pretrained(tmp_path / "model")
+    with caplog.at_level(logging.WARNING):
+        ref.load_lora_weights(str(path))
+    assert not [r for r in caplog.records if any(w in r.getMessage().lower() for w in ("unexpected", "missing"))]
+    nets = (ref.unet, ref.text_encoder, ref.text_encoder_2)
+    assert len([m for net in nets for m in net.modules() if hasattr(m, "lora_A") and m.lora_A]) == len(layers)
+    ref.fuse_lora(lora_scale=1.0)
+    ref.unload_lora_weights()
+    ours = t2i.load(tmp_path / "model")
+    moved = _text_error(ref, ours, "sdxl")
+    with apply_loras(ours, [(path, 1.0)]):
+        err = _text_error(ref, ours, "sdxl")
+    print(f"trained SDXL text-encoder LoRA, {len(layers)} layers: text weights {err:.2e} (moved {moved:.2e})")
     assert moved > 1e-3 and err < WEIGHT_TOL
 
 

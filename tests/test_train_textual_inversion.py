@@ -154,3 +154,35 @@ def test_a_minilm_word_trains_on_the_shapes_model_and_loads_back(tmp_path, capsy
         add_learned_word(loaded.text_encoder, "square", vectors)
     with pytest.raises(ValueError, match="one vector"):
         add_learned_word(loaded.text_encoder, "<two>", torch.zeros(2, 384))
+
+
+def test_sdxl_word_is_learned_in_both_encoders_and_loads_in_diffusers_alike(tmp_path):
+    """SDXL: the word's vectors in both towers, written as `clip_l` / `clip_g`; diffusers, given each to its
+    encoder (`load_textual_inversion(..., text_encoder=, tokenizer=)`), encodes the prompt as t2i does."""
+    from diffusers import DiffusionPipeline
+    from sd_oracles import build_sdxl
+
+    build_sdxl(tmp_path / "model")
+    data = write_captioned_folder(tmp_path / "data")
+    path = train(tmp_path / "model", data, tmp_path / "run", "--steps", "6", "--lr", "5e-2")
+    state = load_file(path)
+    assert set(state) == {"clip_l", "clip_g"} and state["clip_l"].shape[0] == state["clip_g"].shape[0] == 2
+
+    ref = DiffusionPipeline.from_pretrained(tmp_path / "model")
+    for key, encoder, tokenizer in (("clip_l", ref.text_encoder, ref.tokenizer),
+                                    ("clip_g", ref.text_encoder_2, ref.tokenizer_2)):
+        ref.load_textual_inversion(state[key], token=TOKEN, text_encoder=encoder, tokenizer=tokenizer)
+    context, _, pooled, _ = ref.encode_prompt(PROMPT, device="cpu", num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    ours, init = t2i.load(tmp_path / "model"), t2i.load(tmp_path / "model")
+    with load_embeddings(ours, [path]):
+        got = encode_prompts(ours.text_encoder, [PROMPT])
+    from t2i.train.textual_inversion import learned_words
+
+    learned_words(init.text_encoder, TOKEN, 2, "square")  # the run's starting point
+    start = encode_prompts(init.text_encoder, [PROMPT])
+    err = max((got.context - context).abs().max().item(), (got.pooled - pooled).abs().max().item())
+    moved = min((got.context - start.context).abs().max().item(), (got.pooled - start.pooled).abs().max().item())
+    print(f"SDXL word: t2i vs diffusers {err:.2e} (training moved context and pooled by at least {moved:.2e})")
+    assert moved > 1e-3  # both towers' vectors trained: the comparison can fail
+    assert err < TEXT_TOL

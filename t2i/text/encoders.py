@@ -88,6 +88,12 @@ class CLIPTextEncoder(nn.Module):
         context, pooled = self.encode_ids(batch.ids)
         return TextEncoding(context, pooled, None, batch.truncated)
 
+    def encode_trainable(self, prompts: list[str]) -> TextEncoding:
+        """`encode` with autograd on (see `encode_ids_trainable`)."""
+        batch = self.tokenizer.tokenize(prompts, self.max_length)
+        context, pooled = self.encode_ids_trainable(batch.ids)
+        return TextEncoding(context, pooled, None, batch.truncated)
+
     forward = encode
 
     # ------------------------------------------------------------------ added words (textual inversion)
@@ -138,7 +144,15 @@ class SDXLTextEncoder(nn.Module):
         self.pooled_dim = encoders[-1].pooled_dim
 
     def encode(self, prompts: list[str]) -> TextEncoding:
-        parts = [e.encode(prompts) for e in self.encoders]
+        return self.joined([e.encode(prompts) for e in self.encoders])
+
+    def encode_trainable(self, prompts: list[str]) -> TextEncoding:
+        """`encode` with autograd on: for LoRAs on both towers and words learned in both."""
+        return self.joined([e.encode_trainable(prompts) for e in self.encoders])
+
+    @staticmethod
+    def joined(parts: list[TextEncoding]) -> TextEncoding:
+        """The towers' encodings as SDXL's U-Net reads them: contexts side by side, the last one's pooled."""
         context = torch.cat([p.context for p in parts], dim=-1)  # (B, 77, sum D)
         truncated = [any(flags) for flags in zip(*(p.truncated for p in parts), strict=True)]
         return TextEncoding(context, parts[-1].pooled, None, truncated)

@@ -37,7 +37,7 @@ from torch import nn
 
 from t2i.adapters.lora import LoraLayer, NamedLayer, named_layers, write_lora
 from t2i.diffusion.losses import DiffusionLoss
-from t2i.text.encoders import CLIPTextEncoder, MiniLMTextEncoder, TextEncoding
+from t2i.text.encoders import CLIPTextEncoder, MiniLMTextEncoder, SDXLTextEncoder, TextEncoding
 from t2i.train.config import LoopConfig
 from t2i.train.data import open_data
 from t2i.train.distributed import DistInfo
@@ -75,7 +75,7 @@ class LoraTrainConfig(AdapterTrainConfig):
     rank: int = 4
     alpha: float | None = None  # None: alpha = rank (scale 1)
     unet_targets: str = "to_q,to_k,to_v,to_out.0"
-    text_encoder: bool = False  # also train LoRAs on the CLIP text encoder
+    text_encoder: bool = False  # also train LoRAs on the CLIP text encoder(s: SDXL's two)
     text_targets: str = "q_proj,k_proj,v_proj,out_proj"
     name: str = "lora"  # the file is <out>/<name>.safetensors; A1111's <lora:name:1>
     lr: float = 1e-4
@@ -103,19 +103,16 @@ class LoraTrainConfig(AdapterTrainConfig):
 def encode_trainable(pipe: Any, prompts: list[str]) -> TextEncoding:
     """The prompts' encoding with autograd on, for adapters trained through the text encoder.
 
-    `CLIPTextEncoder.encode_ids` runs under `torch.no_grad` (encoders are frozen everywhere else);
-    `encode_ids_trainable` is the same computation with gradients. One CLIP tower
-    only (SD 1.x/2.x): SDXL's pair would need the same for `SDXLTextEncoder.encode`. The shapes models'
-    MiniLM: its `encode` body run without the `torch.no_grad` it is decorated with (no trainable form yet)."""
+    The CLIP encoders (SD 1.x/2.x's one, SDXL's pair) run under `torch.no_grad` everywhere else and
+    have an `encode_trainable` form. The shapes models' MiniLM: its `encode` body run without the
+    `torch.no_grad` it is decorated with."""
     enc = pipe.text_encoder
     if isinstance(enc, MiniLMTextEncoder):
         return MiniLMTextEncoder.encode.__wrapped__(enc, prompts)
-    if not isinstance(enc, CLIPTextEncoder):
-        raise ValueError(f"{pipe.name}: training through the text encoder needs one CLIP text encoder (SD 1.x/2.x); "
+    if not isinstance(enc, CLIPTextEncoder | SDXLTextEncoder):
+        raise ValueError(f"{pipe.name}: training through the text encoder needs CLIP text encoders (SD 1.x/2.x/XL); "
                          f"this model has {type(enc).__name__}")
-    batch = enc.tokenizer.tokenize(prompts, enc.max_length)
-    context, pooled = enc.encode_ids_trainable(batch.ids)  # (B, T, D), (B, P) or None
-    return TextEncoding(context, pooled, None, batch.truncated)
+    return enc.encode_trainable(prompts)
 
 
 class FrozenModel:
@@ -323,10 +320,10 @@ def is_layout_pipeline(pipe: Any) -> bool:
 
 
 def check_text_encoder(cfg: LoraTrainConfig, pipe: Any) -> None:
-    """--text-encoder needs one CLIP text encoder to put the LoRA on."""
-    if cfg.text_encoder and not isinstance(pipe.text_encoder, CLIPTextEncoder):
+    """--text-encoder needs CLIP text encoders to put the LoRA on (SDXL: both, `lora_te1_`/`lora_te2_`)."""
+    if cfg.text_encoder and not isinstance(pipe.text_encoder, CLIPTextEncoder | SDXLTextEncoder):
         raise ValueError(f"--text-encoder: {pipe.name}'s text encoder is {type(pipe.text_encoder).__name__}; "
-                         "text-encoder LoRAs are trained on one CLIP encoder (SD 1.x/2.x)")
+                         "text-encoder LoRAs are trained on CLIP encoders (SD 1.x/2.x/XL)")
 
 
 def build_plain_lora(cfg: LoraTrainConfig, run: Run, frozen: FrozenModel) -> Task:

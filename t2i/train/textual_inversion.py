@@ -14,7 +14,9 @@ word's last piece) is an error naming it, not a step without gradient.
 
 The file written, `<out>/<token>.safetensors`, holds `emb_params` (n, D), the single-tensor form A1111
 and kohya write as safetensors, which A1111, diffusers' `load_textual_inversion` and t2i's
-`--embedding FILE` / `--embedding-dir` read; used by its file stem (the token) in prompts.
+`--embedding FILE` / `--embedding-dir` read; used by its file stem (the token) in prompts. On SDXL the
+word is learned in both text encoders, n vectors each, and the file holds `clip_l` (n, 768) and `clip_g`
+(n, 1280), SDXL's two-encoder form (a refiner, with the second encoder only: `clip_g`).
 
 The shapes models' MiniLM encoder (BERT WordPiece) takes a word too, one vector (`add_minilm_word`: the
 token becomes an added token of its tokenizer, one new embedding row); t2i's `--embedding` does not read
@@ -31,8 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from t2i.adapters.embeddings import SDXL_KEYS
 from t2i.checkpoints.io import save_state_dict
-from t2i.text.encoders import CLIPTextEncoder, MiniLMTextEncoder
+from t2i.text.encoders import CLIPTextEncoder, MiniLMTextEncoder, SDXLTextEncoder
 from t2i.train.fit import Run, Step, Task, fit
 from t2i.train.lora import AdapterTrainConfig, FrozenModel, encode_trainable
 
@@ -126,17 +129,32 @@ def check_token(token: str) -> None:
                          "no slashes, colons or leading dot; e.g. '<my-style>')")
 
 
+def learned_words(encoder: Any, token: str, vectors: int, init_word: str) -> dict[str, LearnedWord]:
+    """The word in every tower of `encoder`, keyed as the file stores them: {"emb_params": word} for one
+    CLIP or MiniLM encoder; SDXL's pair {"clip_l", "clip_g"} (the refiner's lone tower: "clip_g"), the
+    two-encoder form A1111 and diffusers read, each tower learning its own vectors (their widths differ)."""
+    if isinstance(encoder, CLIPTextEncoder | MiniLMTextEncoder):
+        return {"emb_params": LearnedWord(encoder, token, vectors, init_word)}
+    if isinstance(encoder, SDXLTextEncoder):
+        keys = SDXL_KEYS[-len(encoder.encoders):]
+        return {k: LearnedWord(e, token, vectors, init_word) for k, e in zip(keys, encoder.encoders, strict=True)}
+    raise ValueError(f"textual inversion trains a word of CLIP text encoders (SD 1.x/2.x/XL) or of MiniLM (the "
+                     f"shapes models); this model has {type(encoder).__name__}")
+
+
 def build_textual_inversion(cfg: TextualInversionConfig, run: Run) -> Task:
     check_token(cfg.token)
     if cfg.vectors < 1:
         raise ValueError(f"--vectors must be at least 1, got {cfg.vectors}")
     frozen = FrozenModel(cfg, run)
     pipe = frozen.pipe
-    if not isinstance(pipe.text_encoder, CLIPTextEncoder | MiniLMTextEncoder):
-        raise ValueError(f"{pipe.name}: textual inversion trains a word of one CLIP text encoder (SD 1.x/2.x) or "
-                         f"of MiniLM (the shapes models); this model has {type(pipe.text_encoder).__name__}")
-    word = LearnedWord(pipe.text_encoder, cfg.token, cfg.vectors, cfg.init_word)
-    opt = torch.optim.AdamW(word.parameters(), lr=cfg.lr, weight_decay=0.0)
+    try:
+        words = learned_words(pipe.text_encoder, cfg.token, cfg.vectors, cfg.init_word)
+    except ValueError as e:
+        raise ValueError(f"{pipe.name}: {e}") from None
+    towers = getattr(pipe.text_encoder, "encoders", [pipe.text_encoder])
+    params = [w.vectors for w in words.values()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     done = {"steps": 0}
 
     def encode(captions: list[str]):
@@ -144,13 +162,13 @@ def build_textual_inversion(cfg: TextualInversionConfig, run: Run) -> Task:
 
     def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, list[str]]:
         z, captions = frozen.latents(position, gen)  # the captions are encoded in the step, through the vectors
-        word.check(pipe.text_encoder.tokenizer, [with_token(c, cfg.token) for c in captions])
+        for word, tower in zip(words.values(), towers, strict=True):
+            word.check(tower.tokenizer, [with_token(c, cfg.token) for c in captions])
         return z, captions
 
     def step(batch: tuple[torch.Tensor, list[str]], s: Step) -> dict[str, float]:
         z, captions = batch
         loss = frozen.loss(z, encode(captions), s.generator)
-        params = [word.vectors]
         gnorm = s.update(loss, opt, params, average=params)
         done["steps"] = s.index + 1
         return {"ti/loss": loss.item(), "ti/grad_norm": gnorm}
@@ -158,15 +176,17 @@ def build_textual_inversion(cfg: TextualInversionConfig, run: Run) -> Task:
     def export() -> None:
         meta = {"name": cfg.token, "step": str(done["steps"]), "init_word": cfg.init_word,
                 "sd_checkpoint_name": Path(cfg.model).name, "t2i_config": json.dumps(cfg.to_dict())}
-        save_state_dict({"emb_params": word.vectors.detach().float()}, Path(cfg.out) / f"{cfg.token}.safetensors",
-                        meta)
+        save_state_dict({k: w.vectors.detach().float() for k, w in words.items()},
+                        Path(cfg.out) / f"{cfg.token}.safetensors", meta)
 
     def evaluate(step: int) -> None:
         run.log.scalars(step, {"ti/fixed_loss": frozen.fixed_loss(encode)})
 
     prompts = frozen.sample_prompts(lambda c: with_token(c, cfg.token))
     about = f", word {cfg.token!r} ({cfg.vectors} vectors from {cfg.init_word!r}) on {pipe.name}"
-    return Task("textual-inversion", {"word": word}, {"opt": opt}, prepare=prepare, step=step,
+    # One tower's word is checkpointed as the module "word" (as before SDXL), two as "word.clip_l/clip_g".
+    module = words["emb_params"] if "emb_params" in words else nn.ModuleDict(words)
+    return Task("textual-inversion", {"word": module}, {"opt": opt}, prepare=prepare, step=step,
                 grid=lambda: frozen.grid(prompts), grid_name="embedding", export=export, evaluate=evaluate,
                 about=about)
 
