@@ -1,5 +1,7 @@
 """Multi-aspect buckets (t2i.train.buckets): nearest bucket, minimal crop, one bucket per batch, exact
-resume, disjoint ranks; the shapes world on non-square canvases."""
+resume, disjoint ranks; the shapes world on non-square canvases; a folder of the user's images at their
+own sizes (t2i.data.folder.SizedImages: corrupt files skipped and counted, large originals reduced, the
+crop where time_ids say), and `t2i train ldm --aspect-buckets --data folder`."""
 
 from __future__ import annotations
 
@@ -8,11 +10,24 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from test_train import HashText, vae_file  # noqa: F401  (the tiny VAE fixture)
 
+from t2i.data.folder import to_tensor
 from t2i.data.shapes.rendering import render_array
 from t2i.data.shapes.sampling import place_on_canvas
 from t2i.data.shapes.world import MIN_GAP, gap
-from t2i.train.buckets import BucketedData, ShapesCanvases, aspect_buckets, cover_size, fit_to_bucket, nearest_bucket
+from t2i.train.buckets import (
+    BucketedData,
+    ShapesCanvases,
+    aspect_buckets,
+    cover_size,
+    fit_to_bucket,
+    nearest_bucket,
+    placement,
+)
+from t2i.train.data import open_data
 from t2i.train.distributed import DistInfo
 
 torch.set_num_threads(1)
@@ -135,10 +150,6 @@ def test_center_crop_baseline_is_square_and_centred():
 def test_zoom_crops_enlarged_images_at_random_and_time_ids_say_where():
     """--crop-zoom: a share of the images is enlarged up to the factor and cropped at a random offset;
     the batch's pixels are exactly that crop of the resized original, and time_ids give its top-left."""
-    import torch.nn.functional as F
-
-    from t2i.train.buckets import placement
-
     zoomed = BucketedData(ShapesCanvases(0, 32), BUCKETS, 0, zoom=(0.5, 1.6))
     plain, src = _data(), ShapesCanvases(0, 32)
     offsets, enlarged, n = [], 0, 0
@@ -165,3 +176,132 @@ def test_zoom_crops_enlarged_images_at_random_and_time_ids_say_where():
         BucketedData(ShapesCanvases(0, 32), [(32, 32)], 0, center=True, zoom=(0.5, 1.6))
     with pytest.raises(ValueError, match="factor"):
         BucketedData(ShapesCanvases(0, 32), BUCKETS, 0, zoom=(0.5, 0.9))
+
+
+# A user's folder: (height, width) of each image, by file name; 07 is not an image at all, 08 a PNG cut in
+# half (its header reads, its pixels do not), 06 large enough to be reduced when read.
+FOLDER = {"00": (32, 32), "01": (20, 44), "02": (44, 20), "03": (30, 50), "04": (50, 30), "05": (40, 40),
+          "06": (240, 480), "07": None, "08": (36, 60), "09": (48, 24), "10": (26, 40), "11": (60, 36)}
+ZOOM = (0.5, 1.6)
+
+
+def _smooth(h: int, w: int, k: int) -> np.ndarray:
+    """(h, w, 3) uint8: ramps across and down plus a block, different for each k (smooth, so that
+    resampling a reduced read and the original agree to a few levels)."""
+    y, x = np.mgrid[0:h, 0:w]
+    arr = np.stack([255 * x / w, 255 * y / h, np.full((h, w), 20.0 * k)], -1)
+    arr[h // 4:h // 2, w // 3:w // 2] = (255 - 20 * k, 40, 200)
+    return arr.astype(np.uint8)
+
+
+def _write_folder(folder):
+    import io
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, (name, size) in enumerate(FOLDER.items()):
+        (folder / f"{name}.txt").write_text(f"image {name}")
+        if size is None:
+            (folder / f"{name}.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image at all")
+            continue
+        image = Image.fromarray(_smooth(*size, k))
+        if name == "08":
+            buf = io.BytesIO()
+            image.save(buf, "PNG")
+            (folder / f"{name}.png").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+        else:
+            image.save(folder / f"{name}.png")
+    return folder
+
+
+def _folder_data(folder, log=print):
+    return open_data("folder", str(folder), 32, seed=0, log=log, size_multiple=8, crop_zoom=ZOOM)
+
+
+def test_folder_images_share_a_bucket_per_batch_and_time_ids_say_where_the_crop_is(tmp_path):
+    messages = []
+    data = _folder_data(_write_folder(tmp_path / "data"), messages.append)
+    src = data.source
+    assert data.buckets == BUCKETS and src.length == 12
+    # sizes from the headers: the true size, also of the image reduced when read (2x: its short side 240
+    # stays >= 2 * 32 * 1.6); the unreadable 07 stands in as 08, the next whose header reads
+    assert src.sizes(np.arange(12)).tolist() == [list(FOLDER[f"{i:02d}"] or FOLDER["08"]) for i in range(12)]
+    assert src[6][0].shape == (3, 120, 240)
+    full = {name: to_tensor(Image.fromarray(_smooth(*size, k))) for k, (name, size) in enumerate(FOLDER.items())
+            if size is not None}
+    captions, buckets, worst_reduced, crops = set(), set(), 0.0, []
+    for pos in range(0, 48, 2):  # 24 batches of 2: four epochs of the 12 items
+        x, caps, idx = data.batch(pos, 2, DistInfo())
+        ids = data.time_ids(pos, 2, DistInfo())
+        bucket = tuple(x.shape[2:])
+        buckets.add(bucket)
+        captions |= set(caps)
+        assert ids[:, 4:].tolist() == [list(bucket)] * 2
+        for j, i in enumerate(idx):
+            name = f"{i:02d}"
+            h, w, top, left = (int(v) for v in ids[j, :4])
+            assert BUCKETS[nearest_bucket(BUCKETS, h, w)] == bucket
+            if name in ("07", "08"):  # unreadable: a stand-in fitted to 08's header size, placed as that says
+                assert (h, w) == FOLDER["08"] and caps[j] == "image 09"
+                continue
+            assert (h, w) == FOLDER[name] and caps[j] == f"image {name}"
+            # the crop is the one time_ids describe, on the original at its true size
+            (rh, rw), t, lft = placement((h, w), bucket, data._crop_generator(i), ZOOM)
+            assert (t, lft) == (top, left)
+            crops.append(max(top, left))
+            want = F.interpolate(full[name][None], (rh, rw), mode="bilinear", antialias=True,
+                                 align_corners=False)[0, :, top:top + bucket[0], left:left + bucket[1]]
+            if name == "06":  # read at half size: the same crop from fewer pixels
+                worst_reduced = max(worst_reduced, (x[j] - want).abs().max().item())
+            else:
+                assert torch.equal(x[j], want)
+    good = {f"image {n}" for n, size in FOLDER.items() if size is not None and n != "08"}
+    assert captions == good  # every readable image used, the two unreadable ones never
+    assert set(src.skipped) == {str(tmp_path / "data" / "07.png"), str(tmp_path / "data" / "08.png")}
+    assert sum("skipping unreadable image" in m for m in messages) == 2
+    print(f"buckets used {sorted(buckets)}, skipped {len(src.skipped)}, largest crop offset {max(crops)}, "
+          f"reduced read vs original {worst_reduced:.4f}")
+    assert len(buckets) == 5 and max(crops) >= 4 and worst_reduced < 0.05
+    with pytest.raises(ValueError, match="not --data webdataset"):
+        open_data("webdataset", str(tmp_path), 32, 0, size_multiple=8)
+
+
+def test_folder_buckets_resume_exactly(tmp_path):
+    folder = _write_folder(tmp_path / "data")
+    walked = _folder_data(folder)
+    for pos in range(0, 30, 2):
+        walked.batch(pos, 2, DistInfo())
+    fresh = _folder_data(folder)  # a resumed run: nothing but the position (and the files)
+    for pos in (30, 32, 50):
+        (a, ca, ia), (b, cb, ib) = walked.batch(pos, 2, DistInfo()), fresh.batch(pos, 2, DistInfo())
+        assert torch.equal(a, b) and ca == cb and ia == ib
+        assert torch.equal(walked.time_ids(pos, 2, DistInfo()), fresh.time_ids(pos, 2, DistInfo()))
+    r0, r1 = (fresh.batch(32, 1, DistInfo(rank=r, world_size=2)) for r in (0, 1))
+    assert r0[2] + r1[2] == walked.batch(32, 2, DistInfo())[2]
+
+
+def test_ldm_trains_on_a_bucketed_folder_with_its_time_ids(tmp_path, vae_file, monkeypatch):  # noqa: F811
+    """`t2i train ldm --aspect-buckets --micro-conditioning --data folder`: the U-Net sees non-square
+    latents and the batch's own time ids."""
+    from t2i.nets.unet import UNet
+    from t2i.train.ldm import LDMTrainConfig, train_ldm
+
+    seen, forward = [], UNet.forward
+
+    def recording(self, x, t, *args, **kwargs):
+        seen.append((tuple(x.shape[2:]), kwargs.get("time_ids")))
+        return forward(self, x, t, *args, **kwargs)
+
+    monkeypatch.setattr(UNet, "forward", recording)
+    folder = _write_folder(tmp_path / "data")
+    cfg = LDMTrainConfig(out=str(tmp_path / "run"), vae_path=vae_file, unet_preset="tiny", image_size=32,
+                         batch_size=2, steps=3, lr=1e-3, warmup=1, ckpt_every=1000, image_every=0,
+                         export_every=10_000, log_every=1, data="folder", data_path=str(folder),
+                         aspect_buckets=True, micro_conditioning=True)
+    assert train_ldm(cfg, text_encoder=HashText()) == 0
+    data = open_data("folder", str(folder), 32, seed=0, size_multiple=8)  # the run's own data (seed 0)
+    want = [data.time_ids(2 * k, 2, DistInfo()) for k in range(3)]
+    print("ldm steps saw latents", [shape for shape, _ in seen[:3]], "time ids", [w.tolist() for w in want])
+    assert [shape for shape, _ in seen[:3]] == [(int(w[0, 4]) // 4, int(w[0, 5]) // 4) for w in want]
+    assert all(torch.equal(ids, w) for (_, ids), w in zip(seen[:3], want, strict=True))
+    assert any(h != w for h, w in (shape for shape, _ in seen[:3]))
+    assert "nan" not in (tmp_path / "run" / "log.txt").read_text().lower()

@@ -2,11 +2,14 @@
 captioned folder is read back by diffusers' `load_lora_weights` (the oracle) with every key matched and
 gives the same fused weights as t2i's merge; the merged file computes what the training hooks computed;
 the loss at fixed noise falls on a tiny overfit; a resumed run ends on the same bits; the shapes LDM
-trains too; a target that matches nothing is refused by name."""
+trains too; a target that matches nothing is refused by name. `--aspect-buckets`: SDXL's U-Net is given
+each batch's own original sizes and crops, SD1's sees non-square latents, a resumed run ends on the same
+bits."""
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,15 +34,18 @@ WEIGHT_TOL = 1e-6  # max |diffusers fused - t2i merged| of any weight
 COLOURS = {"red": (230, 30, 30), "blue": (30, 60, 230), "green": (30, 200, 60), "yellow": (240, 220, 30)}
 
 
-def write_captioned_folder(folder: Path, size: int = 16) -> Path:
-    """One image per colour: a square of it on black, captioned `a <colour> square` in a .txt sidecar."""
+def write_captioned_folder(folder: Path, size: int = 16, sizes: list[tuple[int, int]] | None = None) -> Path:
+    """One image per colour: a square of it on black, captioned `a <colour> square` in a .txt sidecar.
+    sizes: (height, width) of each image instead, the colours taken in turn (files `<k>_<colour>.png`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    lo, hi = size // 4, 3 * size // 4
-    for name, rgb in COLOURS.items():
-        image = Image.new("RGB", (size, size))
-        image.paste(rgb, (lo, lo, hi, hi))
-        image.save(folder / f"{name}.png")
-        (folder / f"{name}.txt").write_text(f"a {name} square")
+    names = list(COLOURS)
+    shapes = [(f"{name}", (size, size), name) for name in names] if sizes is None else [
+        (f"{k}_{names[k % len(names)]}", hw, names[k % len(names)]) for k, hw in enumerate(sizes)]
+    for stem, (h, w), name in shapes:
+        image = Image.new("RGB", (w, h))
+        image.paste(COLOURS[name], (w // 4, h // 4, 3 * w // 4, 3 * h // 4))
+        image.save(folder / f"{stem}.png")
+        (folder / f"{stem}.txt").write_text(f"a {name} square")
     return folder
 
 
@@ -251,3 +257,77 @@ def test_evaluations_read_their_own_source_not_the_training_stream(sd1, tmp_path
     training = sources[0]
     assert training and all(n == 2 for _, n in training), training  # --batch-size 2 only
     assert any(n == 3 for _, n in sources[1]), sources[1:]  # the evaluation's 3 items, elsewhere
+
+
+# (height, width) of a folder of mixed aspect ratios: two images for each of four buckets at 16 px.
+MIXED = [(16, 32), (32, 16), (18, 30), (20, 20), (24, 48), (48, 24), (24, 40), (40, 40)]
+
+
+def record_unet_calls(monkeypatch) -> list[tuple[tuple[int, ...], torch.Tensor | None]]:
+    """(latent shape, time_ids or None) of every U-Net forward from now on."""
+    from t2i.nets.unet import UNet
+
+    seen, forward = [], UNet.forward
+
+    def recording(self, x, t, *args, **kwargs):
+        seen.append((tuple(x.shape), kwargs.get("time_ids")))
+        return forward(self, x, t, *args, **kwargs)
+
+    monkeypatch.setattr(UNet, "forward", recording)
+    return seen
+
+
+def test_sdxl_aspect_buckets_give_the_unet_each_batch_placement(tmp_path, monkeypatch):
+    """SDXL `--aspect-buckets --crop-zoom 1 2`: each step's latents are one bucket's size, and the time ids
+    the U-Net gets are the batch's own (the true original size of each image, its crop in the bucket,
+    the bucket); the fixed-noise loss stays square and uncropped; the file is written and read back."""
+    from sd_oracles import build_sdxl
+
+    from t2i.train.data import open_data
+
+    build_sdxl(tmp_path / "model")
+    data = write_captioned_folder(tmp_path / "data", sizes=MIXED)
+    seen = record_unet_calls(monkeypatch)
+    path = train(tmp_path / "model", data, tmp_path / "run", "--steps", "4", "--lr", "1e-2", "--aspect-buckets",
+                 "--crop-zoom", "1", "2")
+    # the run's data, opened as the trainer does: native 16 px, multiple 2 (VAE) * 2 (U-Net levels), seed 0
+    buckets = open_data("folder", str(data), 16, 0, size_multiple=4, crop_zoom=(1.0, 2.0))
+    want = [buckets.time_ids(2 * k, 2, DistInfo()) for k in range(4)]
+    files = sorted(data.glob("*.png"))
+    for k, ((shape, ids), w) in enumerate(zip(seen[:4], want, strict=True)):
+        idx = buckets.batch(2 * k, 2, DistInfo())[2]
+        assert shape == (2, 4, int(w[0, 4]) // 2, int(w[0, 5]) // 2)  # latents at the bucket's size
+        assert torch.equal(ids, w), (ids, w)
+        # the original sizes are the files' own
+        assert ids[:, :2].tolist() == [[Image.open(files[i]).height, Image.open(files[i]).width] for i in idx]
+    assert all(torch.equal(ids, torch.tensor([[16.0, 16, 0, 0, 16, 16]]).expand(1, 6))
+               for _, ids in seen[4:])  # fixed-noise loss: one square item at a time
+    print("SDXL bucket steps: latents", [s[2:] for s, _ in seen[:4]], "time ids", [w.tolist() for w in want])
+    assert any(s[2] != s[3] for s, _ in seen[:4]) and any(w[:, 2:4].abs().sum() > 0 for w in want)
+    losses = [float(line.split("lora/loss=")[1].split()[0]) for line in
+              (tmp_path / "run" / "log.txt").read_text().splitlines() if "lora/loss=" in line]
+    layers = read_lora(path)[0]
+    print(f"losses {losses}, {len(layers)} layers")
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert layers and any(layer.up.abs().max() > 0 for layer in layers.values())
+
+
+def test_sd1_aspect_buckets_reach_the_unet_non_square_and_resume_exactly(sd1, tmp_path, monkeypatch, capsys):
+    model, _ = sd1
+    data = write_captioned_folder(tmp_path / "data", sizes=MIXED)
+    seen = record_unet_calls(monkeypatch)
+    common = ("--lr", "1e-2", "--ckpt-every", "2", "--aspect-buckets", "--text-encoder")
+    straight = train(model, data, tmp_path / "a", "--steps", "4", *common)
+    shapes = [s for s, _ in seen[:4]]
+    with capsys.disabled():
+        print("SD1 bucket steps: latents", [s[2:] for s in shapes])
+    assert any(s[2] != s[3] for s in shapes) and all(ids is None for _, ids in seen)
+    train(model, data, tmp_path / "b", "--steps", "2", *common)
+    resumed = train(model, data, tmp_path / "b", "--steps", "4", "--resume")
+    a, b = read_lora(straight)[0], read_lora(resumed)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k].up, b[k].up) and torch.equal(a[k].down, b[k].down)
+                                        for k in a)
+    args = ["train", "lora", "--model", str(model), "--data", "folder", "--data-path", str(data),
+            "--out", str(tmp_path / "c"), "--crop-zoom", "0.5", "1.6"]
+    assert main(args) != 0
+    assert "--crop-zoom enlarges and crops the images of --aspect-buckets" in capsys.readouterr().err

@@ -71,9 +71,10 @@ LDM: list[Option] = [
     ("--sample-steps", "sample_steps", {"type": int}, "sampler steps for the sample grids"),
     ("--export-every", "export_every", {"type": int}, "write the EMA model as model.safetensors every N steps"),
     ("--aspect-buckets", "aspect_buckets", {"action": "store_true"}, "SDXL multi-aspect training: the shapes "
-     "world at many aspect ratios, each batch one bucket of about --image-size^2 pixels"),
+     "world at many aspect ratios, or --data folder/jsonl images at their own sizes, each batch one bucket of "
+     "about --image-size^2 pixels"),
     ("--center-crop", "center_crop", {"action": "store_true"}, "the baseline to --aspect-buckets: the same "
-     "many-aspect shapes world, every image centre-cropped to the square"),
+     "many-aspect images, every one centre-cropped to the square"),
     ("--crop-zoom", "crop_zoom", {"type": float, "nargs": 2, "metavar": ("SHARE", "FACTOR")}, "with "
      "--aspect-buckets: enlarge a SHARE of the images by up to FACTOR, then crop at a random offset (SDXL's random "
      "crops, which --micro-conditioning learns the crop ids from; e.g. 0.5 1.6)"),
@@ -189,6 +190,12 @@ LORA: list[Option] = [
      "preservation), weighted by --prior-weight"),
     ("--replay-target", "replay_target", {"choices": ("truth", "base")}, "the replayed scenes' target: their "
      "truth, or the frozen model's own prediction (distillation)"),
+    ("--aspect-buckets", "aspect_buckets", {"action": "store_true"}, "SDXL multi-aspect training (kohya's "
+     "--enable_bucket): the images at their own aspect ratios, each batch one bucket of about --image-size^2 "
+     "pixels; SDXL's U-Net is told each image's original size and crop"),
+    ("--crop-zoom", "crop_zoom", {"type": float, "nargs": 2, "metavar": ("SHARE", "FACTOR")}, "with "
+     "--aspect-buckets: enlarge a SHARE of the images by up to FACTOR, then crop at a random offset (SDXL's random "
+     "crops; e.g. 0.5 1.6)"),
     *(o for o in RENDERER if o[1] in ("pixel_weight", "pixel_batch")),
 ]
 TEXTUAL_INVERSION: list[Option] = [

@@ -68,11 +68,11 @@ class LDMTrainConfig(LoopConfig):
     # machines that keep nothing but the repository. vae_path may then be empty.
     init_from: str | None = None
     # SDXL-style training (Podell et al. 2023, sec. 2.2-2.4). aspect_buckets: the shapes world at many
-    # aspect ratios, batched by bucket (`t2i.train.buckets`); micro_conditioning: the U-Net embeds each
-    # image's original size and crop top-left (plus the target size) into its time embedding (needs
-    # aspect_buckets; on a warm start it is added to the init's U-Net, starting at zero); timestep_range:
-    # [lo, hi) of the training timesteps, e.g. (0, 200) for a refiner-style expert on the lowest noise
-    # levels (None: all T).
+    # aspect ratios, or a folder's / manifest's images at their own sizes, batched by bucket
+    # (`t2i.train.buckets`); micro_conditioning: the U-Net embeds each image's original size and crop
+    # top-left (plus the target size) into its time embedding (needs aspect_buckets; on a warm start it is
+    # added to the init's U-Net, starting at zero); timestep_range: [lo, hi) of the training timesteps,
+    # e.g. (0, 200) for a refiner-style expert on the lowest noise levels (None: all T).
     aspect_buckets: bool = False
     center_crop: bool = False  # the baseline: the same many-aspect originals, centre-cropped to the square
     # with aspect_buckets: (share, largest factor) of images enlarged, then randomly cropped (SDXL's crops)

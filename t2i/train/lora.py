@@ -11,6 +11,12 @@ PEFT and kohya do, B (out, r) zero so the run starts exactly at the base model. 
 own denoising objective (its schedule and eps/v prediction, `DiffusionLoss`) on the frozen VAE's
 posterior samples of the data (`--data folder/jsonl`: images with captions).
 
+`--aspect-buckets` (SDXL, Podell et al. 2023, sec. 2.2-2.3, as kohya's `--enable_bucket`): the images are
+read at their own sizes, grouped into aspect buckets of about the training size's pixel count, each batch
+one bucket, encoded at that bucket's size; for SDXL the U-Net's time ids are each image's true original
+size and crop top-left in the bucket (`BucketedData.time_ids`), not the uncropped square of a plain run.
+The fixed-noise loss and the sample grids stay square.
+
 The file written (`<out>/<name>.safetensors`) is in the kohya / A1111 layout (`lora_unet_...`,
 `lora_te_...` with `.lora_down.weight`, `.lora_up.weight`, `.alpha`; `t2i.adapters.lora.write_lora`),
 which A1111, ComfyUI, diffusers' `load_lora_weights` and t2i's `--lora FILE` read.
@@ -55,6 +61,12 @@ class AdapterTrainConfig(LoopConfig):
     data: str = "folder"
     data_path: str | None = None
     image_size: int = 0  # training image side in pixels; 0: the model's native size
+    # SDXL-style multi-aspect training (`t2i.train.buckets`; `t2i train lora --aspect-buckets`): each batch one
+    # bucket of about image_size^2 pixels, the images at their own aspect ratios; a U-Net with SDXL's
+    # micro-conditioning is given each image's original size and crop. crop_zoom: with it, (share, largest
+    # factor) of the images enlarged, then cropped at a random offset.
+    aspect_buckets: bool = False
+    crop_zoom: tuple[float, float] | None = None
     min_snr_gamma: float = 0.0  # Min-SNR weighting; 0: plain MSE (kohya's default)
     caption_dropout: float = 0.0
     sample_prompts: list[str] | None = None  # sample grid prompts; None: the data's first 4 distinct captions
@@ -134,12 +146,24 @@ class FrozenModel:
         self.size = cfg.image_size or pipe.defaults.width
         if self.size % pipe.vae_scale:
             raise ValueError(f"--image-size {self.size} must be a multiple of the autoencoder's {pipe.vae_scale}")
+        if cfg.crop_zoom is not None and not cfg.aspect_buckets:
+            raise ValueError("--crop-zoom enlarges and crops the images of --aspect-buckets: give that too")
+        if cfg.aspect_buckets and is_layout_pipeline(pipe):
+            raise ValueError(f"--aspect-buckets: {pipe.name} (the layout model) trains on square shapes scenes "
+                             "with their layouts; bucket a caption-only model's --data folder/jsonl")
+        zoom = None if cfg.crop_zoom is None else (float(cfg.crop_zoom[0]), float(cfg.crop_zoom[1]))
         self.data = open_data(cfg.data, cfg.data_path, self.size, cfg.seed, run.log.text,
-                              workers=cfg.data_workers)
+                              workers=cfg.data_workers, size_multiple=self.size_multiple() if cfg.aspect_buckets
+                              else None, crop_zoom=zoom)
         self._log = run.log.text
         self._fixed_data: Any = None
         s = pipe.schedule
         self.loss_fn = DiffusionLoss(s.alphas_cumprod(), s.prediction_type, cfg.min_snr_gamma or None)
+
+    def size_multiple(self) -> int:
+        """Pixel multiple every bucket side needs: the autoencoder's factor times the U-Net's downsamplings
+        (as `t2i.train.ldm.size_multiple`), so that every level's skip connection meets its upsampling."""
+        return self.pipe.vae_scale * 2 ** (len(self.pipe.unet.cfg.block_channels) - 1)
 
     def latents(self, position: int, gen: torch.Generator, batch_size: int | None = None,
                 info: DistInfo | None = None, source: Any = None, caption: str = "") -> tuple[torch.Tensor, list[str]]:
@@ -154,10 +178,24 @@ class FrozenModel:
         vae = self.pipe.vae
         return vae.scale(vae.encode(x).sample(gen)).float(), captions
 
-    def loss(self, z: torch.Tensor, enc: TextEncoding, gen: torch.Generator) -> torch.Tensor:
-        """() the denoising loss of latents z (B, C, h, w) under the encoded captions."""
-        # The pipeline's own network inputs: SDXL's size/crop time ids too (the full, uncropped image).
-        cond = self.pipe.network_conditioning(enc, self.size, self.size, 6.0)
+    def time_ids(self, position: int) -> torch.Tensor | None:
+        """(B, 6) the micro-conditioning of the training batch at `position` (original h, w, crop top,
+        left, bucket h, w) when the data is bucketed and the U-Net reads time ids (SDXL); None otherwise."""
+        if not (self.cfg.aspect_buckets and self.pipe.micro_conditioning):
+            return None
+        return self.data.time_ids(position, self.cfg.batch_size, self.info)
+
+    def loss(self, z: torch.Tensor, enc: TextEncoding, gen: torch.Generator,
+             time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """() the denoising loss of latents z (B, C, h, w) under the encoded captions. time_ids: (B, 6) the
+        batch's micro-conditioning (`time_ids`); None: each image whole and uncropped at z's size."""
+        s = self.pipe.vae_scale
+        # The pipeline's own network inputs: SDXL's size/crop time ids too (the full, uncropped image) ...
+        cond = self.pipe.network_conditioning(enc, z.shape[-2] * s, z.shape[-1] * s, 6.0)
+        if time_ids is not None and "time_ids" in cond:
+            # ... or each image's original size and crop from the data, before the pipeline's tail: the
+            # target size (the bucket's, as in the data) or a refiner's aesthetic score.
+            cond["time_ids"] = torch.cat([time_ids[:, :4].to(cond["time_ids"]), cond["time_ids"][:, 4:]], dim=1)
         return self.loss_fn(self.pipe.unet, z, cond, gen)
 
     @property
@@ -351,9 +389,11 @@ def build_plain_lora(cfg: LoraTrainConfig, run: Run, frozen: FrozenModel) -> Tas
         return encode_trainable(pipe, captions) if cfg.text_encoder else pipe.text_encoder.encode(captions)
 
     def latents(position: int, gen: torch.Generator, source: Any = None) -> tuple[torch.Tensor, Any]:
-        """Latents and, unless the text encoder trains, the captions' (frozen) encoding."""
+        """Latents and their conditioning: the captions' (frozen, unless the text encoder trains) encoding,
+        and the training batch's time ids (None for the square class images, or without buckets)."""
         z, captions = frozen.latents(position, gen, source=source, caption="" if source else cfg.instance_prompt)
-        return z, captions if cfg.text_encoder else pipe.text_encoder.encode(captions)
+        text = captions if cfg.text_encoder else pipe.text_encoder.encode(captions)
+        return z, (text, None if source is not None else frozen.time_ids(position))
 
     def prepare(position: int, gen: torch.Generator) -> tuple[tuple[torch.Tensor, Any], Any]:
         """The data's latents and text, and the class images' (DreamBooth) or None. The class images' draws
@@ -364,8 +404,9 @@ def build_plain_lora(cfg: LoraTrainConfig, run: Run, frozen: FrozenModel) -> Tas
         prior_gen = torch.Generator().manual_seed(cfg.seed * 2**32 + position)
         return latents(position, gen), latents(position, prior_gen, prior_data)
 
-    def term(z: torch.Tensor, text: Any, gen: torch.Generator) -> torch.Tensor:
-        return frozen.loss(z, encode(text) if cfg.text_encoder else text, gen)
+    def term(z: torch.Tensor, cond: Any, gen: torch.Generator) -> torch.Tensor:
+        text, time_ids = cond
+        return frozen.loss(z, encode(text) if cfg.text_encoder else text, gen, time_ids)
 
     def step(batch: tuple[tuple[torch.Tensor, Any], Any], s: Step) -> dict[str, float]:
         loss, parts = with_prior(term, cfg.prior_weight, *batch, s.generator)
