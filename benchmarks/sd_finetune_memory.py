@@ -6,8 +6,9 @@ Each setting runs in its own process (peak RSS, `ru_maxrss`, is per process): th
 pixels (latents size / 8) with a 77-token context, the MSE of its output against a random target,
 backward, and an optimizer step. Settings:
 - fp32: plain autograd.
-- ckpt: gradient checkpointing (torch.utils.checkpoint, non-reentrant) around every ResBlock and
-  SpatialTransformer: their activations are recomputed in the backward pass instead of kept.
+- ckpt: gradient checkpointing (`t2i.nets.grad_checkpoint.enable_gradient_checkpointing`, as `t2i train
+  finetune --gradient-checkpointing`: torch.utils.checkpoint, non-reentrant, around every ResBlock and
+  SpatialTransformer): their activations are recomputed in the backward pass instead of kept.
 - bf16: the forward under `torch.autocast("cpu", torch.bfloat16)` (float32 master weights and grads);
   only where the CPU computes bf16 natively (avx512_bf16 / amx_bf16), else it is emulated and slow.
 - bf16+ckpt: both.
@@ -47,43 +48,23 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # t2i from this cl
 SETTINGS = ("fp32", "ckpt", "bf16", "bf16+ckpt")
 
 
-def native_bf16() -> bool:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def rss_gb() -> float:
     """Peak resident set size of this process so far, in GB (ru_maxrss is in KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-
-
-def with_checkpointing(unet) -> int:
-    """Wrap every ResBlock and SpatialTransformer forward in torch.utils.checkpoint; returns how many."""
-    import torch.utils.checkpoint as ckpt
-
-    from t2i.nets.resnet import ResBlock
-    from t2i.nets.spatial_attention import SpatialTransformer
-
-    wrapped = 0
-    for m in unet.modules():
-        if isinstance(m, ResBlock | SpatialTransformer):
-            forward = m.forward
-            m.forward = lambda *a, _f=forward, **k: ckpt.checkpoint(_f, *a, use_reentrant=False, **k)
-            wrapped += 1
-    return wrapped
 
 
 def one(setting: str, size: int, optimizer: str, threads: int) -> dict:
     """One fine-tuning step in this process; the measurements as a dict."""
     import torch
 
+    from t2i.nets.grad_checkpoint import enable_gradient_checkpointing
     from t2i.nets.unet import UNET_CONFIGS, UNet
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     unet = UNet(UNET_CONFIGS["sd15"]).train()
     params = sum(p.numel() for p in unet.parameters())
-    wrapped = with_checkpointing(unet) if "ckpt" in setting else 0
+    wrapped = enable_gradient_checkpointing(unet) if "ckpt" in setting else 0
     opt = (torch.optim.AdamW(unet.parameters(), lr=1e-5) if optimizer == "adamw"
            else torch.optim.SGD(unet.parameters(), lr=1e-5))
     weights_gb = rss_gb()
@@ -114,6 +95,8 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(args.one, args.size, args.optimizer, args.threads)))
         return
+    from t2i import native_bf16
+
     results = {}
     for setting in args.settings.split(","):
         if "bf16" in setting and not native_bf16():

@@ -203,6 +203,23 @@ TEXTUAL_INVERSION: list[Option] = [
     ("--init-word", "init_word", {}, "the vectors start as this text's token embeddings"),
     ("--vectors", "vectors", {"type": int}, "vectors per word (prompt tokens it takes)"),
 ]
+FINETUNE: list[Option] = [
+    ("--model", "model", {}, "the model whose U-Net is trained: a diffusers folder (-> OUT/model/), an SD single file "
+     "(-> OUT/model.safetensors) or a t2i shapes model file (-> OUT/model.safetensors)"),
+    *(o for o in ADAPTER if o[1] not in ("model", "export_every")),
+    ("--export-every", "export_every", {"type": int}, "write the model every N steps (0: at every checkpoint)"),
+    ("--gradient-checkpointing", "gradient_checkpointing", {"action": "store_true"}, "recompute the activations of "
+     "every ResBlock and spatial transformer in the backward pass instead of keeping them (less memory, one more "
+     "forward of them per step)"),
+    ("--bf16", "bf16", {"action": "store_true"}, "the forward under bf16 autocast (float32 master weights); only on "
+     "CPUs that compute bf16 natively (AVX512-BF16 / AMX-BF16), refused elsewhere"),
+    ("--optimizer", "optimizer", {"choices": ("adamw", "sgd")}, "AdamW (two float32 moments: 8 bytes a parameter) "
+     "or plain SGD (no state; wants a far larger --lr)"),
+    ("--weight-decay", "weight_decay", {"type": float}, "the optimizer's weight decay"),
+    ("--ema-decay", "ema_decay", {"type": float}, "export (and evaluate, sample) an EMA of the weights with this "
+     "decay, one more copy of the U-Net in memory; 0: the trained weights"),
+    *(o for o in LORA if o[1] in ("aspect_buckets", "crop_zoom")),
+]
 MASKGIT: list[Option] = [
     ("--vqvae", "vqvae", {}, "the frozen tokenizer: vqvae.safetensors of `t2i train vqvae` (embedded in the model)"),
     ("--preset", "net_preset", {}, "token transformer shape (t2i.nets.token_transformer.TOKEN_TRANSFORMER_PRESETS)"),
@@ -584,6 +601,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     subparser(sub, "textual-inversion", "a new word's input vectors on a frozen model, written as an A1111 "
               "embedding (emb_params .safetensors)", TextualInversionConfig(out=""), RUN + ADAPTER + TEXTUAL_INVERSION
               ).set_defaults(func=run_plain, config=TextualInversionConfig, train=train_textual_inversion)
+    from t2i.train.finetune import FinetuneConfig, train_finetune
+
+    subparser(sub, "finetune", "full fine-tuning of a model's U-Net (an SD checkpoint's, or the shapes model's) with "
+              "its VAE and text encoder frozen, written in the layout it was read from", FinetuneConfig(out=""),
+              RUN + FINETUNE).set_defaults(func=run_plain, config=FinetuneConfig, train=train_finetune)
     from functools import partial
 
     from t2i.train.unclip import UnCLIPTrainConfig, train_unclip
