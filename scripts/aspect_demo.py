@@ -20,6 +20,7 @@ import argparse
 import json
 import re
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -37,13 +38,25 @@ def cut_share(images) -> float:
     return sum(cut(im) for im in images) / max(len(images), 1)
 
 
-def sample(model: ShapesLDM, prompts: list[str], width: int, height: int, crop: tuple[int, int], steps: int):
+def sharpness(images) -> float:
+    """Mean over images of the variance of the grey image's discrete Laplacian (grey in [0, 1]): what an
+    upscaled small original lacks. SDXL's size conditioning (fig. 3) draws blurrier images when told the
+    original was small."""
+    grey = torch.stack([torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32)) for im in images])
+    grey = grey / 255.0  # (N, H, W)
+    lap = (grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:] + grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] - 4 * grey[:, 1:-1, 1:-1])
+    return lap.flatten(1).var(dim=1).mean().item()
+
+
+def sample(model: ShapesLDM, prompts: list[str], width: int, height: int, crop: tuple[int, int], steps: int,
+           original: tuple[int, int] | None = None):
     """Images of `prompts` (seed 0 each) at width x height; a micro-conditioned U-Net gets
-    (h, w, top, left, h, w) as its time ids."""
+    (original h, w, top, left, h, w) as its time ids (original: the canvas itself unless given)."""
     pipe = model.pipeline()
     hook = None
     if model.unet.add_embedding is not None:
-        ids = torch.tensor([[height, width, *crop, height, width]], dtype=torch.float32)
+        oh, ow = original or (height, width)
+        ids = torch.tensor([[oh, ow, *crop, height, width]], dtype=torch.float32)
 
         def with_ids(module, args, kwargs):
             return args, {**kwargs, "time_ids": ids.expand(args[0].shape[0], 6)}
@@ -81,7 +94,12 @@ def main() -> None:
     ap.add_argument("--grid", help="a PNG of one prompt per caption family for every model, canvas and crop")
     ap.add_argument("--crop", default="0.25,0.25", help="the crop asked of a micro-conditioned model: top,left as "
                     "fractions of the canvas height,width (a centre-cropped wide original: 0,0.25)")
+    ap.add_argument("--canvases", help="only these canvases, e.g. 64x64,48x80 (default: all five)")
+    ap.add_argument("--original-scales", help="size conditioning instead: at each canvas (crop 0, 0), the original "
+                    "size told to a micro-conditioned model as these multiples of the canvas, e.g. 0.5,1,1.25; "
+                    "reports the images' sharpness (`sharpness`) beside the judge")
     args = ap.parse_args()
+    canvases = [tuple(int(v) for v in c.split("x")) for c in args.canvases.split(",")] if args.canvases else CANVASES
     chosen = [(f, p) for f, p in heldout_prompts() if not re.search(r"\b(small|medium|large)\b", p)]
     chosen = chosen[: args.limit or None]
     prompts = [p for _, p in chosen]
@@ -93,8 +111,20 @@ def main() -> None:
     top, left = (float(v) for v in args.crop.split(","))
     for path in args.models:
         model = ShapesLDM.load(path)
+        if args.original_scales:
+            for w, h in canvases:
+                for scale in (float(v) for v in args.original_scales.split(",")):
+                    original = (round(h * scale), round(w * scale))
+                    images = sample(model, prompts, w, h, (0, 0), args.steps, original)
+                    key = f"{path} {w}x{h} original {original[0]}x{original[1]}"
+                    report[key] = {"judge": evaluate(images, prompts)["overall"], "sharpness": sharpness(images)}
+                    print(key, report[key], flush=True)
+                    rows.append((f"{path} | {w}x{h}, original {original[1]}x{original[0]} | judge "
+                                 f"{report[key]['judge']:.2f}, sharpness {report[key]['sharpness']:.4f}",
+                                 [images[i] for i in shown]))
+            continue
         crops = [(0, 0)] + ([None] if model.unet.add_embedding is not None else [])
-        for w, h in CANVASES:
+        for w, h in canvases:
             for crop in crops:
                 crop = crop or (int(h * top), int(w * left))
                 images = sample(model, prompts, w, h, crop, args.steps)
