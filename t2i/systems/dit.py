@@ -136,8 +136,11 @@ class DiTPipeline(RequestMethods):
             cid = held.pop()
             return cid, f"{prompt[:60]!r} is not a class name: read as the class {self.id2label[cid]!r}"
         known = ", ".join(repr(n) for n in sorted(self.labels)) or f"class ids 0..{self.unet.cfg.num_classes - 1}"
-        what = "names several classes" if held else "is not one of its classes"
-        raise ValueError(f"{self.name} is class-conditional: {prompt!r} {what} ({known})")
+        if held:
+            named = ", ".join(repr(self.id2label[c]) for c in sorted(held))
+            raise ValueError(f"{self.name} is class-conditional: {prompt!r} names several classes ({named}); "
+                             "give one of them")
+        raise ValueError(f"{self.name} is class-conditional: {prompt!r} is not one of its classes ({known})")
 
     def _resolve(self, r: GenerationRequest) -> GenerationRequest:
         r = r.with_defaults(self.defaults)
