@@ -5,12 +5,15 @@ model.safetensors it writes is found by its family and generates through t2i.loa
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import t2i
 from t2i.cli import main
 from t2i.diffusion.losses import DiffusionLoss
+from t2i.systems.base import UnsupportedPrompt
 from t2i.systems.dit import DiTPipeline, LatentTransformer
 from t2i.systems.pixart import PixArtPipeline
 from t2i.systems.registry import systems
@@ -77,8 +80,19 @@ def test_tiny_dit_run_lowers_its_loss_and_exports_a_loadable_model(tmp_path):
     assert torch.equal(red.sample, read.sample) and "read as the class 'a red circle'" in read.warnings[0]
     assert (pipe.generate("a blue square", seed=0, steps=4).sample - red.sample).abs().max() > 1e-3
     several = r"names several classes \('a red circle', 'a red square', 'a blue circle', 'a blue square'\)"
-    with pytest.raises(ValueError, match=several):  # those whose words the prompt holds, not all 8
+    with pytest.raises(UnsupportedPrompt, match=several):  # those whose words the prompt holds, not all 8
         pipe.generate("a red circle above a blue square", steps=1)
+
+    # `t2i eval shapes` scores it on every prompt: the ones it refuses are misses, counted apart
+    prompts = tmp_path / "prompts.tsv"
+    prompts.write_text("single\ta red circle\nbinding\ta red circle above a blue square\n"
+                       "background\ta green circle on a black background\nsingle\ta blue square\n")
+    assert main(["eval", "shapes", "--model", str(path), "--prompts", str(prompts), "--out", str(tmp_path / "ev"),
+                 "--steps", "2", "--precision", "fp32"]) == 0
+    report = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert report["n"] == 4 and report["refused"] == {"binding": 1}
+    assert [r.get("refused", False) for r in report["results"]] == [False, True, False, False]
+    assert report["accuracy"]["binding"] == 0.0 and "names several classes" in report["results"][1]["reasons"][0]
 
 
 def test_tiny_pixart_run_lowers_its_loss_and_exports_a_loadable_model(tmp_path):

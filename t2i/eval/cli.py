@@ -90,7 +90,8 @@ def run_shapes(args: argparse.Namespace) -> int:
     from t2i.cli import UserError
     from t2i.data.shapes.heldout import heldout_prompts
     from t2i.data.shapes.prompts import first_per_family, read_prompt_file
-    from t2i.eval.shapes_judge import run_shapes_eval, truth_layouts
+    from t2i.eval.shapes_judge import Refused, run_shapes_eval, truth_layouts
+    from t2i.systems.base import UnsupportedPrompt
 
     prompts = read_prompt_file(args.prompts) if args.prompts else None
     if args.limit is not None:
@@ -133,13 +134,28 @@ def run_shapes(args: argparse.Namespace) -> int:
         # one batched call per chunk of prompts, every prompt with the same seed
         return pipe.run(checked_request(pipe, texts, seed=[args.seed] * len(texts), **settings)).images
 
+    def generate_or_refuse(texts: list[str]) -> list:
+        """generate(), with each prompt the model refuses (UnsupportedPrompt) judged a miss, not an error."""
+        try:
+            return generate(texts)
+        except UnsupportedPrompt as e:
+            if len(texts) == 1:
+                return [Refused(str(e))]
+        out: list = []  # one of the chunk was refused: which ones
+        for t in texts:
+            try:
+                out += generate([t])
+            except UnsupportedPrompt as e:
+                out.append(Refused(str(e)))
+        return out
+
     precision = t2i.resolve_precision(args.precision, args.model)  # what `auto` became, for the report
     if args.rerank > 1:
         if regions is not None or controls is not None:
             raise UserError(f"{'--regions' if regions is not None else '--controlnet'} with --rerank is not supported")
         return _run_shapes_rerank(pipe, prompts or heldout_prompts(), args, precision, layouts)
-    report = run_shapes_eval(generate, prompts, args.out)
-    summary = {k: report[k] for k in ("overall", "n", "accuracy", "unseen_phrasing") if k in report}
+    report = run_shapes_eval(generate_or_refuse, prompts, args.out)
+    summary = {k: report[k] for k in ("overall", "n", "accuracy", "refused", "unseen_phrasing") if k in report}
     summary.update(precision=precision, model=pipe.name, family=pipe.family, layouts=args.layouts or "model")
     if regions is not None:
         summary.update(regions=args.regions, region_weight=args.region_weight)

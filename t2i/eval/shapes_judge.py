@@ -62,6 +62,15 @@ class Verdict:
     reasons: list[str]
 
 
+@dataclass(frozen=True)
+class Refused:
+    """In place of an image: the model refused the prompt (a class-conditional model given a caption
+    naming several classes). Judged a miss, counted apart, so that every family is scored on the same
+    prompts."""
+
+    message: str
+
+
 def _as_array(image) -> np.ndarray:
     """PIL image, (H, W, 3) uint8 array, or (3, H, W) tensor in [-1, 1] -> (H, W, 3) uint8."""
     if isinstance(image, Image.Image):
@@ -254,8 +263,9 @@ def evaluate(images: Sequence, prompts: Sequence[str], families: Sequence[str] |
     """Judges images[i] against prompts[i]. Returns JSON-ready results:
 
     {"overall": accuracy, "n": count, "accuracy": {family: accuracy}, "count": {family: n},
+     "refused": {family: prompts the model refused} (only where any was),
      "unseen_phrasing": unseen_phrasing(results), "results": [{"prompt", "family", "ok", "reasons"}, ...]};
-    families default to family_of. new_shapes: as in `judge`.
+    families default to family_of. new_shapes: as in `judge`. An image may be a `Refused`: a miss.
     """
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
@@ -263,11 +273,18 @@ def evaluate(images: Sequence, prompts: Sequence[str], families: Sequence[str] |
     for i, (image, prompt) in enumerate(zip(images, prompts, strict=True)):
         claims = parse_prompt(prompt, new_shapes)
         family = families[i] if families is not None else family_of(claims)
+        if isinstance(image, Refused):
+            results.append({"prompt": prompt, "family": family, "ok": False, "refused": True,
+                            "reasons": [f"refused by the model: {image.message}"]})
+            continue
         v = judge(image, claims, new_shapes)
         results.append({"prompt": prompt, "family": family, "ok": v.ok, "reasons": v.reasons})
     overall, acc, cnt = accuracy_by_family([r["family"] for r in results], [r["ok"] for r in results])
-    return {"overall": overall, "n": len(results), "accuracy": acc, "count": cnt,
-            "unseen_phrasing": unseen_phrasing(results), "results": results}
+    report = {"overall": overall, "n": len(results), "accuracy": acc, "count": cnt}
+    refused = [r["family"] for r in results if r.get("refused")]
+    if refused:
+        report["refused"] = {f: refused.count(f) for f in cnt if f in refused}
+    return {**report, "unseen_phrasing": unseen_phrasing(results), "results": results}
 
 
 def unseen_phrasing(results: Sequence[dict]) -> dict:
@@ -308,7 +325,8 @@ def accuracy_by_family(families: Sequence[str], oks: Sequence[bool]) -> tuple[fl
 
 def save_grid(images: Sequence, prompts: Sequence[str], verdicts: Sequence[Verdict | bool | dict], path: str,
               cols: int = 8, cell: int = 128) -> None:
-    """A PNG grid: each image scaled to cell px, framed green (ok) or red (not), prompt below."""
+    """A PNG grid: each image scaled to cell px, framed green (ok) or red (not), prompt below; a refused
+    prompt (`Refused`) shows a gray tile saying so."""
     font = ImageFont.load_default()
     border, text_h, wrap = 4, 48, max(10, cell // 6)
     cw, ch = cell + 2 * border, cell + 2 * border + text_h
@@ -320,8 +338,11 @@ def save_grid(images: Sequence, prompts: Sequence[str], verdicts: Sequence[Verdi
         x, y = (k % cols) * cw, (k // cols) * ch
         frame = (30, 170, 60) if ok else (220, 20, 20)
         draw.rectangle([x, y, x + cw - 1, y + cell + 2 * border - 1], fill=frame)
-        tile = Image.fromarray(_as_array(image)).resize((cell, cell), Image.NEAREST)
-        grid.paste(tile, (x + border, y + border))
+        if isinstance(image, Refused):
+            grid.paste(Image.new("RGB", (cell, cell), (200, 200, 200)), (x + border, y + border))
+            draw.text((x + border + 4, y + border + cell // 2 - 6), "refused", fill=(0, 0, 0), font=font)
+        else:
+            grid.paste(Image.fromarray(_as_array(image)).resize((cell, cell), Image.NEAREST), (x + border, y + border))
         lines = textwrap.wrap(prompt, wrap)[:4]
         draw.multiline_text((x + 2, y + cell + 2 * border + 1), "\n".join(lines), fill=(0, 0, 0), font=font,
                             spacing=1)
@@ -334,8 +355,9 @@ def run_shapes_eval(generate: Callable[[list[str]], Sequence],
     """Generates an image per prompt and judges it: the body of `t2i eval shapes`.
 
     generate(list of prompts) -> list of images (PIL, (H, W, 3) uint8, or (3, H, W) in
-    [-1, 1]). prompts: (family, prompt) pairs, default the held-out set. new_shapes: as in `judge`. With out_dir,
-    writes results.json (the evaluate() dict) and grid.png (the first grid_size images).
+    [-1, 1]) or `Refused` for a prompt the model cannot draw. prompts: (family, prompt) pairs, default the
+    held-out set. new_shapes: as in `judge`. With out_dir, writes results.json (the evaluate() dict) and
+    grid.png (the first grid_size images).
     """
     import json
     import os
@@ -355,6 +377,6 @@ def run_shapes_eval(generate: Callable[[list[str]], Sequence],
     return result
 
 
-__all__ = ["Detection", "PromptError", "Verdict", "accuracy_by_family", "analyse", "check", "detect", "evaluate",
-           "family_of", "heldout_prompts", "judge", "parse_prompt", "run_shapes_eval", "save_grid", "segment",
-           "truth_layouts", "unseen_phrasing"]
+__all__ = ["Detection", "PromptError", "Refused", "Verdict", "accuracy_by_family", "analyse", "check", "detect",
+           "evaluate", "family_of", "heldout_prompts", "judge", "parse_prompt", "run_shapes_eval", "save_grid",
+           "segment", "truth_layouts", "unseen_phrasing"]

@@ -211,6 +211,16 @@ class UnsupportedOption(ValueError):
         self.option = option
 
 
+class UnsupportedPrompt(ValueError):
+    """A prompt the model cannot draw at all, whatever the settings (a class-conditional model given
+    a caption naming several classes). `prompt` is the refused prompt. Evaluations count it as a miss
+    rather than stopping; a user gets the message."""
+
+    def __init__(self, prompt: str, message: str) -> None:
+        super().__init__(message)
+        self.prompt = prompt
+
+
 def check_request(pipe: Pipeline, request: GenerationRequest) -> None:
     """Refuse (UnsupportedOption) the first option `pipe` cannot honour, before any work.
 

@@ -67,6 +67,7 @@ from t2i.systems.base import (
     RequestMethods,
     StepReport,
     System,
+    UnsupportedPrompt,
     check_sampling_request,
     per_image,
     stop_polling,
@@ -124,7 +125,7 @@ class DiTPipeline(RequestMethods):
 
     def read_class(self, prompt: str) -> tuple[int, str | None]:
         """(class id, a warning or None) of a prompt: a class name, a class id where the model names none, or
-        the one class all of whose words the prompt holds (warned); ValueError naming the classes otherwise."""
+        the one class all of whose words the prompt holds (warned); UnsupportedPrompt naming the classes otherwise."""
         name = prompt.strip()
         if name in self.labels:
             return self.labels[name], None
@@ -138,9 +139,10 @@ class DiTPipeline(RequestMethods):
         known = ", ".join(repr(n) for n in sorted(self.labels)) or f"class ids 0..{self.unet.cfg.num_classes - 1}"
         if held:
             named = ", ".join(repr(self.id2label[c]) for c in sorted(held))
-            raise ValueError(f"{self.name} is class-conditional: {prompt!r} names several classes ({named}); "
-                             "give one of them")
-        raise ValueError(f"{self.name} is class-conditional: {prompt!r} is not one of its classes ({known})")
+            raise UnsupportedPrompt(prompt, f"{self.name} is class-conditional: {prompt!r} names several classes "
+                                            f"({named}); give one of them")
+        raise UnsupportedPrompt(prompt, f"{self.name} is class-conditional: {prompt!r} is not one of its classes "
+                                        f"({known})")
 
     def _resolve(self, r: GenerationRequest) -> GenerationRequest:
         r = r.with_defaults(self.defaults)
