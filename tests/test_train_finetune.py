@@ -186,3 +186,23 @@ def test_single_file_in_single_file_out_and_the_shapes_model(sd1, tmp_path):
     final, read = trained_unet(shapes, out), t2i.load(out / "model.safetensors")
     assert read.family == "shapes_ldm" and max_diff(final, t2i.load(shapes).unet.state_dict()) > 0
     assert all(torch.equal(v, final[k]) for k, v in read.unet.state_dict().items())
+
+
+def test_the_model_is_exported_where_the_run_ends_not_with_every_checkpoint(sd1, tmp_path, monkeypatch):
+    """A full fine-tune's export is a whole U-Net (3.4 GB for SD 1.5): by default it is written once, at the
+    end; `--export-every 0` writes it with every checkpoint as the other families do."""
+    import t2i.train.finetune as finetune
+
+    _, data = sd1
+    shapes = write_tiny_model(tmp_path / "shapes")
+    writes: list[Path] = []
+    real = finetune.write_in_place
+    monkeypatch.setattr(finetune, "write_in_place",
+                        lambda write, unet, dst: writes.append(dst) or real(write, unet, dst))
+    assert train(shapes, data, tmp_path / "once", "--steps", "3", "--ckpt-every", "1", "--lr", "1e-3") == 0
+    assert writes == [tmp_path / "once" / "model.safetensors"]
+    assert len(list((tmp_path / "once" / "checkpoints").glob("*.safetensors"))) == 2  # --keep 2 of the 3
+    writes.clear()
+    assert train(shapes, data, tmp_path / "each", "--steps", "3", "--ckpt-every", "1", "--lr", "1e-3",
+                 "--export-every", "0") == 0
+    assert len(writes) == 3

@@ -207,7 +207,8 @@ FINETUNE: list[Option] = [
     ("--model", "model", {}, "the model whose U-Net is trained: a diffusers folder (-> OUT/model/), an SD single file "
      "(-> OUT/model.safetensors) or a t2i shapes model file (-> OUT/model.safetensors)"),
     *(o for o in ADAPTER if o[1] not in ("model", "export_every")),
-    ("--export-every", "export_every", {"type": int}, "write the model every N steps (0: at every checkpoint)"),
+    ("--export-every", "export_every", {"type": int}, "write the model every N steps (0: at every checkpoint; "
+     "default -1: only where the run ends or is stopped, a whole U-Net each time)"),
     ("--gradient-checkpointing", "gradient_checkpointing", {"action": "store_true"}, "recompute the activations of "
      "every ResBlock and spatial transformer in the backward pass instead of keeping them (less memory, one more "
      "forward of them per step)"),

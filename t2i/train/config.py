@@ -32,7 +32,7 @@ class LoopConfig:
     log_every: int = 25  # scalars to log.txt / TensorBoard
     image_every: int = 250  # sample grids; 0: none
     ckpt_every: int = 250
-    export_every: int = 0  # the family's shipped file(s); 0: with every checkpoint
+    export_every: int = 0  # the family's shipped file(s); 0: with every checkpoint; -1: only where the run ends
     eval_every: int = 0  # the family's held-out evaluation, if it has one; 0: only at the end
     keep: int = 2  # checkpoints kept
     parallel: str = "ddp"  # under torchrun: "ddp" (replicated weights) or "fsdp" (sharded; t2i.train.fsdp)

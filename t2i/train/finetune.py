@@ -22,8 +22,9 @@ float32). Hence the options:
 - `--ema-decay D`: an exponential moving average of the weights is what the run exports (and evaluates,
   and samples); it costs one more copy of the U-Net (3.4 GB). 0 (the default): the trained weights.
 
-The model is written where the run ends (and at every `--export-every` / checkpoint, replaced in place,
-never half-written) in the layout it was read from, float32: a diffusers folder -> `OUT/model/` (a
+The model is written where the run ends or is stopped (and every `--export-every N` steps if asked: a
+whole U-Net each time, 3.4 GB for SD 1.5, while the checkpoints hold the weights anyway), replaced in
+place, never half-written, in the layout it was read from, float32: a diffusers folder -> `OUT/model/` (a
 diffusers folder `DiffusionPipeline.from_pretrained` and t2i read), an SD single file (.safetensors or
 .ckpt) -> `OUT/model.safetensors` in the original SD layout, t2i's shapes model -> `OUT/model.safetensors`
 in its own format.
@@ -64,6 +65,7 @@ class FinetuneConfig(AdapterTrainConfig):
     gradient_checkpointing: bool = False
     bf16: bool = False  # forward under bf16 autocast; only on CPUs with native bf16
     ema_decay: float = 0.0  # 0: no EMA, the trained weights are exported
+    export_every: int = -1  # only where the run ends (or is stopped): the model is the whole U-Net
 
 
 def check_bf16() -> None:

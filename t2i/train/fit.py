@@ -37,7 +37,7 @@ from t2i.train.checkpoint import (
     save_checkpoint,
     sharded_checkpoint_path,
 )
-from t2i.train.config import C, resolve_config
+from t2i.train.config import C, LoopConfig, resolve_config
 from t2i.train.distributed import DistInfo, broadcast_flag, init_distributed
 from t2i.train.ema import EMA
 from t2i.train.loop import (
@@ -126,6 +126,15 @@ class Run:
         if self.mode == "fsdp":
             return fsdp.shard_module(module, self.info, self.sharded)
         return DDP(module) if self.info.enabled else module
+
+
+def exports_at(cfg: LoopConfig, step: int) -> bool:
+    """Whether the shipped file(s) are written at `step` (besides where the run ends): every
+    `export_every` steps, with every checkpoint when it is 0, never before the end when it is -1 (a
+    full fine-tune's model is as big as the U-Net, 3.4 GB for SD 1.5, and its checkpoints hold it)."""
+    if cfg.export_every < 0:
+        return False
+    return step % (cfg.export_every or cfg.ckpt_every) == 0
 
 
 def fit(cfg: C, build: Callable[[C, Run], Task], *, resume: bool = False, resume_lr: float | None = None,
@@ -229,7 +238,7 @@ def fit(cfg: C, build: Callable[[C, Run], Task], *, resume: bool = False, resume
                         task.evaluate(step)
                     if step % cfg.ckpt_every == 0 or end:
                         save()
-                    if task.export is not None and (step % (cfg.export_every or cfg.ckpt_every) == 0 or end):
+                    if task.export is not None and (exports_at(cfg, step) or end):
                         task.export()
                 if stopping:
                     log.text(f"stopped by signal at step {step}; checkpoint saved, continue with --resume")
