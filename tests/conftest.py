@@ -21,3 +21,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sd1_folder(tmp_path_factory):
+    """(a tiny random SD1 diffusers folder, a tiny captioned image folder) for the training tests."""
+    from captioned_folder import write_captioned_folder
+    from sd_oracles import build_sd1
+
+    root = tmp_path_factory.mktemp("sd1")
+    build_sd1(root / "model")
+    return root / "model", write_captioned_folder(root / "data")

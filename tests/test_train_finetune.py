@@ -15,8 +15,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from sd_oracles import build_sd1
-from test_train_lora import write_captioned_folder
 
 import t2i
 from t2i.checkpoints.diffusers_folder import load_diffusers_parts
@@ -30,13 +28,6 @@ from t2i.train.finetune import FinetuneConfig
 from t2i.train.lora import FrozenModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd1")
-    build_sd1(root / "model")
-    return root / "model", write_captioned_folder(root / "data")
 
 
 def train(model: Path, data: Path, out: Path, *extra: str) -> int:
@@ -70,10 +61,10 @@ def logged(out: Path, key: str) -> list[float]:
             if f"{key}=" in line]
 
 
-def test_checkpointed_finetune_overfits_and_its_folder_loads_in_diffusers_and_t2i(sd1, tmp_path):
+def test_checkpointed_finetune_overfits_and_its_folder_loads_in_diffusers_and_t2i(sd1_folder, tmp_path):
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-    model, data = sd1
+    model, data = sd1_folder
     out = tmp_path / "run"
     assert train(model, data, out, "--steps", "40", "--lr", "1e-3", "--warmup", "5", "--gradient-checkpointing") == 0
     exported = out / "model"
@@ -97,8 +88,8 @@ def test_checkpointed_finetune_overfits_and_its_folder_loads_in_diffusers_and_t2
     assert theirs.keys() == final.keys() and all(torch.equal(theirs[k], final[k]) for k in final)
 
 
-def test_gradient_checkpointing_keeps_the_gradients_and_fewer_activations(sd1):
-    model, _ = sd1
+def test_gradient_checkpointing_keeps_the_gradients_and_fewer_activations(sd1_folder):
+    model, _ = sd1_folder
     plain = t2i.load(model).unet.train().requires_grad_(True)
     checkpointed = copy.deepcopy(plain)
     wrapped = enable_gradient_checkpointing(checkpointed)
@@ -137,8 +128,8 @@ def test_gradient_checkpointing_keeps_the_gradients_and_fewer_activations(sd1):
     assert grads_and_saved(checkpointed)[1] == kept_plain
 
 
-def test_resume_is_exact_with_an_ema(sd1, tmp_path):
-    model, data = sd1
+def test_resume_is_exact_with_an_ema(sd1_folder, tmp_path):
+    model, data = sd1_folder
     common = ("--lr", "1e-3", "--ckpt-every", "3", "--ema-decay", "0.9", "--gradient-checkpointing")
     assert train(model, data, tmp_path / "a", "--steps", "6", *common) == 0
     assert train(model, data, tmp_path / "b", "--steps", "3", *common) == 0
@@ -152,8 +143,8 @@ def test_resume_is_exact_with_an_ema(sd1, tmp_path):
     assert all(torch.equal(trained[k], resumed[k]) for k in trained)
 
 
-def test_bf16_is_refused_without_native_bf16_and_trains_with_it(sd1, tmp_path, monkeypatch, capsys):
-    model, data = sd1
+def test_bf16_is_refused_without_native_bf16_and_trains_with_it(sd1_folder, tmp_path, monkeypatch, capsys):
+    model, data = sd1_folder
     monkeypatch.setattr(t2i, "native_bf16", lambda cpuinfo=None: False)
     assert train(model, data, tmp_path / "refused", "--steps", "1", "--bf16") != 0
     err = capsys.readouterr().err
@@ -169,9 +160,9 @@ def test_bf16_is_refused_without_native_bf16_and_trains_with_it(sd1, tmp_path, m
     assert all(v.dtype == torch.float32 for v in trained_unet(model, tmp_path / "run").values())  # master weights
 
 
-def test_single_file_in_single_file_out_and_the_shapes_model(sd1, tmp_path):
-    model, data = sd1
-    single = save_single_file(load_diffusers_parts(model), tmp_path / "sd1.safetensors")
+def test_single_file_in_single_file_out_and_the_shapes_model(sd1_folder, tmp_path):
+    model, data = sd1_folder
+    single = save_single_file(load_diffusers_parts(model), tmp_path / "sd1_folder.safetensors")
     out = tmp_path / "run"
     assert train(single, data, out, "--steps", "2", "--lr", "1e-3", "--optimizer", "sgd") == 0
     assert not (out / "model").exists()
@@ -188,12 +179,12 @@ def test_single_file_in_single_file_out_and_the_shapes_model(sd1, tmp_path):
     assert all(torch.equal(v, final[k]) for k, v in read.unet.state_dict().items())
 
 
-def test_the_model_is_exported_where_the_run_ends_not_with_every_checkpoint(sd1, tmp_path, monkeypatch):
+def test_the_model_is_exported_where_the_run_ends_not_with_every_checkpoint(sd1_folder, tmp_path, monkeypatch):
     """A full fine-tune's export is a whole U-Net (3.4 GB for SD 1.5): by default it is written once, at the
     end; `--export-every 0` writes it with every checkpoint as the other families do."""
     import t2i.train.finetune as finetune
 
-    _, data = sd1
+    _, data = sd1_folder
     shapes = write_tiny_model(tmp_path / "shapes")
     writes: list[Path] = []
     real = finetune.write_in_place

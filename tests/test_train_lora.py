@@ -15,9 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from captioned_folder import write_captioned_folder
 from PIL import Image
 from safetensors import safe_open
-from sd_oracles import build_sd1
 from test_lora import _text_error, _unet_error
 
 import t2i
@@ -31,31 +31,6 @@ from t2i.train.lora import FrozenModel, LoraNetwork, LoraTrainConfig, select_lay
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 WEIGHT_TOL = 1e-6  # max |diffusers fused - t2i merged| of any weight
-COLOURS = {"red": (230, 30, 30), "blue": (30, 60, 230), "green": (30, 200, 60), "yellow": (240, 220, 30)}
-
-
-def write_captioned_folder(folder: Path, size: int = 16, sizes: list[tuple[int, int]] | None = None) -> Path:
-    """One image per colour: a square of it on black, captioned `a <colour> square` in a .txt sidecar.
-    sizes: (height, width) of each image instead, the colours taken in turn (files `<k>_<colour>.png`)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names = list(COLOURS)
-    shapes = [(f"{name}", (size, size), name) for name in names] if sizes is None else [
-        (f"{k}_{names[k % len(names)]}", hw, names[k % len(names)]) for k, hw in enumerate(sizes)]
-    for stem, (h, w), name in shapes:
-        image = Image.new("RGB", (w, h))
-        image.paste(COLOURS[name], (w // 4, h // 4, 3 * w // 4, 3 * h // 4))
-        image.save(folder / f"{stem}.png")
-        (folder / f"{stem}.txt").write_text(f"a {name} square")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd1")
-    build_sd1(root / "model")
-    return root / "model", write_captioned_folder(root / "data")
-
-
 def train(model: Path, data: Path, out: Path, *extra: str) -> Path:
     """`t2i train lora` on the folder; returns the written LoRA file."""
     args = ["train", "lora", "--model", str(model), "--data", "folder", "--data-path", str(data), "--out", str(out),
@@ -70,10 +45,10 @@ def frozen(model: Path, data: Path) -> FrozenModel:
     return FrozenModel(LoraTrainConfig(out="", model=str(model), data_path=str(data), eval_items=4), run)
 
 
-def test_trained_lora_is_read_by_diffusers_with_every_key_and_merges_alike(sd1, tmp_path, caplog):
+def test_trained_lora_is_read_by_diffusers_with_every_key_and_merges_alike(sd1_folder, tmp_path, caplog):
     from diffusers import DiffusionPipeline
 
-    model, data = sd1
+    model, data = sd1_folder
     path = train(model, data, tmp_path / "run", "--steps", "4", "--lr", "1e-2", "--text-encoder")
     with safe_open(path, "pt") as f:
         keys = list(f.keys())
@@ -102,8 +77,8 @@ def test_trained_lora_is_read_by_diffusers_with_every_key_and_merges_alike(sd1, 
     assert unet_err < WEIGHT_TOL and text_err < WEIGHT_TOL
 
 
-def test_the_file_merges_to_what_the_training_hooks_computed(sd1, tmp_path):
-    model, data = sd1
+def test_the_file_merges_to_what_the_training_hooks_computed(sd1_folder, tmp_path):
+    model, data = sd1_folder
     out = tmp_path / "run"
     path = train(model, data, out, "--steps", "3", "--lr", "1e-2")
     hooked, merged = t2i.load(model), t2i.load(model)
@@ -123,8 +98,8 @@ def test_the_file_merges_to_what_the_training_hooks_computed(sd1, tmp_path):
     assert moved > 1e-3 and err < 1e-5 * expected.abs().max().item()
 
 
-def test_loss_falls_on_a_tiny_overfit(sd1, tmp_path):
-    model, data = sd1
+def test_loss_falls_on_a_tiny_overfit(sd1_folder, tmp_path):
+    model, data = sd1_folder
     path = train(model, data, tmp_path / "run", "--steps", "40", "--lr", "1e-2", "--warmup", "5")
     f = frozen(model, data)
     before = f.fixed_loss(f.pipe.text_encoder.encode)
@@ -137,8 +112,8 @@ def test_loss_falls_on_a_tiny_overfit(sd1, tmp_path):
     assert logged == [pytest.approx(after, rel=1e-4)]  # the run's own measurement, on the merged file
 
 
-def test_resume_is_exact(sd1, tmp_path):
-    model, data = sd1
+def test_resume_is_exact(sd1_folder, tmp_path):
+    model, data = sd1_folder
     common = ("--lr", "1e-2", "--ckpt-every", "3", "--text-encoder")
     straight = train(model, data, tmp_path / "a", "--steps", "6", *common)
     train(model, data, tmp_path / "b", "--steps", "3", *common)
@@ -167,8 +142,8 @@ def test_shapes_model_lora_round_trips(tmp_path, capsys):
     assert "text-encoder LoRAs are trained on CLIP encoders" in capsys.readouterr().err
 
 
-def test_targets_that_match_nothing_are_named(sd1, tmp_path, capsys):
-    model, data = sd1
+def test_targets_that_match_nothing_are_named(sd1_folder, tmp_path, capsys):
+    model, data = sd1_folder
     args = ["train", "lora", "--model", str(model), "--data", "folder", "--data-path", str(data),
             "--out", str(tmp_path / "run"), "--unet-targets", "to_q,to_qq"]
     assert main(args) != 0
@@ -235,7 +210,7 @@ def test_sdxl_text_encoder_lora_trains_both_towers_and_diffusers_reads_every_key
     assert moved > 1e-3 and err < WEIGHT_TOL
 
 
-def test_evaluations_read_their_own_source_not_the_training_stream(sd1, tmp_path, monkeypatch):
+def test_evaluations_read_their_own_source_not_the_training_stream(sd1_folder, tmp_path, monkeypatch):
     """The fixed-noise loss and the grid prompts read a second source: the training source (a stream
     for WebDataset shards, read by the loop's prefetch thread meanwhile) sees training batches only."""
     import t2i.train.lora as lora_module
@@ -252,7 +227,7 @@ def test_evaluations_read_their_own_source_not_the_training_stream(sd1, tmp_path
         return source
 
     monkeypatch.setattr(lora_module, "open_data", recording_open)
-    model, data = sd1
+    model, data = sd1_folder
     train(model, data, tmp_path / "run", "--steps", "3", "--eval-every", "1", "--eval-items", "3")
     training = sources[0]
     assert training and all(n == 2 for _, n in training), training  # --batch-size 2 only
@@ -312,8 +287,8 @@ def test_sdxl_aspect_buckets_give_the_unet_each_batch_placement(tmp_path, monkey
     assert layers and any(layer.up.abs().max() > 0 for layer in layers.values())
 
 
-def test_sd1_aspect_buckets_reach_the_unet_non_square_and_resume_exactly(sd1, tmp_path, monkeypatch, capsys):
-    model, _ = sd1
+def test_sd1_aspect_buckets_reach_the_unet_non_square_and_resume_exactly(sd1_folder, tmp_path, monkeypatch, capsys):
+    model, _ = sd1_folder
     data = write_captioned_folder(tmp_path / "data", sizes=MIXED)
     seen = record_unet_calls(monkeypatch)
     common = ("--lr", "1e-2", "--ckpt-every", "2", "--aspect-buckets", "--text-encoder")

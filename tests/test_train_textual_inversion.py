@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from captioned_folder import write_captioned_folder
 from safetensors.torch import load_file
-from test_train_lora import frozen, write_captioned_folder
+from test_train_lora import frozen
 
 import t2i
 from t2i.adapters.embeddings import load_embeddings
@@ -24,15 +25,6 @@ TEXT_TOL = 1e-6
 PROMPT = f"a {TOKEN} above a blue square"
 
 
-@pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    from sd_oracles import build_sd1
-
-    root = tmp_path_factory.mktemp("sd1")
-    build_sd1(root / "model")
-    return root / "model", write_captioned_folder(root / "data")
-
-
 def train(model, data, out, *extra: str):
     args = ["train", "textual-inversion", "--model", str(model), "--data", "folder", "--data-path", str(data),
             "--out", str(out), "--token", TOKEN, "--init-word", "square", "--vectors", "2", "--image-every", "0",
@@ -42,13 +34,13 @@ def train(model, data, out, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def trained(sd1, tmp_path_factory):
-    model, data = sd1
+def trained(sd1_folder, tmp_path_factory):
+    model, data = sd1_folder
     return train(model, data, tmp_path_factory.mktemp("run"), "--steps", "40", "--lr", "5e-2")
 
 
-def test_loss_falls_from_the_init_word(sd1, trained):
-    model, data = sd1
+def test_loss_falls_from_the_init_word(sd1_folder, trained):
+    model, data = sd1_folder
     f = frozen(model, data)
     word = LearnedWord(f.pipe.text_encoder, TOKEN, 2, "square")  # the run's starting point
 
@@ -65,10 +57,10 @@ def test_loss_falls_from_the_init_word(sd1, trained):
     assert after < 0.97 * before
 
 
-def test_file_loads_in_t2i_and_diffusers_alike(sd1, trained):
+def test_file_loads_in_t2i_and_diffusers_alike(sd1_folder, trained):
     from diffusers import DiffusionPipeline
 
-    model, _ = sd1
+    model, _ = sd1_folder
     assert set(load_file(trained)) == {"emb_params"} and load_file(trained)["emb_params"].shape == (2, 32)
     ref = DiffusionPipeline.from_pretrained(model)
     ref.load_textual_inversion(str(trained), token=TOKEN)
@@ -90,8 +82,8 @@ def test_file_loads_in_t2i_and_diffusers_alike(sd1, trained):
     assert err < TEXT_TOL and hook_err < TEXT_TOL
 
 
-def test_resume_is_exact(sd1, tmp_path):
-    model, data = sd1
+def test_resume_is_exact(sd1_folder, tmp_path):
+    model, data = sd1_folder
     straight = train(model, data, tmp_path / "a", "--steps", "6", "--lr", "5e-2", "--ckpt-every", "3")
     train(model, data, tmp_path / "b", "--steps", "3", "--lr", "5e-2", "--ckpt-every", "3")
     resumed = train(model, data, tmp_path / "b", "--steps", "6", "--resume")
@@ -103,8 +95,8 @@ def test_resume_is_exact(sd1, tmp_path):
     ("square", "a red square", "a word of the vocabulary"),
     (TOKEN, f"a {TOKEN}, red", "does not hold the word's tokens"),
 ])
-def test_bad_tokens_and_captions_are_named(sd1, tmp_path, capsys, token, caption, message):
-    model, _ = sd1
+def test_bad_tokens_and_captions_are_named(sd1_folder, tmp_path, capsys, token, caption, message):
+    model, _ = sd1_folder
     data = tmp_path / "data"
     write_captioned_folder(data)
     for txt in data.glob("*.txt"):
