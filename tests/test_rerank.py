@@ -146,7 +146,8 @@ def test_judge_rerank_gain_with_the_shipped_clip():
 def test_eval_shapes_rerank_reports_both_sides_per_family(tmp_path, monkeypatch, capsys):
     """`t2i eval shapes --rerank 4` on a stand-in model whose third candidate is the prompt's own
     scene: rerank 1 (candidate 0, another scene) fails, rerank 4 keeps the true scene; rerank.json
-    holds the same numbers per family as stdout; --precision reaches the loader and the report."""
+    holds the same numbers per family as stdout; rerank 2, the best of the first two draws, is reported
+    from the same draws (and fails: both show other scenes); --precision reaches the loader and the report."""
     import json
     from types import SimpleNamespace
 
@@ -178,5 +179,7 @@ def test_eval_shapes_rerank_reports_both_sides_per_family(tmp_path, monkeypatch,
     assert printed["n"] == 12 and saved["rerank_4"] == printed["rerank_4"]
     assert set(printed["rerank_4"]) == {"overall", "single", "region", "binding", "relation", "counting", "background"}
     assert printed["rerank_1"]["overall"] < 0.5
+    assert printed["rerank_2"]["overall"] < 0.5  # the first two candidates: other scenes only
     assert printed["rerank_4"]["overall"] >= 0.9
+    assert set(printed["unseen_phrasing"]) == {"rerank_1", "rerank_2", "rerank_4"}
     assert [r["kept"] for r in saved["per_prompt"]].count(2) >= 11

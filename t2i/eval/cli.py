@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="as in `t2i generate` (default auto: chosen by CPU flags, t2i.auto_precision)")
     s.add_argument("--rerank", type=int, default=1, metavar="K",
                    help="also judge sample-and-rank: K candidates per prompt (seeds seed..seed+K-1), the shapes "
-                        "CLIP keeps one; reports --rerank 1 (the first candidate) against --rerank K on the same draws")
+                        "CLIP keeps one; reports --rerank 1 (the first candidate), every power of two below K (the "
+                        "best of the first m) and --rerank K, all on the same draws")
     s.add_argument("--layouts", default=None, choices=["truth"],
                    help="truth: draw each held-out prompt from its scene's true layout (boxes and phrases) instead "
                         "of the model's own plan; models that take layouts only, held-out prompts only")
@@ -180,6 +181,11 @@ def _control_settings(pipe, args: argparse.Namespace, layouts: dict) -> dict[str
                 "control_scale": args.control_scale} for p, layout in layouts.items()}
 
 
+def _first_max(values: list[float]) -> int:
+    """Index of the first of equal maxima (as the reranker keeps)."""
+    return max(range(len(values)), key=values.__getitem__)
+
+
 def _run_shapes_rerank(pipe, prompts: list[tuple[str, str]], args: argparse.Namespace, precision: str,
                        layouts: dict | None = None) -> int:
     """Judge accuracy of the first of K candidates against the shapes CLIP's pick, per family (and on
@@ -194,10 +200,13 @@ def _run_shapes_rerank(pipe, prompts: list[tuple[str, str]], args: argparse.Name
                              layouts=[layouts[t] for t in texts] if layouts else None)
     families = [f for f, _ in prompts]
     summary: dict = {"n": gain["n"], "k": args.rerank, "precision": precision, "layouts": args.layouts or "model"}
-    first = [row["candidates_ok"][0] for row in gain["per_prompt"]]
-    kept = [row["candidates_ok"][row["kept"]] for row in gain["per_prompt"]]
+    # The K candidates are the draws of seeds s .. s + K - 1, so their first m are exactly what
+    # `--rerank m` draws: one run also reports every power of two below K (DALL-E's K = 1, 4, 16 curve).
+    sizes = sorted({2 ** i for i in range(args.rerank.bit_length()) if 2 ** i < args.rerank} | {args.rerank})
     unseen = {}
-    for key, oks in (("rerank_1", first), (f"rerank_{args.rerank}", kept)):
+    for m in sizes:
+        oks = [row["candidates_ok"][_first_max(row["cosines"][:m])] for row in gain["per_prompt"]]
+        key = f"rerank_{m}"
         overall, acc, _ = accuracy_by_family(families, oks)
         summary[key] = {"overall": overall, **acc}
         unseen[key] = unseen_phrasing([{"prompt": t, "family": f, "ok": ok}
