@@ -31,11 +31,20 @@ from t2i.systems.shapes_ldm import ShapesLDM
 CANVASES = [(64, 64), (80, 48), (48, 80), (96, 40), (40, 96)]  # (width, height)
 
 
-def cut_share(images) -> float:
-    """Share of images with a detected object whose box reaches the canvas edge (64-unit boxes)."""
-    def cut(image) -> bool:
-        return any(min(d.box[:2]) < 0.5 or max(d.box[2:]) > 63.5 for d in detect(image))
-    return sum(cut(im) for im in images) / max(len(images), 1)
+def cut_shares(images) -> dict[str, float]:
+    """Shares of images with a detected object whose box reaches the canvas edge (64-unit boxes): any edge
+    ("cut"), the top or left edge ("cut_top_left"), the bottom or right edge ("cut_bottom_right").
+
+    The sides tell the crop conditioning apart: a crop at (top, left) = (0, 0) keeps an image's top and
+    left edges, so a model that reads its crop ids should cut objects at the top or left only when asked
+    for a crop there, while a model trained on the same random crops without the ids cuts them anyway."""
+    def sides(image) -> tuple[bool, bool]:
+        boxes = [d.box for d in detect(image)]
+        return any(min(b[:2]) < 0.5 for b in boxes), any(max(b[2:]) > 63.5 for b in boxes)
+    found = [sides(im) for im in images]
+    n = max(len(images), 1)
+    return {"cut": sum(a or b for a, b in found) / n, "cut_top_left": sum(a for a, _ in found) / n,
+            "cut_bottom_right": sum(b for _, b in found) / n}
 
 
 def sharpness(images) -> float:
@@ -129,7 +138,7 @@ def main() -> None:
                 crop = crop or (int(h * top), int(w * left))
                 images = sample(model, prompts, w, h, crop, args.steps)
                 key = f"{path} {w}x{h} crop {crop[0]},{crop[1]}"
-                report[key] = {"judge": evaluate(images, prompts)["overall"], "cut": cut_share(images)}
+                report[key] = {"judge": evaluate(images, prompts)["overall"], **cut_shares(images)}
                 print(key, report[key], flush=True)
                 rows.append((f"{path} | {w}x{h}, crop ({crop[0]}, {crop[1]}) | judge {report[key]['judge']:.2f}, "
                              f"cut {report[key]['cut']:.2f}", [images[i] for i in shown]))
