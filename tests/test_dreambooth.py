@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import test_train_lora
 import torch
 from PIL import Image
 
@@ -19,7 +18,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 CLASS = "a square"
 SIZE = 16
-sd1 = test_train_lora.sd1  # the fixture: a tiny random SD1 model and a captioned 16x16 folder
 
 
 def train(model, data, out, *extra: str):
@@ -30,8 +28,8 @@ def train(model, data, out, *extra: str):
     return out / "lora.safetensors"
 
 
-def test_class_images_are_the_frozen_models_draws_and_are_reused(sd1, tmp_path):
-    model, data = sd1
+def test_class_images_are_the_frozen_models_draws_and_are_reused(sd1_folder, tmp_path):
+    model, data = sd1_folder
     out = tmp_path / "run"
     prior = ("--class-prompt", CLASS, "--class-images", "3", "--ckpt-every", "2", "--lr", "1e-2")
     train(model, data, out, "--steps", "2", *prior)
@@ -45,8 +43,8 @@ def test_class_images_are_the_frozen_models_draws_and_are_reused(sd1, tmp_path):
     assert {f: f.stat().st_mtime_ns for f in sorted((out / "class_images").glob("*.png"))} == before
 
 
-def test_the_step_loss_is_instance_plus_lambda_prior(sd1, tmp_path):
-    model, data = sd1
+def test_the_step_loss_is_instance_plus_lambda_prior(sd1_folder, tmp_path):
+    model, data = sd1_folder
     train(model, data, tmp_path / "run", "--steps", "2", "--class-prompt", CLASS, "--class-images", "2",
           "--prior-weight", "0.5")
     lines = [dict(kv.split("=") for kv in line.split()[2:]) for line in (tmp_path / "run" / "log.txt").read_text()
@@ -57,10 +55,10 @@ def test_the_step_loss_is_instance_plus_lambda_prior(sd1, tmp_path):
         assert prior > 0 and total == pytest.approx(inst + 0.5 * prior, rel=1e-4)
 
 
-def test_lambda_zero_is_the_plain_run_and_the_prior_term_moves_the_weights(sd1, tmp_path):
+def test_lambda_zero_is_the_plain_run_and_the_prior_term_moves_the_weights(sd1_folder, tmp_path):
     """With lambda 0 the class batch changes nothing (same bits as a run without a prior: the class images
     take no random numbers from the instance term); with lambda 1 its gradient moves the LoRA."""
-    model, data = sd1
+    model, data = sd1_folder
     common = ("--steps", "3", "--lr", "1e-2")
     prior = ("--class-prompt", CLASS, "--class-images", "2")
     runs = {name: read_lora(train(model, data, tmp_path / name, *common, *extra))[0]
@@ -76,8 +74,8 @@ def test_lambda_zero_is_the_plain_run_and_the_prior_term_moves_the_weights(sd1, 
     (("--class-images", "3"), "--class-images needs --class-prompt"),
     (("--class-prompt", CLASS), "--class-prompt needs --class-images"),
 ])
-def test_a_half_given_prior_is_refused(sd1, tmp_path, capsys, extra, message):
-    model, data = sd1
+def test_a_half_given_prior_is_refused(sd1_folder, tmp_path, capsys, extra, message):
+    model, data = sd1_folder
     args = ["train", "lora", "--model", str(model), "--data", "folder", "--data-path", str(data),
             "--out", str(tmp_path / "run"), "--steps", "1", *extra]
     assert main(args) != 0

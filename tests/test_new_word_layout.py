@@ -122,7 +122,7 @@ def test_distillation_replay_starts_at_the_base(model, tmp_path):
 
 
 def test_data_without_layouts_is_refused(model, tmp_path, capsys):
-    from test_train_lora import write_captioned_folder
+    from captioned_folder import write_captioned_folder
 
     data = write_captioned_folder(tmp_path / "data")
     args = ["train", "lora", "--model", str(model), "--data", "folder", "--data-path", str(data), "--out",
