@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +26,9 @@ import torch
 
 import t2i
 from t2i.cli import main as t2i_main
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from int8 import cpu_line  # noqa: E402
 
 PROMPTS = ("a red circle above a blue square", "three green triangles", "a small yellow cross on the left",
            "a pink circle on a gray background")
@@ -113,11 +116,7 @@ def main() -> None:
     for r in range(args.rounds):
         for name in names if r % 2 == 0 else reversed(names):
             times[name].append(seconds(pipes[name], prompts[name], args.images, extra[name]))
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor())
-    flags = next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo") if ln.startswith("flags")), [])
-    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
-    print(f"CPU: {cpu} ({' '.join(simd)}), 1 thread, {args.rounds} rounds of {args.images} images")
+    print(f"CPU: {cpu_line()}; 1 thread, {args.rounds} rounds of {args.images} images")
     ref = statistics.median(times["shapes_ldm"])
     for name in names:
         d = pipes[name].defaults

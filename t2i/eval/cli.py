@@ -181,15 +181,12 @@ def _control_settings(pipe, args: argparse.Namespace, layouts: dict) -> dict[str
                 "control_scale": args.control_scale} for p, layout in layouts.items()}
 
 
-def _first_max(values: list[float]) -> int:
-    """Index of the first of equal maxima (as the reranker keeps)."""
-    return max(range(len(values)), key=values.__getitem__)
-
-
 def _run_shapes_rerank(pipe, prompts: list[tuple[str, str]], args: argparse.Namespace, precision: str,
                        layouts: dict | None = None) -> int:
     """Judge accuracy of the first of K candidates against the shapes CLIP's pick, per family (and on
     the prompts with held-out phrasings)."""
+    import torch
+
     from t2i.eval.rerank import judge_rerank_gain
     from t2i.eval.shapes_judge import accuracy_by_family, unseen_phrasing
 
@@ -205,7 +202,8 @@ def _run_shapes_rerank(pipe, prompts: list[tuple[str, str]], args: argparse.Name
     sizes = sorted({2 ** i for i in range(args.rerank.bit_length()) if 2 ** i < args.rerank} | {args.rerank})
     unseen = {}
     for m in sizes:
-        oks = [row["candidates_ok"][_first_max(row["cosines"][:m])] for row in gain["per_prompt"]]
+        # the best of the first m by the reranker's own rule (`rank`: argmax, the first of equal maxima)
+        oks = [row["candidates_ok"][int(torch.tensor(row["cosines"][:m]).argmax())] for row in gain["per_prompt"]]
         key = f"rerank_{m}"
         overall, acc, _ = accuracy_by_family(families, oks)
         summary[key] = {"overall": overall, **acc}
