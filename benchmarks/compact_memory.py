@@ -173,16 +173,6 @@ def weight_gb(folder: Path, itemsize: int) -> float:
     return numel * itemsize / 2**30
 
 
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo").read_text()
-    fields: dict[str, str] = {}
-    for line in info.splitlines():  # the first processor's fields
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    flags = set(fields.get("flags", "").split())
-    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
-    return (f"{fields.get('model name', 'unknown')} (family {fields.get('cpu family', '?')} model "
-            f"{fields.get('model', '?')}; {' '.join(wanted)})")
 
 
 def run(model: str, folder: Path, size: int, threads: int, steps: int, configs: list[str]) -> list[dict]:
@@ -229,7 +219,9 @@ def main() -> None:
     if args.child:
         config, folder, size = args.child
         return child(config, Path(folder), int(size), args.threads, args.steps)
-    print(f"CPU: {cpu_name()}; torch {torch.__version__}; {args.threads} threads", flush=True)
+    import t2i
+
+    print(f"CPU: {t2i.cpu_description()}; torch {torch.__version__}; {args.threads} threads", flush=True)
     rows, fp32_only = [], {}
     if not args.skip_sd15:
         rows += run("SD 1.5", build_sd15_folder(SD15_FOLDER), args.size, args.threads, args.steps, list(CONFIGS))

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -214,15 +213,6 @@ def parts(pipe, peer: DiffusersPeer) -> dict[str, tuple[str, Callable[[], object
     }
 
 
-def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The CPU's model name as /proc/cpuinfo gives it (platform's guess elsewhere)."""
-    try:
-        for line in Path(cpuinfo).read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def describe(pipe, path: Path | None, precision: str) -> str:
@@ -238,7 +228,8 @@ def speed(args: argparse.Namespace) -> None:
 
     pipe = t2i.load(args.model, precision=args.precision)
     peer = t2i.load(args.peer, precision=args.precision)
-    print(f"t2i {t2i.__version__}, torch {torch.__version__}; {cpu_name()}; {torch.get_num_threads()} thread(s), "
+    print(f"t2i {t2i.__version__}, torch {torch.__version__}; {t2i.cpu_description()}; "
+          f"{torch.get_num_threads()} thread(s), "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"model: {describe(pipe, args.model, t2i.resolve_precision(args.precision, args.model))}")
     print(f"peer:  {describe(peer, args.peer, t2i.resolve_precision(args.precision, args.peer))}")

@@ -28,7 +28,6 @@ import t2i
 from t2i.cli import main as t2i_main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from int8 import cpu_line  # noqa: E402
 
 PROMPTS = ("a red circle above a blue square", "three green triangles", "a small yellow cross on the left",
            "a pink circle on a gray background")
@@ -116,7 +115,7 @@ def main() -> None:
     for r in range(args.rounds):
         for name in names if r % 2 == 0 else reversed(names):
             times[name].append(seconds(pipes[name], prompts[name], args.images, extra[name]))
-    print(f"CPU: {cpu_line()}; 1 thread, {args.rounds} rounds of {args.images} images")
+    print(f"CPU: {t2i.cpu_description()}; 1 thread, {args.rounds} rounds of {args.images} images")
     ref = statistics.median(times["shapes_ldm"])
     for name in names:
         d = pipes[name].defaults

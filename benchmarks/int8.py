@@ -35,14 +35,6 @@ from sd15_cpu import alternate, report  # noqa: E402
 PROMPT = "a red circle above a blue square"
 
 
-def cpu_line() -> str:
-    """'AMD EPYC (family 25 model 17 stepping 1), flags avx512_bf16 avx512_vnni' from /proc/cpuinfo."""
-    info = Path("/proc/cpuinfo").read_text()
-    field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info.splitlines()[:30])}
-    wanted = sorted(t2i.cpu_flags(info) & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
-                                       "amx_int8"})
-    return (f"{field.get('model name', '?')} (family {field.get('cpu family', '?')} model {field.get('model', '?')} "
-            f"stepping {field.get('stepping', '?')}), flags {' '.join(wanted)}")
 
 
 def bench_linear(repeats: int) -> None:
@@ -132,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
                     choices=["linear", "conv", "unet", "image", "sd"])
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"CPU: {cpu_line()}; torch {torch.__version__}, {args.threads} thread(s)")
+    print(f"CPU: {t2i.cpu_description()}; torch {torch.__version__}, {args.threads} thread(s)")
     print(f"load at start: {os.popen('uptime').read().strip()}")
     with torch.no_grad():
         if "linear" in args.parts:

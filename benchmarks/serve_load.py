@@ -182,6 +182,7 @@ def distributed(args: argparse.Namespace) -> int:
     import os
     import subprocess
 
+    import t2i
     from t2i.serve.app import create_app
     from t2i.serve.background import BackgroundServer
     from t2i.serve.distributed import wait_for_model
@@ -191,7 +192,7 @@ def distributed(args: argparse.Namespace) -> int:
         path = args.model or tiny_model(Path(tmp) / "sd1")
         body = request_body(args)
         print(f"distributed: {args.size}x{args.size}, {args.steps} steps, {threads} torch thread(s) per worker, "
-              f"{args.requests} requests per client, limit {args.time_limit:.0f} s, cpu: {cpu_name()}")
+              f"{args.requests} requests per client, limit {args.time_limit:.0f} s, cpu: {t2i.cpu_description()}")
         print(header("workers", "max_batch"))
         for n in args.workers:
             for max_batch in args.batches:
@@ -231,14 +232,6 @@ def wait_workers(queue, n: int, timeout: float = 120.0) -> None:
         time.sleep(0.2)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

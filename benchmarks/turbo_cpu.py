@@ -25,7 +25,6 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from int8 import cpu_line  # noqa: E402
 from sd15_cpu import PROMPT, byte_compile_t2i, export_once, openvino_python, report, run_process  # noqa: E402
 from sd15_folder import TAESD_FOLDER, TURBO_FOLDER, build_taesd_folder, build_turbo_folder  # noqa: E402
 
@@ -76,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
 
     folder, taesd = build_turbo_folder(args.folder), build_taesd_folder(args.taesd)
     byte_compile_t2i()
-    print(f"CPU: {cpu_line()}; t2i precision {args.precision} -> {t2i.resolve_precision(args.precision, folder)}; "
-          f"load: {os.getloadavg()[0]:.1f}")
+    print(f"CPU: {t2i.cpu_description()}; t2i precision {args.precision} -> "
+          f"{t2i.resolve_precision(args.precision, folder)}; load: {os.getloadavg()[0]:.1f}")
     tmp = Path(tempfile.mkdtemp(prefix="t2i_turbo_"))
     for steps in [int(s) for s in args.steps.split(",")]:
         cmds = commands(args, folder, taesd, steps, tmp)

@@ -27,6 +27,28 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     return set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
 
 
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """One line naming a CPU for benchmark reports, from the first processor of a /proc/cpuinfo text
+    (None: this machine's; platform's guess where it cannot be read), e.g.
+    'AMD EPYC (family 25 model 1 stepping 1), flags avx2'. The flags listed are the ones t2i's speed
+    choices turn on (auto_precision), so two reports from different machines say why they differ."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            import platform
+
+            return platform.processor() or platform.machine() or "unknown CPU"
+    field: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        field.setdefault(key.strip(), value.strip())
+    wanted = sorted(cpu_flags(cpuinfo) & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
+                                          "amx_int8"})
+    return (f"{field.get('model name', 'unknown CPU')} (family {field.get('cpu family', '?')} model "
+            f"{field.get('model', '?')} stepping {field.get('stepping', '?')}), flags {' '.join(wanted) or 'none'}")
+
+
 def native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16, from /proc/cpuinfo).
 

@@ -35,6 +35,15 @@ def test_auto_precision_by_cpu_flags(cpuinfo, expected):
     assert t2i.auto_precision(cpuinfo, quantizable=False) == ("bf16" if t2i.native_bf16(cpuinfo) else "fp32")
 
 
+def test_cpu_description_names_the_first_processor_and_the_flags_that_pick_precision():
+    two_processors = ("processor\t: 0\nmodel name\t: AMD Ryzen 9 7950X\ncpu family\t: 25\nmodel\t\t: 97\n"
+                      "stepping\t: 2\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n\n"
+                      "processor\t: 1\nmodel name\t: another\nflags\t\t: fpu\n")
+    assert t2i.cpu_description(two_processors) == ("AMD Ryzen 9 7950X (family 25 model 97 stepping 2), "
+                                                    "flags avx2 avx512_bf16 avx512_vnni avx512f")
+    assert t2i.cpu_description(OLD_X86) == "unknown CPU (family ? model ? stepping ?), flags none"
+
+
 def test_resolve_precision_keeps_int8_and_asks_the_cpu_for_auto():
     assert t2i.resolve_precision("int8") == "int8"
     assert t2i.resolve_precision("auto") == t2i.auto_precision(model_bytes=t2i.model_bytes(None)) == "fp32"
