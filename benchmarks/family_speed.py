@@ -44,6 +44,7 @@ def families(tokenizer: str) -> dict[str, list[str] | str]:
         "glide": ["glide", "--prediction", "v_prediction"],
         "ediffi": ["ediffi", "--base", base, "--depth", "1", "--steps-per-expert", "1"],
         "parti": ["parti", "--vqvae", tokenizer],
+        "dalle_mini": ["parti", "--preset", "dalle-mini", "--vqvae", tokenizer],
         "maskgit": ["maskgit", "--vqvae", tokenizer],
         "dalle": ["dalle", "--vqvae", tokenizer],
         "dit": ["dit"],

@@ -10,6 +10,10 @@ cropped-looking objects when asked for a crop and centred ones at (0, 0).
     python scripts/aspect_demo.py runs/buckets_micro/model.safetensors runs/center_crop/model.safetensors \
         --out runs/aspect_demo.json --grid docs/images/aspect_demo.png
 
+`--paired A B --reports R.json [R2.json]` compares two conditions image by image instead (`paired`):
+
+    python scripts/aspect_demo.py --reports R.json --paired "zoom/.* crop 0,0" "zoom/.* crop [1-9]"
+
 --grid writes one row per model, canvas and crop: the images of one prompt of each caption family, at
 their own aspect ratio (2x, nearest), so that cut and centred objects can be seen, not just counted.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 
 import numpy as np
@@ -31,20 +36,56 @@ from t2i.systems.shapes_ldm import ShapesLDM
 CANVASES = [(64, 64), (80, 48), (48, 80), (96, 40), (40, 96)]  # (width, height)
 
 
-def cut_shares(images) -> dict[str, float]:
-    """Shares of images with a detected object whose box reaches the canvas edge (64-unit boxes): any edge
-    ("cut"), the top or left edge ("cut_top_left"), the bottom or right edge ("cut_bottom_right").
+def cut_sides(images) -> list[tuple[bool, bool]]:
+    """Per image: (an object cut at the top or left edge, one cut at the bottom or right edge), from the
+    judge's detections (64-unit boxes)."""
+    def sides(image) -> tuple[bool, bool]:
+        boxes = [d.box for d in detect(image)]
+        return any(min(b[:2]) < 0.5 for b in boxes), any(max(b[2:]) > 63.5 for b in boxes)
+    return [sides(im) for im in images]
+
+
+def cut_shares(images) -> dict[str, float | str]:
+    """Shares of images with a detected object whose box reaches the canvas edge: any edge ("cut"), the top
+    or left edge ("cut_top_left"), the bottom or right edge ("cut_bottom_right"); and each image's
+    top/left flag as a string of 0s and 1s ("top_left_flags", for `paired`).
 
     The sides tell the crop conditioning apart: a crop at (top, left) = (0, 0) keeps an image's top and
     left edges, so a model that reads its crop ids should cut objects at the top or left only when asked
     for a crop there, while a model trained on the same random crops without the ids cuts them anyway."""
-    def sides(image) -> tuple[bool, bool]:
-        boxes = [d.box for d in detect(image)]
-        return any(min(b[:2]) < 0.5 for b in boxes), any(max(b[2:]) > 63.5 for b in boxes)
-    found = [sides(im) for im in images]
+    found = cut_sides(images)
     n = max(len(images), 1)
     return {"cut": sum(a or b for a, b in found) / n, "cut_top_left": sum(a for a, _ in found) / n,
-            "cut_bottom_right": sum(b for _, b in found) / n}
+            "cut_bottom_right": sum(b for _, b in found) / n,
+            "top_left_flags": "".join("1" if a else "0" for a, _ in found)}
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar test: the probability, with b + c discordant pairs split 50:50, of a split
+    at least as uneven as (b, c)."""
+    n, k = b + c, min(b, c)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+
+
+def paired(reports: list[str], key_a: str, key_b: str) -> None:
+    """Per canvas and pooled over the canvases: images with an object cut at the top/left edge under
+    condition A only and under B only (same prompts and seeds, so image i of A pairs with image i of B),
+    with the McNemar p of the two counts. key_a / key_b: regular expressions that each pick one row per
+    canvas of the reports, e.g. "asp_zoom_nomc/.* crop 0,0" and "asp_zoom/.* crop 0,0"."""
+    rows = {k: v for r in reports for k, v in json.load(open(r)).items() if "top_left_flags" in v}
+    total_b = total_c = 0
+    for w, h in CANVASES:
+        a = [v for k, v in rows.items() if re.search(key_a, k) and f" {w}x{h} " in k]
+        b = [v for k, v in rows.items() if re.search(key_b, k) and f" {w}x{h} " in k]
+        if len(a) != 1 or len(b) != 1:
+            continue
+        fa, fb = a[0]["top_left_flags"], b[0]["top_left_flags"]
+        only_a = sum(x == "1" and y == "0" for x, y in zip(fa, fb, strict=True))
+        only_b = sum(x == "0" and y == "1" for x, y in zip(fa, fb, strict=True))
+        total_b, total_c = total_b + only_a, total_c + only_b
+        print(f"{w}x{h}: top/left cut by A only {only_a}, by B only {only_b} of {len(fa)}; "
+              f"McNemar p = {mcnemar_p(only_a, only_b):.3f}")
+    print(f"pooled: A only {total_b}, B only {total_c}; McNemar p = {mcnemar_p(total_b, total_c):.4f}")
 
 
 def sharpness(images) -> float:
@@ -96,7 +137,10 @@ def save_rows(rows: list[tuple[str, list[Image.Image]]], path: str, scale: int =
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("models", nargs="+")
+    ap.add_argument("models", nargs="*")
+    ap.add_argument("--paired", nargs=2, metavar=("A", "B"), help="instead of sampling: compare two conditions "
+                    "of the --reports (regular expressions over their keys) image by image (`paired`)")
+    ap.add_argument("--reports", nargs="+", default=[], help="the JSON files --out wrote, for --paired")
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--limit", type=int, default=0, help="at most N prompts (0: all)")
@@ -108,6 +152,8 @@ def main() -> None:
                     "size told to a micro-conditioned model as these multiples of the canvas, e.g. 0.5,1,1.25; "
                     "reports the images' sharpness (`sharpness`) beside the judge")
     args = ap.parse_args()
+    if args.paired:
+        return paired(args.reports, *args.paired)
     canvases = [tuple(int(v) for v in c.split("x")) for c in args.canvases.split(",")] if args.canvases else CANVASES
     chosen = [(f, p) for f, p in heldout_prompts() if not re.search(r"\b(small|medium|large)\b", p)]
     chosen = chosen[: args.limit or None]
