@@ -84,8 +84,8 @@ def paired(reports: list[str], key_a: str, key_b: str) -> None:
         only_b = sum(x == "0" and y == "1" for x, y in zip(fa, fb, strict=True))
         total_b, total_c = total_b + only_a, total_c + only_b
         print(f"{w}x{h}: top/left cut by A only {only_a}, by B only {only_b} of {len(fa)}; "
-              f"McNemar p = {mcnemar_p(only_a, only_b):.3f}")
-    print(f"pooled: A only {total_b}, B only {total_c}; McNemar p = {mcnemar_p(total_b, total_c):.4f}")
+              f"McNemar p = {mcnemar_p(only_a, only_b):.2g}")
+    print(f"pooled: A only {total_b}, B only {total_c}; McNemar p = {mcnemar_p(total_b, total_c):.2g}")
 
 
 def sharpness(images) -> float:
@@ -141,7 +141,7 @@ def main() -> None:
     ap.add_argument("--paired", nargs=2, metavar=("A", "B"), help="instead of sampling: compare two conditions "
                     "of the --reports (regular expressions over their keys) image by image (`paired`)")
     ap.add_argument("--reports", nargs="+", default=[], help="the JSON files --out wrote, for --paired")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="the JSON report (required unless --paired)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--limit", type=int, default=0, help="at most N prompts (0: all)")
     ap.add_argument("--grid", help="a PNG of one prompt per caption family for every model, canvas and crop")
@@ -154,6 +154,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.paired:
         return paired(args.reports, *args.paired)
+    if not args.models or not args.out:
+        ap.error("give the model files and --out (or --paired A B --reports R.json)")
     canvases = [tuple(int(v) for v in c.split("x")) for c in args.canvases.split(",")] if args.canvases else CANVASES
     chosen = [(f, p) for f, p in heldout_prompts() if not re.search(r"\b(small|medium|large)\b", p)]
     chosen = chosen[: args.limit or None]

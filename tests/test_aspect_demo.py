@@ -29,4 +29,4 @@ def test_paired_counts_images_cut_under_one_condition_only(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "64x64: top/left cut by A only 0, by B only 3 of 7" in out
     assert "80x48: top/left cut by A only 0, by B only 2 of 3" in out
-    assert f"pooled: A only 0, B only 5; McNemar p = {2 / 2**5:.4f}" in out
+    assert f"pooled: A only 0, B only 5; McNemar p = {2 / 2**5:.2g}" in out
