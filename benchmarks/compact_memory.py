@@ -173,8 +173,6 @@ def weight_gb(folder: Path, itemsize: int) -> float:
     return numel * itemsize / 2**30
 
 
-
-
 def run(model: str, folder: Path, size: int, threads: int, steps: int, configs: list[str]) -> list[dict]:
     rows = []
     for config in configs:

@@ -213,8 +213,6 @@ def parts(pipe, peer: DiffusersPeer) -> dict[str, tuple[str, Callable[[], object
     }
 
 
-
-
 def describe(pipe, path: Path | None, precision: str) -> str:
     d = pipe.defaults
     planner = "a planner" if getattr(pipe, "planner", None) is not None else "no planner"

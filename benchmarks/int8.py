@@ -35,8 +35,6 @@ from sd15_cpu import alternate, report  # noqa: E402
 PROMPT = "a red circle above a blue square"
 
 
-
-
 def bench_linear(repeats: int) -> None:
     from t2i.quantize import quantize_
 

@@ -232,7 +232,5 @@ def wait_workers(queue, n: int, timeout: float = 120.0) -> None:
         time.sleep(0.2)
 
 
-
-
 if __name__ == "__main__":
     sys.exit(main())

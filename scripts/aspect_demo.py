@@ -73,18 +73,24 @@ def paired(reports: list[str], key_a: str, key_b: str) -> None:
     with the McNemar p of the two counts. key_a / key_b: regular expressions that each pick one row per
     canvas of the reports, e.g. "asp_zoom_nomc/.* crop 0,0" and "asp_zoom/.* crop 0,0"."""
     rows = {k: v for r in reports for k, v in json.load(open(r)).items() if "top_left_flags" in v}
-    total_b = total_c = 0
+    total_b = total_c = compared = 0
     for w, h in CANVASES:
         a = [v for k, v in rows.items() if re.search(key_a, k) and f" {w}x{h} " in k]
         b = [v for k, v in rows.items() if re.search(key_b, k) and f" {w}x{h} " in k]
-        if len(a) != 1 or len(b) != 1:
+        if len(a) > 1 or len(b) > 1:
+            raise SystemExit(f"{w}x{h}: {len(a)} rows match {key_a!r} and {len(b)} match {key_b!r}; each must pick one")
+        if not a or not b:
             continue
+        compared += 1
         fa, fb = a[0]["top_left_flags"], b[0]["top_left_flags"]
         only_a = sum(x == "1" and y == "0" for x, y in zip(fa, fb, strict=True))
         only_b = sum(x == "0" and y == "1" for x, y in zip(fa, fb, strict=True))
         total_b, total_c = total_b + only_a, total_c + only_b
         print(f"{w}x{h}: top/left cut by A only {only_a}, by B only {only_b} of {len(fa)}; "
               f"McNemar p = {mcnemar_p(only_a, only_b):.2g}")
+    if not compared:
+        raise SystemExit(f"no canvas has a row matching {key_a!r} and one matching {key_b!r} (rows with flags: "
+                         f"{len(rows)})")
     print(f"pooled: A only {total_b}, B only {total_c}; McNemar p = {mcnemar_p(total_b, total_c):.2g}")
 
 

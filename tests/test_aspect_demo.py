@@ -7,6 +7,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from aspect_demo import mcnemar_p, paired  # noqa: E402
@@ -30,3 +32,13 @@ def test_paired_counts_images_cut_under_one_condition_only(tmp_path, capsys):
     assert "64x64: top/left cut by A only 0, by B only 3 of 7" in out
     assert "80x48: top/left cut by A only 0, by B only 2 of 3" in out
     assert f"pooled: A only 0, B only 5; McNemar p = {2 / 2**5:.2g}" in out
+
+
+def test_paired_refuses_patterns_that_match_nothing_or_several_rows(tmp_path):
+    report = {"m/a.safetensors 64x64 crop 0,0": {"top_left_flags": "10"},
+              "m/b.safetensors 64x64 crop 0,0": {"top_left_flags": "01"}}
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match="no canvas has a row"):
+        paired([str(tmp_path / "r.json")], "a.safetensors", "crop [1-9]")
+    with pytest.raises(SystemExit, match="each must pick one"):
+        paired([str(tmp_path / "r.json")], "crop 0,0", "b.safetensors")
