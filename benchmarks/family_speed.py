@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import io
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -26,8 +25,6 @@ import torch
 
 import t2i
 from t2i.cli import main as t2i_main
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PROMPTS = ("a red circle above a blue square", "three green triangles", "a small yellow cross on the left",
            "a pink circle on a gray background")
