@@ -423,7 +423,19 @@ def test_poison_job_fails_after_max_attempts(cluster):
     orphan(cluster, "poison-1", attempts=MAX_ATTEMPTS)
     job = wait_done(cluster.front_url, "poison-1", timeout=30)
     assert job["status"] == "failed" and f"started {MAX_ATTEMPTS} times" in job["error"]
-    assert cluster.record("poison-1")["attempts"] == str(MAX_ATTEMPTS + 1)
+    assert cluster.record("poison-1")["attempts"] == str(MAX_ATTEMPTS)
+
+
+def test_poison_claim_leaves_the_count_alone(cluster):
+    """Two messages for one poison job (two fronts re-sent it), both claimed before either answer is
+    written: both get -1 and `attempts` stays the number of real starts (it once read MAX + 2 in CI)."""
+    from t2i.serve.distributed import CLAIM, MAX_ATTEMPTS, key
+
+    cluster.db.hset(key("job", id="poison-2"), mapping={"status": "queued", "attempts": MAX_ATTEMPTS})
+    keys = (key("job", id="poison-2"), key("waiting", model="dit-tiny"), key("running"))
+    claims = [cluster.db.eval(CLAIM, 3, *keys, "poison-2", f"w{i}", repr(time.time()), MAX_ATTEMPTS) for i in (1, 2)]
+    assert claims == [-1, -1] and cluster.record("poison-2")["attempts"] == str(MAX_ATTEMPTS)
+    cluster.db.delete(key("job", id="poison-2"))
 
 
 def test_listing_and_worker_set_pruned(cluster):

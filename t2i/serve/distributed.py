@@ -62,13 +62,16 @@ MAX_ATTEMPTS = 3  # claims of one job (each worker died running it) before it is
 
 # One status change each, atomic. Claim: a worker starts a queued job, or takes over a running one
 # (redelivered: its first worker died); -1 once it has been claimed ARGV[4] times (a job that kills
-# every worker that runs it: its worker answers it `failed` instead of running it again).
+# every worker that runs it: its worker answers it `failed` instead of running it again). The -1 leaves
+# `attempts` alone, so a duplicate message (two fronts re-sending one job) read before that answer is
+# written gets the same -1 and the count stays the number of real starts.
 # Finish: only an active job gets an answer. Submit also forgets listed ids older than RESULT_TTL
 # (their records have expired), so the listing does not grow forever.
 CLAIM = """
 local s = redis.call('hget', KEYS[1], 'status')
 if s ~= 'queued' and s ~= 'running' then return 0 end
-if redis.call('hincrby', KEYS[1], 'attempts', 1) > tonumber(ARGV[4]) then return -1 end
+if tonumber(redis.call('hget', KEYS[1], 'attempts') or '0') >= tonumber(ARGV[4]) then return -1 end
+redis.call('hincrby', KEYS[1], 'attempts', 1)
 redis.call('hset', KEYS[1], 'status', 'running', 'worker', ARGV[2], 'started', ARGV[3], 'step', 0)
 redis.call('zrem', KEYS[2], ARGV[1])
 redis.call('sadd', KEYS[3], ARGV[1])
