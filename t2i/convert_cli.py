@@ -7,6 +7,11 @@ the original SD layout, the direction following DST (a name ending in `.safetens
 file, anything else a new diffusers folder); SRC may also be a `.ckpt`, read with
 `torch.load(weights_only=True)`. Weights keep their dtype and values exactly.
 
+`--fp16` instead keeps the layout and halves the bytes: a t2i single-file model (`.safetensors` with a
+`t2i_system`) rewritten with every floating tensor in float16 (bf16 for one past float16's range) and
+its metadata as it was; how the shipped family models are made from their runs' float32 files. The
+loaders widen the weights again to the dtype asked for.
+
 SRC may also be a sharded training checkpoint (`RUN/checkpoints/step_N.dcp`, written by
 `t2i train ... --parallel fsdp`): its shards are reassembled and its family exports what it ships
 (for the LDM the EMA model, the `model.safetensors` that `t2i generate` loads).
@@ -18,6 +23,8 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from t2i.checkpoints.single_file_config import PREDICTIONS
 from t2i.systems.base import System
@@ -51,7 +58,34 @@ def convert(src: str | Path, dst: str | Path, prediction: str | None = None, con
     return export(pipe, dst)
 
 
+def halve(src: str | Path, dst: str | Path) -> Path:
+    """SRC (a t2i single-file model) -> DST with its floating tensors in float16, metadata kept."""
+    from safetensors import safe_open
+
+    from t2i.checkpoints.io import load_state_dict, save_state_dict
+    from t2i.compact import narrow
+
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        raise ValueError(f"{dst} exists; choose a new name (convert never overwrites)")
+    if not src.is_file() or src.suffix != ".safetensors":
+        raise ValueError(f"--fp16 takes one t2i .safetensors model file; {src} is not one")
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "t2i_system" not in meta:
+        raise ValueError(f"--fp16 takes a t2i model file; {src} has no 't2i_system' metadata")
+    state = load_state_dict(src)
+    save_state_dict({k: narrow(v, torch.float16) if v.is_floating_point() else v for k, v in state.items()}, dst,
+                    metadata=meta)
+    return dst
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.fp16:
+        if args.prediction or args.config:
+            raise ValueError("--fp16 keeps the layout; --prediction and --config do not apply")
+        print(f"wrote {halve(args.src, args.dst)}")
+        return 0
     out = convert(args.src, args.dst, args.prediction, args.config)
     print(f"wrote {out}")
     return 0
@@ -73,4 +107,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "a FILE.yaml with parameterization v, else v for SD 2.x and eps otherwise)")
     p.add_argument("--config", type=Path, default=None,
                    help="single-file source only: a diffusers folder whose configs describe the nets")
+    p.add_argument("--fp16", action="store_true",
+                   help="keep the layout of a t2i .safetensors model file and store its floating tensors in "
+                        "float16 (half the bytes; how the shipped family models are made)")
     p.set_defaults(func=_run)

@@ -249,6 +249,9 @@ VQ_CONFIGS: dict[str, VQAutoencoderConfig] = {
     "f4": VQAutoencoderConfig(block_channels=(32, 64, 128), latent_channels=16, num_codes=256),
     # f = 8: 8x8 tokens, a wider codebook for the coarser grid.
     "f8": VQAutoencoderConfig(block_channels=(32, 64, 128, 128), latent_channels=16, num_codes=512),
+    # f = 8 at half the width: 0.99 M parameters (2.0 MB in fp16, 1.2 MB of it the decoder), small enough to
+    # ship inside a token model of at most 5 MB (issue 19); the shapes world's flat colours need little width.
+    "f8-small": VQAutoencoderConfig(block_channels=(16, 32, 64, 64), latent_channels=16, num_codes=512),
     # Test-sized (f = 4): a fraction of a second per step on one core.
     "tiny": VQAutoencoderConfig(block_channels=(8, 16, 16), latent_channels=8, num_codes=32, mid_attention=False,
                                 sample_size=16),

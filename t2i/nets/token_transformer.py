@@ -303,6 +303,10 @@ TOKEN_TRANSFORMER_PRESETS: dict[str, TokenTransformerConfig] = {
     # base; 2.0 M parameters with a 2-layer low-res encoder (t2i.systems.muse), about a third of "shapes"' step time.
     "shapes_sr": TokenTransformerConfig(num_codes=512, grid=16, width=128, layers=4, heads=4, mlp_dim=512,
                                         context_dim=384),
+    # DALL-E's shipped size (t2i-dalle-small): 1.35 M parameters as the causal stream over 20 words + 64 codes,
+    # 2.7 MB in fp16, 4.7 MB with the f8-small tokenizer (issue 19's 5 MB); about half "shapes"' step time.
+    "shapes_s": TokenTransformerConfig(num_codes=512, grid=8, width=128, layers=6, heads=4, mlp_dim=512,
+                                       context_dim=384),
     # Small enough to ship with its tokenizer (Parti's "parti-small" decoder, t2i.systems.parti): 0.72 M parameters
     # as Parti's causal decoder reading MiniLM.
     "small": TokenTransformerConfig(num_codes=512, grid=8, width=96, layers=3, heads=4, mlp_dim=384, context_dim=384),

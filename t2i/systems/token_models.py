@@ -53,6 +53,7 @@ from t2i.systems.base import (
     GenerationRequest,
     GenerationResult,
     RequestMethods,
+    ShippedModel,
     StepReport,
     System,
     per_image,
@@ -346,10 +347,12 @@ def write_tiny_model(folder: Path, seed: int, system: str, config: Callable[[VQA
 
 
 def token_system(name: str, description: str, load: Callable[[Path, torch.dtype], TokenPipeline],
-                 config: Callable[[VQAutoencoderConfig], Any]) -> System:
+                 config: Callable[[VQAutoencoderConfig], Any], shipped: tuple[ShippedModel, ...] = ()) -> System:
     """The System of a token family whose files `save_token_model` writes: detected by their metadata
-    only; its tiny model built from `config` (see `write_tiny_model`)."""
+    only; its tiny model built from `config` (see `write_tiny_model`); `shipped`: its models installed
+    with t2i (t2i/assets)."""
     return System(name=name, description=f"{description}, a t2i .safetensors with its VQ tokenizer and a "
                   "t2i_config (or a folder holding it as model.safetensors)",
                   detect=lambda path: is_system_file(Path(path), name), load=load,
-                  write_tiny=lambda folder, seed=0: write_tiny_model(Path(folder), seed, name, config))
+                  write_tiny=lambda folder, seed=0: write_tiny_model(Path(folder), seed, name, config),
+                  shipped=shipped)

@@ -1,0 +1,76 @@
+"""What t2i ships stays within the brief's budgets, and `t2i convert --fp16` makes the shipped files.
+
+Budgets: the built-in (default) model at most 40 MB; every other shipped model (the family models)
+together at most 30 MB; a token family's model at most 5 MB with its tokenizer (issue 19).
+"""
+
+from __future__ import annotations
+
+import torch
+from safetensors import safe_open
+
+from t2i.checkpoints.io import load_state_dict
+from t2i.cli import main
+from t2i.systems.registry import shipped_models, system
+
+MB = 1_000_000
+TOKEN_FAMILIES = ("dalle", "parti", "maskgit", "muse")
+
+
+def _size(path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*.safetensors")) if path.is_dir() else path.stat().st_size
+
+
+def test_shipped_models_keep_their_budgets():
+    sizes = {m.name: (s.name, m.default, _size(m.path)) for s, m in shipped_models()}
+    defaults = [size for _, default, size in sizes.values() if default]
+    assert len(defaults) == 1 and defaults[0] <= 40 * 2**20
+    families = sum(size for _, default, size in sizes.values() if not default)
+    print({name: f"{size / MB:.1f} MB" for name, (_, _, size) in sizes.items()}, f"families {families / MB:.1f} MB")
+    assert families <= 30 * MB
+    for name, (family, _, size) in sizes.items():
+        if family in TOKEN_FAMILIES:
+            assert size <= 5 * MB, name
+
+
+def test_every_shipped_token_model_is_stored_in_fp16():
+    for s, m in shipped_models():
+        if s.name in TOKEN_FAMILIES:
+            with safe_open(str(m.path), framework="pt") as f:
+                dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+            assert "F32" not in dtypes, m.name
+
+
+def test_convert_fp16_halves_a_token_model_and_keeps_what_it_is(tmp_path):
+    src = system("dalle").write_tiny(tmp_path / "tiny", 0)
+    dst = tmp_path / "half.safetensors"
+    assert main(["convert", str(src), str(dst), "--fp16"]) == 0
+    full, half = load_state_dict(src), load_state_dict(dst)
+    assert full.keys() == half.keys()
+    for k, v in full.items():
+        if v.is_floating_point():
+            assert half[k].dtype == torch.float16 and torch.equal(half[k], v.half()), k
+        else:
+            assert torch.equal(half[k], v), k
+    with safe_open(str(src), framework="pt") as a, safe_open(str(dst), framework="pt") as b:
+        assert a.metadata() == b.metadata()
+    assert dst.stat().st_size < 0.6 * src.stat().st_size
+
+    import t2i
+
+    pipe = t2i.load(dst)  # widened to float32 on load; the rounded weights draw a picture
+    assert next(pipe.unet.parameters()).dtype == torch.float32
+    image = pipe.generate("a red circle", seed=0, steps=4).images[0]
+    assert image.size == (16, 16)
+
+
+def test_convert_fp16_refuses_what_it_cannot_halve(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2, 2)}, tmp_path / "plain.safetensors")
+    assert main(["convert", str(tmp_path / "plain.safetensors"), str(tmp_path / "out.safetensors"), "--fp16"]) != 0
+    assert "no 't2i_system' metadata" in capsys.readouterr().err
+    src = system("dalle").write_tiny(tmp_path / "tiny", 0)
+    assert main(["convert", str(src), str(src), "--fp16"]) != 0
+    assert "exists" in capsys.readouterr().err
+
