@@ -6,6 +6,8 @@ together at most 30 MB; a token family's model at most 5 MB with its tokenizer (
 
 from __future__ import annotations
 
+import os
+
 import torch
 from safetensors import safe_open
 
@@ -55,6 +57,9 @@ def test_convert_fp16_halves_a_token_model_and_keeps_what_it_is(tmp_path):
     with safe_open(str(src), framework="pt") as a, safe_open(str(dst), framework="pt") as b:
         assert a.metadata() == b.metadata()
     assert dst.stat().st_size < 0.6 * src.stat().st_size
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert dst.stat().st_mode & 0o777 == 0o666 & ~mask  # not safetensors' 0o600: others may read a model
 
     import t2i
 

@@ -258,13 +258,29 @@ def _is_zip(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
+def new_file_mode() -> int:
+    """0o666 less the process umask: the mode `open()` gives a new file (0o644 under the usual 022)."""
+    try:  # Linux: read it without changing it (os.umask would, briefly, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike,
                     metadata: dict[str, str] | None = None) -> None:
-    """Write safetensors atomically: to a temporary name first, then rename over the target."""
+    """Write safetensors atomically: to a temporary name first, then rename over the target. The file
+    gets the mode any new file gets (safetensors' writer leaves 0o600: a model trained by one user
+    that a server run by another could not read)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+    os.chmod(tmp, new_file_mode())
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from t2i.checkpoints.io import save_state_dict
 from t2i.data.shapes.datasets import default_exclude, to_tensor
 from t2i.data.shapes.layouts import layout_example, scene_layout
 from t2i.data.shapes.new_words import new_word_example, new_word_prompts, with_new_shape
@@ -103,12 +104,10 @@ def planner_batch(text_encoder: Any, seed: int, indices: list[int], shape: str, 
 
 def save_planner_rows(path: Path, planner: LayoutPlanner) -> Path:
     """The planner's new rows and their shape names (`load_planner_word` reads them)."""
-    from safetensors.torch import save_file
-
     rows = {"new_token": planner.new_token.detach().float().contiguous(),  # type: ignore[union-attr]
             "new_head.weight": planner.new_head.weight.detach().float().contiguous(),  # type: ignore[union-attr]
             "new_head.bias": planner.new_head.bias.detach().float().contiguous()}  # type: ignore[union-attr]
-    save_file(rows, str(path), {"shapes": json.dumps(list(planner.new_shapes))})
+    save_state_dict(rows, path, {"shapes": json.dumps(list(planner.new_shapes))})
     return path
 
 
