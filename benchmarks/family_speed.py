@@ -44,6 +44,8 @@ def families(tokenizer: str) -> dict[str, list[str] | str]:
         "dalle_mini": ["parti", "--preset", "dalle-mini", "--vqvae", tokenizer],
         "maskgit": ["maskgit", "--vqvae", tokenizer],
         "dalle": ["dalle", "--vqvae", tokenizer],
+        "dalle_small": "t2i-dalle-small",
+        "unclip": ["unclip-decoder", "--decoder-preset", "shapes_decoder_32_s"],  # a prior too, untrained
         "dit": ["dit"],
         "controlnet": ["controlnet", "--base", "t2i/assets/default"],  # on t2i-shapes, a box map as control
     }

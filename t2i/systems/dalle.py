@@ -32,7 +32,7 @@ from t2i.nets.token_transformer import (
     TokenTransformer,
     TokenTransformerConfig,
 )
-from t2i.systems.base import GenerationDefaults, GenerationRequest, StepReport
+from t2i.systems.base import GenerationDefaults, GenerationRequest, ShippedModel, StepReport
 from t2i.systems.token_models import (
     DRAW_OPTIONS,
     TokenPipeline,
@@ -46,6 +46,10 @@ from t2i.text.words import SPECIALS, WordTokenizer
 from t2i.tokens import CFGTokenModel, GuidedCond, sample_autoregressive
 
 SYSTEM_NAME = "dalle"
+SMALL_DIR = Path(__file__).resolve().parent.parent / "assets" / "dalle_small"
+SHIPPED = (ShippedModel("t2i-dalle-small", SMALL_DIR / "model.safetensors", "DALL-E small enough to ship: a 1.35 M-"
+                        "parameter transformer over caption words and the 8x8 codes of a 0.99 M-parameter VQ-VAE "
+                        "(fp16, 4.7 MB)", card=SMALL_DIR / "MODEL_CARD.md"),)
 OPTIONS = DRAW_OPTIONS | {"sampler", "guidance", "negative_prompt", "width", "height"}  # what run() honours
 SAMPLERS = ("multinomial", "greedy")
 @dataclass
@@ -142,7 +146,7 @@ def save_dalle(net: TokenTransformer, vq: VQAutoencoder, cfg: DalleConfig, path:
 
 def load(path: Path, dtype: torch.dtype = torch.float32) -> DallePipeline:
     """A DALL-E file (or a folder holding it as model.safetensors) -> DallePipeline."""
-    return load_pipeline(path, dtype, SYSTEM_NAME, "a t2i DALL-E file", DalleConfig.from_dict, DallePipeline)
+    return load_pipeline(path, dtype, SYSTEM_NAME, "a t2i DALL-E file", DalleConfig.from_dict, DallePipeline, SHIPPED)
 
 
 def tiny_config(vq: VQAutoencoderConfig) -> DalleConfig:
@@ -152,4 +156,4 @@ def tiny_config(vq: VQAutoencoderConfig) -> DalleConfig:
 
 
 SYSTEM = token_system(SYSTEM_NAME, "DALL-E: an autoregressive [caption words; image tokens] transformer", load,
-                      tiny_config)
+                      tiny_config, SHIPPED)

@@ -311,12 +311,15 @@ class TokenPipeline(RequestMethods):
 
 
 def load_pipeline(path: Path, dtype: torch.dtype, system: str, what: str, from_dict: Callable[[dict[str, Any]], Any],
-                  make: Callable[[TokenTransformer, VQAutoencoder, Any, str], TokenPipeline]) -> TokenPipeline:
+                  make: Callable[[TokenTransformer, VQAutoencoder, Any, str], TokenPipeline],
+                  shipped: tuple[ShippedModel, ...] = ()) -> TokenPipeline:
     """A family's file (or a folder holding it as model.safetensors) -> `make(net, vq, cfg, name)`, the
-    transformer then cast to `dtype` (the tokenizer stays float32)."""
+    transformer then cast to `dtype` (the tokenizer stays float32). The name (PNG metadata, the server's
+    model id) is a shipped model's when the file is one of `shipped`, else the folder's or the file's."""
     file = system_file(path)
     net, vq, cfg = load_token_model(file, system, what, from_dict)
-    pipe = make(net, vq, cfg, file.parent.name if file.name == "model.safetensors" else file.stem)
+    name = next((m.name for m in shipped if m.path.resolve() == file.resolve()), None)
+    pipe = make(net, vq, cfg, name or (file.parent.name if file.name == "model.safetensors" else file.stem))
     if dtype != torch.float32:
         pipe.unet.to(dtype)
     return pipe
