@@ -165,6 +165,9 @@ def load(model: str | Path | None = None, precision: str = "fp32", quantizable: 
         return family.load(path, torch.float32, compact=torch.bfloat16)
     rest_bf16 = resolved == "bf16" or (resolved == "int8" and native_bf16())
     pipe = family.load(path, torch.bfloat16 if rest_bf16 else torch.float32)
+    shipped = family.shipped_at(path)
+    if shipped is not None:  # PNG metadata and the server say "t2i-shapes", not the folder the file sits in
+        pipe.name = shipped.name
     if resolved == "int8":
         from t2i.quantize import quantize_
 

@@ -106,3 +106,21 @@ def test_shipped_dalle_small_draws_what_it_is_told():
     judged = sum(judge(im, p).ok for im, p in zip(images[:10], singles, strict=True))
     print(f"background {right_background}/10, colour {right_colour}/10, judge {judged}/10")
     assert right_background >= 8 and right_colour >= 6 and judged >= 3
+
+
+def test_a_shipped_model_goes_by_its_name_however_it_is_asked_for(tmp_path):
+    """PNG metadata and the server name a shipped model by its shipped name whether it was asked for by name, by
+    folder or by file (one rule, `System.shipped_at`, applied by `t2i.load`); a copy elsewhere is just a file."""
+    import shutil
+
+    import t2i
+    from t2i.systems.dalle import SHIPPED
+
+    file = SHIPPED[0].path
+    for asked in ("t2i-dalle-small", file.parent, file, str(file)):
+        assert t2i.load(asked).name == "t2i-dalle-small", asked
+    copy = tmp_path / "mine" / "model.safetensors"
+    copy.parent.mkdir()
+    shutil.copy(file, copy)
+    assert t2i.load(copy).name == "mine" and t2i.load(copy.parent).name == "mine"
+    assert system("shapes_ldm").shipped_at(file) is None and system("dalle").shipped_at(copy) is None

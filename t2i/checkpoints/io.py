@@ -323,6 +323,12 @@ def system_file(path: str | os.PathLike) -> Path:
     return path / "model.safetensors" if path.is_dir() else path
 
 
+def model_name(file: Path) -> str:
+    """The name a model loaded from a t2i weight file goes by (PNG metadata, the server's model id): its
+    folder's for `model.safetensors`, else the file's stem. (`t2i.load` names a shipped model by its own name.)"""
+    return file.parent.name if file.name == "model.safetensors" else file.stem
+
+
 def is_system_file(path: str | os.PathLike, system: str) -> bool:
     """Whether `path` (a file, or a folder holding model.safetensors) was written by `save_with_config`
     for `system`: the metadata only, never the weights (a family's cheap `detect`)."""

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from t2i.checkpoints.io import system_file
 from t2i.diffusion.paint_with_words import Region
 from t2i.layout.spec import Layout
 from t2i.seeds import resolve_seed
@@ -321,6 +322,12 @@ class System:
     write_tiny: Callable[[Path, int], Path]
     shipped: tuple[ShippedModel, ...] = field(default_factory=tuple)
     export: Callable[[Pipeline, Path], Path] | None = None
+
+    def shipped_at(self, path: Path) -> ShippedModel | None:
+        """The shipped model whose file (or folder) `path` is, if any: `t2i.load` names the pipeline after it,
+        however the model was asked for (its name, its folder or its file)."""
+        file = system_file(path).resolve()
+        return next((m for m in self.shipped if system_file(m.path).resolve() == file), None)
 
 
 def per_image(prompt: str | list[str], negative: str | list[str], seed: int | list[int | None] | None,

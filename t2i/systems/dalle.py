@@ -146,7 +146,7 @@ def save_dalle(net: TokenTransformer, vq: VQAutoencoder, cfg: DalleConfig, path:
 
 def load(path: Path, dtype: torch.dtype = torch.float32) -> DallePipeline:
     """A DALL-E file (or a folder holding it as model.safetensors) -> DallePipeline."""
-    return load_pipeline(path, dtype, SYSTEM_NAME, "a t2i DALL-E file", DalleConfig.from_dict, DallePipeline, SHIPPED)
+    return load_pipeline(path, dtype, SYSTEM_NAME, "a t2i DALL-E file", DalleConfig.from_dict, DallePipeline)
 
 
 def tiny_config(vq: VQAutoencoderConfig) -> DalleConfig:

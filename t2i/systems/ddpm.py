@@ -37,6 +37,7 @@ from t2i.checkpoints.io import (
     header_tensors,
     is_system_file,
     load_state_dict,
+    model_name,
     read_config,
     save_with_config,
     system_file,
@@ -337,7 +338,7 @@ def load(path: Path, dtype: torch.dtype = torch.float32) -> DDPMPipeline:
         net, cfg = load_t2i_ddpm(file)
         defaults = GenerationDefaults(sampler=cfg.sampler, schedule=cfg.schedule_name, steps=cfg.steps,
                                       guidance=cfg.guidance, width=cfg.image_size, height=cfg.image_size)
-        name = file.parent.name if file.name == "model.safetensors" else file.stem
+        name = model_name(file)
         pipe = DDPMPipeline(net, cfg.schedule, text_encoder=load_text_encoder(cfg), name=name, defaults=defaults)
     if dtype != torch.float32:
         pipe.unet.to(dtype)

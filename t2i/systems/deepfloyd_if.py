@@ -57,6 +57,7 @@ from t2i.checkpoints.io import (
     header_tensors,
     is_system_file,
     load_state_dict,
+    model_name,
     read_config,
     save_with_config,
     system_file,
@@ -444,7 +445,7 @@ def load_minilm(length: int) -> nn.Module:
 def load_t2i_if(path: Path) -> IFPipeline:
     """A t2i IF file -> IFPipeline with the MiniLM text encoder."""
     cfg, base, sr = read_if_file(path)
-    name = path.parent.name if path.name == "model.safetensors" else path.stem
+    name = model_name(path)
     return if_file_pipeline(cfg, base, sr, load_minilm(cfg.text_length), name)
 
 

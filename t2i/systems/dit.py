@@ -45,6 +45,7 @@ from t2i.checkpoints.io import (
     find_weights,
     is_system_file,
     load_state_dict,
+    model_name,
     save_with_config,
     system_file,
 )
@@ -255,11 +256,6 @@ class LatentTransformer(nn.Module):
         return load_system_file(path, system, f"a t2i {system} model file", LatentTransformerConfig.from_dict, cls,
                                 lambda c: {"vae": c.vae, "net": c.net},
                                 lambda c: check_schedule(c.schedule, f"{path}: schedule"))
-
-
-def model_name(file: Path) -> str:
-    """A model file's name: its folder's for `model.safetensors`, else its stem."""
-    return file.parent.name if file.name == "model.safetensors" else file.stem
 
 
 # ---------------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ class EDiffIPipeline(LatentDiffusionPipeline):
             return super().run(request)
 
 
-def model_name(folder: Path) -> str:
+def experts_folder_name(folder: Path) -> str:
     """A folder's model name: its own, or its run's for `t2i train ediffi`'s OUT/model."""
     folder = Path(folder).resolve()
     return folder.parent.name if folder.name == "model" else folder.name
@@ -194,7 +194,7 @@ def load(path: Path, dtype: torch.dtype = torch.float32) -> EDiffIPipeline:
                                   height=c.image_size)
     try:
         pipe = EDiffIPipeline([m.unet for m in models], [iv for _, iv in entries], models[0].vae,
-                              load_text_encoder(c), c.schedule, name=model_name(folder), defaults=defaults)
+                              load_text_encoder(c), c.schedule, name=experts_folder_name(folder), defaults=defaults)
     except ValueError as e:  # intervals that do not tile the schedule
         raise CheckpointError(f"{folder / MANIFEST}: {e}") from None
     pipe.prompt_check = out_of_world_warning

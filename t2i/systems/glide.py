@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from t2i.checkpoints.io import is_system_file, save_with_config, system_file
+from t2i.checkpoints.io import is_system_file, model_name, save_with_config, system_file
 from t2i.checkpoints.limits import check_schedule, load_system_file
 from t2i.data.shapes_vocab import out_of_world_warning, vocabulary
 from t2i.diffusion.clip_guidance import ClipGuidance
@@ -333,7 +333,7 @@ def load(path: Path, dtype: torch.dtype = torch.float32) -> GlidePipeline:
     nets = read_glide(file)
     if dtype != torch.float32:
         nets.to(dtype)
-    return GlidePipeline(nets, name=file.parent.name if file.name == "model.safetensors" else file.stem)
+    return GlidePipeline(nets, name=model_name(file))
 
 
 def write_tiny(folder: Path, seed: int = 0) -> Path:

@@ -32,7 +32,14 @@ from t2i.checkpoints.diffusers_pixart import (
     pixart_config_from_diffusers,
     pixart_state_dict_from_diffusers,
 )
-from t2i.checkpoints.io import CheckpointError, find_weights, is_system_file, load_state_dict, system_file
+from t2i.checkpoints.io import (
+    CheckpointError,
+    find_weights,
+    is_system_file,
+    load_state_dict,
+    model_name,
+    system_file,
+)
 from t2i.checkpoints.limits import build_checked, fill
 from t2i.data.shapes_vocab import out_of_world_warning
 from t2i.diffusion.precond import LearnedVariance
@@ -42,7 +49,7 @@ from t2i.nets.pixart_controlnet import PixArtControlNet
 from t2i.nets.pixart_controlnet import check_fits as check_controlnet_fits
 from t2i.samplers.sampling import SAMPLERS
 from t2i.systems.base import Capabilities, GenerationDefaults, GenerationRequest, System
-from t2i.systems.dit import LatentTransformer, LatentTransformerConfig, model_name, randomise_zeros
+from t2i.systems.dit import LatentTransformer, LatentTransformerConfig, randomise_zeros
 from t2i.systems.latent_diffusion import LatentDiffusionPipeline
 from t2i.systems.shapes_ldm import VAE_PRESETS
 from t2i.systems.stable_diffusion import SCHEDULER_SAMPLERS

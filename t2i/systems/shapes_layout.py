@@ -30,6 +30,7 @@ from t2i.autoencoders.kl import AutoencoderKL
 from t2i.checkpoints.io import (
     CheckpointError,
     is_system_file,
+    model_name,
     save_with_config,
     system_file,
 )
@@ -235,9 +236,7 @@ def load_layout_model(path: str | Path, dtype: torch.dtype = torch.float32) -> S
     text_encoder = load_text_encoder(model.cfg.ldm)
     planner_file = file.parent / "planner.safetensors"
     planner = LayoutPlanner.load(planner_file) if planner_file.is_file() else None
-    name = ("t2i-shapes-layout" if file.parent.resolve() == LAYOUT_MODEL_DIR else
-            file.parent.name if file.name == "model.safetensors" else file.stem)
-    pipe = ShapesLayoutPipeline(model, text_encoder, planner, name=name)
+    pipe = ShapesLayoutPipeline(model, text_encoder, planner, name=model_name(file))
     if dtype != torch.float32:
         pipe.unet.to(dtype)
         pipe.vae.to(dtype)

@@ -24,6 +24,7 @@ from torch import nn
 from t2i.autoencoders.kl import AutoencoderKL, AutoencoderKLConfig
 from t2i.checkpoints.io import (
     is_system_file,
+    model_name,
     save_with_config,
     system_file,
 )
@@ -149,21 +150,11 @@ def load_t2i_model(path: str | Path, dtype: torch.dtype = torch.float32):
     """A t2i shapes-LDM file or folder -> LatentDiffusionPipeline (text encoder: frozen MiniLM)."""
     file = system_file(path)
     model = ShapesLDM.load(file)
-    name = "t2i-shapes" if file == DEFAULT_MODEL_FILE else file.parent.name if file.name == "model.safetensors" \
-        else file.stem
-    pipe = model.pipeline(name=name)
+    pipe = model.pipeline(name=model_name(file))
     if dtype != torch.float32:
         pipe.unet.to(dtype)
         pipe.vae.to(dtype)
     return pipe
-
-
-def load_default_model(dtype: torch.dtype = torch.float32):
-    """The built-in shapes model shipped in t2i/assets/default."""
-    if not DEFAULT_MODEL_FILE.is_file():
-        raise FileNotFoundError(f"the built-in model is missing ({DEFAULT_MODEL_FILE}); reinstall t2i or "
-                                "give --model PATH")
-    return load_t2i_model(DEFAULT_MODEL_FILE, dtype)
 
 
 def write_tiny_model(folder: Path, seed: int = 0) -> Path:

@@ -38,6 +38,7 @@ from t2i.checkpoints.io import (
     header_tensors,
     is_system_file,
     load_state_dict,
+    model_name,
     read_config,
     save_with_config,
     system_file,
@@ -311,15 +312,12 @@ class TokenPipeline(RequestMethods):
 
 
 def load_pipeline(path: Path, dtype: torch.dtype, system: str, what: str, from_dict: Callable[[dict[str, Any]], Any],
-                  make: Callable[[TokenTransformer, VQAutoencoder, Any, str], TokenPipeline],
-                  shipped: tuple[ShippedModel, ...] = ()) -> TokenPipeline:
+                  make: Callable[[TokenTransformer, VQAutoencoder, Any, str], TokenPipeline]) -> TokenPipeline:
     """A family's file (or a folder holding it as model.safetensors) -> `make(net, vq, cfg, name)`, the
-    transformer then cast to `dtype` (the tokenizer stays float32). The name (PNG metadata, the server's
-    model id) is a shipped model's when the file is one of `shipped`, else the folder's or the file's."""
+    transformer then cast to `dtype` (the tokenizer stays float32)."""
     file = system_file(path)
     net, vq, cfg = load_token_model(file, system, what, from_dict)
-    name = next((m.name for m in shipped if m.path.resolve() == file.resolve()), None)
-    pipe = make(net, vq, cfg, name or (file.parent.name if file.name == "model.safetensors" else file.stem))
+    pipe = make(net, vq, cfg, model_name(file))
     if dtype != torch.float32:
         pipe.unet.to(dtype)
     return pipe

@@ -60,6 +60,7 @@ from t2i.checkpoints.diffusers_unclip import (
 from t2i.checkpoints.io import (
     is_system_file,
     load_component_weights,
+    model_name,
     read_json_object,
     save_with_config,
     system_file,
@@ -577,7 +578,7 @@ def load_t2i_unclip(path: Path) -> UnCLIPPipeline:
         return out | ({"super_res": cfg.super_res} if cfg.super_res is not None else {})
 
     nets = load_system_file(file, SYSTEM_NAME, "a t2i unCLIP file", UnCLIPConfig.from_dict, UnCLIPNets, parts, _check)
-    name = file.parent.name if file.name == "model.safetensors" else file.stem
+    name = model_name(file)
     return pipeline_from_nets(nets, load_clip(nets.cfg.clip).eval().requires_grad_(False), name)
 
 
