@@ -281,6 +281,13 @@ def test_variations_decode_the_image_embedding_with_new_noise(tiny):
     other = tiny.decode(-z, seed=12, steps=2)  # the embedding is what the decoder reads
     assert (other.sample - again.sample).abs().max() > 1e-3
     assert "unCLIP: variation" in variations.images[0].info["parameters"]
+    # without a caption the decoder guides by StageSettings.embedding_guidance, not the text-to-image default
+    assert tiny.settings.embedding_guidance == 8.0 != tiny.defaults.guidance
+    assert "CFG scale: 8.0" in variations.images[0].info["parameters"]
+    assert torch.equal(tiny.decode(z, seed=12, steps=2, guidance=8.0).sample, again.sample)
+    assert not torch.equal(tiny.decode(z, seed=12, steps=2, guidance=tiny.defaults.guidance).sample, again.sample)
+    captioned = tiny.decode(z, "a red circle", seed=12, steps=2)  # a caption: the model's own default
+    assert f"CFG scale: {tiny.defaults.guidance}" in captioned.images[0].info["parameters"]
 
 
 def test_interpolation_and_text_diff_start_at_the_image_and_share_one_seed(tiny):
@@ -375,9 +382,10 @@ def test_unclip_cli_writes_variations_interpolations_and_text_diffs(tmp_path):
     assert "unCLIP: text diff" in read_parameters(tmp_path / "t" / "source_text_diff_001.png")
     assert main(["unclip", "variations", str(source), "--model", "no_such_model", "--out", str(tmp_path)]) == 2
     assert main(["unclip", "judge-variations", "--model", str(model), "--n", "2", "--num", "1", "--steps", "2",
-                 "--out", str(tmp_path / "j")]) == 0
+                 "--guidance", "5", "--out", str(tmp_path / "j")]) == 0
     report = json.loads((tmp_path / "j" / "results.json").read_text())
     assert report["n"] == 2 and report["source_pass"] == 1.0  # rendered truth passes; the judge is the ceiling
+    assert (report["steps"], report["guidance"]) == (2, 5.0)  # the decoder settings it was measured with
     assert 0.0 <= report["variation_pass"] <= 1.0 and 0.0 <= report["random_pass"] <= 1.0
     assert main(["unclip", "prior-retrieval", "--model", str(model), "--n", "3", "--steps", "2"]) == 0
 

@@ -27,15 +27,16 @@ SOURCE_SIZE = 64
 
 
 def variation_agreement(pipe: Any, n: int = 50, per_source: int = 2, seed: int = 20_000, steps: int | None = None,
-                        out: str | Path | None = None) -> dict[str, float]:
+                        out: str | Path | None = None, guidance: float | None = None) -> dict[str, float]:
     """The share of variations the judge passes on their source's caption, against the same share for variations
     of another scene (the random-sample baseline), and the rendered sources' own pass rate (the judge's ceiling).
-    pipe: an UnCLIPPipeline with a CLIP image tower. out: a folder for results.json (optional)."""
+    pipe: an UnCLIPPipeline with a CLIP image tower. steps, guidance: the decoder's (None: the model's). out: a
+    folder for results.json (optional)."""
     scenes = heldout_scenes(n, fresh_seed=seed)
     size = max(pipe.capabilities.native_size[0], SOURCE_SIZE)
     sources = [render(scene, size) for scene, _ in scenes]
     captions = [caption for _, caption in scenes]
-    settings = {"steps": steps} if steps is not None else {}
+    settings = {k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None}
     kept = baseline = source_ok = 0
     for i, (image, caption) in enumerate(zip(sources, captions, strict=True)):
         source_ok += judge(image, caption).ok
@@ -46,7 +47,7 @@ def variation_agreement(pipe: Any, n: int = 50, per_source: int = 2, seed: int =
         baseline += sum(judge(v, caption).ok for v in other)
     total = n * per_source
     result = {"n": n, "per_source": per_source, "variation_pass": kept / total, "random_pass": baseline / total,
-              "source_pass": source_ok / n}
+              "source_pass": source_ok / n, "guidance": pipe.settings.embedding_guidance} | settings
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "results.json").write_text(json.dumps(result, indent=2))

@@ -40,7 +40,7 @@ def _image(path: str) -> Image.Image:
 def _judge(args: argparse.Namespace) -> int:
     from t2i.eval.unclip_variations import variation_agreement
 
-    result = variation_agreement(_load(args), args.n, args.num, args.seed, args.steps, args.out)
+    result = variation_agreement(_load(args), args.n, args.num, args.seed, args.steps, args.out, args.guidance)
     print(", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
     return 0
 
@@ -94,6 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     judge.add_argument("--num", type=int, default=2, help="variations per source (default: 2)")
     judge.add_argument("--seed", type=int, default=20_000, help="scene seed, one no run trains on (default: 20000)")
     judge.add_argument("--steps", type=int, help="decoder steps (unset: the model's)")
+    judge.add_argument("--guidance", type=float, help="decoder guidance scale (unset: the model's)")
     judge.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="weights' precision")
     judge.set_defaults(func=_judge)
     retrieval = sub.add_parser("prior-retrieval", help="held-out shapes scenes: how often the prior's sample for a "
