@@ -11,7 +11,6 @@ Planning, text encoding and decoding are included, as `t2i eval shapes` draws it
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 
 import torch
@@ -44,9 +43,7 @@ def main() -> None:
         for i in order:
             m, kw = settings[i]
             times[i].append(mean_seconds(models[m], args.images, **kw))
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-               platform.processor())
-    print(f"CPU: {cpu}, 1 thread, {args.rounds} rounds of {args.images} images")
+    print(f"CPU: {t2i.cpu_description()}, 1 thread, {args.rounds} rounds of {args.images} images")
     base = statistics.median(times[0])
     for (m, kw), t in zip(settings, times, strict=True):
         med = statistics.median(t)
