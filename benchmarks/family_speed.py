@@ -47,6 +47,7 @@ def families(tokenizer: str) -> dict[str, list[str] | str]:
         "dalle_small": "t2i-dalle-small",
         "unclip": ["unclip-decoder", "--decoder-preset", "shapes_decoder_32_s"],  # a prior too, untrained
         "dit": ["dit"],
+        "pixart": ["pixart"],
         "controlnet": ["controlnet", "--base", "t2i/assets/default"],  # on t2i-shapes, a box map as control
     }
 

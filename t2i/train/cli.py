@@ -264,7 +264,8 @@ DIT: list[Option] = [
     ("--condition-dropout", "condition_dropout", {"type": float}, "share of examples without their class or "
      "caption (for CFG)"),
     *(o for o in IMAGES if o[1] in ("image_size", "background_p", "image_every")),
-    *(o for o in LDM if o[1] in ("ema_decay", "weight_decay", "min_snr_gamma", "sample_steps", "export_every")),
+    *(o for o in LDM if o[1] in ("prediction_type", "ema_decay", "weight_decay", "min_snr_gamma", "sample_steps",
+                                  "export_every")),
     ("--learn-sigma", "learn_sigma", {"action": "store_true"}, "the network also outputs its variance (IDDPM's "
      "Sigma, as DiT), trained by the hybrid loss L_simple + 0.001 L_vlb"),
 ]

@@ -32,7 +32,7 @@ from t2i.autoencoders.kl import AutoencoderKL
 from t2i.data.captions import COLOURS, SHAPES, noun_phrase
 from t2i.diffusion.losses import DiffusionLoss, HybridLoss
 from t2i.nets.dit import DIT_PRESETS, DiT
-from t2i.systems.dit import DiTPipeline, LatentTransformer, LatentTransformerConfig
+from t2i.systems.dit import DiTPipeline, LatentTransformer, LatentTransformerConfig, latent_schedule
 from t2i.systems.shapes_ldm import DEFAULT_MODEL_FILE, ShapesLDM
 from t2i.train.config import LoopConfig
 from t2i.train.distributed import DistInfo
@@ -52,6 +52,9 @@ class LatentTrainConfig(LoopConfig):
     vae_from: str = ""  # a shapes LDM model file whose autoencoder gives the latents ("": the built-in model)
     condition_dropout: float = 0.1  # share of examples without their class / caption (for CFG)
     min_snr_gamma: float = 5.0  # 0: plain MSE
+    # DiT and PixArt predict eps; "v_prediction" keeps a signal for x0 at the highest noise levels, where an eps
+    # error is amplified into the image's colours (what moved the shapes DDPM and GLIDE runs off mush)
+    prediction_type: str = "epsilon"
     learn_sigma: bool = False  # 2C outputs (eps, variance values) trained by the hybrid loss (IDDPM, DiT)
     image_size: int = 64
     background_p: float | None = None  # share of black/gray backgrounds (None: the shapes world's own)
@@ -97,13 +100,15 @@ def load_autoencoder(path: str) -> AutoencoderKL:
 
 
 def model_config(cfg: LatentTrainConfig, vae: AutoencoderKL, **fields: Any) -> LatentTransformerConfig:
-    """The network preset at this image size over this autoencoder, eps only unless cfg.learn_sigma, and
-    `fields` (labels, text encoder)."""
+    """The network preset at this image size over this autoencoder, predicting cfg.prediction_type (and the
+    variance too with cfg.learn_sigma), and `fields` (labels, text encoder)."""
     if cfg.preset not in DIT_PRESETS:
         raise ValueError(f"unknown DiT preset {cfg.preset!r}; choose from {sorted(DIT_PRESETS)}")
     net = dataclasses.replace(DIT_PRESETS[cfg.preset], sample_size=cfg.image_size // vae.cfg.downsample_factor,
                               in_channels=vae.cfg.latent_channels, learn_sigma=cfg.learn_sigma)
-    return LatentTransformerConfig(net=net, vae=dataclasses.replace(vae.cfg), image_size=cfg.image_size, **fields)
+    schedule = dataclasses.replace(latent_schedule(), prediction_type=cfg.prediction_type)
+    return LatentTransformerConfig(net=net, vae=dataclasses.replace(vae.cfg), image_size=cfg.image_size,
+                                   schedule=schedule, **fields)
 
 
 # (position, generator) -> (images (B, 3, S, S), the network's conditioning), the condition dropped by chance
