@@ -39,6 +39,16 @@ def _held_out_loss(path, system: str, cond_of) -> float:
     return sum(loss(model.net, z, cond, torch.Generator().manual_seed(k)).item() for k in range(4)) / 4
 
 
+def _captions_of(text):
+    """cond_of for `_held_out_loss` on a PixArt model: the seed-123 images and their captions' MiniLM states."""
+    def cond_of(model):
+        x, captions, _ = open_data("shapes", None, 16, 123, print).batch(0, 32, DistInfo())
+        enc = text.encode(captions)
+        return x, {"context": enc.context, "mask": enc.mask}
+
+    return cond_of
+
+
 def _family(path) -> list[str]:
     return [s.name for s in systems() if s.detect(path)]
 
@@ -110,12 +120,8 @@ def test_tiny_pixart_run_lowers_its_loss_and_exports_a_loadable_model(tmp_path):
     assert train_pixart(PixArtTrainConfig(out=str(tmp_path / "r30"), steps=30, lr=3e-3, **common),
                         text_encoder=text) == 0
 
-    def cond_of(model):
-        x, captions, _ = open_data("shapes", None, 16, 123, print).batch(0, 32, DistInfo())
-        enc = text.encode(captions)
-        return x, {"context": enc.context, "mask": enc.mask}
-
-    before, after = (_held_out_loss(tmp_path / r / "model.safetensors", "pixart", cond_of) for r in ("r0", "r30"))
+    before, after = (_held_out_loss(tmp_path / r / "model.safetensors", "pixart", _captions_of(text))
+                     for r in ("r0", "r30"))
     print(f"pixart held-out loss before {before:.4f} after {after:.4f}")
     assert after < 0.6 * before
     path = tmp_path / "r30" / "model.safetensors"
@@ -136,12 +142,8 @@ def test_pixart_trains_v_prediction_when_asked(tmp_path):
     assert main(["train", "pixart", "--out", str(tmp_path / "r0"), "--steps", "1", "--lr", "1e-12", *common]) == 0
     assert main(["train", "pixart", "--out", str(tmp_path / "r30"), "--steps", "30", "--lr", "3e-3", *common]) == 0
 
-    def cond_of(model):
-        x, captions, _ = open_data("shapes", None, 16, 123, print).batch(0, 32, DistInfo())
-        enc = text.encode(captions)
-        return x, {"context": enc.context, "mask": enc.mask}
-
-    before, after = (_held_out_loss(tmp_path / r / "model.safetensors", "pixart", cond_of) for r in ("r0", "r30"))
+    before, after = (_held_out_loss(tmp_path / r / "model.safetensors", "pixart", _captions_of(text))
+                     for r in ("r0", "r30"))
     print(f"pixart v held-out loss before {before:.4f} after {after:.4f}")
     assert after < 0.85 * before  # measured 0.96 -> 0.72 (v is a harder target than eps at low noise)
     pipe = t2i.load(tmp_path / "r30" / "model.safetensors")
