@@ -386,6 +386,7 @@ def test_unclip_cli_writes_variations_interpolations_and_text_diffs(tmp_path):
     report = json.loads((tmp_path / "j" / "results.json").read_text())
     assert report["n"] == 2 and report["source_pass"] == 1.0  # rendered truth passes; the judge is the ceiling
     assert (report["steps"], report["guidance"]) == (2, 5.0)  # the decoder settings it was measured with
+    assert len(report["pairs"]) == 2 and sum(own for own, _ in report["pairs"]) == round(report["variation_pass"] * 2)
     assert 0.0 <= report["variation_pass"] <= 1.0 and 0.0 <= report["random_pass"] <= 1.0
     assert main(["unclip", "prior-retrieval", "--model", str(model), "--n", "3", "--steps", "2"]) == 0
 

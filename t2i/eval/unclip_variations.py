@@ -38,19 +38,20 @@ def variation_agreement(pipe: Any, n: int = 50, per_source: int = 2, seed: int =
     captions = [caption for _, caption in scenes]
     settings = {k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None}
     kept = baseline = source_ok = 0
+    pairs: list[tuple[int, int]] = []  # per source: (its variations that pass, the other scene's that pass)
     for i, (image, caption) in enumerate(zip(sources, captions, strict=True)):
         source_ok += judge(image, caption).ok
         own = pipe.variations(image, per_source, seed=seed + 2 * i * per_source, **settings).images
         other = pipe.variations(sources[(i + 1) % n], per_source, seed=seed + (2 * i + 1) * per_source,
                                 **settings).images
-        kept += sum(judge(v, caption).ok for v in own)
-        baseline += sum(judge(v, caption).ok for v in other)
+        pairs.append((sum(judge(v, caption).ok for v in own), sum(judge(v, caption).ok for v in other)))
+        kept, baseline = kept + pairs[-1][0], baseline + pairs[-1][1]
     total = n * per_source
     result = {"n": n, "per_source": per_source, "variation_pass": kept / total, "random_pass": baseline / total,
               "source_pass": source_ok / n, "guidance": pipe.settings.embedding_guidance} | settings
-    if out is not None:
+    if out is not None:  # with the per-source counts, for a paired test
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "results.json").write_text(json.dumps(result, indent=2))
+        (Path(out) / "results.json").write_text(json.dumps(result | {"pairs": pairs}, indent=2))
     return result
 
 
