@@ -61,7 +61,8 @@ LDM: list[Option] = [
     ("--vae", "vae_path", {}, "vae.safetensors written by `t2i train autoencoder` (a new model)"),
     ("--init-from", "init_from", {}, "warm start from a model file (e.g. the built-in "
      "t2i/assets/default/model.safetensors): its config, autoencoder and U-Net; a fresh optimizer"),
-    ("--prediction", "prediction_type", {"choices": ("epsilon", "v_prediction")}, "what the U-Net predicts"),
+    ("--prediction", "prediction_type", {"choices": ("epsilon", "v_prediction")}, "what the network predicts: "
+     "the noise, or v (Salimans & Ho)"),
     ("--caption-dropout", "caption_dropout", {"type": float}, "share of empty captions (for CFG)"),
     ("--ema-decay", "ema_decay", {"type": float}, "EMA decay of the shipped weights"),
     ("--weight-decay", "weight_decay", {"type": float}, "AdamW weight decay"),
