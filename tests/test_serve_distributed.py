@@ -253,10 +253,11 @@ def test_progress_cancel_and_interrupt_across_processes(cluster):
         for pid in others:
             os.kill(pid, signal.SIGCONT)
     # A1111's interrupt reaches the worker: the waiting request ends at once, as in one process (the
-    # DiT has no decoder for its current estimate, so it ends without an image: 409).
+    # DiT has no decoder for its current estimate, so it ends without an image: 409). Twice LONG (the schedule's
+    # 1,000 steps at most): on an idle fast CPU LONG's 500 once ended between the progress poll and the interrupt.
     answer = {}
     t = threading.Thread(target=lambda: answer.update(r=request(
-        "POST", url + "/sdapi/v1/txt2img", {"prompt": "a red circle", **LONG, "seed": 4})))
+        "POST", url + "/sdapi/v1/txt2img", {"prompt": "a red circle", **LONG, "steps": 1000, "seed": 4})))
     t.start()
     wait_until(lambda: request("GET", url + "/sdapi/v1/progress")[2]["state"]["sampling_step"] > 0, 30, "a run")
     (interrupted,) = request("POST", url + "/sdapi/v1/interrupt")[2]["interrupted"]
