@@ -303,6 +303,113 @@ def test_interpolation_and_text_diff_start_at_the_image_and_share_one_seed(tiny)
     assert (diff.sample[2] - diff.sample[0]).abs().max() > 1e-3
 
 
+def test_the_embedding_quantizer_keeps_an_embedding_and_draws_dots_from_the_top_half():
+    """unCLIP sec. 2.2's AR prior codes: PCA by decreasing variance, uniform buckets per component (back within
+    a bucket), and the dot-product token sampled from the top half of its training distribution."""
+    import torch.nn.functional as F
+
+    from t2i.nets.ar_prior import ARPriorConfig, EmbeddingQuantizer, cosine
+    from t2i.seeds import seed_generators
+
+    torch.manual_seed(0)
+    cfg = ARPriorConfig(embed_dim=16, text_tokens=4, components=4, buckets=64, dot_buckets=8)
+    basis = torch.linalg.qr(torch.randn(16, 4))[0].T  # (4, 16) orthonormal rows
+    z = (torch.randn(2000, 4) * torch.tensor([3.0, 2.0, 1.0, 0.5])) @ basis + 1.0  # rank 4 around a mean
+    t = z + 2.0 * torch.randn_like(z)
+    q = EmbeddingQuantizer(cfg)
+    q.fit(z, t)
+    assert torch.allclose(q.scales, torch.tensor([3.0, 2.0, 1.0, 0.5]), rtol=0.1)  # ordered, measured
+    codes = q.encode(z)
+    assert codes.dtype == torch.long and codes.min() >= 0 and codes.max() < 64 and len(codes.unique()) > 32
+    assert F.cosine_similarity(q.decode(codes), z).min() > 0.99
+    y = (z - q.mean) @ q.basis.T / q.scales  # (N, K) in standard deviations
+    inside = y.abs().amax(1) < cfg.range_sigmas
+    error = ((q.decode(codes) - z) @ q.basis.T / q.scales)[inside]
+    assert error.abs().max() <= 2 * 4.0 / 64 / 2 + 1e-4  # within half a bucket of +-4 sigma in 64
+    train = q.dot_tokens(cosine(z, t))
+    drawn = q.sample_dot_tokens(seed_generators(list(range(300))))
+    assert (train >= drawn.min()).float().mean() >= 0.5  # the lowest drawn bucket is the median's ...
+    assert all((train > b).float().mean() < 0.5 for b in drawn.unique())  # ... and none below it
+    assert len(drawn.unique()) > 1
+
+
+def _ar_tiny(seed: int = 0):
+    """A tiny t2i unCLIP whose prior is the autoregressive one (random weights, fitted statistics)."""
+    from dataclasses import replace
+
+    from t2i.nets.ar_prior import AR_PRIOR_PRESETS
+    from t2i.systems.unclip import UnCLIPNets, load_clip, pipeline_from_nets
+    from t2i.train.unclip import resolve_model_config
+
+    clip = load_clip("shapes").eval()
+    cfg = resolve_model_config(_train_config("-", "prior", prior="ar"), clip)
+    assert cfg.ar_prior == replace(AR_PRIOR_PRESETS["tiny"], embed_dim=128, text_tokens=32)
+    torch.manual_seed(seed)
+    nets = UnCLIPNets(cfg).eval()
+    with torch.no_grad():
+        for p in nets.prior.transformer.parameters():  # the head starts at zero: make every logit matter
+            p.normal_(0, 0.3)
+        z = torch.nn.functional.normalize(torch.randn(64, 128), dim=-1)
+        nets.prior.quantizer.fit(z, z + torch.randn_like(z))
+    return pipeline_from_nets(nets, clip, "ar-tiny")
+
+
+def test_the_autoregressive_prior_draws_each_code_from_the_guided_full_pass():
+    """The pipeline samples the AR prior through the KV cache with CFG on the logits (the empty caption and the
+    null dot token as the unconditional branch): the same codes as full passes over the growing prefix."""
+    from t2i.nets.ar_prior import ARPrior
+    from t2i.seeds import seed_generators
+    from t2i.tokens import CFGTokenModel, GuidedCond, sample_autoregressive
+
+    pipe = _ar_tiny()
+    prior = pipe.prior
+    assert isinstance(prior, ARPrior) and pipe.prior_steps == prior.cfg.components == 4
+    text, empty = pipe.encode_text(["a red circle", "two blue squares"]), pipe.encode_text(["", ""])
+    z = pipe.sample_prior(text, empty, seed_generators([1, 2]), guidance=3.0)
+    generators = seed_generators([1, 2])
+    dots = prior.quantizer.sample_dot_tokens(generators)
+    null = torch.full_like(dots, prior.cfg.null_dot)
+    cond = GuidedCond(prior.condition(dots, text.embeds, text.states, text.mask),
+                      prior.condition(null, empty.embeds, empty.states, empty.mask))
+    codes = sample_autoregressive(CFGTokenModel(prior, 3.0), cond, 4, generators=generators)  # no cache
+    assert torch.allclose(z, prior.quantizer.decode(codes), atol=1e-6)
+    assert z.shape == (2, 128) and not torch.allclose(z[0], z[1])
+    unguided = pipe.sample_prior(text, empty, seed_generators([1, 2]), guidance=1.0)
+    assert not torch.allclose(unguided, z)  # guidance changes the draws
+
+
+def test_the_autoregressive_prior_trains_resumes_and_feeds_the_decoder(tmp_path):
+    import t2i
+    from t2i.nets.ar_prior import ARPrior
+    from t2i.train.unclip import train_unclip
+
+    assert train_unclip(_train_config(tmp_path / "prior", "prior", prior="ar", steps=30, batch_size=16, lr=3e-3,
+                                      ckpt_every=30, export_every=30, stats_images=64)) == 0
+    losses = _losses(tmp_path / "prior", "unclip/prior_loss")
+    assert len(losses) == 30 and abs(losses[0] - torch.log(torch.tensor(16.0)).item()) < 0.1  # uniform at start
+    assert sum(losses[-5:]) < 0.85 * sum(losses[:5])  # the AR prior learns its codes
+    prior_file = tmp_path / "prior" / "model.safetensors"
+    pipe = t2i.load(prior_file)
+    assert isinstance(pipe.prior, ARPrior) and pipe.prior.quantizer.scales.std() > 0  # statistics measured
+    steps: list[tuple[int, int]] = []
+    image = pipe.generate("a red circle", seed=1, steps=2, callback=lambda i, n: steps.append((i, n)))
+    assert image.sample.shape == (1, 3, 16, 16) and steps[-1] == (4 * 2 + 2, 4 * 2 + 2)  # 2 candidates x 4 codes
+    # the statistics are measured once: a resumed run reads them back and ends where an uninterrupted one does
+    from t2i.checkpoints.io import load_state_dict
+
+    short = dict(prior="ar", steps=4, stats_images=64)
+    assert train_unclip(_train_config(tmp_path / "whole", "prior", **short)) == 0
+    assert train_unclip(_train_config(tmp_path / "cut", "prior", **{**short, "steps": 2})) == 0
+    assert train_unclip(_train_config(tmp_path / "cut", "prior", **short), resume=True) == 0
+    whole, cut = (load_state_dict(tmp_path / d / "model.safetensors") for d in ("whole", "cut"))
+    assert all(torch.equal(whole[k], cut[k]) for k in whole) and "prior.quantizer.basis" in whole
+    # the decoder run keeps the AR prior it starts from
+    assert train_unclip(_train_config(tmp_path / "decoder", "decoder", init=str(prior_file), steps=2)) == 0
+    both = t2i.load(tmp_path / "decoder" / "model.safetensors")
+    assert isinstance(both.prior, ARPrior)
+    assert all(torch.equal(v, both.prior.state_dict()[k]) for k, v in pipe.prior.state_dict().items())
+
+
 def test_karlo_folder_without_an_image_tower_refuses_variations(karlo):
     _, ours, _ = karlo
     with pytest.raises(ValueError, match="image tower"):

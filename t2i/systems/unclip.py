@@ -6,7 +6,9 @@ Two stages on a frozen CLIP (sec. 2):
            --decoder(z_i, text)--> 64x64 image --super-resolution x2--> 256 / 1024 image
 
 - the **prior** (`t2i.nets.prior_transformer`) is a diffusion model over CLIP image embeddings whose network
-  predicts z_i itself (x0), sampled with classifier-free guidance by dropping the text;
+  predicts z_i itself (x0), sampled with classifier-free guidance by dropping the text; or the paper's
+  autoregressive alternative (`t2i.nets.ar_prior`: PCA components of z_i quantized into codes, drawn one by one
+  by a causal transformer after a dot-product token from the top half of its distribution, CFG on the logits);
 - the **decoder** (`t2i.nets.unclip_unet`) is GLIDE's pixel U-Net conditioned on z_i (projected into the
   timestep embedding and into four extra context tokens) and the text, guided by dropping both (a learned
   null image embedding); it learns its variance (IDDPM), sampled ancestrally with it;
@@ -70,7 +72,9 @@ from t2i.checkpoints.transformers_text import load_clip_text_folder
 from t2i.diffusion.guidance import CFGDenoiser
 from t2i.diffusion.schedules import respaced_sigmas
 from t2i.imageio import request_parameters, to_pil
+from t2i.nets.ar_prior import ARPrior, ARPriorConfig
 from t2i.nets.prior_transformer import PRIOR_PRESETS, PriorConfig, PriorTransformer
+from t2i.nets.token_transformer import CachedDecoder
 from t2i.nets.unclip_unet import UNCLIP_UNET_PRESETS, TextProj, TextProjConfig, UnCLIPUNet, UnCLIPUNetConfig
 from t2i.quantize import precision_of
 from t2i.samplers.diffusers_plan import SamplingPlan
@@ -89,6 +93,7 @@ from t2i.systems.base import (
     stop_polling,
 )
 from t2i.text.clip_tokenizer import CLIPTokenizer
+from t2i.tokens import CFGTokenModel, GuidedCond, sample_autoregressive
 
 SYSTEM_NAME = "unclip"
 # what run() honours; init_image (+ strength) is unCLIP's own img2img: a variation (see `run`)
@@ -262,15 +267,16 @@ class UnCLIPPipeline(RequestMethods):
 
     Args:
         clip: `KarloCLIP` or `ShapesCLIPEncoder` (encode_text, encode_images).
-        prior, prior_schedule: the prior network and its UnCLIPScheduler settings (x0 prediction); no prior
-            (an image-variation model): requests need an init image.
+        prior, prior_schedule: the prior network and its UnCLIPScheduler settings: the diffusion prior (x0
+            prediction) or the autoregressive one (`ARPrior`, no schedule); no prior (an image-variation model):
+            requests need an init image.
         text_proj, decoder, decoder_schedule: the decoder's conditioning projection, its U-Net and schedule.
         super_res, super_res_schedule: (first, last) super-resolution U-Nets and their schedule, or None.
     """
 
     family = SYSTEM_NAME
 
-    def __init__(self, clip: nn.Module, prior: PriorTransformer | None, prior_schedule: UnCLIPSchedulerConfig,
+    def __init__(self, clip: nn.Module, prior: PriorTransformer | ARPrior | None, prior_schedule: UnCLIPSchedulerConfig,
                  text_proj: TextProj, decoder: UnCLIPUNet, decoder_schedule: UnCLIPSchedulerConfig,
                  super_res: tuple[UnCLIPUNet, UnCLIPUNet] | None = None,
                  super_res_schedule: UnCLIPSchedulerConfig | None = None, *, name: str = SYSTEM_NAME,
@@ -297,7 +303,8 @@ class UnCLIPPipeline(RequestMethods):
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(options=OPTIONS, samplers=SAMPLERS, size_multiple=self.size_multiple,
-                            native_size=(self.output_size, self.output_size))
+                            native_size=(self.output_size, self.output_size),
+                            max_steps=self.decoder_schedule.num_train_timesteps)
 
     def with_settings(self, **settings: Any) -> UnCLIPPipeline:
         """Change the prior / super-resolution settings (`StageSettings` fields) of later calls. Returns self."""
@@ -321,13 +328,22 @@ class UnCLIPPipeline(RequestMethods):
     def encode_text(self, texts: list[str]) -> TextCondition:
         return self.clip.encode_text(list(texts))
 
+    @property
+    def prior_steps(self) -> int:
+        """Steps of one prior sample: the diffusion prior's sampling steps, or the autoregressive prior's codes."""
+        return self.prior.cfg.components if isinstance(self.prior, ARPrior) else self.settings.prior_steps
+
     def sample_prior(self, cond: TextCondition, uncond: TextCondition, generators: list[torch.Generator],
                      steps: int | None = None, guidance: float | None = None, callback: Any = None) -> torch.Tensor:
-        """(B, E) CLIP image embeddings for the texts, drawn from the prior (CLIP's scale, denormalised)."""
+        """(B, E) CLIP image embeddings for the texts, drawn from the prior (CLIP's scale, denormalised).
+        steps: the diffusion prior's (the autoregressive prior draws one code per component)."""
         if self.prior is None:
             raise ValueError(f"{self.name} has no prior (an image-variation model): give an init image, whose "
                              "variations it makes (strength 0)")
         s = self.settings
+        guide = s.prior_guidance if guidance is None else guidance
+        if isinstance(self.prior, ARPrior):
+            return self._sample_ar_prior(self.prior, cond, uncond, generators, guide, callback)
         plan = stage_plan(self.prior_schedule, steps or s.prior_steps)
         dtype = self.prior.proj_in.weight.dtype
 
@@ -335,11 +351,24 @@ class UnCLIPPipeline(RequestMethods):
             return {"text_embeds": c.embeds.to(dtype), "text_states": c.states.to(dtype), "text_mask": c.mask}
 
         x = plan.start(seed_noise(generators, (self.prior.cfg.embed_dim,)))  # (B, E)
-        guide = s.prior_guidance if guidance is None else guidance
         denoiser = plan.limit_x0(CFGDenoiser(plan.denoiser(self.prior), guide))
         z = plan.finish(plan.run(denoiser, x, {"cond": args(cond), "uncond": args(uncond)}, callback, generators))
         z = z * self.prior_schedule.final_scale()
         return self.prior.denormalize(z.to(dtype)).float()
+
+    @staticmethod
+    def _sample_ar_prior(prior: ARPrior, cond: TextCondition, uncond: TextCondition,
+                         generators: list[torch.Generator], guidance: float, callback: Any) -> torch.Tensor:
+        """(B, E) image embeddings drawn code by code from the autoregressive prior (sec. 2.2): each image's
+        generator draws its dot-product token (the top half of the training distribution), then its codes;
+        guided on the logits against the empty caption with the null dot token."""
+        dots = prior.quantizer.sample_dot_tokens(generators)  # (B,)
+        null = torch.full_like(dots, prior.cfg.null_dot)
+        guided = GuidedCond(prior.condition(dots, cond.embeds, cond.states, cond.mask),
+                            prior.condition(null, uncond.embeds, uncond.states, uncond.mask))
+        model = CFGTokenModel(CachedDecoder(prior.transformer), guidance)  # one new position per call
+        codes = sample_autoregressive(model, guided, prior.cfg.components, generators=generators, callback=callback)
+        return prior.quantizer.decode(codes).float()  # (B, E)
 
     def sample_decoder(self, image_embeds: torch.Tensor, cond: TextCondition, uncond: TextCondition,
                        generators: list[torch.Generator], steps: int, guidance: float, size: int | None = None,
@@ -381,9 +410,11 @@ class UnCLIPPipeline(RequestMethods):
         return stack[scores.argmax(0), torch.arange(stack.shape[1])]
 
     # ------------------------------------------------------------------ Pipeline protocol
-    def _resolve(self, request: GenerationRequest) -> GenerationRequest:
+    def _resolve(self, request: GenerationRequest, from_embeddings: bool = False) -> GenerationRequest:
+        """The request with the model's defaults. Decoding image embeddings without a caption (from_embeddings,
+        or a variation of an init image) guides by `StageSettings.embedding_guidance` unless told otherwise."""
         captionless = not any([request.prompt] if isinstance(request.prompt, str) else request.prompt)
-        if request.init_image is not None and captionless and request.guidance is None:  # a variation
+        if (from_embeddings or request.init_image is not None) and captionless and request.guidance is None:
             request = replace(request, guidance=self.settings.embedding_guidance)
         r = request.with_defaults(self.defaults)
         check_sampling_request(r, SAMPLERS)  # the size: `_decoder_size` (square, the decoder's)
@@ -409,20 +440,20 @@ class UnCLIPPipeline(RequestMethods):
             generators = seed_generators(seeds)
             s = self.settings
             sr_steps = s.super_res_steps if self.super_res is not None else 0
-            total = s.prior_steps * s.prior_candidates + r.steps + sr_steps
+            total = self.prior_steps * s.prior_candidates + r.steps + sr_steps
             use_prior = r.init_image is None or bool(r.strength)
             if not use_prior:
-                total -= s.prior_steps * s.prior_candidates
+                total -= self.prior_steps * s.prior_candidates
             with StageReport.of(r, total) as report:
                 embeds = self.embed_images([r.init_image]).expand(len(prompts), -1) if r.init_image else None
                 offset = 0
                 if use_prior:
                     candidates = [self.sample_prior(cond, uncond, generators,
-                                                    callback=report.stage(k * s.prior_steps, False))
+                                                    callback=report.stage(k * self.prior_steps, False))
                                   for k in range(s.prior_candidates)]
                     drawn = self.pick_closest(candidates, cond.embeds) if len(candidates) > 1 else candidates[0]
                     embeds = drawn if embeds is None else slerp(embeds, drawn, float(r.strength))
-                    offset = s.prior_steps * s.prior_candidates
+                    offset = self.prior_steps * s.prior_candidates
                 small = self.sample_decoder(embeds, cond, uncond, generators, r.steps, r.guidance, size,
                                             report.stage(offset, True))
                 images = self.super_resolve(small, generators, callback=report.stage(offset + r.steps, True))
@@ -448,13 +479,11 @@ class UnCLIPPipeline(RequestMethods):
         guidance (the decoder's; unset without a prompt: `StageSettings.embedding_guidance`), width/height,
         progress, callback."""
         start = time.perf_counter()
-        if not prompt and settings.get("guidance") is None:
-            settings = settings | {"guidance": self.settings.embedding_guidance}
         n = image_embeds.shape[0]
         seeds = seed if isinstance(seed, list) else per_image("", "", seed, n)[2]
         if len(seeds) != n:
             raise ValueError(f"{n} embeddings but {len(seeds)} seeds")
-        r = self._resolve(GenerationRequest(prompt, seed=seeds[0], num_images=n, **settings))
+        r = self._resolve(GenerationRequest(prompt, seed=seeds[0], num_images=n, **settings), from_embeddings=True)
         size = self._decoder_size(r)
         cond = self.encode_text([prompt] * n)
         uncond = self.encode_text([""] * n)
@@ -523,17 +552,24 @@ class UnCLIPConfig:
     settings: StageSettings = field(default_factory=StageSettings)
     steps: int = 25
     guidance: float = 3.0
+    ar_prior: ARPriorConfig | None = None  # set: the autoregressive prior instead of the diffusion one (`prior`)
+
+    @property
+    def prior_config(self) -> PriorConfig | ARPriorConfig:
+        """The config of the prior the file holds."""
+        return self.ar_prior if self.ar_prior is not None else self.prior
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UnCLIPConfig:
         d = dict(d)
         sr = d.pop("super_res", None)
+        ar = d.pop("ar_prior", None)  # files written before the autoregressive prior have none
         return cls(prior=PriorConfig(**d.pop("prior")), text_proj=TextProjConfig(**d.pop("text_proj")),
                    decoder=UnCLIPUNetConfig(**d.pop("decoder")), super_res=UnCLIPUNetConfig(**sr) if sr else None,
                    prior_schedule=UnCLIPSchedulerConfig(**d.pop("prior_schedule")),
                    decoder_schedule=UnCLIPSchedulerConfig(**d.pop("decoder_schedule")),
                    super_res_schedule=UnCLIPSchedulerConfig(**d.pop("super_res_schedule")),
-                   settings=StageSettings(**d.pop("settings")), **d)
+                   settings=StageSettings(**d.pop("settings")), ar_prior=ARPriorConfig(**ar) if ar else None, **d)
 
 
 class UnCLIPNets(nn.Module):
@@ -542,7 +578,7 @@ class UnCLIPNets(nn.Module):
     def __init__(self, cfg: UnCLIPConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.prior = PriorTransformer(cfg.prior)
+        self.prior = ARPrior(cfg.ar_prior) if cfg.ar_prior is not None else PriorTransformer(cfg.prior)
         self.text_proj = TextProj(cfg.text_proj)
         self.decoder = UnCLIPUNet(cfg.decoder)
         self.super_res_first = UnCLIPUNet(cfg.super_res) if cfg.super_res is not None else None
@@ -556,7 +592,7 @@ def save_unclip(nets: UnCLIPNets, path: str | Path) -> None:
 
 
 def _check(cfg: UnCLIPConfig) -> None:
-    e = cfg.prior.embed_dim
+    e = cfg.prior_config.embed_dim
     if cfg.text_proj.embed_dim != e or cfg.text_proj.context_dim != cfg.decoder.context_dim \
             or cfg.text_proj.time_embed_dim != cfg.decoder.time_embed_dim:
         raise ValueError("unCLIP config: the prior, text projection and decoder widths do not fit together")
@@ -585,7 +621,7 @@ def load_t2i_unclip(path: Path) -> UnCLIPPipeline:
     file = system_file(path)
 
     def parts(cfg: UnCLIPConfig) -> dict[str, Any]:
-        out: dict[str, Any] = {"prior": cfg.prior, "decoder": cfg.decoder}
+        out: dict[str, Any] = {"prior": cfg.prior_config, "decoder": cfg.decoder}
         return out | ({"super_res": cfg.super_res} if cfg.super_res is not None else {})
 
     nets = load_system_file(file, SYSTEM_NAME, "a t2i unCLIP file", UnCLIPConfig.from_dict, UnCLIPNets, parts, _check)

@@ -295,8 +295,10 @@ DEEPFLOYD_IF: list[Option] = [
     *(o for o in LDM if o[1] in ("caption_dropout", "ema_decay", "sample_steps", "export_every")),
 ]
 UNCLIP: list[Option] = [
-    ("--prior-preset", "prior_preset", {}, "prior transformer shape (t2i.nets.prior_transformer.PRIOR_PRESETS: "
-     "shapes_s, tiny; its widths and text length are the CLIP's)"),
+    ("--prior", "prior", {"choices": ("diffusion", "ar")}, "unclip-prior: the diffusion prior (the paper's) or the "
+     "autoregressive one (PCA of the image embedding quantized into codes, a causal transformer; sec. 2.2)"),
+    ("--prior-preset", "prior_preset", {}, "prior transformer shape (t2i.nets.prior_transformer.PRIOR_PRESETS, "
+     "or t2i.nets.ar_prior.AR_PRIOR_PRESETS with --prior ar: shapes_s, tiny; widths and text length the CLIP's)"),
     ("--decoder-preset", "decoder_preset", {}, "decoder U-Net shape (t2i.nets.unclip_unet.UNCLIP_UNET_PRESETS: "
      "shapes_decoder_32, tiny_decoder)"),
     ("--init", "init", {}, "an unCLIP model file whose weights start the nets (unclip-decoder: the unclip-prior "

@@ -7,7 +7,10 @@ decoder; the part not trained comes from `init`, another unCLIP file, or stays r
   mean and standard deviation (measured on `stats_images` images at the start, stored with the prior), are
   noised on the cosine schedule and the transformer regresses z_i itself, L = ||f(z_t, t, y) - z_i||^2
   (DiffusionLoss with the "sample" target), the text dropped (the empty caption) 10% of the time for
-  classifier-free guidance;
+  classifier-free guidance; or, with `prior="ar"`, the paper's autoregressive prior (`t2i.nets.ar_prior`): the
+  PCA basis, the components' scales and the dot products' range measured on the same `stats_images` images,
+  each z_i quantized into codes and predicted one after the other (cross-entropy, teacher forcing) after the
+  token of its quantized dot product with the caption's z_t (the null token where the caption is dropped);
 - the **decoder** (sec. 2.1): the images at the decoder's size, conditioned on their own CLIP image embedding
   (projected into the time embedding and four context tokens) and caption; the image embedding replaced by the
   learned null embedding 10% of the time and the caption by the empty one 50% of the time, as the paper; it
@@ -32,6 +35,7 @@ from torch import nn
 from t2i.checkpoints.diffusers_unclip import UnCLIPSchedulerConfig
 from t2i.checkpoints.io import load_state_dict, read_config
 from t2i.diffusion.losses import DiffusionLoss, HybridLoss
+from t2i.nets.ar_prior import AR_PRIOR_PRESETS, ARPrior, cosine
 from t2i.nets.prior_transformer import PRIOR_PRESETS
 from t2i.nets.unclip_unet import UNCLIP_UNET_PRESETS, TextProj, TextProjConfig, UnCLIPUNet
 from t2i.systems.unclip import (
@@ -50,6 +54,7 @@ from t2i.train.fit import Grid, Run, Step, Task, fit
 from t2i.train.ldm import SAMPLE_PROMPTS
 
 PARTS = ("prior", "decoder")
+PRIOR_KINDS = ("diffusion", "ar")
 
 
 @dataclass
@@ -60,7 +65,8 @@ class UnCLIPTrainConfig(LoopConfig):
 
     train: str = "prior"
     init: str | None = None
-    prior_preset: str = "shapes_s"
+    prior: str = "diffusion"  # the prior's kind: "diffusion" (the paper's choice) or "ar" (its alternative)
+    prior_preset: str = "shapes_s"  # in PRIOR_PRESETS (diffusion) or AR_PRIOR_PRESETS (ar)
     decoder_preset: str = "shapes_decoder_32"
     image_size: int = 32  # the decoder's
     clip_size: int = 64  # the shapes CLIP's input side (the images are drawn at it, then reduced)
@@ -86,17 +92,22 @@ class UnCLIPTrainConfig(LoopConfig):
 
 def resolve_model_config(cfg: UnCLIPTrainConfig, clip: nn.Module) -> UnCLIPConfig:
     """The nets of the presets, the prior's widths and text length those of the CLIP."""
-    for name, preset, table in (("prior", cfg.prior_preset, PRIOR_PRESETS),
+    if cfg.prior not in PRIOR_KINDS:
+        raise ValueError(f"prior is one of {PRIOR_KINDS}, got {cfg.prior!r}")
+    ar = cfg.prior == "ar"
+    for name, preset, table in (("prior", cfg.prior_preset, AR_PRIOR_PRESETS if ar else PRIOR_PRESETS),
                                 ("decoder", cfg.decoder_preset, UNCLIP_UNET_PRESETS)):
         if preset not in table:
-            raise ValueError(f"unknown {name} preset {preset!r}; choose from {sorted(table)}")
-    prior = dataclasses.replace(PRIOR_PRESETS[cfg.prior_preset], embed_dim=clip.embed_dim,
-                                text_tokens=clip.text_tokens)
+            raise ValueError(f"unknown {cfg.prior + ' ' if name == 'prior' else ''}{name} preset {preset!r}; "
+                             f"choose from {sorted(table)}")
+    widths = {"embed_dim": clip.embed_dim, "text_tokens": clip.text_tokens}
+    prior = dataclasses.replace(PRIOR_PRESETS["shapes_s" if ar else cfg.prior_preset], **widths)
+    ar_prior = dataclasses.replace(AR_PRIOR_PRESETS[cfg.prior_preset], **widths) if ar else None
     decoder = dataclasses.replace(UNCLIP_UNET_PRESETS[cfg.decoder_preset], sample_size=cfg.image_size)
-    proj = TextProjConfig(extra_tokens=4, embed_dim=prior.embed_dim, time_embed_dim=decoder.time_embed_dim,
+    proj = TextProjConfig(extra_tokens=4, embed_dim=clip.embed_dim, time_embed_dim=decoder.time_embed_dim,
                           context_dim=decoder.context_dim or 64)
     # the exported model keeps the closer of two prior samples to the text (unCLIP sec. 2.2)
-    own = UnCLIPConfig(prior=prior, text_proj=proj, decoder=decoder,
+    own = UnCLIPConfig(prior=prior, ar_prior=ar_prior, text_proj=proj, decoder=decoder,
                        decoder_schedule=UnCLIPSchedulerConfig(variance_type="learned_range",
                                                               prediction_type=cfg.prediction_type),
                        settings=StageSettings(prior_steps=cfg.sample_steps, prior_candidates=2))
@@ -105,7 +116,7 @@ def resolve_model_config(cfg: UnCLIPTrainConfig, clip: nn.Module) -> UnCLIPConfi
     # the part not trained here is the init file's, shape included
     base = UnCLIPConfig.from_dict(read_config(cfg.init, "an unCLIP model file", SYSTEM_NAME))
     if cfg.train == "prior":
-        return dataclasses.replace(base, prior=own.prior)
+        return dataclasses.replace(base, prior=own.prior, ar_prior=own.ar_prior)
     return dataclasses.replace(base, text_proj=own.text_proj, decoder=own.decoder,
                                decoder_schedule=own.decoder_schedule)
 
@@ -161,27 +172,37 @@ def build_unclip(cfg: UnCLIPTrainConfig, run: Run, clip: nn.Module | None = None
     if cfg.init is not None:
         load_init(nets, cfg.init, cfg.train)
     prior_on = cfg.train == "prior"
+    ar = isinstance(nets.prior, ARPrior)
     if prior_on and fresh:  # (a resumed run reads them back from its checkpoint)
-        images, _, _ = data.batch(10**9, cfg.stats_images, run.info)  # far from the training positions
-        set_embedding_statistics(nets, clip.encode_pixels(images))
+        images, captions, _ = data.batch(10**9, cfg.stats_images, run.info)  # far from the training positions
+        with torch.no_grad():
+            z = clip.encode_pixels(images)
+            if ar:
+                nets.prior.quantizer.fit(z, clip.encode_text(captions).embeds)
+            else:
+                set_embedding_statistics(nets, z)
     nets.requires_grad_(False)
     trained = nets.prior if prior_on else nn.ModuleList([nets.text_proj, nets.decoder])
     trained.requires_grad_(True)
-    nets.prior.clip_mean.requires_grad_(False)
-    nets.prior.clip_std.requires_grad_(False)
+    if not ar:  # the diffusion prior's statistics are parameters (diffusers' layout), never trained
+        nets.prior.clip_mean.requires_grad_(False)
+        nets.prior.clip_std.requires_grad_(False)
     params = [p for p in nets.parameters() if p.requires_grad]
     ema = EMA(nets, cfg.ema_decay)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn: Any = None  # the autoregressive prior's cross-entropy is written in `step`
     if prior_on:
         net = run.parallel(nets.prior)
-        loss_fn: Any = DiffusionLoss(model_cfg.prior_schedule.alphas_cumprod(), "sample")
+        if not ar:
+            loss_fn = DiffusionLoss(model_cfg.prior_schedule.alphas_cumprod(), "sample")
     else:
         net = run.parallel(DecoderWithProjection(nets.text_proj, nets.decoder))
         loss_fn = HybridLoss(model_cfg.decoder_schedule.alphas_cumprod(), model_cfg.decoder_schedule.prediction_type)
     empty = clip.encode_text([""])
 
     def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(x0, cond): the prior's normalised image embeddings (B, E) or the decoder's images (B, 3, S, S),
+        """(x0, cond): the prior's normalised image embeddings (B, E) (the autoregressive prior's codes (B, K))
+        or the decoder's images (B, 3, S, S),
         with the network's keyword arguments; every dropout drawn from the step's generator."""
         x, captions, _ = data.batch(position, cfg.batch_size, run.info)  # (B, 3, clip, clip) in [-1, 1]
         z = clip.encode_pixels(x)  # (B, E)
@@ -192,6 +213,11 @@ def build_unclip(cfg: UnCLIPTrainConfig, run: Run, clip: nn.Module | None = None
         cond = {"text_embeds": torch.where(keep[:, None], text.embeds, empty.embeds),
                 "text_states": torch.where(keep[:, None, None], text.states, empty.states),
                 "text_mask": torch.where(keep[:, None], text.mask, empty.mask)}
+        if prior_on and ar:  # (codes (B, K), the dot token first: null where the caption is dropped)
+            q = nets.prior.quantizer
+            dots = torch.where(drop_text, nets.prior.cfg.null_dot, q.dot_tokens(cosine(z, text.embeds)))
+            return q.encode(z), nets.prior.condition(dots, cond["text_embeds"], cond["text_states"],
+                                                     cond["text_mask"])
         if prior_on:
             return nets.prior.normalize(z), cond
         small = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="area")  # (B, 3, S, S)
@@ -200,6 +226,10 @@ def build_unclip(cfg: UnCLIPTrainConfig, run: Run, clip: nn.Module | None = None
 
     def step(batch: tuple[torch.Tensor, dict[str, torch.Tensor]], s: Step) -> dict[str, float]:
         x0, cond = batch
+        if prior_on and ar:  # teacher forcing: logits row t predicts code t from the codes before it
+            logits = net(x0[:, :-1], cond)  # (B, K, V)
+            loss = F.cross_entropy(logits.flatten(0, 1), x0.flatten())
+            return {"unclip/prior_loss": loss.item(), "unclip/grad_norm": s.update(loss, opt, params)}
         if prior_on:
             loss = loss_fn(net, x0, cond, s.generator)
             return {"unclip/prior_loss": loss.item(), "unclip/grad_norm": s.update(loss, opt, params)}
@@ -219,7 +249,8 @@ def build_unclip(cfg: UnCLIPTrainConfig, run: Run, clip: nn.Module | None = None
         return Grid(images, list(SAMPLE_PROMPTS))
 
     n_params = sum(p.numel() for p in params)
-    about = f", unCLIP {cfg.train}: {n_params / 1e6:.2f}M trained parameters, shapes CLIP frozen"
+    kind = f" ({'autoregressive' if ar else 'diffusion'})" if prior_on else ""
+    about = f", unCLIP {cfg.train}{kind}: {n_params / 1e6:.2f}M trained parameters, shapes CLIP frozen"
     return Task(f"unclip-{cfg.train}", {"nets": nets, "ema": ema.averaged}, {"opt": opt}, prepare=prepare,
                 step=step, ema=ema, grid=grid, export=export, about=about)
 
