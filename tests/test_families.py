@@ -127,7 +127,7 @@ def test_server_generates_and_refuses_what_the_model_cannot_do(tiny):
     pytest.importorskip("fastapi")
     from t2i.serve.app import create_app
     from t2i.serve.background import BackgroundServer
-    from t2i.serve.config import ServeConfig
+    from t2i.serve.config import Limits, ServeConfig
 
     _, _, pipe = tiny
     size = _small(pipe)
@@ -141,6 +141,14 @@ def test_server_generates_and_refuses_what_the_model_cannot_do(tiny):
 
         status, reply = _post(server.url + "/v1/jobs", {"prompt": "a red circle", "sampler": "no_such_sampler"})
         assert 400 <= status < 500 and "no_such_sampler" in json.dumps(reply)
+    top = pipe.capabilities.max_steps
+    if top is None:
+        return
+    # more steps than the schedule has, on a server whose own limits allow them: a 4xx naming steps, not a 500
+    generous = ServeConfig(limits=Limits(max_steps=10 * top, max_pixel_steps=10**15))
+    with BackgroundServer(create_app(pipe, generous)) as server:
+        status, reply = _post(server.url + "/sdapi/v1/txt2img", {"prompt": "a red circle", "steps": top + 1})
+    assert 400 <= status < 500 and "steps" in json.dumps(reply) and "schedule" in json.dumps(reply), reply
 
 
 def test_eval_shapes_judges_the_model(tiny, tmp_path):

@@ -239,7 +239,7 @@ class ModelCard:
         d = json.loads(text)
         c = d["capabilities"]
         caps = Capabilities(frozenset(c["options"]), tuple(c["samplers"]), tuple(c["schedules"]), c["size_multiple"],
-                            tuple(c["native_size"]), frozenset(c.get("required", ())))
+                            tuple(c["native_size"]), frozenset(c.get("required", ())), c.get("max_steps"))
         return cls(d["name"], d["family"], GenerationDefaults(**d["defaults"]), caps, d["max_objects"])
 
 

@@ -149,6 +149,8 @@ class Capabilities:
     trained at (other sizes work but compose worse: callers warn).
     required: the options a request must set, the model cannot generate without them (an upscaler
     with no base model: its low-res image, init_image).
+    max_steps: the most sampling steps its schedule has (a diffusion model's training timesteps), None
+    where any count works.
     """
 
     options: frozenset[str]
@@ -157,6 +159,7 @@ class Capabilities:
     size_multiple: int = 8
     native_size: tuple[int, int] = (512, 512)
     required: frozenset[str] = frozenset()
+    max_steps: int | None = None
 
     def accepts(self, option: str) -> bool:
         return option in self.options
@@ -226,8 +229,8 @@ def check_request(pipe: Pipeline, request: GenerationRequest) -> None:
     """Refuse (UnsupportedOption) the first option `pipe` cannot honour, before any work.
 
     Checks the option names against `pipe.capabilities.options`, that the options it requires are set,
-    and the sampler / schedule names against the lists the pipeline gives; values are the pipeline's own
-    business (it raises ValueError naming the setting)."""
+    the steps against its schedule's length, and the sampler / schedule names against the lists it gives;
+    values are the pipeline's own business (it raises ValueError naming the setting)."""
     caps = pipe.capabilities
     for option in request.set_options():
         if not caps.accepts(option):
@@ -237,6 +240,9 @@ def check_request(pipe: Pipeline, request: GenerationRequest) -> None:
         if getattr(request, option) is None:
             raise UnsupportedOption(option, f"{pipe.name} ({pipe.family}) needs the option {option!r}: it cannot "
                                             "generate without one")
+    if caps.max_steps is not None and request.steps is not None and request.steps > caps.max_steps:
+        raise UnsupportedOption("steps", f"{request.steps} steps: {pipe.name} ({pipe.family}) samples at most "
+                                         f"{caps.max_steps}, its schedule's timesteps")
     for option, allowed in (("sampler", caps.samplers), ("schedule", caps.schedules)):
         value = getattr(request, option)
         if value is not None and allowed and value not in allowed:

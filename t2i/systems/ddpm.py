@@ -161,7 +161,7 @@ class DDPMPipeline(RequestMethods):
         d = self.defaults
         return Capabilities(options=(TEXT_OPTIONS if self.text_encoder is not None else OPTIONS) | GUIDE_OPTIONS,
                             samplers=tuple(SAMPLERS), schedules=SCHEDULES, size_multiple=self.size_multiple,
-                            native_size=(d.width, d.height))
+                            native_size=(d.width, d.height), max_steps=self.schedule.num_train_timesteps)
 
     @property
     def size_multiple(self) -> int:

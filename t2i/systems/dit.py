@@ -114,7 +114,7 @@ class DiTPipeline(RequestMethods):
     def capabilities(self) -> Capabilities:
         d = self.defaults
         return Capabilities(options=OPTIONS, samplers=tuple(SAMPLERS), size_multiple=self.size_multiple,
-                            native_size=(d.width, d.height))
+                            native_size=(d.width, d.height), max_steps=self.schedule.num_train_timesteps)
 
     @property
     def size_multiple(self) -> int:

@@ -213,7 +213,8 @@ class GlidePipeline(RequestMethods):
     def capabilities(self) -> Capabilities:
         d = self.defaults
         return Capabilities(options=OPTIONS, samplers=tuple(SAMPLERS), schedules=SCHEDULES,
-                            size_multiple=self.size_multiple, native_size=(d.width, d.height))
+                            size_multiple=self.size_multiple, native_size=(d.width, d.height),
+                            max_steps=self.cfg.schedule.num_train_timesteps)
 
     def tokenize(self, texts: list[str], net: GlideNet) -> torch.Tensor:
         """(B, L) word ids of `net`'s caption window."""

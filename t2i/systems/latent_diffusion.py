@@ -164,7 +164,8 @@ class LatentDiffusionPipeline(RequestMethods):
         return Capabilities(options=options, samplers=tuple(SAMPLERS),
                             schedules=("default", "karras"), size_multiple=self.vae_scale,
                             native_size=(d.width, d.height),
-                            required=frozenset({"init_image", "mask"}) if inpainting else frozenset())
+                            required=frozenset({"init_image", "mask"}) if inpainting else frozenset(),
+                            max_steps=self.schedule.num_train_timesteps)
 
     @property
     def paints_words(self) -> bool:

@@ -82,7 +82,8 @@ class PixArtPipeline(LatentDiffusionPipeline):
     def capabilities(self) -> Capabilities:
         d = self.defaults
         return Capabilities(options=OPTIONS, samplers=tuple(SAMPLERS), schedules=("default", "karras"),
-                            size_multiple=self.size_multiple, native_size=(d.width, d.height))
+                            size_multiple=self.size_multiple, native_size=(d.width, d.height),
+                            max_steps=self.schedule.num_train_timesteps)
 
     @property
     def size_multiple(self) -> int:
