@@ -495,7 +495,8 @@ def test_unclip_cli_writes_variations_interpolations_and_text_diffs(tmp_path):
     assert (report["steps"], report["guidance"]) == (2, 5.0)  # the decoder settings it was measured with
     assert len(report["pairs"]) == 2 and sum(own for own, _ in report["pairs"]) == round(report["variation_pass"] * 2)
     assert 0.0 <= report["variation_pass"] <= 1.0 and 0.0 <= report["random_pass"] <= 1.0
-    assert main(["unclip", "prior-retrieval", "--model", str(model), "--n", "3", "--steps", "2"]) == 0
+    assert main(["unclip", "prior-retrieval", "--model", str(model), "--n", "3", "--steps", "2",
+                 "--guidance", "2"]) == 0
 
 
 def test_prior_retrieval_finds_the_scene_of_a_prior_that_returns_it(tiny, monkeypatch):

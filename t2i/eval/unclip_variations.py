@@ -56,11 +56,12 @@ def variation_agreement(pipe: Any, n: int = 50, per_source: int = 2, seed: int =
 
 
 @torch.no_grad()
-def prior_retrieval(pipe: Any, n: int = 100, seed: int = 20_000, steps: int | None = None) -> dict[str, float]:
+def prior_retrieval(pipe: Any, n: int = 100, seed: int = 20_000, steps: int | None = None,
+                    guidance: float | None = None) -> dict[str, float]:
     """The prior alone, on held-out shapes scenes: for each true caption, one prior sample z (seed + i) is ranked
     by cosine against the CLIP image embeddings of all n rendered scenes. top1: the caption's own scene ranks
     first; cos_own / cos_other: mean cosine to the own scene / to the others. (A prior that ignores its text
-    gives top1 about 1 / n and cos_own about cos_other.)"""
+    gives top1 about 1 / n and cos_own about cos_other.) steps, guidance: the prior's (None: the model's)."""
     from t2i.seeds import seed_generators
 
     scenes = heldout_scenes(n, fresh_seed=seed)
@@ -68,9 +69,11 @@ def prior_retrieval(pipe: Any, n: int = 100, seed: int = 20_000, steps: int | No
     images = F.normalize(pipe.embed_images([render(scene, size) for scene, _ in scenes]), dim=-1)  # (n, E)
     captions = [caption for _, caption in scenes]
     cond, uncond = pipe.encode_text(captions), pipe.encode_text([""] * n)
-    z = F.normalize(pipe.sample_prior(cond, uncond, seed_generators([seed + i for i in range(n)]), steps), dim=-1)
+    z = F.normalize(pipe.sample_prior(cond, uncond, seed_generators([seed + i for i in range(n)]), steps, guidance),
+                    dim=-1)
     cos = z @ images.T  # (n, n): caption i's sample against scene j
     own = cos.diagonal()
     other = (cos.sum() - own.sum()) / (n * (n - 1))
     top1 = (cos.argmax(dim=1) == torch.arange(n)).float().mean()
-    return {"n": n, "top1": top1.item(), "cos_own": own.mean().item(), "cos_other": other.item()}
+    used = pipe.settings.prior_guidance if guidance is None else guidance
+    return {"n": n, "top1": top1.item(), "cos_own": own.mean().item(), "cos_other": other.item(), "guidance": used}

@@ -6,7 +6,7 @@ tower). Each writes OUT/NAME_000.png, ... with A1111 parameters naming the opera
     t2i unclip interpolate IMAGE_A IMAGE_B --model M --num 5 --out DIR
     t2i unclip text-diff IMAGE --caption "a red circle" --target "a blue circle" --model M --out DIR
     t2i unclip judge-variations --model M --n 50 --out DIR   (t2i.eval.unclip_variations: do variations keep the scene?)
-    t2i unclip prior-retrieval --model M --n 100             (does the prior's sample find its caption's scene?)
+    t2i unclip prior-retrieval --model M --n 100 [--guidance G]   (does the prior's sample find its caption's scene?)
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _judge(args: argparse.Namespace) -> int:
 def _retrieval(args: argparse.Namespace) -> int:
     from t2i.eval.unclip_variations import prior_retrieval
 
-    result = prior_retrieval(_load(args), args.n, args.seed, args.steps)
+    result = prior_retrieval(_load(args), args.n, args.seed, args.steps, args.guidance)
     print(", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
     return 0
 
@@ -102,7 +102,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     retrieval.add_argument("--model", required=True, help="an unCLIP model on the shapes CLIP")
     retrieval.add_argument("--n", type=int, default=100, help="scenes (default: 100)")
     retrieval.add_argument("--seed", type=int, default=20_000, help="scene seed (default: 20000)")
-    retrieval.add_argument("--steps", type=int, help="prior steps (unset: the model's)")
+    retrieval.add_argument("--steps", type=int, help="diffusion prior steps (unset: the model's)")
+    retrieval.add_argument("--guidance", type=float, help="prior guidance scale (unset: the model's)")
     retrieval.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="weights' precision")
     retrieval.set_defaults(func=_retrieval)
     parsers["variations"].add_argument("image", help="the input image")
