@@ -394,6 +394,8 @@ def test_the_autoregressive_prior_trains_resumes_and_feeds_the_decoder(tmp_path)
     steps: list[tuple[int, int]] = []
     image = pipe.generate("a red circle", seed=1, steps=2, callback=lambda i, n: steps.append((i, n)))
     assert image.sample.shape == (1, 3, 16, 16) and steps[-1] == (4 * 2 + 2, 4 * 2 + 2)  # 2 candidates x 4 codes
+    half = t2i.load(prior_file, "bf16")  # the quantizer computes in float32 beside bf16 weights
+    assert half.generate("a red circle", seed=1, steps=2).sample.shape == (1, 3, 16, 16)
     # the statistics are measured once: a resumed run reads them back and ends where an uninterrupted one does
     from t2i.checkpoints.io import load_state_dict
 

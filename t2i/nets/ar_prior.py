@@ -75,7 +75,7 @@ class ARPriorConfig:
 class EmbeddingQuantizer(nn.Module):
     """PCA then uniform buckets per component: CLIP image embeddings (B, E) <-> codes (B, K), and the
     text-image dot product (B,) <-> its bucket. Its statistics are buffers (saved with the weights),
-    measured once on training embeddings by `fit`."""
+    measured once on training embeddings by `fit`. It computes in float32 whatever the weights' precision."""
 
     def __init__(self, cfg: ARPriorConfig) -> None:
         super().__init__()
@@ -103,25 +103,25 @@ class EmbeddingQuantizer(nn.Module):
     def encode(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """(B, E) -> (B, K) int64 codes in [0, buckets)."""
         r, n = self.cfg.range_sigmas, self.cfg.buckets
-        y = (image_embeds.float() - self.mean) @ self.basis.T / self.scales  # (B, K) in standard deviations
+        y = (image_embeds.float() - self.mean.float()) @ self.basis.float().T / self.scales.float()  # (B, K), in sigmas
         return ((y + r) / (2 * r) * n).floor().clamp(0, n - 1).long()
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, K) codes -> (B, E) embeddings at the buckets' centres (the discarded components at their mean)."""
         r, n = self.cfg.range_sigmas, self.cfg.buckets
         y = -r + (codes.float() + 0.5) * (2 * r / n)  # (B, K)
-        return (y * self.scales) @ self.basis + self.mean
+        return (y * self.scales.float()) @ self.basis.float() + self.mean.float()
 
     def dot_tokens(self, dots: torch.Tensor) -> torch.Tensor:
         """(B,) cosines -> (B,) int64 buckets in [0, dot_buckets) over the training range."""
-        lo, hi = self.dot_range[0], self.dot_range[1]
+        lo, hi = self.dot_range.float()
         n = self.cfg.dot_buckets
         return ((dots.float() - lo) / (hi - lo).clamp(min=1e-6) * n).floor().clamp(0, n - 1).long()
 
     def sample_dot_tokens(self, generators: list[torch.Generator]) -> torch.Tensor:
         """(B,) dot tokens drawn from the top half of the training distribution (unCLIP sec. 2.2), one per
         generator: the histogram restricted to the buckets at and above its median, renormalised."""
-        p = self.dot_counts / self.dot_counts.sum()
+        p = self.dot_counts.float() / self.dot_counts.float().sum()
         above = p.flip(0).cumsum(0).flip(0)  # mass at or above each bucket
         top = p * (above - p < 0.5)  # the highest buckets holding half the mass (the median's included)
         return torch.stack([torch.multinomial(top, 1, generator=g) for g in generators]).reshape(-1)
