@@ -201,9 +201,9 @@ def build_unclip(cfg: UnCLIPTrainConfig, run: Run, clip: nn.Module | None = None
     empty = clip.encode_text([""])
 
     def prepare(position: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(x0, cond): the prior's normalised image embeddings (B, E) (the autoregressive prior's codes (B, K))
-        or the decoder's images (B, 3, S, S),
-        with the network's keyword arguments; every dropout drawn from the step's generator."""
+        """(x0, cond): the prior's normalised image embeddings (B, E) (the autoregressive prior's codes (B, K)) or
+        the decoder's images (B, 3, S, S), with the network's keyword arguments; every dropout drawn from the
+        step's generator."""
         x, captions, _ = data.batch(position, cfg.batch_size, run.info)  # (B, 3, clip, clip) in [-1, 1]
         z = clip.encode_pixels(x)  # (B, E)
         b = x.shape[0]
