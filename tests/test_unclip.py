@@ -391,6 +391,10 @@ def test_the_autoregressive_prior_trains_resumes_and_feeds_the_decoder(tmp_path)
     prior_file = tmp_path / "prior" / "model.safetensors"
     pipe = t2i.load(prior_file)
     assert isinstance(pipe.prior, ARPrior) and pipe.prior.quantizer.scales.std() > 0  # statistics measured
+    from t2i.checkpoints.io import read_config
+
+    saved = read_config(prior_file, "an unCLIP model file", "unclip")
+    assert saved["prior"] is None and saved["ar_prior"]["components"] == 4  # the file holds one prior
     steps: list[tuple[int, int]] = []
     image = pipe.generate("a red circle", seed=1, steps=2, callback=lambda i, n: steps.append((i, n)))
     assert image.sample.shape == (1, 3, 16, 16) and steps[-1] == (4 * 2 + 2, 4 * 2 + 2)  # 2 candidates x 4 codes

@@ -540,7 +540,8 @@ def _decoder_schedule() -> UnCLIPSchedulerConfig:
 class UnCLIPConfig:
     """Everything needed to rebuild a t2i unCLIP model from its weight file (CLIP: the shipped shapes CLIP)."""
 
-    prior: PriorConfig = field(default_factory=lambda: replace(PRIOR_PRESETS["shapes_s"]))
+    # the diffusion prior; None where the file holds the autoregressive one (`ar_prior`)
+    prior: PriorConfig | None = field(default_factory=lambda: replace(PRIOR_PRESETS["shapes_s"]))
     text_proj: TextProjConfig = field(default_factory=lambda: TextProjConfig(embed_dim=128, time_embed_dim=128,
                                                                              context_dim=64))
     decoder: UnCLIPUNetConfig = field(default_factory=lambda: replace(UNCLIP_UNET_PRESETS["shapes_decoder_32"]))
@@ -552,19 +553,22 @@ class UnCLIPConfig:
     settings: StageSettings = field(default_factory=StageSettings)
     steps: int = 25
     guidance: float = 3.0
-    ar_prior: ARPriorConfig | None = None  # set: the autoregressive prior instead of the diffusion one (`prior`)
+    ar_prior: ARPriorConfig | None = None  # the autoregressive prior (sec. 2.2), in place of `prior`
 
     @property
     def prior_config(self) -> PriorConfig | ARPriorConfig:
-        """The config of the prior the file holds."""
-        return self.ar_prior if self.ar_prior is not None else self.prior
+        """The config of the one prior the file holds."""
+        if (self.prior is None) == (self.ar_prior is None):
+            raise ValueError("an unCLIP config holds one prior: a diffusion `prior` or an `ar_prior`")
+        return self.ar_prior if self.ar_prior is not None else self.prior  # type: ignore[return-value]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UnCLIPConfig:
         d = dict(d)
         sr = d.pop("super_res", None)
         ar = d.pop("ar_prior", None)  # files written before the autoregressive prior have none
-        return cls(prior=PriorConfig(**d.pop("prior")), text_proj=TextProjConfig(**d.pop("text_proj")),
+        prior = d.pop("prior")
+        return cls(prior=PriorConfig(**prior) if prior else None, text_proj=TextProjConfig(**d.pop("text_proj")),
                    decoder=UnCLIPUNetConfig(**d.pop("decoder")), super_res=UnCLIPUNetConfig(**sr) if sr else None,
                    prior_schedule=UnCLIPSchedulerConfig(**d.pop("prior_schedule")),
                    decoder_schedule=UnCLIPSchedulerConfig(**d.pop("decoder_schedule")),
@@ -578,7 +582,8 @@ class UnCLIPNets(nn.Module):
     def __init__(self, cfg: UnCLIPConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.prior = ARPrior(cfg.ar_prior) if cfg.ar_prior is not None else PriorTransformer(cfg.prior)
+        prior = cfg.prior_config
+        self.prior = ARPrior(prior) if isinstance(prior, ARPriorConfig) else PriorTransformer(prior)
         self.text_proj = TextProj(cfg.text_proj)
         self.decoder = UnCLIPUNet(cfg.decoder)
         self.super_res_first = UnCLIPUNet(cfg.super_res) if cfg.super_res is not None else None

@@ -101,7 +101,7 @@ def resolve_model_config(cfg: UnCLIPTrainConfig, clip: nn.Module) -> UnCLIPConfi
             raise ValueError(f"unknown {cfg.prior + ' ' if name == 'prior' else ''}{name} preset {preset!r}; "
                              f"choose from {sorted(table)}")
     widths = {"embed_dim": clip.embed_dim, "text_tokens": clip.text_tokens}
-    prior = dataclasses.replace(PRIOR_PRESETS["shapes_s" if ar else cfg.prior_preset], **widths)
+    prior = None if ar else dataclasses.replace(PRIOR_PRESETS[cfg.prior_preset], **widths)
     ar_prior = dataclasses.replace(AR_PRIOR_PRESETS[cfg.prior_preset], **widths) if ar else None
     decoder = dataclasses.replace(UNCLIP_UNET_PRESETS[cfg.decoder_preset], sample_size=cfg.image_size)
     proj = TextProjConfig(extra_tokens=4, embed_dim=clip.embed_dim, time_embed_dim=decoder.time_embed_dim,
