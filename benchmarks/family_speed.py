@@ -49,6 +49,8 @@ def families(tokenizer: str) -> dict[str, list[str] | str]:
         "dit": ["dit"],
         "pixart": ["pixart"],
         "controlnet": ["controlnet", "--base", "t2i/assets/default"],  # on t2i-shapes, a box map as control
+        # no generator: the small f8 tokenizer's codes optimised against the shapes CLIP, 100 Adam steps
+        "vqgan_clip": "training_state/vq8s_f8small_512codes_step3000_fp16.safetensors",
     }
 
 
