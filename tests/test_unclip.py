@@ -312,7 +312,7 @@ def test_the_embedding_quantizer_keeps_an_embedding_and_draws_dots_from_the_top_
     from t2i.seeds import seed_generators
 
     torch.manual_seed(0)
-    cfg = ARPriorConfig(embed_dim=16, text_tokens=4, components=4, buckets=64, dot_buckets=8)
+    cfg = ARPriorConfig(embed_dim=16, components=4, buckets=64, dot_buckets=8)
     basis = torch.linalg.qr(torch.randn(16, 4))[0].T  # (4, 16) orthonormal rows
     z = (torch.randn(2000, 4) * torch.tensor([3.0, 2.0, 1.0, 0.5])) @ basis + 1.0  # rank 4 around a mean
     t = z + 2.0 * torch.randn_like(z)
@@ -343,7 +343,7 @@ def _ar_tiny(seed: int = 0):
 
     clip = load_clip("shapes").eval()
     cfg = resolve_model_config(_train_config("-", "prior", prior="ar"), clip)
-    assert cfg.ar_prior == replace(AR_PRIOR_PRESETS["tiny"], embed_dim=128, text_tokens=32)
+    assert cfg.ar_prior == replace(AR_PRIOR_PRESETS["tiny"], embed_dim=128)
     torch.manual_seed(seed)
     nets = UnCLIPNets(cfg).eval()
     with torch.no_grad():

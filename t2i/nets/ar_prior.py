@@ -41,7 +41,6 @@ class ARPriorConfig:
 
     Attributes:
         embed_dim: CLIP embedding width (the image embedding, the text embedding, the token states).
-        text_tokens: length of the CLIP token states the blocks read.
         components: principal components kept, one token each (a square: the token network's map side).
         buckets: quantization buckets per component (the tokens' vocabulary).
         range_sigmas: the buckets cover +- this many standard deviations of each component.
@@ -50,7 +49,6 @@ class ARPriorConfig:
     """
 
     embed_dim: int = 128
-    text_tokens: int = 32
     components: int = 16
     buckets: int = 128
     range_sigmas: float = 4.0
@@ -70,6 +68,11 @@ class ARPriorConfig:
     def null_dot(self) -> int:
         """The dot-product token of the unconditional branch (text dropped)."""
         return self.dot_buckets
+
+
+def uniform_bucket(x: torch.Tensor, lo: torch.Tensor | float, hi: torch.Tensor | float, n: int) -> torch.Tensor:
+    """Values -> int64 indices of n equal buckets over [lo, hi] (values outside go to the end buckets)."""
+    return ((x - lo) / max(float(hi - lo), 1e-6) * n).floor().clamp(0, n - 1).long()
 
 
 class EmbeddingQuantizer(nn.Module):
@@ -104,7 +107,7 @@ class EmbeddingQuantizer(nn.Module):
         """(B, E) -> (B, K) int64 codes in [0, buckets)."""
         r, n = self.cfg.range_sigmas, self.cfg.buckets
         y = (image_embeds.float() - self.mean.float()) @ self.basis.float().T / self.scales.float()  # (B, K), in sigmas
-        return ((y + r) / (2 * r) * n).floor().clamp(0, n - 1).long()
+        return uniform_bucket(y, -r, r, n)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, K) codes -> (B, E) embeddings at the buckets' centres (the discarded components at their mean)."""
@@ -115,8 +118,7 @@ class EmbeddingQuantizer(nn.Module):
     def dot_tokens(self, dots: torch.Tensor) -> torch.Tensor:
         """(B,) cosines -> (B,) int64 buckets in [0, dot_buckets) over the training range."""
         lo, hi = self.dot_range.float()
-        n = self.cfg.dot_buckets
-        return ((dots.float() - lo) / (hi - lo).clamp(min=1e-6) * n).floor().clamp(0, n - 1).long()
+        return uniform_bucket(dots.float(), lo, hi, self.cfg.dot_buckets)
 
     def sample_dot_tokens(self, generators: list[torch.Generator]) -> torch.Tensor:
         """(B,) dot tokens drawn from the top half of the training distribution (unCLIP sec. 2.2), one per
@@ -165,6 +167,6 @@ AR_PRIOR_PRESETS: dict[str, ARPriorConfig] = {
     # the shapes world on our shapes CLIP: 16 components x 128 buckets keep an embedding at cosine 0.9985 of itself
     # and its own image first among 500 in 99% of cases (2,048 training images, session 22); 1.63 M parameters
     "shapes_s": ARPriorConfig(),
-    "tiny": ARPriorConfig(embed_dim=16, text_tokens=8, components=4, buckets=16, dot_buckets=4, width=32, layers=2,
+    "tiny": ARPriorConfig(embed_dim=16, components=4, buckets=16, dot_buckets=4, width=32, layers=2,
                           heads=2, mlp_dim=64),
 }

@@ -368,7 +368,7 @@ class UnCLIPPipeline(RequestMethods):
                             prior.condition(null, uncond.embeds, uncond.states, uncond.mask))
         model = CFGTokenModel(CachedDecoder(prior.transformer), guidance)  # one new position per call
         codes = sample_autoregressive(model, guided, prior.cfg.components, generators=generators, callback=callback)
-        return prior.quantizer.decode(codes).float()  # (B, E)
+        return prior.quantizer.decode(codes)  # (B, E) float32
 
     def sample_decoder(self, image_embeds: torch.Tensor, cond: TextCondition, uncond: TextCondition,
                        generators: list[torch.Generator], steps: int, guidance: float, size: int | None = None,
@@ -567,6 +567,8 @@ class UnCLIPConfig:
         d = dict(d)
         sr = d.pop("super_res", None)
         ar = d.pop("ar_prior", None)  # files written before the autoregressive prior have none
+        if ar:
+            ar = {k: v for k, v in ar.items() if k != "text_tokens"}  # session-22 files: a width nothing read
         prior = d.pop("prior")
         return cls(prior=PriorConfig(**prior) if prior else None, text_proj=TextProjConfig(**d.pop("text_proj")),
                    decoder=UnCLIPUNetConfig(**d.pop("decoder")), super_res=UnCLIPUNetConfig(**sr) if sr else None,

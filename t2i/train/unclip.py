@@ -102,7 +102,7 @@ def resolve_model_config(cfg: UnCLIPTrainConfig, clip: nn.Module) -> UnCLIPConfi
                              f"choose from {sorted(table)}")
     widths = {"embed_dim": clip.embed_dim, "text_tokens": clip.text_tokens}
     prior = None if ar else dataclasses.replace(PRIOR_PRESETS[cfg.prior_preset], **widths)
-    ar_prior = dataclasses.replace(AR_PRIOR_PRESETS[cfg.prior_preset], **widths) if ar else None
+    ar_prior = dataclasses.replace(AR_PRIOR_PRESETS[cfg.prior_preset], embed_dim=clip.embed_dim) if ar else None
     decoder = dataclasses.replace(UNCLIP_UNET_PRESETS[cfg.decoder_preset], sample_size=cfg.image_size)
     proj = TextProjConfig(extra_tokens=4, embed_dim=clip.embed_dim, time_embed_dim=decoder.time_embed_dim,
                           context_dim=decoder.context_dim or 64)
