@@ -15,6 +15,8 @@ s sigma^2 grad_x, for every sampler) with the gradient of the dot product in pla
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -57,3 +59,21 @@ class ClipGuidance(ClassifierGuidance):
         """The similarity's gradient where the classifier's log-probability's was (`self.labels`: the text
         embeddings)."""
         return clip_similarity_grad(self.classifier, x_vp, t, self.labels)
+
+
+@dataclass
+class ClipGuide:
+    """A noise-aware CLIP file's content as a guide (`t2i.systems.guide_files.GuideFiles`): it steers any caption
+    towards itself, so every prompt is one it can take (a classifier's guide takes only its class names).
+
+    clip: `t2i.nets.glide_clip.NoisyCLIP` (anything with `encode_noisy(x_vp, t)` and `embed_texts(texts)`)."""
+
+    clip: Any
+
+    def check_prompt(self, prompt: str) -> None:
+        """Every caption can be guided towards."""
+
+    def around(self, denoiser: Denoiser, sigma_to_t: Callable[[torch.Tensor], torch.Tensor], prompts: list[str],
+               scale: float) -> ClipGuidance:
+        """GLIDE's guidance at scale s towards each image's caption (prompts: one per batch row)."""
+        return ClipGuidance(denoiser, self.clip.encode_noisy, self.clip.embed_texts(prompts), scale, sigma_to_t)

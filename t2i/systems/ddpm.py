@@ -45,10 +45,12 @@ from t2i.checkpoints.io import (
 from t2i.checkpoints.limits import build_checked, check_schedule, fill
 from t2i.data.shapes_vocab import out_of_world_warning
 from t2i.diffusion.classifier_guidance import ClassifierGuidance
+from t2i.diffusion.clip_guidance import ClipGuide
 from t2i.diffusion.schedules import ScheduleConfig, respace_timesteps, respaced_sigmas
 from t2i.imageio import request_parameters, to_pil
 from t2i.nets.cast_inputs import CastInputs
 from t2i.nets.classifier import load_noisy_classifier
+from t2i.nets.glide_clip import is_noisy_clip, load_noisy_clip
 from t2i.nets.pixel_unet import PIXEL_UNET_PRESETS, PixelUNet, PixelUNetConfig
 from t2i.quantize import precision_of
 from t2i.samplers.diffusers_plan import SamplingPlan, plan_for_request
@@ -134,7 +136,8 @@ class DDPMPipeline(RequestMethods):
 
     def with_classifier(self, path: str | Path, scale: float) -> DDPMPipeline:
         """Guide every later request with a noise-aware classifier file (`t2i train classifier`) at scale s
-        (Dhariwal & Nichol 2021), towards the class the prompt names ("a red circle" -> "circle"), on top
+        (Dhariwal & Nichol 2021), towards the class the prompt names ("a red circle" -> "circle"), or with a
+        noise-aware CLIP file (`t2i train noisy-clip`) towards the caption (GLIDE's CLIP guidance), on top
         of classifier-free guidance if the request asks for it; a request's own classifier_scale replaces s.
         Scale 0 turns it off. Returns self."""
         self.classifiers.set_default(path, scale)
@@ -142,8 +145,8 @@ class DDPMPipeline(RequestMethods):
 
     def check_classifier(self, path: str | Path) -> None:
         """Load the classifier file at `path` (kept for the requests that name it) and check that it is an ADM
-        classifier of this model's noise schedule; ValueError (CheckpointError) naming the problem otherwise.
-        `t2i serve --classifier` checks its files with it at startup."""
+        classifier or a noise-aware CLIP of this model's noise schedule; ValueError (CheckpointError) naming the
+        problem otherwise. `t2i serve --classifier` checks its files with it at startup."""
         self.classifiers.get(path)
 
     def check_guidance(self, request: GenerationRequest) -> None:
@@ -154,7 +157,7 @@ class DDPMPipeline(RequestMethods):
         requested = self.classifiers.requested(self.classifiers.resolve(request))
         if requested is not None:
             for prompt in dict.fromkeys([request.prompt] if isinstance(request.prompt, str) else request.prompt):
-                requested[0].label_of(prompt)
+                requested[0].check_prompt(prompt)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -250,14 +253,22 @@ class ClassifierGuide:
                                               f"{', '.join(self.labels)}; prompt {prompt[:100]!r} names {len(found)}")
         return found[0]
 
+    def check_prompt(self, prompt: str) -> None:
+        """UnsupportedOption unless the prompt names exactly one class (`label_of`)."""
+        self.label_of(prompt)
+
     def around(self, denoiser: Any, sigma_to_t: Any, prompts: list[str], scale: float) -> ClassifierGuidance:
         """ADM's guidance at scale s towards the class each prompt names."""
         labels = torch.tensor([self.label_of(p) for p in prompts])  # (B,)
         return ClassifierGuidance(denoiser, self.classifier, labels, scale, sigma_to_t)
 
 
-def read_classifier(path: str | Path) -> tuple[ClassifierGuide, ScheduleConfig]:
-    """A `t2i train classifier` file -> (its classifier and class names, the schedule it was trained on)."""
+def read_classifier(path: str | Path) -> tuple[ClassifierGuide | ClipGuide, ScheduleConfig]:
+    """A `t2i train classifier` file -> (its classifier and class names, the schedule it was trained on); a
+    `t2i train noisy-clip` file -> (its noise-aware CLIP, GLIDE's CLIP guidance, the same for a DDPM)."""
+    if is_noisy_clip(path):
+        clip, schedule = load_noisy_clip(path)
+        return ClipGuide(clip), schedule
     classifier, labels, schedule = load_noisy_classifier(path)
     return ClassifierGuide(classifier, labels), schedule
 

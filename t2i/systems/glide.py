@@ -33,6 +33,7 @@ Layout: t2i's own file (one safetensors: `base.*` [+ `up.*`], the resolved `Glid
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -46,13 +47,13 @@ from torch import nn
 from t2i.checkpoints.io import is_system_file, model_name, save_with_config, system_file
 from t2i.checkpoints.limits import check_schedule, load_system_file
 from t2i.data.shapes_vocab import out_of_world_warning, vocabulary
-from t2i.diffusion.clip_guidance import ClipGuidance
+from t2i.diffusion.clip_guidance import ClipGuide
 from t2i.diffusion.denoiser import PREDICTIONS
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.imageio import request_parameters, to_pil
 from t2i.nets.cast_inputs import CastInputs
 from t2i.nets.glide import IMAGE_CHANNELS, GlideNet, GlideNetConfig, preset
-from t2i.nets.glide_clip import NoisyCLIP, is_noisy_clip, load_noisy_clip
+from t2i.nets.glide_clip import is_noisy_clip, load_noisy_clip
 from t2i.quantize import precision_of
 from t2i.samplers.diffusers_plan import SamplingPlan, plan_for_request
 from t2i.samplers.learned_variance import sample_guided
@@ -150,34 +151,22 @@ class GlideNets(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 
-def read_clip(path: str | Path) -> tuple[NoisyCLIP, ScheduleConfig]:
-    """A `t2i train noisy-clip` file -> (the noise-aware CLIP, the schedule it was trained on); ValueError for any
-    other file."""
+def read_clip(path: str | Path) -> tuple[ClipGuide, ScheduleConfig]:
+    """A `t2i train noisy-clip` file -> (its noise-aware CLIP as a guide, the schedule it was trained on);
+    ValueError for any other file."""
     if not is_noisy_clip(path):
         raise ValueError(f"{path}: GLIDE guides with a noise-aware CLIP (`t2i train noisy-clip`), and this is not one")
-    return load_noisy_clip(path)
-
-
-@dataclass
-class ClipGuide:
-    """A noise-aware CLIP, GLIDE's scale s and the caption of each image of the batch."""
-
-    clip: NoisyCLIP
-    scale: float
-    prompts: list[str]
-
-    def around(self, denoiser: Any, sigma_to_t: Callable) -> ClipGuidance:
-        return ClipGuidance(denoiser, self.clip.encode_noisy, self.clip.embed_texts(self.prompts), self.scale,
-                            sigma_to_t)
+    clip, schedule = load_noisy_clip(path)
+    return ClipGuide(clip), schedule
 
 
 def sample_stage(net: GlideNet, plan: SamplingPlan, x: torch.Tensor, cond: dict, uncond: dict | None, guidance: float,
                  generators: list[torch.Generator], report: Callable[[dict], None],
-                 guide: ClipGuide | None = None) -> torch.Tensor:
+                 guide: Callable | None = None) -> torch.Tensor:
     """One stage from x (VE, at plan.sigmas[0]) to its sample (`sample_guided`: CFG, then `guide`, CLIP guidance,
     then the schedule's x0 clipping)."""
     return sample_guided(plan, CastInputs.around(net), x, cond, uncond, guidance, generators, report,
-                         learned_variance=net.cfg.learned_variance, guide=None if guide is None else guide.around)
+                         learned_variance=net.cfg.learned_variance, guide=guide)
 
 
 class GlidePipeline(RequestMethods):
@@ -272,7 +261,8 @@ class GlidePipeline(RequestMethods):
         r = self._resolve(request)
         prompts, negatives, seeds = per_image(r.prompt, r.negative_prompt, r.seed, r.num_images)
         requested = self.clips.requested(r)
-        guide = None if requested is None else ClipGuide(*requested, prompts)
+        guide = None if requested is None else functools.partial(requested[0].around, prompts=prompts,
+                                                                 scale=requested[1])
         plan = self._plan("base", r.sampler, r.steps, r.schedule, r.eta)
         up = self.nets.up
         up_plan = None if up is None else self._plan("up", r.sampler, self.up_steps, "default", None)
