@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 
 import numpy as np
@@ -30,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from t2i.data.shapes.heldout import heldout_prompts
+from t2i.eval.paired import mcnemar_p
 from t2i.eval.shapes_judge import detect, evaluate
 from t2i.systems.shapes_ldm import ShapesLDM
 
@@ -58,13 +58,6 @@ def cut_shares(images) -> dict[str, float | str]:
     return {"cut": sum(a or b for a, b in found) / n, "cut_top_left": sum(a for a, _ in found) / n,
             "cut_bottom_right": sum(b for _, b in found) / n,
             "top_left_flags": "".join("1" if a else "0" for a, _ in found)}
-
-
-def mcnemar_p(b: int, c: int) -> float:
-    """Exact two-sided McNemar test: the probability, with b + c discordant pairs split 50:50, of a split
-    at least as uneven as (b, c)."""
-    n, k = b + c, min(b, c)
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
 
 
 def paired(reports: list[str], key_a: str, key_b: str) -> None:

@@ -11,20 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 import torch
 
 import t2i
 from t2i.data.shapes.heldout import heldout_prompts
 from t2i.data.shapes.prompts import first_per_family
+from t2i.eval.paired import mcnemar_p
 from t2i.eval.shapes_judge import judge
-
-
-def mcnemar_exact(only_a: int, only_b: int) -> float:
-    """Two-sided exact McNemar p: the discordant pairs as a fair coin's flips."""
-    m, k = only_a + only_b, min(only_a, only_b)
-    return min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2**m) if m else 1.0
 
 
 def main() -> None:
@@ -44,7 +38,7 @@ def main() -> None:
     other_only = sum(b and not a for a, b in verdicts)
     print(json.dumps({"n": len(singles), "own": sum(a for a, _ in verdicts), "other": sum(b for _, b in verdicts),
                       "own_only": own_only, "other_only": other_only,
-                      "mcnemar_p": round(mcnemar_exact(own_only, other_only), 4)}))
+                      "mcnemar_p": round(mcnemar_p(own_only, other_only), 4)}))
 
 
 if __name__ == "__main__":
