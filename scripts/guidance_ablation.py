@@ -7,7 +7,7 @@ thing. Arms:
 
     cfg:W          classifier-free guidance weight W, x0 clipped to [-1, 1] (the DDPM's own setting)
     none:W         CFG W, x0 not limited
-    dynamic:W      CFG W, x0 dynamically thresholded (Imagen: p = --percentile, no cap on s)
+    dynamic:W      CFG W, x0 dynamically thresholded (p = --percentile, s capped at --max-value: Imagen's none)
     classifier:S   no CFG, ADM's classifier guidance at scale S (--classifier: `t2i train classifier --label shape`)
     clip:S         no CFG, GLIDE's CLIP guidance at scale S (--clip: `t2i train noisy-clip`)
 
@@ -48,7 +48,7 @@ def arm_settings(arm: str, args: argparse.Namespace, schedule):
     kind, _, value = arm.partition(":")
     number = float(value)
     if kind in LIMITS:
-        limit = LIMITS[kind] | ({"dynamic_thresholding_ratio": args.percentile, "sample_max_value": math.inf}
+        limit = LIMITS[kind] | ({"dynamic_thresholding_ratio": args.percentile, "sample_max_value": args.max_value}
                                 if kind == "dynamic" else {})
         return dataclasses.replace(schedule, **limit), {"guidance": number}
     files = {"classifier": args.classifier, "clip": args.clip}
@@ -74,6 +74,8 @@ def main() -> None:
     p.add_argument("--family", default="single", help="held-out caption family (classifier guidance: single)")
     p.add_argument("--n", type=int, default=50, help="prompts: the family's first N held-out ones")
     p.add_argument("--percentile", type=float, default=0.995, help="dynamic thresholding's p")
+    p.add_argument("--max-value", type=float, default=math.inf,
+                   help="dynamic thresholding's cap on s (Imagen: none; DeepFloyd IF: 1.5, with p 0.95)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", help="PNG: the first 8 images of every arm")

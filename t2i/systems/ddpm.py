@@ -63,6 +63,7 @@ from t2i.systems.base import (
     GenerationRequest,
     GenerationResult,
     RequestMethods,
+    ShippedModel,
     StepReport,
     System,
     UnsupportedOption,
@@ -278,6 +279,10 @@ def read_classifier(path: str | Path) -> tuple[ClassifierGuide | ClipGuide, Sche
 # ---------------------------------------------------------------------------------------
 
 SYSTEM_NAME = "ddpm"
+SMALL_DIR = Path(__file__).resolve().parent.parent / "assets" / "ddpm_small"
+SHIPPED = (ShippedModel("t2i-ddpm-small", SMALL_DIR / "model.safetensors", "pixel-space DDPM small enough to ship: "
+                        "a 1.58 M-parameter 32x32 U-Net, v-prediction on the cosine schedule, captions through MiniLM "
+                        "(fp16, 3.2 MB)", card=SMALL_DIR / "MODEL_CARD.md"),)
 
 
 def save_ddpm(net: PixelUNet, cfg: DDPMConfig, path: str | Path) -> None:
@@ -372,4 +377,5 @@ SYSTEM = System(
     detect=lambda path: is_diffusers_ddpm(Path(path)) or is_t2i_ddpm(Path(path)),
     load=load,
     write_tiny=write_tiny,
+    shipped=SHIPPED,
 )
