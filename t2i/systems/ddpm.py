@@ -153,8 +153,8 @@ class DDPMPipeline(RequestMethods):
     def check_guidance(self, request: GenerationRequest) -> None:
         """Refuse (UnsupportedOption naming the request field, a ValueError) classifier guidance the request
         cannot have, before any work: a classifier_scale without a classifier, or a prompt that does not name
-        exactly one of the classifier's classes. The server's Resolver calls it after resolving the
-        classifier's name (a 422), `run` before sampling."""
+        exactly one of the classifier's classes (a noise-aware CLIP takes any prompt). The server's Resolver calls
+        it after resolving the classifier's name (a 422), `run` before sampling."""
         requested = self.classifiers.requested(self.classifiers.resolve(request))
         if requested is not None:
             for prompt in dict.fromkeys([request.prompt] if isinstance(request.prompt, str) else request.prompt):

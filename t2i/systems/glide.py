@@ -164,7 +164,7 @@ def sample_stage(net: GlideNet, plan: SamplingPlan, x: torch.Tensor, cond: dict,
                  generators: list[torch.Generator], report: Callable[[dict], None],
                  guide: Callable | None = None) -> torch.Tensor:
     """One stage from x (VE, at plan.sigmas[0]) to its sample (`sample_guided`: CFG, then `guide`, CLIP guidance,
-    then the schedule's x0 clipping)."""
+    then the schedule's x0 clipping). guide: (denoiser, sigma_to_t) -> the CLIP-guided denoiser, or None."""
     return sample_guided(plan, CastInputs.around(net), x, cond, uncond, guidance, generators, report,
                          learned_variance=net.cfg.learned_variance, guide=guide)
 
