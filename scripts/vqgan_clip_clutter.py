@@ -17,7 +17,7 @@ import torch
 import t2i
 from t2i.data.shapes.heldout import heldout_prompts
 from t2i.data.shapes.prompts import first_per_family
-from t2i.eval.paired import mcnemar_p
+from t2i.eval.paired import discordant, mcnemar_p
 from t2i.eval.shapes_judge import judge
 
 
@@ -34,8 +34,7 @@ def main() -> None:
         other = singles[(i + 1) % len(singles)]
         verdicts.append((judge(image, prompt).ok, judge(image, other).ok))
         print(i, prompt, verdicts[-1][0], "|", other, verdicts[-1][1], flush=True)
-    own_only = sum(a and not b for a, b in verdicts)
-    other_only = sum(b and not a for a, b in verdicts)
+    own_only, other_only = discordant([a for a, _ in verdicts], [b for _, b in verdicts])
     print(json.dumps({"n": len(singles), "own": sum(a for a, _ in verdicts), "other": sum(b for _, b in verdicts),
                       "own_only": own_only, "other_only": other_only,
                       "mcnemar_p": round(mcnemar_p(own_only, other_only), 4)}))

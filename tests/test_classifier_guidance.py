@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from clip_guidance_helpers import PROMPTS, clip_scores
 
 import t2i
 from t2i.diffusion.classifier_guidance import ClassifierGuidance
@@ -175,19 +176,10 @@ def test_a_ddpm_takes_glides_clip_guidance_from_a_noise_aware_clip_file(tmp_path
     clip = ShapesCLIP.load()
     save_noisy_clip(from_clean(clip, 16), ddpm_schedule(), tmp_path / "clip.safetensors")
     pipe = DDPMPipeline(PixelUNet(PIXEL_UNET_PRESETS["tiny_uncond"]).eval(), ddpm_schedule())
-    prompts = ["a red circle", "a blue square on a white background", "two green triangles", "a small purple circle",
-               "a yellow star on a black background", "three red squares", "a large orange triangle",
-               "a blue circle above a green square"]
-
-    def clip_scores(images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            img = clip.encode_images(torch.nn.functional.interpolate(images.clamp(-1, 1), (64, 64), mode="bilinear"))
-            return (img * clip.embed_texts(prompts)).sum(-1)
-
     settings = dict(seed=list(range(8)), steps=25)
-    before = clip_scores(pipe.generate(prompts, **settings).sample)
-    guided = pipe.generate(prompts, classifier=tmp_path / "clip.safetensors", classifier_scale=100.0, **settings)
-    after = clip_scores(guided.sample)
+    before = clip_scores(pipe.generate(PROMPTS, **settings).sample, PROMPTS)
+    guided = pipe.generate(PROMPTS, classifier=tmp_path / "clip.safetensors", classifier_scale=100.0, **settings)
+    after = clip_scores(guided.sample, PROMPTS)
     print(f"CLIP score unguided {before.mean():.3f} {before.tolist()} -> guided {after.mean():.3f} {after.tolist()}")
     assert after.mean() > before.mean() + 0.05 and (after > before).sum() >= 6  # measured: +0.076, 8 of 8
     assert parse_parameters(guided.images[0].info["parameters"])["Classifier"] == "clip"

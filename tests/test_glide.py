@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from clip_guidance_helpers import PROMPTS, clip_scores
 
 from t2i.checkpoints.io import load_state_dict
 from t2i.diffusion.clip_guidance import ClipGuidance
@@ -268,14 +269,6 @@ def test_clip_guided_x0_equals_the_similarity_gradient_by_hand():
     assert (ours - den(x, sigma)).abs().max() > 1e-2
 
 
-def _clip_scores(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """Cosine similarity of each final image with its prompt under the (clean) shipped shapes CLIP."""
-    clip = ShapesCLIP.load()
-    with torch.no_grad():
-        img = clip.encode_images(torch.nn.functional.interpolate(images.clamp(-1, 1), (64, 64), mode="bilinear"))
-        return (img * clip.embed_texts(prompts)).sum(-1)
-
-
 def test_clip_guidance_raises_the_clip_score_of_the_samples(tmp_path):
     """A random tiny GLIDE base guided by the noise-aware CLIP (its clean start: the shipped CLIP): the final
     images' CLIP similarity to their prompt rises with the scale; the request field, `with_clip_guidance` and the
@@ -289,13 +282,11 @@ def test_clip_guidance_raises_the_clip_score_of_the_samples(tmp_path):
     save_glide(nets.base, None, cfg, tmp_path / "glide.safetensors")
     save_noisy_clip(from_clean(ShapesCLIP.load(), 16), glide_schedule(), tmp_path / "clip.safetensors")
     pipe = load(tmp_path / "glide.safetensors")
-    prompts = ["a red circle", "a blue square on a white background", "two green triangles", "a small purple circle",
-               "a yellow star on a black background", "three red squares", "a large orange triangle",
-               "a blue circle above a green square"]
+    prompts = PROMPTS
     settings = dict(seed=list(range(8)), steps=25, guidance=1.0)
     plain = pipe.generate(prompts, **settings).sample
     guided = pipe.generate(prompts, classifier=tmp_path / "clip.safetensors", classifier_scale=100.0, **settings)
-    before, after = _clip_scores(plain, prompts), _clip_scores(guided.sample, prompts)
+    before, after = clip_scores(plain, prompts), clip_scores(guided.sample, prompts)
     print(f"CLIP score unguided {before.mean():.3f} {before.tolist()} -> guided {after.mean():.3f} {after.tolist()}")
     assert after.mean() > before.mean() + 0.05 and (after > before).sum() >= 6  # measured: +0.11, 8 of 8
     params = parse_parameters(guided.images[0].info["parameters"])
