@@ -7,9 +7,10 @@ defaults (its size too: 64x64, or 32x32 for the pixel bases), one thread, in one
 
 Sampling time does not depend on what the weights learned, so the families whose trained files are not
 kept are rebuilt with the table's architecture and defaults by one-step runs of the table's own
-`t2i train` commands (`--steps 1`, into --work, reused when already there); the shipped models are timed
-as shipped. Rounds alternate the order (forward, then backward); medians of the rounds. Text encoding,
-planning and decoding are included, as `t2i eval shapes` draws its images.
+`t2i train` commands (`--steps 1`, into --work, reused when already there; a cascade's second stage is a
+one-step run given the first's file as `--base-from`); the shipped models are timed as shipped. Rounds
+alternate the order (forward, then backward); medians of the rounds. Text encoding, planning and decoding
+are included, as `t2i eval shapes` draws its images.
 """
 
 from __future__ import annotations
@@ -31,14 +32,19 @@ PROMPTS = ("a red circle above a blue square", "three green triangles", "a small
 CLASS_PROMPTS = ("a red circle", "a green triangle", "a yellow cross", "a pink circle")  # DiT: one class each
 
 
-def families(tokenizer: str) -> dict[str, list[str] | str]:
-    """Family row -> a shipped model name, or the `t2i train` arguments of the table's run (less --out/--steps)."""
+Spec = str | list[str] | tuple[list[str], list[str]]
+
+
+def families(tokenizer: str) -> dict[str, Spec]:
+    """Family row -> a shipped model name, the `t2i train` arguments of the table's run (less --out/--steps),
+    or a cascade's two runs (the second trained with `--base-from` the first's model)."""
     base = "t2i/assets/default/model.safetensors"
     return {
         "shapes_layout": "t2i-shapes-layout",
         "shapes_ldm": "t2i-shapes",
         "ddpm": ["ddpm", "--preset", "shapes_32_s", "--beta-schedule", "cosine", "--prediction", "v_prediction"],
         "glide": ["glide", "--prediction", "v_prediction"],
+        "deepfloyd_if": (["deepfloyd-if", "--stage", "base"], ["deepfloyd-if", "--stage", "sr"]),
         "ediffi": ["ediffi", "--base", base, "--depth", "1", "--steps-per-expert", "1"],
         "parti": ["parti", "--vqvae", tokenizer],
         "dalle_mini": ["parti", "--preset", "dalle-mini", "--vqvae", tokenizer],
@@ -108,7 +114,11 @@ def main() -> None:
         chosen = {k: v for k, v in chosen.items() if k in wanted}
     pipes, extra = {}, {}
     for name, spec in chosen.items():
-        model = spec if isinstance(spec, str) else str(build(name, spec, Path(args.work)))
+        if isinstance(spec, tuple):  # a cascade: the second stage's file holds both
+            first = build(f"{name}_stage1", spec[0], Path(args.work))
+            model = str(build(name, [*spec[1], "--base-from", str(first)], Path(args.work)))
+        else:
+            model = spec if isinstance(spec, str) else str(build(name, spec, Path(args.work)))
         pipes[name], extra[name] = load(name, model)
     prompts = {name: CLASS_PROMPTS if name == "dit" else PROMPTS for name in pipes}
     sizes = {name: pipe.generate(prompts[name][0], seed=0, **extra[name]).images[0].size  # warm-up

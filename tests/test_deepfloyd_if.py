@@ -224,6 +224,28 @@ def test_the_cascade_equals_ifpipeline_then_ifsuperresolutionpipeline(if_folders
     assert _relative(pipe.run(request).sample, want) > 1e-2
 
 
+def test_super_resolve_equals_ifsuperresolutionpipeline_on_a_given_image(if_folders):
+    """Stage II alone on an image it is given (IFSuperResolutionPipeline's own use, fresh generators): the same
+    output from the same seed within 2e-4 of its std, per image seeds seed + i; a pipeline without stage II and
+    a low-res batch that does not match the prompts are refused."""
+    root, _, sr = if_folders
+    pipe = t2i.load(root)
+    pipe.sr_steps, pipe.sr_guidance, pipe.noise_level = SR_STEPS, SR_GUIDANCE, 100
+    low = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    ours = pipe.super_resolve([PROMPT, PROMPT], low, seed=7)
+    for i in range(2):
+        want = sr(PROMPT, image=low[i:i + 1], num_inference_steps=SR_STEPS, guidance_scale=SR_GUIDANCE,
+                  noise_level=100, generator=_generators(7 + i, 1), output_type="pt", clean_caption=False).images
+        err = _relative(ours[i:i + 1], want)
+        print(f"IF super_resolve image {i}: max |diff| / std = {err:.2e}")
+        assert ours.shape == (2, 3, 32, 32) and err < 2e-4
+    assert _relative(pipe.super_resolve([PROMPT], low[:1], seed=7, noise_level=400), ours[:1]) > 1e-2
+    with pytest.raises(ValueError, match="one prompt per image"):
+        pipe.super_resolve([PROMPT], low, seed=7)
+    with pytest.raises(ValueError, match="no stage II"):
+        t2i.load(root / "stage_1").super_resolve([PROMPT], low[:1])
+
+
 def test_t2i_generate_runs_the_cascade_folder_as_the_api_does(if_folders, tmp_path):
     """`t2i generate --model CASCADE_FOLDER`: stage I at the requested steps, stage II at its defaults (50 steps,
     guidance 4, noise level 250), the final 32x32 image equal to the Python API's."""

@@ -278,6 +278,29 @@ class IFPipeline(RequestMethods):
         return sample_stage(self.sr, plan, x, {**cond, **extra}, None if uncond is None else {**uncond, **extra},
                             self.sr_guidance, generators, report)
 
+    @torch.no_grad()
+    def super_resolve(self, prompts: list[str], low: torch.Tensor, seed: int = 0,
+                      noise_level: int | None = None) -> torch.Tensor:
+        """Stage II alone on given images (what diffusers' IFSuperResolutionPipeline does), e.g. real
+        low-resolution scenes where a cascade would hand over stage I's samples.
+
+        low: (N, 3, h, w) in [-1, 1], one prompt each -> (N, 3, h * scale, w * scale) in [-1, 1]; image i's
+        noise from seed + i (fresh generators, so not the cascade's draws for the same seed); guidance
+        against the empty prompt at sr_guidance; noise_level None: the pipeline's."""
+        if self.sr is None:
+            raise ValueError(f"{self.name} has no stage II to super-resolve with")
+        if low.dim() != 4 or low.shape[0] != len(prompts) or low.shape[1] != IMAGE_CHANNELS:
+            raise ValueError(f"low must be (N, 3, h, w) with one prompt per image, got {tuple(low.shape)} for "
+                             f"{len(prompts)} prompts")
+        level = self.noise_level if noise_level is None else noise_level
+        r = self._resolve(GenerationRequest(prompt=prompts[0], noise_level=level, height=low.shape[2] * self.scale,
+                                            width=low.shape[3] * self.scale))
+        guided = self.sr_guidance > 1.0
+        cond, uncond, _ = self._conditioning(list(prompts), [""] * len(prompts), guided)
+        plan = self._plan(self.sr, r.sampler, self.sr_steps, "default", None)
+        generators = seed_generators([seed + i for i in range(len(prompts))])
+        return self.upsample(low, cond, uncond, plan, generators, r.height, r.width, lambda info: None, level)
+
     def _plan(self, stage: IFStage, sampler: str, steps: int, schedule: str, eta: float | None) -> SamplingPlan:
         return plan_for_request(stage.schedule, sampler, steps, schedule, eta)
 
