@@ -64,6 +64,7 @@ from t2i.checkpoints.io import (
 )
 from t2i.checkpoints.limits import build_checked, check_schedule, fill
 from t2i.data.shapes_vocab import out_of_world_warning
+from t2i.diffusion.denoiser import PREDICTIONS
 from t2i.diffusion.noise_augmentation import NoiseAugmentation
 from t2i.diffusion.schedules import ScheduleConfig
 from t2i.imageio import request_parameters, to_pil
@@ -388,6 +389,19 @@ class IFConfig:
     sr_steps: int = 25
     sr_guidance: float = 1.0
     noise_level: int = 100
+    # what stage II predicts when it differs from stage I's schedule.prediction_type (None: the same)
+    sr_prediction_type: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.sr_prediction_type not in (None, *PREDICTIONS):
+            raise ValueError(f"unknown sr_prediction_type {self.sr_prediction_type!r}; expected one of {PREDICTIONS}")
+
+    def stage_schedule(self, stage: str) -> ScheduleConfig:
+        """The schedule a stage ("base" or "sr") samples and trains with: the betas are shared, the
+        parameterisation is the stage's own."""
+        if stage == "sr" and self.sr_prediction_type is not None:
+            return replace(self.schedule, prediction_type=self.sr_prediction_type)
+        return self.schedule
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> IFConfig:
@@ -442,7 +456,11 @@ def combine_stages(base_file: str | Path, sr_file: str | Path, out: str | Path) 
         raise CheckpointError(f"{sr_file}: holds no stage II")
     if base_cfg.text_length != sr_cfg.text_length or base_cfg.text_encoder != sr_cfg.text_encoder:
         raise CheckpointError(f"{base_file} and {sr_file} read different text encodings")
-    save_if(base, sr, replace(sr_cfg, base=base_cfg.base, steps=base_cfg.steps, guidance=base_cfg.guidance), out)
+    sr_prediction = sr_cfg.stage_schedule("sr").prediction_type
+    base_prediction = base_cfg.schedule.prediction_type
+    save_if(base, sr, replace(sr_cfg, base=base_cfg.base, steps=base_cfg.steps, guidance=base_cfg.guidance,
+                              schedule=base_cfg.schedule,
+                              sr_prediction_type=None if sr_prediction == base_prediction else sr_prediction), out)
     return Path(out)
 
 
@@ -453,7 +471,8 @@ def if_file_pipeline(cfg: IFConfig, base: IFUNet, sr: IFUNet | None, text_encode
     size = base.cfg.sample_size * scale
     defaults = GenerationDefaults(sampler=cfg.sampler, steps=cfg.steps, guidance=cfg.guidance, width=size, height=size)
     pipe = IFPipeline(IFStage(base, cfg.schedule), text_encoder,
-                      sr=None if sr is None else IFStage(sr, cfg.schedule, cfg.noising), name=name, defaults=defaults,
+                      sr=None if sr is None else IFStage(sr, cfg.stage_schedule("sr"), cfg.noising), name=name,
+                      defaults=defaults,
                       sr_steps=cfg.sr_steps, sr_guidance=cfg.sr_guidance, noise_level=cfg.noise_level)
     pipe.prompt_check = out_of_world_warning
     return pipe

@@ -292,7 +292,7 @@ DEEPFLOYD_IF: list[Option] = [
     ("--noise-level", "noise_level", {"type": int}, "sr: the exported cascade's fixed sampling augmentation level"),
     ("--text-length", "text_length", {"type": int}, "MiniLM tokens per caption (base; sr takes its base's)"),
     *(o for o in IMAGES if o[1] in ("image_size", "background_p", "image_every")),
-    *(o for o in LDM if o[1] in ("caption_dropout", "ema_decay", "sample_steps", "export_every")),
+    *(o for o in LDM if o[1] in ("prediction_type", "caption_dropout", "ema_decay", "sample_steps", "export_every")),
 ]
 UNCLIP: list[Option] = [
     ("--prior", "prior", {"choices": ("diffusion", "ar")}, "unclip-prior: the diffusion prior (the paper's) or the "

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from t2i.diffusion.denoiser import PREDICTIONS
 from t2i.diffusion.losses import HybridLoss
 from t2i.diffusion.noise_augmentation import NoiseAugmentation
 from t2i.nets.if_unet import IF_UNET_PRESETS, IFUNet, IFUNetConfig
@@ -56,6 +57,7 @@ class IFTrainConfig(LoopConfig):
     noise_augmentation: bool = True
     max_aug_level: int = 500  # sr: augmentation levels drawn uniformly in 0..this (of the cosine T = 1000)
     noise_level: int = 100  # the fixed level the exported cascade samples stage II with
+    prediction_type: str = "epsilon"  # what this stage's network predicts (IF's eps; or "v_prediction")
     caption_dropout: float = 0.1
     text_length: int = 32
     background_p: float | None = None
@@ -100,7 +102,8 @@ def build_if(cfg: IFTrainConfig, run: Run, text_encoder: torch.nn.Module | None 
     net = IFUNet(net_cfg)
     ema = EMA(net, cfg.ema_decay)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
-    loss_fn = HybridLoss(model_cfg.schedule.alphas_cumprod(), model_cfg.schedule.prediction_type)
+    schedule = model_cfg.stage_schedule(cfg.stage)
+    loss_fn = HybridLoss(schedule.alphas_cumprod(), schedule.prediction_type)
     augment = NoiseAugmentation(model_cfg.noising.alphas_cumprod(), max_level=cfg.max_aug_level)
     parallel = run.parallel(net)
     model = LowResInput(parallel) if sr else parallel
@@ -143,18 +146,26 @@ def build_if(cfg: IFTrainConfig, run: Run, text_encoder: torch.nn.Module | None 
         return Grid(pipe.generate(list(SAMPLE_PROMPTS), seed=0).sample, list(SAMPLE_PROMPTS))
 
     n_params = sum(p.numel() for p in net.parameters())
-    about = (f", IF {cfg.stage} stage {n_params / 1e6:.2f}M parameters at {size}x{size}"
+    about = (f", IF {cfg.stage} stage {n_params / 1e6:.2f}M parameters at {size}x{size}, {schedule.prediction_type}"
              + (f", noise augmentation 0..{cfg.max_aug_level}" if sr and cfg.noise_augmentation else ""))
     return Task("deepfloyd_if", {"net": net, "ema": ema.averaged}, {"opt": opt}, prepare=prepare, step=step, ema=ema,
                 grid=grid, export=export, about=about)
 
 
 def _model_config(cfg: IFTrainConfig, file_cfg: IFConfig, net_cfg: IFUNetConfig) -> IFConfig:
-    """The exported cascade's config: the trained stage's network next to the other file's stage."""
+    """The exported cascade's config: the trained stage's network next to the other file's stage, each stage
+    with its own parameterisation (the schedule's prediction_type is stage I's, sr_prediction_type stage II's
+    where it differs)."""
+    if cfg.prediction_type not in PREDICTIONS:
+        raise ValueError(f"unknown prediction type {cfg.prediction_type!r}; choose from {PREDICTIONS}")
     if cfg.stage == "sr":
-        return dataclasses.replace(file_cfg, sr=net_cfg,
-                                   noise_level=cfg.noise_level if cfg.noise_augmentation else 0)
-    return dataclasses.replace(file_cfg, base=net_cfg, text_length=cfg.text_length)
+        same = cfg.prediction_type == file_cfg.schedule.prediction_type
+        return dataclasses.replace(file_cfg, sr=net_cfg, noise_level=cfg.noise_level if cfg.noise_augmentation else 0,
+                                   sr_prediction_type=None if same else cfg.prediction_type)
+    sr_prediction = file_cfg.stage_schedule("sr").prediction_type if file_cfg.sr is not None else None
+    kept = None if sr_prediction in (None, cfg.prediction_type) else sr_prediction
+    return dataclasses.replace(file_cfg, base=net_cfg, text_length=cfg.text_length, sr_prediction_type=kept,
+                               schedule=dataclasses.replace(file_cfg.schedule, prediction_type=cfg.prediction_type))
 
 
 def train_if(cfg: IFTrainConfig, resume: bool = False, resume_lr: float | None = None,
