@@ -54,6 +54,12 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     return [10 * math.log10(1 / max(m, 1e-10)) for m in mse.tolist()]
 
 
+def paired(aug: list[bool], noaug: list[bool]) -> dict:
+    """The two arms' discordant counts on the same items and their exact McNemar p."""
+    only_aug, only_noaug = discordant(aug, noaug)
+    return {"only_aug": only_aug, "only_noaug": only_noaug, "mcnemar_p": round(mcnemar_p(only_aug, only_noaug), 4)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("aug", help="the cascade whose stage II was trained with noise augmentation")
@@ -77,9 +83,7 @@ def main() -> None:
         for name, results in zip(("aug", "noaug"), runs, strict=True):
             overall, by_family, _ = accuracy_by_family([r["family"] for r in results], [r["ok"] for r in results])
             cascade[name] = {"overall": round(overall, 3), "by_family": by_family}
-        only_aug, only_noaug = discordant([r["ok"] for r in runs[0]], [r["ok"] for r in runs[1]])
-        cascade["paired"] = {"only_aug": only_aug, "only_noaug": only_noaug,
-                             "mcnemar_p": round(mcnemar_p(only_aug, only_noaug), 4)}
+        cascade["paired"] = paired([r["ok"] for r in runs[0]], [r["ok"] for r in runs[1]])
         report["cascade"] = cascade
         print(json.dumps({"cascade": cascade}), flush=True)
 
@@ -103,9 +107,7 @@ def main() -> None:
         print(json.dumps({name: truth[name]}), flush=True)
     truth["judge_on_the_renders"] = round(float(np.mean(rows[1][1])), 3)
     truth["judge_on_the_inputs"] = round(float(np.mean(rows[0][1])), 3)
-    only_aug, only_noaug = discordant(verdicts["aug"], verdicts["noaug"])
-    truth["paired"] = {"only_aug": only_aug, "only_noaug": only_noaug,
-                       "mcnemar_p": round(mcnemar_p(only_aug, only_noaug), 4)}
+    truth["paired"] = paired(verdicts["aug"], verdicts["noaug"])
     report["truth_inputs"] = truth
     print(json.dumps({"truth_inputs_paired": truth["paired"]}), flush=True)
     if args.out:
